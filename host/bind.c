@@ -1,0 +1,1 @@
+/* bind.c: placeholder until its author lands it. */

@@ -1,0 +1,68 @@
+/* bind.h: helpers shared by the binding files (one file per native type).
+ *
+ * Conventions: one metatable per type, named by the constants below; check
+ * functions raise "ws.Tensor expected, got nil" through luaL_checkudata;
+ * core errors become Lua errors (misuse) or `nil, message, code` returns
+ * (environment: device absent, out of memory) through ws_lua_fail. */
+#ifndef WS_BIND_H
+#define WS_BIND_H
+
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "comm.h"
+#include "device.h"
+#include "pool.h"
+#include "status.h"
+#include "tensor.h"
+
+#define WS_TENSOR_MT "ws.Tensor"
+#define WS_DEVICE_MT "ws.Device"
+#define WS_EVENT_MT "ws.Event"
+#define WS_POOL_MT "ws.Pool"
+#define WS_COMM_MT "ws.Comm"
+#define WS_REQUEST_MT "ws.Request"
+
+/* The userdata of a tensor: the core struct, released when storage == NULL.
+ * A view keeps its base's Lua object alive through user value 1. */
+typedef struct ws_ltensor {
+    ws_tensor t;
+} ws_ltensor;
+
+/* Raises the current core error (ws_errmsg) as a Lua error, prefixed with
+ * `what` when not NULL. Never returns. */
+int ws_lua_raise(lua_State *L, const char *what);
+/* Environment failures: pushes nil, message, code name ("nomem", "device",
+ * ...) and returns 3. Misuse codes (ERR_ARG, ERR_FREED, ERR_DISCARDED) raise. */
+int ws_lua_fail(lua_State *L, ws_status rc, const char *what);
+/* Short lowercase code name for ws_status: "arg", "nomem", "device", ... */
+const char *ws_lua_code_name(ws_status rc);
+
+/* Tensors. check_* raise on the wrong type; *_live also raises on a freed tensor. */
+ws_ltensor *ws_lua_check_ltensor(lua_State *L, int idx);
+ws_tensor *ws_lua_check_tensor(lua_State *L, int idx); /* live */
+/* Pushes a new released tensor userdata (to be filled by the caller). */
+ws_ltensor *ws_lua_new_tensor(lua_State *L);
+/* Reads a list of live tensors from the table at idx into a malloc'd array
+ * that is kept alive by a userdata pushed on the stack (no leak on error). */
+ws_tensor **ws_lua_check_tensor_list(lua_State *L, int idx, size_t *n);
+
+ws_device *ws_lua_check_device(lua_State *L, int idx); /* ws.Device or a name */
+void ws_lua_push_device(lua_State *L, ws_device *d);
+ws_pool *ws_lua_check_pool(lua_State *L, int idx);
+ws_comm *ws_lua_check_comm(lua_State *L, int idx);
+
+/* The device used when none is given (--device / WSHOST_DEVICE / auto). */
+ws_device *ws_lua_default_device(lua_State *L);
+void ws_lua_set_default_device(ws_device *d, const char *why);
+
+/* Per-type registration, called from luaopen_ws. Each adds its metatable and
+ * its functions to the `ws` table at the top of the stack. */
+void ws_open_device(lua_State *L);
+void ws_open_tensor(lua_State *L);
+void ws_open_pool(lua_State *L);
+void ws_open_comm(lua_State *L);
+
+int luaopen_ws(lua_State *L);
+
+#endif

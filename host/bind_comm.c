@@ -1,0 +1,1 @@
+/* bind_comm.c: placeholder until its author lands it. */

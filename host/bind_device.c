@@ -1,0 +1,1 @@
+/* bind_device.c: placeholder until its author lands it. */

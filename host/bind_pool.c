@@ -1,0 +1,1 @@
+/* bind_pool.c: placeholder until its author lands it. */

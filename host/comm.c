@@ -1,0 +1,1 @@
+/* comm.c: placeholder until its author lands it. */

@@ -1,0 +1,56 @@
+/* comm.h: collectives over tensors, behind a small backend vtable.
+ *
+ * One process per rank under a standard launcher (mpirun, srun). The world is
+ * created lazily: without a launcher it is a world of one that needs neither
+ * MPI nor NCCL. Tensors on the cpu go over MPI; cuda tensors go over NCCL,
+ * which is loaded at run time (dlopen) and bootstrapped by broadcasting its
+ * unique id over MPI. Both backends give bitwise-identical results.
+ *
+ * Every call validates its tensors (live, readable, sizes consistent) and
+ * marks outputs written. A failure on one rank must not hang the others:
+ * ws_comm_abort() tears the job down (MPI_Abort / ncclCommAbort). */
+#ifndef WS_COMM_H
+#define WS_COMM_H
+
+#include "status.h"
+#include "tensor.h"
+
+typedef struct ws_comm ws_comm;
+typedef struct ws_comm_request ws_comm_request;
+
+typedef enum ws_reduce_op { WS_REDUCE_SUM = 0, WS_REDUCE_MAX = 1 } ws_reduce_op;
+
+/* The world communicator (created on first call, lives until exit). */
+ws_status ws_comm_world(ws_comm **out);
+int ws_comm_rank(const ws_comm *c);
+int ws_comm_size(const ws_comm *c);
+int ws_comm_local_rank(const ws_comm *c);
+/* Name of the backend(s) in use: "self", "mpi", "mpi+nccl". */
+const char *ws_comm_backend(const ws_comm *c);
+/* Like MPI_Comm_split; every rank of `c` must call it. */
+ws_status ws_comm_split(ws_comm *c, int color, int key, ws_comm **out);
+void ws_comm_free(ws_comm *c); /* not the world */
+
+/* `req` NULL: blocking. Otherwise the call returns at once and *req must be
+ * completed with ws_comm_wait (which frees it). Tensors must be contiguous
+ * and stay alive until then. recv of all_gather: size * numel(send) elements,
+ * rank r's piece at offset r * numel(send). */
+ws_status ws_comm_all_gather(ws_comm *c, const ws_tensor *send, ws_tensor *recv,
+                             ws_comm_request **req);
+ws_status ws_comm_broadcast(ws_comm *c, ws_tensor *t, int root, ws_comm_request **req);
+ws_status ws_comm_send(ws_comm *c, const ws_tensor *t, int peer, ws_comm_request **req);
+ws_status ws_comm_recv(ws_comm *c, ws_tensor *t, int peer, ws_comm_request **req);
+/* In place. i64 sums wrap modulo 2^64 (checksums rely on it). */
+ws_status ws_comm_all_reduce(ws_comm *c, ws_tensor *t, ws_reduce_op op, ws_comm_request **req);
+/* recv: numel(send) / size elements; rank r gets block r of the reduction. */
+ws_status ws_comm_reduce_scatter(ws_comm *c, const ws_tensor *send, ws_tensor *recv,
+                                 ws_reduce_op op, ws_comm_request **req);
+ws_status ws_comm_barrier(ws_comm *c);
+ws_status ws_comm_wait(ws_comm_request *req);
+
+/* Ends every rank of the job with `exit_code`; prints nothing itself. */
+void ws_comm_abort(int exit_code);
+/* Called at normal exit: finalizes NCCL and MPI if they were started. */
+void ws_comm_shutdown(void);
+
+#endif

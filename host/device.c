@@ -1,0 +1,1 @@
+/* device.c: placeholder until its author lands it. */

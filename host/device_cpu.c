@@ -1,0 +1,1 @@
+/* device_cpu.c: placeholder until its author lands it. */

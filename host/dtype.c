@@ -1,0 +1,1 @@
+/* dtype.c: placeholder until its author lands it. */

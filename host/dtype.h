@@ -1,0 +1,76 @@
+/* dtype.h: element types and scalar conversions shared by every backend.
+ *
+ * Float conversions round to nearest, ties to even, and keep NaN (quiet),
+ * infinities, signed zeros and subnormals, matching PyTorch. The CUDA kernels
+ * implement the same bit-level algorithms so CPU and GPU agree bit for bit. */
+#ifndef WS_DTYPE_H
+#define WS_DTYPE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum ws_dtype {
+    WS_F32 = 0,
+    WS_BF16,
+    WS_F16,
+    WS_FP8E4M3, /* e4m3fn: no infinities, saturating to NaN like PyTorch's float8_e4m3fn */
+    WS_U8,
+    WS_I32,
+    WS_I64,
+    WS_DTYPE_COUNT
+} ws_dtype;
+
+size_t ws_dtype_size(ws_dtype t);
+const char *ws_dtype_name(ws_dtype t); /* "f32", "bf16", ... */
+/* Accepts "f32"/"float32", "bf16"/"bfloat16", "f16"/"float16"/"half",
+ * "fp8"/"fp8e4m3"/"float8_e4m3fn", "u8"/"uint8", "i32"/"int32", "i64"/"int64".
+ * Returns 0 on success, -1 for an unknown name. */
+int ws_dtype_parse(const char *name, ws_dtype *out);
+int ws_dtype_is_float(ws_dtype t);
+
+uint16_t ws_f32_to_bf16(float f);
+float ws_bf16_to_f32(uint16_t h);
+uint16_t ws_f32_to_f16(float f);
+float ws_f16_to_f32(uint16_t h);
+uint8_t ws_f32_to_fp8e4m3(float f);
+float ws_fp8e4m3_to_f32(uint8_t v);
+
+/* Element access for small tests and scalar paths. Integers go through
+ * double, so i64 beyond 2^53 loses precision in these two only. */
+double ws_load_scalar(const void *p, ws_dtype t);
+void ws_store_scalar(void *p, ws_dtype t, double v);
+
+/* Converts n contiguous elements on the host (any pair of dtypes). */
+void ws_convert_host(void *dst, ws_dtype dt, const void *src, ws_dtype st, size_t n);
+
+/* Raw bits of one element, zero-extended: the value the checksum hashes. */
+uint64_t ws_load_bits(const void *p, ws_dtype t);
+
+/* The per-element hash of the shard-composable checksum (design-notes §4):
+ * checksum = sum over elements of ws_hash_elem(global_index, bits) mod 2^64.
+ * Any split of a tensor into shards sums to the same value. */
+static inline uint64_t ws_hash_elem(uint64_t index, uint64_t bits)
+{
+    uint64_t x = bits ^ (index * 0x9E3779B97F4A7C15ull);
+    x ^= x >> 32;
+    x *= 0xD6E8FEB86659FD93ull;
+    x ^= x >> 32;
+    x *= 0xD6E8FEB86659FD93ull;
+    x ^= x >> 32;
+    return x;
+}
+
+/* Deterministic pseudo-random value for element `index` of a stream `seed`:
+ * uniform in [-scale, scale), computed in f32 with exact integer steps so the
+ * CPU and the GPU produce identical bits. */
+static inline float ws_random_elem(uint64_t seed, uint64_t index, float scale)
+{
+    uint64_t z = seed * 0xBF58476D1CE4E5B9ull + index + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float u = (float)(int32_t)((z >> 40) - (1u << 23)) * (1.0f / 8388608.0f); /* [-1, 1) exact */
+    return u * scale;
+}
+
+#endif

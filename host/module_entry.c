@@ -1,0 +1,1 @@
+/* module_entry.c: placeholder until its author lands it. */

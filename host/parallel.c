@@ -1,0 +1,1 @@
+/* parallel.c: placeholder until its author lands it. */

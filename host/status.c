@@ -1,0 +1,1 @@
+/* status.c: placeholder until its author lands it. */
