@@ -56,6 +56,22 @@ ws_comm *ws_lua_check_comm(lua_State *L, int idx);
 ws_device *ws_lua_default_device(lua_State *L);
 void ws_lua_set_default_device(ws_device *d, const char *why);
 
+/* Added with the bindings (additive). Resolves a ws.Device or a device name at
+ * idx: raises for a wrong type or a malformed name ("gpu"); returns
+ * WS_ERR_DEVICE with the message set when the named device is absent or
+ * unusable, so constructors can return nil, message, "device". */
+ws_status ws_lua_to_device(lua_State *L, int idx, ws_device **out);
+/* ws.tensor{...} and pool:tensor{...}: creates a tensor from the options table
+ * at `opts`. `pool` (may be NULL) is the pool to carve from, its userdata at
+ * pool_idx (kept alive by the tensor). Returns the number of results pushed:
+ * 1 (the tensor) or 3 (nil, message, code). */
+int ws_lua_tensor_from_opts(lua_State *L, int opts, ws_pool *pool, int pool_idx,
+                            const char *fname);
+/* Ctrl-C in wshost: main's signal handler records it (async-signal-safe);
+ * ws.interrupted() reports it. */
+void ws_lua_set_interrupted(void);
+int ws_lua_is_interrupted(void);
+
 /* Per-type registration, called from luaopen_ws. Each adds its metatable and
  * its functions to the `ws` table at the top of the stack. */
 void ws_open_device(lua_State *L);

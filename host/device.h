@@ -91,6 +91,12 @@ typedef struct ws_device_ops {
     ws_status (*vm_map)(ws_device *d, void *va, size_t bytes);   /* backs [va, va+bytes) */
     ws_status (*vm_unmap)(ws_device *d, void *va, size_t bytes); /* gives the memory back */
     void (*vm_release)(ws_device *d, void *va, size_t bytes);
+
+    /* Optional (may be NULL): the native queue that orders this device's
+     * work (a cudaStream_t on cuda), so collectives (comm_nccl.c) can be
+     * enqueued behind it. NULL: comm uses the legacy default stream and
+     * synchronizes the device around each collective. */
+    void *(*native_stream)(ws_device *d);
 } ws_device_ops;
 
 struct ws_device {

@@ -1,0 +1,60 @@
+/* transfer.h: the bucketed transfer engine (sync plans).
+ *
+ * A sync plan is built once and executed every step. Each entry moves one
+ * FSDP-sharded trainer parameter into one engine destination:
+ *   - src: this rank's shard, contiguous, shard_numel elements (FSDP2 pads
+ *     uneven shards: shard_numel = ceil(numel / world), rank r holds flat
+ *     elements [r * shard_numel, (r + 1) * shard_numel) of the full tensor,
+ *     clipped to numel; the padding is never copied out);
+ *   - dst: a contiguous engine view of exactly numel elements (a whole engine
+ *     tensor or a slice of a fused one such as qkv_proj), any dtype; values
+ *     are converted (round to nearest even) on the way.
+ * Execution, per bucket: pack the shards (converted to the destination dtype,
+ * so f32 master weights travel as bf16) into a send buffer, all_gather it
+ * over the comm, then copy every rank's piece out into the destinations.
+ * Two alternating buffers let the gather of bucket k+1 overlap the copy-out
+ * of bucket k. A parameter larger than a bucket is streamed in pieces.
+ * Staging memory is bounded: 2 x (bucket_bytes + bucket_bytes / world).
+ * With a world of one nothing is staged: sources are copied (and converted)
+ * straight into the destinations in one batched call per bucket. */
+#ifndef WS_TRANSFER_H
+#define WS_TRANSFER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "comm.h"
+#include "status.h"
+#include "tensor.h"
+
+typedef struct ws_plan ws_plan;
+
+typedef struct ws_plan_stats {
+    size_t entries;
+    size_t buckets;          /* buckets per execution */
+    size_t bytes_moved;      /* bytes written into destinations (full tensors, dst dtype) */
+    size_t bytes_gathered;   /* bytes through the collective (world * per-rank segments) */
+    size_t staging_bytes;    /* staging memory held during execution */
+    double pack_ms, gather_ms, copy_out_ms, total_ms; /* last execution */
+} ws_plan_stats;
+
+/* Called after each bucket; return non-zero to stop (the plan reports
+ * WS_ERR_INTERRUPTED). */
+typedef int (*ws_plan_progress_fn)(void *ctx, size_t bucket, size_t buckets, size_t bytes_done,
+                                   size_t bytes_total);
+
+/* comm may be NULL (world of one). bucket_bytes: size of a gathered bucket. */
+ws_status ws_plan_create(ws_comm *comm, ws_device *device, size_t bucket_bytes, const char *name,
+                         ws_plan **out);
+/* Adds entries; `numel[i]` is the full tensor's element count. The plan
+ * keeps a reference to every tensor (views stay valid while the plan lives).
+ * Checks shapes: src numel == ceil(numel / world), dst numel == numel,
+ * contiguity, devices. */
+ws_status ws_plan_add(ws_plan *p, const ws_tensor *const *srcs, const ws_tensor *const *dsts,
+                      const int64_t *numel, size_t n);
+/* Runs the plan: every rank must call it with the same plan shape. */
+ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx);
+void ws_plan_get_stats(const ws_plan *p, ws_plan_stats *out);
+void ws_plan_destroy(ws_plan *p);
+
+#endif
