@@ -1,0 +1,285 @@
+/* bind_plan.c: the Lua face of sync plans (ws.plan, ws.Plan; transfer.h).
+ *
+ * A plan is built once from lists of tensors and executed every step; the
+ * per-tensor loops run in C. The userdata holds the core plan and a copy of
+ * its name so a freed plan can still be named; user value 1 keeps the comm's
+ * Lua object alive for as long as the plan may gather over it. */
+#include <stdio.h>
+#include <string.h>
+
+#include "bind.h"
+#include "transfer.h"
+
+#define WS_PLAN_MT "ws.Plan"
+#define DEFAULT_BUCKET_BYTES ((size_t)64 << 20)
+
+typedef struct ws_lplan {
+    ws_plan *p; /* NULL: freed */
+    char name[64];
+    int world;
+    size_t bucket_bytes;
+    const char *device; /* device names live for the whole process */
+} ws_lplan;
+
+static ws_lplan *check_lplan(lua_State *L, int idx)
+{
+    return (ws_lplan *)luaL_checkudata(L, idx, WS_PLAN_MT);
+}
+
+static ws_plan *check_plan(lua_State *L, int idx)
+{
+    ws_lplan *lp = check_lplan(L, idx);
+    if (!lp->p)
+        luaL_argerror(L, idx,
+                      lua_pushfstring(L, "plan '%s' was freed (free(), <close> or garbage "
+                                         "collection); create it again",
+                                      lp->name));
+    return lp->p;
+}
+
+static const char *const plan_options[] = {"bucket_mb", "bucket_bytes", "comm", "device", "name",
+                                           NULL};
+
+/* Rejects unknown keys so a typo ("bucket_MB") cannot silently use a default. */
+static void check_options(lua_State *L, int idx)
+{
+    lua_pushnil(L); /* [nil] */
+    while (lua_next(L, idx)) { /* [key, value] */
+        int known = 0;
+        if (lua_type(L, -2) == LUA_TSTRING)
+            for (int i = 0; plan_options[i]; i++)
+                if (strcmp(lua_tostring(L, -2), plan_options[i]) == 0) known = 1;
+        if (!known) {
+            lua_pushvalue(L, -2);
+            luaL_error(L, "ws.plan: unknown option '%s' (expected bucket_mb, bucket_bytes, comm, "
+                          "device, name)",
+                       luaL_tolstring(L, -1, NULL));
+        }
+        lua_pop(L, 1); /* [key] */
+    }
+}
+
+static size_t bucket_option(lua_State *L, int idx)
+{
+    int has_mb = lua_getfield(L, idx, "bucket_mb") != LUA_TNIL;          /* [mb] */
+    int has_bytes = lua_getfield(L, idx, "bucket_bytes") != LUA_TNIL;    /* [mb, bytes] */
+    size_t bytes = DEFAULT_BUCKET_BYTES;
+    if (has_mb && has_bytes) luaL_error(L, "ws.plan: give bucket_mb or bucket_bytes, not both");
+    if (has_bytes) {
+        if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) <= 0)
+            luaL_error(L, "ws.plan: bucket_bytes must be a positive integer, got %s",
+                       luaL_tolstring(L, -1, NULL));
+        bytes = (size_t)lua_tointeger(L, -1);
+    } else if (has_mb) {
+        if (lua_type(L, -2) != LUA_TNUMBER || !(lua_tonumber(L, -2) > 0))
+            luaL_error(L, "ws.plan: bucket_mb must be a positive number, got %s",
+                       luaL_tolstring(L, -2, NULL));
+        bytes = (size_t)(lua_tonumber(L, -2) * (double)(1 << 20));
+    }
+    lua_pop(L, 2);
+    return bytes;
+}
+
+/* ws.plan{bucket_mb=N | bucket_bytes=N, comm=c, device=dev, name="base"} */
+static int l_plan(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    check_options(L, 1);
+    size_t bucket = bucket_option(L, 1);
+
+    ws_comm *comm = NULL;
+    lua_getfield(L, 1, "comm"); /* [comm] */
+    int comm_idx = lua_gettop(L);
+    if (!lua_isnil(L, comm_idx)) comm = ws_lua_check_comm(L, comm_idx);
+
+    ws_device *dev;
+    if (lua_getfield(L, 1, "device") == LUA_TNIL) /* [comm, device] */
+        dev = ws_lua_default_device(L);
+    else
+        dev = ws_lua_check_device(L, -1);
+
+    const char *name = "plan";
+    if (lua_getfield(L, 1, "name") != LUA_TNIL) { /* [comm, device, name] */
+        if (lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "ws.plan: name must be a string, got %s", luaL_typename(L, -1));
+        name = lua_tostring(L, -1);
+    }
+
+    /* Released first, then acquired: a failure leaves a consistent object. */
+    ws_lplan *lp = (ws_lplan *)lua_newuserdatauv(L, sizeof *lp, 1); /* [..., plan] */
+    memset(lp, 0, sizeof *lp);
+    luaL_setmetatable(L, WS_PLAN_MT);
+    lua_pushvalue(L, comm_idx);
+    lua_setiuservalue(L, -2, 1);
+    snprintf(lp->name, sizeof lp->name, "%s", name);
+
+    ws_status rc = ws_plan_create(comm, dev, bucket, name, &lp->p);
+    if (rc != WS_OK) return ws_lua_fail(L, rc, "ws.plan");
+    lp->world = comm ? ws_comm_size(comm) : 1;
+    lp->bucket_bytes = bucket;
+    lp->device = dev->name;
+    return 1;
+}
+
+/* plan:add(srcs, dsts [, numels]) -> plan */
+static int l_add(lua_State *L)
+{
+    ws_plan *p = check_plan(L, 1);
+    lua_settop(L, 4); /* [plan, srcs, dsts, numels]: the lists' keepers go above */
+    size_t ns, nd;
+    ws_tensor **srcs = ws_lua_check_tensor_list(L, 2, &ns); /* [..., srcs_keep] */
+    ws_tensor **dsts = ws_lua_check_tensor_list(L, 3, &nd); /* [..., srcs_keep, dsts_keep] */
+    if (ns != nd)
+        return luaL_error(L, "plan:add: %d sources but %d destinations; the lists pair up "
+                             "one to one",
+                          (int)ns, (int)nd);
+    int64_t *numel = (int64_t *)lua_newuserdatauv(L, (ns ? ns : 1) * sizeof *numel, 0);
+    if (lua_isnoneornil(L, 4)) {
+        for (size_t i = 0; i < ns; i++) numel[i] = ws_tensor_numel(dsts[i]);
+    } else {
+        luaL_checktype(L, 4, LUA_TTABLE);
+        if ((size_t)lua_rawlen(L, 4) != ns)
+            return luaL_error(L, "plan:add: %d numels for %d entries", (int)lua_rawlen(L, 4),
+                              (int)ns);
+        for (size_t i = 0; i < ns; i++) {
+            lua_rawgeti(L, 4, (lua_Integer)i + 1);
+            int ok;
+            lua_Integer v = lua_tointegerx(L, -1, &ok);
+            if (!ok)
+                return luaL_error(L, "plan:add: numels[%d] must be an integer, got %s",
+                                  (int)i + 1, luaL_typename(L, -1));
+            numel[i] = (int64_t)v;
+            lua_pop(L, 1);
+        }
+    }
+    ws_status rc = ws_plan_add(p, (const ws_tensor *const *)srcs, (const ws_tensor *const *)dsts,
+                               numel, ns);
+    if (rc != WS_OK) return ws_lua_raise(L, NULL);
+    lua_settop(L, 1);
+    return 1;
+}
+
+static void push_stats(lua_State *L, const ws_plan_stats *s)
+{
+    lua_createtable(L, 0, 9);
+    lua_pushinteger(L, (lua_Integer)s->entries);
+    lua_setfield(L, -2, "entries");
+    lua_pushinteger(L, (lua_Integer)s->buckets);
+    lua_setfield(L, -2, "buckets");
+    lua_pushinteger(L, (lua_Integer)s->bytes_moved);
+    lua_setfield(L, -2, "bytes_moved");
+    lua_pushinteger(L, (lua_Integer)s->bytes_gathered);
+    lua_setfield(L, -2, "bytes_gathered");
+    lua_pushinteger(L, (lua_Integer)s->staging_bytes);
+    lua_setfield(L, -2, "staging_bytes");
+    lua_pushnumber(L, s->pack_ms);
+    lua_setfield(L, -2, "pack_ms");
+    lua_pushnumber(L, s->gather_ms);
+    lua_setfield(L, -2, "gather_ms");
+    lua_pushnumber(L, s->copy_out_ms);
+    lua_setfield(L, -2, "copy_out_ms");
+    lua_pushnumber(L, s->total_ms);
+    lua_setfield(L, -2, "total_ms");
+}
+
+typedef struct progress_ctx {
+    lua_State *L;
+    int failed; /* the callback raised; its error object is on top of the stack */
+} progress_ctx;
+
+/* Runs the Lua callback in protected mode: a Lua error must not unwind
+ * through the engine while a gather is in flight. */
+static int call_progress(void *ctx, size_t bucket, size_t buckets, size_t done, size_t total)
+{
+    progress_ctx *pc = (progress_ctx *)ctx;
+    lua_State *L = pc->L;
+    lua_pushvalue(L, 2); /* [fn] */
+    lua_pushinteger(L, (lua_Integer)bucket);
+    lua_pushinteger(L, (lua_Integer)buckets);
+    lua_pushinteger(L, (lua_Integer)done);
+    lua_pushinteger(L, (lua_Integer)total);
+    if (lua_pcall(L, 4, 1, 0) != LUA_OK) { /* [err] */
+        pc->failed = 1;
+        return 1;
+    }
+    /* [result]: only an explicit false stops; nil (no return) continues. */
+    int stop = lua_isboolean(L, -1) && !lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return stop;
+}
+
+/* plan:execute([progress_fn]) -> stats */
+static int l_execute(lua_State *L)
+{
+    ws_plan *p = check_plan(L, 1);
+    int has_fn = !lua_isnoneornil(L, 2);
+    if (has_fn) luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_settop(L, 2);
+    luaL_checkstack(L, 8, "plan:execute");
+    progress_ctx pc = {L, 0};
+    ws_status rc = ws_plan_execute(p, has_fn ? call_progress : NULL, &pc);
+    if (pc.failed) return lua_error(L); /* the callback's own error */
+    if (rc != WS_OK) return ws_lua_raise(L, NULL);
+    ws_plan_stats s;
+    ws_plan_get_stats(p, &s);
+    push_stats(L, &s);
+    return 1;
+}
+
+static int l_stats(lua_State *L)
+{
+    ws_plan_stats s;
+    ws_plan_get_stats(check_plan(L, 1), &s);
+    push_stats(L, &s);
+    return 1;
+}
+
+/* free(), __gc and __close: idempotent. */
+static int l_free(lua_State *L)
+{
+    ws_lplan *lp = check_lplan(L, 1);
+    ws_plan *p = lp->p;
+    lp->p = NULL;
+    ws_plan_destroy(p);
+    lua_pushnil(L);
+    lua_setiuservalue(L, 1, 1);
+    return 0;
+}
+
+static int l_tostring(lua_State *L)
+{
+    ws_lplan *lp = check_lplan(L, 1);
+    if (!lp->p) {
+        lua_pushfstring(L, "ws.Plan('%s' freed)", lp->name);
+        return 1;
+    }
+    ws_plan_stats s;
+    ws_plan_get_stats(lp->p, &s);
+    lua_pushfstring(L, "ws.Plan('%s' %d entries, bucket %d KiB, world %d, %s)", lp->name,
+                    (int)s.entries, (int)(lp->bucket_bytes >> 10), lp->world, lp->device);
+    return 1;
+}
+
+static const luaL_Reg plan_methods[] = {
+    {"add", l_add},     {"execute", l_execute}, {"stats", l_stats},
+    {"free", l_free},   {NULL, NULL},
+};
+
+static const luaL_Reg plan_meta[] = {
+    {"__gc", l_free},
+    {"__close", l_free},
+    {"__tostring", l_tostring},
+    {NULL, NULL},
+};
+
+void ws_open_plan(lua_State *L)
+{
+    /* [ws] */
+    luaL_newmetatable(L, WS_PLAN_MT); /* [ws, mt] */
+    luaL_setfuncs(L, plan_meta, 0);
+    luaL_newlib(L, plan_methods); /* [ws, mt, methods] */
+    lua_setfield(L, -2, "__index"); /* [ws, mt] */
+    lua_pop(L, 1);                  /* [ws] */
+    lua_pushcfunction(L, l_plan);
+    lua_setfield(L, -2, "plan");
+}

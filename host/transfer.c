@@ -1,0 +1,623 @@
+/* transfer.c: the bucketed transfer engine (sync plans, see transfer.h).
+ *
+ * ws_plan_add only validates and records entries; the first execution after
+ * an add plans: it lays every shard out as pieces of per-rank segments
+ * (buckets), allocates the staging buffers and precomputes the descriptor
+ * arrays, so an execution is a loop of copy_batch / all_gather / copy_batch
+ * calls with no per-tensor decisions left in it. Descriptors hold raw
+ * addresses: the plan keeps a reference to every storage, and pool storage
+ * keeps its addresses across sleeps, so the addresses stay valid. */
+#include "transfer.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* Pieces in a gathered segment start on this boundary so every piece is
+ * aligned for the widest vector loads of either backend. */
+#define PLAN_ALIGN 256
+/* Descriptors are split at this size so a backend that parallelises over
+ * descriptors still spreads one large tensor over all its threads. */
+#define PLAN_CHUNK_BYTES ((size_t)2 << 20)
+#define NO_NAME SIZE_MAX
+#define PLAN_NAME_CAP 64
+
+/* One side of an entry: just enough to rebuild a flat view for checks and
+ * messages (names live in the plan's name arena). */
+typedef struct plan_side {
+    ws_storage *storage;
+    size_t offset;
+    size_t name;
+    ws_dtype dtype;
+} plan_side;
+
+typedef struct plan_entry {
+    plan_side src, dst;
+    int64_t numel; /* full tensor */
+    int64_t shard; /* ceil(numel / world): elements of every rank's shard */
+} plan_entry;
+
+/* Elements [a, b) of an entry's shard placed at byte `off` of a segment. */
+typedef struct plan_piece {
+    size_t entry;
+    int64_t a, b;
+    size_t off;
+} plan_piece;
+
+typedef struct plan_bucket {
+    size_t piece_begin, piece_end; /* planning only */
+    size_t pack_begin, pack_end;   /* into p->pack */
+    size_t out_begin, out_end;     /* into p->out: unpack, or direct copies */
+    size_t seg_used;               /* bytes per rank gathered for this bucket */
+    size_t entries_done;           /* entries complete once this bucket is out */
+    size_t bytes_done;             /* destination bytes written up to this bucket */
+} plan_bucket;
+
+struct ws_plan {
+    char name[PLAN_NAME_CAP];
+    ws_comm *comm;
+    int world, rank;
+    ws_device *device;
+    size_t bucket_bytes, seg_bytes;
+
+    plan_entry *entries;
+    size_t n_entries, cap_entries;
+    char *names;
+    size_t names_len, names_cap;
+    size_t bytes_total; /* destination bytes per execution */
+
+    int planned;
+    plan_bucket *buckets;
+    size_t n_buckets;
+    ws_copy_desc *pack, *out;
+    size_t n_pack, n_out;
+    ws_tensor send[2], recv[2]; /* staging pairs, kept between executions */
+    int pairs;
+    ws_tensor agree; /* i64[5]: the pre-flight agreement between ranks */
+
+    ws_plan_stats stats;
+};
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
+
+static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+/* A flat view of one side, borrowed (no reference taken, never released). */
+static void side_view(const ws_plan *p, const plan_side *s, int64_t numel, ws_tensor *out)
+{
+    memset(out, 0, sizeof *out);
+    out->storage = s->storage;
+    out->offset = s->offset;
+    out->dtype = s->dtype;
+    out->layout.ndim = 1;
+    out->layout.shape[0] = numel;
+    out->layout.strides[0] = 1;
+    out->name = s->name == NO_NAME ? NULL : p->names + s->name;
+}
+
+static void *side_ptr(const plan_side *s, int64_t elem)
+{
+    return (char *)s->storage->data + s->offset + (size_t)elem * ws_dtype_size(s->dtype);
+}
+
+ws_status ws_plan_create(ws_comm *comm, ws_device *device, size_t bucket_bytes, const char *name,
+                         ws_plan **out)
+{
+    *out = NULL;
+    const char *nm = name ? name : "plan";
+    if (!device) return WS_ERR(WS_ERR_ARG, "plan '%s': no device given", nm);
+    int world = comm ? ws_comm_size(comm) : 1;
+    /* Each rank's segment must hold at least one aligned piece. */
+    if (bucket_bytes < (size_t)world * PLAN_ALIGN)
+        return WS_ERR(WS_ERR_ARG,
+                      "plan '%s': bucket of %zu bytes is too small for a world of %d; use at "
+                      "least %zu bytes (%d x %d)",
+                      nm, bucket_bytes, world, (size_t)world * PLAN_ALIGN, world, PLAN_ALIGN);
+    ws_plan *p = calloc(1, sizeof *p);
+    if (!p) return WS_ERR(WS_ERR_NOMEM, "plan '%s': out of host memory", nm);
+    snprintf(p->name, sizeof p->name, "%s", nm);
+    p->comm = world > 1 ? comm : NULL;
+    p->world = world;
+    p->rank = comm ? ws_comm_rank(comm) : 0;
+    p->device = device;
+    p->bucket_bytes = bucket_bytes;
+    p->seg_bytes = world > 1 ? bucket_bytes / (size_t)world / PLAN_ALIGN * PLAN_ALIGN : bucket_bytes;
+    *out = p;
+    return WS_OK;
+}
+
+/* Checks one entry before anything is recorded (add is all or nothing). */
+static ws_status check_entry(const ws_plan *p, size_t index, const ws_tensor *src,
+                             const ws_tensor *dst, int64_t numel)
+{
+    char a[160], b[160];
+    if (!src || !dst)
+        return WS_ERR(WS_ERR_ARG, "plan '%s': entry %zu: %s is NULL", p->name, index,
+                      src ? "dst" : "src");
+    ws_status rc = ws_tensor_check_live(src, "src");
+    if (rc == WS_OK) rc = ws_tensor_check_live(dst, "dst");
+    if (rc != WS_OK) {
+        ws_errprefix("plan '%s': entry %zu", p->name, index);
+        return rc;
+    }
+    if (numel < 0)
+        return WS_ERR(WS_ERR_ARG, "plan '%s': entry %zu: numel %lld is negative", p->name,
+                      index, (long long)numel);
+    int64_t shard = (numel + p->world - 1) / p->world;
+    int64_t sn = ws_tensor_numel(src), dn = ws_tensor_numel(dst);
+    if (sn != shard)
+        return WS_ERR(WS_ERR_ARG,
+                      "plan '%s': entry %zu: src %s has %lld elements, expected ceil(%lld/%d) "
+                      "= %lld (this rank's FSDP shard of the full tensor)",
+                      p->name, index, ws_tensor_label(src, a, sizeof a), (long long)sn,
+                      (long long)numel, p->world, (long long)shard);
+    if (dn != numel)
+        return WS_ERR(WS_ERR_ARG,
+                      "plan '%s': entry %zu: dst %s has %lld elements, expected %lld (the full "
+                      "tensor of src %s)",
+                      p->name, index, ws_tensor_label(dst, a, sizeof a), (long long)dn,
+                      (long long)numel, ws_tensor_label(src, b, sizeof b));
+    const ws_tensor *t = !ws_tensor_is_contiguous(src) ? src : !ws_tensor_is_contiguous(dst) ? dst : NULL;
+    if (t)
+        return WS_ERR(WS_ERR_ARG,
+                      "plan '%s': entry %zu: %s %s is not contiguous; pass a contiguous view "
+                      "(narrow along the first dimension, or copy it)",
+                      p->name, index, t == src ? "src" : "dst", ws_tensor_label(t, a, sizeof a));
+    t = ws_tensor_device(src) != p->device ? src : ws_tensor_device(dst) != p->device ? dst : NULL;
+    if (t)
+        return WS_ERR(WS_ERR_ARG,
+                      "plan '%s': entry %zu: %s %s is on %s but the plan runs on %s; create the "
+                      "plan on that device or move the tensor",
+                      p->name, index, t == src ? "src" : "dst", ws_tensor_label(t, a, sizeof a),
+                      ws_tensor_device(t)->name, p->device->name);
+    return WS_OK;
+}
+
+static ws_status grow(void **arr, size_t *cap, size_t need, size_t elem, const char *what)
+{
+    if (need <= *cap) return WS_OK;
+    size_t c = *cap ? *cap : 16;
+    while (c < need) c *= 2;
+    void *n = realloc(*arr, c * elem);
+    if (!n) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory (%zu bytes)", what, c * elem);
+    *arr = n;
+    *cap = c;
+    return WS_OK;
+}
+
+static void record_side(ws_plan *p, plan_side *s, const ws_tensor *t)
+{
+    ws_storage_retain(t->storage);
+    s->storage = t->storage;
+    s->offset = t->offset;
+    s->dtype = t->dtype;
+    if (t->name) {
+        size_t len = strlen(t->name) + 1;
+        memcpy(p->names + p->names_len, t->name, len);
+        s->name = p->names_len;
+        p->names_len += len;
+    } else {
+        s->name = NO_NAME;
+    }
+}
+
+ws_status ws_plan_add(ws_plan *p, const ws_tensor *const *srcs, const ws_tensor *const *dsts,
+                      const int64_t *numel, size_t n)
+{
+    size_t name_bytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        WS_TRY(check_entry(p, p->n_entries + i + 1, srcs[i], dsts[i], numel[i]));
+        if (srcs[i]->name) name_bytes += strlen(srcs[i]->name) + 1;
+        if (dsts[i]->name) name_bytes += strlen(dsts[i]->name) + 1;
+    }
+    WS_TRY(grow((void **)&p->entries, &p->cap_entries, p->n_entries + n, sizeof *p->entries,
+                "plan add"));
+    WS_TRY(grow((void **)&p->names, &p->names_cap, p->names_len + name_bytes, 1, "plan add"));
+    for (size_t i = 0; i < n; i++) {
+        plan_entry *e = &p->entries[p->n_entries + i];
+        record_side(p, &e->src, srcs[i]);
+        record_side(p, &e->dst, dsts[i]);
+        e->numel = numel[i];
+        e->shard = (numel[i] + p->world - 1) / p->world;
+        p->bytes_total += (size_t)numel[i] * ws_dtype_size(dsts[i]->dtype);
+    }
+    if (n) p->planned = 0;
+    p->n_entries += n;
+    p->stats.entries = p->n_entries;
+    p->stats.bytes_moved = p->bytes_total;
+    return WS_OK;
+}
+
+/* ---- planning -------------------------------------------------------------------- */
+
+typedef struct vec { void *data; size_t n, cap; } vec;
+
+static ws_status vec_push(vec *v, const void *item, size_t size)
+{
+    WS_TRY(grow(&v->data, &v->cap, v->n + 1, size, "planning a sync"));
+    memcpy((char *)v->data + v->n * size, item, size);
+    v->n++;
+    return WS_OK;
+}
+
+/* Appends dst <- src (count elements), split into chunks. */
+static ws_status emit_copy(vec *v, void *dst, ws_dtype dt, const void *src, ws_dtype st,
+                           size_t count)
+{
+    size_t es = ws_dtype_size(dt) > ws_dtype_size(st) ? ws_dtype_size(dt) : ws_dtype_size(st);
+    size_t chunk = PLAN_CHUNK_BYTES / es;
+    for (size_t done = 0; done < count; done += chunk) {
+        ws_copy_desc d = {(char *)dst + done * ws_dtype_size(dt),
+                          (const char *)src + done * ws_dtype_size(st),
+                          count - done < chunk ? count - done : chunk, dt, st};
+        WS_TRY(vec_push(v, &d, sizeof d));
+    }
+    return WS_OK;
+}
+
+/* Walks the entries in order, filling segments of `cap` bytes with pieces
+ * of each shard (in destination dtype bytes, starting on `align`). A shard
+ * that does not fit is split, so one larger than a bucket is streamed. */
+static ws_status lay_out(ws_plan *p, size_t cap, size_t align, vec *pieces, vec *buckets)
+{
+    plan_bucket cur = {0};
+    size_t off = 0, bytes_done = 0;
+    int open = 0;
+    for (size_t i = 0; i < p->n_entries; i++) {
+        const plan_entry *e = &p->entries[i];
+        size_t es = ws_dtype_size(e->dst.dtype);
+        for (int64_t a = 0; a < e->shard;) {
+            size_t o = align_up(off, align);
+            size_t avail = o < cap ? (cap - o) / es : 0;
+            if (!open || avail == 0) {
+                if (open) {
+                    cur.piece_end = pieces->n;
+                    cur.entries_done = i;
+                    cur.bytes_done = bytes_done;
+                    WS_TRY(vec_push(buckets, &cur, sizeof cur));
+                }
+                memset(&cur, 0, sizeof cur);
+                cur.piece_begin = pieces->n;
+                open = 1;
+                o = 0;
+                avail = cap / es;
+            }
+            int64_t take = e->shard - a < (int64_t)avail ? e->shard - a : (int64_t)avail;
+            plan_piece pc = {i, a, a + take, o};
+            WS_TRY(vec_push(pieces, &pc, sizeof pc));
+            off = o + (size_t)take * es;
+            if (off > cur.seg_used) cur.seg_used = off;
+            /* What this piece writes: its slice of every rank's shard. */
+            for (int r = 0; r < p->world; r++) {
+                int64_t lo = r * e->shard + a, hi = r * e->shard + a + take;
+                if (hi > e->numel) hi = e->numel;
+                if (hi > lo) bytes_done += (size_t)(hi - lo) * es;
+            }
+            a += take;
+        }
+    }
+    if (open) {
+        cur.piece_end = pieces->n;
+        cur.entries_done = p->n_entries;
+        cur.bytes_done = bytes_done;
+        WS_TRY(vec_push(buckets, &cur, sizeof cur));
+    }
+    return WS_OK;
+}
+
+static ws_status ensure_staging(ws_plan *p, int pairs)
+{
+    ws_tensor_opts opts = {.device = p->device};
+    for (int j = p->pairs; j < pairs; j++) {
+        char nm[PLAN_NAME_CAP + 32];
+        int64_t seg = (int64_t)p->seg_bytes, all = seg * p->world;
+        snprintf(nm, sizeof nm, "plan '%s' send %d", p->name, j);
+        opts.name = nm;
+        WS_TRY(ws_tensor_empty(&p->send[j], WS_U8, 1, &seg, &opts));
+        snprintf(nm, sizeof nm, "plan '%s' recv %d", p->name, j);
+        ws_status rc = ws_tensor_empty(&p->recv[j], WS_U8, 1, &all, &opts);
+        if (rc != WS_OK) {
+            ws_tensor_release(&p->send[j]);
+            return rc;
+        }
+        p->pairs = j + 1;
+        p->stats.staging_bytes += (size_t)seg + (size_t)all;
+    }
+    return WS_OK;
+}
+
+/* Turns the pieces of each bucket into pack and unpack (or direct) copies. */
+static ws_status build_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *bk, size_t nb,
+                             vec *pack, vec *out)
+{
+    for (size_t k = 0; k < nb; k++) {
+        plan_bucket *b = &bk[k];
+        b->pack_begin = pack->n;
+        b->out_begin = out->n;
+        if (p->world > 1) b->seg_used = align_up(b->seg_used, PLAN_ALIGN);
+        char *send = p->world > 1 ? ws_tensor_data(&p->send[k % 2]) : NULL;
+        char *recv = p->world > 1 ? ws_tensor_data(&p->recv[k % 2]) : NULL;
+        for (size_t i = b->piece_begin; i < b->piece_end; i++) {
+            const plan_piece *pc = &pieces[i];
+            const plan_entry *e = &p->entries[pc->entry];
+            ws_dtype dt = e->dst.dtype, st = e->src.dtype;
+            if (p->world == 1) {
+                WS_TRY(emit_copy(out, side_ptr(&e->dst, pc->a), dt, side_ptr(&e->src, pc->a), st,
+                                 (size_t)(pc->b - pc->a)));
+                continue;
+            }
+            /* Pack only this rank's real elements; the padding of the last
+             * shards is never read back. */
+            int64_t valid = e->numel - (int64_t)p->rank * e->shard;
+            int64_t hi = pc->b < valid ? pc->b : valid;
+            if (hi > pc->a)
+                WS_TRY(emit_copy(pack, send + pc->off, dt, side_ptr(&e->src, pc->a), st,
+                                 (size_t)(hi - pc->a)));
+            for (int r = 0; r < p->world; r++) {
+                int64_t lo = r * e->shard + pc->a, end = r * e->shard + pc->b;
+                if (end > e->numel) end = e->numel;
+                if (end <= lo) continue;
+                WS_TRY(emit_copy(out, side_ptr(&e->dst, lo), dt,
+                                 recv + (size_t)r * b->seg_used + pc->off, dt,
+                                 (size_t)(end - lo)));
+            }
+        }
+        b->pack_end = pack->n;
+        b->out_end = out->n;
+    }
+    return WS_OK;
+}
+
+static void drop_plan(ws_plan *p)
+{
+    free(p->buckets);
+    free(p->pack);
+    free(p->out);
+    p->buckets = NULL;
+    p->pack = p->out = NULL;
+    p->n_buckets = p->n_pack = p->n_out = 0;
+    p->planned = 0;
+}
+
+static ws_status plan_buckets(ws_plan *p)
+{
+    vec pieces = {0}, buckets = {0}, pack = {0}, out = {0};
+    drop_plan(p);
+    ws_status rc = p->world > 1 ? lay_out(p, p->seg_bytes, PLAN_ALIGN, &pieces, &buckets)
+                                : lay_out(p, p->bucket_bytes, 1, &pieces, &buckets);
+    if (rc == WS_OK && p->world > 1) rc = ensure_staging(p, buckets.n > 1 ? 2 : buckets.n ? 1 : 0);
+    if (rc == WS_OK) rc = build_descs(p, pieces.data, buckets.data, buckets.n, &pack, &out);
+    free(pieces.data);
+    if (rc != WS_OK) {
+        free(buckets.data);
+        free(pack.data);
+        free(out.data);
+        ws_errprefix("plan '%s': planning %zu entries", p->name, p->n_entries);
+        return rc;
+    }
+    p->buckets = buckets.data;
+    p->n_buckets = buckets.n;
+    p->pack = pack.data;
+    p->n_pack = pack.n;
+    p->out = out.data;
+    p->n_out = out.n;
+    p->planned = 1;
+    size_t gathered = 0;
+    for (size_t k = 0; k < p->n_buckets && p->world > 1; k++)
+        gathered += p->buckets[k].seg_used * (size_t)p->world;
+    p->stats.buckets = p->n_buckets;
+    p->stats.bytes_gathered = gathered;
+    return WS_OK;
+}
+
+/* ---- execution ------------------------------------------------------------------- */
+
+/* Every source readable, every destination writable (a sleeping pool has no
+ * memory behind its addresses). */
+static ws_status check_ready(const ws_plan *p)
+{
+    for (size_t i = 0; i < p->n_entries; i++) {
+        const plan_entry *e = &p->entries[i];
+        ws_tensor v;
+        side_view(p, &e->src, e->shard, &v);
+        ws_status rc = ws_tensor_check_readable(&v, "src");
+        if (rc != WS_OK) {
+            ws_errprefix("plan '%s': entry %zu", p->name, i + 1);
+            return rc;
+        }
+        side_view(p, &e->dst, e->numel, &v);
+        rc = ws_tensor_check_writable(&v, "dst");
+        if (rc != WS_OK) {
+            ws_errprefix("plan '%s': entry %zu", p->name, i + 1);
+            return rc;
+        }
+    }
+    return WS_OK;
+}
+
+/* All ranks learn whether every rank is ready and has the same plan shape,
+ * so a local failure ends the sync everywhere instead of hanging a gather. */
+static ws_status agree(ws_plan *p, ws_status local)
+{
+    static const int64_t five = 5;
+    ws_tensor_opts opts = {.device = p->device, .name = "plan agreement"};
+    if (ws_tensor_is_released(&p->agree)) WS_TRY(ws_tensor_empty(&p->agree, WS_I64, 1, &five, &opts));
+    int64_t k = (int64_t)p->n_buckets, n = (int64_t)p->n_entries;
+    double v[5] = {local != WS_OK, (double)k, (double)-k, (double)n, (double)-n};
+    for (int i = 0; i < 5; i++) WS_TRY(ws_tensor_set(&p->agree, i, v[i]));
+    WS_TRY(ws_comm_all_reduce(p->comm, &p->agree, WS_REDUCE_MAX, NULL));
+    double g[5];
+    for (int i = 0; i < 5; i++) WS_TRY(ws_tensor_get(&p->agree, i, &g[i]));
+    if (local != WS_OK) return local;
+    if (g[0] > 0)
+        return WS_ERR(WS_ERR_COMM,
+                      "plan '%s': another rank could not start the sync (see its message); "
+                      "nothing was transferred",
+                      p->name);
+    if (g[1] != (double)k || -g[2] != (double)k || g[3] != (double)n || -g[4] != (double)n)
+        return WS_ERR(WS_ERR_ARG,
+                      "plan '%s': ranks disagree on the plan shape (this rank: %lld entries, "
+                      "%lld buckets; others: %.0f..%.0f entries, %.0f..%.0f buckets); every rank "
+                      "must add the same entries with the same bucket size",
+                      p->name, (long long)n, (long long)k, -g[4], g[3], -g[2], g[1]);
+    return WS_OK;
+}
+
+static void mark_entries(const ws_plan *p, size_t from, size_t to)
+{
+    for (size_t i = from; i < to; i++) {
+        ws_tensor v;
+        side_view(p, &p->entries[i].dst, p->entries[i].numel, &v);
+        ws_tensor_mark_written(&v);
+    }
+}
+
+static ws_status copy_range(ws_plan *p, const ws_copy_desc *d, size_t begin, size_t end,
+                            const char *what, size_t k)
+{
+    if (end == begin) return WS_OK;
+    ws_status rc = p->device->ops->copy_batch(p->device, d + begin, end - begin);
+    if (rc != WS_OK)
+        ws_errprefix("plan '%s': %s of bucket %zu of %zu", p->name, what, k + 1, p->n_buckets);
+    return rc;
+}
+
+static ws_status start_gather(ws_plan *p, size_t k, ws_comm_request **req)
+{
+    const plan_bucket *b = &p->buckets[k];
+    ws_tensor send = {0}, recv = {0};
+    ws_status rc = ws_tensor_narrow(&send, &p->send[k % 2], 0, 0, (int64_t)b->seg_used);
+    if (rc == WS_OK)
+        rc = ws_tensor_narrow(&recv, &p->recv[k % 2], 0, 0, (int64_t)(b->seg_used * (size_t)p->world));
+    if (rc == WS_OK) rc = ws_comm_all_gather(p->comm, &send, &recv, req);
+    ws_tensor_release(&send);
+    ws_tensor_release(&recv);
+    if (rc != WS_OK)
+        ws_errprefix("plan '%s': all_gather of bucket %zu of %zu", p->name, k + 1, p->n_buckets);
+    return rc;
+}
+
+static ws_status run_gathered(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
+{
+    ws_comm_request *req[2] = {NULL, NULL};
+    size_t K = p->n_buckets, marked = 0;
+    ws_status rc = WS_OK;
+    double t;
+    if (K) {
+        t = now_ms();
+        rc = copy_range(p, p->pack, p->buckets[0].pack_begin, p->buckets[0].pack_end, "pack", 0);
+        p->stats.pack_ms += now_ms() - t;
+        if (rc == WS_OK) rc = start_gather(p, 0, &req[0]);
+    }
+    for (size_t k = 0; k < K && rc == WS_OK; k++) {
+        const plan_bucket *b = &p->buckets[k];
+        if (k + 1 < K) {
+            /* The pair of bucket k+1 was last used by bucket k-1, whose gather
+             * and copy-out are done: start the next gather before copying out. */
+            t = now_ms();
+            rc = copy_range(p, p->pack, p->buckets[k + 1].pack_begin, p->buckets[k + 1].pack_end,
+                            "pack", k + 1);
+            p->stats.pack_ms += now_ms() - t;
+            if (rc == WS_OK) rc = start_gather(p, k + 1, &req[(k + 1) % 2]);
+            if (rc != WS_OK) break;
+        }
+        t = now_ms();
+        ws_comm_request *r = req[k % 2];
+        req[k % 2] = NULL;
+        rc = ws_comm_wait(r);
+        p->stats.gather_ms += now_ms() - t;
+        if (rc != WS_OK) {
+            ws_errprefix("plan '%s': all_gather of bucket %zu of %zu", p->name, k + 1, K);
+            break;
+        }
+        t = now_ms();
+        rc = copy_range(p, p->out, b->out_begin, b->out_end, "copy-out", k);
+        p->stats.copy_out_ms += now_ms() - t;
+        if (rc != WS_OK) break;
+        mark_entries(p, marked, b->entries_done);
+        marked = b->entries_done;
+        if (progress && progress(ctx, k + 1, K, b->bytes_done, p->bytes_total)) {
+            rc = WS_ERR(WS_ERR_INTERRUPTED,
+                        "plan '%s': stopped by the progress callback after bucket %zu of %zu "
+                        "(%zu of %zu bytes written)",
+                        p->name, k + 1, K, b->bytes_done, p->bytes_total);
+        }
+    }
+    /* Never leave a collective running on buffers the caller may free; keep
+     * the first error's message, which says what went wrong. */
+    if (req[0] || req[1]) {
+        char first[512];
+        snprintf(first, sizeof first, "%s", ws_errmsg());
+        for (int j = 0; j < 2; j++)
+            if (req[j]) (void)ws_comm_wait(req[j]);
+        WS_ERR(rc, "%s", first);
+    }
+    if (rc == WS_OK) mark_entries(p, marked, p->n_entries);
+    return rc;
+}
+
+static ws_status run_direct(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
+{
+    size_t K = p->n_buckets, marked = 0;
+    for (size_t k = 0; k < K; k++) {
+        const plan_bucket *b = &p->buckets[k];
+        double t = now_ms();
+        ws_status rc = copy_range(p, p->out, b->out_begin, b->out_end, "copy", k);
+        p->stats.copy_out_ms += now_ms() - t;
+        if (rc != WS_OK) return rc;
+        mark_entries(p, marked, b->entries_done);
+        marked = b->entries_done;
+        if (progress && progress(ctx, k + 1, K, b->bytes_done, p->bytes_total))
+            return WS_ERR(WS_ERR_INTERRUPTED,
+                          "plan '%s': stopped by the progress callback after bucket %zu of %zu "
+                          "(%zu of %zu bytes written)",
+                          p->name, k + 1, K, b->bytes_done, p->bytes_total);
+    }
+    mark_entries(p, marked, p->n_entries);
+    return WS_OK;
+}
+
+ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
+{
+    double t0 = now_ms();
+    p->stats.pack_ms = p->stats.gather_ms = p->stats.copy_out_ms = p->stats.total_ms = 0;
+    ws_status rc = p->planned ? WS_OK : plan_buckets(p);
+    if (rc == WS_OK) rc = check_ready(p);
+    if (p->world > 1) rc = agree(p, rc);
+    if (rc == WS_OK) rc = p->world > 1 ? run_gathered(p, progress, ctx) : run_direct(p, progress, ctx);
+    /* Device-side copies may still be queued; the stats and the caller's
+     * next read both need them finished. */
+    ws_status sync = ws_device_synchronize(p->device);
+    if (rc == WS_OK && sync != WS_OK) {
+        ws_errprefix("plan '%s': finishing the sync", p->name);
+        rc = sync;
+    }
+    p->stats.total_ms = now_ms() - t0;
+    return rc;
+}
+
+void ws_plan_get_stats(const ws_plan *p, ws_plan_stats *out) { *out = p->stats; }
+
+void ws_plan_destroy(ws_plan *p)
+{
+    if (!p) return;
+    for (size_t i = 0; i < p->n_entries; i++) {
+        ws_storage_release(p->entries[i].src.storage);
+        ws_storage_release(p->entries[i].dst.storage);
+    }
+    for (int j = 0; j < p->pairs; j++) {
+        ws_tensor_release(&p->send[j]);
+        ws_tensor_release(&p->recv[j]);
+    }
+    ws_tensor_release(&p->agree);
+    drop_plan(p);
+    free(p->entries);
+    free(p->names);
+    free(p);
+}
