@@ -1,0 +1,177 @@
+-- bench/sync.lua: how fast the sync plans move weights, against references
+-- measured in the same run.
+--
+--   wshost bench/sync.lua [model=qwen3-0.6b] [iters=3] [bucket_mb=512] [check=true] [--json FILE]
+--   mpirun -n 2 wshost bench/sync.lua
+--
+-- (1) full sync throughput vs a plain memcpy of the same bytes (ws.reference_copy), target >= 0.8x;
+-- (2) LoRA-only sync time vs full sync time, against their byte ratio (target <= 1.5x);
+-- (3) per-tensor overhead of a plan with 100k tiny tensors (target <= 2 us);
+-- (4) staging memory held during execution vs the bucket size.
+-- check=true makes the exit status fail when a target is missed.
+package.path = (debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./")
+    .. "../lua/?.lua;" .. package.path
+local ws = require("ws")
+local config = require("ws.config")
+local models = require("ws.models")
+local lora = require("ws.lora")
+local trainer_mod = require("ws.trainer")
+local engine_mod = require("ws.engine")
+local sync_mod = require("ws.sync")
+local report = require("ws.report")
+
+local schema = {
+    model = { default = "qwen3-0.6b", type = "enum", values = models.names() },
+    device = { default = "auto", type = "string" },
+    iters = { default = 3, type = "integer", min = 1 },
+    bucket_mb = { default = 512, type = "number", min = 0.001 },
+    lora_rank = { default = 32, type = "integer", min = 1 },
+    tiny_tensors = { default = 100000, type = "integer", min = 1 },
+    check = { default = false, type = "boolean" },
+}
+local ok, cfg, opts = pcall(config.parse, schema, arg)
+if not ok then
+    io.stderr:write("bench/sync.lua: " .. tostring(cfg) .. "\n")
+    os.exit(2)
+end
+
+local comm = ws.comm()
+local rank, world = comm.rank, comm.size
+local gcomm = world > 1 and comm or nil
+local device = cfg.device == "auto" and ws.default_device() or ws.device(cfg.device)
+local function out(fmt, ...) if rank == 0 then io.stdout:write(string.format(fmt, ...), "\n") end end
+local results = {}
+local misses = {}
+local function target(name, okv, fmt, ...)
+    local msg = string.format(fmt, ...)
+    results[#results + 1] = { test = name, ok = okv, detail = msg }
+    if not okv then misses[#misses + 1] = name .. ": " .. msg end
+    out("#   %-28s %s  %s", name, okv and "ok  " or "MISS", msg)
+end
+
+-- Best (minimum) time of `iters` runs of fn, which returns a stats table or nil.
+local function best(fn)
+    local best_ms, stats = math.huge, nil
+    for _ = 1, cfg.iters do
+        if gcomm then comm:barrier() end
+        local t0 = ws.now_ms()
+        local s = fn()
+        local ms = ws.now_ms() - t0
+        if ms < best_ms then best_ms, stats = ms, s end
+    end
+    return best_ms, stats
+end
+
+local function gbps(bytes, ms) return bytes / (ms * 1e6) end
+
+out("# wshost %s sync benchmark", ws.version)
+out("# device %s, world %d, model %s, bucket %s MB, iters %d (best of)", tostring(device), world,
+    cfg.model, tostring(cfg.bucket_mb), cfg.iters)
+
+-- (1) and (2): one trainer/engine pair with LoRA; plans "full" and "adapter".
+local spec = models.get(cfg.model)
+local lcfg = lora.config{ r = cfg.lora_rank }
+local trainer = trainer_mod.new{ spec = spec, lora = lcfg, device = device, rank = rank, world = world }
+local engine = engine_mod.new{ spec = spec, lora = lcfg, device = device, kv_cache_mb = 1 }
+local sync = sync_mod.new{ trainer = trainer, engine = engine, comm = gcomm, device = device,
+                           bucket_mb = cfg.bucket_mb, progress = "off", rank = rank }
+sync:build("full")
+sync:build("adapter")
+local full_ms, full = best(function() return sync:send("full") end)
+local ad_ms, ad = best(function() return sync:send("adapter") end)
+
+-- memcpy reference over the same number of bytes.
+local ref_src = assert(ws.tensor{ shape = { full.bytes_moved }, dtype = "u8", device = device, fill = 1 })
+local ref_dst = assert(ws.tensor{ shape = { full.bytes_moved }, dtype = "u8", device = device })
+local ref_ms = best(function() ws.reference_copy(ref_dst, ref_src) end)
+ref_src:free(); ref_dst:free()
+
+out("#")
+out("# %-24s %12s %10s %10s %10s %10s", "what", "bytes", "time(ms)", "algbw(GB/s)", "gather(ms)", "copy(ms)")
+out("  %-24s %12d %10.2f %10.2f %10.2f %10.2f", "full sync", full.bytes_moved, full_ms,
+    gbps(full.bytes_moved, full_ms), full.gather_ms, full.copy_out_ms)
+out("  %-24s %12d %10.2f %10.2f %10.2f %10.2f", "adapter sync (r=" .. lcfg.r .. ")", ad.bytes_moved,
+    ad_ms, gbps(ad.bytes_moved, ad_ms), ad.gather_ms, ad.copy_out_ms)
+out("  %-24s %12d %10.2f %10.2f %10s %10s", "memcpy reference", full.bytes_moved, ref_ms,
+    gbps(full.bytes_moved, ref_ms), "-", "-")
+local bw_ratio = ref_ms / full_ms
+local time_ratio, byte_ratio = ad_ms / full_ms, ad.bytes_moved / full.bytes_moved
+local rel = time_ratio / byte_ratio
+out("#")
+target("(1) full sync vs memcpy", bw_ratio >= 0.8 or world > 1, "%.2fx of memcpy bandwidth%s",
+       bw_ratio, world > 1 and " (world > 1: includes the gather; not held to the target)" or "")
+target("(2) LoRA vs full", rel <= 1.5, "time ratio %.4f, byte ratio %.4f -> %.2fx", time_ratio,
+       byte_ratio, rel)
+sync:free(); engine:free(); trainer:free()
+
+-- (3) 100k tiny tensors: views of two big tensors, 16 elements each.
+local n, per = cfg.tiny_tensors, 16
+local shard = (per + world - 1) // world
+local big_src = assert(ws.tensor{ shape = { n * shard }, dtype = "bf16", device = device, fill = 0.5 })
+local big_dst = assert(ws.tensor{ shape = { n * per }, dtype = "bf16", device = device })
+local srcs, dsts, numels = {}, {}, {}
+for i = 1, n do
+    srcs[i] = big_src:narrow(1, (i - 1) * shard + 1, shard)
+    dsts[i] = big_dst:narrow(1, (i - 1) * per + 1, per)
+    numels[i] = per
+end
+local t0 = ws.now_ms()
+local plan = ws.plan{ bucket_mb = cfg.bucket_mb, comm = gcomm, device = device, name = "tiny" }
+plan:add(srcs, dsts, numels)
+local add_ms = ws.now_ms() - t0
+local tiny_ms, tiny = best(function() return plan:execute() end)
+local us = tiny_ms * 1000 / n
+out("#")
+out("  %-24s %12d %10.2f %10.2f   plan:add %.1f ms", n .. " tiny tensors", tiny.bytes_moved,
+    tiny_ms, gbps(tiny.bytes_moved, tiny_ms), add_ms)
+target("(3) per-tensor overhead", us <= 2, "%.3f us per tensor", us)
+plan:free()
+for i = 1, n do srcs[i]:free(); dsts[i]:free() end
+srcs, dsts = nil, nil
+big_src:free(); big_dst:free()
+
+-- (4) staging memory vs bucket size, on the full model without LoRA.
+local tr2 = trainer_mod.new{ spec = spec, device = device, rank = rank, world = world }
+local en2 = engine_mod.new{ spec = spec, device = device, kv_cache_mb = 1 }
+out("#")
+out("# %-10s %14s %14s %10s %10s %8s", "bucket(MB)", "staging(B)", "peak-held(B)", "time(ms)", "algbw", "buckets")
+local staging = {}
+for _, mb in ipairs({ 1, 4, 16, 64, 256 }) do
+    local s2 = sync_mod.new{ trainer = tr2, engine = en2, comm = gcomm, device = device, bucket_mb = mb,
+                             progress = "off", rank = rank }
+    s2:build("base")
+    collectgarbage()
+    local held = device:memory().held
+    device:reset_peak()
+    local ms, st = best(function() return s2:send("base") end)
+    local peak = device:memory().peak - held
+    out("  %-10s %14d %14d %10.2f %10.2f %8d", tostring(mb), st.staging_bytes, peak, ms,
+        gbps(st.bytes_moved, ms), st.buckets)
+    staging[#staging + 1] = { bucket_mb = mb, staging_bytes = st.staging_bytes, peak_extra_bytes = peak,
+                              ms = ms, buckets = st.buckets }
+    local bound = 2 * (mb * 1048576 + mb * 1048576 // world)
+    if st.staging_bytes > bound then
+        misses[#misses + 1] = string.format("(4) staging %d > bound %d at bucket %d MB",
+                                            st.staging_bytes, bound, mb)
+    end
+    s2:free()
+end
+en2:free(); tr2:free()
+out("#   staging bound: 2 x (bucket + bucket/world)%s", #misses > 0 and "" or " held")
+
+if opts.json and rank == 0 then
+    local f = assert(io.open(opts.json, "w"))
+    f:write(report.json{ bench = "sync", version = ws.version, device = tostring(device), world = world,
+                         model = cfg.model, bucket_mb = cfg.bucket_mb,
+                         full = { bytes = full.bytes_moved, ms = full_ms, gbps = gbps(full.bytes_moved, full_ms) },
+                         adapter = { bytes = ad.bytes_moved, ms = ad_ms },
+                         memcpy = { bytes = full.bytes_moved, ms = ref_ms },
+                         ratio_vs_memcpy = bw_ratio, lora_time_over_byte_ratio = rel,
+                         tiny = { tensors = n, ms = tiny_ms, us_per_tensor = us, add_ms = add_ms },
+                         staging = staging, targets = results }, "\n")
+    f:close()
+end
+if cfg.check and #misses > 0 then
+    out("# missed: %s", table.concat(misses, "; "))
+    os.exit(1)
+end

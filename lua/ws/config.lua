@@ -1,0 +1,152 @@
+-- ws.config: pipeline configuration, validated once at the edge.
+--
+-- A schema maps each key to {default=, type=, min=, max=, values=, help=};
+-- types are "integer", "number", "boolean", "string" and "enum" (one of
+-- `values`). `config.parse(schema, argv)` reads `key=value` words and
+-- `--json FILE` from a command line; `config.resolve(schema, overrides)` does
+-- the same for a table (a sweep running a pipeline in-process). Every problem
+-- raises a config error (unknown key, wrong type, out of range) whose message
+-- says what is accepted; `config.is_error(e)` tells it apart from a crash.
+local M = {}
+
+local Error = {}
+Error.__index = Error
+Error.__tostring = function(e) return e.message end
+
+local function fail(fmt, ...)
+    error(setmetatable({ message = string.format(fmt, ...) }, Error), 0)
+end
+
+function M.is_error(e) return getmetatable(e) == Error end
+
+-- Raises a config error (for checks made after parsing: model, device, ...).
+function M.raise(fmt, ...) fail(fmt, ...) end
+
+-- Runs fn(...); any error it raises becomes a config error about `key`.
+function M.check(key, fn, ...)
+    local ok, v = pcall(fn, ...)
+    if ok then return v end
+    if M.is_error(v) then error(v, 0) end
+    local msg = tostring(v):gsub("^[^:]*:%d+: ", "")
+    fail("config key '%s': %s", key, msg)
+end
+
+local function sorted_keys(schema)
+    local keys = {}
+    for k in pairs(schema) do keys[#keys + 1] = k end
+    table.sort(keys)
+    return keys
+end
+
+-- Converts a command-line string or a Lua value to the key's type.
+local function coerce(key, spec, v)
+    local t = spec.type
+    if t == "boolean" then
+        if type(v) == "boolean" then return v end
+        local s = tostring(v):lower()
+        if s == "true" or s == "1" or s == "yes" or s == "on" then return true end
+        if s == "false" or s == "0" or s == "no" or s == "off" then return false end
+        fail("config key '%s' expects a boolean (true/false), got '%s'", key, tostring(v))
+    elseif t == "integer" or t == "number" then
+        local n = type(v) == "number" and v or tonumber(v)
+        if n == nil then
+            fail("config key '%s' expects %s, got '%s'", key,
+                 t == "integer" and "an integer" or "a number", tostring(v))
+        end
+        if t == "integer" then
+            local i = math.tointeger(n)
+            if i == nil then fail("config key '%s' expects an integer, got '%s'", key, tostring(v)) end
+            n = i
+        end
+        if spec.min and n < spec.min then
+            fail("config key '%s' must be >= %s, got %s", key, tostring(spec.min), tostring(n))
+        end
+        if spec.max and n > spec.max then
+            fail("config key '%s' must be <= %s, got %s", key, tostring(spec.max), tostring(n))
+        end
+        return n
+    elseif t == "enum" then
+        local s = tostring(v)
+        for _, ok in ipairs(spec.values) do
+            if s == tostring(ok) then return ok end
+        end
+        local vals = {}
+        for _, ok in ipairs(spec.values) do vals[#vals + 1] = tostring(ok) end
+        fail("config key '%s' must be one of %s, got '%s'", key, table.concat(vals, ", "), s)
+    elseif t == "string" then
+        if type(v) ~= "string" then
+            fail("config key '%s' expects a string, got %s", key, type(v))
+        end
+        return v
+    end
+    error("config schema: key '" .. key .. "' has unknown type '" .. tostring(t) .. "'")
+end
+
+local function check_known(schema, key)
+    if schema[key] == nil then
+        fail("unknown config key '%s' (known: %s)", tostring(key),
+             table.concat(sorted_keys(schema), ", "))
+    end
+end
+
+-- Defaults, then `overrides` (a table of key -> value or string).
+function M.resolve(schema, overrides)
+    local cfg = {}
+    for k, spec in pairs(schema) do cfg[k] = spec.default end
+    for k, v in pairs(overrides or {}) do
+        check_known(schema, k)
+        cfg[k] = coerce(k, schema[k], v)
+    end
+    return cfg
+end
+
+-- argv: list of strings. Returns cfg, opts ({json=path, help=bool}).
+function M.parse(schema, argv)
+    local overrides, opts, seen = {}, {}, {}
+    local i = 1
+    while i <= #argv do
+        local a = argv[i]
+        if a == "--json" then
+            opts.json = argv[i + 1]
+            if not opts.json then fail("--json needs a file name") end
+            i = i + 1
+        elseif a:match("^%-%-json=") then
+            opts.json = a:sub(8)
+        elseif a == "--help" or a == "-h" then
+            opts.help = true
+        else
+            local k, v = a:match("^([%w_]+)=(.*)$")
+            if not k then
+                fail("cannot parse argument '%s': expected key=value, --json FILE or --help", a)
+            end
+            check_known(schema, k)
+            if seen[k] then fail("config key '%s' given twice", k) end
+            seen[k] = true
+            overrides[k] = v
+        end
+        i = i + 1
+    end
+    return M.resolve(schema, overrides), opts
+end
+
+-- Text for --help: one line per key with its default and what it does.
+function M.usage(schema, title)
+    local lines = { title or "configuration (key=value):" }
+    for _, k in ipairs(sorted_keys(schema)) do
+        local s = schema[k]
+        local kind = s.type == "enum" and table.concat(s.values, "|") or s.type
+        lines[#lines + 1] = string.format("  %-18s %-10s default %-12s %s", k, kind,
+                                          tostring(s.default), s.help or "")
+    end
+    lines[#lines + 1] = "  --json FILE        write one JSON line per step"
+    return table.concat(lines, "\n")
+end
+
+-- "k=v k=v" in key order, for report headers.
+function M.describe(cfg)
+    local parts = {}
+    for _, k in ipairs(sorted_keys(cfg)) do parts[#parts + 1] = k .. "=" .. tostring(cfg[k]) end
+    return table.concat(parts, " ")
+end
+
+return M

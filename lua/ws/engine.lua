@@ -1,0 +1,177 @@
+-- ws.engine: a rollout-engine stand-in with vLLM's weight layout and sleep modes.
+--
+-- Full bf16 weights with q/k/v fused into qkv_proj and gate/up into
+-- gate_up_proj (stacked on dim 0); with LoRA, a wrapped module keeps its base
+-- under `.base_layer.weight` and gets one adapter slot (lora_A/lora_B per
+-- sub-module). Weights and adapters live in a pool tagged "weights", the KV
+-- cache in one tagged "kv_cache", so sleep/wake_up behave like vLLM's
+-- CuMemAllocator: level 1 backs the weights up to pinned host memory and
+-- discards the KV cache, level 2 discards both; wake_up maps memory again at
+-- the same addresses. Reading discarded contents raises in C, naming the
+-- tensor, the pool and the sleep.
+local ws = require("ws")
+local models = require("ws.models")
+local lora = require("ws.lora")
+
+local M = {}
+local Engine = {}
+Engine.__index = Engine
+
+local fused = {
+    q_proj = { "qkv_proj", 1 }, k_proj = { "qkv_proj", 2 }, v_proj = { "qkv_proj", 3 },
+    gate_proj = { "gate_up_proj", 1 }, up_proj = { "gate_up_proj", 2 },
+}
+local parts = { qkv_proj = { "q_proj", "k_proj", "v_proj" },
+                gate_up_proj = { "gate_proj", "up_proj" } }
+
+local function align(n, a) return (n + a - 1) // a * a end
+
+-- Engine module of an HF module name and whether LoRA wraps it (vLLM wraps a
+-- fused module when any of its sub-modules is a target).
+local function engine_module(module, lcfg)
+    local f = fused[module]
+    local emod = f and f[1] or module
+    local wrapped = false
+    if lcfg then
+        for _, sub in ipairs(parts[emod] or { emod }) do
+            if lcfg.target_set[sub] then wrapped = true end
+        end
+    end
+    return emod, wrapped
+end
+
+-- opts: spec, lora (config or nil), device, kv_cache_mb, seed.
+function M.new(opts)
+    local self = setmetatable({}, Engine)
+    self.spec, self.lora, self.device = opts.spec, opts.lora, opts.device
+    self.tensors, self.order = {}, {}
+    self.asleep = {}
+    local lin = models.linear_shapes(self.spec)
+
+    -- Layout: name -> shape, plus where each HF parameter lands.
+    local layout, dest = {}, {}
+    local function declare(name, shape)
+        if not layout[name] then
+            layout[name] = shape
+            self.order[#self.order + 1] = name
+        end
+    end
+    for _, p in ipairs(models.params(self.spec)) do
+        if p.block and lin[p.module] then
+            local emod, wrapped = engine_module(p.module, self.lora)
+            local stem = p.name:gsub(p.module .. "%.weight$", emod)
+            local name = stem .. (wrapped and ".base_layer.weight" or ".weight")
+            local f, rows, offset = fused[p.module], p.shape[1], 0
+            if f then
+                local total = 0
+                for i, sub in ipairs(parts[emod]) do
+                    if i < f[2] then offset = offset + lin[sub][1] end
+                    total = total + lin[sub][1]
+                end
+                declare(name, { total, p.shape[2] })
+            else
+                declare(name, p.shape)
+            end
+            dest[p.name] = { name = name, row_offset = offset, rows = rows }
+        else
+            declare(p.name, p.shape)
+            dest[p.name] = { name = p.name }
+        end
+    end
+    if self.lora then
+        for _, a in ipairs(lora.params(self.spec, self.lora)) do
+            local emod = engine_module(a.module, self.lora)
+            local stem = a.base:gsub(a.module .. "%.weight$", emod)
+            local name = stem .. ".lora_" .. a.which
+                .. (fused[a.module] and ("." .. a.module .. ".weight") or ".weight")
+            declare(name, a.shape)
+            dest[a.name] = { name = name }
+        end
+    end
+    self.dest = dest
+
+    local bytes = 4096
+    for _, name in ipairs(self.order) do
+        bytes = bytes + align(models.numel(layout[name]) * 2, 256)
+    end
+    self.weight_bytes = bytes
+    self.kv_bytes = math.max(1, opts.kv_cache_mb or 64) * 1024 * 1024
+    self.weights = assert(ws.pool{ device = self.device, tag = "weights", bytes = bytes })
+    self.kv_pool = assert(ws.pool{ device = self.device, tag = "kv_cache",
+                                   bytes = self.kv_bytes + 4096 })
+    for i, name in ipairs(self.order) do
+        local t = assert(self.weights:tensor{ shape = layout[name], dtype = "bf16", name = name })
+        -- load_format=dummy: the engine starts from random weights, as in verl.
+        t:random_(0x5EED0 + i, 1.0, 0)
+        self.tensors[name] = t
+    end
+    self.kv_cache = assert(self.kv_pool:tensor{ shape = { self.kv_bytes // 2 }, dtype = "bf16",
+                                                name = "kv_cache" })
+    self.kv_cache:fill(0)
+    return self
+end
+
+-- The engine tensor an HF (or PEFT) parameter is written into, and the rows
+-- of it that belong to that parameter (nil: the whole tensor).
+function Engine:destination(param_name)
+    local d = self.dest[param_name]
+    if not d then error("engine: no destination for parameter '" .. param_name .. "'", 2) end
+    return self.tensors[d.name], d.row_offset, d.rows, d.name
+end
+
+local function pools_of(self, tags)
+    if tags == nil or #tags == 0 then return { self.weights, self.kv_pool }, { "weights", "kv_cache" } end
+    local list = {}
+    for i, tag in ipairs(tags) do
+        if tag == "weights" then list[i] = self.weights
+        elseif tag == "kv_cache" then list[i] = self.kv_pool
+        else error("engine:wake_up: unknown tag '" .. tostring(tag) .. "' (weights, kv_cache)", 3) end
+    end
+    return list, tags
+end
+
+-- level 1: weights backed up to pinned host, KV cache discarded; level 2:
+-- everything discarded. `note` ("step 4") appears in discarded-read errors.
+function Engine:sleep(level, note)
+    if level ~= 1 and level ~= 2 then
+        error("engine:sleep: level must be 1 or 2, got " .. tostring(level), 2)
+    end
+    self.weights:sleep(level, note)
+    self.kv_pool:sleep(2, note)
+    self.asleep.weights, self.asleep.kv_cache = true, true
+end
+
+-- tags: {"weights"}, {"kv_cache"} or {} / nil for both. Pools that are awake are left alone.
+function Engine:wake_up(tags)
+    local pools, names = pools_of(self, tags)
+    for i, pool in ipairs(pools) do
+        if self.asleep[names[i]] then
+            pool:wake()
+            self.asleep[names[i]] = false
+        end
+    end
+end
+
+function Engine:is_asleep(tag) return self.asleep[tag] == true end
+
+-- Memory the engine's pools hold now: mapped device bytes and host backup.
+function Engine:memory()
+    local w, k = self.weights:stats(), self.kv_pool:stats()
+    return { weights_mapped = w.mapped, kv_mapped = k.mapped, mapped = w.mapped + k.mapped,
+             backup_bytes = w.backup_bytes + k.backup_bytes }
+end
+
+-- The rollout's use of the KV cache: it writes it, so a KV cache that was not
+-- woken up fails here.
+function Engine:touch_kv_cache(step)
+    self.kv_cache:fill(step % 7)
+end
+
+function Engine:free()
+    for _, name in ipairs(self.order) do self.tensors[name]:free() end
+    self.kv_cache:free()
+    self.weights:free()
+    self.kv_pool:free()
+end
+
+return M

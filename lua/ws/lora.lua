@@ -1,0 +1,80 @@
+-- ws.lora: LoRA adapter configuration and PEFT parameter names.
+--
+-- An adapter on a linear module W [out, in] is lora_A [r, in] and lora_B
+-- [out, r], scaled by alpha / r. PEFT names them
+-- `base_model.model.<module>.lora_A.weight`; the trainer uses these names so
+-- adapters line up with adapter_model.safetensors files.
+local models = require("ws.models")
+
+local M = {}
+
+M.all_linear = { "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj" }
+
+local known = {}
+for _, m in ipairs(M.all_linear) do known[m] = true end
+
+-- Accepts "all-linear", "q_proj,v_proj" or a list; returns a sorted-by-layer-order
+-- list and a set. Raises on an unknown module name.
+function M.parse_targets(targets)
+    if targets == nil or targets == "all-linear" then
+        targets = M.all_linear
+    elseif type(targets) == "string" then
+        local list = {}
+        for item in targets:gmatch("[^,%s]+") do list[#list + 1] = item end
+        targets = list
+    end
+    local set = {}
+    for _, m in ipairs(targets) do
+        if not known[m] then
+            error(string.format("unknown LoRA target module '%s' (known: all-linear, %s)",
+                                tostring(m), table.concat(M.all_linear, ", ")), 2)
+        end
+        set[m] = true
+    end
+    local list = {}
+    for _, m in ipairs(M.all_linear) do
+        if set[m] then list[#list + 1] = m end
+    end
+    if #list == 0 then error("LoRA target_modules is empty", 2) end
+    return list, set
+end
+
+-- cfg: {r=, alpha=, target_modules=}. Returns nil when r == 0 (LoRA off).
+function M.config(cfg)
+    local r = cfg.r or 0
+    if r == 0 then return nil end
+    if math.type(r) ~= "integer" or r < 0 then
+        error("LoRA rank must be a non-negative integer, got " .. tostring(r), 2)
+    end
+    local list, set = M.parse_targets(cfg.target_modules)
+    local alpha = cfg.alpha or 16
+    return { r = r, alpha = alpha, scale = alpha / r, targets = list, target_set = set }
+end
+
+-- Adapter parameters for a model spec: {name, shape, numel, base (the HF base
+-- parameter name), layer, block, module, which ("A"/"B")}.
+function M.params(spec, lcfg)
+    local out = {}
+    for _, p in ipairs(models.params(spec)) do
+        if p.block and lcfg.target_set[p.module] then
+            local stem = p.name:gsub("%.weight$", "")
+            local rows, cols = p.shape[1], p.shape[2]
+            for _, ab in ipairs({ { "A", { lcfg.r, cols } }, { "B", { rows, lcfg.r } } }) do
+                out[#out + 1] = {
+                    name = "base_model.model." .. stem .. ".lora_" .. ab[1] .. ".weight",
+                    shape = ab[2], numel = ab[2][1] * ab[2][2], base = p.name,
+                    layer = p.layer, block = p.block, module = p.module, which = ab[1],
+                }
+            end
+        end
+    end
+    return out
+end
+
+function M.param_count(spec, lcfg)
+    local n = 0
+    for _, p in ipairs(M.params(spec, lcfg)) do n = n + p.numel end
+    return n
+end
+
+return M

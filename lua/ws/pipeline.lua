@@ -1,0 +1,260 @@
+-- ws.pipeline: the shared runner behind every pipelines/*.lua policy.
+--
+-- A pipeline file returns `pipeline.define{name=, defaults=, plans=, step=}`
+-- and ends with `return pipeline.main_or(P)`, which runs it when the file is
+-- the main script (arg[0]) and otherwise only returns it, so a sweep can load
+-- a pipeline and run it with other settings in the same process:
+--   local P = dofile("pipelines/verl_lora.lua"); P.run{steps = 3, sleep_level = 2}
+-- The runner parses the configuration, builds the trainer, the engine and
+-- the sync plans once, calls the policy's step(ctx, step) N times and reports.
+local ws = require("ws")
+local config = require("ws.config")
+local models = require("ws.models")
+local lora = require("ws.lora")
+local trainer_mod = require("ws.trainer")
+local engine_mod = require("ws.engine")
+local sync_mod = require("ws.sync")
+local verify = require("ws.verify")
+local report_mod = require("ws.report")
+
+local M = {}
+
+-- Configuration keys every pipeline has; a pipeline's `defaults` override or extend them.
+M.common = {
+    steps = { default = 5, type = "integer", min = 1, help = "training steps" },
+    model = { default = "qwen3-0.6b", type = "enum", values = models.names(), help = "model preset" },
+    device = { default = "auto", type = "string", help = "cpu, cuda, cuda:N or auto" },
+    bucket_mb = { default = 512, type = "number", min = 0.001, help = "sync bucket size (MB)" },
+    kv_cache_mb = { default = 64, type = "integer", min = 1, help = "engine KV cache (MB)" },
+    free_cache_engine = { default = true, type = "boolean", help = "engine sleeps after rollout" },
+    sleep_level = { default = 1, type = "enum", values = { 1, 2 }, help = "engine sleep level" },
+    param_dtype = { default = "bf16", type = "enum", values = { "bf16", "f32" },
+                    help = "trainer weights (f32: master weights, bf16 on the wire)" },
+    param_offload = { default = false, type = "boolean",
+                      help = "trainer params to pinned host memory after training" },
+    seed = { default = 0, type = "integer", min = 0, help = "weight seed" },
+    progress = { default = "auto", type = "enum", values = { "auto", "on", "off" },
+                 help = "sync progress on stderr" },
+}
+
+local Pipeline = {}
+Pipeline.__index = Pipeline
+
+-- def: name, description, defaults (schema entries: table, or a plain value
+-- to change a common key's default), plans (kinds to build: "base",
+-- "adapter", "full"; "adapter" is skipped without LoRA), step(ctx, step).
+-- Any other field (e.g. a rule function) is kept for the step to use.
+function M.define(def)
+    assert(type(def.step) == "function", "pipeline.define: step(ctx, step) is required")
+    local p = setmetatable({}, Pipeline)
+    for k, v in pairs(def) do p[k] = v end
+    -- The defining file, so main_or can tell whether it is the main script.
+    p.source = def.source or debug.getinfo(2, "S").source
+    local schema = {}
+    for k, v in pairs(M.common) do schema[k] = v end
+    for k, v in pairs(def.defaults or {}) do
+        if type(v) == "table" then
+            schema[k] = v
+        else
+            assert(schema[k], "pipeline.define: default for unknown key '" .. k .. "' needs a schema")
+            local copy = {}
+            for kk, vv in pairs(schema[k]) do copy[kk] = vv end
+            copy.default = v
+            schema[k] = copy
+        end
+    end
+    p.schema = schema
+    p.plans = def.plans or { "base", "adapter" }
+    p.run = function(overrides, opts) return M.run(p, overrides, opts) end
+    p.main = function(argv) return M.main(p, argv) end
+    return p
+end
+
+-- A copy with some fields replaced (a policy variant, e.g. another rule).
+function Pipeline:with(fields)
+    local def = {}
+    for k, v in pairs(self) do def[k] = v end
+    def.schema, def.run, def.main = nil, nil, nil
+    for k, v in pairs(fields) do def[k] = v end
+    def.source = debug.getinfo(2, "S").source
+    return M.define(def)
+end
+
+local function world_comm()
+    if not ws.comm then return nil, 0, 1 end
+    local c = ws.comm()
+    local function get(f)
+        local v = c[f]
+        if type(v) == "function" then return v(c) end
+        return v
+    end
+    return c, get("rank"), get("size")
+end
+
+-- The context a policy's step sees.
+local Ctx = {}
+Ctx.__index = Ctx
+
+-- Runs fn(...) and adds its wall time to phase `name` of this step.
+function Ctx:phase(name, fn, ...)
+    local t0 = ws.now_ms()
+    local r = fn(...)
+    self.rec.phase_ms[name] = (self.rec.phase_ms[name] or 0) + ws.now_ms() - t0
+    return r
+end
+
+-- Sends one plan ("base", "adapter" or "full") and records bytes and times.
+function Ctx:send(kind)
+    local s = self.sync:send(kind)
+    local rec, pm = self.rec, self.rec.phase_ms
+    if kind == "adapter" then
+        pm.adapter = pm.adapter + s.wall_ms
+        rec.adapter_sent, rec.adapter_bytes = true, rec.adapter_bytes + s.bytes_moved
+    else
+        pm.copy_out = pm.copy_out + s.copy_out_ms
+        pm.gather = pm.gather + math.max(0, s.wall_ms - s.copy_out_ms)
+        rec.base_sent, rec.base_bytes = true, rec.base_bytes + s.bytes_moved
+        if kind == "full" and self.lora then rec.adapter_sent = true end
+    end
+    rec.bytes_sent = rec.bytes_sent + s.bytes_moved
+    rec.bytes_gathered = rec.bytes_gathered + s.bytes_gathered
+    rec.staging_bytes = math.max(rec.staging_bytes, s.staging_bytes)
+    self.sent[kind] = true
+    return s
+end
+
+-- The rollout stand-in: uses the KV cache and proves, from the engine's own
+-- memory, that its weights (base and adapter) equal the trainer's.
+function Ctx:rollout(step)
+    local t0 = ws.now_ms()
+    local mem = self.engine:memory()
+    self.rec.engine_mapped_awake = mem.mapped
+    self.engine:touch_kv_cache(step)
+    local n = 0
+    for _, kind in ipairs(self.verify_kinds) do
+        n = n + verify.check(self.sync.pairs[kind], { comm = self.comm, world = self.world,
+                                                      note = "step " .. step .. " rollout" })
+    end
+    self.rec.verified, self.rec.verified_tensors = true, n
+    self.rec.phase_ms.verify = self.rec.phase_ms.verify + ws.now_ms() - t0
+end
+
+local function resolve_device(name)
+    if name == "auto" then return (ws.default_device()) end
+    local d, msg = ws.device(name)
+    if not d then config.raise("config key 'device': device '%s' is unusable: %s", name, tostring(msg)) end
+    return d
+end
+
+-- overrides: table of config values (or strings). opts: json (path), log
+-- (function(msg)), quiet. Returns the records and the summary.
+function M.run(p, overrides, opts)
+    opts = opts or {}
+    local cfg = config.resolve(p.schema, overrides)
+    return M.run_config(p, cfg, opts)
+end
+
+function M.run_config(p, cfg, opts)
+    local comm, rank, world = world_comm()
+    local log = opts.log or function(msg) if rank == 0 then ws.log("%s", msg) end end
+    if opts.quiet then log = function() end end
+    local device = config.check("device", resolve_device, cfg.device)
+    local spec = config.check("model", models.get, cfg.model)
+    local lcfg = config.check("target_modules", lora.config, { r = cfg.lora_rank or 0,
+        alpha = cfg.lora_alpha, target_modules = cfg.target_modules })
+    local t_setup = ws.now_ms()
+    local trainer = trainer_mod.new{ spec = spec, lora = lcfg, device = device, comm = comm,
+                                     rank = rank, world = world, dtype = cfg.param_dtype,
+                                     seed = cfg.seed }
+    local engine = engine_mod.new{ spec = spec, lora = lcfg, device = device,
+                                   kv_cache_mb = cfg.kv_cache_mb }
+    local sync = sync_mod.new{ trainer = trainer, engine = engine, comm = world > 1 and comm or nil,
+                               device = device, bucket_mb = cfg.bucket_mb,
+                               progress = cfg.progress, rank = rank }
+    local verify_kinds = {}
+    for _, kind in ipairs(p.plans) do
+        if kind ~= "adapter" or lcfg then
+            sync:build(kind)
+            verify_kinds[#verify_kinds + 1] = kind
+        end
+    end
+    local report = report_mod.new{ title = p.name, cfg = cfg, device = device, rank = rank,
+                                   json = opts.json, log = log }
+    log(string.format("# %s: model %s (%.1fM params%s), world %d, device %s", p.name, spec.name,
+                      models.param_count(spec) / 1e6,
+                      lcfg and string.format(", LoRA r=%d %.1f MB", lcfg.r,
+                                             lora.param_count(spec, lcfg) * 2 / 1e6) or "",
+                      world, tostring(device)))
+    log("# config: " .. config.describe(cfg))
+    log(string.format("# setup %.0f ms (trainer shards %.1f MB, engine weights %.1f MB, " ..
+                      "KV cache %.1f MB)", ws.now_ms() - t_setup, trainer:shard_bytes() / 1e6,
+                      engine.weight_bytes / 1e6, engine.kv_bytes / 1e6))
+
+    local ctx = setmetatable({ cfg = cfg, pipeline = p, trainer = trainer, engine = engine,
+                               sync = sync, comm = comm, rank = rank, world = world,
+                               device = device, lora = lcfg, log = log,
+                               verify_kinds = verify_kinds,
+                               state = { base_sync_done = false } }, Ctx)
+    local ok, err = pcall(function()
+        for step = 1, cfg.steps do
+            ctx.rec, ctx.sent = report:begin_step(step), {}
+            p.step(ctx, step)
+            local mem = engine:memory()
+            ctx.rec.engine_mapped_after = mem.mapped
+            ctx.rec.engine_backup_bytes = mem.backup_bytes
+            ctx.rec.engine_asleep = engine:is_asleep("weights")
+            report:end_step(ctx.rec)
+        end
+    end)
+    report:close()
+    local summary = ok and report:summary() or nil
+    -- Free on failure too: a sweep keeps going in this process after a failed point.
+    local freed, ferr = pcall(function()
+        sync:free()
+        engine:free()
+        trainer:free()
+    end)
+    if not ok then error(err, 0) end
+    if not freed then error(ferr, 0) end
+    return report.records, summary
+end
+
+-- Command-line entry: parses argv (key=value, --json FILE, --help) and runs.
+-- Configuration mistakes print one clear line and exit with status 2.
+function M.main(p, argv)
+    local args = {}
+    for i = 1, #(argv or {}) do args[i] = argv[i] end
+    local ok, cfg, opts = pcall(config.parse, p.schema, args)
+    if not ok then
+        if config.is_error(cfg) then
+            io.stderr:write(string.format("%s: %s\n", p.name, tostring(cfg)))
+            os.exit(2)
+        end
+        error(cfg, 0)
+    end
+    if opts.help then
+        io.stdout:write((p.description or p.name) .. "\n" .. config.usage(p.schema) .. "\n")
+        return
+    end
+    local okr, err = pcall(M.run_config, p, cfg, opts)
+    if not okr then
+        if config.is_error(err) then
+            io.stderr:write(string.format("%s: %s\n", p.name, tostring(err)))
+            os.exit(2)
+        end
+        error(err, 0)
+    end
+end
+
+-- Runs p when the file that defined it is the main script; always returns p.
+function M.main_or(p)
+    local src = p.source or ""
+    local script = arg and arg[0]
+    if script and src:sub(1, 1) == "@" then
+        local a, b = src:sub(2):gsub("^%./", ""), script:gsub("^%./", "")
+        if a == b then M.main(p, arg) end
+    end
+    return p
+end
+
+return M

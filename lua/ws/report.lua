@@ -1,0 +1,287 @@
+-- ws.report: per-step records, the end-of-run summary and JSON lines.
+--
+-- A record holds the wall time of each phase (ms), bytes moved, what was
+-- sent, the verification result and memory figures. The summary prints the
+-- mean of each phase over all steps and over steps 2..N (steady state, after
+-- the first base sync), like the table in verl PR #5147. `--json FILE` gets
+-- one JSON object per step, written as the step ends.
+local ws = require("ws")
+
+local M = {}
+local Report = {}
+Report.__index = Report
+
+M.phases = { "train", "offload", "load", "wake", "gather", "copy_out", "adapter", "verify", "sleep" }
+
+-- JSON ----------------------------------------------------------------------
+
+local escapes = { ['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f",
+                  ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t" }
+
+local function encode_string(s)
+    return '"' .. s:gsub('[%c"\\]', function(c)
+        return escapes[c] or string.format("\\u%04x", c:byte())
+    end) .. '"'
+end
+
+local function is_array(t)
+    local n = 0
+    for _ in pairs(t) do n = n + 1 end
+    return n == #t and (n > 0 or next(t) == nil and getmetatable(t) == M.array_mt)
+end
+
+M.array_mt = {}
+-- Marks an (empty) table to be encoded as [] rather than {}.
+function M.array(t) return setmetatable(t or {}, M.array_mt) end
+
+local function encode(v, out)
+    local tv = type(v)
+    if v == nil then
+        out[#out + 1] = "null"
+    elseif tv == "boolean" then
+        out[#out + 1] = v and "true" or "false"
+    elseif tv == "number" then
+        if math.type(v) == "integer" then
+            out[#out + 1] = string.format("%d", v)
+        elseif v ~= v or v == math.huge or v == -math.huge then
+            out[#out + 1] = "null"
+        else
+            out[#out + 1] = string.format("%.17g", v)
+        end
+    elseif tv == "string" then
+        out[#out + 1] = encode_string(v)
+    elseif tv == "table" then
+        if is_array(v) then
+            out[#out + 1] = "["
+            for i, x in ipairs(v) do
+                if i > 1 then out[#out + 1] = "," end
+                encode(x, out)
+            end
+            out[#out + 1] = "]"
+        else
+            local keys = {}
+            for k in pairs(v) do
+                if type(k) ~= "string" then
+                    error("json: object keys must be strings, got " .. type(k), 0)
+                end
+                keys[#keys + 1] = k
+            end
+            table.sort(keys)
+            out[#out + 1] = "{"
+            for i, k in ipairs(keys) do
+                if i > 1 then out[#out + 1] = "," end
+                out[#out + 1] = encode_string(k)
+                out[#out + 1] = ":"
+                encode(v[k], out)
+            end
+            out[#out + 1] = "}"
+        end
+    else
+        error("json: cannot encode a " .. tv, 0)
+    end
+end
+
+function M.json(v)
+    local out = {}
+    encode(v, out)
+    return table.concat(out)
+end
+
+-- Decodes one JSON value (what M.json writes, and standard JSON in general);
+-- for tests and sweeps reading --json output back.
+function M.decode(text)
+    local pos = 1
+    local function err(what)
+        error(string.format("json: %s at byte %d", what, pos), 0)
+    end
+    local function ws_skip() pos = text:find("[^ \t\r\n]", pos) or #text + 1 end
+    local value
+    local function str()
+        local out = {}
+        pos = pos + 1
+        while true do
+            local c = text:sub(pos, pos)
+            if c == "" then err("unterminated string") end
+            if c == '"' then pos = pos + 1; return table.concat(out) end
+            if c == "\\" then
+                local e = text:sub(pos + 1, pos + 1)
+                local map = { b = "\b", f = "\f", n = "\n", r = "\r", t = "\t" }
+                if e == "u" then
+                    out[#out + 1] = utf8.char(tonumber(text:sub(pos + 2, pos + 5), 16))
+                    pos = pos + 6
+                else
+                    out[#out + 1] = map[e] or e
+                    pos = pos + 2
+                end
+            else
+                out[#out + 1] = c
+                pos = pos + 1
+            end
+        end
+    end
+    function value()
+        ws_skip()
+        local c = text:sub(pos, pos)
+        if c == "{" then
+            local t = {}
+            pos = pos + 1
+            ws_skip()
+            if text:sub(pos, pos) == "}" then pos = pos + 1; return t end
+            while true do
+                ws_skip()
+                if text:sub(pos, pos) ~= '"' then err("expected a key") end
+                local k = str()
+                ws_skip()
+                if text:sub(pos, pos) ~= ":" then err("expected ':'") end
+                pos = pos + 1
+                t[k] = value()
+                ws_skip()
+                local d = text:sub(pos, pos)
+                pos = pos + 1
+                if d == "}" then return t end
+                if d ~= "," then err("expected ',' or '}'") end
+            end
+        elseif c == "[" then
+            local t = M.array()
+            pos = pos + 1
+            ws_skip()
+            if text:sub(pos, pos) == "]" then pos = pos + 1; return t end
+            while true do
+                t[#t + 1] = value()
+                ws_skip()
+                local d = text:sub(pos, pos)
+                pos = pos + 1
+                if d == "]" then return t end
+                if d ~= "," then err("expected ',' or ']'") end
+            end
+        elseif c == '"' then
+            return str()
+        else
+            for lit, v in pairs({ ["true"] = true, ["false"] = false, null = M.null }) do
+                if text:sub(pos, pos + #lit - 1) == lit then pos = pos + #lit; return v end
+            end
+            local num = text:match("^-?%d+%.?%d*[eE]?[-+]?%d*", pos)
+            if not num or num == "" then err("unexpected character '" .. c .. "'") end
+            pos = pos + #num
+            return math.tointeger(tonumber(num)) or tonumber(num)
+        end
+    end
+    local v = value()
+    ws_skip()
+    if pos <= #text then err("trailing characters") end
+    return v
+end
+M.null = setmetatable({}, { __tostring = function() return "null" end })
+
+-- Reads a --json file: a list of records.
+function M.load_jsonl(path)
+    local f = assert(io.open(path, "r"))
+    local out = {}
+    for line in f:lines() do
+        if line:match("%S") then out[#out + 1] = M.decode(line) end
+    end
+    f:close()
+    return out
+end
+
+-- Report --------------------------------------------------------------------
+
+-- opts: title, cfg, device, rank, json (path or nil), log (function(msg)).
+function M.new(opts)
+    local self = setmetatable({}, Report)
+    self.title, self.cfg, self.device = opts.title, opts.cfg, opts.device
+    self.rank, self.log = opts.rank or 0, opts.log or function() end
+    self.records = {}
+    if opts.json and self.rank == 0 then
+        self.json_file = assert(io.open(opts.json, "w"))
+    end
+    return self
+end
+
+function Report:begin_step(step)
+    if self.device.reset_peak then self.device:reset_peak() end
+    local rec = { step = step, phase_ms = {}, base_sent = false, adapter_sent = false,
+                  bytes_sent = 0, base_bytes = 0, adapter_bytes = 0, bytes_gathered = 0,
+                  staging_bytes = 0, verified = false }
+    for _, p in ipairs(M.phases) do rec.phase_ms[p] = 0 end
+    rec.t0 = ws.now_ms()
+    return rec
+end
+
+function Report:end_step(rec)
+    rec.step_ms = ws.now_ms() - rec.t0
+    rec.t0 = nil
+    local mem = self.device:memory()
+    local host = ws.host_memory()
+    rec.peak_device_bytes = mem.peak
+    rec.device_held_bytes = mem.held
+    rec.device_free_bytes = mem.free
+    rec.peak_host_bytes = host.peak_rss
+    rec.rss_bytes = host.rss
+    self.records[#self.records + 1] = rec
+    if self.json_file then
+        self.json_file:write(M.json(rec), "\n")
+        self.json_file:flush()
+    end
+    self.log(string.format("step %3d  %8.1f ms  base %-3s %9.1f MB  verified %s  engine held " ..
+                           "after step %.1f MB", rec.step, rec.step_ms,
+                           rec.base_sent and "yes" or "no", rec.bytes_sent / 1e6,
+                           rec.verified and "yes" or "NO", (rec.engine_mapped_after or 0) / 1e6))
+end
+
+local function mean(records, first, field, sub)
+    local sum, n = 0, 0
+    for i = first, #records do
+        local v = records[i][field]
+        if sub then v = v[sub] end
+        sum, n = sum + (v or 0), n + 1
+    end
+    return n > 0 and sum / n or nil
+end
+
+local function fmt(v, unit)
+    if v == nil then return "-" end
+    return string.format(unit == "MB" and "%.1f" or "%.2f", v)
+end
+
+-- The end-of-run table; returns the summary as a table too.
+function Report:summary()
+    local r = self.records
+    local lines = {}
+    local function line(s) lines[#lines + 1] = s end
+    line(string.format("# %s: %d steps", self.title or "pipeline", #r))
+    line(string.format("# %-16s %12s %14s", "phase (ms)", "mean 1..N", "mean 2..N"))
+    local summary = { steps = #r, phase_ms = {}, phase_ms_steady = {} }
+    for _, p in ipairs(M.phases) do
+        local a, b = mean(r, 1, "phase_ms", p), mean(r, 2, "phase_ms", p)
+        summary.phase_ms[p], summary.phase_ms_steady[p] = a, b
+        line(string.format("  %-16s %12s %14s", p, fmt(a), fmt(b)))
+    end
+    local sa, sb = mean(r, 1, "step_ms"), mean(r, 2, "step_ms")
+    line(string.format("  %-16s %12s %14s", "step total", fmt(sa), fmt(sb)))
+    local ba, bb = mean(r, 1, "bytes_sent"), mean(r, 2, "bytes_sent")
+    line(string.format("  %-16s %12s %14s", "MB sent", fmt(ba and ba / 1e6, "MB"),
+                       fmt(bb and bb / 1e6, "MB")))
+    local base_steps, verified, peak_dev, peak_host = 0, 0, 0, 0
+    for _, rec in ipairs(r) do
+        if rec.base_sent then base_steps = base_steps + 1 end
+        if rec.verified then verified = verified + 1 end
+        peak_dev = math.max(peak_dev, rec.peak_device_bytes or 0)
+        peak_host = math.max(peak_host, rec.peak_host_bytes or 0)
+    end
+    line(string.format("# base sent in %d of %d steps; verified %d of %d; peak device %.1f MB; " ..
+                       "peak host RSS %.1f MB", base_steps, #r, verified, #r, peak_dev / 1e6,
+                       peak_host / 1e6))
+    summary.step_ms, summary.step_ms_steady = sa, sb
+    summary.base_steps, summary.verified_steps = base_steps, verified
+    summary.peak_device_bytes, summary.peak_host_bytes = peak_dev, peak_host
+    self.log(table.concat(lines, "\n"))
+    return summary
+end
+
+function Report:close()
+    if self.json_file then self.json_file:close() end
+    self.json_file = nil
+end
+
+return M

@@ -1,0 +1,115 @@
+-- ws.sync: the sync plans from the trainer's shards to the engine's weights.
+--
+-- Plans are built once (one ws.plan per kind, one entry per parameter) and
+-- executed every step with a single call, so no per-tensor work runs in Lua
+-- during a step. Kinds:
+--   base    every base parameter -> engine base weights (fused slices for
+--           qkv_proj / gate_up_proj, `.base_layer.weight` under LoRA);
+--   adapter every LoRA parameter -> the engine's adapter slot;
+--   full    both in one plan (full-parameter sync).
+-- Each entry is also kept as a (trainer entry, engine view) pair so
+-- ws.verify can prove what the plan wrote.
+local ws = require("ws")
+
+local M = {}
+local Sync = {}
+Sync.__index = Sync
+
+-- opts: trainer, engine, comm (nil: world of one), device, bucket_mb, progress
+-- ("auto"/"on"/"off"), log (function(msg) for rank-0 output).
+function M.new(opts)
+    local self = setmetatable({}, Sync)
+    self.trainer, self.engine, self.comm = opts.trainer, opts.engine, opts.comm
+    self.device, self.bucket_mb = opts.device, opts.bucket_mb or 512
+    self.progress = opts.progress or "auto"
+    self.rank = opts.rank or 0
+    self.plans, self.pairs, self.views = {}, {}, {}
+    return self
+end
+
+-- Engine view (contiguous, flat) that receives one trainer parameter.
+function Sync:view_for(e)
+    local t, offset, rows, ename = self.engine:destination(e.name)
+    local v
+    if rows and (offset > 0 or rows < t:shape()[1]) then
+        local slice = t:narrow(1, offset + 1, rows)
+        v = slice:flat()
+        self.views[#self.views + 1] = slice
+    else
+        v = t:flat()
+    end
+    self.views[#self.views + 1] = v
+    local label = ename
+    if rows and label ~= nil and (offset > 0 or rows < t:shape()[1]) then
+        label = string.format("%s[rows %d..%d]", ename, offset + 1, offset + rows)
+    end
+    return v, label
+end
+
+local function entries_of(self, kind)
+    local tr = self.trainer
+    if kind == "base" then return tr.base_params end
+    if kind == "adapter" then
+        if #tr.adapter_params == 0 then
+            error("sync: no adapter plan without LoRA (set lora_rank > 0)", 3)
+        end
+        return tr.adapter_params
+    end
+    if kind == "full" then return tr.params end
+    error("sync: unknown plan kind '" .. tostring(kind) .. "' (base, adapter, full)", 3)
+end
+
+-- Builds the plan of one kind (once); returns it.
+function Sync:build(kind)
+    if self.plans[kind] then return self.plans[kind] end
+    local srcs, dsts, numels, plist = {}, {}, {}, {}
+    for i, e in ipairs(entries_of(self, kind)) do
+        local v, label = self:view_for(e)
+        srcs[i], dsts[i], numels[i] = e.tensor, v, e.numel
+        plist[i] = { src = e, dst = v, dst_name = label }
+    end
+    local plan = ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm, device = self.device,
+                          name = kind }
+    plan:add(srcs, dsts, numels)
+    self.plans[kind], self.pairs[kind] = plan, plist
+    return plan
+end
+
+-- A carriage-return progress line on stderr, shown only once a sync has run
+-- for more than a second and only where a person is watching.
+local function watching()
+    if ws.isatty then return ws.isatty(2) end
+    local term = os.getenv("TERM")
+    return term ~= nil and term ~= "" and term ~= "dumb"
+end
+
+function Sync:progress_fn(kind)
+    if self.rank ~= 0 or self.progress == "off" then return nil end
+    if self.progress == "auto" and not watching() then return nil end
+    local start, shown = ws.now_ms(), false
+    return function(bucket, buckets, done, total)
+        if not shown and ws.now_ms() - start < 1000 then return end
+        shown = true
+        io.stderr:write(string.format("\rsync %-7s bucket %d/%d  %.1f/%.1f MB", kind, bucket,
+                                      buckets, done / 1e6, total / 1e6))
+        if bucket == buckets then io.stderr:write("\n") end
+        io.stderr:flush()
+    end
+end
+
+-- Executes the plan of `kind`; returns its stats plus wall_ms (measured here).
+function Sync:send(kind)
+    local plan = self:build(kind)
+    local t0 = ws.now_ms()
+    local stats = plan:execute(self:progress_fn(kind))
+    stats.wall_ms = ws.now_ms() - t0
+    return stats
+end
+
+function Sync:free()
+    for _, plan in pairs(self.plans) do plan:free() end
+    for _, v in ipairs(self.views) do v:free() end
+    self.plans, self.pairs, self.views = {}, {}, {}
+end
+
+return M

@@ -1,0 +1,63 @@
+#!/bin/bash
+# Policy variants and the command line: skipping the base after a level-2
+# sleep must fail with the stale-weights error (naming tensor, pool, sleep);
+# the same skip without sleeping passes; configuration mistakes exit 2 with a
+# clear message; a sweep can load a pipeline and run it in-process.
+cd "$(dirname "$0")/../.." || exit 1
+. tests/e2e/fixtures/pipeline_lib.sh
+tiny="model=tiny steps=3 kv_cache_mb=1 progress=off"
+
+"$WSHOST" tests/e2e/fixtures/skip_base.lua $tiny sleep_level=2 >"$TMP/out" 2>&1
+rc=$?
+if [ $rc -ne 0 ] && grep -q "verify (step 2 rollout)" "$TMP/out" &&
+   grep -q "'model.embed_tokens.weight'" "$TMP/out" && grep -q "pool 'weights'" "$TMP/out" &&
+   grep -q "sleep(level=2)" "$TMP/out" && grep -q "(step 1)" "$TMP/out"; then
+    pass "skip_base after sleep(2) fails with the stale-weights error"
+else
+    fail "skip_base after sleep(2) (rc=$rc)"; cat "$TMP/out"
+fi
+
+if "$WSHOST" tests/e2e/fixtures/skip_base.lua $tiny sleep_level=2 free_cache_engine=false \
+       --json "$TMP/skip.jsonl" >"$TMP/out" 2>&1 &&
+   "$WSHOST" tests/e2e/fixtures/check_run.lua "$TMP/skip.jsonl" $tiny sleep_level=2 \
+       free_cache_engine=false lora_rank=32 >>"$TMP/out" 2>&1; then
+    pass "skip_base with free_cache_engine=false passes"
+else
+    fail "skip_base with free_cache_engine=false"; cat "$TMP/out"
+fi
+
+if "$WSHOST" tests/e2e/fixtures/skip_base.lua $tiny sleep_level=1 >"$TMP/out" 2>&1; then
+    pass "skip_base after sleep(1) passes (weights restored from the backup)"
+else
+    fail "skip_base after sleep(1)"; cat "$TMP/out"
+fi
+
+check_usage() { # expected-message args...
+    local want=$1; shift
+    "$WSHOST" pipelines/verl_lora.lua "$@" >"$TMP/out" 2>&1
+    local rc=$?
+    if [ $rc -eq 2 ] && grep -qF "$want" "$TMP/out"; then pass "usage: $*"; else
+        fail "usage: $* (rc=$rc)"; cat "$TMP/out"; fi
+}
+check_usage "verl_lora: unknown config key 'sleeplevel' (known: " sleeplevel=2
+check_usage "verl_lora: config key 'sleep_level' must be one of 1, 2, got '3'" sleep_level=3
+check_usage "verl_lora: config key 'steps' expects an integer, got 'ten'" steps=ten
+check_usage "verl_lora: config key 'free_cache_engine' expects a boolean (true/false), got 'yes please'" "free_cache_engine=yes please"
+check_usage "verl_lora: config key 'target_modules': unknown LoRA target module 'qkv'" target_modules=qkv $tiny
+check_usage "verl_lora: config key 'device': " device=tpu $tiny
+
+if "$WSHOST" pipelines/verl_lora.lua --help | grep -q "sleep_level"; then pass "--help"; else fail "--help"; fi
+
+# In-process sweep: load the pipeline (it must not run itself), run it twice.
+cat >"$TMP/sweep.lua" <<'LUA'
+local P = dofile("pipelines/verl_lora.lua")
+local quiet = { quiet = true }
+local _, s1 = P.run({ model = "tiny", steps = 2, kv_cache_mb = 1, sleep_level = 2 }, quiet)
+local _, s2 = P.run({ model = "tiny", steps = 2, kv_cache_mb = 1, free_cache_engine = false }, quiet)
+assert(s1.base_steps == 2 and s1.verified_steps == 2, "sleep_level=2 sweep point")
+assert(s2.base_steps == 1 and s2.verified_steps == 2, "free_cache_engine=false sweep point")
+print("sweep ok")
+LUA
+if "$WSHOST" "$TMP/sweep.lua" 2>&1 | grep -q "sweep ok"; then pass "in-process sweep"; else
+    fail "in-process sweep"; "$WSHOST" "$TMP/sweep.lua"; fi
+finish
