@@ -1,1 +1,510 @@
-/* device_cpu.c: placeholder until its author lands it. */
+/* device_cpu.c: the cpu device backend (host memory).
+ *
+ * Memory: small blocks come from the C heap (64-byte aligned); blocks of a
+ * megabyte or more are their own anonymous mappings, page aligned, so freeing
+ * them returns memory to the OS at once. Byte loops (copies, conversions,
+ * fills, checksums) are split across the worker threads of parallel.c, since
+ * one core cannot saturate memory bandwidth. Pools reserve address space with
+ * mmap(PROT_NONE) and map/unmap it with mprotect + madvise(MADV_DONTNEED),
+ * which really drops the pages (RSS falls) while addresses stay valid. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "device.h"
+#include "parallel.h"
+
+#define CPU_ALIGN 64
+#define CPU_MMAP_MIN ((size_t)1 << 20)  /* blocks this large get their own mapping */
+#define PAR_BYTES ((size_t)1 << 20)     /* below this, one thread is as fast */
+
+struct ws_event {
+    struct timespec ts;
+};
+
+static size_t page_size(void)
+{
+    static size_t ps;
+    if (!ps) {
+        long v = sysconf(_SC_PAGESIZE);
+        ps = v > 0 ? (size_t)v : 4096;
+    }
+    return ps;
+}
+
+/* "1.5 GiB": for messages. */
+static void human_bytes(char *buf, size_t n, size_t bytes)
+{
+    static const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+    double v = (double)bytes;
+    int u = 0;
+    while (v >= 1024.0 && u < 6) {
+        v /= 1024.0;
+        u++;
+    }
+    snprintf(buf, n, u ? "%.1f %s" : "%.0f %s", v, units[u]);
+}
+
+static ws_status nomem(size_t bytes, int err)
+{
+    char h[32];
+    human_bytes(h, sizeof h, bytes);
+    return WS_ERR(WS_ERR_NOMEM,
+                  "cpu: out of memory allocating %s (%zu bytes): %s; free tensors or use "
+                  "smaller buckets",
+                  h, bytes, strerror(err));
+}
+
+static ws_status cpu_alloc(ws_device *d, size_t bytes, void **out)
+{
+    *out = NULL;
+    if (bytes >= CPU_MMAP_MIN) {
+        size_t ps = page_size();
+        if (bytes > SIZE_MAX - ps) return nomem(bytes, ENOMEM);
+        size_t len = (bytes + ps - 1) & ~(ps - 1);
+        void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return nomem(bytes, errno);
+        *out = p;
+    } else {
+        size_t len = (bytes + CPU_ALIGN - 1) & ~(size_t)(CPU_ALIGN - 1);
+        void *p = NULL;
+        int rc = posix_memalign(&p, CPU_ALIGN, len ? len : CPU_ALIGN);
+        if (rc != 0) return nomem(bytes, rc);
+        *out = p;
+    }
+    ws_device_account(d, (ptrdiff_t)bytes);
+    return WS_OK;
+}
+
+static void cpu_free(ws_device *d, void *ptr, size_t bytes)
+{
+    if (!ptr) return;
+    if (bytes >= CPU_MMAP_MIN) {
+        size_t ps = page_size();
+        munmap(ptr, (bytes + ps - 1) & ~(ps - 1));
+    } else {
+        free(ptr);
+    }
+    ws_device_account(d, -(ptrdiff_t)bytes);
+}
+
+/* ---- copies ------------------------------------------------------------------ */
+
+typedef struct {
+    char *dst;
+    const char *src;
+} bytes_ctx;
+
+static void copy_range(void *vctx, size_t begin, size_t end, int worker)
+{
+    bytes_ctx *c = vctx;
+    memcpy(c->dst + begin, c->src + begin, end - begin);
+}
+
+static void par_memcpy(void *dst, const void *src, size_t bytes)
+{
+    if (bytes < PAR_BYTES) {
+        memcpy(dst, src, bytes);
+        return;
+    }
+    bytes_ctx c = {dst, src};
+    ws_parallel_for(bytes, PAR_BYTES / 2, copy_range, &c);
+}
+
+static ws_status cpu_copy(ws_device *d, void *dst, const void *src, size_t bytes)
+{
+    if (bytes && dst != src) par_memcpy(dst, src, bytes);
+    return WS_OK;
+}
+
+/* Copies elements [begin, end) of one descriptor. */
+static void desc_range(const ws_copy_desc *c, size_t begin, size_t end)
+{
+    size_t ds = ws_dtype_size(c->dst_dtype), ss = ws_dtype_size(c->src_dtype);
+    if (end == begin) return; /* empty tensors may have NULL data */
+    if (c->dst_dtype == c->src_dtype)
+        memcpy((char *)c->dst + begin * ds, (const char *)c->src + begin * ss, (end - begin) * ds);
+    else
+        ws_convert_host((char *)c->dst + begin * ds, c->dst_dtype,
+                        (const char *)c->src + begin * ss, c->src_dtype, end - begin);
+}
+
+static size_t desc_bytes(const ws_copy_desc *c)
+{
+    size_t ds = ws_dtype_size(c->dst_dtype), ss = ws_dtype_size(c->src_dtype);
+    return c->count * (ds > ss ? ds : ss);
+}
+
+static void one_desc_range(void *vctx, size_t begin, size_t end, int worker)
+{
+    desc_range(vctx, begin, end);
+}
+
+/* The small descriptors, split across threads by index; big ones are
+ * skipped here and split internally instead. */
+static void small_descs_range(void *vctx, size_t begin, size_t end, int worker)
+{
+    const ws_copy_desc *descs = vctx;
+    for (size_t i = begin; i < end; i++)
+        if (desc_bytes(&descs[i]) < PAR_BYTES) desc_range(&descs[i], 0, descs[i].count);
+}
+
+static ws_status cpu_copy_batch(ws_device *d, const ws_copy_desc *descs, size_t n)
+{
+    size_t total = 0, big = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t b = desc_bytes(&descs[i]);
+        total += b;
+        if (b >= PAR_BYTES) big++;
+    }
+    if (total < PAR_BYTES) {
+        for (size_t i = 0; i < n; i++) desc_range(&descs[i], 0, descs[i].count);
+        return WS_OK;
+    }
+    if (big < n) {
+        /* A grain that gives each chunk roughly a quarter megabyte of work. */
+        size_t avg = total / n + 1;
+        size_t grain = (PAR_BYTES / 4) / avg + 1;
+        ws_parallel_for(n, grain, small_descs_range, (void *)descs);
+    }
+    for (size_t i = 0; i < n && big; i++) {
+        if (desc_bytes(&descs[i]) < PAR_BYTES) continue;
+        size_t per_elem = desc_bytes(&descs[i]) / descs[i].count;
+        ws_parallel_for(descs[i].count, PAR_BYTES / 2 / per_elem + 1, one_desc_range,
+                        (void *)&descs[i]);
+        big--;
+    }
+    return WS_OK;
+}
+
+/* ---- strided copy ---------------------------------------------------------------- */
+
+/* Walks rows (the innermost dimension) of a layout pair from row `r0`. */
+typedef struct {
+    int ndim;
+    int64_t idx[WS_MAX_DIMS];
+    int64_t doff, soff; /* element offsets of the current row start */
+} row_iter;
+
+static void row_iter_init(row_iter *it, const ws_layout *dl, const ws_layout *sl, size_t r0)
+{
+    it->ndim = dl->ndim;
+    it->doff = it->soff = 0;
+    size_t r = r0;
+    for (int i = dl->ndim - 2; i >= 0; i--) {
+        int64_t s = dl->shape[i];
+        it->idx[i] = (int64_t)(r % (size_t)s);
+        r /= (size_t)s;
+        it->doff += it->idx[i] * dl->strides[i];
+        it->soff += it->idx[i] * (sl ? sl->strides[i] : 0);
+    }
+}
+
+static void row_iter_next(row_iter *it, const ws_layout *dl, const ws_layout *sl)
+{
+    for (int i = it->ndim - 2; i >= 0; i--) {
+        it->idx[i]++;
+        it->doff += dl->strides[i];
+        if (sl) it->soff += sl->strides[i];
+        if (it->idx[i] < dl->shape[i]) return;
+        it->doff -= dl->strides[i] * dl->shape[i];
+        if (sl) it->soff -= sl->strides[i] * dl->shape[i];
+        it->idx[i] = 0;
+    }
+}
+
+typedef struct {
+    char *dst;
+    const char *src;
+    ws_dtype dt, st;
+    const ws_layout *dl, *sl;
+    int64_t inner;
+} strided_ctx;
+
+static void strided_rows(void *vctx, size_t r0, size_t r1, int worker)
+{
+    strided_ctx *c = vctx;
+    size_t ds = ws_dtype_size(c->dt), ss = ws_dtype_size(c->st);
+    int last = c->dl->ndim - 1;
+    int64_t dstep = last >= 0 ? c->dl->strides[last] : 1;
+    int64_t sstep = last >= 0 ? c->sl->strides[last] : 1;
+    row_iter it;
+    row_iter_init(&it, c->dl, c->sl, r0);
+    for (size_t r = r0; r < r1; r++) {
+        char *d = c->dst + it.doff * (int64_t)ds;
+        const char *s = c->src + it.soff * (int64_t)ss;
+        if (dstep == 1 && sstep == 1) {
+            ws_convert_host(d, c->dt, s, c->st, (size_t)c->inner);
+        } else {
+            for (int64_t j = 0; j < c->inner; j++)
+                ws_convert_host(d + j * dstep * (int64_t)ds, c->dt, s + j * sstep * (int64_t)ss,
+                                c->st, 1);
+        }
+        row_iter_next(&it, c->dl, c->sl);
+    }
+}
+
+static ws_status cpu_copy_strided(ws_device *d, void *dst, ws_dtype dt, const ws_layout *dl,
+                                  const void *src, ws_dtype st, const ws_layout *sl)
+{
+    int64_t numel = ws_layout_numel(dl);
+    if (numel != ws_layout_numel(sl) || dl->ndim != sl->ndim)
+        return WS_ERR(WS_ERR_ARG, "copy_strided: layouts differ (%d-d with %lld elements vs "
+                      "%d-d with %lld)", dl->ndim, (long long)numel, sl->ndim,
+                      (long long)ws_layout_numel(sl));
+    if (numel == 0) return WS_OK;
+    strided_ctx c = {dst, src, dt, st, dl, sl, dl->ndim ? dl->shape[dl->ndim - 1] : 1};
+    size_t rows = (size_t)(numel / c.inner);
+    size_t row_bytes = (size_t)c.inner * (ws_dtype_size(dt) + ws_dtype_size(st));
+    ws_parallel_for(rows, PAR_BYTES / 2 / row_bytes + 1, strided_rows, &c);
+    return WS_OK;
+}
+
+/* ---- fill and random -------------------------------------------------------------- */
+
+typedef struct {
+    char *ptr;
+    ws_dtype t;
+    unsigned char pattern[8];
+    uint64_t seed, first;
+    float scale;
+} fill_ctx;
+
+static void fill_range(void *vctx, size_t begin, size_t end, int worker)
+{
+    fill_ctx *c = vctx;
+    size_t es = ws_dtype_size(c->t);
+    char *p = c->ptr + begin * es;
+    size_t n = end - begin;
+    if (es == 1) {
+        memset(p, c->pattern[0], n);
+        return;
+    }
+    /* Build a 4 KiB block by doubling, then stream copies of it: the
+     * source stays in L1 and memcpy writes at full speed. */
+    size_t bytes = n * es, done = es, block = 4096 / es * es;
+    memcpy(p, c->pattern, es);
+    while (done < bytes) {
+        size_t k = done < block ? done : block;
+        if (k > bytes - done) k = bytes - done;
+        memcpy(p + done, p, k);
+        done += k;
+    }
+}
+
+static ws_status cpu_fill(ws_device *d, void *ptr, ws_dtype t, size_t count, double value)
+{
+    fill_ctx c = {.ptr = ptr, .t = t};
+    ws_store_scalar(c.pattern, t, value);
+    ws_parallel_for(count, PAR_BYTES / ws_dtype_size(t), fill_range, &c);
+    return WS_OK;
+}
+
+static void random_range(void *vctx, size_t begin, size_t end, int worker)
+{
+    fill_ctx *c = vctx;
+    size_t es = ws_dtype_size(c->t);
+    float buf[256];
+    for (size_t i = begin; i < end;) {
+        size_t k = end - i < 256 ? end - i : 256;
+        for (size_t j = 0; j < k; j++) buf[j] = ws_random_elem(c->seed, c->first + i + j, c->scale);
+        ws_convert_host(c->ptr + i * es, c->t, buf, WS_F32, k);
+        i += k;
+    }
+}
+
+static ws_status cpu_random(ws_device *d, void *ptr, ws_dtype t, size_t count, uint64_t seed,
+                            uint64_t first_index, float scale)
+{
+    fill_ctx c = {.ptr = ptr, .t = t, .seed = seed, .first = first_index, .scale = scale};
+    ws_parallel_for(count, 1 << 16, random_range, &c);
+    return WS_OK;
+}
+
+/* ---- checksum ------------------------------------------------------------------ */
+
+typedef struct {
+    const char *ptr;
+    ws_dtype t, as;
+    const ws_layout *l;
+    int64_t inner;
+    uint64_t first;
+    uint64_t sum; /* added to atomically by each chunk */
+} sum_ctx;
+
+static void checksum_rows(void *vctx, size_t r0, size_t r1, int worker)
+{
+    sum_ctx *c = vctx;
+    size_t es = ws_dtype_size(c->t), as_size = ws_dtype_size(c->as);
+    int last = c->l->ndim - 1;
+    int64_t step = last >= 0 ? c->l->strides[last] : 1;
+    unsigned char conv[256 * 8];
+    unsigned char gather[256 * 8];
+    uint64_t acc = 0;
+    row_iter it;
+    row_iter_init(&it, c->l, NULL, r0);
+    for (size_t r = r0; r < r1; r++) {
+        const char *row = c->ptr + it.doff * (int64_t)es;
+        uint64_t base = c->first + (uint64_t)r * (uint64_t)c->inner;
+        for (int64_t j0 = 0; j0 < c->inner; j0 += 256) {
+            int64_t k = c->inner - j0 < 256 ? c->inner - j0 : 256;
+            const char *src = row + j0 * step * (int64_t)es;
+            if (step != 1) {
+                for (int64_t j = 0; j < k; j++)
+                    memcpy(gather + j * es, src + j * step * (int64_t)es, es);
+                src = (const char *)gather;
+            }
+            const unsigned char *vals = (const unsigned char *)src;
+            size_t vs = es;
+            ws_dtype vt = c->t;
+            if (c->as != c->t) {
+                ws_convert_host(conv, c->as, src, c->t, (size_t)k);
+                vals = conv;
+                vs = as_size;
+                vt = c->as;
+            }
+            for (int64_t j = 0; j < k; j++)
+                acc += ws_hash_elem(base + (uint64_t)(j0 + j), ws_load_bits(vals + j * vs, vt));
+        }
+        row_iter_next(&it, c->l, NULL);
+    }
+    __atomic_add_fetch(&c->sum, acc, __ATOMIC_RELAXED);
+}
+
+static ws_status cpu_checksum(ws_device *d, const void *ptr, ws_dtype t, const ws_layout *l,
+                              uint64_t first_index, ws_dtype as, uint64_t *out)
+{
+    int64_t numel = ws_layout_numel(l);
+    *out = 0;
+    if (numel == 0) return WS_OK;
+    sum_ctx c = {ptr, t, as, l, l->ndim ? l->shape[l->ndim - 1] : 1, first_index, 0};
+    size_t rows = (size_t)(numel / c.inner);
+    size_t row_bytes = (size_t)c.inner * ws_dtype_size(t);
+    ws_parallel_for(rows, PAR_BYTES / row_bytes + 1, checksum_rows, &c);
+    *out = c.sum;
+    return WS_OK;
+}
+
+/* ---- sync, memory info, events --------------------------------------------------------- */
+
+static ws_status cpu_synchronize(ws_device *d) { return WS_OK; }
+
+static ws_status cpu_mem_info(ws_device *d, size_t *free_bytes, size_t *total_bytes)
+{
+    unsigned long long total_kb = 0, avail_kb = 0;
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (f) {
+        char line[256];
+        while (fgets(line, sizeof line, f)) {
+            unsigned long long v;
+            if (sscanf(line, "MemTotal: %llu kB", &v) == 1) total_kb = v;
+            else if (sscanf(line, "MemAvailable: %llu kB", &v) == 1) avail_kb = v;
+        }
+        fclose(f);
+    }
+    if (!total_kb) {
+        /* No procfs (a container without /proc): ask libc instead. */
+        long pages = sysconf(_SC_PHYS_PAGES), avail = sysconf(_SC_AVPHYS_PAGES);
+        total_kb = pages > 0 ? (unsigned long long)pages * page_size() / 1024 : 0;
+        avail_kb = avail > 0 ? (unsigned long long)avail * page_size() / 1024 : 0;
+    }
+    *total_bytes = (size_t)(total_kb * 1024);
+    *free_bytes = (size_t)(avail_kb * 1024);
+    return WS_OK;
+}
+
+static ws_status cpu_event_create(ws_device *d, ws_event **out)
+{
+    *out = calloc(1, sizeof **out);
+    if (!*out) return WS_ERR(WS_ERR_NOMEM, "cpu: out of memory creating an event");
+    return WS_OK;
+}
+
+static ws_status cpu_event_record(ws_device *d, ws_event *e)
+{
+    clock_gettime(CLOCK_MONOTONIC, &e->ts);
+    return WS_OK;
+}
+
+static ws_status cpu_event_elapsed_ms(ws_device *d, ws_event *start, ws_event *end, double *ms)
+{
+    *ms = (double)(end->ts.tv_sec - start->ts.tv_sec) * 1e3 +
+          (double)(end->ts.tv_nsec - start->ts.tv_nsec) / 1e6;
+    return WS_OK;
+}
+
+static void cpu_event_destroy(ws_device *d, ws_event *e) { free(e); }
+
+/* ---- virtual memory for pools ------------------------------------------------------ */
+
+static size_t cpu_vm_granularity(ws_device *d) { return page_size(); }
+
+static ws_status cpu_vm_reserve(ws_device *d, size_t bytes, void **va)
+{
+    *va = NULL;
+    void *p = mmap(NULL, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+        char h[32];
+        human_bytes(h, sizeof h, bytes);
+        return WS_ERR(WS_ERR_NOMEM, "cpu: cannot reserve %s of address space for a pool: %s",
+                      h, strerror(errno));
+    }
+    *va = p;
+    return WS_OK;
+}
+
+static ws_status cpu_vm_map(ws_device *d, void *va, size_t bytes)
+{
+    /* Pages of a private anonymous mapping read as zero until written, and
+     * MADV_DONTNEED in vm_unmap dropped the old ones: these are fresh. */
+    if (mprotect(va, bytes, PROT_READ | PROT_WRITE) != 0) {
+        char h[32];
+        human_bytes(h, sizeof h, bytes);
+        return WS_ERR(WS_ERR_NOMEM, "cpu: cannot map %s of pool memory: %s", h, strerror(errno));
+    }
+    return WS_OK;
+}
+
+static ws_status cpu_vm_unmap(ws_device *d, void *va, size_t bytes)
+{
+    if (madvise(va, bytes, MADV_DONTNEED) != 0 || mprotect(va, bytes, PROT_NONE) != 0)
+        return WS_ERR(WS_ERR_DEVICE, "cpu: cannot unmap pool memory at %p: %s", va,
+                      strerror(errno));
+    return WS_OK;
+}
+
+static void cpu_vm_release(ws_device *d, void *va, size_t bytes)
+{
+    if (va) munmap(va, bytes);
+}
+
+static const ws_device_ops cpu_ops = {
+    .kind_name = "cpu",
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .host_alloc = cpu_alloc,
+    .host_free = cpu_free,
+    .copy = cpu_copy,
+    .copy_batch = cpu_copy_batch,
+    .copy_strided = cpu_copy_strided,
+    .fill = cpu_fill,
+    .random = cpu_random,
+    .checksum = cpu_checksum,
+    .synchronize = cpu_synchronize,
+    .mem_info = cpu_mem_info,
+    .event_create = cpu_event_create,
+    .event_record = cpu_event_record,
+    .event_elapsed_ms = cpu_event_elapsed_ms,
+    .event_destroy = cpu_event_destroy,
+    .vm_granularity = cpu_vm_granularity,
+    .vm_reserve = cpu_vm_reserve,
+    .vm_map = cpu_vm_map,
+    .vm_unmap = cpu_vm_unmap,
+    .vm_release = cpu_vm_release,
+};
+
+const ws_device_ops *ws_cpu_ops(void) { return &cpu_ops; }

@@ -314,6 +314,7 @@ static void convert_floats(void *dst, ws_dtype dt, const void *src, ws_dtype st,
 void ws_convert_host(void *dst, ws_dtype dt, const void *src, ws_dtype st, size_t n)
 {
     size_t ds = ws_dtype_size(dt), ss = ws_dtype_size(st);
+    if (n == 0) return; /* empty tensors may have NULL data */
     if (dt == st) {
         memmove(dst, src, n * ds);
         return;

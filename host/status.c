@@ -38,7 +38,15 @@ void ws_errprefix(const char *fmt, ...)
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
     memcpy(old, tl_msg, sizeof old);
-    snprintf(tl_msg, sizeof tl_msg, "%s: %s", prefix, old);
+    /* Truncation is intended: the message stays bounded. */
+    size_t n = strlen(prefix);
+    if (n > sizeof tl_msg - 3) n = sizeof tl_msg - 3;
+    memcpy(tl_msg, prefix, n);
+    memcpy(tl_msg + n, ": ", 2);
+    size_t rest = sizeof tl_msg - n - 3, m = strlen(old);
+    if (m > rest) m = rest;
+    memcpy(tl_msg + n + 2, old, m);
+    tl_msg[n + 2 + m] = '\0';
 }
 
 const char *ws_errmsg(void) { return tl_msg; }

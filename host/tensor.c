@@ -1,1 +1,587 @@
-/* tensor.c: placeholder until its author lands it. */
+/* tensor.c: tensors, views, shared storage and the per-tensor data ops.
+ *
+ * A storage is one allocation with a reference count; tensors and views hold
+ * references. Storage carved from a pool remembers which byte ranges hold
+ * data written since the pool last discarded them, so a read of discarded
+ * contents fails with a message naming the tensor, the pool and the sleep.
+ * Every data op checks its arguments first (freed, discarded, asleep, shape)
+ * and names the tensor and the argument in the error. Copies between devices
+ * only ever move raw bytes across the link; dtype conversion and strided
+ * gathers run on one device (the GPU one when there is one). */
+#include "tensor.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pool.h"
+
+/* ---- storage ---------------------------------------------------------------------- */
+
+/* Where empty tensors point: never read or written (0 bytes), but not NULL,
+ * so memcmp/memcpy of zero bytes on their data stay well defined. */
+static _Alignas(256) unsigned char empty_data[256];
+
+void ws_storage_retain(ws_storage *s) { __atomic_add_fetch(&s->refcount, 1, __ATOMIC_RELAXED); }
+
+void ws_storage_release(ws_storage *s)
+{
+    if (!s || __atomic_sub_fetch(&s->refcount, 1, __ATOMIC_ACQ_REL) != 0) return;
+    switch (s->kind) {
+    case WS_STORAGE_DEVICE:
+        if (s->nbytes) s->owner->ops->free(s->owner, s->data, s->nbytes);
+        break;
+    case WS_STORAGE_HOST_PINNED:
+        if (s->nbytes) s->owner->ops->host_free(s->owner, s->data, s->nbytes);
+        break;
+    case WS_STORAGE_POOL:
+        ws_pool_unregister_storage(s->pool, s);
+        ws_pool_uncarve(s->pool, s->pool_offset, s->nbytes);
+        break;
+    }
+    free(s->written);
+    free(s->name);
+    free(s);
+}
+
+/* ---- names and labels ------------------------------------------------------------- */
+
+const char *ws_tensor_typestr(const ws_tensor *t, char *buf, size_t n)
+{
+    size_t k = (size_t)snprintf(buf, n, "%s[", ws_dtype_name(t->dtype));
+    for (int i = 0; i < t->layout.ndim && k < n; i++)
+        k += (size_t)snprintf(buf + k, n - k, "%s%lld", i ? "," : "",
+                              (long long)t->layout.shape[i]);
+    if (k < n) snprintf(buf + k, n - k, "]");
+    return buf;
+}
+
+const char *ws_tensor_label(const ws_tensor *t, char *buf, size_t n)
+{
+    if (t->name) {
+        snprintf(buf, n, "'%s'", t->name);
+    } else if (!t->storage) {
+        snprintf(buf, n, "<unnamed>");
+    } else {
+        char ty[160];
+        snprintf(buf, n, "<unnamed %s>", ws_tensor_typestr(t, ty, sizeof ty));
+    }
+    return buf;
+}
+
+ws_status ws_tensor_set_name(ws_tensor *t, const char *name)
+{
+    char *copy = NULL;
+    if (name && !(copy = strdup(name)))
+        return WS_ERR(WS_ERR_NOMEM, "out of memory naming a tensor '%s'", name);
+    free(t->name);
+    t->name = copy;
+    return WS_OK;
+}
+
+/* ---- allocation and release ----------------------------------------------------------- */
+
+static ws_status check_shape(int ndim, const int64_t *shape, ws_dtype dtype, size_t *nbytes)
+{
+    if ((unsigned)dtype >= WS_DTYPE_COUNT)
+        return WS_ERR(WS_ERR_ARG, "unknown dtype %d", (int)dtype);
+    if (ndim < 0 || ndim > WS_MAX_DIMS)
+        return WS_ERR(WS_ERR_ARG, "a tensor has 0 to %d dimensions, got %d", WS_MAX_DIMS, ndim);
+    size_t n = ws_dtype_size(dtype);
+    for (int i = 0; i < ndim; i++) {
+        if (shape[i] < 0)
+            return WS_ERR(WS_ERR_ARG, "dimension %d has negative size %lld", i,
+                          (long long)shape[i]);
+        if (shape[i] && n > SIZE_MAX / (size_t)shape[i] / 2)
+            return WS_ERR(WS_ERR_NOMEM, "tensor of this shape is too large to address");
+        n *= (size_t)shape[i];
+    }
+    *nbytes = n;
+    return WS_OK;
+}
+
+ws_status ws_tensor_empty(ws_tensor *t, ws_dtype dtype, int ndim, const int64_t *shape,
+                          const ws_tensor_opts *opts)
+{
+    static const ws_tensor_opts no_opts;
+    if (!opts) opts = &no_opts;
+    memset(t, 0, sizeof *t);
+    size_t nbytes = 0;
+    ws_status rc = check_shape(ndim, shape, dtype, &nbytes);
+    if (rc != WS_OK) {
+        ws_errprefix("creating tensor '%s'", opts->name ? opts->name : "(unnamed)");
+        return rc;
+    }
+    ws_storage *s = calloc(1, sizeof *s);
+    char *name = opts->name ? strdup(opts->name) : NULL;
+    char *sname = opts->name ? strdup(opts->name) : NULL;
+    if (!s || (opts->name && (!name || !sname))) {
+        free(s);
+        free(name);
+        free(sname);
+        return WS_ERR(WS_ERR_NOMEM, "out of memory creating tensor '%s'",
+                      opts->name ? opts->name : "(unnamed)");
+    }
+    s->refcount = 1;
+    s->nbytes = nbytes;
+    s->name = sname;
+    s->data = empty_data; /* replaced below unless the tensor is empty */
+    if (opts->pool) {
+        s->kind = WS_STORAGE_POOL;
+        s->device = s->owner = ws_pool_device(opts->pool);
+        s->pool = opts->pool;
+        if (nbytes) {
+            rc = ws_pool_carve(opts->pool, nbytes, &s->pool_offset, &s->data);
+            if (rc == WS_OK) {
+                /* Fresh pool memory counts as written: only a discard makes
+                 * contents unreadable, as with any new allocation. */
+                s->written = malloc(sizeof *s->written);
+                if (s->written) {
+                    s->written[0] = (ws_range){0, nbytes};
+                    s->n_written = s->cap_written = 1;
+                } else {
+                    ws_pool_uncarve(opts->pool, s->pool_offset, nbytes);
+                    rc = WS_ERR(WS_ERR_NOMEM, "out of memory tracking a pool tensor");
+                }
+            }
+        }
+        if (rc == WS_OK) ws_pool_register_storage(opts->pool, s);
+    } else if (opts->pinned) {
+        s->kind = WS_STORAGE_HOST_PINNED;
+        s->device = ws_device_cpu();
+        s->owner = opts->pin_device ? opts->pin_device : s->device;
+        if (nbytes) rc = s->owner->ops->host_alloc(s->owner, nbytes, &s->data);
+    } else {
+        s->kind = WS_STORAGE_DEVICE;
+        s->device = s->owner = opts->device ? opts->device : ws_device_cpu();
+        if (nbytes) rc = s->owner->ops->alloc(s->owner, nbytes, &s->data);
+    }
+    if (rc != WS_OK) {
+        char ty[160];
+        ws_tensor tmp = {.dtype = dtype};
+        ws_layout_contiguous(&tmp.layout, ndim, shape);
+        ws_errprefix("creating tensor '%s' %s on %s", opts->name ? opts->name : "(unnamed)",
+                     ws_tensor_typestr(&tmp, ty, sizeof ty), s->device->name);
+        free(s->written);
+        free(s);
+        free(name);
+        free(sname);
+        return rc;
+    }
+    t->storage = s;
+    t->offset = 0;
+    t->dtype = dtype;
+    ws_layout_contiguous(&t->layout, ndim, shape);
+    t->name = name;
+    return WS_OK;
+}
+
+void ws_tensor_free(ws_tensor *t)
+{
+    if (!t->storage) return;
+    ws_storage *s = t->storage;
+    char *name = t->name;
+    memset(t, 0, sizeof *t);
+    t->name = name;
+    ws_storage_release(s);
+}
+
+void ws_tensor_release(ws_tensor *t)
+{
+    ws_tensor_free(t);
+    free(t->name);
+    memset(t, 0, sizeof *t);
+}
+
+int ws_tensor_is_released(const ws_tensor *t) { return t->storage == NULL; }
+
+int64_t ws_tensor_numel(const ws_tensor *t) { return ws_layout_numel(&t->layout); }
+
+size_t ws_tensor_nbytes(const ws_tensor *t)
+{
+    return (size_t)ws_tensor_numel(t) * ws_dtype_size(t->dtype);
+}
+
+int ws_tensor_is_contiguous(const ws_tensor *t) { return ws_layout_is_contiguous(&t->layout); }
+
+void ws_tensor_byte_span(const ws_tensor *t, size_t *begin, size_t *end)
+{
+    if (ws_tensor_numel(t) == 0) {
+        *begin = *end = t->offset;
+        return;
+    }
+    int64_t lo = 0, hi = 0;
+    for (int i = 0; i < t->layout.ndim; i++) {
+        int64_t reach = (t->layout.shape[i] - 1) * t->layout.strides[i];
+        if (reach < 0) lo += reach;
+        else hi += reach;
+    }
+    int64_t es = (int64_t)ws_dtype_size(t->dtype);
+    *begin = (size_t)((int64_t)t->offset + lo * es);
+    *end = (size_t)((int64_t)t->offset + hi * es + es);
+}
+
+/* ---- validity ----------------------------------------------------------------------- */
+
+ws_status ws_tensor_check_live(const ws_tensor *t, const char *what)
+{
+    char lb[200];
+    if (!t) return WS_ERR(WS_ERR_ARG, "%s: tensor is missing (NULL)", what ? what : "tensor");
+    if (!t->storage)
+        return WS_ERR(WS_ERR_FREED, "%s: tensor %s was freed; create it again",
+                      what ? what : "tensor", ws_tensor_label(t, lb, sizeof lb));
+    return WS_OK;
+}
+
+static ws_status check_awake(const ws_tensor *t, const char *what, const char *verb)
+{
+    ws_pool *p = t->storage->pool;
+    if (t->storage->kind != WS_STORAGE_POOL || !p || !ws_pool_is_asleep(p)) return WS_OK;
+    char lb[200];
+    return WS_ERR(WS_ERR_DISCARDED,
+                  "%s: tensor %s in pool '%s' cannot be %s: the pool is asleep; wake it "
+                  "(pool:wake()) first",
+                  what ? what : "tensor", ws_tensor_label(t, lb, sizeof lb), ws_pool_tag(p), verb);
+}
+
+ws_status ws_tensor_check_readable(const ws_tensor *t, const char *what)
+{
+    WS_TRY(ws_tensor_check_live(t, what));
+    const ws_storage *s = t->storage;
+    if (s->kind != WS_STORAGE_POOL) return WS_OK;
+    WS_TRY(check_awake(t, what, "read"));
+    size_t b, e;
+    ws_tensor_byte_span(t, &b, &e);
+    if (b == e) return WS_OK;
+    /* Ranges are sorted and merged: one range must cover the whole span. */
+    size_t lo = 0, hi = s->n_written;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (s->written[mid].end <= b) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo < s->n_written && s->written[lo].begin <= b && s->written[lo].end >= e) return WS_OK;
+    char lb[200];
+    const char *reason = ws_pool_discard_reason(s->pool);
+    return WS_ERR(WS_ERR_DISCARDED,
+                  "%s: tensor %s in pool '%s': contents were discarded by %s and have not been "
+                  "written since; write them (send the base weights) before reading",
+                  what ? what : "tensor", ws_tensor_label(t, lb, sizeof lb), ws_pool_tag(s->pool),
+                  reason ? reason : "a pool sleep");
+}
+
+ws_status ws_tensor_check_writable(const ws_tensor *t, const char *what)
+{
+    WS_TRY(ws_tensor_check_live(t, what));
+    return check_awake(t, what, "written");
+}
+
+static void mark_span(ws_storage *s, size_t b, size_t e)
+{
+    if (s->kind != WS_STORAGE_POOL || b >= e) return;
+    /* First range that ends at or after b (touching ranges merge). */
+    size_t i = 0, hi = s->n_written;
+    while (i < hi) {
+        size_t mid = (i + hi) / 2;
+        if (s->written[mid].end < b) i = mid + 1;
+        else hi = mid;
+    }
+    size_t j = i; /* one past the last range that begins at or before e */
+    while (j < s->n_written && s->written[j].begin <= e) j++;
+    if (j > i) {
+        /* Merge [i, j) with the new span into slot i. */
+        if (s->written[i].begin < b) b = s->written[i].begin;
+        if (s->written[j - 1].end > e) e = s->written[j - 1].end;
+        s->written[i] = (ws_range){b, e};
+        memmove(&s->written[i + 1], &s->written[j], (s->n_written - j) * sizeof *s->written);
+        s->n_written -= j - i - 1;
+        return;
+    }
+    if (s->n_written == s->cap_written) {
+        size_t cap = s->cap_written ? 2 * s->cap_written : 4;
+        ws_range *grown = realloc(s->written, cap * sizeof *grown);
+        if (!grown) {
+            /* Cannot record a new range: widen a neighbour instead. This
+             * may accept a later read of discarded bytes but never rejects
+             * valid data, and it needs no memory. */
+            if (s->n_written == 0) return;
+            size_t k = i < s->n_written ? i : i - 1;
+            if (s->written[k].begin > b) s->written[k].begin = b;
+            if (s->written[k].end < e) s->written[k].end = e;
+            return;
+        }
+        s->written = grown;
+        s->cap_written = cap;
+    }
+    memmove(&s->written[i + 1], &s->written[i], (s->n_written - i) * sizeof *s->written);
+    s->written[i] = (ws_range){b, e};
+    s->n_written++;
+}
+
+void ws_tensor_mark_written(const ws_tensor *t)
+{
+    if (!t->storage || t->storage->kind != WS_STORAGE_POOL) return;
+    size_t b, e;
+    ws_tensor_byte_span(t, &b, &e);
+    mark_span(t->storage, b, e);
+}
+
+/* ---- views ------------------------------------------------------------------------- */
+
+/* Fills `out` as a view of t's storage with a new layout; takes a reference. */
+static ws_status make_view(ws_tensor *out, const ws_tensor *t, size_t offset, ws_dtype dtype,
+                           const ws_layout *l)
+{
+    char *name = NULL;
+    if (t->name && !(name = strdup(t->name)))
+        return WS_ERR(WS_ERR_NOMEM, "out of memory creating a view of '%s'", t->name);
+    ws_storage_retain(t->storage);
+    ws_tensor v = {t->storage, offset, dtype, *l, name};
+    *out = v;
+    return WS_OK;
+}
+
+ws_status ws_tensor_narrow(ws_tensor *out, const ws_tensor *t, int dim, int64_t start,
+                           int64_t length)
+{
+    WS_TRY(ws_tensor_check_live(t, "narrow"));
+    char lb[200], ty[160];
+    if (dim < 0 || dim >= t->layout.ndim)
+        return WS_ERR(WS_ERR_ARG, "narrow: dimension %d out of range for tensor %s %s", dim,
+                      ws_tensor_label(t, lb, sizeof lb), ws_tensor_typestr(t, ty, sizeof ty));
+    int64_t size = t->layout.shape[dim];
+    if (start < 0 || length < 0 || start > size || length > size - start)
+        return WS_ERR(WS_ERR_ARG,
+                      "narrow: range [%lld, %lld) of dimension %d is out of bounds for tensor %s "
+                      "%s (size %lld)",
+                      (long long)start, (long long)(start + length), dim,
+                      ws_tensor_label(t, lb, sizeof lb), ws_tensor_typestr(t, ty, sizeof ty),
+                      (long long)size);
+    ws_layout l = t->layout;
+    l.shape[dim] = length;
+    size_t off = t->offset + (size_t)(start * t->layout.strides[dim]) * ws_dtype_size(t->dtype);
+    return make_view(out, t, off, t->dtype, &l);
+}
+
+ws_status ws_tensor_reshape(ws_tensor *out, const ws_tensor *t, int ndim, const int64_t *shape)
+{
+    WS_TRY(ws_tensor_check_live(t, "reshape"));
+    char lb[200], ty[160];
+    if (ndim < 0 || ndim > WS_MAX_DIMS)
+        return WS_ERR(WS_ERR_ARG, "reshape: %d dimensions requested for tensor %s; at most %d",
+                      ndim, ws_tensor_label(t, lb, sizeof lb), WS_MAX_DIMS);
+    if (!ws_tensor_is_contiguous(t))
+        return WS_ERR(WS_ERR_ARG, "reshape: tensor %s %s is not contiguous; copy it first",
+                      ws_tensor_label(t, lb, sizeof lb), ws_tensor_typestr(t, ty, sizeof ty));
+    int64_t numel = ws_tensor_numel(t), known = 1;
+    int infer = -1;
+    int64_t dims[WS_MAX_DIMS];
+    for (int i = 0; i < ndim; i++) {
+        dims[i] = shape[i];
+        if (shape[i] == -1 && infer < 0) {
+            infer = i;
+            continue;
+        }
+        if (shape[i] < 0)
+            return WS_ERR(WS_ERR_ARG, "reshape: invalid size %lld for dimension %d of %s",
+                          (long long)shape[i], i, ws_tensor_label(t, lb, sizeof lb));
+        known *= shape[i];
+    }
+    if (infer >= 0) {
+        if (known == 0 || numel % known != 0)
+            return WS_ERR(WS_ERR_ARG, "reshape: cannot infer dimension %d of %s %s (%lld "
+                          "elements)", infer, ws_tensor_label(t, lb, sizeof lb),
+                          ws_tensor_typestr(t, ty, sizeof ty), (long long)numel);
+        dims[infer] = numel / known;
+        known *= dims[infer];
+    }
+    if (known != numel) {
+        ws_tensor want = {.dtype = t->dtype};
+        ws_layout_contiguous(&want.layout, ndim, dims);
+        char ty2[160];
+        return WS_ERR(WS_ERR_ARG,
+                      "reshape: cannot view tensor %s %s (%lld elements) as %s (%lld elements)",
+                      ws_tensor_label(t, lb, sizeof lb), ws_tensor_typestr(t, ty, sizeof ty),
+                      (long long)numel, ws_tensor_typestr(&want, ty2, sizeof ty2),
+                      (long long)known);
+    }
+    ws_layout l;
+    ws_layout_contiguous(&l, ndim, dims);
+    return make_view(out, t, t->offset, t->dtype, &l);
+}
+
+ws_status ws_tensor_flat_bytes(ws_tensor *out, const ws_tensor *t)
+{
+    WS_TRY(ws_tensor_check_live(t, "bytes"));
+    char lb[200], ty[160];
+    if (!ws_tensor_is_contiguous(t))
+        return WS_ERR(WS_ERR_ARG, "bytes: tensor %s %s is not contiguous; copy it first",
+                      ws_tensor_label(t, lb, sizeof lb), ws_tensor_typestr(t, ty, sizeof ty));
+    int64_t n = (int64_t)ws_tensor_nbytes(t);
+    ws_layout l;
+    ws_layout_contiguous(&l, 1, &n);
+    return make_view(out, t, t->offset, WS_U8, &l);
+}
+
+ws_status ws_tensor_view_dtype(ws_tensor *out, const ws_tensor *t, ws_dtype dtype)
+{
+    WS_TRY(ws_tensor_check_live(t, "view"));
+    char lb[200], ty[160];
+    if ((unsigned)dtype >= WS_DTYPE_COUNT)
+        return WS_ERR(WS_ERR_ARG, "view: unknown dtype %d", (int)dtype);
+    size_t from = ws_dtype_size(t->dtype), to = ws_dtype_size(dtype);
+    ws_layout l = t->layout;
+    if (from != to) {
+        int last = l.ndim - 1;
+        if (last < 0 || !ws_tensor_is_contiguous(t) ||
+            ((size_t)l.shape[last] * from) % to != 0 || t->offset % to != 0)
+            return WS_ERR(WS_ERR_ARG,
+                          "view: cannot reinterpret tensor %s %s as %s: it must be contiguous "
+                          "and its last dimension must hold a whole number of %s elements",
+                          ws_tensor_label(t, lb, sizeof lb), ws_tensor_typestr(t, ty, sizeof ty),
+                          ws_dtype_name(dtype), ws_dtype_name(dtype));
+        int64_t shape[WS_MAX_DIMS];
+        memcpy(shape, l.shape, sizeof shape);
+        shape[last] = (int64_t)((size_t)shape[last] * from / to);
+        ws_layout_contiguous(&l, l.ndim, shape);
+    }
+    return make_view(out, t, t->offset, dtype, &l);
+}
+
+/* ---- fill, random, checksum, element access ---------------------------------------------- */
+
+/* Non-contiguous targets are produced contiguously in a temporary on the
+ * same device and then copied in with one strided copy. */
+static ws_status via_contiguous(ws_tensor *t, ws_status (*produce)(ws_tensor *, void *),
+                                void *ctx)
+{
+    ws_tensor tmp;
+    ws_tensor_opts o = {.device = ws_tensor_device(t)};
+    WS_TRY(ws_tensor_empty(&tmp, t->dtype, t->layout.ndim, t->layout.shape, &o));
+    ws_status rc = produce(&tmp, ctx);
+    if (rc == WS_OK) rc = ws_tensor_copy(t, &tmp);
+    ws_tensor_release(&tmp);
+    return rc;
+}
+
+static ws_status fill_contig(ws_tensor *t, void *ctx)
+{
+    ws_device *d = ws_tensor_device(t);
+    return d->ops->fill(d, ws_tensor_data(t), t->dtype, (size_t)ws_tensor_numel(t),
+                        *(const double *)ctx);
+}
+
+ws_status ws_tensor_fill(ws_tensor *t, double value)
+{
+    WS_TRY(ws_tensor_check_writable(t, "fill"));
+    if (ws_tensor_numel(t) == 0) return WS_OK;
+    ws_status rc = ws_tensor_is_contiguous(t) ? fill_contig(t, &value)
+                                              : via_contiguous(t, fill_contig, &value);
+    if (rc != WS_OK) {
+        char lb[200];
+        ws_errprefix("fill %s", ws_tensor_label(t, lb, sizeof lb));
+        return rc;
+    }
+    ws_tensor_mark_written(t);
+    return WS_OK;
+}
+
+typedef struct {
+    uint64_t seed, first;
+    float scale;
+} random_args;
+
+static ws_status random_contig(ws_tensor *t, void *ctx)
+{
+    const random_args *a = ctx;
+    ws_device *d = ws_tensor_device(t);
+    return d->ops->random(d, ws_tensor_data(t), t->dtype, (size_t)ws_tensor_numel(t), a->seed,
+                          a->first, a->scale);
+}
+
+ws_status ws_tensor_random(ws_tensor *t, uint64_t seed, float scale, uint64_t first_index)
+{
+    WS_TRY(ws_tensor_check_writable(t, "random"));
+    if (ws_tensor_numel(t) == 0) return WS_OK;
+    random_args a = {seed, first_index, scale};
+    ws_status rc = ws_tensor_is_contiguous(t) ? random_contig(t, &a)
+                                              : via_contiguous(t, random_contig, &a);
+    if (rc != WS_OK) {
+        char lb[200];
+        ws_errprefix("random %s", ws_tensor_label(t, lb, sizeof lb));
+        return rc;
+    }
+    ws_tensor_mark_written(t);
+    return WS_OK;
+}
+
+ws_status ws_tensor_checksum(const ws_tensor *t, uint64_t first_index, ws_dtype as, uint64_t *out)
+{
+    *out = 0;
+    WS_TRY(ws_tensor_check_readable(t, "checksum"));
+    if ((unsigned)as >= WS_DTYPE_COUNT)
+        return WS_ERR(WS_ERR_ARG, "checksum: unknown dtype %d", (int)as);
+    ws_device *d = ws_tensor_device(t);
+    ws_status rc = d->ops->checksum(d, ws_tensor_data(t), t->dtype, &t->layout, first_index, as,
+                                    out);
+    if (rc != WS_OK) {
+        char lb[200];
+        ws_errprefix("checksum %s", ws_tensor_label(t, lb, sizeof lb));
+    }
+    return rc;
+}
+
+/* Byte offset (from the view's data pointer) of row-major element `flat`. */
+static ws_status element_offset(const ws_tensor *t, int64_t flat, const char *what,
+                                int64_t *byte_off)
+{
+    int64_t numel = ws_tensor_numel(t);
+    if (flat < 0 || flat >= numel) {
+        char lb[200], ty[160];
+        return WS_ERR(WS_ERR_ARG, "%s: index %lld out of range for tensor %s %s (%lld elements)",
+                      what, (long long)flat, ws_tensor_label(t, lb, sizeof lb),
+                      ws_tensor_typestr(t, ty, sizeof ty), (long long)numel);
+    }
+    int64_t off = 0;
+    for (int i = t->layout.ndim - 1; i >= 0; i--) {
+        int64_t s = t->layout.shape[i];
+        off += (flat % s) * t->layout.strides[i];
+        flat /= s;
+    }
+    *byte_off = off * (int64_t)ws_dtype_size(t->dtype);
+    return WS_OK;
+}
+
+ws_status ws_tensor_get(const ws_tensor *t, int64_t flat_index, double *out)
+{
+    WS_TRY(ws_tensor_check_live(t, "get"));
+    int64_t off;
+    WS_TRY(element_offset(t, flat_index, "get", &off));
+    /* Only this element has to hold valid data. */
+    ws_tensor elem = *t;
+    elem.offset = t->offset + (size_t)off;
+    elem.layout.ndim = 0;
+    WS_TRY(ws_tensor_check_readable(&elem, "get"));
+    ws_device *d = ws_tensor_device(t);
+    WS_TRY(ws_device_synchronize(d));
+    unsigned char buf[8];
+    WS_TRY(d->ops->copy(d, buf, (const char *)ws_tensor_data(t) + off, ws_dtype_size(t->dtype)));
+    *out = ws_load_scalar(buf, t->dtype);
+    return WS_OK;
+}
+
+ws_status ws_tensor_set(ws_tensor *t, int64_t flat_index, double value)
+{
+    WS_TRY(ws_tensor_check_writable(t, "set"));
+    int64_t off;
+    WS_TRY(element_offset(t, flat_index, "set", &off));
+    ws_device *d = ws_tensor_device(t);
+    WS_TRY(ws_device_synchronize(d));
+    unsigned char buf[8];
+    size_t es = ws_dtype_size(t->dtype);
+    ws_store_scalar(buf, t->dtype, value);
+    WS_TRY(d->ops->copy(d, (char *)ws_tensor_data(t) + off, buf, es));
+    size_t b = t->offset + (size_t)off;
+    mark_span(t->storage, b, b + es);
+    return WS_OK;
+}

@@ -69,6 +69,12 @@ ws_status ws_tensor_empty(ws_tensor *t, ws_dtype dtype, int ndim, const int64_t 
 /* Drops this tensor's reference; idempotent. */
 void ws_tensor_release(ws_tensor *t);
 int ws_tensor_is_released(const ws_tensor *t);
+/* Added (additive): drops the storage like ws_tensor_release but keeps the
+ * name, so later use reports "tensor 'x' was freed"; a later
+ * ws_tensor_release frees the name. */
+void ws_tensor_free(ws_tensor *t);
+/* Added (additive): "bf16[2,3]" — for messages. */
+const char *ws_tensor_typestr(const ws_tensor *t, char *buf, size_t n);
 /* "'model.x.weight'" or "<unnamed bf16[2,3]>" — for messages. */
 const char *ws_tensor_label(const ws_tensor *t, char *buf, size_t n);
 ws_status ws_tensor_set_name(ws_tensor *t, const char *name);
@@ -115,6 +121,9 @@ ws_status ws_copy_many(ws_tensor *const *dsts, const ws_tensor *const *srcs, siz
 ws_status ws_tensor_check_live(const ws_tensor *t, const char *what);
 ws_status ws_tensor_check_readable(const ws_tensor *t, const char *what);
 void ws_tensor_mark_written(const ws_tensor *t);
+/* Added (additive): live, and not in a sleeping pool (whose memory is
+ * unmapped). Every op that writes a tensor calls it first. */
+ws_status ws_tensor_check_writable(const ws_tensor *t, const char *what);
 /* Byte range [begin, end) of the storage that the view spans. */
 void ws_tensor_byte_span(const ws_tensor *t, size_t *begin, size_t *end);
 

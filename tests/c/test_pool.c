@@ -1,0 +1,224 @@
+/* test_pool.c: sleepable pools on the cpu device: stable addresses, level-1
+ * round trips, level-2 discards that make reads fail with a message naming
+ * the tensor, the pool and the sleep, memory really returned (RSS), carving,
+ * accounting and destroy with live tensors. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "pool.h"
+#include "tensor.h"
+
+#define MiB ((size_t)1 << 20)
+
+/* Resident set size of this process, from /proc/self/statm. */
+static size_t rss_bytes(void)
+{
+    unsigned long size = 0, resident = 0;
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (!f) return 0;
+    if (fscanf(f, "%lu %lu", &size, &resident) != 2) resident = 0;
+    fclose(f);
+    return (size_t)resident * (size_t)sysconf(_SC_PAGESIZE);
+}
+
+static ws_status pool_tensor(ws_pool *p, ws_tensor *t, ws_dtype dt, int64_t n, const char *name)
+{
+    ws_tensor_opts o = {.pool = p, .name = name};
+    return ws_tensor_empty(t, dt, 1, &n, &o);
+}
+
+static void test_carve_alignment_and_reuse(void)
+{
+    ws_pool *p;
+    CHECK_OK(ws_pool_create(ws_device_cpu(), "carve", 1 * MiB, &p));
+    ws_tensor a, b, c, d;
+    CHECK_OK(pool_tensor(p, &a, WS_U8, 3, "a"));
+    CHECK_OK(pool_tensor(p, &b, WS_F32, 100, "b"));
+    CHECK_OK(pool_tensor(p, &c, WS_BF16, 10, "c"));
+    char *base = ws_tensor_data(&a);
+    CHECK(((uintptr_t)base & 255) == 0);
+    CHECK((char *)ws_tensor_data(&b) == base + 256);
+    CHECK((char *)ws_tensor_data(&c) == base + 256 + 512);
+    ws_pool_stats st;
+    ws_pool_get_stats(p, &st);
+    CHECK(st.capacity == 1 * MiB && st.used == 256 + 512 + 256 && st.mapped == 1 * MiB);
+    /* A freed block is reused first fit. */
+    void *bp = ws_tensor_data(&b);
+    ws_tensor_release(&b);
+    CHECK_OK(pool_tensor(p, &d, WS_F32, 64, "d"));
+    CHECK(ws_tensor_data(&d) == bp);
+    /* A request larger than what is left fails with a message. */
+    ws_tensor big;
+    CHECK_ERR(pool_tensor(p, &big, WS_U8, (int64_t)MiB, "big"), WS_ERR_NOMEM,
+              "pool 'carve' is full");
+    CHECK(strstr(ws_errmsg(), "'big'") != NULL);
+    CHECK(ws_tensor_is_released(&big));
+    /* Destroy refuses while tensors live, naming one. */
+    CHECK_ERR(ws_pool_destroy(p), WS_ERR_ARG, "pool 'carve' still has 3 live tensors");
+    ws_tensor_release(&a);
+    ws_tensor_release(&c);
+    CHECK_ERR(ws_pool_destroy(p), WS_ERR_ARG, "1 live tensor ('d')");
+    ws_tensor_release(&d);
+    ws_pool_get_stats(p, &st);
+    CHECK(st.used == 0);
+    CHECK_OK(ws_pool_destroy(p));
+}
+
+static void test_level1_round_trip_same_address(void)
+{
+    ws_device *cpu = ws_device_cpu();
+    size_t held0 = cpu->held;
+    ws_pool *p;
+    CHECK_OK(ws_pool_create(cpu, "kv", 4 * MiB, &p));
+    CHECK(cpu->held == held0 + 4 * MiB);
+    ws_tensor t;
+    CHECK_OK(pool_tensor(p, &t, WS_F32, 100000, "kv.cache"));
+    CHECK_OK(ws_tensor_random(&t, 3, 1.0f, 0));
+    uint64_t before;
+    CHECK_OK(ws_tensor_checksum(&t, 0, WS_F32, &before));
+    void *addr = ws_tensor_data(&t);
+    CHECK_OK(ws_pool_sleep(p, 1, "rollout done"));
+    ws_pool_stats st;
+    ws_pool_get_stats(p, &st);
+    CHECK(st.asleep && st.mapped == 0 && st.backup_bytes == 400128 && st.last_level == 1);
+    CHECK(cpu->held == held0 + 400128); /* the backup is host memory of the cpu */
+    /* Asleep: reads and writes fail cleanly instead of faulting. */
+    double v;
+    CHECK_ERR(ws_tensor_get(&t, 0, &v), WS_ERR_DISCARDED,
+              "tensor 'kv.cache' in pool 'kv' cannot be read: the pool is asleep");
+    CHECK_ERR(ws_tensor_fill(&t, 0), WS_ERR_DISCARDED, "cannot be written: the pool is asleep");
+    ws_tensor more;
+    CHECK_ERR(pool_tensor(p, &more, WS_F32, 4, "more"), WS_ERR_ARG, "pool 'kv' is asleep");
+    CHECK_ERR(ws_pool_sleep(p, 2, NULL), WS_ERR_ARG, "already asleep");
+    CHECK_OK(ws_pool_wake(p));
+    CHECK(ws_tensor_data(&t) == addr);
+    uint64_t after;
+    CHECK_OK(ws_tensor_checksum(&t, 0, WS_F32, &after));
+    CHECK_EQ_U64(after, before);
+    CHECK(((float *)addr)[99999] == ws_random_elem(3, 99999, 1.0f));
+    ws_pool_get_stats(p, &st);
+    CHECK(!st.asleep && st.mapped == 4 * MiB && st.backup_bytes == 0 && st.sleeps == 1);
+    CHECK(cpu->held == held0 + 4 * MiB);
+    CHECK_OK(ws_pool_wake(p)); /* waking an awake pool is harmless */
+    CHECK_ERR(ws_pool_sleep(p, 3, NULL), WS_ERR_ARG, "sleep level must be 1");
+    ws_tensor_release(&t);
+    CHECK_OK(ws_pool_destroy(p));
+    CHECK(cpu->held == held0);
+}
+
+static void test_level2_discard_names_tensor_pool_and_sleep(void)
+{
+    ws_pool *p;
+    CHECK_OK(ws_pool_create(ws_device_cpu(), "weights", 1 * MiB, &p));
+    ws_tensor w, other, half, rest;
+    CHECK_OK(pool_tensor(p, &w, WS_BF16, 1000, "model.layers.0.q_proj.weight"));
+    CHECK_OK(pool_tensor(p, &other, WS_F32, 10, "other"));
+    CHECK_OK(ws_tensor_fill(&w, 1));
+    CHECK_OK(ws_pool_sleep(p, 1, "step 3"));
+    CHECK_OK(ws_pool_wake(p));
+    CHECK_OK(ws_pool_sleep(p, 2, "step 4"));
+    CHECK(strcmp(ws_pool_discard_reason(p), "sleep(level=2) #2 of pool 'weights' (step 4)") == 0);
+    CHECK_OK(ws_pool_wake(p));
+    uint64_t s;
+    CHECK_ERR(ws_tensor_checksum(&w, 0, WS_BF16, &s), WS_ERR_DISCARDED,
+              "tensor 'model.layers.0.q_proj.weight' in pool 'weights': contents were discarded "
+              "by sleep(level=2) #2 of pool 'weights' (step 4) and have not been written since; "
+              "write them (send the base weights) before reading");
+    ws_tensor copy;
+    int64_t n = 1000;
+    CHECK_OK(ws_tensor_empty(&copy, WS_BF16, 1, &n, &(ws_tensor_opts){.name = "copy"}));
+    CHECK_ERR(ws_tensor_copy(&copy, &w), WS_ERR_DISCARDED, "copy_ src: tensor 'model.layers.0");
+    /* Writing half makes only that half readable. */
+    CHECK_OK(ws_tensor_narrow(&half, &w, 0, 0, 500));
+    CHECK_OK(ws_tensor_narrow(&rest, &w, 0, 500, 500));
+    CHECK_OK(ws_tensor_fill(&half, 2));
+    CHECK_OK(ws_tensor_checksum(&half, 0, WS_BF16, &s));
+    CHECK_ERR(ws_tensor_checksum(&w, 0, WS_BF16, &s), WS_ERR_DISCARDED, "were discarded");
+    CHECK_ERR(ws_tensor_checksum(&rest, 500, WS_BF16, &s), WS_ERR_DISCARDED, "were discarded");
+    double v;
+    CHECK_OK(ws_tensor_get(&w, 499, &v));
+    CHECK(v == 2);
+    CHECK_ERR(ws_tensor_get(&w, 500, &v), WS_ERR_DISCARDED, "sleep(level=2) #2");
+    CHECK_OK(ws_tensor_set(&w, 500, 3)); /* one element */
+    CHECK_OK(ws_tensor_get(&w, 500, &v));
+    CHECK(v == 3);
+    CHECK_OK(ws_tensor_copy(&rest, &half));
+    CHECK_OK(ws_tensor_checksum(&w, 0, WS_BF16, &s)); /* all written now */
+    /* The other tensor was discarded too; a new tensor after wake is fresh. */
+    CHECK_ERR(ws_tensor_get(&other, 0, &v), WS_ERR_DISCARDED, "tensor 'other' in pool 'weights'");
+    ws_tensor fresh;
+    CHECK_OK(pool_tensor(p, &fresh, WS_F32, 16, "fresh"));
+    CHECK_OK(ws_tensor_checksum(&fresh, 0, WS_F32, &s));
+    ws_tensor_release(&fresh);
+    ws_tensor_release(&copy);
+    ws_tensor_release(&half);
+    ws_tensor_release(&rest);
+    ws_tensor_release(&other);
+    ws_tensor_release(&w);
+    CHECK_OK(ws_pool_destroy(p));
+}
+
+static void test_sleep_returns_memory(void)
+{
+    ws_pool *p;
+    CHECK_OK(ws_pool_create(ws_device_cpu(), "rss", 64 * MiB, &p));
+    ws_tensor t;
+    CHECK_OK(pool_tensor(p, &t, WS_U8, (int64_t)(64 * MiB), "all"));
+    size_t r0 = rss_bytes();
+    CHECK_OK(ws_tensor_fill(&t, 7)); /* touch every page */
+    size_t r1 = rss_bytes();
+    CHECK(r1 >= r0 + 60 * MiB);
+    CHECK_OK(ws_pool_sleep(p, 2, NULL));
+    size_t r2 = rss_bytes();
+    CHECK(r2 + 60 * MiB <= r1);
+    printf("    rss: filled %+.1f MiB, after sleep(2) %+.1f MiB\n",
+           ((double)r1 - (double)r0) / MiB, ((double)r2 - (double)r0) / MiB);
+    CHECK_OK(ws_pool_wake(p));
+    CHECK(ws_tensor_data(&t) != NULL);
+    /* After a discard the pages come back fresh (zero on the cpu). */
+    CHECK(((unsigned char *)ws_tensor_data(&t))[12345] == 0);
+    CHECK_OK(ws_tensor_fill(&t, 1));
+    CHECK_OK(ws_pool_sleep(p, 1, NULL));
+    CHECK_OK(ws_pool_wake(p));
+    CHECK(((unsigned char *)ws_tensor_data(&t))[64 * MiB - 1] == 1);
+    ws_tensor_release(&t);
+    CHECK_OK(ws_pool_destroy(p));
+}
+
+static void test_many_tensors_in_pool(void)
+{
+    enum { N = 20000 };
+    ws_pool *p;
+    CHECK_OK(ws_pool_create(ws_device_cpu(), "many", (size_t)N * 256, &p));
+    ws_tensor *ts = calloc(N, sizeof *ts);
+    for (int i = 0; i < N; i++) CHECK_OK(pool_tensor(p, &ts[i], WS_F32, 16, NULL));
+    CHECK_OK(ws_pool_sleep(p, 2, "many"));
+    CHECK_OK(ws_pool_wake(p));
+    uint64_t s;
+    int discarded = 0;
+    for (int i = 0; i < N; i += 97)
+        discarded += ws_tensor_checksum(&ts[i], 0, WS_F32, &s) == WS_ERR_DISCARDED;
+    CHECK(discarded == (N + 96) / 97);
+    /* Free in an interleaved order; the pool ends empty and destroyable. */
+    for (int i = 0; i < N; i += 2) ws_tensor_release(&ts[i]);
+    for (int i = 1; i < N; i += 2) ws_tensor_release(&ts[i]);
+    ws_pool_stats st;
+    ws_pool_get_stats(p, &st);
+    CHECK(st.used == 0);
+    CHECK_OK(ws_pool_destroy(p));
+    free(ts);
+}
+
+int main(void)
+{
+    RUN(test_carve_alignment_and_reuse);
+    RUN(test_level1_round_trip_same_address);
+    RUN(test_level2_discard_names_tensor_pool_and_sleep);
+    RUN(test_sleep_returns_memory);
+    RUN(test_many_tensors_in_pool);
+    return check_summary();
+}
