@@ -1,1 +1,363 @@
-/* bind_comm.c: placeholder until its author lands it. */
+/* bind_comm.c: the Lua face of communicators (ws.comm, ws.Comm, ws.Request).
+ *
+ * ws.comm() returns the world; comm:split makes sub-communicators, freed by
+ * __gc / __close / :free(). Every collective raises on failure (a rank that
+ * carried on after a failed collective would desynchronize the job; main()
+ * then ends every rank). Ranks, roots and peers are 0-based, as in MPI.
+ * Async forms return a ws.Request whose user value keeps the tensors alive
+ * until :wait(); a request collected without a wait is completed by __gc so
+ * no transfer ever writes into freed memory. */
+#include <string.h>
+
+#include "bind.h"
+
+typedef struct lcomm { ws_comm *c; } lcomm;
+typedef struct lrequest { ws_comm_request *req; } lrequest;
+
+#define DEFAULT_BUCKET_BYTES ((size_t)64 << 20)
+
+ws_comm *ws_lua_check_comm(lua_State *L, int idx)
+{
+    lcomm *lc = (lcomm *)luaL_checkudata(L, idx, WS_COMM_MT);
+    if (!lc->c) luaL_argerror(L, idx, "communicator was freed");
+    return lc->c;
+}
+
+static void push_comm(lua_State *L, ws_comm *c)
+{
+    lcomm *lc = (lcomm *)lua_newuserdatauv(L, sizeof *lc, 0);
+    lc->c = c;
+    luaL_setmetatable(L, WS_COMM_MT);
+}
+
+static int l_comm(lua_State *L)
+{
+    ws_comm *c;
+    if (ws_comm_world(&c) != WS_OK) return ws_lua_raise(L, NULL);
+    push_comm(L, c);
+    return 1;
+}
+
+static int c_free(lua_State *L)
+{
+    lcomm *lc = (lcomm *)luaL_checkudata(L, 1, WS_COMM_MT);
+    ws_comm *c = lc->c;
+    lc->c = NULL;
+    if (c) ws_comm_free(c); /* the world is never freed */
+    return 0;
+}
+
+static int c_tostring(lua_State *L)
+{
+    lcomm *lc = (lcomm *)luaL_checkudata(L, 1, WS_COMM_MT);
+    if (!lc->c) {
+        lua_pushliteral(L, "ws.Comm(freed)");
+        return 1;
+    }
+    lua_pushfstring(L, "ws.Comm(rank %d of %d, %s)", ws_comm_rank(lc->c), ws_comm_size(lc->c),
+                    ws_comm_backend(lc->c));
+    return 1;
+}
+
+static int c_split(lua_State *L)
+{
+    ws_comm *c = ws_lua_check_comm(L, 1);
+    int color = (int)luaL_checkinteger(L, 2);
+    int key = (int)luaL_optinteger(L, 3, ws_comm_rank(c));
+    lcomm *lc = (lcomm *)lua_newuserdatauv(L, sizeof *lc, 0); /* [.., comm] released */
+    lc->c = NULL;
+    luaL_setmetatable(L, WS_COMM_MT);
+    ws_comm *out;
+    if (ws_comm_split(c, color, key, &out) != WS_OK) return ws_lua_raise(L, NULL);
+    if (!out) {
+        lua_pushnil(L); /* color < 0: this rank is in no group */
+        return 1;
+    }
+    lc->c = out;
+    return 1;
+}
+
+/* ---- requests ---------------------------------------------------------------- */
+
+/* Pushes a released request that keeps arguments 1..top alive; the caller
+ * fills ->req after issuing the call. */
+static lrequest *new_request(lua_State *L)
+{
+    int top = lua_gettop(L);
+    lrequest *r = (lrequest *)lua_newuserdatauv(L, sizeof *r, 1); /* [args.., req] */
+    r->req = NULL;
+    luaL_setmetatable(L, WS_REQUEST_MT);
+    lua_createtable(L, top, 0); /* [args.., req, keep] */
+    for (int i = 1; i <= top; i++) {
+        lua_pushvalue(L, i);
+        lua_rawseti(L, -2, i);
+    }
+    lua_setiuservalue(L, -2, 1); /* [args.., req] */
+    return r;
+}
+
+static int r_wait(lua_State *L)
+{
+    lrequest *r = (lrequest *)luaL_checkudata(L, 1, WS_REQUEST_MT);
+    if (!r->req) return luaL_error(L, "wait: this request was already waited for");
+    ws_comm_request *q = r->req;
+    r->req = NULL;
+    ws_status rc = ws_comm_wait(q);
+    lua_pushnil(L);
+    lua_setiuservalue(L, 1, 1); /* the tensors need not stay alive any longer */
+    if (rc != WS_OK) return ws_lua_raise(L, NULL);
+    return 0;
+}
+
+static int r_gc(lua_State *L)
+{
+    lrequest *r = (lrequest *)luaL_checkudata(L, 1, WS_REQUEST_MT);
+    if (r->req) {
+        ws_comm_request *q = r->req;
+        r->req = NULL;
+        if (ws_comm_wait(q) != WS_OK) lua_warning(L, ws_errmsg(), 0);
+    }
+    return 0;
+}
+
+static int r_pending(lua_State *L)
+{
+    lrequest *r = (lrequest *)luaL_checkudata(L, 1, WS_REQUEST_MT);
+    lua_pushboolean(L, r->req != NULL);
+    return 1;
+}
+
+static int r_tostring(lua_State *L)
+{
+    lrequest *r = (lrequest *)luaL_checkudata(L, 1, WS_REQUEST_MT);
+    lua_pushstring(L, r->req ? "ws.Request(pending)" : "ws.Request(done)");
+    return 1;
+}
+
+/* ---- collectives: each has a blocking and an async form ---------------------- */
+
+static ws_reduce_op check_op(lua_State *L, int idx)
+{
+    const char *op = luaL_optstring(L, idx, "sum");
+    if (strcmp(op, "sum") == 0) return WS_REDUCE_SUM;
+    if (strcmp(op, "max") == 0) return WS_REDUCE_MAX;
+    return (ws_reduce_op)luaL_argerror(L, idx, lua_pushfstring(L, "op must be \"sum\" or "
+                                                                  "\"max\", got '%s'", op));
+}
+
+/* Returns to Lua: the request (async) or the output argument (blocking). */
+static int done(lua_State *L, ws_status rc, lrequest *r, ws_comm_request *q, int out_idx)
+{
+    if (rc != WS_OK) return ws_lua_raise(L, NULL);
+    if (r) {
+        r->req = q;
+        return 1; /* the request is on top */
+    }
+    lua_pushvalue(L, out_idx);
+    return 1;
+}
+
+static int gather(lua_State *L, int async)
+{
+    ws_comm *c = ws_lua_check_comm(L, 1);
+    ws_tensor *send = ws_lua_check_tensor(L, 2);
+    lrequest *r = NULL;
+    ws_comm_request *q = NULL;
+    ws_status rc;
+    if (lua_istable(L, 3)) {
+        size_t n;
+        /* [.., list]: stays on the stack so the array outlives the call */
+        ws_tensor **list = ws_lua_check_tensor_list(L, 3, &n);
+        if (async) r = new_request(L);
+        rc = ws_comm_all_gather_list(c, send, list, n, async ? &q : NULL);
+    } else {
+        ws_tensor *recv = ws_lua_check_tensor(L, 3);
+        if (async) r = new_request(L);
+        rc = ws_comm_all_gather(c, send, recv, async ? &q : NULL);
+    }
+    return done(L, rc, r, q, 3);
+}
+
+static int c_all_gather(lua_State *L) { return gather(L, 0); }
+static int c_all_gather_async(lua_State *L) { return gather(L, 1); }
+
+static int c_all_gather_coalesced(lua_State *L)
+{
+    ws_comm *c = ws_lua_check_comm(L, 1);
+    lua_Integer bucket = luaL_optinteger(L, 4, (lua_Integer)DEFAULT_BUCKET_BYTES);
+    luaL_argcheck(L, bucket > 0, 4, "bucket_bytes must be positive");
+    lua_settop(L, 3);
+    size_t ns, nf;
+    ws_tensor **shards = ws_lua_check_tensor_list(L, 2, &ns); /* [comm, s, f, sl] */
+    ws_tensor **fulls = ws_lua_check_tensor_list(L, 3, &nf);  /* [comm, s, f, sl, fl] */
+    if (ns != nf)
+        return luaL_error(L, "all_gather_coalesced: %d shards but %d full tensors; pass one full "
+                          "tensor per shard", (int)ns, (int)nf);
+    if (ws_comm_all_gather_coalesced(c, shards, fulls, ns, (size_t)bucket) != WS_OK)
+        return ws_lua_raise(L, NULL);
+    lua_pushvalue(L, 3);
+    return 1;
+}
+
+static int bcast(lua_State *L, int async)
+{
+    ws_comm *c = ws_lua_check_comm(L, 1);
+    ws_tensor *t = ws_lua_check_tensor(L, 2);
+    int root = (int)luaL_checkinteger(L, 3);
+    lrequest *r = async ? new_request(L) : NULL;
+    ws_comm_request *q = NULL;
+    ws_status rc = ws_comm_broadcast(c, t, root, async ? &q : NULL);
+    return done(L, rc, r, q, 2);
+}
+
+static int c_broadcast(lua_State *L) { return bcast(L, 0); }
+static int c_broadcast_async(lua_State *L) { return bcast(L, 1); }
+
+static int p2p(lua_State *L, int async, int is_send)
+{
+    ws_comm *c = ws_lua_check_comm(L, 1);
+    ws_tensor *t = ws_lua_check_tensor(L, 2);
+    int peer = (int)luaL_checkinteger(L, 3);
+    lrequest *r = async ? new_request(L) : NULL;
+    ws_comm_request *q = NULL;
+    ws_status rc = is_send ? ws_comm_send(c, t, peer, async ? &q : NULL)
+                           : ws_comm_recv(c, t, peer, async ? &q : NULL);
+    return done(L, rc, r, q, 2);
+}
+
+static int c_send(lua_State *L) { return p2p(L, 0, 1); }
+static int c_send_async(lua_State *L) { return p2p(L, 1, 1); }
+static int c_recv(lua_State *L) { return p2p(L, 0, 0); }
+static int c_recv_async(lua_State *L) { return p2p(L, 1, 0); }
+
+static int allreduce(lua_State *L, int async)
+{
+    ws_comm *c = ws_lua_check_comm(L, 1);
+    ws_tensor *t = ws_lua_check_tensor(L, 2);
+    ws_reduce_op op = check_op(L, 3);
+    lrequest *r = async ? new_request(L) : NULL;
+    ws_comm_request *q = NULL;
+    ws_status rc = ws_comm_all_reduce(c, t, op, async ? &q : NULL);
+    return done(L, rc, r, q, 2);
+}
+
+static int c_all_reduce(lua_State *L) { return allreduce(L, 0); }
+static int c_all_reduce_async(lua_State *L) { return allreduce(L, 1); }
+
+static int rscatter(lua_State *L, int async)
+{
+    ws_comm *c = ws_lua_check_comm(L, 1);
+    ws_tensor *send = ws_lua_check_tensor(L, 2);
+    ws_tensor *recv = ws_lua_check_tensor(L, 3);
+    ws_reduce_op op = check_op(L, 4);
+    lrequest *r = async ? new_request(L) : NULL;
+    ws_comm_request *q = NULL;
+    ws_status rc = ws_comm_reduce_scatter(c, send, recv, op, async ? &q : NULL);
+    return done(L, rc, r, q, 3);
+}
+
+static int c_reduce_scatter(lua_State *L) { return rscatter(L, 0); }
+static int c_reduce_scatter_async(lua_State *L) { return rscatter(L, 1); }
+
+static int c_barrier(lua_State *L)
+{
+    if (ws_comm_barrier(ws_lua_check_comm(L, 1)) != WS_OK) return ws_lua_raise(L, NULL);
+    return 0;
+}
+
+static int c_set_check(lua_State *L)
+{
+    ws_comm *c = ws_lua_check_comm(L, 1);
+    luaL_checkany(L, 2);
+    ws_comm_set_check(c, lua_toboolean(L, 2));
+    return 0;
+}
+
+/* comm:reference(op, bytes [, iters=10]) -> seconds per iteration of raw MPI. */
+static int c_reference(lua_State *L)
+{
+    ws_comm *c = ws_lua_check_comm(L, 1);
+    const char *op = luaL_checkstring(L, 2);
+    lua_Integer bytes = luaL_checkinteger(L, 3);
+    lua_Integer iters = luaL_optinteger(L, 4, 10);
+    luaL_argcheck(L, bytes >= 0, 3, "bytes must be >= 0");
+    luaL_argcheck(L, iters >= 1 && iters <= 1000000, 4, "iters must be in 1..1000000");
+    double s;
+    if (ws_comm_reference(c, op, (size_t)bytes, (int)iters, &s) != WS_OK)
+        return ws_lua_raise(L, NULL);
+    lua_pushnumber(L, s);
+    return 1;
+}
+
+static const luaL_Reg comm_methods[] = {
+    {"split", c_split},
+    {"all_gather", c_all_gather},
+    {"all_gather_async", c_all_gather_async},
+    {"all_gather_coalesced", c_all_gather_coalesced},
+    {"broadcast", c_broadcast},
+    {"broadcast_async", c_broadcast_async},
+    {"send", c_send},
+    {"send_async", c_send_async},
+    {"recv", c_recv},
+    {"recv_async", c_recv_async},
+    {"all_reduce", c_all_reduce},
+    {"all_reduce_async", c_all_reduce_async},
+    {"reduce_scatter", c_reduce_scatter},
+    {"reduce_scatter_async", c_reduce_scatter_async},
+    {"barrier", c_barrier},
+    {"set_check", c_set_check},
+    {"reference", c_reference},
+    {"free", c_free},
+    {NULL, NULL},
+};
+
+/* Methods first (upvalue 1), then the fields rank, size, local_rank, backend, check. */
+static int c_index(lua_State *L)
+{
+    lua_pushvalue(L, 2);
+    if (lua_rawget(L, lua_upvalueindex(1)) != LUA_TNIL) return 1;
+    const char *k = lua_tostring(L, 2);
+    lcomm *lc = (lcomm *)luaL_checkudata(L, 1, WS_COMM_MT);
+    if (!k || !lc->c) return 0;
+    if (strcmp(k, "rank") == 0) lua_pushinteger(L, ws_comm_rank(lc->c));
+    else if (strcmp(k, "size") == 0) lua_pushinteger(L, ws_comm_size(lc->c));
+    else if (strcmp(k, "local_rank") == 0) lua_pushinteger(L, ws_comm_local_rank(lc->c));
+    else if (strcmp(k, "backend") == 0) lua_pushstring(L, ws_comm_backend(lc->c));
+    else if (strcmp(k, "check") == 0) lua_pushboolean(L, ws_comm_get_check(lc->c));
+    else return 0;
+    return 1;
+}
+
+static const luaL_Reg request_methods[] = {
+    {"wait", r_wait},
+    {"pending", r_pending},
+    {NULL, NULL},
+};
+
+void ws_open_comm(lua_State *L)
+{
+    /* [ws] */
+    luaL_newmetatable(L, WS_COMM_MT); /* [ws, mt] */
+    luaL_newlib(L, comm_methods);     /* [ws, mt, methods] */
+    lua_pushcclosure(L, c_index, 1);  /* [ws, mt, index] */
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, c_free);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, c_free);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, c_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pop(L, 1); /* [ws] */
+
+    luaL_newmetatable(L, WS_REQUEST_MT); /* [ws, mt] */
+    luaL_newlib(L, request_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, r_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, r_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pop(L, 1); /* [ws] */
+
+    lua_pushcfunction(L, l_comm);
+    lua_setfield(L, -2, "comm");
+}

@@ -1,1 +1,699 @@
-/* comm.c: placeholder until its author lands it. */
+/* comm.c: the world, argument checks, the mismatch check and backend
+ * dispatch for collectives; also the "self" backend of a world of one.
+ *
+ * Every collective validates its tensors here (live, readable, contiguous,
+ * one device, sizes consistent) so the backends only move bytes. When the
+ * world has more than one rank and checking is on (the default; the
+ * environment variable WSHOST_COMM_CHECK=0 or ws_comm_set_check turns it
+ * off), each collective first runs one tiny all-reduce of (collective kind,
+ * numel, dtype, root/op) so ranks that disagree get the same clear message
+ * instead of corrupt data or a hang. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "comm_internal.h"
+
+static ws_comm g_world;
+static int g_world_ready, g_shut;
+
+/* ---- the self backend: a world of one ------------------------------------ */
+
+static ws_status self_all_gather(ws_comm *c, ws_device *d, const void *send, void *recv,
+                                 size_t bytes, ws_comm_request *req)
+{
+    if (send == recv || bytes == 0) return WS_OK;
+    return d->ops->copy(d, recv, send, bytes);
+}
+
+static ws_status self_broadcast(ws_comm *c, ws_device *d, void *buf, size_t bytes, int root,
+                                ws_comm_request *req)
+{
+    return WS_OK;
+}
+
+/* send/recv are unreachable in a world of one: comm.c rejects a peer equal to
+ * the own rank before dispatching. */
+static ws_status self_send(ws_comm *c, ws_device *d, const void *buf, size_t bytes, int peer,
+                           ws_comm_request *req)
+{
+    return WS_ERR(WS_ERR_ARG, "send: a world of one has no peers");
+}
+
+static ws_status self_recv(ws_comm *c, ws_device *d, void *buf, size_t bytes, int peer,
+                           ws_comm_request *req)
+{
+    return WS_ERR(WS_ERR_ARG, "recv: a world of one has no peers");
+}
+
+static ws_status self_all_reduce(ws_comm *c, ws_device *d, void *buf, size_t count, ws_dtype t,
+                                 ws_reduce_op op, ws_comm_request *req)
+{
+    return WS_OK;
+}
+
+static ws_status self_reduce_scatter(ws_comm *c, ws_device *d, const void *send, void *recv,
+                                     size_t count, ws_dtype t, ws_reduce_op op,
+                                     ws_comm_request *req)
+{
+    return self_all_gather(c, d, send, recv, count * ws_dtype_size(t), req);
+}
+
+static ws_status self_wait(ws_comm_request *req) { return WS_OK; }
+
+static const ws_comm_ops g_self_ops = {
+    .name = "self",
+    .all_gather = self_all_gather,
+    .broadcast = self_broadcast,
+    .send = self_send,
+    .recv = self_recv,
+    .all_reduce = self_all_reduce,
+    .reduce_scatter = self_reduce_scatter,
+    .wait = self_wait,
+};
+
+const ws_comm_ops *ws_comm_self_ops(void) { return &g_self_ops; }
+
+/* ---- the world --------------------------------------------------------------- */
+
+static int check_default(int size)
+{
+    const char *v = getenv("WSHOST_COMM_CHECK");
+    if (v && (strcmp(v, "0") == 0 || strcmp(v, "off") == 0)) return 0;
+    return size > 1;
+}
+
+ws_status ws_comm_world(ws_comm **out)
+{
+    if (g_shut)
+        return WS_ERR(WS_ERR_COMM, "comm: the world was shut down (ws_comm_shutdown); "
+                      "collectives are not available after it");
+    if (!g_world_ready) {
+        ws_comm w = {0};
+        w.size = 1;
+        w.is_world = 1;
+        w.host = &g_self_ops;
+        snprintf(w.backend, sizeof w.backend, "self");
+#ifdef WS_HAVE_MPI
+        if (ws_mpi_launched()) {
+            WS_TRY(ws_mpi_init_world(&w));
+            w.host = ws_comm_mpi_ops();
+            snprintf(w.backend, sizeof w.backend, "mpi");
+        }
+#endif
+        w.check = check_default(w.size);
+        g_world = w;
+        g_world_ready = 1;
+    }
+    *out = &g_world;
+    return WS_OK;
+}
+
+int ws_comm_rank(const ws_comm *c) { return c->rank; }
+int ws_comm_size(const ws_comm *c) { return c->size; }
+int ws_comm_local_rank(const ws_comm *c) { return c->local_rank; }
+const char *ws_comm_backend(const ws_comm *c) { return c->backend; }
+int ws_comm_is_multi(void) { return g_world_ready && !g_shut && g_world.size > 1; }
+void ws_comm_set_check(ws_comm *c, int on) { c->check = on && c->size > 1; }
+int ws_comm_get_check(const ws_comm *c) { return c->check; }
+
+ws_status ws_comm_split(ws_comm *c, int color, int key, ws_comm **out)
+{
+    *out = NULL;
+    ws_comm *child = calloc(1, sizeof *child);
+    if (!child) return WS_ERR(WS_ERR_NOMEM, "split: out of host memory");
+    child->host = c->host;
+    child->size = 1;
+    child->local_rank = c->local_rank;
+    snprintf(child->backend, sizeof child->backend, "%s", c->host->name);
+#ifdef WS_HAVE_MPI
+    if (c->host != &g_self_ops) {
+        int undefined = 0;
+        ws_status rc = ws_mpi_split(c, color, key, child, &undefined);
+        if (rc != WS_OK || undefined) {
+            free(child);
+            return rc;
+        }
+    }
+#endif
+    if (c->host == &g_self_ops && color < 0) {
+        free(child);
+        return WS_OK;
+    }
+    child->check = c->check && child->size > 1;
+    *out = child;
+    return WS_OK;
+}
+
+void ws_comm_free(ws_comm *c)
+{
+    if (!c || c->is_world) return;
+    ws_nccl_destroy(c);
+#ifdef WS_HAVE_MPI
+    if (c->host != &g_self_ops) ws_mpi_free_comm(c);
+#endif
+    free(c);
+}
+
+ws_status ws_comm_host_bcast_bytes(ws_comm *c, void *buf, size_t bytes, int root)
+{
+#ifdef WS_HAVE_MPI
+    if (c->host != &g_self_ops) return ws_mpi_bcast_bytes(c, buf, bytes, root);
+#endif
+    if (c->size == 1) return WS_OK;
+    return WS_ERR(WS_ERR_UNSUPPORTED, "comm: no host backend to bootstrap NCCL");
+}
+
+/* ---- the mismatch check ------------------------------------------------------ */
+
+enum { K_ALL_GATHER = 1, K_BROADCAST, K_ALL_REDUCE, K_REDUCE_SCATTER, K_BARRIER, K_COALESCED };
+static const char *const kind_names[] = {"?", "all_gather", "broadcast", "all_reduce",
+                                         "reduce_scatter", "barrier", "all_gather_coalesced"};
+#define N_CHECK 4
+
+/* Ranks agree on v = {kind, numel, dtype, extra}? `size_what` names the numel
+ * ("send size"), `extra_what` the last entry ("root", "op"; NULL: unused). */
+static ws_status agree(ws_comm *c, const char *what, const int64_t v[N_CHECK],
+                       const char *size_what, const char *extra_what)
+{
+    if (!c->check || c->size == 1) return WS_OK;
+#ifdef WS_HAVE_MPI
+    int64_t mm[2 * N_CHECK];
+    for (int i = 0; i < N_CHECK; i++) {
+        mm[i] = v[i];
+        mm[N_CHECK + i] = -v[i];
+    }
+    WS_TRY(ws_mpi_allreduce_max_i64(c, mm, 2 * N_CHECK));
+    int same = 1;
+    for (int i = 0; i < N_CHECK; i++) same &= mm[i] == -mm[N_CHECK + i];
+    if (same) return WS_OK;
+    /* Rare path: find who differs from rank 0, identically on every rank. */
+    int64_t *all = malloc((size_t)c->size * N_CHECK * sizeof *all);
+    if (!all) return WS_ERR(WS_ERR_NOMEM, "%s: ranks disagree (out of memory for details)", what);
+    ws_status rc = ws_mpi_allgather_i64(c, v, N_CHECK, all);
+    if (rc != WS_OK) {
+        free(all);
+        return rc;
+    }
+    for (int i = 0; i < N_CHECK && rc == WS_OK; i++) {
+        for (int r = 1; r < c->size; r++) {
+            int64_t a = all[i], b = all[(size_t)r * N_CHECK + i];
+            if (a == b) continue;
+            if (i == 0)
+                rc = WS_ERR(WS_ERR_ARG, "%s: ranks called different collectives: rank 0 called "
+                            "%s, rank %d called %s; every rank must issue the same collectives "
+                            "in the same order", what, kind_names[a], r, kind_names[b]);
+            else if (i == 1)
+                rc = WS_ERR(WS_ERR_ARG, "%s: ranks disagree on the %s: rank 0 has %lld elements, "
+                            "rank %d has %lld", what, size_what, (long long)a, r, (long long)b);
+            else if (i == 2)
+                rc = WS_ERR(WS_ERR_ARG, "%s: ranks disagree on the dtype: rank 0 has %s, rank %d "
+                            "has %s", what, ws_dtype_name((ws_dtype)a), r,
+                            ws_dtype_name((ws_dtype)b));
+            else
+                rc = WS_ERR(WS_ERR_ARG, "%s: ranks disagree on the %s: rank 0 has %lld, rank %d "
+                            "has %lld", what, extra_what ? extra_what : "arguments",
+                            (long long)a, r, (long long)b);
+            break;
+        }
+    }
+    free(all);
+    return rc;
+#else
+    (void)what; (void)v; (void)size_what; (void)extra_what;
+    return WS_OK;
+#endif
+}
+
+/* ---- validation and dispatch ------------------------------------------------ */
+
+static ws_status usable(ws_comm *c, const char *what)
+{
+    if (g_shut)
+        return WS_ERR(WS_ERR_COMM, "%s: comm was shut down (ws_comm_shutdown)", what);
+    return WS_OK;
+}
+
+static ws_status check_t(const ws_tensor *t, const char *what, int read)
+{
+    WS_TRY(read ? ws_tensor_check_readable(t, what) : ws_tensor_check_live(t, what));
+    if (!ws_tensor_is_contiguous(t)) {
+        char b[160];
+        return WS_ERR(WS_ERR_ARG, "%s: tensor %s is not contiguous; collectives need contiguous "
+                      "tensors (copy it into one first)", what, ws_tensor_label(t, b, sizeof b));
+    }
+    return WS_OK;
+}
+
+static ws_status same_device(const ws_tensor *a, const ws_tensor *b, const char *what)
+{
+    if (ws_tensor_device(a) == ws_tensor_device(b)) return WS_OK;
+    char ba[160], bb[160];
+    return WS_ERR(WS_ERR_ARG, "%s: %s is on %s but %s is on %s; both must be on one device", what,
+                  ws_tensor_label(a, ba, sizeof ba), ws_tensor_device(a)->name,
+                  ws_tensor_label(b, bb, sizeof bb), ws_tensor_device(b)->name);
+}
+
+static ws_status pick(ws_comm *c, ws_device *d, const ws_comm_ops **ops)
+{
+    if (c->size == 1) {
+        *ops = &g_self_ops;
+    } else if (d->kind == WS_DEVICE_CUDA) {
+        WS_TRY(ws_nccl_ensure(c, d));
+        *ops = ws_comm_nccl_ops();
+    } else {
+        *ops = c->host;
+    }
+    return WS_OK;
+}
+
+/* A request for an async call (NULL for a blocking one). `outs` bit i: tensor
+ * i is written. Holding storage references keeps the bytes valid until wait. */
+static ws_status req_new(ws_comm *c, ws_comm_request **req, const char *what,
+                         const ws_tensor *const *ts, int n, int outs, ws_comm_request **r)
+{
+    *r = NULL;
+    if (!req) return WS_OK;
+    *req = NULL;
+    ws_comm_request *q = calloc(1, sizeof *q);
+    if (!q) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory for a request", what);
+    q->comm = c;
+    q->what = what;
+    q->ops = &g_self_ops;
+    for (int i = 0; i < n; i++) {
+        q->keep[i] = *ts[i];
+        q->keep[i].name = NULL;
+        ws_storage_retain(q->keep[i].storage);
+    }
+    q->n_keep = n;
+    q->written_mask = outs;
+    *r = q;
+    return WS_OK;
+}
+
+static void req_release(ws_comm_request *q)
+{
+    for (int i = 0; i < q->n_keep; i++) ws_storage_release(q->keep[i].storage);
+    ws_tensor_release(&q->unpack.staging);
+    free(q->unpack.dsts);
+    free(q);
+}
+
+static ws_status req_complete(ws_comm_request *q, ws_status rc)
+{
+    if (rc == WS_OK)
+        for (int i = 0; i < q->n_keep; i++)
+            if (q->written_mask & (1 << i)) ws_tensor_mark_written(&q->keep[i]);
+    if (rc == WS_OK && q->unpack.dsts) {
+        rc = ws_unpack(&q->unpack.staging, q->unpack.dsts, q->unpack.n, NULL);
+        if (rc != WS_OK) ws_errprefix("%s into a list", q->what);
+    }
+    return rc;
+}
+
+/* After issuing: blocking calls are done; async ones hand the request out.
+ * An async call that failed to issue still completes what it posted. */
+static ws_status finish(ws_comm_request *q, ws_comm_request **req, ws_status rc,
+                        const ws_tensor *out)
+{
+    if (!q) {
+        if (rc == WS_OK && out) ws_tensor_mark_written(out);
+        return rc;
+    }
+    if (rc != WS_OK) {
+        /* Keep the first error: completing the posted part may set another. */
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", ws_errmsg());
+        q->ops->wait(q);
+        req_release(q);
+        return WS_ERR(rc, "%s", msg);
+    }
+    *req = q;
+    return WS_OK;
+}
+
+ws_status ws_comm_wait(ws_comm_request *q)
+{
+    if (!q) return WS_ERR(WS_ERR_ARG, "wait: no request");
+    ws_status rc = q->ops->wait(q);
+    rc = req_complete(q, rc);
+    req_release(q);
+    return rc;
+}
+
+ws_status ws_comm_all_gather(ws_comm *c, const ws_tensor *send, ws_tensor *recv,
+                             ws_comm_request **req)
+{
+    const char *what = "all_gather";
+    WS_TRY(usable(c, what));
+    WS_TRY(check_t(send, "all_gather send", 1));
+    WS_TRY(check_t(recv, "all_gather recv", 0));
+    WS_TRY(same_device(send, recv, what));
+    char bs[160], br[160];
+    int64_t n = ws_tensor_numel(send);
+    if (send->dtype != recv->dtype || ws_tensor_numel(recv) != n * c->size)
+        return WS_ERR(WS_ERR_ARG, "all_gather: recv %s must have %d x %lld elements of %s (the "
+                      "send %s), it has %lld of %s", ws_tensor_label(recv, br, sizeof br), c->size,
+                      (long long)n, ws_dtype_name(send->dtype), ws_tensor_label(send, bs, sizeof bs),
+                      (long long)ws_tensor_numel(recv), ws_dtype_name(recv->dtype));
+    int64_t v[N_CHECK] = {K_ALL_GATHER, n, send->dtype, 0};
+    WS_TRY(agree(c, what, v, "send size", NULL));
+    const ws_comm_ops *ops;
+    ws_device *d = ws_tensor_device(send);
+    WS_TRY(pick(c, d, &ops));
+    ws_comm_request *q;
+    const ws_tensor *ts[2] = {recv, send};
+    WS_TRY(req_new(c, req, what, ts, 2, 1, &q));
+    if (q) q->ops = ops;
+    ws_status rc = ops->all_gather(c, d, ws_tensor_data(send), ws_tensor_data(recv),
+                                   ws_tensor_nbytes(send), q);
+    return finish(q, req, rc, recv);
+}
+
+/* recvs[i] (i = 0..size-1) are consecutive slices of one buffer: gather directly. */
+static int adjacent(ws_tensor *const *recvs, size_t n)
+{
+    size_t bytes = ws_tensor_nbytes(recvs[0]);
+    for (size_t i = 1; i < n; i++)
+        if ((char *)ws_tensor_data(recvs[i]) != (char *)ws_tensor_data(recvs[0]) + i * bytes)
+            return 0;
+    return 1;
+}
+
+ws_status ws_comm_all_gather_list(ws_comm *c, const ws_tensor *send, ws_tensor *const *recvs,
+                                  size_t n, ws_comm_request **req)
+{
+    const char *what = "all_gather";
+    WS_TRY(usable(c, what));
+    WS_TRY(check_t(send, "all_gather send", 1));
+    if (n != (size_t)c->size)
+        return WS_ERR(WS_ERR_ARG, "all_gather: the recv list has %zu tensors; it needs one per "
+                      "rank (%d)", n, c->size);
+    char bs[160], br[160];
+    for (size_t i = 0; i < n; i++) {
+        WS_TRY(check_t(recvs[i], "all_gather recv", 0));
+        WS_TRY(same_device(send, recvs[i], what));
+        if (recvs[i]->dtype != send->dtype || ws_tensor_numel(recvs[i]) != ws_tensor_numel(send))
+            return WS_ERR(WS_ERR_ARG, "all_gather: recv[%zu] %s must match the send %s (%lld "
+                          "elements of %s)", i + 1, ws_tensor_label(recvs[i], br, sizeof br),
+                          ws_tensor_label(send, bs, sizeof bs), (long long)ws_tensor_numel(send),
+                          ws_dtype_name(send->dtype));
+    }
+    ws_device *d = ws_tensor_device(send);
+    int64_t numel = ws_tensor_numel(send);
+    if (recvs[0]->storage == recvs[n - 1]->storage && adjacent(recvs, n)) {
+        /* One view over all pieces: no staging copy. */
+        ws_tensor whole = *recvs[0];
+        whole.name = NULL;
+        ws_layout_contiguous(&whole.layout, 1, (int64_t[]){numel * (int64_t)n});
+        ws_status rc = ws_comm_all_gather(c, send, &whole, req);
+        if (rc == WS_OK && !req)
+            for (size_t i = 0; i < n; i++) ws_tensor_mark_written(recvs[i]);
+        return rc;
+    }
+    ws_tensor staging = {0};
+    ws_tensor_opts o = {.device = d, .name = "all_gather staging"};
+    WS_TRY(ws_tensor_empty(&staging, send->dtype, 1, (int64_t[]){numel * (int64_t)n}, &o));
+    ws_status rc = ws_comm_all_gather(c, send, &staging, req);
+    if (rc != WS_OK) {
+        ws_tensor_release(&staging);
+        return rc;
+    }
+    if (!req) {
+        rc = ws_unpack(&staging, recvs, n, NULL);
+        ws_tensor_release(&staging);
+        return rc;
+    }
+    ws_comm_request *q = *req;
+    q->unpack.dsts = malloc(n * sizeof *q->unpack.dsts);
+    if (!q->unpack.dsts) {
+        ws_comm_wait(q);
+        *req = NULL;
+        ws_tensor_release(&staging);
+        return WS_ERR(WS_ERR_NOMEM, "all_gather: out of host memory");
+    }
+    memcpy(q->unpack.dsts, recvs, n * sizeof *recvs);
+    q->unpack.n = n;
+    q->unpack.staging = staging; /* the request owns it now */
+    return WS_OK;
+}
+
+ws_status ws_comm_broadcast(ws_comm *c, ws_tensor *t, int root, ws_comm_request **req)
+{
+    const char *what = "broadcast";
+    WS_TRY(usable(c, what));
+    if (root < 0 || root >= c->size)
+        return WS_ERR(WS_ERR_ARG, "broadcast: root %d is out of range; ranks are 0..%d", root,
+                      c->size - 1);
+    WS_TRY(check_t(t, "broadcast", c->rank == root));
+    int64_t v[N_CHECK] = {K_BROADCAST, ws_tensor_numel(t), t->dtype, root};
+    WS_TRY(agree(c, what, v, "size", "root"));
+    const ws_comm_ops *ops;
+    ws_device *d = ws_tensor_device(t);
+    WS_TRY(pick(c, d, &ops));
+    ws_comm_request *q;
+    const ws_tensor *ts[1] = {t};
+    WS_TRY(req_new(c, req, what, ts, 1, c->rank == root ? 0 : 1, &q));
+    if (q) q->ops = ops;
+    ws_status rc = ops->broadcast(c, d, ws_tensor_data(t), ws_tensor_nbytes(t), root, q);
+    return finish(q, req, rc, c->rank == root ? NULL : t);
+}
+
+static ws_status check_peer(ws_comm *c, int peer, const char *what)
+{
+    if (peer < 0 || peer >= c->size)
+        return WS_ERR(WS_ERR_ARG, "%s: peer %d is out of range; ranks are 0..%d", what, peer,
+                      c->size - 1);
+    if (peer == c->rank)
+        return WS_ERR(WS_ERR_ARG, "%s: peer %d is this rank; send to or receive from another "
+                      "rank", what, peer);
+    return WS_OK;
+}
+
+ws_status ws_comm_send(ws_comm *c, const ws_tensor *t, int peer, ws_comm_request **req)
+{
+    WS_TRY(usable(c, "send"));
+    WS_TRY(check_peer(c, peer, "send"));
+    WS_TRY(check_t(t, "send", 1));
+    const ws_comm_ops *ops;
+    ws_device *d = ws_tensor_device(t);
+    WS_TRY(pick(c, d, &ops));
+    ws_comm_request *q;
+    const ws_tensor *ts[1] = {t};
+    WS_TRY(req_new(c, req, "send", ts, 1, 0, &q));
+    if (q) q->ops = ops;
+    ws_status rc = ops->send(c, d, ws_tensor_data(t), ws_tensor_nbytes(t), peer, q);
+    return finish(q, req, rc, NULL);
+}
+
+ws_status ws_comm_recv(ws_comm *c, ws_tensor *t, int peer, ws_comm_request **req)
+{
+    WS_TRY(usable(c, "recv"));
+    WS_TRY(check_peer(c, peer, "recv"));
+    WS_TRY(check_t(t, "recv", 0));
+    const ws_comm_ops *ops;
+    ws_device *d = ws_tensor_device(t);
+    WS_TRY(pick(c, d, &ops));
+    ws_comm_request *q;
+    const ws_tensor *ts[1] = {t};
+    WS_TRY(req_new(c, req, "recv", ts, 1, 1, &q));
+    if (q) q->ops = ops;
+    ws_status rc = ops->recv(c, d, ws_tensor_data(t), ws_tensor_nbytes(t), peer, q);
+    return finish(q, req, rc, t);
+}
+
+ws_status ws_comm_all_reduce(ws_comm *c, ws_tensor *t, ws_reduce_op op, ws_comm_request **req)
+{
+    const char *what = "all_reduce";
+    WS_TRY(usable(c, what));
+    WS_TRY(check_t(t, what, 1));
+    int64_t v[N_CHECK] = {K_ALL_REDUCE, ws_tensor_numel(t), t->dtype, op};
+    WS_TRY(agree(c, what, v, "size", "op (0 sum, 1 max)"));
+    const ws_comm_ops *ops;
+    ws_device *d = ws_tensor_device(t);
+    WS_TRY(pick(c, d, &ops));
+    ws_comm_request *q;
+    const ws_tensor *ts[1] = {t};
+    WS_TRY(req_new(c, req, what, ts, 1, 1, &q));
+    if (q) q->ops = ops;
+    ws_status rc = ops->all_reduce(c, d, ws_tensor_data(t), (size_t)ws_tensor_numel(t), t->dtype,
+                                   op, q);
+    return finish(q, req, rc, t);
+}
+
+ws_status ws_comm_reduce_scatter(ws_comm *c, const ws_tensor *send, ws_tensor *recv,
+                                 ws_reduce_op op, ws_comm_request **req)
+{
+    const char *what = "reduce_scatter";
+    WS_TRY(usable(c, what));
+    WS_TRY(check_t(send, "reduce_scatter send", 1));
+    WS_TRY(check_t(recv, "reduce_scatter recv", 0));
+    WS_TRY(same_device(send, recv, what));
+    char bs[160], br[160];
+    int64_t n = ws_tensor_numel(recv);
+    if (send->dtype != recv->dtype || ws_tensor_numel(send) != n * c->size)
+        return WS_ERR(WS_ERR_ARG, "reduce_scatter: send %s must have %d x %lld elements of %s "
+                      "(the recv %s), it has %lld of %s", ws_tensor_label(send, bs, sizeof bs),
+                      c->size, (long long)n, ws_dtype_name(recv->dtype),
+                      ws_tensor_label(recv, br, sizeof br), (long long)ws_tensor_numel(send),
+                      ws_dtype_name(send->dtype));
+    if (send->storage == recv->storage && c->size > 1) {
+        size_t sb, se, rb, re;
+        ws_tensor_byte_span(send, &sb, &se);
+        ws_tensor_byte_span(recv, &rb, &re);
+        if (sb < re && rb < se)
+            return WS_ERR(WS_ERR_ARG, "reduce_scatter: send %s and recv %s overlap; use separate "
+                          "buffers", ws_tensor_label(send, bs, sizeof bs),
+                          ws_tensor_label(recv, br, sizeof br));
+    }
+    int64_t v[N_CHECK] = {K_REDUCE_SCATTER, n, send->dtype, op};
+    WS_TRY(agree(c, what, v, "recv size", "op (0 sum, 1 max)"));
+    const ws_comm_ops *ops;
+    ws_device *d = ws_tensor_device(send);
+    WS_TRY(pick(c, d, &ops));
+    ws_comm_request *q;
+    const ws_tensor *ts[2] = {recv, send};
+    WS_TRY(req_new(c, req, what, ts, 2, 1, &q));
+    if (q) q->ops = ops;
+    ws_status rc = ops->reduce_scatter(c, d, ws_tensor_data(send), ws_tensor_data(recv),
+                                       (size_t)n, send->dtype, op, q);
+    return finish(q, req, rc, recv);
+}
+
+ws_status ws_comm_barrier(ws_comm *c)
+{
+    WS_TRY(usable(c, "barrier"));
+    if (c->size == 1) return WS_OK;
+    /* With checking on, the check's all-reduce is itself the barrier: no rank
+     * leaves it before every rank has entered. */
+    if (c->check) {
+        int64_t v[N_CHECK] = {K_BARRIER, 0, 0, 0};
+        return agree(c, "barrier", v, "size", NULL);
+    }
+#ifdef WS_HAVE_MPI
+    return ws_mpi_barrier(c);
+#else
+    return WS_OK;
+#endif
+}
+
+/* ---- FSDP-style coalesced all_gather ------------------------------------------ */
+
+#define ALIGN_UP(x, a) (((x) + (a) - 1) / (a) * (a))
+
+ws_status ws_comm_all_gather_coalesced(ws_comm *c, ws_tensor *const *shards,
+                                       ws_tensor *const *fulls, size_t n, size_t bucket_bytes)
+{
+    const char *what = "all_gather_coalesced";
+    WS_TRY(usable(c, what));
+    if (n == 0) return WS_OK;
+    char bs[160], bf[160];
+    ws_device *d = ws_tensor_device(shards[0]);
+    int64_t total = 0;
+    size_t max_piece = 0;
+    for (size_t i = 0; i < n; i++) {
+        WS_TRY(check_t(shards[i], "all_gather_coalesced shard", 1));
+        WS_TRY(check_t(fulls[i], "all_gather_coalesced full", 0));
+        WS_TRY(same_device(shards[0], shards[i], what));
+        WS_TRY(same_device(shards[i], fulls[i], what));
+        int64_t nf = ws_tensor_numel(fulls[i]);
+        int64_t ns = (nf + c->size - 1) / c->size;
+        if (shards[i]->dtype != fulls[i]->dtype || ws_tensor_numel(shards[i]) != ns)
+            return WS_ERR(WS_ERR_ARG, "%s: shard %zu %s must hold ceil(%lld / %d) = %lld elements "
+                          "of %s for full %s; it has %lld of %s", what, i + 1,
+                          ws_tensor_label(shards[i], bs, sizeof bs), (long long)nf, c->size,
+                          (long long)ns, ws_dtype_name(fulls[i]->dtype),
+                          ws_tensor_label(fulls[i], bf, sizeof bf),
+                          (long long)ws_tensor_numel(shards[i]), ws_dtype_name(shards[i]->dtype));
+        total += nf;
+        size_t piece = ALIGN_UP(ws_tensor_nbytes(shards[i]), 16);
+        if (piece > max_piece) max_piece = piece;
+    }
+    int64_t v[N_CHECK] = {K_COALESCED, total, shards[0]->dtype, (int64_t)bucket_bytes};
+    WS_TRY(agree(c, what, v, "total size of the full tensors", "bucket_bytes"));
+    size_t cap = bucket_bytes / (size_t)c->size;
+    if (cap < max_piece) cap = max_piece;
+    cap = ALIGN_UP(cap ? cap : 16, 16);
+    const ws_comm_ops *ops;
+    WS_TRY(pick(c, d, &ops));
+
+    ws_tensor sendb = {0}, recvb = {0};
+    ws_copy_desc *descs = malloc((n + n * (size_t)c->size) * sizeof *descs);
+    if (!descs) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory for %zu copies", what, n);
+    ws_tensor_opts o = {.device = d, .name = "all_gather_coalesced bucket"};
+    ws_status rc = ws_tensor_empty(&sendb, WS_U8, 1, (int64_t[]){(int64_t)cap}, &o);
+    if (rc == WS_OK)
+        rc = ws_tensor_empty(&recvb, WS_U8, 1, (int64_t[]){(int64_t)cap * c->size}, &o);
+    size_t i = 0;
+    while (rc == WS_OK && i < n) {
+        /* One bucket: tensors [i, j) whose shard pieces fit in `cap` bytes. */
+        size_t j = i, used = 0, nd = 0;
+        char *sp = ws_tensor_data(&sendb), *rp = ws_tensor_data(&recvb);
+        while (j < n && (j == i || used + ALIGN_UP(ws_tensor_nbytes(shards[j]), 16) <= cap)) {
+            size_t sbytes = ws_tensor_nbytes(shards[j]);
+            descs[nd++] = (ws_copy_desc){sp + used, ws_tensor_data(shards[j]), sbytes, WS_U8, WS_U8};
+            used += ALIGN_UP(sbytes, 16);
+            j++;
+        }
+        rc = d->ops->copy_batch(d, descs, nd);
+        if (rc == WS_OK) rc = ops->all_gather(c, d, sp, rp, used, NULL);
+        nd = 0;
+        size_t off = 0;
+        for (size_t k = i; rc == WS_OK && k < j; k++) {
+            size_t es = ws_dtype_size(fulls[k]->dtype);
+            int64_t nf = ws_tensor_numel(fulls[k]), ns = ws_tensor_numel(shards[k]);
+            for (int r = 0; r < c->size; r++) {
+                int64_t take = nf - (int64_t)r * ns;
+                if (take > ns) take = ns;
+                if (take <= 0) break;
+                descs[nd++] = (ws_copy_desc){(char *)ws_tensor_data(fulls[k]) + (size_t)r * ns * es,
+                                             rp + (size_t)r * used + off, (size_t)take * es,
+                                             WS_U8, WS_U8};
+            }
+            off += ALIGN_UP(ws_tensor_nbytes(shards[k]), 16);
+        }
+        if (rc == WS_OK) rc = d->ops->copy_batch(d, descs, nd);
+        for (size_t k = i; rc == WS_OK && k < j; k++) ws_tensor_mark_written(fulls[k]);
+        i = j;
+    }
+    ws_tensor_release(&sendb);
+    ws_tensor_release(&recvb);
+    free(descs);
+    return rc;
+}
+
+/* ---- reference timing, abort, shutdown ------------------------------------- */
+
+ws_status ws_comm_reference(ws_comm *c, const char *op, size_t bytes, int iters,
+                            double *seconds_per_iter)
+{
+#ifdef WS_HAVE_MPI
+    if (c->host != &g_self_ops) return ws_mpi_reference(c, op, bytes, iters, seconds_per_iter);
+#endif
+    (void)op; (void)bytes; (void)iters; (void)seconds_per_iter;
+    return WS_ERR(WS_ERR_UNSUPPORTED, "reference: needs the MPI backend; run under mpirun");
+}
+
+void ws_comm_abort(int exit_code)
+{
+    fflush(NULL);
+    ws_nccl_abort_all();
+#ifdef WS_HAVE_MPI
+    ws_mpi_abort(exit_code);
+#endif
+    /* A world of one (or MPI_Abort returned): end this process only. */
+    _exit(exit_code ? exit_code : 1);
+}
+
+void ws_comm_shutdown(void)
+{
+    if (g_shut) return;
+    g_shut = 1;
+    if (!g_world_ready) return;
+    ws_nccl_destroy(&g_world);
+#ifdef WS_HAVE_MPI
+    ws_mpi_free_comm(&g_world);
+    ws_mpi_finalize();
+#endif
+}

@@ -48,6 +48,32 @@ ws_status ws_comm_reduce_scatter(ws_comm *c, const ws_tensor *send, ws_tensor *r
 ws_status ws_comm_barrier(ws_comm *c);
 ws_status ws_comm_wait(ws_comm_request *req);
 
+/* all_gather into a list of `n` = size tensors of numel(send) each (one
+ * collective; gathers straight into them when they are consecutive slices of
+ * one buffer, else through a staging buffer). */
+ws_status ws_comm_all_gather_list(ws_comm *c, const ws_tensor *send, ws_tensor *const *recvs,
+                                  size_t n, ws_comm_request **req);
+/* FSDP-style: fulls[i] <- the shards[i] of every rank, where shards[i] holds
+ * ceil(numel(fulls[i]) / size) elements (the last ranks' padding is dropped).
+ * Shards are packed into buckets of about `bucket_bytes` (all ranks' pieces
+ * together) and each bucket is one all_gather. Blocking. */
+ws_status ws_comm_all_gather_coalesced(ws_comm *c, ws_tensor *const *shards,
+                                       ws_tensor *const *fulls, size_t n, size_t bucket_bytes);
+
+/* The mismatch check (one tiny all-reduce per collective, on by default when
+ * size > 1 unless WSHOST_COMM_CHECK=0). */
+void ws_comm_set_check(ws_comm *c, int on);
+int ws_comm_get_check(const ws_comm *c);
+/* Seconds per iteration of raw MPI_Allgather ("all_gather", `bytes` = total
+ * output) or MPI_Bcast ("broadcast") on malloc'd buffers: the benchmark's
+ * reference. WS_ERR_UNSUPPORTED without the MPI backend. */
+ws_status ws_comm_reference(ws_comm *c, const char *op, size_t bytes, int iters,
+                            double *seconds_per_iter);
+
+/* 1 when the world exists and has more than one rank: main() then ends the
+ * whole job with ws_comm_abort after a Lua error. */
+int ws_comm_is_multi(void);
+
 /* Ends every rank of the job with `exit_code`; prints nothing itself. */
 void ws_comm_abort(int exit_code);
 /* Called at normal exit: finalizes NCCL and MPI if they were started. */

@@ -1,1 +1,619 @@
-/* comm_mpi.c: placeholder until its author lands it. */
+/* comm_mpi.c: the MPI backend for cpu tensors, and the MPI world itself.
+ *
+ * Also bootstraps NCCL (broadcast of its unique id) and carries the cheap
+ * mismatch check of comm.c. MPI counts are ints, so transfers are cut into
+ * chunks of at most `chunk_bytes` (1 GiB, WSHOST_COMM_CHUNK_BYTES overrides it
+ * for tests); an all_gather chunk uses a datatype whose extent is the whole
+ * per-rank piece so each chunk still lands at the right place for every rank.
+ *
+ * bf16, f16 and fp8 reductions go through an f32 scratch buffer: each rank
+ * converts to f32, MPI reduces in f32, and the result is rounded back once
+ * (round to nearest even). That is more accurate than summing in the narrow
+ * type and identical on every rank, but costs a temporary of 4 bytes per
+ * element. i32 and i64 sums use unsigned MPI types, so they wrap modulo 2^32
+ * and 2^64 as the checksums require. */
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "comm_internal.h"
+
+#define WS_MPI_TAG 0x5753
+
+typedef struct mpi_comm_impl { MPI_Comm comm; } mpi_comm_impl;
+
+static struct {
+    int initialized;   /* we (or someone) called MPI_Init and we use it */
+    int finalized;
+    size_t chunk_bytes;
+} g_mpi;
+
+static MPI_Comm comm_of(const ws_comm *c) { return ((const mpi_comm_impl *)c->host_impl)->comm; }
+
+static ws_status mpi_fail(const ws_comm *c, int rc, const char *file, int line, const char *what)
+{
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    if (MPI_Error_string(rc, msg, &len) != MPI_SUCCESS) snprintf(msg, sizeof msg, "error %d", rc);
+    return ws_seterr(WS_ERR_COMM, file, line,
+                     "%s: MPI failed on rank %d of %d: %s; a peer may have died or the ranks "
+                     "called different collectives",
+                     what, c ? c->rank : -1, c ? c->size : -1, msg);
+}
+
+#define CHECK_MPI(c, call, what)                                                          \
+    do {                                                                                  \
+        int check_mpi_rc_ = (call);                                                       \
+        if (check_mpi_rc_ != MPI_SUCCESS)                                                 \
+            return mpi_fail((c), check_mpi_rc_, __FILE__, __LINE__, (what));              \
+    } while (0)
+
+/* ---- requests ------------------------------------------------------------ */
+
+typedef struct mpi_req {
+    MPI_Request *reqs;
+    int *expect;             /* bytes a recv request must deliver, -1 otherwise */
+    int n, cap;
+    float *scratch_in, *scratch_out; /* f32 reductions of narrow floats */
+    void *convert_dst;       /* convert scratch_out back into this at completion */
+    ws_dtype convert_dtype;
+    size_t convert_count;
+} mpi_req;
+
+static void mpi_req_free(mpi_req *m)
+{
+    if (!m) return;
+    free(m->reqs);
+    free(m->expect);
+    free(m->scratch_in);
+    free(m->scratch_out);
+    free(m);
+}
+
+/* Slot for one more MPI_Request of an async call. */
+static ws_status mpi_req_push(mpi_req *m, int expect, MPI_Request **slot)
+{
+    if (m->n == m->cap) {
+        int cap = m->cap ? m->cap * 2 : 4;
+        MPI_Request *r = realloc(m->reqs, (size_t)cap * sizeof *r);
+        if (!r) return WS_ERR(WS_ERR_NOMEM, "comm: out of host memory for MPI requests");
+        m->reqs = r;
+        int *e = realloc(m->expect, (size_t)cap * sizeof *e);
+        if (!e) return WS_ERR(WS_ERR_NOMEM, "comm: out of host memory for MPI requests");
+        m->expect = e;
+        m->cap = cap;
+    }
+    m->expect[m->n] = expect;
+    *slot = &m->reqs[m->n++];
+    return WS_OK;
+}
+
+/* Backend state for an async call, created on first use. */
+static ws_status async_state(ws_comm_request *req, mpi_req **out)
+{
+    *out = NULL;
+    if (!req) return WS_OK;
+    if (!req->impl) {
+        req->impl = calloc(1, sizeof(mpi_req));
+        if (!req->impl) return WS_ERR(WS_ERR_NOMEM, "comm: out of host memory for a request");
+    }
+    *out = req->impl;
+    return WS_OK;
+}
+
+static ws_status finish_conversion(mpi_req *m)
+{
+    if (m->convert_dst)
+        ws_convert_host(m->convert_dst, m->convert_dtype, m->scratch_out, WS_F32, m->convert_count);
+    return WS_OK;
+}
+
+static ws_status mpi_wait(ws_comm_request *req)
+{
+    mpi_req *m = req->impl;
+    ws_status rc = WS_OK;
+    if (!m) return WS_OK;
+    if (m->n > 0) {
+        MPI_Status *st = calloc((size_t)m->n, sizeof *st);
+        if (!st) {
+            /* Still complete the requests: the buffers must not be freed under MPI. */
+            MPI_Waitall(m->n, m->reqs, MPI_STATUSES_IGNORE);
+            rc = WS_ERR(WS_ERR_NOMEM, "%s: out of host memory while waiting", req->what);
+        } else {
+            int mrc = MPI_Waitall(m->n, m->reqs, st);
+            if (mrc != MPI_SUCCESS) {
+                int err = mrc;
+                for (int i = 0; mrc == MPI_ERR_IN_STATUS && i < m->n; i++)
+                    if (st[i].MPI_ERROR != MPI_SUCCESS && st[i].MPI_ERROR != MPI_ERR_PENDING) {
+                        err = st[i].MPI_ERROR;
+                        break;
+                    }
+                rc = mpi_fail(req->comm, err, __FILE__, __LINE__, req->what);
+            }
+            for (int i = 0; rc == WS_OK && i < m->n; i++) {
+                if (m->expect[i] < 0) continue;
+                int got = 0;
+                MPI_Get_count(&st[i], MPI_BYTE, &got);
+                if (got != m->expect[i])
+                    rc = WS_ERR(WS_ERR_COMM, "%s: rank %d expected %d bytes from rank %d but got "
+                                "%d; send and recv sizes must match",
+                                req->what, req->comm->rank, m->expect[i], st[i].MPI_SOURCE, got);
+            }
+            free(st);
+        }
+    }
+    if (rc == WS_OK) rc = finish_conversion(m);
+    mpi_req_free(m);
+    req->impl = NULL;
+    return rc;
+}
+
+/* ---- data movement ------------------------------------------------------- */
+
+static size_t chunk_of(size_t elem)
+{
+    size_t c = g_mpi.chunk_bytes / elem * elem;
+    return c ? c : elem;
+}
+
+static ws_status mpi_all_gather(ws_comm *c, ws_device *d, const void *send, void *recv,
+                                size_t bytes, ws_comm_request *req)
+{
+    (void)d;
+    mpi_req *m;
+    WS_TRY(async_state(req, &m));
+    MPI_Comm comm = comm_of(c);
+    size_t chunk = chunk_of(1);
+    /* In place when the caller's piece already sits in recv (FSDP style). */
+    int in_place = (const char *)send == (const char *)recv + (size_t)c->rank * bytes;
+    if (bytes <= chunk) {
+        const void *sb = in_place ? MPI_IN_PLACE : send;
+        if (!m) {
+            CHECK_MPI(c, MPI_Allgather(sb, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, comm),
+                      "all_gather");
+        } else {
+            MPI_Request *r;
+            WS_TRY(mpi_req_push(m, -1, &r));
+            CHECK_MPI(c, MPI_Iallgather(sb, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE,
+                                        comm, r), "all_gather");
+        }
+        return WS_OK;
+    }
+    for (size_t off = 0; off < bytes; off += chunk) {
+        size_t len = bytes - off < chunk ? bytes - off : chunk;
+        MPI_Datatype piece, spaced;
+        CHECK_MPI(c, MPI_Type_contiguous((int)len, MPI_BYTE, &piece), "all_gather");
+        int trc = MPI_Type_create_resized(piece, 0, (MPI_Aint)bytes, &spaced);
+        MPI_Type_free(&piece);
+        CHECK_MPI(c, trc, "all_gather");
+        CHECK_MPI(c, MPI_Type_commit(&spaced), "all_gather");
+        const void *sb = in_place ? MPI_IN_PLACE : (const char *)send + off;
+        int mrc;
+        if (!m) {
+            mrc = MPI_Allgather(sb, (int)len, MPI_BYTE, (char *)recv + off, 1, spaced, comm);
+        } else {
+            MPI_Request *r;
+            ws_status rc = mpi_req_push(m, -1, &r);
+            if (rc != WS_OK) {
+                MPI_Type_free(&spaced);
+                return rc;
+            }
+            mrc = MPI_Iallgather(sb, (int)len, MPI_BYTE, (char *)recv + off, 1, spaced, comm, r);
+        }
+        /* Freeing a type in use by a pending operation is allowed. */
+        MPI_Type_free(&spaced);
+        CHECK_MPI(c, mrc, "all_gather");
+    }
+    return WS_OK;
+}
+
+static ws_status mpi_broadcast(ws_comm *c, ws_device *d, void *buf, size_t bytes, int root,
+                               ws_comm_request *req)
+{
+    (void)d;
+    mpi_req *m;
+    WS_TRY(async_state(req, &m));
+    size_t chunk = chunk_of(1);
+    for (size_t off = 0; off < bytes || off == 0; off += chunk) {
+        int len = (int)(bytes - off < chunk ? bytes - off : chunk);
+        if (!m) {
+            CHECK_MPI(c, MPI_Bcast((char *)buf + off, len, MPI_BYTE, root, comm_of(c)), "broadcast");
+        } else {
+            MPI_Request *r;
+            WS_TRY(mpi_req_push(m, -1, &r));
+            CHECK_MPI(c, MPI_Ibcast((char *)buf + off, len, MPI_BYTE, root, comm_of(c), r),
+                      "broadcast");
+        }
+        if (bytes == 0) break;
+    }
+    return WS_OK;
+}
+
+static ws_status mpi_send(ws_comm *c, ws_device *d, const void *buf, size_t bytes, int peer,
+                          ws_comm_request *req)
+{
+    (void)d;
+    mpi_req *m;
+    WS_TRY(async_state(req, &m));
+    size_t chunk = chunk_of(1);
+    for (size_t off = 0; off < bytes || off == 0; off += chunk) {
+        int len = (int)(bytes - off < chunk ? bytes - off : chunk);
+        const char *p = (const char *)buf + off;
+        if (!m) {
+            CHECK_MPI(c, MPI_Send(p, len, MPI_BYTE, peer, WS_MPI_TAG, comm_of(c)), "send");
+        } else {
+            MPI_Request *r;
+            WS_TRY(mpi_req_push(m, -1, &r));
+            CHECK_MPI(c, MPI_Isend(p, len, MPI_BYTE, peer, WS_MPI_TAG, comm_of(c), r), "send");
+        }
+        if (bytes == 0) break;
+    }
+    return WS_OK;
+}
+
+static ws_status mpi_recv(ws_comm *c, ws_device *d, void *buf, size_t bytes, int peer,
+                          ws_comm_request *req)
+{
+    (void)d;
+    mpi_req *m;
+    WS_TRY(async_state(req, &m));
+    size_t chunk = chunk_of(1);
+    for (size_t off = 0; off < bytes || off == 0; off += chunk) {
+        int len = (int)(bytes - off < chunk ? bytes - off : chunk);
+        char *p = (char *)buf + off;
+        if (!m) {
+            MPI_Status st;
+            CHECK_MPI(c, MPI_Recv(p, len, MPI_BYTE, peer, WS_MPI_TAG, comm_of(c), &st), "recv");
+            int got = 0;
+            MPI_Get_count(&st, MPI_BYTE, &got);
+            if (got != len)
+                return WS_ERR(WS_ERR_COMM, "recv: rank %d expected %d bytes from rank %d but "
+                              "got %d; send and recv sizes must match", c->rank, len, peer, got);
+        } else {
+            MPI_Request *r;
+            WS_TRY(mpi_req_push(m, len, &r));
+            CHECK_MPI(c, MPI_Irecv(p, len, MPI_BYTE, peer, WS_MPI_TAG, comm_of(c), r), "recv");
+        }
+        if (bytes == 0) break;
+    }
+    return WS_OK;
+}
+
+/* ---- reductions ------------------------------------------------------------ */
+
+/* MPI type for a reduction, or MPI_DATATYPE_NULL when it goes through f32. */
+static MPI_Datatype reduce_type(ws_dtype t, ws_reduce_op op)
+{
+    switch (t) {
+    case WS_F32: return MPI_FLOAT;
+    case WS_U8: return MPI_UINT8_T;
+    case WS_I32: return op == WS_REDUCE_SUM ? MPI_UINT32_T : MPI_INT32_T;
+    case WS_I64: return op == WS_REDUCE_SUM ? MPI_UINT64_T : MPI_INT64_T;
+    default: return MPI_DATATYPE_NULL;
+    }
+}
+
+/* The f32 scratch path: `send` (send_count elements of t) is converted into
+ * scratch_in (or straight into scratch_out when reducing in place); the
+ * result in scratch_out is converted back into dst at completion. */
+static ws_status scratch_setup(mpi_req *m, const void *send, size_t send_count, void *dst,
+                               size_t dst_count, ws_dtype t, int in_place, const char *what)
+{
+    m->scratch_out = malloc(dst_count * sizeof(float) + 1);
+    if (!in_place) m->scratch_in = malloc(send_count * sizeof(float) + 1);
+    if (!m->scratch_out || (!in_place && !m->scratch_in))
+        return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory for the f32 scratch of a %s "
+                      "reduction (%zu elements); reduce in f32 instead", what, ws_dtype_name(t),
+                      send_count);
+    ws_convert_host(in_place ? m->scratch_out : m->scratch_in, WS_F32, send, t, send_count);
+    m->convert_dst = dst;
+    m->convert_dtype = t;
+    m->convert_count = dst_count;
+    return WS_OK;
+}
+
+static ws_status reduce_chunks(ws_comm *c, mpi_req *m, const void *send, void *recv,
+                               size_t count, size_t elem, MPI_Datatype type, MPI_Op op)
+{
+    size_t chunk = chunk_of(elem) / elem;
+    for (size_t off = 0; off < count; off += chunk) {
+        int len = (int)(count - off < chunk ? count - off : chunk);
+        const void *sb = send == recv ? MPI_IN_PLACE : (const char *)send + off * elem;
+        char *rb = (char *)recv + off * elem;
+        if (!m) {
+            CHECK_MPI(c, MPI_Allreduce(sb, rb, len, type, op, comm_of(c)), "all_reduce");
+        } else {
+            MPI_Request *r;
+            WS_TRY(mpi_req_push(m, -1, &r));
+            CHECK_MPI(c, MPI_Iallreduce(sb, rb, len, type, op, comm_of(c), r), "all_reduce");
+        }
+    }
+    return WS_OK;
+}
+
+static ws_status mpi_all_reduce(ws_comm *c, ws_device *d, void *buf, size_t count, ws_dtype t,
+                                ws_reduce_op op, ws_comm_request *req)
+{
+    (void)d;
+    MPI_Op mop = op == WS_REDUCE_SUM ? MPI_SUM : MPI_MAX;
+    MPI_Datatype type = reduce_type(t, op);
+    mpi_req *m;
+    WS_TRY(async_state(req, &m));
+    if (type != MPI_DATATYPE_NULL)
+        return reduce_chunks(c, m, buf, buf, count, ws_dtype_size(t), type, mop);
+    mpi_req local = {0};
+    mpi_req *s = m ? m : &local;
+    ws_status rc = scratch_setup(s, buf, count, buf, count, t, 1, "all_reduce");
+    if (rc == WS_OK)
+        rc = reduce_chunks(c, m, s->scratch_out, s->scratch_out, count, sizeof(float), MPI_FLOAT,
+                           mop);
+    if (!m) {
+        if (rc == WS_OK) rc = finish_conversion(&local);
+        free(local.scratch_in);
+        free(local.scratch_out);
+    }
+    return rc;
+}
+
+static ws_status scatter_chunks(ws_comm *c, mpi_req *m, const void *send, void *recv,
+                                size_t count, size_t elem, MPI_Datatype type, MPI_Op op)
+{
+    size_t chunk = chunk_of(elem) / elem;
+    if (count <= chunk) {
+        if (!m) {
+            CHECK_MPI(c, MPI_Reduce_scatter_block(send, recv, (int)count, type, op, comm_of(c)),
+                      "reduce_scatter");
+        } else {
+            MPI_Request *r;
+            WS_TRY(mpi_req_push(m, -1, &r));
+            CHECK_MPI(c, MPI_Ireduce_scatter_block(send, recv, (int)count, type, op, comm_of(c),
+                                                   r), "reduce_scatter");
+        }
+        return WS_OK;
+    }
+    /* Blocks too large for one int count: reduce each chunk of block r to rank r. */
+    for (size_t off = 0; off < count; off += chunk) {
+        int len = (int)(count - off < chunk ? count - off : chunk);
+        for (int root = 0; root < c->size; root++) {
+            const char *sb = (const char *)send + ((size_t)root * count + off) * elem;
+            char *rb = root == c->rank ? (char *)recv + off * elem : NULL;
+            if (!m) {
+                CHECK_MPI(c, MPI_Reduce(sb, rb, len, type, op, root, comm_of(c)), "reduce_scatter");
+            } else {
+                MPI_Request *r;
+                WS_TRY(mpi_req_push(m, -1, &r));
+                CHECK_MPI(c, MPI_Ireduce(sb, rb, len, type, op, root, comm_of(c), r),
+                          "reduce_scatter");
+            }
+        }
+    }
+    return WS_OK;
+}
+
+static ws_status mpi_reduce_scatter(ws_comm *c, ws_device *d, const void *send, void *recv,
+                                    size_t count, ws_dtype t, ws_reduce_op op,
+                                    ws_comm_request *req)
+{
+    (void)d;
+    MPI_Op mop = op == WS_REDUCE_SUM ? MPI_SUM : MPI_MAX;
+    MPI_Datatype type = reduce_type(t, op);
+    mpi_req *m;
+    WS_TRY(async_state(req, &m));
+    if (type != MPI_DATATYPE_NULL)
+        return scatter_chunks(c, m, send, recv, count, ws_dtype_size(t), type, mop);
+    mpi_req local = {0};
+    mpi_req *s = m ? m : &local;
+    size_t total = count * (size_t)c->size;
+    ws_status rc = scratch_setup(s, send, total, recv, count, t, 0, "reduce_scatter");
+    if (rc == WS_OK)
+        rc = scatter_chunks(c, m, s->scratch_in, s->scratch_out, count, sizeof(float), MPI_FLOAT,
+                            mop);
+    if (!m) {
+        if (rc == WS_OK) rc = finish_conversion(&local);
+        free(local.scratch_in);
+        free(local.scratch_out);
+    }
+    return rc;
+}
+
+static const ws_comm_ops g_mpi_ops = {
+    .name = "mpi",
+    .all_gather = mpi_all_gather,
+    .broadcast = mpi_broadcast,
+    .send = mpi_send,
+    .recv = mpi_recv,
+    .all_reduce = mpi_all_reduce,
+    .reduce_scatter = mpi_reduce_scatter,
+    .wait = mpi_wait,
+};
+
+const ws_comm_ops *ws_comm_mpi_ops(void) { return &g_mpi_ops; }
+
+/* ---- world, split, small helpers ----------------------------------------- */
+
+int ws_mpi_launched(void)
+{
+    static const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK",
+                                 "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD"};
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++)
+        if (getenv(vars[i])) return 1;
+    return 0;
+}
+
+static int env_int(const char *name, int *out)
+{
+    const char *v = getenv(name);
+    if (!v || !*v) return 0;
+    char *end;
+    long x = strtol(v, &end, 10);
+    if (*end || x < 0) return 0;
+    *out = (int)x;
+    return 1;
+}
+
+/* Ends the job when a rank exits without ws_comm_shutdown: a failing rank
+ * must never leave its peers blocked in a collective. A clean exit (status 0)
+ * finalizes instead. */
+static void at_exit(int status, void *arg)
+{
+    (void)arg;
+    if (!g_mpi.initialized || g_mpi.finalized) return;
+    if (status == 0) {
+        ws_comm_shutdown();
+        return;
+    }
+    ws_comm_abort(status);
+}
+
+ws_status ws_mpi_init_world(ws_comm *c)
+{
+    int inited = 0, provided = 0;
+    MPI_Initialized(&inited);
+    if (!inited) {
+        int rc = MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided);
+        if (rc != MPI_SUCCESS) return mpi_fail(NULL, rc, __FILE__, __LINE__, "comm: MPI_Init_thread");
+    }
+    g_mpi.initialized = 1;
+    g_mpi.chunk_bytes = (size_t)1 << 30;
+    const char *cb = getenv("WSHOST_COMM_CHUNK_BYTES");
+    if (cb && *cb) {
+        long long v = atoll(cb);
+        if (v > 0 && v <= (1ll << 30)) g_mpi.chunk_bytes = (size_t)v;
+    }
+    on_exit(at_exit, NULL);
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    mpi_comm_impl *impl = calloc(1, sizeof *impl);
+    if (!impl) return WS_ERR(WS_ERR_NOMEM, "comm: out of host memory for the world");
+    impl->comm = MPI_COMM_WORLD;
+    c->host_impl = impl;
+    MPI_Comm_rank(MPI_COMM_WORLD, &c->rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &c->size);
+    if (!env_int("OMPI_COMM_WORLD_LOCAL_RANK", &c->local_rank) &&
+        !env_int("MPI_LOCALRANKID", &c->local_rank) && !env_int("SLURM_LOCALID", &c->local_rank)) {
+        MPI_Comm node;
+        CHECK_MPI(c, MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, c->rank,
+                                         MPI_INFO_NULL, &node), "comm: local rank");
+        MPI_Comm_rank(node, &c->local_rank);
+        MPI_Comm_free(&node);
+    }
+    return WS_OK;
+}
+
+ws_status ws_mpi_split(ws_comm *parent, int color, int key, ws_comm *child, int *undefined)
+{
+    MPI_Comm out;
+    CHECK_MPI(parent, MPI_Comm_split(comm_of(parent), color < 0 ? MPI_UNDEFINED : color, key, &out),
+              "split");
+    *undefined = out == MPI_COMM_NULL;
+    if (*undefined) return WS_OK;
+    mpi_comm_impl *impl = calloc(1, sizeof *impl);
+    if (!impl) {
+        MPI_Comm_free(&out);
+        return WS_ERR(WS_ERR_NOMEM, "split: out of host memory");
+    }
+    MPI_Comm_set_errhandler(out, MPI_ERRORS_RETURN);
+    impl->comm = out;
+    child->host_impl = impl;
+    MPI_Comm_rank(out, &child->rank);
+    MPI_Comm_size(out, &child->size);
+    return WS_OK;
+}
+
+void ws_mpi_free_comm(ws_comm *c)
+{
+    mpi_comm_impl *impl = c->host_impl;
+    if (!impl) return;
+    if (impl->comm != MPI_COMM_WORLD && !g_mpi.finalized) MPI_Comm_free(&impl->comm);
+    free(impl);
+    c->host_impl = NULL;
+}
+
+ws_status ws_mpi_barrier(ws_comm *c)
+{
+    CHECK_MPI(c, MPI_Barrier(comm_of(c)), "barrier");
+    return WS_OK;
+}
+
+ws_status ws_mpi_allreduce_max_i64(ws_comm *c, int64_t *v, int n)
+{
+    CHECK_MPI(c, MPI_Allreduce(MPI_IN_PLACE, v, n, MPI_INT64_T, MPI_MAX, comm_of(c)), "check");
+    return WS_OK;
+}
+
+ws_status ws_mpi_allgather_i64(ws_comm *c, const int64_t *mine, int n, int64_t *all)
+{
+    CHECK_MPI(c, MPI_Allgather(mine, n, MPI_INT64_T, all, n, MPI_INT64_T, comm_of(c)), "check");
+    return WS_OK;
+}
+
+ws_status ws_mpi_bcast_bytes(ws_comm *c, void *buf, size_t bytes, int root)
+{
+    CHECK_MPI(c, MPI_Bcast(buf, (int)bytes, MPI_BYTE, root, comm_of(c)), "nccl bootstrap");
+    return WS_OK;
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+ws_status ws_mpi_reference(ws_comm *c, const char *op, size_t bytes, int iters,
+                           double *seconds_per_iter)
+{
+    int gather = strcmp(op, "all_gather") == 0;
+    if (!gather && strcmp(op, "broadcast") != 0)
+        return WS_ERR(WS_ERR_ARG, "reference: unknown op '%s'; use \"all_gather\" or \"broadcast\"",
+                      op);
+    size_t piece = gather ? bytes / (size_t)c->size : bytes;
+    if (iters < 1 || piece > (size_t)0x7fffffff || (gather && bytes % (size_t)c->size))
+        return WS_ERR(WS_ERR_ARG, "reference: %s of %zu bytes x %d iterations: bytes must be a "
+                      "multiple of the world size and each piece under 2 GiB, iters >= 1", op,
+                      bytes, iters);
+    char *send = malloc(piece ? piece : 1), *recv = malloc(bytes ? bytes : 1);
+    if (!send || !recv) {
+        free(send);
+        free(recv);
+        return WS_ERR(WS_ERR_NOMEM, "reference: out of host memory for %zu bytes", bytes);
+    }
+    memset(send, c->rank + 1, piece);
+    memset(recv, 0, bytes);
+    MPI_Comm comm = comm_of(c);
+    int rc = MPI_SUCCESS;
+    double t0 = 0;
+    for (int i = -1; i < iters && rc == MPI_SUCCESS; i++) { /* i = -1: warm-up */
+        if (i == 0) {
+            rc = MPI_Barrier(comm);
+            t0 = now_s();
+        }
+        if (rc != MPI_SUCCESS) break;
+        rc = gather ? MPI_Allgather(send, (int)piece, MPI_BYTE, recv, (int)piece, MPI_BYTE, comm)
+                    : MPI_Bcast(recv, (int)bytes, MPI_BYTE, 0, comm);
+    }
+    double t = (now_s() - t0) / iters;
+    free(send);
+    free(recv);
+    CHECK_MPI(c, rc, "reference");
+    CHECK_MPI(c, MPI_Allreduce(MPI_IN_PLACE, &t, 1, MPI_DOUBLE, MPI_MAX, comm), "reference");
+    *seconds_per_iter = t;
+    return WS_OK;
+}
+
+int ws_mpi_active(void) { return g_mpi.initialized && !g_mpi.finalized; }
+
+void ws_mpi_abort(int exit_code)
+{
+    if (ws_mpi_active()) MPI_Abort(MPI_COMM_WORLD, exit_code);
+}
+
+void ws_mpi_finalize(void)
+{
+    if (!ws_mpi_active()) return;
+    g_mpi.finalized = 1;
+    int fin = 0;
+    MPI_Finalized(&fin);
+    if (!fin) MPI_Finalize();
+}

@@ -1,0 +1,116 @@
+/* comm_internal.h: the comm backend vtable shared by comm.c, comm_mpi.c and
+ * comm_nccl.c. Not part of the public C API.
+ *
+ * comm.c validates tensors, runs the mismatch check and picks a backend per
+ * call: a world of one uses the local "self" backend for every device, cpu
+ * tensors go to the host backend (MPI), cuda tensors to NCCL. Backends see raw
+ * pointers, byte or element counts and the device; they never look at
+ * tensors, so validation and messages live in one place. */
+#ifndef WS_COMM_INTERNAL_H
+#define WS_COMM_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "comm.h"
+#include "device.h"
+#include "dtype.h"
+#include "status.h"
+#include "tensor.h"
+
+typedef struct ws_nccl_state ws_nccl_state;
+
+/* One backend. `req` NULL: the call completes before returning. Otherwise
+ * the backend stores what it needs in req->impl and completes it in wait(). */
+typedef struct ws_comm_ops {
+    const char *name;
+    ws_status (*all_gather)(ws_comm *c, ws_device *d, const void *send, void *recv,
+                            size_t bytes_per_rank, ws_comm_request *req);
+    ws_status (*broadcast)(ws_comm *c, ws_device *d, void *buf, size_t bytes, int root,
+                           ws_comm_request *req);
+    ws_status (*send)(ws_comm *c, ws_device *d, const void *buf, size_t bytes, int peer,
+                      ws_comm_request *req);
+    ws_status (*recv)(ws_comm *c, ws_device *d, void *buf, size_t bytes, int peer,
+                      ws_comm_request *req);
+    ws_status (*all_reduce)(ws_comm *c, ws_device *d, void *buf, size_t count, ws_dtype t,
+                            ws_reduce_op op, ws_comm_request *req);
+    /* recv gets count_per_rank elements: block `rank` of the reduction. */
+    ws_status (*reduce_scatter)(ws_comm *c, ws_device *d, const void *send, void *recv,
+                                size_t count_per_rank, ws_dtype t, ws_reduce_op op,
+                                ws_comm_request *req);
+    ws_status (*wait)(ws_comm_request *req);
+} ws_comm_ops;
+
+/* Largest number of tensors a request marks written (or keeps alive) when it
+ * completes. */
+#define WS_COMM_REQ_TENSORS 2
+
+/* Work done after the transfer completes (all_gather into a list). */
+typedef struct ws_comm_unpack {
+    ws_tensor staging;        /* owned: the contiguous recv buffer */
+    ws_tensor **dsts;         /* owned array of borrowed tensors */
+    size_t n;
+} ws_comm_unpack;
+
+struct ws_comm_request {
+    ws_comm *comm;
+    const ws_comm_ops *ops;
+    const char *what;         /* "all_gather", ... for messages */
+    void *impl;               /* backend state, freed by ops->wait */
+    /* Shallow copies holding a storage reference, so the bytes stay valid
+     * even if the caller frees its tensor before waiting. */
+    ws_tensor keep[WS_COMM_REQ_TENSORS];
+    int n_keep;
+    int written_mask;         /* bit i: keep[i] is an output */
+    ws_comm_unpack unpack;
+};
+
+struct ws_comm {
+    int rank, size, local_rank;
+    int is_world;
+    int check;                /* run the mismatch check before collectives */
+    const ws_comm_ops *host;  /* self or mpi */
+    void *host_impl;          /* mpi: MPI_Comm (owned unless world) */
+    ws_nccl_state *nccl;      /* created on first cuda collective with size > 1 */
+    char backend[16];
+};
+
+/* ---- self backend (comm.c) --------------------------------------------- */
+const ws_comm_ops *ws_comm_self_ops(void);
+
+/* ---- MPI (comm_mpi.c; only when built WS_HAVE_MPI) ----------------------- */
+#ifdef WS_HAVE_MPI
+const ws_comm_ops *ws_comm_mpi_ops(void);
+/* 1 when a launcher (mpirun, srun with PMI) started this process. */
+int ws_mpi_launched(void);
+/* MPI_Init_thread and the world communicator; fills c->rank/size/local_rank. */
+ws_status ws_mpi_init_world(ws_comm *c);
+ws_status ws_mpi_split(ws_comm *parent, int color, int key, ws_comm *child, int *undefined);
+void ws_mpi_free_comm(ws_comm *c);
+ws_status ws_mpi_barrier(ws_comm *c);
+/* Element-wise max over ranks of a small i64 vector (mismatch check). */
+ws_status ws_mpi_allreduce_max_i64(ws_comm *c, int64_t *v, int n);
+ws_status ws_mpi_allgather_i64(ws_comm *c, const int64_t *mine, int n, int64_t *all);
+/* Raw bytes from root to all (NCCL bootstrap). */
+ws_status ws_mpi_bcast_bytes(ws_comm *c, void *buf, size_t bytes, int root);
+/* Times raw MPI_Allgather / MPI_Bcast on malloc'd buffers. */
+ws_status ws_mpi_reference(ws_comm *c, const char *op, size_t bytes, int iters,
+                           double *seconds_per_iter);
+int ws_mpi_active(void);
+void ws_mpi_abort(int exit_code);
+void ws_mpi_finalize(void);
+#endif
+
+/* ---- NCCL (comm_nccl.c) ---------------------------------------------------- */
+/* Loads libnccl.so.2 (WSHOST_NCCL_LIBRARY overrides the path) and creates the
+ * comm's NCCL communicator, bootstrapped over the host backend. */
+ws_status ws_nccl_ensure(ws_comm *c, ws_device *d);
+const ws_comm_ops *ws_comm_nccl_ops(void);
+void ws_nccl_destroy(ws_comm *c);
+/* Aborts every NCCL communicator that was created (before MPI_Abort). */
+void ws_nccl_abort_all(void);
+
+/* Bootstrap broadcast over the host backend (MPI), used by comm_nccl.c. */
+ws_status ws_comm_host_bcast_bytes(ws_comm *c, void *buf, size_t bytes, int root);
+
+#endif
