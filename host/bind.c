@@ -1,1 +1,141 @@
-/* bind.c: placeholder until its author lands it. */
+/* bind.c: helpers shared by the binding files: turning core errors into Lua
+ * errors or `nil, message, code` returns, checking tensor arguments, and
+ * reading lists of tensors without leaking on a Lua error.
+ *
+ * Error regimes (docs/lua-api.md):
+ *   raise:  ERR_ARG, ERR_FREED, ERR_DISCARDED, ERR_UNSUPPORTED,
+ *           ERR_INTERRUPTED (misuse, or the user asked to stop);
+ *   return: ERR_NOMEM, ERR_DEVICE, ERR_IO, ERR_FORMAT, ERR_COMM, ERR_TIMEOUT
+ *           (the environment) as nil, message, code — only from constructors
+ *           and calls documented to do so (ws.device, ws.tensor, t:to,
+ *           ws.pool, pool:tensor, pool:sleep, pool:wake). Every other method
+ *           raises whatever the code. */
+#include <signal.h>
+#include <string.h>
+
+#include "bind.h"
+
+static volatile sig_atomic_t interrupted_flag;
+
+void ws_lua_set_interrupted(void) { interrupted_flag = 1; }
+int ws_lua_is_interrupted(void) { return interrupted_flag != 0; }
+
+const char *ws_lua_code_name(ws_status rc)
+{
+    switch (rc) {
+    case WS_OK: return "ok";
+    case WS_ERR_ARG: return "arg";
+    case WS_ERR_NOMEM: return "nomem";
+    case WS_ERR_DEVICE: return "device";
+    case WS_ERR_COMM: return "comm";
+    case WS_ERR_IO: return "io";
+    case WS_ERR_FORMAT: return "format";
+    case WS_ERR_DISCARDED: return "discarded";
+    case WS_ERR_FREED: return "freed";
+    case WS_ERR_UNSUPPORTED: return "unsupported";
+    case WS_ERR_INTERRUPTED: return "interrupted";
+    case WS_ERR_TIMEOUT: return "timeout";
+    }
+    return "unknown";
+}
+
+int ws_lua_raise(lua_State *L, const char *what)
+{
+    const char *msg = ws_errmsg();
+    if (!msg || !*msg) msg = ws_status_name(ws_errcode());
+    /* The core often names the operation already ("checksum: ..."). */
+    size_t n = what ? strlen(what) : 0;
+    if (what && !(strncmp(msg, what, n) == 0 && msg[n] == ':'))
+        return luaL_error(L, "%s: %s", what, msg);
+    return luaL_error(L, "%s", msg);
+}
+
+int ws_lua_fail(lua_State *L, ws_status rc, const char *what)
+{
+    switch (rc) {
+    case WS_ERR_NOMEM:
+    case WS_ERR_DEVICE:
+    case WS_ERR_IO:
+    case WS_ERR_FORMAT:
+    case WS_ERR_COMM:
+    case WS_ERR_TIMEOUT:
+        lua_pushnil(L);
+        if (what && !(strncmp(ws_errmsg(), what, strlen(what)) == 0 &&
+                      ws_errmsg()[strlen(what)] == ':'))
+            lua_pushfstring(L, "%s: %s", what, ws_errmsg());
+        else
+            lua_pushstring(L, ws_errmsg());
+        lua_pushstring(L, ws_lua_code_name(rc));
+        return 3;
+    default:
+        return ws_lua_raise(L, what);
+    }
+}
+
+ws_ltensor *ws_lua_check_ltensor(lua_State *L, int idx)
+{
+    return (ws_ltensor *)luaL_checkudata(L, idx, WS_TENSOR_MT);
+}
+
+/* A freed tensor keeps its label in user value 2 (set by the release in
+ * bind_tensor.c) so later misuse can still name it. */
+static int raise_freed(lua_State *L, int idx)
+{
+    const char *label;
+    if (lua_getiuservalue(L, idx, 2) == LUA_TSTRING)
+        label = lua_tostring(L, -1);
+    else
+        label = "(unnamed)";
+    return luaL_argerror(L, idx,
+                         lua_pushfstring(L, "tensor %s was freed (free(), <close> or "
+                                            "garbage collection); create it again",
+                                         label));
+}
+
+ws_tensor *ws_lua_check_tensor(lua_State *L, int idx)
+{
+    ws_ltensor *lt = ws_lua_check_ltensor(L, idx);
+    if (ws_tensor_is_released(&lt->t)) raise_freed(L, idx);
+    return &lt->t;
+}
+
+ws_ltensor *ws_lua_new_tensor(lua_State *L)
+{
+    /* user value 1: what this tensor keeps alive (its base or its pool);
+     * user value 2: its label once freed. */
+    ws_ltensor *lt = (ws_ltensor *)lua_newuserdatauv(L, sizeof *lt, 2);
+    memset(lt, 0, sizeof *lt);
+    luaL_setmetatable(L, WS_TENSOR_MT);
+    return lt;
+}
+
+ws_tensor **ws_lua_check_tensor_list(lua_State *L, int idx, size_t *n)
+{
+    idx = lua_absindex(L, idx);
+    luaL_checktype(L, idx, LUA_TTABLE);
+    size_t count = (size_t)lua_rawlen(L, idx);
+    /* The array lives in a userdata so a Lua error below frees it with the GC;
+     * the tensors themselves stay referenced by the table. */
+    ws_tensor **list = (ws_tensor **)lua_newuserdatauv(L, (count ? count : 1) * sizeof *list, 0);
+    /* [..., list] */
+    for (size_t i = 0; i < count; i++) {
+        lua_rawgeti(L, idx, (lua_Integer)i + 1); /* [..., list, item] */
+        ws_ltensor *lt = (ws_ltensor *)luaL_testudata(L, -1, WS_TENSOR_MT);
+        if (!lt) {
+            const char *got = luaL_typename(L, -1);
+            luaL_argerror(L, idx,
+                          lua_pushfstring(L, "item %d: ws.Tensor expected, got %s",
+                                          (int)i + 1, got));
+        }
+        if (ws_tensor_is_released(&lt->t)) {
+            const char *label = "(unnamed)";
+            if (lua_getiuservalue(L, -1, 2) == LUA_TSTRING) label = lua_tostring(L, -1);
+            luaL_argerror(L, idx,
+                          lua_pushfstring(L, "item %d: tensor %s was freed", (int)i + 1, label));
+        }
+        list[i] = &lt->t;
+        lua_pop(L, 1); /* [..., list] */
+    }
+    *n = count;
+    return list;
+}

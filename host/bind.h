@@ -78,6 +78,7 @@ void ws_open_device(lua_State *L);
 void ws_open_tensor(lua_State *L);
 void ws_open_pool(lua_State *L);
 void ws_open_comm(lua_State *L);
+void ws_open_plan(lua_State *L);
 
 int luaopen_ws(lua_State *L);
 

@@ -1,1 +1,197 @@
-/* bind_pool.c: placeholder until its author lands it. */
+/* bind_pool.c: the Lua face of sleepable memory pools (ws.pool, ws.Pool).
+ *
+ * Tensors carved from a pool keep its userdata alive (their user value 1), so
+ * the pool is collected only after them; lua_close finalizes newer objects
+ * first, which also frees pool tensors before their pool. pool:free() with
+ * live tensors raises naming one of them (the core refuses). */
+#include <stdio.h>
+#include <string.h>
+
+#include "bind.h"
+
+typedef struct lpool {
+    ws_pool *p; /* NULL: freed */
+} lpool;
+
+static lpool *check_lpool(lua_State *L, int idx)
+{
+    return (lpool *)luaL_checkudata(L, idx, WS_POOL_MT);
+}
+
+ws_pool *ws_lua_check_pool(lua_State *L, int idx)
+{
+    lpool *lp = check_lpool(L, idx);
+    if (!lp->p) luaL_argerror(L, idx, "pool was freed");
+    return lp->p;
+}
+
+static const char *const pool_keys[] = {"device", "tag", "bytes", NULL};
+
+/* ws.pool{device=, tag=, bytes=} -> pool | nil, msg, code */
+static int l_pool(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_pushnil(L);
+    while (lua_next(L, 1)) { /* [opts, key, value] */
+        lua_pop(L, 1);
+        int ok = 0;
+        for (int i = 0; pool_keys[i] && lua_type(L, -1) == LUA_TSTRING; i++)
+            if (strcmp(pool_keys[i], lua_tostring(L, -1)) == 0) ok = 1;
+        if (!ok)
+            return luaL_error(L, "ws.pool: unknown option '%s' (valid: device, tag, bytes)",
+                              luaL_tolstring(L, -1, NULL));
+    }
+    ws_device *dev;
+    if (lua_getfield(L, 1, "device") != LUA_TNIL) { /* [opts, device] */
+        ws_status rc = ws_lua_to_device(L, -1, &dev);
+        if (rc != WS_OK) return ws_lua_fail(L, rc, "ws.pool");
+    } else {
+        dev = ws_lua_default_device(L);
+    }
+    lua_pop(L, 1);
+    const char *tag = "pool";
+    if (lua_getfield(L, 1, "tag") != LUA_TNIL) { /* stays on the stack: keeps the string */
+        if (lua_type(L, -1) != LUA_TSTRING)
+            return luaL_error(L, "ws.pool: tag must be a string, got %s", luaL_typename(L, -1));
+        tag = lua_tostring(L, -1);
+    }
+    lua_getfield(L, 1, "bytes");
+    int isint = 0;
+    lua_Integer bytes = lua_tointegerx(L, -1, &isint);
+    if (!isint || bytes <= 0)
+        return luaL_error(L, "ws.pool: bytes must be an integer > 0, got %s",
+                          luaL_tolstring(L, -1, NULL));
+    lua_pop(L, 1);
+
+    lpool *lp = (lpool *)lua_newuserdatauv(L, sizeof *lp, 0); /* released first */
+    lp->p = NULL;
+    luaL_setmetatable(L, WS_POOL_MT);
+    ws_status rc = ws_pool_create(dev, tag, (size_t)bytes, &lp->p);
+    if (rc != WS_OK) return ws_lua_fail(L, rc, "ws.pool");
+    return 1;
+}
+
+static int p_tensor(lua_State *L)
+{
+    ws_pool *p = ws_lua_check_pool(L, 1);
+    return ws_lua_tensor_from_opts(L, 2, p, 1, "pool:tensor");
+}
+
+/* pool:sleep(level [, note]) -> true | nil, msg, code */
+static int p_sleep(lua_State *L)
+{
+    ws_pool *p = ws_lua_check_pool(L, 1);
+    lua_Integer level = luaL_checkinteger(L, 2);
+    if (level != 1 && level != 2)
+        return luaL_argerror(L, 2, "level must be 1 (back up weights) or 2 (discard)");
+    const char *note = luaL_optstring(L, 3, NULL);
+    ws_status rc = ws_pool_sleep(p, (int)level, note);
+    if (rc != WS_OK) return ws_lua_fail(L, rc, "sleep");
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int p_wake(lua_State *L)
+{
+    ws_status rc = ws_pool_wake(ws_lua_check_pool(L, 1));
+    if (rc != WS_OK) return ws_lua_fail(L, rc, "wake");
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int p_stats(lua_State *L)
+{
+    ws_pool_stats st;
+    ws_pool_get_stats(ws_lua_check_pool(L, 1), &st);
+    lua_createtable(L, 0, 7);
+    lua_pushinteger(L, (lua_Integer)st.capacity);
+    lua_setfield(L, -2, "capacity");
+    lua_pushinteger(L, (lua_Integer)st.used);
+    lua_setfield(L, -2, "used");
+    lua_pushinteger(L, (lua_Integer)st.mapped);
+    lua_setfield(L, -2, "mapped");
+    lua_pushinteger(L, (lua_Integer)st.backup_bytes);
+    lua_setfield(L, -2, "backup_bytes");
+    lua_pushboolean(L, st.asleep);
+    lua_setfield(L, -2, "asleep");
+    lua_pushinteger(L, st.sleeps);
+    lua_setfield(L, -2, "sleeps");
+    lua_pushinteger(L, st.last_level);
+    lua_setfield(L, -2, "last_level");
+    return 1;
+}
+
+static int p_tag(lua_State *L)
+{
+    lua_pushstring(L, ws_pool_tag(ws_lua_check_pool(L, 1)));
+    return 1;
+}
+
+static int p_device(lua_State *L)
+{
+    ws_lua_push_device(L, ws_pool_device(ws_lua_check_pool(L, 1)));
+    return 1;
+}
+
+static int p_free(lua_State *L)
+{
+    lpool *lp = check_lpool(L, 1);
+    if (!lp->p) return 0;
+    if (ws_pool_destroy(lp->p) != WS_OK) return ws_lua_raise(L, "free");
+    lp->p = NULL;
+    return 0;
+}
+
+static int p_gc(lua_State *L)
+{
+    lpool *lp = check_lpool(L, 1);
+    /* Live tensors hold the pool's userdata, so destroy fails only when a
+     * tensor outlives lua_close's ordering; then the memory goes with the
+     * process rather than under a live tensor. */
+    if (lp->p && ws_pool_destroy(lp->p) == WS_OK) lp->p = NULL;
+    return 0;
+}
+
+static int p_tostring(lua_State *L)
+{
+    lpool *lp = check_lpool(L, 1);
+    if (!lp->p) {
+        lua_pushliteral(L, "ws.Pool(freed)");
+        return 1;
+    }
+    ws_pool_stats st;
+    ws_pool_get_stats(lp->p, &st);
+    char cap[32];
+    snprintf(cap, sizeof cap, "%.1f MiB", (double)st.capacity / (1024.0 * 1024.0));
+    lua_pushfstring(L, "ws.Pool('%s' %s %s %s)", ws_pool_tag(lp->p), ws_pool_device(lp->p)->name,
+                    cap, st.asleep ? "asleep" : "awake");
+    return 1;
+}
+
+static const luaL_Reg p_methods[] = {
+    {"tensor", p_tensor},
+    {"sleep", p_sleep},
+    {"wake", p_wake},
+    {"stats", p_stats},
+    {"tag", p_tag},
+    {"device", p_device},
+    {"free", p_free},
+    {NULL, NULL},
+};
+
+void ws_open_pool(lua_State *L)
+{
+    /* [ws] */
+    luaL_newmetatable(L, WS_POOL_MT); /* [ws, mt] */
+    luaL_newlib(L, p_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, p_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, p_free);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, p_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pop(L, 1);
+    lua_pushcfunction(L, l_pool);
+    lua_setfield(L, -2, "pool");
+}

@@ -1,1 +1,241 @@
-/* module.c: placeholder until its author lands it. */
+/* module.c: luaopen_ws, the `ws` table shared by wshost and ws.so.
+ *
+ * Registers every native type (one binding file each), the small misc
+ * functions (version, log, clocks, memory, interruption, reference copy) and
+ * extends package.path so the host's Lua library (lua/ws/...) is found at run
+ * time: WSHOST_PATH entries first, then lua/ beside the binary or ws.so (the
+ * build tree links it to the source lua/), then <prefix>/share/wshost/lua.
+ * Nothing here probes a device: `wshost -e ''` must stay fast. */
+#include <dlfcn.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <lualib.h>
+
+#include "bind.h"
+
+#ifndef WSHOST_VERSION
+#define WSHOST_VERSION "dev"
+#endif
+
+/* ---- misc functions -------------------------------------------------------- */
+
+static int l_now_ms(lua_State *L)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    lua_pushnumber(L, (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6);
+    return 1;
+}
+
+static int l_interrupted(lua_State *L)
+{
+    lua_pushboolean(L, ws_lua_is_interrupted());
+    return 1;
+}
+
+/* {rss=, peak_rss=} in bytes, from /proc/self/status (VmRSS, VmHWM). */
+static int l_host_memory(lua_State *L)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return luaL_error(L, "host_memory: cannot open /proc/self/status");
+    long long rss = -1, hwm = -1;
+    char line[256];
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, "VmRSS:", 6) == 0) rss = atoll(line + 6);
+        if (strncmp(line, "VmHWM:", 6) == 0) hwm = atoll(line + 6);
+    }
+    fclose(f);
+    if (rss < 0) return luaL_error(L, "host_memory: no VmRSS in /proc/self/status");
+    lua_createtable(L, 0, 2);
+    lua_pushinteger(L, (lua_Integer)(rss * 1024));
+    lua_setfield(L, -2, "rss");
+    lua_pushinteger(L, (lua_Integer)((hwm < 0 ? rss : hwm) * 1024));
+    lua_setfield(L, -2, "peak_rss");
+    return 1;
+}
+
+/* ws.isatty(fd): lets reports draw progress only on a terminal. */
+static int l_isatty(lua_State *L)
+{
+    lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)) == 1);
+    return 1;
+}
+
+static int log_rank(void)
+{
+    static const char *const vars[] = {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK",
+                                       "SLURM_PROCID", NULL};
+    for (int i = 0; vars[i]; i++) {
+        const char *v = getenv(vars[i]);
+        if (v && *v) return atoi(v);
+    }
+    return 0;
+}
+
+/* ws.log(fmt, ...): string.format, then one line on stderr; ranks > 0 are
+ * prefixed so interleaved output stays readable. The rank comes from the
+ * launcher's environment: logging must not start MPI. */
+static int l_log(lua_State *L)
+{
+    int n = lua_gettop(L);
+    luaL_checkstring(L, 1);
+    lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+    lua_getfield(L, -1, LUA_STRLIBNAME);
+    lua_getfield(L, -1, "format"); /* [args..., loaded, string, format] */
+    lua_replace(L, -3);
+    lua_pop(L, 1); /* [args..., format] */
+    lua_insert(L, 1);
+    lua_call(L, n, 1); /* [msg] */
+    size_t len;
+    const char *msg = lua_tolstring(L, -1, &len);
+    int rank = log_rank();
+    if (rank > 0)
+        fprintf(stderr, "[rank %d] %s\n", rank, msg);
+    else
+        fprintf(stderr, "%s\n", msg);
+    fflush(stderr);
+    return 0;
+}
+
+/* ws.reference_copy(dst, src): the benchmark reference — one plain memcpy on
+ * one thread for host memory, the backend's raw copy (cudaMemcpy) when a GPU
+ * is involved. Same dtype and byte count, contiguous. */
+static int l_reference_copy(lua_State *L)
+{
+    ws_tensor *dst = ws_lua_check_tensor(L, 1);
+    ws_tensor *src = ws_lua_check_tensor(L, 2);
+    size_t n = ws_tensor_nbytes(dst);
+    if (n != ws_tensor_nbytes(src) || dst->dtype != src->dtype)
+        return luaL_error(L, "reference_copy: dst and src need the same dtype and byte count");
+    if (!ws_tensor_is_contiguous(dst) || !ws_tensor_is_contiguous(src))
+        return luaL_error(L, "reference_copy: tensors must be contiguous");
+    if (ws_tensor_check_readable(src, "reference_copy") != WS_OK ||
+        ws_tensor_check_live(dst, "reference_copy") != WS_OK)
+        return ws_lua_raise(L, NULL);
+    ws_device *dd = ws_tensor_device(dst), *sd = ws_tensor_device(src);
+    if (dd->kind == WS_DEVICE_CPU && sd->kind == WS_DEVICE_CPU) {
+        memcpy(ws_tensor_data(dst), ws_tensor_data(src), n);
+    } else {
+        ws_device *d = dd->kind == WS_DEVICE_CUDA ? dd : sd;
+        if (d->ops->copy(d, ws_tensor_data(dst), ws_tensor_data(src), n) != WS_OK ||
+            ws_device_synchronize(d) != WS_OK)
+            return ws_lua_raise(L, "reference_copy");
+    }
+    ws_tensor_mark_written(dst);
+    lua_settop(L, 1);
+    return 1;
+}
+
+/* ---- package.path -------------------------------------------------------------- */
+
+static int is_dir(const char *p)
+{
+    struct stat st;
+    return stat(p, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static void add_dir(luaL_Buffer *b, const char *dir, size_t len)
+{
+    luaL_addlstring(b, dir, len);
+    luaL_addstring(b, "/?.lua;");
+    luaL_addlstring(b, dir, len);
+    luaL_addstring(b, "/?/init.lua;");
+}
+
+/* Directory of the file holding this code: the wshost binary or ws.so. */
+static int self_dir(char *out, size_t n)
+{
+    char exe[PATH_MAX], so[PATH_MAX];
+    ssize_t k = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (k <= 0) return -1;
+    exe[k] = '\0';
+    const char *path = exe;
+    Dl_info info;
+    if (dladdr((void *)luaopen_ws, &info) && info.dli_fname && strchr(info.dli_fname, '/') &&
+        realpath(info.dli_fname, so))
+        path = so; /* ws.so, or the binary when run by path */
+    const char *slash = strrchr(path, '/');
+    if (!slash || (size_t)(slash - path) + 1 > n) return -1;
+    memcpy(out, path, (size_t)(slash - path));
+    out[slash - path] = '\0';
+    return 0;
+}
+
+static void extend_path(lua_State *L)
+{
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    lua_getfield(L, LUA_REGISTRYINDEX, "LUA_NOENV");
+    int noenv = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    const char *env = noenv ? NULL : getenv("WSHOST_PATH");
+    for (const char *p = env; p && *p;) {
+        const char *colon = strchr(p, ':');
+        size_t len = colon ? (size_t)(colon - p) : strlen(p);
+        if (len) add_dir(&b, p, len);
+        p = colon ? colon + 1 : p + len;
+    }
+    char dir[PATH_MAX];
+    if (self_dir(dir, sizeof dir) == 0) {
+        char cand[PATH_MAX + 64];
+        snprintf(cand, sizeof cand, "%s/lua", dir);
+        add_dir(&b, cand, strlen(cand));
+        /* <prefix>/bin/wshost or <prefix>/lib/<arch>/lua/5.4/ws.so */
+        char up[32] = "";
+        for (int level = 1; level <= 4; level++) {
+            strncat(up, "/..", sizeof up - strlen(up) - 1);
+            snprintf(cand, sizeof cand, "%s%s/share/wshost/lua", dir, up);
+            if (is_dir(cand)) {
+                char real[PATH_MAX];
+                const char *use = realpath(cand, real) ? real : cand;
+                add_dir(&b, use, strlen(use));
+                break;
+            }
+        }
+    }
+    luaL_pushresult(&b); /* [prefix] */
+    lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+    lua_getfield(L, -1, LUA_LOADLIBNAME); /* [prefix, loaded, package] */
+    if (lua_istable(L, -1)) {
+        if (lua_getfield(L, -1, "path") != LUA_TSTRING) { /* [prefix, loaded, package, old] */
+            lua_pop(L, 1);
+            lua_pushliteral(L, "");
+        }
+        lua_pushvalue(L, -4);
+        lua_insert(L, -2); /* [prefix, loaded, package, prefix, old] */
+        lua_concat(L, 2);
+        lua_setfield(L, -2, "path"); /* [prefix, loaded, package] */
+    }
+    lua_pop(L, 3);
+}
+
+static const luaL_Reg ws_funcs[] = {
+    {"log", l_log},
+    {"now_ms", l_now_ms},
+    {"host_memory", l_host_memory},
+    {"interrupted", l_interrupted},
+    {"reference_copy", l_reference_copy},
+    {"isatty", l_isatty},
+    {NULL, NULL},
+};
+
+int luaopen_ws(lua_State *L)
+{
+    lua_newtable(L); /* [ws] */
+    ws_open_device(L);
+    ws_open_tensor(L);
+    ws_open_pool(L);
+    ws_open_comm(L);
+    ws_open_plan(L);
+    luaL_setfuncs(L, ws_funcs, 0);
+    lua_pushliteral(L, WSHOST_VERSION);
+    lua_setfield(L, -2, "version");
+    extend_path(L);
+    return 1; /* [ws] */
+}
