@@ -168,8 +168,10 @@ ws_status ws_comm_host_bcast_bytes(ws_comm *c, void *buf, size_t bytes, int root
 /* ---- the mismatch check ------------------------------------------------------ */
 
 enum { K_ALL_GATHER = 1, K_BROADCAST, K_ALL_REDUCE, K_REDUCE_SCATTER, K_BARRIER, K_COALESCED };
+#ifdef WS_HAVE_MPI
 static const char *const kind_names[] = {"?", "all_gather", "broadcast", "all_reduce",
                                          "reduce_scatter", "barrier", "all_gather_coalesced"};
+#endif
 #define N_CHECK 4
 
 /* Ranks agree on v = {kind, numel, dtype, extra}? `size_what` names the numel
