@@ -46,10 +46,18 @@ void ws_convert_host(void *dst, ws_dtype dt, const void *src, ws_dtype st, size_
 /* Raw bits of one element, zero-extended: the value the checksum hashes. */
 uint64_t ws_load_bits(const void *p, ws_dtype t);
 
+/* The two inline functions below also run in CUDA kernels (cuda_kernels.cu),
+ * so the CPU and the GPU compute them from the same source. */
+#ifdef __CUDACC__
+#define WS_HOST_DEVICE __host__ __device__
+#else
+#define WS_HOST_DEVICE
+#endif
+
 /* The per-element hash of the shard-composable checksum (design-notes §4):
  * checksum = sum over elements of ws_hash_elem(global_index, bits) mod 2^64.
  * Any split of a tensor into shards sums to the same value. */
-static inline uint64_t ws_hash_elem(uint64_t index, uint64_t bits)
+static inline WS_HOST_DEVICE uint64_t ws_hash_elem(uint64_t index, uint64_t bits)
 {
     uint64_t x = bits ^ (index * 0x9E3779B97F4A7C15ull);
     x ^= x >> 32;
@@ -63,7 +71,7 @@ static inline uint64_t ws_hash_elem(uint64_t index, uint64_t bits)
 /* Deterministic pseudo-random value for element `index` of a stream `seed`:
  * uniform in [-scale, scale), computed in f32 with exact integer steps so the
  * CPU and the GPU produce identical bits. */
-static inline float ws_random_elem(uint64_t seed, uint64_t index, float scale)
+static inline WS_HOST_DEVICE float ws_random_elem(uint64_t seed, uint64_t index, float scale)
 {
     uint64_t z = seed * 0xBF58476D1CE4E5B9ull + index + 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# prepare-gpu-deps.sh: stage what the GPU machine cannot install.
+#
+# The GPU machine has CUDA, CMake, ninja and PyTorch but no package registry
+# and no Lua. This copies the Lua 5.4 headers and static library from this
+# machine (liblua5.4-dev) into .deps/lua/, so the lead can carry `.deps` to
+# the GPU, where bench/gpu-check.sh configures with it.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+dest=$root/.deps/lua
+inc_src=${LUA_INCLUDE_SRC:-/usr/include/lua5.4}
+lib_src=${LUA_LIB_SRC:-/usr/lib/x86_64-linux-gnu/liblua5.4.a}
+# Debian's luaconf.h includes this multiarch header from the triplet dir.
+multiarch=${LUA_MULTIARCH_HEADER:-/usr/include/x86_64-linux-gnu/lua5.4-deb-multiarch.h}
+
+if [ ! -f "$inc_src/lua.h" ] || [ ! -f "$lib_src" ]; then
+    echo "prepare-gpu-deps: Lua 5.4 not found ($inc_src/lua.h, $lib_src);" \
+         "install liblua5.4-dev first" >&2
+    exit 1
+fi
+
+rm -rf "$dest"
+mkdir -p "$dest/include"
+# Copy the files, not links: on Debian some headers are symlinks into /usr/include.
+cp -L "$inc_src"/*.h "$dest/include/"
+if grep -q 'lua5.4-deb-multiarch.h' "$dest/include/luaconf.h"; then
+    if [ ! -f "$multiarch" ]; then
+        echo "prepare-gpu-deps: luaconf.h needs $multiarch, which is missing" >&2
+        exit 1
+    fi
+    cp -L "$multiarch" "$dest/include/"
+fi
+cp -L "$lib_src" "$dest/liblua5.4.a"
+echo "prepare-gpu-deps: staged $(ls "$dest/include" | wc -l) headers and" \
+     "$(du -h "$dest/liblua5.4.a" | cut -f1) liblua5.4.a in $dest"
+echo "prepare-gpu-deps: carry '.deps' to the GPU machine, then run bench/gpu-check.sh there"
