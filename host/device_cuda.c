@@ -354,6 +354,9 @@ cudaStream_t ws_cuda_stream(ws_device *d)
     return c->compute;
 }
 
+/* For collectives (NCCL) that must run in order with this device's work. */
+static void *cuda_native_stream(ws_device *d) { return (void *)ws_cuda_stream(d); }
+
 static ws_status out_of_memory(ws_device *d, size_t bytes, const char *what)
 {
     size_t free_b = 0, total_b = 0;
@@ -1107,6 +1110,7 @@ static const ws_device_ops cuda_ops = {
     .vm_map = cuda_vm_map,
     .vm_unmap = cuda_vm_unmap,
     .vm_release = cuda_vm_release,
+    .native_stream = cuda_native_stream,
 };
 
 static void explain_no_gpu(cudaError_t e)
