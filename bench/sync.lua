@@ -9,8 +9,6 @@
 -- (3) per-tensor overhead of a plan with 100k tiny tensors (target <= 2 us);
 -- (4) staging memory held during execution vs the bucket size.
 -- check=true makes the exit status fail when a target is missed.
-package.path = (debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./")
-    .. "../lua/?.lua;" .. package.path
 local ws = require("ws")
 local config = require("ws.config")
 local models = require("ws.models")

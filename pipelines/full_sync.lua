@@ -3,8 +3,6 @@
 --   wshost pipelines/full_sync.lua steps=10 model=qwen3-0.6b sleep_level=2 --json out.jsonl
 --
 -- The policy: edit it, rerun, no rebuild (runner: lua/ws/pipeline.lua).
-package.path = (debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./")
-    .. "../lua/?.lua;" .. package.path
 local pipeline = require("ws.pipeline")
 
 return pipeline.main_or(pipeline.define{

@@ -5,8 +5,6 @@
 -- This file is the policy: edit it, rerun, no rebuild. The runner
 -- (lua/ws/pipeline.lua) builds the trainer, the engine and the sync plans
 -- once; step() below decides, every step, what is woken, sent and slept.
-package.path = (debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./")
-    .. "../lua/?.lua;" .. package.path
 local pipeline = require("ws.pipeline")
 
 -- PR #5147: the base weights are needed unless the engine still holds them.

@@ -1,6 +1,5 @@
 -- Configuration parsing: defaults, command-line overrides and the messages
 -- for unknown keys and bad values.
-package.path = "lua/?.lua;" .. package.path
 local config = require("ws.config")
 
 local schema = {

@@ -1,7 +1,6 @@
 -- The Lua library on the real binary (cpu): engine layout, sleep/wake memory,
 -- trainer shards composing across world sizes, and verification catching a
 -- wrong engine tensor.
-package.path = "lua/?.lua;" .. package.path
 local ws = require("ws")
 local models = require("ws.models")
 local lora = require("ws.lora")

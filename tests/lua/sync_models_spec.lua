@@ -1,6 +1,5 @@
 -- Model specs (design-notes §2): exact HF names, shapes, parameter counts and
 -- LoRA adapter sizes for the Qwen3 presets.
-package.path = "lua/?.lua;" .. package.path
 local models = require("ws.models")
 local lora = require("ws.lora")
 

@@ -1,6 +1,5 @@
 -- PR #5147's rule, as pipelines/verl_lora.lua states it: the base weights go
 -- to the engine only when it does not hold them.
-package.path = "lua/?.lua;" .. package.path
 local verl = dofile("pipelines/verl_lora.lua")
 
 describe("verl_lora need_base", function()
