@@ -223,10 +223,27 @@ function Report:end_step(rec)
         self.json_file:write(M.json(rec), "\n")
         self.json_file:flush()
     end
-    self.log(string.format("step %3d  %8.1f ms  base %-3s %9.1f MB  verified %s  engine held " ..
-                           "after step %.1f MB", rec.step, rec.step_ms,
-                           rec.base_sent and "yes" or "no", rec.bytes_sent / 1e6,
-                           rec.verified and "yes" or "NO", (rec.engine_mapped_after or 0) / 1e6))
+    if not self.header_done then
+        self.header_done = true
+        local cols = { "step", "total_ms" }
+        for _, p in ipairs(M.phases) do cols[#cols + 1] = p end
+        for _, c in ipairs({ "base", "MB_sent", "verified", "peak_dev_MB", "peak_host_MB" }) do
+            cols[#cols + 1] = c
+        end
+        local fmts = {}
+        for i, c in ipairs(cols) do fmts[i] = string.format("%" .. math.max(#c, 7) .. "s", c) end
+        self.log("#" .. table.concat(fmts, " "):sub(2))
+    end
+    local cells = { string.format("%4d", rec.step), string.format("%8.1f", rec.step_ms) }
+    for _, p in ipairs(M.phases) do
+        cells[#cells + 1] = string.format("%" .. math.max(#p, 7) .. ".1f", rec.phase_ms[p] or 0)
+    end
+    cells[#cells + 1] = string.format("%7s", rec.base_sent and "yes" or "no")
+    cells[#cells + 1] = string.format("%7.1f", rec.bytes_sent / 1e6)
+    cells[#cells + 1] = string.format("%8s", rec.verified and "yes" or "NO")
+    cells[#cells + 1] = string.format("%11.1f", rec.peak_device_bytes / 1e6)
+    cells[#cells + 1] = string.format("%12.1f", rec.peak_host_bytes / 1e6)
+    self.log(table.concat(cells, " "))
 end
 
 local function mean(records, first, field, sub)
