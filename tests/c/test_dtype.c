@@ -283,6 +283,38 @@ static void test_convert_host_floats(void)
     CHECK(bad == 0);
 }
 
+/* The vectorized f32<->bf16 batch paths give the scalar functions' bits for
+ * every bf16 pattern and for f32 specials, ties and the values next to them. */
+static void test_convert_host_bf16_batch(void)
+{
+    enum { N = 65536 };
+    static uint16_t all[N], back[N];
+    static float wide[N];
+    for (int i = 0; i < N; i++) all[i] = (uint16_t)i;
+    ws_convert_host(wide, WS_F32, all, WS_BF16, N);
+    int bad = 0;
+    for (int i = 0; i < N; i++)
+        if (bits_of(wide[i]) != bits_of(ws_bf16_to_f32(all[i]))) bad++;
+    ws_convert_host(back, WS_BF16, wide, WS_F32, N);
+    for (int i = 0; i < N; i++)
+        if (back[i] != ws_f32_to_bf16(wide[i])) bad++;
+    CHECK(bad == 0);
+    const uint32_t special[] = {0x7F800000u, 0xFF800000u, 0x7FC00000u, 0xFFC00001u, 0x7F800001u,
+                                0x00000000u, 0x80000000u, 0x00000001u, 0x007FFFFFu, 0x3F808000u,
+                                0x3F818000u, 0x3F808001u, 0x3F807FFFu, 0x7F7FFFFFu, 0xFF7F8000u,
+                                0x7F7F8000u, 0x80008000u};
+    enum { S = sizeof special / sizeof special[0] };
+    float in[S];
+    uint16_t out[S];
+    for (int i = 0; i < S; i++) in[i] = f32_of(special[i]);
+    ws_convert_host(out, WS_BF16, in, WS_F32, S);
+    for (int i = 0; i < S; i++) CHECK_EQ_U64(out[i], ws_f32_to_bf16(in[i]));
+    CHECK_EQ_U64(out[9], 0x3F80);  /* tie, even below: stays */
+    CHECK_EQ_U64(out[10], 0x3F82); /* tie, odd below: rounds up */
+    CHECK_EQ_U64(out[13], 0x7F80); /* largest f32 rounds to inf */
+    CHECK_EQ_U64(out[4] & 0x7FC0, 0x7FC0); /* signalling NaN comes out quiet */
+}
+
 static void test_convert_host_ints(void)
 {
     float f[] = {-2.7f, 2.7f, 3e10f, -3e10f, NAN, -0.0f, 255.9f, 300.0f};
@@ -358,6 +390,7 @@ int main(void)
     RUN(test_fp8_matches_brute_force);
     RUN(test_f16_matches_brute_force);
     RUN(test_convert_host_floats);
+    RUN(test_convert_host_bf16_batch);
     RUN(test_convert_host_ints);
     RUN(test_scalars_and_bits);
     RUN(test_errors);

