@@ -73,6 +73,7 @@ struct ws_plan {
     ws_copy_desc *pack, *out;
     size_t n_pack, n_out;
     ws_tensor send[2], recv[2]; /* staging pairs, kept between executions */
+    size_t staged_seg;          /* bytes per rank in each staging pair */
     int pairs;
     ws_tensor agree; /* i64[5]: the pre-flight agreement between ranks */
 
@@ -311,12 +312,23 @@ static ws_status lay_out(ws_plan *p, size_t cap, size_t align, vec *pieces, vec 
     return WS_OK;
 }
 
-static ws_status ensure_staging(ws_plan *p, int pairs)
+/* Staging is sized by the fullest bucket, not the configured bucket, so a
+ * small plan (an adapter) does not hold a large plan's staging memory. */
+static ws_status ensure_staging(ws_plan *p, int pairs, size_t seg_bytes)
 {
+    if (p->pairs > 0 && p->staged_seg < seg_bytes) {
+        for (int j = 0; j < p->pairs; j++) {
+            ws_tensor_release(&p->send[j]);
+            ws_tensor_release(&p->recv[j]);
+        }
+        p->pairs = 0;
+        p->stats.staging_bytes = 0;
+    }
+    if (p->pairs == 0) p->staged_seg = seg_bytes;
     ws_tensor_opts opts = {.device = p->device};
     for (int j = p->pairs; j < pairs; j++) {
         char nm[PLAN_NAME_CAP + 32];
-        int64_t seg = (int64_t)p->seg_bytes, all = seg * p->world;
+        int64_t seg = (int64_t)p->staged_seg, all = seg * p->world;
         snprintf(nm, sizeof nm, "plan '%s' send %d", p->name, j);
         opts.name = nm;
         WS_TRY(ws_tensor_empty(&p->send[j], WS_U8, 1, &seg, &opts));
@@ -391,7 +403,13 @@ static ws_status plan_buckets(ws_plan *p)
     drop_plan(p);
     ws_status rc = p->world > 1 ? lay_out(p, p->seg_bytes, PLAN_ALIGN, &pieces, &buckets)
                                 : lay_out(p, p->bucket_bytes, 1, &pieces, &buckets);
-    if (rc == WS_OK && p->world > 1) rc = ensure_staging(p, buckets.n > 1 ? 2 : buckets.n ? 1 : 0);
+    if (rc == WS_OK && p->world > 1) {
+        size_t seg = 0;
+        const plan_bucket *bk = buckets.data;
+        for (size_t k = 0; k < buckets.n; k++)
+            if (align_up(bk[k].seg_used, PLAN_ALIGN) > seg) seg = align_up(bk[k].seg_used, PLAN_ALIGN);
+        rc = ensure_staging(p, buckets.n > 1 ? 2 : buckets.n ? 1 : 0, seg);
+    }
     if (rc == WS_OK) rc = build_descs(p, pieces.data, buckets.data, buckets.n, &pack, &out);
     free(pieces.data);
     if (rc != WS_OK) {
