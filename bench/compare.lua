@@ -14,7 +14,6 @@
 --
 -- Internal: `wshost bench/compare.lua --worker dir=D ...` is one wshost rank.
 local dir = (debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./")
-package.path = dir .. "../lua/?.lua;" .. package.path
 local ws = require("ws")
 local json = require("ws.sweep").json
 

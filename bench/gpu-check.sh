@@ -6,17 +6,20 @@
 #
 # Configures without MPI (and with Lua from a carried .deps/lua when present:
 # run bench/prepare-gpu-deps.sh on the build machine and carry .deps), builds
-# into build-gpu with ninja, records nvidia-smi, runs the C tests (ctest -L c)
+# into build-gpu with ninja, records nvidia-smi, runs the C tests (ctest -L c),
+# the Lua specs (busted carried in .deps), the e2e tests that need no extra
+# packages, the main job with 8B shapes, bench/sync.lua and bench/compare.lua
+# (1.7B and 8B shapes, against PyTorch)
 # and, when the binary and the script exist, bench/copy.lua. Writes
 # OUT_DIR/gpu-check.log and OUT_DIR/summary.json. Every step runs under
-# `timeout` against one overall budget (WS_GPU_CHECK_SECONDS, default 450 s)
+# `timeout` against one overall budget (WS_GPU_CHECK_SECONDS, default 470 s)
 # so the run ends well within 8 minutes. Exit status: 0 when the build
 # succeeded and every C test passed. Extra configure arguments can be given in
 # WS_GPU_CHECK_CMAKE_ARGS (split on spaces).
 set -u -o pipefail
 
 start=$(date +%s)
-budget=${WS_GPU_CHECK_SECONDS:-450}
+budget=${WS_GPU_CHECK_SECONDS:-470}
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-${OUT:-./gpu-check-out}}
 mkdir -p "$out"
@@ -82,6 +85,10 @@ else
     note "lua: no .deps/lua (run bench/prepare-gpu-deps.sh where Lua is installed and" \
          "carry .deps); relying on a system Lua"
 fi
+if [ -x "$root/.deps/busted/busted" ]; then
+    cfg+=(-DBUSTED="$root/.deps/busted/busted")
+    note "busted: carried .deps/busted"
+fi
 # shellcheck disable=SC2206 # word splitting is the point
 [ -n "${WS_GPU_CHECK_CMAKE_ARGS:-}" ] && cfg+=(${WS_GPU_CHECK_CMAKE_ARGS})
 step configure 120 cmake "${cfg[@]}"
@@ -113,6 +120,31 @@ if [ "$configure_rc" -eq 0 ]; then
     fi
 fi
 
+# ---- Lua specs and end-to-end tests on the GPU ------------------------------------------
+# Specs run inside wshost (busted carried in .deps); the e2e tests that need
+# packages the GPU machine lacks (lua5.4, mpirun, gnuplot, Debian's torch) are
+# left to CI. The pipeline e2e tests run on the default device: the GPU.
+lua_rc=skipped
+e2e_rc=skipped
+if [ "$configure_rc" -eq 0 ] && [ -x "$build/wshost" ]; then
+    step lua-specs 150 ctest --test-dir "$build" -L lua --output-on-failure --timeout 120
+    lua_rc=$step_rc
+    step e2e 150 env -u WSHOST_DEVICE ctest --test-dir "$build" -L e2e \
+        -E 'lua_module|mpi_|sweep|peer|bench_copy' --output-on-failure --timeout 120
+    e2e_rc=$step_rc
+fi
+
+# ---- the main job on the GPU: the verl LoRA loop with 8B shapes -------------------------
+main_rc=skipped
+if [ -x "$build/wshost" ]; then
+    step main-8b-level2 90 "$build/wshost" pipelines/verl_lora.lua model=qwen3-8b steps=4 \
+        sleep_level=2 --json "$out/verl_lora_8b_level2.jsonl"
+    main_rc=$step_rc
+    step main-8b-level1 90 "$build/wshost" pipelines/verl_lora.lua model=qwen3-8b steps=4 \
+        sleep_level=1 --json "$out/verl_lora_8b_level1.jsonl"
+    [ "$step_rc" -ne 0 ] && main_rc=$step_rc
+fi
+
 # ---- bench/copy.lua ------------------------------------------------------------------
 bench_rc=skipped
 if [ -x "$build/wshost" ] && [ -f "$root/bench/copy.lua" ]; then
@@ -123,12 +155,34 @@ else
         [ -f "$root/bench/copy.lua" ] || echo 'no bench/copy.lua')"
 fi
 
+# ---- sync benchmark and the PyTorch peer, 1.7B and 8B shapes ----------------------------
+sync_rc=skipped
+compare_rc=skipped
+if [ -x "$build/wshost" ]; then
+    for m in qwen3-1.7b qwen3-8b; do
+        step "sync-$m" 90 "$build/wshost" bench/sync.lua model=$m iters=3 tiny_tensors=100000 \
+            --json "$out/sync_$m.json"
+        [ "$sync_rc" = skipped ] || [ "$sync_rc" -eq 0 ] && sync_rc=$step_rc
+    done
+    py=$(command -v python3 || true)
+    if [ -n "$py" ] && "$py" -c 'import torch' >/dev/null 2>&1; then
+        for m in qwen3-1.7b qwen3-8b; do
+            step "compare-$m" 120 "$build/wshost" bench/compare.lua model=$m worlds=1 iters=3 \
+                python="$py" json="$out/compare_$m.json"
+            [ "$compare_rc" = skipped ] || [ "$compare_rc" -eq 0 ] && compare_rc=$step_rc
+        done
+    else
+        note "compare skipped: no python3 with torch"
+    fi
+fi
+
 # ---- summary ----------------------------------------------------------------------------
 elapsed=$(($(date +%s) - start))
 export GC_GPU="$gpu_name" GC_DRIVER="$driver" GC_CONFIGURE="$configure_rc" GC_BUILD="$build_rc" \
     GC_CTEST="$ctest_rc" GC_TOTAL="$tests_total" GC_PASSED="$tests_passed" \
     GC_FAILED="$tests_failed" GC_BENCH="$bench_rc" GC_ELAPSED="$elapsed" GC_LOG="$log" \
-    GC_OUT="$out" GC_STEPS="$(printf '%s\n' "${steps[@]}")"
+    GC_OUT="$out" GC_STEPS="$(printf '%s\n' "${steps[@]}")" GC_LUA="$lua_rc" GC_E2E="$e2e_rc" \
+    GC_MAIN="$main_rc" GC_SYNC="$sync_rc" GC_COMPARE="$compare_rc"
 if command -v python3 >/dev/null 2>&1; then
     python3 - <<'PY' >>"$log" 2>&1
 import json, os, re
@@ -149,6 +203,11 @@ path = os.path.join(e["GC_OUT"], "copy.json")
 if os.path.exists(path):
     try: copy = json.load(open(path))
     except Exception as ex: copy = {"error": "copy.json is not valid JSON: %s" % ex}
+benches = {}
+for name in sorted(os.listdir(e["GC_OUT"])):
+    if name.startswith(("sync_", "compare_")) and name.endswith(".json"):
+        try: benches[name[:-5]] = json.load(open(os.path.join(e["GC_OUT"], name)))
+        except Exception as ex: benches[name[:-5]] = {"error": str(ex)}
 summary = {
     "device": e["GC_GPU"], "driver": e["GC_DRIVER"],
     "configure_rc": num(e["GC_CONFIGURE"]), "build_rc": num(e["GC_BUILD"]),
@@ -156,7 +215,10 @@ summary = {
     "tests": {"total": num(e["GC_TOTAL"]), "passed": num(e["GC_PASSED"]),
               "failed": num(e["GC_FAILED"]), "results": results},
     "copy_bench_rc": num(e["GC_BENCH"]), "copy_bench": copy,
-    "figures": figures,
+    "figures": figures, "benches": benches,
+    "lua_specs_rc": num(e["GC_LUA"]), "e2e_rc": num(e["GC_E2E"]),
+    "main_job_rc": num(e["GC_MAIN"]), "sync_bench_rc": num(e["GC_SYNC"]),
+    "compare_rc": num(e["GC_COMPARE"]),
     "steps": [dict(zip(("name", "rc", "seconds"), map(num, s.split())))
               for s in e["GC_STEPS"].splitlines() if s.strip()],
     "elapsed_s": num(e["GC_ELAPSED"]),
@@ -169,6 +231,7 @@ else
         "$tests_failed" "$bench_rc" "$elapsed" >"$out/summary.json"
 fi
 note "done in ${elapsed}s: configure $configure_rc, build $build_rc, C tests" \
-     "$tests_passed/$tests_total passed ($tests_failed failed), copy bench $bench_rc"
+     "$tests_passed/$tests_total passed ($tests_failed failed), lua specs $lua_rc, e2e $e2e_rc," \
+     "main job $main_rc, copy bench $bench_rc, sync bench $sync_rc, compare $compare_rc"
 note "log: $log; summary: $out/summary.json"
 [ "$configure_rc" -eq 0 ] && [ "$build_rc" -eq 0 ] && [ "$ctest_rc" -eq 0 ]

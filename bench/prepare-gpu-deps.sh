@@ -35,3 +35,32 @@ cp -L "$lib_src" "$dest/liblua5.4.a"
 echo "prepare-gpu-deps: staged $(ls "$dest/include" | wc -l) headers and" \
      "$(du -h "$dest/liblua5.4.a" | cut -f1) liblua5.4.a in $dest"
 echo "prepare-gpu-deps: carry '.deps' to the GPU machine, then run bench/gpu-check.sh there"
+
+# busted and its modules (pure Lua plus a few small C modules), so the Lua
+# specs run inside wshost on the GPU machine too: .deps/busted/busted is a
+# wrapper that CMake takes as BUSTED (gpu-check.sh passes -DBUSTED=...).
+bdest=$root/.deps/busted
+share_src=${LUA_SHARE_SRC:-/usr/share/lua/5.4}
+cmod_src=${LUA_CMOD_SRC:-/usr/lib/x86_64-linux-gnu/lua/5.4}
+if [ -f "$share_src/busted/runner.lua" ]; then
+    rm -rf "$bdest"
+    mkdir -p "$bdest/share" "$bdest/lib"
+    cp -rL "$share_src"/. "$bdest/share/"
+    cp -rL "$cmod_src"/. "$bdest/lib/"
+    cat >"$bdest/runner.lua" <<'LUA'
+-- busted's command-line runner, run by wshost itself (see busted wrapper).
+require 'busted.runner'({ standalone = false })
+LUA
+    cat >"$bdest/busted" <<'SH'
+#!/bin/sh
+# busted for a machine without Lua packages: wshost runs busted's runner.
+d=$(cd "$(dirname "$0")" && pwd)
+export LUA_PATH="$d/share/?.lua;$d/share/?/init.lua;;"
+export LUA_CPATH="$d/lib/?.so;;"
+exec "${WSHOST:?WSHOST must name the wshost binary}" "$d/runner.lua" "$@"
+SH
+    chmod +x "$bdest/busted"
+    echo "prepare-gpu-deps: staged busted ($(du -sh "$bdest" | cut -f1)) in $bdest"
+else
+    echo "prepare-gpu-deps: busted not installed (lua-busted); the GPU check will skip the Lua specs"
+fi

@@ -13,7 +13,6 @@
 -- Writes <out>.jsonl, <out>.csv, <out>.png/.svg; rerun the same command after
 -- an interruption and the finished points are skipped.
 local dir = (debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./")
-package.path = dir .. "../lua/?.lua;" .. package.path
 local ws = require("ws")
 local sweep = require("ws.sweep")
 
