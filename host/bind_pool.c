@@ -112,6 +112,8 @@ static int p_stats(lua_State *L)
     lua_setfield(L, -2, "mapped");
     lua_pushinteger(L, (lua_Integer)st.backup_bytes);
     lua_setfield(L, -2, "backup_bytes");
+    lua_pushinteger(L, (lua_Integer)st.backup_cached);
+    lua_setfield(L, -2, "backup_cached");
     lua_pushboolean(L, st.asleep);
     lua_setfield(L, -2, "asleep");
     lua_pushinteger(L, st.sleeps);

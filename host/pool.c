@@ -29,8 +29,9 @@ struct ws_pool {
     ws_range *holes; /* freed blocks below top, sorted, merged */
     size_t n_holes, cap_holes;
     size_t mapped;
-    void *backup;
-    size_t backup_bytes;
+    void *backup;        /* host memory for a level-1 backup (kept on GPUs, see below) */
+    size_t backup_cap;   /* bytes allocated at `backup` */
+    size_t backup_bytes; /* bytes of contents held there now; 0 when awake */
     int asleep, sleeps, last_level;
     char reason[200]; /* the last discarding sleep; empty if none */
     /* Registered storages: open addressing, tombstones marked by &tomb. */
@@ -274,7 +275,7 @@ ws_status ws_pool_destroy(ws_pool *p)
         ws_device_account(d, -(ptrdiff_t)p->mapped);
     }
     d->ops->vm_release(d, p->va, p->capacity);
-    if (p->backup) d->ops->host_free(d, p->backup, p->backup_bytes);
+    if (p->backup) d->ops->host_free(d, p->backup, p->backup_cap);
     free(p->holes);
     free(p->slots);
     pthread_mutex_destroy(&p->mu);
@@ -293,25 +294,32 @@ ws_status ws_pool_sleep(ws_pool *p, int level, const char *note)
     ws_device *d = p->dev;
     WS_TRY(ws_device_synchronize(d));
     size_t keep = level == 1 ? p->top : 0;
-    void *backup = NULL;
-    if (keep) {
-        ws_status rc = d->ops->host_alloc(d, keep, &backup);
-        if (rc == WS_OK) rc = d->ops->copy(d, backup, p->va, keep);
+    if (keep && p->backup_cap < keep) {
+        if (p->backup) d->ops->host_free(d, p->backup, p->backup_cap);
+        p->backup = NULL;
+        p->backup_cap = 0;
+        ws_status rc = d->ops->host_alloc(d, keep, &p->backup);
         if (rc != WS_OK) {
-            if (backup) d->ops->host_free(d, backup, keep);
+            p->backup = NULL;
+            ws_errprefix("sleep(level=1) of pool '%s': backing up %zu bytes", p->tag, keep);
+            return rc;
+        }
+        p->backup_cap = keep;
+    }
+    if (keep) {
+        ws_status rc = d->ops->copy(d, p->backup, p->va, keep);
+        if (rc != WS_OK) {
             ws_errprefix("sleep(level=1) of pool '%s': backing up %zu bytes", p->tag, keep);
             return rc;
         }
     }
     ws_status rc = d->ops->vm_unmap(d, p->va, p->capacity);
     if (rc != WS_OK) {
-        if (backup) d->ops->host_free(d, backup, keep);
         ws_errprefix("sleep(level=%d) of pool '%s'", level, p->tag);
         return rc;
     }
     ws_device_account(d, -(ptrdiff_t)p->mapped);
     p->mapped = 0;
-    p->backup = backup;
     p->backup_bytes = keep;
     p->asleep = 1;
     p->sleeps++;
@@ -342,7 +350,7 @@ ws_status ws_pool_wake(ws_pool *p)
     }
     p->mapped = p->capacity;
     ws_device_account(d, (ptrdiff_t)p->capacity);
-    if (p->backup) {
+    if (p->backup_bytes) {
         rc = d->ops->copy(d, p->va, p->backup, p->backup_bytes);
         if (rc != WS_OK) {
             /* Keep the backup and go back to sleep so nothing is lost. */
@@ -354,9 +362,16 @@ ws_status ws_pool_wake(ws_pool *p)
         }
         rc = ws_device_synchronize(d);
         if (rc != WS_OK) return rc;
-        d->ops->host_free(d, p->backup, p->backup_bytes);
-        p->backup = NULL;
         p->backup_bytes = 0;
+        /* Pinned host memory costs seconds per 10 GB to allocate and free,
+         * so a GPU pool keeps it for the next sleep (as PyTorch's caching
+         * host allocator does for vLLM). On the cpu device the backup is
+         * ordinary memory, and returning it is the point of sleeping. */
+        if (d->kind == WS_DEVICE_CPU) {
+            d->ops->host_free(d, p->backup, p->backup_cap);
+            p->backup = NULL;
+            p->backup_cap = 0;
+        }
     }
     p->asleep = 0;
     return WS_OK;
@@ -368,6 +383,7 @@ void ws_pool_get_stats(const ws_pool *p, ws_pool_stats *out)
     out->used = p->used;
     out->mapped = p->mapped;
     out->backup_bytes = p->backup_bytes;
+    out->backup_cached = p->backup_cap;
     out->asleep = p->asleep;
     out->sleeps = p->sleeps;
     out->last_level = p->last_level;

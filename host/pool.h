@@ -22,7 +22,8 @@ typedef struct ws_pool_stats {
     size_t capacity;     /* reserved bytes */
     size_t used;         /* bytes carved out for tensors */
     size_t mapped;       /* bytes backed by physical memory now */
-    size_t backup_bytes; /* pinned host bytes held by a level-1 backup */
+    size_t backup_bytes; /* contents held in host memory by a level-1 sleep now */
+    size_t backup_cached; /* host memory allocated for backups (kept between sleeps on GPUs) */
     int asleep;
     int sleeps;          /* number of sleeps so far */
     int last_level;      /* level of the last sleep, 0 if none */

@@ -610,6 +610,14 @@ static void test_pool_sleep_wake(void)
     CHECK(ws_tensor_data(&t) == addr);
     CHECK_OK(ws_tensor_checksum(&t, 0, WS_BF16, &c1));
     CHECK_EQ_U64(c1, c0);
+    /* The pinned backup stays allocated for the next level-1 sleep. */
+    ws_pool_stats pst;
+    ws_pool_get_stats(pool, &pst);
+    CHECK(pst.backup_bytes == 0 && pst.backup_cached >= pst.used);
+    CHECK_OK(ws_pool_sleep(pool, 1, "step 1b"));
+    CHECK_OK(ws_pool_wake(pool));
+    CHECK_OK(ws_tensor_checksum(&t, 0, WS_BF16, &c1));
+    CHECK_EQ_U64(c1, c0);
 
     CHECK_OK(ws_pool_sleep(pool, 2, "step 2"));
     CHECK_OK(ws_device_mem_info(gpu, &asleep));

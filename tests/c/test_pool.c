@@ -102,6 +102,7 @@ static void test_level1_round_trip_same_address(void)
     CHECK(((float *)addr)[99999] == ws_random_elem(3, 99999, 1.0f));
     ws_pool_get_stats(p, &st);
     CHECK(!st.asleep && st.mapped == 4 * MiB && st.backup_bytes == 0 && st.sleeps == 1);
+    CHECK(st.backup_cached == 0); /* on the cpu the backup memory goes back at wake */
     CHECK(cpu->held == held0 + 4 * MiB);
     CHECK_OK(ws_pool_wake(p)); /* waking an awake pool is harmless */
     CHECK_ERR(ws_pool_sleep(p, 3, NULL), WS_ERR_ARG, "sleep level must be 1");
