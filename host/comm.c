@@ -257,9 +257,17 @@ static ws_status same_device(const ws_tensor *a, const ws_tensor *b, const char 
                   ws_tensor_label(b, bb, sizeof bb), ws_tensor_device(b)->name);
 }
 
+/* WSHOST_COMM_NCCL=1 sends cuda tensors through NCCL even in a world of one,
+ * so the NCCL path can be exercised on a single GPU without a launcher. */
+static int force_nccl(void)
+{
+    const char *v = getenv("WSHOST_COMM_NCCL");
+    return v && strcmp(v, "1") == 0;
+}
+
 static ws_status pick(ws_comm *c, ws_device *d, const ws_comm_ops **ops)
 {
-    if (c->size == 1) {
+    if (c->size == 1 && !(d->kind == WS_DEVICE_CUDA && force_nccl())) {
         *ops = &g_self_ops;
     } else if (d->kind == WS_DEVICE_CUDA) {
         WS_TRY(ws_nccl_ensure(c, d));

@@ -93,6 +93,9 @@ static void print_usage(const char *badoption)
             "                     (each dir D adds D/?.lua and D/?/init.lua to package.path)\n"
             "  WSHOST_THREADS     threads for cpu copies, conversions and checksums\n"
             "                     (default: the number of online CPUs)\n"
+            "  WSHOST_COMM_CHECK  0: skip the size check before each multi-rank collective\n"
+            "  WSHOST_COMM_NCCL   1: cuda tensors use NCCL even in a world of one (testing)\n"
+            "  WSHOST_NCCL_LIBRARY  path of libnccl.so.2 (default: the loader's search)\n"
             "  LUA_INIT_5_4, LUA_INIT  code or @file run before the arguments\n"
             "  LUA_PATH, LUA_CPATH     as in lua(1)\n",
             progname);

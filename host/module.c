@@ -78,7 +78,7 @@ static int log_rank(void)
     return 0;
 }
 
-/* ws.log(fmt, ...): string.format, then one line on stderr; ranks > 0 are
+/* ws.log(fmt, ...): string.format, then one line on stdout; ranks > 0 are
  * prefixed so interleaved output stays readable. The rank comes from the
  * launcher's environment: logging must not start MPI. */
 static int l_log(lua_State *L)
@@ -96,16 +96,16 @@ static int l_log(lua_State *L)
     const char *msg = lua_tolstring(L, -1, &len);
     int rank = log_rank();
     if (rank > 0)
-        fprintf(stderr, "[rank %d] %s\n", rank, msg);
+        fprintf(stdout, "[rank %d] %s\n", rank, msg);
     else
-        fprintf(stderr, "%s\n", msg);
-    fflush(stderr);
+        fprintf(stdout, "%s\n", msg);
+    fflush(stdout);
     return 0;
 }
 
 /* ws.reference_copy(dst, src): the benchmark reference — one plain memcpy on
- * one thread for host memory, the backend's raw copy (cudaMemcpy) when a GPU
- * is involved. Same dtype and byte count, contiguous. */
+ * one thread for host memory, the backend's raw copy (cudaMemcpyAsync) when a
+ * GPU is involved. Same dtype and byte count, contiguous. */
 static int l_reference_copy(lua_State *L)
 {
     ws_tensor *dst = ws_lua_check_tensor(L, 1);
@@ -123,8 +123,9 @@ static int l_reference_copy(lua_State *L)
         memcpy(ws_tensor_data(dst), ws_tensor_data(src), n);
     } else {
         ws_device *d = dd->kind == WS_DEVICE_CUDA ? dd : sd;
-        if (d->ops->copy(d, ws_tensor_data(dst), ws_tensor_data(src), n) != WS_OK ||
-            ws_device_synchronize(d) != WS_OK)
+        /* Like any device op: queued, not awaited (a copy touching host
+         * memory has completed on return); time it with dev:synchronize(). */
+        if (d->ops->copy(d, ws_tensor_data(dst), ws_tensor_data(src), n) != WS_OK)
             return ws_lua_raise(L, "reference_copy");
     }
     ws_tensor_mark_written(dst);
