@@ -14,6 +14,7 @@
 -- Exit code 1 when a result is wrong or, with --min-ratio, when the ratio at
 -- sizes >= 64 MiB falls below it.
 local ws = require "ws"
+local json = require "ws.json"
 
 local opts = {min_bytes = 1024, max_bytes = 256 << 20, iters = 20, dtype = "bf16",
               device = "cpu", json = nil, min_ratio = nil}
@@ -114,17 +115,16 @@ for _, op in ipairs{"all_gather", "broadcast"} do
 end
 
 if opts.json and rank == 0 then
-  local function num(x) return x and string.format("%.6g", x) or "null" end
-  local out = {}
-  for _, r in ipairs(rows) do
-    out[#out + 1] = string.format('{"op":"%s","size":%d,"count":%d,"type":"%s","time_us":%s,' ..
-      '"algbw":%s,"busbw":%s,"wrong":%d,"check_us":%s,"ref_us":%s,"ratio":%s}', r.op, r.size,
-      r.count, r.type, num(r.time_us), num(r.algbw), num(r.busbw), r.wrong, num(r.check_us),
-      num(r.ref_us), num(r.ratio))
+  -- A measurement missing on a row is written as null, as before.
+  local keys = {"time_us", "algbw", "busbw", "check_us", "ref_us", "ratio"}
+  local out = json.array()
+  for i, r in ipairs(rows) do
+    local row = {op = r.op, size = r.size, count = r.count, type = r.type, wrong = r.wrong}
+    for _, k in ipairs(keys) do row[k] = r[k] == nil and json.null or r[k] end
+    out[i] = row
   end
   local f = assert(io.open(opts.json, "w"))
-  f:write(string.format('{"ranks":%d,"backend":"%s","device":"%s","rows":[\n%s\n]}\n', size,
-                        comm.backend, dev.name, table.concat(out, ",\n")))
+  f:write(json.encode{ranks = size, backend = comm.backend, device = dev.name, rows = out}, "\n")
   f:close()
 end
 os.exit(bad and 1 or 0, true)

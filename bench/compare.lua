@@ -15,7 +15,7 @@
 -- Internal: `wshost bench/compare.lua --worker dir=D ...` is one wshost rank.
 local dir = (debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./")
 local ws = require("ws")
-local json = require("ws.sweep").json
+local json = require("ws.json")
 
 local DEFAULTS = { model = "qwen3-0.6b", worlds = "1,2", iters = "5", warmup = "1",
                    lora_rank = "32", param_dtype = "f32", bucket_mb = "512",
@@ -158,7 +158,7 @@ local function run_worker()
         end
         local peer_spec = { model = spec.name, base = entries(trainer.base_params, 0.02),
                             adapters = entries(trainer.adapter_params, 0.01), engine = eng }
-        if #peer_spec.adapters == 0 then peer_spec.adapters = require("ws.report").array() end
+        if #peer_spec.adapters == 0 then peer_spec.adapters = json.array() end
         write_file(opt.dir .. "/spec.json", json.encode(peer_spec))
         local base_stats = stats.base
         write_file(opt.dir .. "/wshost.json", json.encode{

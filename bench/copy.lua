@@ -11,6 +11,7 @@
 -- (ws and reference) whose checksum differs from the source's; the exit code
 -- is 1 when any did.
 local ws = require "ws"
+local json = require "ws.json"
 
 local MiB = 1024 * 1024
 local MEMORY_CAP = 8 * 1024 * MiB
@@ -121,24 +122,12 @@ local function measure(mode, bytes, dev, src_where, dst_where, iters_forced)
     ratio = ref_us / ws_us, wrong = wrong}
 end
 
-local function json_string(s) return '"' .. s:gsub('[%c"\\]', function(c)
-  return string.format("\\u%04x", c:byte()) end) .. '"' end
-
 local function write_json(file, header, rows)
+  local doc = {rows = json.array()}
+  for k, v in pairs(header) do doc[k] = type(v) == "number" and v or tostring(v) end
+  for i, r in ipairs(rows) do doc.rows[i] = r end
   local f = assert(io.open(file, "w"))
-  local parts = {}
-  for k, v in pairs(header) do
-    parts[#parts + 1] = json_string(k) .. ":" .. (type(v) == "number" and
-      string.format("%.6g", v) or json_string(tostring(v)))
-  end
-  f:write("{", table.concat(parts, ","), ',"rows":[')
-  for i, r in ipairs(rows) do
-    f:write(i > 1 and "," or "", string.format(
-      '{"mode":%s,"bytes":%d,"iters":%d,"time_us":%.3f,"ws_gbps":%.4f,"ref_gbps":%.4f,' ..
-      '"ratio":%.4f,"wrong":%d}', json_string(r.mode), r.bytes, r.iters, r.time_us,
-      r.ws_gbps, r.ref_gbps, r.ratio, r.wrong))
-  end
-  f:write("]}\n")
+  f:write(json.encode(doc), "\n")
   f:close()
 end
 

@@ -6,6 +6,7 @@
 -- the first base sync), like the table in verl PR #5147. `--json FILE` gets
 -- one JSON object per step, written as the step ends.
 local ws = require("ws")
+local json = require("ws.json")
 
 local M = {}
 local Report = {}
@@ -13,176 +14,9 @@ Report.__index = Report
 
 M.phases = { "train", "offload", "load", "wake", "gather", "copy_out", "adapter", "verify", "sleep" }
 
--- JSON ----------------------------------------------------------------------
-
-local escapes = { ['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f",
-                  ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t" }
-
-local function encode_string(s)
-    return '"' .. s:gsub('[%c"\\]', function(c)
-        return escapes[c] or string.format("\\u%04x", c:byte())
-    end) .. '"'
-end
-
-local function is_array(t)
-    local n = 0
-    for _ in pairs(t) do n = n + 1 end
-    return n == #t and (n > 0 or next(t) == nil and getmetatable(t) == M.array_mt)
-end
-
-M.array_mt = {}
--- Marks an (empty) table to be encoded as [] rather than {}.
-function M.array(t) return setmetatable(t or {}, M.array_mt) end
-
-local function encode(v, out)
-    local tv = type(v)
-    if v == nil then
-        out[#out + 1] = "null"
-    elseif tv == "boolean" then
-        out[#out + 1] = v and "true" or "false"
-    elseif tv == "number" then
-        if math.type(v) == "integer" then
-            out[#out + 1] = string.format("%d", v)
-        elseif v ~= v or v == math.huge or v == -math.huge then
-            out[#out + 1] = "null"
-        else
-            out[#out + 1] = string.format("%.17g", v)
-        end
-    elseif tv == "string" then
-        out[#out + 1] = encode_string(v)
-    elseif tv == "table" then
-        if is_array(v) then
-            out[#out + 1] = "["
-            for i, x in ipairs(v) do
-                if i > 1 then out[#out + 1] = "," end
-                encode(x, out)
-            end
-            out[#out + 1] = "]"
-        else
-            local keys = {}
-            for k in pairs(v) do
-                if type(k) ~= "string" then
-                    error("json: object keys must be strings, got " .. type(k), 0)
-                end
-                keys[#keys + 1] = k
-            end
-            table.sort(keys)
-            out[#out + 1] = "{"
-            for i, k in ipairs(keys) do
-                if i > 1 then out[#out + 1] = "," end
-                out[#out + 1] = encode_string(k)
-                out[#out + 1] = ":"
-                encode(v[k], out)
-            end
-            out[#out + 1] = "}"
-        end
-    else
-        error("json: cannot encode a " .. tv, 0)
-    end
-end
-
-function M.json(v)
-    local out = {}
-    encode(v, out)
-    return table.concat(out)
-end
-
--- Decodes one JSON value (what M.json writes, and standard JSON in general);
--- for tests and sweeps reading --json output back.
-function M.decode(text)
-    local pos = 1
-    local function err(what)
-        error(string.format("json: %s at byte %d", what, pos), 0)
-    end
-    local function ws_skip() pos = text:find("[^ \t\r\n]", pos) or #text + 1 end
-    local value
-    local function str()
-        local out = {}
-        pos = pos + 1
-        while true do
-            local c = text:sub(pos, pos)
-            if c == "" then err("unterminated string") end
-            if c == '"' then pos = pos + 1; return table.concat(out) end
-            if c == "\\" then
-                local e = text:sub(pos + 1, pos + 1)
-                local map = { b = "\b", f = "\f", n = "\n", r = "\r", t = "\t" }
-                if e == "u" then
-                    out[#out + 1] = utf8.char(tonumber(text:sub(pos + 2, pos + 5), 16))
-                    pos = pos + 6
-                else
-                    out[#out + 1] = map[e] or e
-                    pos = pos + 2
-                end
-            else
-                out[#out + 1] = c
-                pos = pos + 1
-            end
-        end
-    end
-    function value()
-        ws_skip()
-        local c = text:sub(pos, pos)
-        if c == "{" then
-            local t = {}
-            pos = pos + 1
-            ws_skip()
-            if text:sub(pos, pos) == "}" then pos = pos + 1; return t end
-            while true do
-                ws_skip()
-                if text:sub(pos, pos) ~= '"' then err("expected a key") end
-                local k = str()
-                ws_skip()
-                if text:sub(pos, pos) ~= ":" then err("expected ':'") end
-                pos = pos + 1
-                t[k] = value()
-                ws_skip()
-                local d = text:sub(pos, pos)
-                pos = pos + 1
-                if d == "}" then return t end
-                if d ~= "," then err("expected ',' or '}'") end
-            end
-        elseif c == "[" then
-            local t = M.array()
-            pos = pos + 1
-            ws_skip()
-            if text:sub(pos, pos) == "]" then pos = pos + 1; return t end
-            while true do
-                t[#t + 1] = value()
-                ws_skip()
-                local d = text:sub(pos, pos)
-                pos = pos + 1
-                if d == "]" then return t end
-                if d ~= "," then err("expected ',' or ']'") end
-            end
-        elseif c == '"' then
-            return str()
-        else
-            for lit, v in pairs({ ["true"] = true, ["false"] = false, null = M.null }) do
-                if text:sub(pos, pos + #lit - 1) == lit then pos = pos + #lit; return v end
-            end
-            local num = text:match("^-?%d+%.?%d*[eE]?[-+]?%d*", pos)
-            if not num or num == "" then err("unexpected character '" .. c .. "'") end
-            pos = pos + #num
-            return math.tointeger(tonumber(num)) or tonumber(num)
-        end
-    end
-    local v = value()
-    ws_skip()
-    if pos <= #text then err("trailing characters") end
-    return v
-end
-M.null = setmetatable({}, { __tostring = function() return "null" end })
-
--- Reads a --json file: a list of records.
-function M.load_jsonl(path)
-    local f = assert(io.open(path, "r"))
-    local out = {}
-    for line in f:lines() do
-        if line:match("%S") then out[#out + 1] = M.decode(line) end
-    end
-    f:close()
-    return out
-end
+-- Step records are written with ws.json; reading a --json file back is
+-- json.load_jsonl, kept here under its documented name.
+M.load_jsonl = json.load_jsonl
 
 -- Report --------------------------------------------------------------------
 
@@ -220,7 +54,7 @@ function Report:end_step(rec)
     rec.rss_bytes = host.rss
     self.records[#self.records + 1] = rec
     if self.json_file then
-        self.json_file:write(M.json(rec), "\n")
+        self.json_file:write(json.encode(rec), "\n")
         self.json_file:flush()
     end
     if not self.header_done then
