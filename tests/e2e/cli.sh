@@ -2,23 +2,7 @@
 # cli.sh: wshost's command line behaves like lua(1): -e, -l, -v, -i, -, --,
 # the arg table, --help, --device validation, LUA_INIT and -E.
 set -euo pipefail
-: "${WSHOST:?set WSHOST to the wshost binary}"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fails=0
-
-check() { # check NAME EXPECTED ACTUAL
-    if [[ "$3" == *"$2"* ]]; then
-        echo "ok   $1"
-    else
-        echo "FAIL $1: expected to contain [$2], got [$3]"
-        fails=$((fails + 1))
-    fi
-}
-check_rc() { # check_rc NAME EXPECTED ACTUAL
-    if [[ "$2" == "$3" ]]; then echo "ok   $1 (exit $3)"; else
-        echo "FAIL $1: expected exit $2, got $3"; fails=$((fails + 1)); fi
-}
+. "$(dirname "$0")/fixtures/e2e_lib.sh"
 
 check "-e runs a statement" "hello 3" "$("$WSHOST" -e 'print("hello", 1 + 2)' | tr '\t' ' ')"
 check "ws is preloaded" "table" "$("$WSHOST" -e 'print(type(ws), type(require("ws").tensor))')"
@@ -61,7 +45,7 @@ out=$("$WSHOST" --device bogus -e 'print("ran")' 2>&1); rc=$?
 set -e
 check_rc "--device bogus fails" 1 "$rc"
 check "--device bogus says why" "wshost: --device bogus: unknown device" "$out"
-[[ "$out" != *ran* ]] || { echo "FAIL --device bogus still ran the script"; fails=$((fails + 1)); }
+[[ "$out" != *ran* ]] || fail "--device bogus still ran the script"
 
 cuda_ok=$("$WSHOST" -e 'print(ws.device("cuda") and "yes" or "no")')
 set +e
@@ -100,7 +84,6 @@ start=$(date +%s%N)
 for _ in $(seq 20); do "$WSHOST" -e ''; done
 per_ms=$(( ($(date +%s%N) - start) / 20000000 ))
 echo "     startup: ${per_ms} ms per 'wshost -e \"\"'"
-if (( per_ms > 50 )); then echo "FAIL startup ${per_ms} ms is too slow"; fails=$((fails + 1)); fi
+if (( per_ms > 50 )); then fail "startup ${per_ms} ms is too slow"; fi
 
-echo "$fails failure(s)"
-exit $(( fails > 0 ))
+finish

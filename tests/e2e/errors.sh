@@ -2,18 +2,7 @@
 # errors.sh: error output (`wshost: file:line: message` + traceback, exit 1),
 # non-string error objects, and Ctrl-C (exit 130, "interrupted", memory freed).
 set -euo pipefail
-: "${WSHOST:?set WSHOST to the wshost binary}"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fails=0
-check() {
-    if [[ "$3" == *"$2"* ]]; then echo "ok   $1"; else
-        echo "FAIL $1: expected to contain [$2], got [$3]"; fails=$((fails + 1)); fi
-}
-check_rc() {
-    if [[ "$2" == "$3" ]]; then echo "ok   $1 (exit $3)"; else
-        echo "FAIL $1: expected exit $2, got $3"; fails=$((fails + 1)); fi
-}
+. "$(dirname "$0")/fixtures/e2e_lib.sh"
 
 cat > "$tmp/boom.lua" <<'LUA'
 local function inner() error("boom happened") end
@@ -95,5 +84,4 @@ set -e
 check_rc "a script that handles Ctrl-C exits normally" 0 "$rc"
 check "ws.interrupted() reports it" "caught	true" "$(cat "$tmp/catch.out")"
 
-echo "$fails failure(s)"
-exit $(( fails > 0 ))
+finish

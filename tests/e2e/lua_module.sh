@@ -3,15 +3,8 @@
 # (WSHOST_PATH first, lua/ beside the binary) and edits taking effect
 # without a rebuild. Also that busted can use wshost as its interpreter.
 set -euo pipefail
-: "${WSHOST:?set WSHOST to the wshost binary}"
 : "${WS_BUILD_DIR:?set WS_BUILD_DIR to the build directory}"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fails=0
-check() {
-    if [[ "$3" == *"$2"* ]]; then echo "ok   $1"; else
-        echo "FAIL $1: expected to contain [$2], got [$3]"; fails=$((fails + 1)); fi
-}
+. "$(dirname "$0")/fixtures/e2e_lib.sh"
 
 if command -v lua5.4 >/dev/null && [[ -f "$WS_BUILD_DIR/ws.so" ]]; then
     out=$(lua5.4 -e "package.cpath='$WS_BUILD_DIR/?.so;'..package.cpath
@@ -23,7 +16,7 @@ if command -v lua5.4 >/dev/null && [[ -f "$WS_BUILD_DIR/ws.so" ]]; then
     check "lua5.4 loads ws.so and makes a tensor" "ws.Tensor(bf16[4,2] cpu 'from.lua54')	1.5" "$out"
     check "ws.so adds build/lua to package.path" "$WS_BUILD_DIR/lua/?.lua" "$out"
 else
-    echo "FAIL lua5.4 or $WS_BUILD_DIR/ws.so missing"; fails=$((fails + 1))
+    fail "lua5.4 or $WS_BUILD_DIR/ws.so missing"
 fi
 
 # WSHOST_PATH comes first, ahead of the lua/ beside the binary.
@@ -66,8 +59,7 @@ LUA
     out=$(busted --lua="$WSHOST" "$tmp/mini_spec.lua" 2>&1); rc=$?
     set -e
     check "busted --lua=wshost passes a spec" "1 success / 0 failures" "$out"
-    [[ $rc == 0 ]] || { echo "FAIL busted exit $rc"; fails=$((fails + 1)); }
+    [[ $rc == 0 ]] || fail "busted exit $rc"
 fi
 
-echo "$fails failure(s)"
-exit $(( fails > 0 ))
+finish

@@ -7,11 +7,11 @@ cd "$(dirname "$0")/../.." || exit 1
 . tests/e2e/fixtures/pipeline_lib.sh
 run_matrix
 args="model=tiny steps=3 kv_cache_mb=1 bucket_mb=0.25 progress=off free_cache_engine=true sleep_level=2"
-if "$WSHOST" pipelines/full_sync.lua $args param_dtype=f32 param_offload=true --json "$TMP/full.jsonl" >"$TMP/log" 2>&1 &&
-   "$WSHOST" tests/e2e/fixtures/check_run.lua "$TMP/full.jsonl" $args lora_rank=0 >>"$TMP/log" 2>&1 &&
-   grep -q '"offload":[1-9]' "$TMP/full.jsonl"; then
+if "$WSHOST" pipelines/full_sync.lua $args param_dtype=f32 param_offload=true --json "$tmp/full.jsonl" >"$tmp/log" 2>&1 &&
+   "$WSHOST" tests/e2e/fixtures/check_run.lua "$tmp/full.jsonl" $args lora_rank=0 >>"$tmp/log" 2>&1 &&
+   grep -q '"offload":[1-9]' "$tmp/full.jsonl"; then
     pass "full_sync f32 master weights + offload"
 else
-    fail "full_sync f32 master weights + offload"; cat "$TMP/log"
+    fail "full_sync f32 master weights + offload"; cat "$tmp/log"
 fi
 finish

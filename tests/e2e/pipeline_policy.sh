@@ -7,37 +7,37 @@ cd "$(dirname "$0")/../.." || exit 1
 . tests/e2e/fixtures/pipeline_lib.sh
 tiny="model=tiny steps=3 kv_cache_mb=1 progress=off"
 
-"$WSHOST" tests/e2e/fixtures/skip_base.lua $tiny sleep_level=2 >"$TMP/out" 2>&1
+"$WSHOST" tests/e2e/fixtures/skip_base.lua $tiny sleep_level=2 >"$tmp/out" 2>&1
 rc=$?
-if [ $rc -ne 0 ] && grep -q "verify (step 2 rollout)" "$TMP/out" &&
-   grep -q "'model.embed_tokens.weight'" "$TMP/out" && grep -q "pool 'weights'" "$TMP/out" &&
-   grep -q "sleep(level=2)" "$TMP/out" && grep -q "(step 1)" "$TMP/out"; then
+if [ $rc -ne 0 ] && grep -q "verify (step 2 rollout)" "$tmp/out" &&
+   grep -q "'model.embed_tokens.weight'" "$tmp/out" && grep -q "pool 'weights'" "$tmp/out" &&
+   grep -q "sleep(level=2)" "$tmp/out" && grep -q "(step 1)" "$tmp/out"; then
     pass "skip_base after sleep(2) fails with the stale-weights error"
 else
-    fail "skip_base after sleep(2) (rc=$rc)"; cat "$TMP/out"
+    fail "skip_base after sleep(2) (rc=$rc)"; cat "$tmp/out"
 fi
 
 if "$WSHOST" tests/e2e/fixtures/skip_base.lua $tiny sleep_level=2 free_cache_engine=false \
-       --json "$TMP/skip.jsonl" >"$TMP/out" 2>&1 &&
-   "$WSHOST" tests/e2e/fixtures/check_run.lua "$TMP/skip.jsonl" $tiny sleep_level=2 \
-       free_cache_engine=false lora_rank=32 >>"$TMP/out" 2>&1; then
+       --json "$tmp/skip.jsonl" >"$tmp/out" 2>&1 &&
+   "$WSHOST" tests/e2e/fixtures/check_run.lua "$tmp/skip.jsonl" $tiny sleep_level=2 \
+       free_cache_engine=false lora_rank=32 >>"$tmp/out" 2>&1; then
     pass "skip_base with free_cache_engine=false passes"
 else
-    fail "skip_base with free_cache_engine=false"; cat "$TMP/out"
+    fail "skip_base with free_cache_engine=false"; cat "$tmp/out"
 fi
 
-if "$WSHOST" tests/e2e/fixtures/skip_base.lua $tiny sleep_level=1 >"$TMP/out" 2>&1; then
+if "$WSHOST" tests/e2e/fixtures/skip_base.lua $tiny sleep_level=1 >"$tmp/out" 2>&1; then
     pass "skip_base after sleep(1) passes (weights restored from the backup)"
 else
-    fail "skip_base after sleep(1)"; cat "$TMP/out"
+    fail "skip_base after sleep(1)"; cat "$tmp/out"
 fi
 
 check_usage() { # expected-message args...
     local want=$1; shift
-    "$WSHOST" pipelines/verl_lora.lua "$@" >"$TMP/out" 2>&1
+    "$WSHOST" pipelines/verl_lora.lua "$@" >"$tmp/out" 2>&1
     local rc=$?
-    if [ $rc -eq 2 ] && grep -qF "$want" "$TMP/out"; then pass "usage: $*"; else
-        fail "usage: $* (rc=$rc)"; cat "$TMP/out"; fi
+    if [ $rc -eq 2 ] && grep -qF "$want" "$tmp/out"; then pass "usage: $*"; else
+        fail "usage: $* (rc=$rc)"; cat "$tmp/out"; fi
 }
 check_usage "verl_lora: unknown config key 'sleeplevel' (known: " sleeplevel=2
 check_usage "verl_lora: config key 'sleep_level' must be one of 1, 2, got '3'" sleep_level=3
@@ -49,7 +49,7 @@ check_usage "verl_lora: config key 'device': " device=tpu $tiny
 if "$WSHOST" pipelines/verl_lora.lua --help | grep -q "sleep_level"; then pass "--help"; else fail "--help"; fi
 
 # In-process sweep: load the pipeline (it must not run itself), run it twice.
-cat >"$TMP/sweep.lua" <<'LUA'
+cat >"$tmp/sweep.lua" <<'LUA'
 local P = dofile("pipelines/verl_lora.lua")
 local quiet = { quiet = true }
 local _, s1 = P.run({ model = "tiny", steps = 2, kv_cache_mb = 1, sleep_level = 2 }, quiet)
@@ -58,6 +58,6 @@ assert(s1.base_steps == 2 and s1.verified_steps == 2, "sleep_level=2 sweep point
 assert(s2.base_steps == 1 and s2.verified_steps == 2, "free_cache_engine=false sweep point")
 print("sweep ok")
 LUA
-if "$WSHOST" "$TMP/sweep.lua" 2>&1 | grep -q "sweep ok"; then pass "in-process sweep"; else
-    fail "in-process sweep"; "$WSHOST" "$TMP/sweep.lua"; fi
+if "$WSHOST" "$tmp/sweep.lua" 2>&1 | grep -q "sweep ok"; then pass "in-process sweep"; else
+    fail "in-process sweep"; "$WSHOST" "$tmp/sweep.lua"; fi
 finish
