@@ -13,17 +13,6 @@
 
 /* ---- helpers ------------------------------------------------------------- */
 
-/* "f32[2,3]" for messages and __tostring. */
-static const char *shape_str(const ws_tensor *t, char *buf, size_t n)
-{
-    size_t k = (size_t)snprintf(buf, n, "%s[", ws_dtype_name(t->dtype));
-    for (int i = 0; i < t->layout.ndim && k < n; i++)
-        k += (size_t)snprintf(buf + k, n - k, "%s%lld", i ? "," : "",
-                              (long long)t->layout.shape[i]);
-    if (k < n) snprintf(buf + k, n - k, "]");
-    return buf;
-}
-
 static const char *label(const ws_tensor *t, char *buf, size_t n)
 {
     return ws_tensor_label(t, buf, n);
@@ -309,7 +298,7 @@ static int t_tostring(lua_State *L)
         return 1;
     }
     char sh[160];
-    shape_str(&lt->t, sh, sizeof sh);
+    ws_tensor_typestr(&lt->t, sh, sizeof sh);
     if (lt->t.name)
         lua_pushfstring(L, "ws.Tensor(%s %s '%s')", sh, ws_tensor_device(&lt->t)->name,
                         lt->t.name);
@@ -329,7 +318,7 @@ static int t_narrow(lua_State *L)
     char lb[256], sh[160];
     if (dim < 1 || dim > t->layout.ndim)
         return luaL_error(L, "narrow: dim %d out of range for tensor %s (%s has %d dims)",
-                          (int)dim, label(t, lb, sizeof lb), shape_str(t, sh, sizeof sh),
+                          (int)dim, label(t, lb, sizeof lb), ws_tensor_typestr(t, sh, sizeof sh),
                           t->layout.ndim);
     int64_t size = t->layout.shape[dim - 1];
     if (start < 1 || length < 0 || start - 1 + length > size)
@@ -337,7 +326,7 @@ static int t_narrow(lua_State *L)
                           "narrow: start %d, length %d out of range for dim %d of size %d "
                           "in tensor %s (%s)",
                           (int)start, (int)length, (int)dim, (int)size, label(t, lb, sizeof lb),
-                          shape_str(t, sh, sizeof sh));
+                          ws_tensor_typestr(t, sh, sizeof sh));
     ws_ltensor *v = new_view(L, 1);
     if (ws_tensor_narrow(&v->t, t, (int)dim - 1, start - 1, length) != WS_OK)
         return ws_lua_raise(L, "narrow");
@@ -354,17 +343,17 @@ static int reshape_to(lua_State *L, ws_tensor *t, int ndim, int64_t *shape, int 
     if (infer >= 0) {
         if (known == 0 || numel % known != 0)
             return luaL_error(L, "%s: cannot infer -1 in the new shape of tensor %s (%s)", what,
-                              label(t, lb, sizeof lb), shape_str(t, sh, sizeof sh));
+                              label(t, lb, sizeof lb), ws_tensor_typestr(t, sh, sizeof sh));
         shape[infer] = numel / known;
         known = numel;
     }
     if (known != numel)
         return luaL_error(L, "%s: new shape has %d elements, tensor %s (%s) has %d", what,
-                          (int)known, label(t, lb, sizeof lb), shape_str(t, sh, sizeof sh),
+                          (int)known, label(t, lb, sizeof lb), ws_tensor_typestr(t, sh, sizeof sh),
                           (int)numel);
     if (!ws_tensor_is_contiguous(t))
         return luaL_error(L, "%s: tensor %s (%s) is not contiguous; copy it first", what,
-                          label(t, lb, sizeof lb), shape_str(t, sh, sizeof sh));
+                          label(t, lb, sizeof lb), ws_tensor_typestr(t, sh, sizeof sh));
     ws_ltensor *v = new_view(L, 1);
     if (ws_tensor_reshape(&v->t, t, ndim, shape) != WS_OK) return ws_lua_raise(L, what);
     return 1;
@@ -410,8 +399,8 @@ static void check_same_shape(lua_State *L, int arg, const ws_tensor *dst, const 
     char l1[256], l2[256], s1[160], s2[160];
     luaL_argerror(L, arg,
                   lua_pushfstring(L, "shape mismatch: dst %s is %s, src %s %s",
-                                  label(dst, l1, sizeof l1), shape_str(dst, s1, sizeof s1),
-                                  label(src, l2, sizeof l2), shape_str(src, s2, sizeof s2)));
+                                  label(dst, l1, sizeof l1), ws_tensor_typestr(dst, s1, sizeof s1),
+                                  label(src, l2, sizeof l2), ws_tensor_typestr(src, s2, sizeof s2)));
 }
 
 static int t_copy_(lua_State *L)
@@ -477,19 +466,19 @@ static int64_t flat_index(lua_State *L, const ws_tensor *t, int first, int nidx,
         lua_Integer i = luaL_checkinteger(L, first);
         if (i < 1 || i > numel)
             luaL_error(L, "%s: flat index %d out of range [1, %d] for tensor %s (%s)", what,
-                       (int)i, (int)numel, label(t, lb, sizeof lb), shape_str(t, sh, sizeof sh));
+                       (int)i, (int)numel, label(t, lb, sizeof lb), ws_tensor_typestr(t, sh, sizeof sh));
         return i - 1;
     }
     if (nidx != t->layout.ndim)
         luaL_error(L, "%s: expected 1 (flat) or %d indices for tensor %s (%s), got %d", what,
-                   t->layout.ndim, label(t, lb, sizeof lb), shape_str(t, sh, sizeof sh), nidx);
+                   t->layout.ndim, label(t, lb, sizeof lb), ws_tensor_typestr(t, sh, sizeof sh), nidx);
     int64_t flat = 0;
     for (int d = 0; d < nidx; d++) {
         lua_Integer i = luaL_checkinteger(L, first + d);
         if (i < 1 || i > t->layout.shape[d])
             luaL_error(L, "%s: index %d = %d out of range [1, %d] for tensor %s (%s)", what,
                        d + 1, (int)i, (int)t->layout.shape[d], label(t, lb, sizeof lb),
-                       shape_str(t, sh, sizeof sh));
+                       ws_tensor_typestr(t, sh, sizeof sh));
         flat = flat * t->layout.shape[d] + (i - 1);
     }
     return flat;
@@ -595,8 +584,8 @@ static int l_copy_many(lua_State *L)
         char l1[256], l2[256], s1[160], s2[160];
         return luaL_error(L, "copy_many: item %d: shape mismatch: dst %s is %s, src %s %s",
                           (int)i + 1, label(dsts[i], l1, sizeof l1),
-                          shape_str(dsts[i], s1, sizeof s1), label(srcs[i], l2, sizeof l2),
-                          shape_str(srcs[i], s2, sizeof s2));
+                          ws_tensor_typestr(dsts[i], s1, sizeof s1), label(srcs[i], l2, sizeof l2),
+                          ws_tensor_typestr(srcs[i], s2, sizeof s2));
     }
     if (ws_copy_many(dsts, (const ws_tensor *const *)srcs, nd) != WS_OK)
         return ws_lua_raise(L, "copy_many");

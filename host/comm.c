@@ -481,36 +481,34 @@ static ws_status check_peer(ws_comm *c, int peer, const char *what)
     return WS_OK;
 }
 
-ws_status ws_comm_send(ws_comm *c, const ws_tensor *t, int peer, ws_comm_request **req)
+/* send and recv: `written` is the tensor a recv fills, NULL for a send. */
+static ws_status point_to_point(ws_comm *c, const ws_tensor *t, int peer,
+                                ws_comm_request **req, ws_tensor *written)
 {
-    WS_TRY(usable(c, "send"));
-    WS_TRY(check_peer(c, peer, "send"));
-    WS_TRY(check_t(t, "send", 1));
+    const char *what = written ? "recv" : "send";
+    WS_TRY(usable(c, what));
+    WS_TRY(check_peer(c, peer, what));
+    WS_TRY(check_t(t, what, !written));
     const ws_comm_ops *ops;
     ws_device *d = ws_tensor_device(t);
     WS_TRY(pick(c, d, &ops));
     ws_comm_request *q;
     const ws_tensor *ts[1] = {t};
-    WS_TRY(req_new(c, req, "send", ts, 1, 0, &q));
+    WS_TRY(req_new(c, req, what, ts, 1, written != NULL, &q));
     if (q) q->ops = ops;
-    ws_status rc = ops->send(c, d, ws_tensor_data(t), ws_tensor_nbytes(t), peer, q);
-    return finish(q, req, rc, NULL);
+    ws_status rc = written ? ops->recv(c, d, ws_tensor_data(t), ws_tensor_nbytes(t), peer, q)
+                           : ops->send(c, d, ws_tensor_data(t), ws_tensor_nbytes(t), peer, q);
+    return finish(q, req, rc, written);
+}
+
+ws_status ws_comm_send(ws_comm *c, const ws_tensor *t, int peer, ws_comm_request **req)
+{
+    return point_to_point(c, t, peer, req, NULL);
 }
 
 ws_status ws_comm_recv(ws_comm *c, ws_tensor *t, int peer, ws_comm_request **req)
 {
-    WS_TRY(usable(c, "recv"));
-    WS_TRY(check_peer(c, peer, "recv"));
-    WS_TRY(check_t(t, "recv", 0));
-    const ws_comm_ops *ops;
-    ws_device *d = ws_tensor_device(t);
-    WS_TRY(pick(c, d, &ops));
-    ws_comm_request *q;
-    const ws_tensor *ts[1] = {t};
-    WS_TRY(req_new(c, req, "recv", ts, 1, 1, &q));
-    if (q) q->ops = ops;
-    ws_status rc = ops->recv(c, d, ws_tensor_data(t), ws_tensor_nbytes(t), peer, q);
-    return finish(q, req, rc, t);
+    return point_to_point(c, t, peer, req, t);
 }
 
 ws_status ws_comm_all_reduce(ws_comm *c, ws_tensor *t, ws_reduce_op op, ws_comm_request **req)

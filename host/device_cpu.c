@@ -36,23 +36,10 @@ static size_t page_size(void)
     return ps;
 }
 
-/* "1.5 GiB": for messages. */
-static void human_bytes(char *buf, size_t n, size_t bytes)
-{
-    static const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
-    double v = (double)bytes;
-    int u = 0;
-    while (v >= 1024.0 && u < 6) {
-        v /= 1024.0;
-        u++;
-    }
-    snprintf(buf, n, u ? "%.1f %s" : "%.0f %s", v, units[u]);
-}
-
 static ws_status nomem(size_t bytes, int err)
 {
     char h[32];
-    human_bytes(h, sizeof h, bytes);
+    ws_format_bytes(h, sizeof h, bytes);
     return WS_ERR(WS_ERR_NOMEM,
                   "cpu: out of memory allocating %s (%zu bytes): %s; free tensors or use "
                   "smaller buckets",
@@ -486,7 +473,7 @@ static ws_status cpu_vm_reserve(ws_device *d, size_t bytes, void **va)
     void *p = mmap(NULL, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) {
         char h[32];
-        human_bytes(h, sizeof h, bytes);
+        ws_format_bytes(h, sizeof h, bytes);
         return WS_ERR(WS_ERR_NOMEM, "cpu: cannot reserve %s of address space for a pool: %s",
                       h, strerror(errno));
     }
@@ -500,7 +487,7 @@ static ws_status cpu_vm_map(ws_device *d, void *va, size_t bytes)
      * MADV_DONTNEED in vm_unmap dropped the old ones: these are fresh. */
     if (mprotect(va, bytes, PROT_READ | PROT_WRITE) != 0) {
         char h[32];
-        human_bytes(h, sizeof h, bytes);
+        ws_format_bytes(h, sizeof h, bytes);
         return WS_ERR(WS_ERR_NOMEM, "cpu: cannot map %s of pool memory: %s", h, strerror(errno));
     }
     return WS_OK;

@@ -1,8 +1,9 @@
 /* device_cuda.c: the cuda device backend (ws_device_ops for NVIDIA GPUs).
  *
- * The CUDA runtime is linked statically and the driver API is reached only
- * through cudaGetDriverEntryPointByVersion, so the same binary starts on a
- * machine without a driver; ws_cuda_probe then reports zero GPUs and why.
+ * The CUDA runtime is linked statically (the driver API, used only for
+ * virtual memory, is reached through the runtime's entry points), so the same
+ * binary starts on a machine without a driver; ws_cuda_probe then reports
+ * zero GPUs and why.
  *
  * Per GPU (set up on first use, so a rank only touches the GPUs it uses):
  *   - a compute stream: kernels, device-to-device copies, allocation;
@@ -11,29 +12,21 @@
  *     work on a device behaves as one queue (device.h);
  *   - a stream-ordered memory pool (cudaMallocFromPoolAsync) that keeps a
  *     little memory for reuse and returns the rest at synchronization;
- *   - virtual memory for sleepable pools: cuMemAddressReserve once, then
- *     cuMemCreate + cuMemMap per mapping; unmapping releases the physical
- *     memory, so cudaMemGetInfo's free memory really goes up.
+ *   - virtual memory for sleepable pools (device_cuda_vm.c).
  * Operations that touch host memory finish before they return; device-only
  * work stays asynchronous until ws_device_synchronize. A table of the ranges
  * this backend allocated tells device memory from host memory without a
  * driver call per pointer. Accounting: alloc/free count toward d->held,
  * host_alloc toward d->host_held; pool.c accounts its own vm mappings. */
-#include "device.h"
+#include "device_cuda_internal.h"
 
-#include <cuda_runtime_api.h>
-#include <cudaTypedefs.h>
 #include <dlfcn.h>
-#include <pthread.h>
 #include <stdarg.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "cuda_kernels.h"
 #include "dtype.h"
-#include "status.h"
 
 #define MAX_GPUS 64
 /* Freed memory the stream-ordered pool keeps for reuse past a synchronize;
@@ -53,25 +46,10 @@
 
 /* ---- errors ------------------------------------------------------------------ */
 
-static void fmt_bytes(char *buf, size_t n, size_t bytes)
-{
-    static const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
-    double v = (double)bytes;
-    int u = 0;
-    while (v >= 1024.0 && u < 5) {
-        v /= 1024.0;
-        u++;
-    }
-    if (u == 0) snprintf(buf, n, "%zu B", bytes);
-    else snprintf(buf, n, "%.2f %s", v, units[u]);
-}
-
 /* Records a failed runtime call; clears the runtime's last error so the next
  * unrelated call does not see it. */
-static ws_status cuda_fail(const ws_device *d, cudaError_t e, const char *file, int line,
-                           const char *fmt, ...) __attribute__((format(printf, 5, 6)));
-static ws_status cuda_fail(const ws_device *d, cudaError_t e, const char *file, int line,
-                           const char *fmt, ...)
+ws_status ws_cuda_fail(const ws_device *d, cudaError_t e, const char *file, int line,
+                       const char *fmt, ...)
 {
     char what[256];
     va_list ap;
@@ -83,67 +61,7 @@ static ws_status cuda_fail(const ws_device *d, cudaError_t e, const char *file, 
                      cudaGetErrorString(e), cudaGetErrorName(e));
 }
 
-#define CU_TRY(d, call, ...)                                                             \
-    do {                                                                                 \
-        cudaError_t cu_e_ = (call);                                                      \
-        if (cu_e_ != cudaSuccess) return cuda_fail((d), cu_e_, __FILE__, __LINE__, __VA_ARGS__); \
-    } while (0)
-
-/* ---- driver API through the runtime's entry points ------------------------------ */
-
-static struct {
-    PFN_cuMemCreate_v10020 mem_create;
-    PFN_cuMemRelease_v10020 mem_release;
-    PFN_cuMemAddressReserve_v10020 address_reserve;
-    PFN_cuMemAddressFree_v10020 address_free;
-    PFN_cuMemMap_v10020 mem_map;
-    PFN_cuMemUnmap_v10020 mem_unmap;
-    PFN_cuMemSetAccess_v10020 set_access;
-    PFN_cuMemGetAllocationGranularity_v10020 granularity;
-    PFN_cuGetErrorString_v6000 error_string;
-    int ok;
-    char why[160];
-} drv;
-static pthread_once_t drv_once = PTHREAD_ONCE_INIT;
-
-static int drv_sym(const char *name, void *slot, size_t slot_size)
-{
-    void *fn = NULL;
-    enum cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
-    cudaError_t e = cudaGetDriverEntryPointByVersion(name, &fn, 12000, cudaEnableDefault, &q);
-    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || !fn) {
-        cudaGetLastError();
-        snprintf(drv.why, sizeof drv.why, "the CUDA driver does not provide %s", name);
-        return -1;
-    }
-    memcpy(slot, &fn, slot_size); /* object pointer to function pointer, as dlsym */
-    return 0;
-}
-
-#define DRV_SYM(field, name) drv_sym(name, &drv.field, sizeof drv.field)
-
-static void drv_load(void)
-{
-    drv.ok = DRV_SYM(error_string, "cuGetErrorString") == 0 &&
-             DRV_SYM(mem_create, "cuMemCreate") == 0 &&
-             DRV_SYM(mem_release, "cuMemRelease") == 0 &&
-             DRV_SYM(address_reserve, "cuMemAddressReserve") == 0 &&
-             DRV_SYM(address_free, "cuMemAddressFree") == 0 &&
-             DRV_SYM(mem_map, "cuMemMap") == 0 && DRV_SYM(mem_unmap, "cuMemUnmap") == 0 &&
-             DRV_SYM(set_access, "cuMemSetAccess") == 0 &&
-             DRV_SYM(granularity, "cuMemGetAllocationGranularity") == 0;
-}
-
-static const char *drv_errstr(CUresult r)
-{
-    const char *s = NULL;
-    if (drv.error_string) drv.error_string(r, &s);
-    return s ? s : "unknown CUDA driver error";
-}
-
 /* ---- which memory is which ------------------------------------------------------ */
-
-typedef enum mem_loc { LOC_PAGEABLE = 0, LOC_PINNED, LOC_DEVICE } mem_loc;
 
 typedef struct mem_range {
     uintptr_t base;
@@ -169,7 +87,7 @@ static size_t ranges_upper(uintptr_t p)
     return lo;
 }
 
-static int ranges_add(const void *p, size_t size, mem_loc loc)
+int ws_cuda_ranges_add(const void *p, size_t size, mem_loc loc)
 {
     pthread_mutex_lock(&ranges.lock);
     if (ranges.n == ranges.cap) {
@@ -190,7 +108,7 @@ static int ranges_add(const void *p, size_t size, mem_loc loc)
     return 0;
 }
 
-static void ranges_remove(const void *p)
+void ws_cuda_ranges_remove(const void *p)
 {
     pthread_mutex_lock(&ranges.lock);
     size_t at = ranges_upper((uintptr_t)p);
@@ -222,32 +140,6 @@ static mem_loc locate(const void *p)
 }
 
 /* ---- per-GPU state ---------------------------------------------------------------- */
-
-typedef struct vm_handle {
-    uintptr_t va;
-    size_t size;
-    CUmemGenericAllocationHandle h;
-} vm_handle;
-
-typedef struct cuda_dev {
-    int ordinal, sm_count, cc_major, cc_minor;
-    size_t total_mem;
-    char gpu_name[256];
-    pthread_mutex_t lock; /* init, scratch buffers, the vm handle list */
-    atomic_int ready;
-    cudaStream_t compute, copy;
-    cudaEvent_t ev_compute, ev_copy, ev_upload;
-    int upload_pending;
-    cudaMemPool_t pool; /* NULL where the GPU has no memory pools: cudaMalloc */
-    ws_cuda_desc *host_descs, *dev_descs;
-    size_t descs_cap;
-    unsigned long long *dev_sum, *host_sum;
-    void *stage;
-    size_t stage_cap;
-    size_t granularity;
-    vm_handle *maps;
-    size_t n_maps, cap_maps;
-} cuda_dev;
 
 static cuda_dev gpus[MAX_GPUS];
 static int gpu_count;
@@ -312,23 +204,12 @@ static ws_status init_streams_and_pool(ws_device *d, cuda_dev *c)
     CU_TRY(d, cudaMalloc((void **)&c->dev_sum, sizeof *c->dev_sum), "allocating scratch memory");
     CU_TRY(d, cudaHostAlloc((void **)&c->host_sum, sizeof *c->host_sum, PINNED_FLAGS),
            "allocating pinned scratch memory");
-    c->granularity = (size_t)2 << 20;
-    pthread_once(&drv_once, drv_load);
-    if (drv.ok) {
-        CUmemAllocationProp prop;
-        memset(&prop, 0, sizeof prop);
-        prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-        prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-        prop.location.id = c->ordinal;
-        size_t g = 0;
-        if (drv.granularity(&g, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM) == CUDA_SUCCESS && g)
-            c->granularity = g;
-    }
+    c->granularity = ws_cuda_vm_min_granularity(c->ordinal);
     return WS_OK;
 }
 
 /* Selects the GPU for this thread, setting it up on first use. */
-static ws_status prep(ws_device *d, cuda_dev **out)
+ws_status ws_cuda_prep(ws_device *d, cuda_dev **out)
 {
     cuda_dev *c = d->impl;
     if (!atomic_load(&c->ready)) {
@@ -353,22 +234,22 @@ static ws_status prep(ws_device *d, cuda_dev **out)
 cudaStream_t ws_cuda_stream(ws_device *d)
 {
     cuda_dev *c;
-    if (!d || d->kind != WS_DEVICE_CUDA || prep(d, &c) != WS_OK) return NULL;
+    if (!d || d->kind != WS_DEVICE_CUDA || ws_cuda_prep(d, &c) != WS_OK) return NULL;
     return c->compute;
 }
 
 /* For collectives (NCCL) that must run in order with this device's work. */
 static void *cuda_native_stream(ws_device *d) { return (void *)ws_cuda_stream(d); }
 
-static ws_status out_of_memory(ws_device *d, size_t bytes, const char *what)
+ws_status ws_cuda_out_of_memory(ws_device *d, size_t bytes, const char *what)
 {
     size_t free_b = 0, total_b = 0;
     if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) cudaGetLastError();
     char want[32], fr[32], tot[32], held[32];
-    fmt_bytes(want, sizeof want, bytes);
-    fmt_bytes(fr, sizeof fr, free_b);
-    fmt_bytes(tot, sizeof tot, total_b);
-    fmt_bytes(held, sizeof held, d->held);
+    ws_format_bytes(want, sizeof want, bytes);
+    ws_format_bytes(fr, sizeof fr, free_b);
+    ws_format_bytes(tot, sizeof tot, total_b);
+    ws_format_bytes(held, sizeof held, d->held);
     return WS_ERR(WS_ERR_NOMEM,
                   "%s: out of memory %s %s (%zu bytes): the GPU has %s free of %s and wshost "
                   "holds %s; free tensors, use smaller buckets, or put a pool to sleep",
@@ -380,7 +261,7 @@ static ws_status out_of_memory(ws_device *d, size_t bytes, const char *what)
 static ws_status cuda_alloc(ws_device *d, size_t bytes, void **out)
 {
     cuda_dev *c;
-    WS_TRY(prep(d, &c));
+    WS_TRY(ws_cuda_prep(d, &c));
     size_t n = bytes ? bytes : 1;
     void *p = NULL;
     cudaError_t e = dev_malloc(c, &p, n);
@@ -398,11 +279,11 @@ static ws_status cuda_alloc(ws_device *d, size_t bytes, void **out)
         if (e == cudaErrorMemoryAllocation ||
             (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess && bytes > free_b)) {
             cudaGetLastError();
-            return out_of_memory(d, bytes, "allocating");
+            return ws_cuda_out_of_memory(d, bytes, "allocating");
         }
     }
-    if (e != cudaSuccess) return cuda_fail(d, e, __FILE__, __LINE__, "allocating %zu bytes", bytes);
-    if (ranges_add(p, n, LOC_DEVICE) != 0) {
+    if (e != cudaSuccess) return ws_cuda_fail(d, e, __FILE__, __LINE__, "allocating %zu bytes", bytes);
+    if (ws_cuda_ranges_add(p, n, LOC_DEVICE) != 0) {
         dev_free(c, p);
         return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory recording an allocation", d->name);
     }
@@ -415,8 +296,8 @@ static void cuda_free(ws_device *d, void *ptr, size_t bytes)
 {
     cuda_dev *c;
     if (!ptr) return;
-    ranges_remove(ptr);
-    if (prep(d, &c) != WS_OK) return;
+    ws_cuda_ranges_remove(ptr);
+    if (ws_cuda_prep(d, &c) != WS_OK) return;
     dev_free(c, ptr);
     ws_device_account(d, -(ptrdiff_t)bytes);
 }
@@ -424,19 +305,19 @@ static void cuda_free(ws_device *d, void *ptr, size_t bytes)
 static ws_status cuda_host_alloc(ws_device *d, size_t bytes, void **out)
 {
     cuda_dev *c;
-    WS_TRY(prep(d, &c));
+    WS_TRY(ws_cuda_prep(d, &c));
     void *p = NULL;
     cudaError_t e = cudaHostAlloc(&p, bytes ? bytes : 1, PINNED_FLAGS);
     if (e != cudaSuccess) {
         char b[32];
-        fmt_bytes(b, sizeof b, bytes);
+        ws_format_bytes(b, sizeof b, bytes);
         cudaGetLastError();
         return WS_ERR(WS_ERR_NOMEM,
                       "%s: cannot allocate %s of pinned host memory: %s; pin less (smaller "
                       "buckets) or raise the locked-memory limit (ulimit -l)",
                       d->name, b, cudaGetErrorString(e));
     }
-    if (ranges_add(p, bytes ? bytes : 1, LOC_PINNED) != 0) {
+    if (ws_cuda_ranges_add(p, bytes ? bytes : 1, LOC_PINNED) != 0) {
         cudaFreeHost(p);
         return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory recording an allocation", d->name);
     }
@@ -448,7 +329,7 @@ static ws_status cuda_host_alloc(ws_device *d, size_t bytes, void **out)
 static void cuda_host_free(ws_device *d, void *ptr, size_t bytes)
 {
     if (!ptr) return;
-    ranges_remove(ptr);
+    ws_cuda_ranges_remove(ptr);
     cudaFreeHost(ptr);
     cudaGetLastError();
     d->host_held -= bytes;
@@ -502,7 +383,7 @@ static ws_status cuda_copy(ws_device *d, void *dst, const void *src, size_t byte
 {
     cuda_dev *c;
     if (bytes == 0) return WS_OK;
-    WS_TRY(prep(d, &c));
+    WS_TRY(ws_cuda_prep(d, &c));
     return copy_bytes(d, c, dst, locate(dst), src, locate(src), bytes);
 }
 
@@ -575,7 +456,7 @@ static ws_status reserve_descs(ws_device *d, cuda_dev *c, size_t n)
         if (c->host_descs) cudaFreeHost(c->host_descs);
         c->host_descs = NULL;
         c->dev_descs = NULL;
-        return cuda_fail(d, e, __FILE__, __LINE__, "allocating room for %zu copy descriptors", n);
+        return ws_cuda_fail(d, e, __FILE__, __LINE__, "allocating room for %zu copy descriptors", n);
     }
     c->descs_cap = cap;
     return WS_OK;
@@ -635,7 +516,7 @@ static ws_status staged_convert(ws_device *d, cuda_dev *c, const ws_copy_desc *x
                 ws_convert_host((char *)x->dst + done * ds, x->dst_dtype, tmp, x->src_dtype, k);
         }
         if (e != cudaSuccess)
-            rc = cuda_fail(d, e, __FILE__, __LINE__, "converting %s to %s %s",
+            rc = ws_cuda_fail(d, e, __FILE__, __LINE__, "converting %s to %s %s",
                            ws_dtype_name(x->src_dtype), ws_dtype_name(x->dst_dtype),
                            to_device ? "host to device" : "device to host");
     }
@@ -687,7 +568,7 @@ static ws_status cuda_copy_batch(ws_device *d, const ws_copy_desc *descs, size_t
     cuda_dev *c;
     if (n == 0) return WS_OK;
     for (size_t i = 0; i < n; i++) WS_TRY(check_desc(d, &descs[i], i));
-    WS_TRY(prep(d, &c));
+    WS_TRY(ws_cuda_prep(d, &c));
     unsigned char *route = malloc(n);
     if (!route) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory for %zu descriptors", d->name, n);
     pthread_mutex_lock(&c->lock);
@@ -755,14 +636,14 @@ static ws_status strided_staged(ws_device *d, cuda_dev *c, void *dst, ws_dtype d
                                                  c->compute);
             if (e == cudaSuccess) e = cudaStreamSynchronize(c->compute);
             if (e != cudaSuccess)
-                rc = cuda_fail(d, e, __FILE__, __LINE__, "strided copy host to device");
+                rc = ws_cuda_fail(d, e, __FILE__, __LINE__, "strided copy host to device");
         }
     } else {
         cudaError_t e = ws_cuda_copy_strided(c->stage, dt, &flat, src, st, sl, c->sm_count,
                                              c->compute);
         if (e == cudaSuccess) e = cudaStreamSynchronize(c->compute);
         if (e != cudaSuccess)
-            rc = cuda_fail(d, e, __FILE__, __LINE__, "strided copy device to host");
+            rc = ws_cuda_fail(d, e, __FILE__, __LINE__, "strided copy device to host");
         else
             rc = cpu->copy_strided(ws_device_cpu(), dst, dt, dl, c->stage, dt, &flat);
     }
@@ -783,7 +664,7 @@ static ws_status cuda_copy_strided(ws_device *d, void *dst, ws_dtype dt, const w
         return WS_ERR(WS_ERR_ARG, "%s: strided copy of %lld elements into %lld", d->name,
                       (long long)ws_layout_numel(sl), (long long)n);
     if (n == 0) return WS_OK;
-    WS_TRY(prep(d, &c));
+    WS_TRY(ws_cuda_prep(d, &c));
     mem_loc ld = locate(dst), ls = locate(src);
     if (ld != LOC_DEVICE && ls != LOC_DEVICE)
         return ws_cpu_ops()->copy_strided(ws_device_cpu(), dst, dt, dl, src, st, sl);
@@ -807,7 +688,7 @@ static ws_status cuda_fill(ws_device *d, void *ptr, ws_dtype t, size_t count, do
     cuda_dev *c;
     if (count == 0) return WS_OK;
     if ((unsigned)t >= WS_DTYPE_COUNT) return WS_ERR(WS_ERR_ARG, "%s: fill with an invalid dtype", d->name);
-    WS_TRY(prep(d, &c));
+    WS_TRY(ws_cuda_prep(d, &c));
     if (locate(ptr) != LOC_DEVICE) return ws_cpu_ops()->fill(ws_device_cpu(), ptr, t, count, value);
     /* The element's bits come from dtype.c, so both devices store the same value. */
     unsigned char elem[8] = {0};
@@ -825,7 +706,7 @@ static ws_status cuda_random(ws_device *d, void *ptr, ws_dtype t, size_t count, 
     cuda_dev *c;
     if (count == 0) return WS_OK;
     if ((unsigned)t >= WS_DTYPE_COUNT) return WS_ERR(WS_ERR_ARG, "%s: random with an invalid dtype", d->name);
-    WS_TRY(prep(d, &c));
+    WS_TRY(ws_cuda_prep(d, &c));
     if (locate(ptr) != LOC_DEVICE)
         return ws_cpu_ops()->random(ws_device_cpu(), ptr, t, count, seed, first_index, scale);
     CU_TRY(d, ws_cuda_random(ptr, t, count, seed, first_index, scale, c->sm_count, c->compute),
@@ -844,7 +725,7 @@ static ws_status cuda_checksum(ws_device *d, const void *ptr, ws_dtype t, const 
         *out = 0;
         return WS_OK;
     }
-    WS_TRY(prep(d, &c));
+    WS_TRY(ws_cuda_prep(d, &c));
     if (locate(ptr) != LOC_DEVICE)
         return ws_cpu_ops()->checksum(ws_device_cpu(), ptr, t, l, first_index, as, out);
     pthread_mutex_lock(&c->lock);
@@ -857,7 +738,7 @@ static ws_status cuda_checksum(ws_device *d, const void *ptr, ws_dtype t, const 
     uint64_t sum = *c->host_sum;
     pthread_mutex_unlock(&c->lock);
     if (e != cudaSuccess)
-        return cuda_fail(d, e, __FILE__, __LINE__, "checksum of %lld elements",
+        return ws_cuda_fail(d, e, __FILE__, __LINE__, "checksum of %lld elements",
                          (long long)ws_layout_numel(l));
     *out = sum;
     return WS_OK;
@@ -868,7 +749,7 @@ static ws_status cuda_checksum(ws_device *d, const void *ptr, ws_dtype t, const 
 static ws_status cuda_synchronize(ws_device *d)
 {
     cuda_dev *c;
-    WS_TRY(prep(d, &c));
+    WS_TRY(ws_cuda_prep(d, &c));
     CU_TRY(d, cudaStreamSynchronize(c->copy), "synchronizing (an earlier transfer may have failed)");
     CU_TRY(d, cudaStreamSynchronize(c->compute),
            "synchronizing (an earlier kernel or copy may have failed)");
@@ -878,7 +759,7 @@ static ws_status cuda_synchronize(ws_device *d)
 static ws_status cuda_mem_info(ws_device *d, size_t *free_bytes, size_t *total_bytes)
 {
     cuda_dev *c;
-    WS_TRY(prep(d, &c));
+    WS_TRY(ws_cuda_prep(d, &c));
     CU_TRY(d, cudaMemGetInfo(free_bytes, total_bytes), "querying free memory");
     return WS_OK;
 }
@@ -890,13 +771,13 @@ struct ws_event {
 static ws_status cuda_event_create(ws_device *d, ws_event **out)
 {
     cuda_dev *c;
-    WS_TRY(prep(d, &c));
+    WS_TRY(ws_cuda_prep(d, &c));
     ws_event *e = malloc(sizeof *e);
     if (!e) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory creating an event", d->name);
     cudaError_t r = cudaEventCreate(&e->ev);
     if (r != cudaSuccess) {
         free(e);
-        return cuda_fail(d, r, __FILE__, __LINE__, "creating a timing event");
+        return ws_cuda_fail(d, r, __FILE__, __LINE__, "creating a timing event");
     }
     *out = e;
     return WS_OK;
@@ -905,7 +786,7 @@ static ws_status cuda_event_create(ws_device *d, ws_event **out)
 static ws_status cuda_event_record(ws_device *d, ws_event *e)
 {
     cuda_dev *c;
-    WS_TRY(prep(d, &c));
+    WS_TRY(ws_cuda_prep(d, &c));
     /* Copy-stream work is joined into the compute stream, so one stream sees all. */
     CU_TRY(d, cudaEventRecord(e->ev, c->compute), "recording a timing event");
     return WS_OK;
@@ -914,7 +795,7 @@ static ws_status cuda_event_record(ws_device *d, ws_event *e)
 static ws_status cuda_event_elapsed_ms(ws_device *d, ws_event *start, ws_event *end, double *ms)
 {
     cuda_dev *c;
-    WS_TRY(prep(d, &c));
+    WS_TRY(ws_cuda_prep(d, &c));
     float f = 0;
     CU_TRY(d, cudaEventSynchronize(end->ev), "waiting for a timing event");
     CU_TRY(d, cudaEventElapsedTime(&f, start->ev, end->ev),
@@ -929,163 +810,6 @@ static void cuda_event_destroy(ws_device *d, ws_event *e)
     cudaEventDestroy(e->ev);
     cudaGetLastError();
     free(e);
-}
-
-/* ---- virtual memory for sleepable pools ------------------------------------------ */
-
-static ws_status need_vmm(ws_device *d)
-{
-    pthread_once(&drv_once, drv_load);
-    if (!drv.ok)
-        return WS_ERR(WS_ERR_UNSUPPORTED,
-                      "%s: sleepable pools need CUDA virtual memory management, but %s; update "
-                      "the NVIDIA driver",
-                      d->name, drv.why);
-    return WS_OK;
-}
-
-static size_t round_up(size_t v, size_t g) { return (v + g - 1) / g * g; }
-
-static size_t cuda_vm_granularity(ws_device *d)
-{
-    cuda_dev *c;
-    if (prep(d, &c) != WS_OK) return (size_t)2 << 20;
-    return c->granularity;
-}
-
-static ws_status cuda_vm_reserve(ws_device *d, size_t bytes, void **va)
-{
-    cuda_dev *c;
-    WS_TRY(prep(d, &c));
-    WS_TRY(need_vmm(d));
-    size_t size = round_up(bytes ? bytes : 1, c->granularity);
-    CUdeviceptr p = 0;
-    CUresult r = drv.address_reserve(&p, size, c->granularity, 0, 0);
-    if (r != CUDA_SUCCESS)
-        return WS_ERR(WS_ERR_DEVICE, "%s: reserving %zu bytes of GPU address space failed: %s",
-                      d->name, size, drv_errstr(r));
-    if (ranges_add((void *)(uintptr_t)p, size, LOC_DEVICE) != 0) {
-        drv.address_free(p, size);
-        return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory recording a reservation", d->name);
-    }
-    *va = (void *)(uintptr_t)p;
-    return WS_OK;
-}
-
-static ws_status map_locked(ws_device *d, cuda_dev *c, uintptr_t va, size_t bytes)
-{
-    if (c->n_maps == c->cap_maps) {
-        size_t cap = c->cap_maps ? c->cap_maps * 2 : 16;
-        vm_handle *v = realloc(c->maps, cap * sizeof *v);
-        if (!v) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory recording a mapping", d->name);
-        c->maps = v;
-        c->cap_maps = cap;
-    }
-    CUmemAllocationProp prop;
-    memset(&prop, 0, sizeof prop);
-    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-    prop.location.id = c->ordinal;
-    CUmemGenericAllocationHandle h = 0;
-    CUresult r = drv.mem_create(&h, bytes, &prop, 0);
-    if (r == CUDA_ERROR_OUT_OF_MEMORY && c->pool) {
-        cudaStreamSynchronize(c->compute);
-        cudaMemPoolTrimTo(c->pool, 0);
-        cudaGetLastError();
-        r = drv.mem_create(&h, bytes, &prop, 0);
-    }
-    if (r == CUDA_ERROR_OUT_OF_MEMORY) return out_of_memory(d, bytes, "mapping pool memory,");
-    if (r != CUDA_SUCCESS)
-        return WS_ERR(WS_ERR_DEVICE, "%s: creating %zu bytes of pool memory failed: %s", d->name,
-                      bytes, drv_errstr(r));
-    r = drv.mem_map(va, bytes, 0, h, 0);
-    if (r == CUDA_SUCCESS) {
-        CUmemAccessDesc acc;
-        memset(&acc, 0, sizeof acc);
-        acc.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-        acc.location.id = c->ordinal;
-        acc.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-        r = drv.set_access(va, bytes, &acc, 1);
-        if (r != CUDA_SUCCESS) drv.mem_unmap(va, bytes);
-    }
-    if (r != CUDA_SUCCESS) {
-        drv.mem_release(h);
-        return WS_ERR(WS_ERR_DEVICE, "%s: mapping %zu bytes at %p failed: %s (is it inside a "
-                      "reservation and not mapped already?)", d->name, bytes, (void *)va,
-                      drv_errstr(r));
-    }
-    c->maps[c->n_maps++] = (vm_handle){va, bytes, h};
-    return WS_OK;
-}
-
-static ws_status cuda_vm_map(ws_device *d, void *va, size_t bytes)
-{
-    cuda_dev *c;
-    WS_TRY(prep(d, &c));
-    WS_TRY(need_vmm(d));
-    if ((uintptr_t)va % c->granularity || bytes % c->granularity || bytes == 0)
-        return WS_ERR(WS_ERR_ARG, "%s: vm_map of %zu bytes at %p is not a multiple of the "
-                      "granularity (%zu bytes)", d->name, bytes, va, c->granularity);
-    pthread_mutex_lock(&c->lock);
-    ws_status rc = map_locked(d, c, (uintptr_t)va, bytes);
-    pthread_mutex_unlock(&c->lock);
-    return rc;
-}
-
-/* Unmaps and releases every mapping inside [va, va+bytes); caller holds the lock. */
-static ws_status unmap_locked(ws_device *d, cuda_dev *c, uintptr_t va, size_t bytes)
-{
-    /* Queued kernels may still touch the range. */
-    CU_TRY(d, cudaStreamSynchronize(c->copy), "waiting for work before unmapping");
-    CU_TRY(d, cudaStreamSynchronize(c->compute), "waiting for work before unmapping");
-    for (size_t i = 0; i < c->n_maps; i++) {
-        vm_handle *m = &c->maps[i];
-        int inside = m->va >= va && m->va + m->size <= va + bytes;
-        int overlaps = m->va < va + bytes && va < m->va + m->size;
-        if (overlaps && !inside)
-            return WS_ERR(WS_ERR_ARG, "%s: vm_unmap of [%p, +%zu) cuts through a mapping of "
-                          "%zu bytes at %p; unmap whole mappings", d->name, (void *)va, bytes,
-                          m->size, (void *)m->va);
-    }
-    size_t kept = 0;
-    ws_status rc = WS_OK;
-    for (size_t i = 0; i < c->n_maps; i++) {
-        vm_handle m = c->maps[i];
-        if (!(m.va >= va && m.va + m.size <= va + bytes)) {
-            c->maps[kept++] = m;
-            continue;
-        }
-        CUresult r = drv.mem_unmap(m.va, m.size);
-        if (r == CUDA_SUCCESS) r = drv.mem_release(m.h);
-        if (r != CUDA_SUCCESS && rc == WS_OK)
-            rc = WS_ERR(WS_ERR_DEVICE, "%s: unmapping %zu bytes at %p failed: %s", d->name,
-                        m.size, (void *)m.va, drv_errstr(r));
-    }
-    c->n_maps = kept;
-    return rc;
-}
-
-static ws_status cuda_vm_unmap(ws_device *d, void *va, size_t bytes)
-{
-    cuda_dev *c;
-    WS_TRY(prep(d, &c));
-    WS_TRY(need_vmm(d));
-    pthread_mutex_lock(&c->lock);
-    ws_status rc = unmap_locked(d, c, (uintptr_t)va, bytes);
-    pthread_mutex_unlock(&c->lock);
-    return rc;
-}
-
-static void cuda_vm_release(ws_device *d, void *va, size_t bytes)
-{
-    cuda_dev *c;
-    if (!va || prep(d, &c) != WS_OK || need_vmm(d) != WS_OK) return;
-    size_t size = round_up(bytes ? bytes : 1, c->granularity);
-    pthread_mutex_lock(&c->lock);
-    unmap_locked(d, c, (uintptr_t)va, size);
-    drv.address_free((CUdeviceptr)(uintptr_t)va, size);
-    pthread_mutex_unlock(&c->lock);
-    ranges_remove(va);
 }
 
 /* ---- the vtable and the probe ---------------------------------------------------- */
@@ -1108,11 +832,11 @@ static const ws_device_ops cuda_ops = {
     .event_record = cuda_event_record,
     .event_elapsed_ms = cuda_event_elapsed_ms,
     .event_destroy = cuda_event_destroy,
-    .vm_granularity = cuda_vm_granularity,
-    .vm_reserve = cuda_vm_reserve,
-    .vm_map = cuda_vm_map,
-    .vm_unmap = cuda_vm_unmap,
-    .vm_release = cuda_vm_release,
+    .vm_granularity = ws_cuda_vm_granularity,
+    .vm_reserve = ws_cuda_vm_reserve,
+    .vm_map = ws_cuda_vm_map,
+    .vm_unmap = ws_cuda_vm_unmap,
+    .vm_release = ws_cuda_vm_release,
     .native_stream = cuda_native_stream,
 };
 

@@ -42,19 +42,6 @@ struct ws_pool {
 
 static ws_storage tomb;
 
-/* "1.5 GiB": for messages. */
-static void human(char *buf, size_t n, size_t bytes)
-{
-    static const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
-    double v = (double)bytes;
-    int u = 0;
-    while (v >= 1024.0 && u < 5) {
-        v /= 1024.0;
-        u++;
-    }
-    snprintf(buf, n, u ? "%.1f %s" : "%.0f %s", v, units[u]);
-}
-
 /* ---- the storage set ------------------------------------------------------------- */
 
 static size_t slot_of(const ws_pool *p, const ws_storage *s)
@@ -156,9 +143,9 @@ ws_status ws_pool_carve(ws_pool *p, size_t bytes, size_t *offset, void **ptr)
     }
     if (need > p->capacity - p->top) {
         char a[32], b[32], c[32];
-        human(a, sizeof a, bytes);
-        human(b, sizeof b, p->capacity - p->used);
-        human(c, sizeof c, p->capacity);
+        ws_format_bytes(a, sizeof a, bytes);
+        ws_format_bytes(b, sizeof b, p->capacity - p->used);
+        ws_format_bytes(c, sizeof c, p->capacity);
         rc = WS_ERR(WS_ERR_NOMEM, "pool '%s' is full: need %s, %s of %s free (%zu bytes at the "
                     "end); create the pool with more bytes", p->tag, a, b, c,
                     p->capacity - p->top);

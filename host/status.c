@@ -80,3 +80,17 @@ const char *ws_status_name(ws_status s)
     }
     return "ERR_UNKNOWN";
 }
+
+const char *ws_format_bytes(char *buf, size_t n, size_t bytes)
+{
+    static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+    double v = (double)bytes;
+    int u = 0;
+    while (v >= 1024.0 && u < 6) {
+        v /= 1024.0;
+        u++;
+    }
+    if (u == 0) snprintf(buf, n, "%zu B", bytes);
+    else snprintf(buf, n, "%.1f %s", v, units[u]);
+    return buf;
+}

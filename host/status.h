@@ -38,6 +38,10 @@ ws_status ws_errcode(void);
 const char *ws_status_name(ws_status s); /* "ERR_ARG", ... */
 void ws_errclear(void);
 
+/* Writes a byte count for a message, "1.5 GiB" (binary units, one decimal;
+ * plain "512 B" below 1 KiB), into buf[n] and returns buf. */
+const char *ws_format_bytes(char *buf, size_t n, size_t bytes);
+
 #define WS_TRY(expr)                                                                   \
     do {                                                                               \
         ws_status ws_try_rc_ = (expr);                                                 \
