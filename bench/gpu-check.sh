@@ -120,6 +120,28 @@ if [ "$configure_rc" -eq 0 ]; then
     fi
 fi
 
+# ---- NCCL: wshost loads libnccl.so.2 at run time; find PyTorch's copy if the
+# loader does not know one, so the NCCL e2e test (world of one) can run.
+if [ -z "${WSHOST_NCCL_LIBRARY:-}" ] && ! ldconfig -p 2>/dev/null | grep -q 'libnccl.so.2'; then
+    nccl=$(python3 - <<'PY' 2>/dev/null
+import glob, os, site, sys
+roots = site.getsitepackages() + [site.getusersitepackages()] + sys.path
+for r in roots:
+    hits = glob.glob(os.path.join(r, "nvidia", "nccl", "lib", "libnccl.so*"))
+    if hits:
+        print(sorted(hits)[0]); break
+PY
+)
+    [ -z "$nccl" ] && nccl=$(ls /usr/local/cuda/lib*/libnccl.so.2 /usr/lib/x86_64-linux-gnu/libnccl.so.2 \
+        2>/dev/null | head -n1)
+    if [ -n "$nccl" ]; then
+        export WSHOST_NCCL_LIBRARY=$nccl
+        note "nccl: $nccl"
+    else
+        note "nccl: libnccl.so.2 not found; the NCCL test will fail"
+    fi
+fi
+
 # ---- Lua specs and end-to-end tests on the GPU ------------------------------------------
 # Specs run inside wshost (busted carried in .deps); the e2e tests that need
 # packages the GPU machine lacks (lua5.4, mpirun, gnuplot, Debian's torch) are

@@ -16,7 +16,7 @@ local lora = require("ws.lora")
 local trainer_mod = require("ws.trainer")
 local engine_mod = require("ws.engine")
 local sync_mod = require("ws.sync")
-local report = require("ws.report")
+local json = require("ws.json")
 
 local schema = {
     model = { default = "qwen3-0.6b", type = "enum", values = models.names() },
@@ -81,7 +81,16 @@ local ad_ms, ad = best(function() return sync:send("adapter") end)
 -- memcpy reference over the same number of bytes.
 local ref_src = assert(ws.tensor{ shape = { full.bytes_moved }, dtype = "u8", device = device, fill = 1 })
 local ref_dst = assert(ws.tensor{ shape = { full.bytes_moved }, dtype = "u8", device = device })
-local ref_ms = best(function() ws.reference_copy(ref_dst, ref_src) end)
+local ref_ms = best(function() ws.reference_copy(ref_dst, ref_src); device:synchronize() end)
+-- On a GPU, also the pinned host-to-device copy of the same bytes: the bound
+-- of a sync whose trainer weights were offloaded to host memory.
+local h2d_ms
+if device.kind == "cuda" then
+    local pinned = assert(ws.tensor{ shape = { full.bytes_moved }, dtype = "u8", device = "cpu",
+                                     pinned = true, fill = 1 })
+    h2d_ms = best(function() ws.reference_copy(ref_dst, pinned); device:synchronize() end)
+    pinned:free()
+end
 ref_src:free(); ref_dst:free()
 
 out("#")
@@ -92,12 +101,24 @@ out("  %-24s %12d %10.2f %10.2f %10.2f %10.2f", "adapter sync (r=" .. lcfg.r .. 
     ad_ms, gbps(ad.bytes_moved, ad_ms), ad.gather_ms, ad.copy_out_ms)
 out("  %-24s %12d %10.2f %10.2f %10s %10s", "memcpy reference", full.bytes_moved, ref_ms,
     gbps(full.bytes_moved, ref_ms), "-", "-")
+if h2d_ms then
+    out("  %-24s %12d %10.2f %10.2f %10s %10s", "pinned h2d reference", full.bytes_moved, h2d_ms,
+        gbps(full.bytes_moved, h2d_ms), "-", "-")
+end
 local bw_ratio = ref_ms / full_ms
 local time_ratio, byte_ratio = ad_ms / full_ms, ad.bytes_moved / full.bytes_moved
 local rel = time_ratio / byte_ratio
 out("#")
-target("(1) full sync vs memcpy", bw_ratio >= 0.8 or world > 1, "%.2fx of memcpy bandwidth%s",
-       bw_ratio, world > 1 and " (world > 1: includes the gather; not held to the target)" or "")
+-- The issue's targets: >= 0.8x of memcpy on the cpu, >= 0.85x of the device copy on a GPU.
+local bw_target = device.kind == "cuda" and 0.85 or 0.8
+target("(1) full sync vs memcpy", bw_ratio >= bw_target or world > 1,
+       "%.2fx of %s bandwidth (target %.2fx)%s", bw_ratio,
+       device.kind == "cuda" and "device-to-device copy" or "memcpy", bw_target,
+       world > 1 and " (world > 1: includes the gather; not held to the target)" or "")
+if h2d_ms then
+    out("#   %-28s      %.1fx the pinned host-to-device bandwidth", "(1b) full sync vs h2d",
+        h2d_ms / full_ms)
+end
 target("(2) LoRA vs full", rel <= 1.5, "time ratio %.4f, byte ratio %.4f -> %.2fx", time_ratio,
        byte_ratio, rel)
 sync:free(); engine:free(); trainer:free()
@@ -159,11 +180,12 @@ out("#   staging bound: 2 x (bucket + bucket/world)%s", #misses > 0 and "" or " 
 
 if opts.json and rank == 0 then
     local f = assert(io.open(opts.json, "w"))
-    f:write(report.json{ bench = "sync", version = ws.version, device = tostring(device), world = world,
+    f:write(json.encode{ bench = "sync", version = ws.version, device = tostring(device), world = world,
                          model = cfg.model, bucket_mb = cfg.bucket_mb,
                          full = { bytes = full.bytes_moved, ms = full_ms, gbps = gbps(full.bytes_moved, full_ms) },
                          adapter = { bytes = ad.bytes_moved, ms = ad_ms },
                          memcpy = { bytes = full.bytes_moved, ms = ref_ms },
+                         h2d_pinned = h2d_ms and { bytes = full.bytes_moved, ms = h2d_ms } or nil,
                          ratio_vs_memcpy = bw_ratio, lora_time_over_byte_ratio = rel,
                          tiny = { tensors = n, ms = tiny_ms, us_per_tensor = us, add_ms = add_ms },
                          staging = staging, targets = results }, "\n")
