@@ -57,26 +57,51 @@ function Report:end_step(rec)
         self.json_file:write(json.encode(rec), "\n")
         self.json_file:flush()
     end
+    self:print_row(rec)
+end
+
+-- The per-step row: phase times, what was sent, verification, and memory.
+-- `engine_MB` is the engine memory still mapped after the step (it drops to
+-- 0 when the engine sleeps); the last column shows that the memory really
+-- went back: process RSS on the cpu, free device memory on a GPU.
+function Report:columns()
+    if self.cols then return self.cols end
+    local cols = {
+        { "step", "%5d", function(r) return r.step end },
+        { "total_ms", "%8.1f", function(r) return r.step_ms end },
+    }
+    for _, p in ipairs(M.phases) do
+        cols[#cols + 1] = { p, "%7.1f", function(r) return r.phase_ms[p] or 0 end }
+    end
+    local on_gpu = self.device.kind == "cuda"
+    for _, c in ipairs({
+        { "base", "%4s", function(r) return r.base_sent and "yes" or "no" end },
+        { "MB_sent", "%7.1f", function(r) return r.bytes_sent / 1e6 end },
+        { "verified", "%8s", function(r) return r.verified and "yes" or "NO" end },
+        { "engine_MB", "%9.1f", function(r) return (r.engine_mapped_after or 0) / 1e6 end },
+        on_gpu and { "dev_free_MB", "%11.1f", function(r) return r.device_free_bytes / 1e6 end }
+               or { "rss_MB", "%8.1f", function(r) return r.rss_bytes / 1e6 end },
+        { "peak_dev_MB", "%11.1f", function(r) return r.peak_device_bytes / 1e6 end },
+        { "peak_host_MB", "%12.1f", function(r) return r.peak_host_bytes / 1e6 end },
+    }) do cols[#cols + 1] = c end
+    self.cols = cols
+    return cols
+end
+
+function Report:print_row(rec)
+    local cols, cells = self:columns(), {}
     if not self.header_done then
         self.header_done = true
-        local cols = { "step", "total_ms" }
-        for _, p in ipairs(M.phases) do cols[#cols + 1] = p end
-        for _, c in ipairs({ "base", "MB_sent", "verified", "peak_dev_MB", "peak_host_MB" }) do
-            cols[#cols + 1] = c
+        for i, c in ipairs(cols) do
+            local width = #string.format(c[2], c[3](rec))
+            cells[i] = string.format("%" .. math.max(width, #c[1]) .. "s", c[1])
         end
-        local fmts = {}
-        for i, c in ipairs(cols) do fmts[i] = string.format("%" .. math.max(#c, 7) .. "s", c) end
-        self.log("#" .. table.concat(fmts, " "):sub(2))
+        self.log("#" .. table.concat(cells, " "):sub(2))
     end
-    local cells = { string.format("%4d", rec.step), string.format("%8.1f", rec.step_ms) }
-    for _, p in ipairs(M.phases) do
-        cells[#cells + 1] = string.format("%" .. math.max(#p, 7) .. ".1f", rec.phase_ms[p] or 0)
+    for i, c in ipairs(cols) do
+        local text = string.format(c[2], c[3](rec))
+        cells[i] = string.format("%" .. math.max(#text, #c[1]) .. "s", text)
     end
-    cells[#cells + 1] = string.format("%7s", rec.base_sent and "yes" or "no")
-    cells[#cells + 1] = string.format("%7.1f", rec.bytes_sent / 1e6)
-    cells[#cells + 1] = string.format("%8s", rec.verified and "yes" or "NO")
-    cells[#cells + 1] = string.format("%11.1f", rec.peak_device_bytes / 1e6)
-    cells[#cells + 1] = string.format("%12.1f", rec.peak_host_bytes / 1e6)
     self.log(table.concat(cells, " "))
 end
 
