@@ -197,8 +197,12 @@ int ws_lua_tensor_from_opts(lua_State *L, int opts, ws_pool *pool, int pool_idx,
         o.device = ws_pool_device(pool);
     } else if (o.pinned) {
         /* Pinned host memory lives on the cpu but is pinned for a GPU: the
-         * given device, else the default one. */
-        o.pin_device = dev ? dev : ws_lua_default_device(L);
+         * given GPU, else the default device, else the first usable GPU
+         * (`device = "cpu", pinned = true` still pins). Without a GPU it is
+         * ordinary host memory. */
+        ws_device *pin = dev && dev->kind == WS_DEVICE_CUDA ? dev : ws_lua_default_device(L);
+        if (pin->kind != WS_DEVICE_CUDA) pin = ws_device_default(NULL);
+        o.pin_device = pin;
         o.device = ws_device_cpu();
     } else {
         o.device = dev ? dev : ws_lua_default_device(L);
