@@ -1,6 +1,6 @@
 -- bench/sweep_sleep.lua: the sleep/sync sweep of a pipeline over a grid.
 --
---   wshost bench/sweep_sleep.lua                      # qwen3-0.6b, 6 points, ~1.5 min on the cpu
+--   wshost bench/sweep_sleep.lua                      # qwen3-0.6b, 6 points, ~20 s on the cpu
 --   wshost bench/sweep_sleep.lua preset=tiny          # tiny model, every axis varies: seconds
 --   wshost bench/sweep_sleep.lua preset=large         # 0.6b and 1.7b, more ranks and buckets
 --   wshost bench/sweep_sleep.lua lora_rank=8,16,32 bucket_mb=16,512 repeats=5 out=results/r
@@ -17,7 +17,7 @@ local ws = require("ws")
 local sweep = require("ws.sweep")
 
 local PRESETS = {
-    -- About a minute and a half on the 2-core cpu machines: the real 0.6b shapes.
+    -- About 20 seconds on the 2-core cpu machines: the real 0.6b shapes.
     default = { model = { "qwen3-0.6b" }, free_cache_engine = { true, false },
                 sleep_level = { 1, 2 }, lora_rank = { 32 }, bucket_mb = { 64, 512 },
                 steps = 4, repeats = 1 },
