@@ -33,10 +33,10 @@
  * the rest goes back to the driver (and to other processes on the GPU). */
 #define POOL_KEEP_BYTES ((uint64_t)256 << 20)
 /* Plain copies at least this large go to the copy engine (host side) or to
- * cudaMemcpyAsync (device to device) instead of the batched kernel. On the
- * H200 cudaMemcpy reached 2.12 TB/s against 1.78 TB/s for the batched kernel
- * on large tensors; a 16 MiB copy lasts longer than a launch, so from there
- * one call per tensor costs nothing. */
+ * cudaMemcpyAsync (device to device) instead of the batched kernel. Measured
+ * on the H200 with 1.7B and 8B syncs: any threshold from 4 to 64 MiB gives
+ * the same 0.84-0.86x of a raw cudaMemcpy; 1 MiB drops to 0.25x, since one
+ * call per small tensor costs more than the copy. */
 #define PINNED_DMA_MIN_BYTES ((size_t)256 << 10)
 #define D2D_MEMCPY_MIN_BYTES ((size_t)16 << 20)
 /* Host staging for pageable conversions is done in chunks of this size. */
@@ -166,13 +166,14 @@ static void teardown(cuda_dev *c)
     if (c->pool) cudaMemPoolDestroy(c->pool);
     if (c->ev_compute) cudaEventDestroy(c->ev_compute);
     if (c->ev_copy) cudaEventDestroy(c->ev_copy);
-    if (c->ev_upload) cudaEventDestroy(c->ev_upload);
+    for (int i = 0; i < 2; i++)
+        if (c->ev_upload[i]) cudaEventDestroy(c->ev_upload[i]);
     if (c->compute) cudaStreamDestroy(c->compute);
     if (c->copy) cudaStreamDestroy(c->copy);
     c->dev_sum = NULL;
     c->host_sum = NULL;
     c->pool = NULL;
-    c->ev_compute = c->ev_copy = c->ev_upload = NULL;
+    c->ev_compute = c->ev_copy = c->ev_upload[0] = c->ev_upload[1] = NULL;
     c->compute = c->copy = NULL;
     cudaGetLastError();
 }
@@ -186,7 +187,9 @@ static ws_status init_streams_and_pool(ws_device *d, cuda_dev *c)
            "creating the copy stream");
     CU_TRY(d, cudaEventCreateWithFlags(&c->ev_compute, cudaEventDisableTiming), "creating events");
     CU_TRY(d, cudaEventCreateWithFlags(&c->ev_copy, cudaEventDisableTiming), "creating events");
-    CU_TRY(d, cudaEventCreateWithFlags(&c->ev_upload, cudaEventDisableTiming), "creating events");
+    for (int i = 0; i < 2; i++)
+        CU_TRY(d, cudaEventCreateWithFlags(&c->ev_upload[i], cudaEventDisableTiming),
+               "creating events");
     int pools = 0;
     CU_TRY(d, cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, c->ordinal),
            "querying memory pool support");
@@ -399,6 +402,20 @@ enum desc_route {
     R_STAGED_D2H,  /* raw bytes fetched, then converted on the host */
 };
 
+/* WSHOST_CUDA_MEMCPY_MIN_BYTES overrides D2D_MEMCPY_MIN_BYTES, so the
+ * benchmarks can measure where the batched kernel stops paying off. */
+static size_t d2d_memcpy_min(void)
+{
+    static size_t v;
+    if (!v) {
+        const char *e = getenv("WSHOST_CUDA_MEMCPY_MIN_BYTES");
+        char *end = NULL;
+        unsigned long long x = e ? strtoull(e, &end, 10) : 0;
+        v = e && end != e && *end == '\0' && x > 0 ? (size_t)x : D2D_MEMCPY_MIN_BYTES;
+    }
+    return v;
+}
+
 static int route_desc(const ws_copy_desc *x, int *touches_host)
 {
     if (x->count == 0) return R_SKIP;
@@ -407,7 +424,7 @@ static int route_desc(const ws_copy_desc *x, int *touches_host)
     size_t bytes = x->count * ws_dtype_size(x->src_dtype);
     if (ld != LOC_DEVICE && ls != LOC_DEVICE) return R_HOST;
     if (ld == LOC_DEVICE && ls == LOC_DEVICE)
-        return plain && bytes >= D2D_MEMCPY_MIN_BYTES ? R_D2D_MEMCPY : R_KERNEL;
+        return plain && bytes >= d2d_memcpy_min() ? R_D2D_MEMCPY : R_KERNEL;
     mem_loc host = ld == LOC_DEVICE ? ls : ld;
     if (plain && (host == LOC_PAGEABLE || bytes >= PINNED_DMA_MIN_BYTES)) return R_DMA;
     if (host == LOC_PINNED) {
@@ -434,27 +451,38 @@ static ws_status check_desc(const ws_device *d, const ws_copy_desc *x, size_t i)
 }
 
 /* Grows the descriptor buffers (pinned staging and device copy) to n. */
+/* Waits until the upload that last read host descriptor buffer `slot` is done. */
+static ws_status wait_upload(ws_device *d, cuda_dev *c, int slot)
+{
+    if (!c->upload_pending[slot]) return WS_OK;
+    CU_TRY(d, cudaEventSynchronize(c->ev_upload[slot]), "waiting for a descriptor upload");
+    c->upload_pending[slot] = 0;
+    return WS_OK;
+}
+
 static ws_status reserve_descs(ws_device *d, cuda_dev *c, size_t n)
 {
-    if (c->upload_pending) {
-        /* The previous batch's upload still reads the staging buffer. */
-        CU_TRY(d, cudaEventSynchronize(c->ev_upload), "waiting for a descriptor upload");
-        c->upload_pending = 0;
-    }
+    WS_TRY(wait_upload(d, c, c->desc_slot));
     if (n <= c->descs_cap) return WS_OK;
+    WS_TRY(wait_upload(d, c, c->desc_slot ^ 1));
     size_t cap = c->descs_cap * 2 > n ? c->descs_cap * 2 : n;
     if (cap < 256) cap = 256;
-    if (c->host_descs) cudaFreeHost(c->host_descs);
+    for (int i = 0; i < 2; i++) {
+        if (c->host_descs[i]) cudaFreeHost(c->host_descs[i]);
+        c->host_descs[i] = NULL;
+    }
     dev_free(c, c->dev_descs);
-    c->host_descs = NULL;
     c->dev_descs = NULL;
     c->descs_cap = 0;
-    cudaError_t e = cudaHostAlloc((void **)&c->host_descs, cap * sizeof(ws_cuda_desc),
-                                  PINNED_FLAGS);
+    cudaError_t e = cudaSuccess;
+    for (int i = 0; i < 2 && e == cudaSuccess; i++)
+        e = cudaHostAlloc((void **)&c->host_descs[i], cap * sizeof(ws_cuda_desc), PINNED_FLAGS);
     if (e == cudaSuccess) e = dev_malloc(c, (void **)&c->dev_descs, cap * sizeof(ws_cuda_desc));
     if (e != cudaSuccess) {
-        if (c->host_descs) cudaFreeHost(c->host_descs);
-        c->host_descs = NULL;
+        for (int i = 0; i < 2; i++) {
+            if (c->host_descs[i]) cudaFreeHost(c->host_descs[i]);
+            c->host_descs[i] = NULL;
+        }
         c->dev_descs = NULL;
         return ws_cuda_fail(d, e, __FILE__, __LINE__, "allocating room for %zu copy descriptors", n);
     }
@@ -462,15 +490,20 @@ static ws_status reserve_descs(ws_device *d, cuda_dev *c, size_t n)
     return WS_OK;
 }
 
+/* Every kernel-routed descriptor in one launch. The device descriptor buffer
+ * is reused in stream order (an upload waits for the previous kernel); the
+ * host side alternates between two buffers. */
 static ws_status launch_kernel_descs(ws_device *d, cuda_dev *c, const ws_copy_desc *descs,
                                      const unsigned char *route, size_t n, size_t nk)
 {
     WS_TRY(reserve_descs(d, c, nk));
+    int slot = c->desc_slot;
+    ws_cuda_desc *host = c->host_descs[slot];
     uint64_t units = 0;
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
         if (route[i] != R_KERNEL) continue;
-        ws_cuda_desc *x = &c->host_descs[k++];
+        ws_cuda_desc *x = &host[k++];
         int plain = descs[i].dst_dtype == descs[i].src_dtype;
         x->dst = descs[i].dst;
         x->src = descs[i].src;
@@ -480,11 +513,12 @@ static ws_status launch_kernel_descs(ws_device *d, cuda_dev *c, const ws_copy_de
         x->unit_begin = units;
         units += ws_cuda_desc_units(x);
     }
-    CU_TRY(d, cudaMemcpyAsync(c->dev_descs, c->host_descs, nk * sizeof(ws_cuda_desc),
+    CU_TRY(d, cudaMemcpyAsync(c->dev_descs, host, nk * sizeof(ws_cuda_desc),
                               cudaMemcpyHostToDevice, c->compute),
            "uploading %zu copy descriptors", nk);
-    CU_TRY(d, cudaEventRecord(c->ev_upload, c->compute), "uploading copy descriptors");
-    c->upload_pending = 1;
+    CU_TRY(d, cudaEventRecord(c->ev_upload[slot], c->compute), "uploading copy descriptors");
+    c->upload_pending[slot] = 1;
+    c->desc_slot = slot ^ 1;
     CU_TRY(d, ws_cuda_copy_batch(c->dev_descs, nk, units, c->sm_count, c->compute),
            "launching a batched copy of %zu descriptors", nk);
     return WS_OK;

@@ -33,10 +33,14 @@ typedef struct cuda_dev {
     pthread_mutex_t lock; /* init, scratch buffers, the vm handle list */
     atomic_int ready;
     cudaStream_t compute, copy;
-    cudaEvent_t ev_compute, ev_copy, ev_upload;
-    int upload_pending;
+    cudaEvent_t ev_compute, ev_copy;
+    /* Two pinned descriptor buffers used in turn, so the host fills batch
+     * k+1 while the upload of batch k may still be reading its buffer. */
+    cudaEvent_t ev_upload[2];
+    int upload_pending[2];
+    int desc_slot;
     cudaMemPool_t pool; /* NULL where the GPU has no memory pools: cudaMalloc */
-    ws_cuda_desc *host_descs, *dev_descs;
+    ws_cuda_desc *host_descs[2], *dev_descs;
     size_t descs_cap;
     unsigned long long *dev_sum, *host_sum;
     void *stage;
