@@ -8,11 +8,13 @@
  *
  * A communicator is created per ws_comm (rank 0 makes the unique id, the host
  * backend broadcasts it) and bound to the device of the first cuda tensor.
- * Work is enqueued on the device's native stream when the device backend
- * offers one (ws_device_ops.native_stream); otherwise on the legacy default
- * stream with a device synchronize before and a stream synchronize after.
- * Waits poll the stream and ncclCommGetAsyncError, so a failed peer turns
- * into an error (and an aborted communicator) instead of a hang. */
+ * Work goes on a stream of the communicator's own, ordered after the device's
+ * queue (ws_device_ops.native_stream) by an event, and the device's later
+ * work is ordered after the collective by another; so an async gather runs
+ * beside the device's copies. Without a native stream: the legacy default
+ * stream with a device synchronize before. Waits poll the completion event
+ * and ncclCommGetAsyncError, so a failed peer turns into an error (and an
+ * aborted communicator) instead of a hang. */
 #include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,6 +68,7 @@ static struct {
 struct ws_nccl_state {
     nccl_comm comm;
     ws_device *device;
+    void *stream; /* NCCL's own cudaStream_t; NULL: the legacy default stream */
     int aborted;
     ws_nccl_state *next; /* every live communicator, for ws_nccl_abort_all */
 };
@@ -88,6 +91,8 @@ static ws_status nccl_fail(const ws_comm *c, nccl_result r, const char *file, in
         if (check_nccl_rc_ != NCCL_OK && check_nccl_rc_ != NCCL_IN_PROGRESS)              \
             return nccl_fail((c), check_nccl_rc_, __FILE__, __LINE__, (what));            \
     } while (0)
+
+static void *stream_of(ws_device *d) { return d->ops->native_stream ? d->ops->native_stream(d) : NULL; }
 
 static ws_status load_library(void)
 {
@@ -160,6 +165,19 @@ ws_status ws_nccl_ensure(ws_comm *c, ws_device *d)
         return nccl_fail(c, r, __FILE__, __LINE__, "comm: ncclCommInitRank");
     }
     s->device = d;
+    /* Collectives get a stream of their own, ordered after the device's work
+     * by events, so a gather can run while the device copies out the
+     * previous bucket (the transfer engine's overlap). */
+    if (stream_of(d)) {
+        cudaStream_t st;
+        if (cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) != cudaSuccess) {
+            cudaGetLastError();
+            g_lib.comm_destroy(s->comm);
+            free(s);
+            return WS_ERR(WS_ERR_DEVICE, "comm: cannot create a stream for NCCL on %s", d->name);
+        }
+        s->stream = st;
+    }
     s->next = g_states;
     g_states = s;
     c->nccl = s;
@@ -167,26 +185,44 @@ ws_status ws_nccl_ensure(ws_comm *c, ws_device *d)
     return WS_OK;
 }
 
-static void *stream_of(ws_device *d) { return d->ops->native_stream ? d->ops->native_stream(d) : NULL; }
+/* Where NCCL work goes: the communicator's own stream, or the legacy
+ * default stream when the device backend has no streams. */
+static void *nccl_stream(const ws_comm *c) { return c->nccl->stream; }
 
-/* Before enqueueing without a native stream: earlier device work must be done. */
-static ws_status before(ws_device *d)
+/* Orders the collective after all work queued on the device so far. */
+static ws_status before(ws_comm *c, ws_device *d)
 {
-    if (d->ops->native_stream) return WS_OK;
-    return ws_device_synchronize(d);
+    void *dev = stream_of(d);
+    if (!dev || !c->nccl->stream) return ws_device_synchronize(d);
+    cudaEvent_t ready;
+    cudaError_t e = cudaEventCreateWithFlags(&ready, cudaEventDisableTiming);
+    if (e == cudaSuccess) {
+        e = cudaEventRecord(ready, (cudaStream_t)dev);
+        if (e == cudaSuccess) e = cudaStreamWaitEvent((cudaStream_t)c->nccl->stream, ready, 0);
+        cudaEventDestroy(ready); /* released once the wait is satisfied */
+    }
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        return WS_ERR(WS_ERR_DEVICE, "comm: ordering NCCL after the work on %s: %s", d->name,
+                      cudaGetErrorString(e));
+    }
+    return WS_OK;
 }
 
-/* Waits for the stream while watching for NCCL failures. */
-static ws_status sync_stream(ws_comm *c, void *stream, const char *what)
+/* Waits for `done` while watching for NCCL failures, then orders the device's
+ * later work after it. */
+static ws_status wait_done(ws_comm *c, cudaEvent_t done, const char *what)
 {
     ws_nccl_state *s = c->nccl;
     struct timespec nap = {0, 20000};
     for (;;) {
-        cudaError_t e = cudaStreamQuery((cudaStream_t)stream);
-        if (e == cudaSuccess) return WS_OK;
-        if (e != cudaErrorNotReady)
+        cudaError_t e = cudaEventQuery(done);
+        if (e == cudaSuccess) break;
+        if (e != cudaErrorNotReady) {
+            cudaGetLastError();
             return WS_ERR(WS_ERR_DEVICE, "%s: CUDA error while waiting for NCCL on rank %d: %s",
                           what, c->rank, cudaGetErrorString(e));
+        }
         nccl_result ae = NCCL_OK;
         g_lib.async_error(s->comm, &ae);
         if (ae != NCCL_OK && ae != NCCL_IN_PROGRESS) {
@@ -196,35 +232,50 @@ static ws_status sync_stream(ws_comm *c, void *stream, const char *what)
         }
         nanosleep(&nap, NULL);
     }
+    void *dev = stream_of(s->device);
+    if (dev && cudaStreamWaitEvent((cudaStream_t)dev, done, 0) != cudaSuccess) {
+        cudaGetLastError();
+        return WS_ERR(WS_ERR_DEVICE, "%s: ordering %s after NCCL failed", what, s->device->name);
+    }
+    return WS_OK;
 }
 
-/* After enqueueing: blocking calls without a native stream wait here; async
- * calls remember the stream for wait(). */
+/* After enqueueing: a blocking call waits here; an async one keeps the event
+ * for wait(). Either way the caller's next device work is ordered after it. */
 static ws_status after(ws_comm *c, ws_device *d, ws_comm_request *req, const char *what)
 {
-    void *stream = stream_of(d);
+    cudaEvent_t done;
+    cudaError_t e = cudaEventCreateWithFlags(&done, cudaEventDisableTiming);
+    if (e == cudaSuccess) e = cudaEventRecord(done, (cudaStream_t)nccl_stream(c));
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        return WS_ERR(WS_ERR_DEVICE, "%s: recording the end of the NCCL call on %s: %s", what,
+                      d->name, cudaGetErrorString(e));
+    }
     if (req) {
-        req->impl = stream ? stream : (void *)d; /* non-NULL marks "pending" */
+        req->impl = (void *)done;
         return WS_OK;
     }
-    if (stream) return WS_OK; /* ordered on the device's own stream */
-    return sync_stream(c, NULL, what);
+    ws_status rc = wait_done(c, done, what);
+    cudaEventDestroy(done);
+    return rc;
 }
 
 static ws_status nccl_wait(ws_comm_request *req)
 {
     if (!req->impl) return WS_OK;
-    ws_comm *c = req->comm;
-    void *stream = stream_of(c->nccl->device);
+    cudaEvent_t done = (cudaEvent_t)req->impl;
     req->impl = NULL;
-    return sync_stream(c, stream, req->what);
+    ws_status rc = wait_done(req->comm, done, req->what);
+    cudaEventDestroy(done);
+    return rc;
 }
 
 static ws_status n_all_gather(ws_comm *c, ws_device *d, const void *send, void *recv,
                               size_t bytes, ws_comm_request *req)
 {
-    WS_TRY(before(d));
-    CHECK_NCCL(c, g_lib.all_gather(send, recv, bytes, NCCL_UINT8, c->nccl->comm, stream_of(d)),
+    WS_TRY(before(c, d));
+    CHECK_NCCL(c, g_lib.all_gather(send, recv, bytes, NCCL_UINT8, c->nccl->comm, nccl_stream(c)),
                "all_gather");
     return after(c, d, req, "all_gather");
 }
@@ -232,8 +283,8 @@ static ws_status n_all_gather(ws_comm *c, ws_device *d, const void *send, void *
 static ws_status n_broadcast(ws_comm *c, ws_device *d, void *buf, size_t bytes, int root,
                              ws_comm_request *req)
 {
-    WS_TRY(before(d));
-    CHECK_NCCL(c, g_lib.broadcast(buf, buf, bytes, NCCL_UINT8, root, c->nccl->comm, stream_of(d)),
+    WS_TRY(before(c, d));
+    CHECK_NCCL(c, g_lib.broadcast(buf, buf, bytes, NCCL_UINT8, root, c->nccl->comm, nccl_stream(c)),
                "broadcast");
     return after(c, d, req, "broadcast");
 }
@@ -241,16 +292,16 @@ static ws_status n_broadcast(ws_comm *c, ws_device *d, void *buf, size_t bytes, 
 static ws_status n_send(ws_comm *c, ws_device *d, const void *buf, size_t bytes, int peer,
                         ws_comm_request *req)
 {
-    WS_TRY(before(d));
-    CHECK_NCCL(c, g_lib.send(buf, bytes, NCCL_UINT8, peer, c->nccl->comm, stream_of(d)), "send");
+    WS_TRY(before(c, d));
+    CHECK_NCCL(c, g_lib.send(buf, bytes, NCCL_UINT8, peer, c->nccl->comm, nccl_stream(c)), "send");
     return after(c, d, req, "send");
 }
 
 static ws_status n_recv(ws_comm *c, ws_device *d, void *buf, size_t bytes, int peer,
                         ws_comm_request *req)
 {
-    WS_TRY(before(d));
-    CHECK_NCCL(c, g_lib.recv(buf, bytes, NCCL_UINT8, peer, c->nccl->comm, stream_of(d)), "recv");
+    WS_TRY(before(c, d));
+    CHECK_NCCL(c, g_lib.recv(buf, bytes, NCCL_UINT8, peer, c->nccl->comm, nccl_stream(c)), "recv");
     return after(c, d, req, "recv");
 }
 
@@ -273,23 +324,23 @@ static ws_status reduce_type(ws_dtype t, ws_reduce_op op, const char *what, nccl
 static ws_status n_all_reduce(ws_comm *c, ws_device *d, void *buf, size_t count, ws_dtype t,
                               ws_reduce_op op, ws_comm_request *req)
 {
-    nccl_dtype nt;
+    nccl_dtype nt = NCCL_UINT8;
     WS_TRY(reduce_type(t, op, "all_reduce", &nt));
-    WS_TRY(before(d));
+    WS_TRY(before(c, d));
     CHECK_NCCL(c, g_lib.all_reduce(buf, buf, count, nt, op == WS_REDUCE_SUM ? NCCL_SUM : NCCL_MAX,
-                                   c->nccl->comm, stream_of(d)), "all_reduce");
+                                   c->nccl->comm, nccl_stream(c)), "all_reduce");
     return after(c, d, req, "all_reduce");
 }
 
 static ws_status n_reduce_scatter(ws_comm *c, ws_device *d, const void *send, void *recv,
                                   size_t count, ws_dtype t, ws_reduce_op op, ws_comm_request *req)
 {
-    nccl_dtype nt;
+    nccl_dtype nt = NCCL_UINT8;
     WS_TRY(reduce_type(t, op, "reduce_scatter", &nt));
-    WS_TRY(before(d));
+    WS_TRY(before(c, d));
     CHECK_NCCL(c, g_lib.reduce_scatter(send, recv, count, nt,
                                        op == WS_REDUCE_SUM ? NCCL_SUM : NCCL_MAX, c->nccl->comm,
-                                       stream_of(d)), "reduce_scatter");
+                                       nccl_stream(c)), "reduce_scatter");
     return after(c, d, req, "reduce_scatter");
 }
 
@@ -329,6 +380,9 @@ void ws_nccl_destroy(ws_comm *c)
         }
     /* An aborted communicator is already gone. */
     if (!s->aborted) g_lib.comm_destroy(s->comm);
+#ifdef WS_HAVE_CUDA
+    if (s->stream) cudaStreamDestroy((cudaStream_t)s->stream);
+#endif
     free(s);
     c->nccl = NULL;
 }
