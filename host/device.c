@@ -110,11 +110,43 @@ static void init_default_why(void)
              ws_device_cuda_unavailable_reason());
 }
 
+/* The launcher's local rank of this process, or -1 outside a launcher. Read
+ * from the environment so choosing a device never starts MPI. */
+static int launcher_local_rank(const char **var)
+{
+    static const char *const vars[] = {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                                       "SLURM_LOCALID", "LOCAL_RANK", NULL};
+    for (int i = 0; vars[i]; i++) {
+        const char *v = getenv(vars[i]);
+        char *end;
+        long r = v && *v ? strtol(v, &end, 10) : -1;
+        if (v && *v && *end == '\0' && r >= 0 && r < 1 << 20) {
+            *var = vars[i];
+            return (int)r;
+        }
+    }
+    return -1;
+}
+
 ws_device *ws_device_default(const char **why)
 {
-    if (ws_device_cuda_count() > 0) {
-        if (why) *why = "first usable GPU";
-        return &cuda_devices[0];
+    int n = ws_device_cuda_count();
+    if (n > 0) {
+        /* One process per rank: each takes the GPU of its local rank
+         * (--device / WSHOST_DEVICE override it). */
+        static char local_why[96];
+        const char *var = NULL;
+        int lr = launcher_local_rank(&var);
+        if (lr < 0) {
+            if (why) *why = "first usable GPU";
+            return &cuda_devices[0];
+        }
+        if (why) {
+            snprintf(local_why, sizeof local_why, "GPU of local rank %d (%s) of %d usable", lr,
+                     var, n);
+            *why = local_why;
+        }
+        return &cuda_devices[lr % n];
     }
     if (why) {
         /* Built once: the reason never changes after the probe. */
