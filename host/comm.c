@@ -343,6 +343,52 @@ static ws_status finish(ws_comm_request *q, ws_comm_request **req, ws_status rc,
     return WS_OK;
 }
 
+/* What a collective runs with: the device, its backend and, for an async
+ * call, the request. */
+typedef struct call {
+    ws_device *d;
+    const ws_comm_ops *ops;
+    ws_comm_request *q;
+} call;
+
+/* Picks the backend for the device of ts[0] and makes the request of an
+ * async call; ts and outs are as for req_new. */
+static ws_status begin(ws_comm *c, ws_comm_request **req, const char *what,
+                       const ws_tensor *const *ts, int n, int outs, call *k)
+{
+    k->d = ws_tensor_device(ts[0]);
+    WS_TRY(pick(c, k->d, &k->ops));
+    WS_TRY(req_new(c, req, what, ts, n, outs, &k->q));
+    if (k->q) k->q->ops = k->ops;
+    return WS_OK;
+}
+
+/* The send and recv of all_gather (gather = 1: recv holds one send per rank)
+ * or reduce_scatter (gather = 0: send holds one recv per rank). */
+static ws_status check_per_rank(ws_comm *c, const char *what, const ws_tensor *send,
+                                const ws_tensor *recv, int gather)
+{
+    char role[64];
+    WS_TRY(usable(c, what));
+    snprintf(role, sizeof role, "%s send", what);
+    WS_TRY(check_t(send, role, 1));
+    snprintf(role, sizeof role, "%s recv", what);
+    WS_TRY(check_t(recv, role, 0));
+    WS_TRY(same_device(send, recv, what));
+    const ws_tensor *whole = gather ? recv : send, *piece = gather ? send : recv;
+    int64_t n = ws_tensor_numel(piece);
+    if (send->dtype != recv->dtype || ws_tensor_numel(whole) != n * c->size) {
+        char bw[160], bp[160];
+        return WS_ERR(WS_ERR_ARG, "%s: %s %s must have %d x %lld elements of %s (the %s %s), it "
+                      "has %lld of %s", what, gather ? "recv" : "send",
+                      ws_tensor_label(whole, bw, sizeof bw), c->size, (long long)n,
+                      ws_dtype_name(piece->dtype), gather ? "send" : "recv",
+                      ws_tensor_label(piece, bp, sizeof bp), (long long)ws_tensor_numel(whole),
+                      ws_dtype_name(whole->dtype));
+    }
+    return WS_OK;
+}
+
 ws_status ws_comm_wait(ws_comm_request *q)
 {
     if (!q) return WS_ERR(WS_ERR_ARG, "wait: no request");
@@ -356,29 +402,14 @@ ws_status ws_comm_all_gather(ws_comm *c, const ws_tensor *send, ws_tensor *recv,
                              ws_comm_request **req)
 {
     const char *what = "all_gather";
-    WS_TRY(usable(c, what));
-    WS_TRY(check_t(send, "all_gather send", 1));
-    WS_TRY(check_t(recv, "all_gather recv", 0));
-    WS_TRY(same_device(send, recv, what));
-    char bs[160], br[160];
-    int64_t n = ws_tensor_numel(send);
-    if (send->dtype != recv->dtype || ws_tensor_numel(recv) != n * c->size)
-        return WS_ERR(WS_ERR_ARG, "all_gather: recv %s must have %d x %lld elements of %s (the "
-                      "send %s), it has %lld of %s", ws_tensor_label(recv, br, sizeof br), c->size,
-                      (long long)n, ws_dtype_name(send->dtype), ws_tensor_label(send, bs, sizeof bs),
-                      (long long)ws_tensor_numel(recv), ws_dtype_name(recv->dtype));
-    int64_t v[N_CHECK] = {K_ALL_GATHER, n, send->dtype, 0};
+    WS_TRY(check_per_rank(c, what, send, recv, 1));
+    int64_t v[N_CHECK] = {K_ALL_GATHER, ws_tensor_numel(send), send->dtype, 0};
     WS_TRY(agree(c, what, v, "send size", NULL));
-    const ws_comm_ops *ops;
-    ws_device *d = ws_tensor_device(send);
-    WS_TRY(pick(c, d, &ops));
-    ws_comm_request *q;
-    const ws_tensor *ts[2] = {recv, send};
-    WS_TRY(req_new(c, req, what, ts, 2, 1, &q));
-    if (q) q->ops = ops;
-    ws_status rc = ops->all_gather(c, d, ws_tensor_data(send), ws_tensor_data(recv),
-                                   ws_tensor_nbytes(send), q);
-    return finish(q, req, rc, recv);
+    call k;
+    WS_TRY(begin(c, req, what, (const ws_tensor *const[]){recv, send}, 2, 1, &k));
+    ws_status rc = k.ops->all_gather(c, k.d, ws_tensor_data(send), ws_tensor_data(recv),
+                                     ws_tensor_nbytes(send), k.q);
+    return finish(k.q, req, rc, recv);
 }
 
 /* recvs[i] (i = 0..size-1) are consecutive slices of one buffer: gather directly. */
@@ -459,15 +490,10 @@ ws_status ws_comm_broadcast(ws_comm *c, ws_tensor *t, int root, ws_comm_request 
     WS_TRY(check_t(t, "broadcast", c->rank == root));
     int64_t v[N_CHECK] = {K_BROADCAST, ws_tensor_numel(t), t->dtype, root};
     WS_TRY(agree(c, what, v, "size", "root"));
-    const ws_comm_ops *ops;
-    ws_device *d = ws_tensor_device(t);
-    WS_TRY(pick(c, d, &ops));
-    ws_comm_request *q;
-    const ws_tensor *ts[1] = {t};
-    WS_TRY(req_new(c, req, what, ts, 1, c->rank == root ? 0 : 1, &q));
-    if (q) q->ops = ops;
-    ws_status rc = ops->broadcast(c, d, ws_tensor_data(t), ws_tensor_nbytes(t), root, q);
-    return finish(q, req, rc, c->rank == root ? NULL : t);
+    call k;
+    WS_TRY(begin(c, req, what, (const ws_tensor *const[]){t}, 1, c->rank == root ? 0 : 1, &k));
+    ws_status rc = k.ops->broadcast(c, k.d, ws_tensor_data(t), ws_tensor_nbytes(t), root, k.q);
+    return finish(k.q, req, rc, c->rank == root ? NULL : t);
 }
 
 static ws_status check_peer(ws_comm *c, int peer, const char *what)
@@ -489,16 +515,12 @@ static ws_status point_to_point(ws_comm *c, const ws_tensor *t, int peer,
     WS_TRY(usable(c, what));
     WS_TRY(check_peer(c, peer, what));
     WS_TRY(check_t(t, what, !written));
-    const ws_comm_ops *ops;
-    ws_device *d = ws_tensor_device(t);
-    WS_TRY(pick(c, d, &ops));
-    ws_comm_request *q;
-    const ws_tensor *ts[1] = {t};
-    WS_TRY(req_new(c, req, what, ts, 1, written != NULL, &q));
-    if (q) q->ops = ops;
-    ws_status rc = written ? ops->recv(c, d, ws_tensor_data(t), ws_tensor_nbytes(t), peer, q)
-                           : ops->send(c, d, ws_tensor_data(t), ws_tensor_nbytes(t), peer, q);
-    return finish(q, req, rc, written);
+    call k;
+    WS_TRY(begin(c, req, what, (const ws_tensor *const[]){t}, 1, written != NULL, &k));
+    ws_status rc = written
+                       ? k.ops->recv(c, k.d, ws_tensor_data(t), ws_tensor_nbytes(t), peer, k.q)
+                       : k.ops->send(c, k.d, ws_tensor_data(t), ws_tensor_nbytes(t), peer, k.q);
+    return finish(k.q, req, rc, written);
 }
 
 ws_status ws_comm_send(ws_comm *c, const ws_tensor *t, int peer, ws_comm_request **req)
@@ -518,38 +540,24 @@ ws_status ws_comm_all_reduce(ws_comm *c, ws_tensor *t, ws_reduce_op op, ws_comm_
     WS_TRY(check_t(t, what, 1));
     int64_t v[N_CHECK] = {K_ALL_REDUCE, ws_tensor_numel(t), t->dtype, op};
     WS_TRY(agree(c, what, v, "size", "op (0 sum, 1 max)"));
-    const ws_comm_ops *ops;
-    ws_device *d = ws_tensor_device(t);
-    WS_TRY(pick(c, d, &ops));
-    ws_comm_request *q;
-    const ws_tensor *ts[1] = {t};
-    WS_TRY(req_new(c, req, what, ts, 1, 1, &q));
-    if (q) q->ops = ops;
-    ws_status rc = ops->all_reduce(c, d, ws_tensor_data(t), (size_t)ws_tensor_numel(t), t->dtype,
-                                   op, q);
-    return finish(q, req, rc, t);
+    call k;
+    WS_TRY(begin(c, req, what, (const ws_tensor *const[]){t}, 1, 1, &k));
+    ws_status rc = k.ops->all_reduce(c, k.d, ws_tensor_data(t), (size_t)ws_tensor_numel(t),
+                                     t->dtype, op, k.q);
+    return finish(k.q, req, rc, t);
 }
 
 ws_status ws_comm_reduce_scatter(ws_comm *c, const ws_tensor *send, ws_tensor *recv,
                                  ws_reduce_op op, ws_comm_request **req)
 {
     const char *what = "reduce_scatter";
-    WS_TRY(usable(c, what));
-    WS_TRY(check_t(send, "reduce_scatter send", 1));
-    WS_TRY(check_t(recv, "reduce_scatter recv", 0));
-    WS_TRY(same_device(send, recv, what));
-    char bs[160], br[160];
+    WS_TRY(check_per_rank(c, what, send, recv, 0));
     int64_t n = ws_tensor_numel(recv);
-    if (send->dtype != recv->dtype || ws_tensor_numel(send) != n * c->size)
-        return WS_ERR(WS_ERR_ARG, "reduce_scatter: send %s must have %d x %lld elements of %s "
-                      "(the recv %s), it has %lld of %s", ws_tensor_label(send, bs, sizeof bs),
-                      c->size, (long long)n, ws_dtype_name(recv->dtype),
-                      ws_tensor_label(recv, br, sizeof br), (long long)ws_tensor_numel(send),
-                      ws_dtype_name(send->dtype));
     if (send->storage == recv->storage && c->size > 1) {
         size_t sb, se, rb, re;
         ws_tensor_byte_span(send, &sb, &se);
         ws_tensor_byte_span(recv, &rb, &re);
+        char bs[160], br[160];
         if (sb < re && rb < se)
             return WS_ERR(WS_ERR_ARG, "reduce_scatter: send %s and recv %s overlap; use separate "
                           "buffers", ws_tensor_label(send, bs, sizeof bs),
@@ -557,16 +565,11 @@ ws_status ws_comm_reduce_scatter(ws_comm *c, const ws_tensor *send, ws_tensor *r
     }
     int64_t v[N_CHECK] = {K_REDUCE_SCATTER, n, send->dtype, op};
     WS_TRY(agree(c, what, v, "recv size", "op (0 sum, 1 max)"));
-    const ws_comm_ops *ops;
-    ws_device *d = ws_tensor_device(send);
-    WS_TRY(pick(c, d, &ops));
-    ws_comm_request *q;
-    const ws_tensor *ts[2] = {recv, send};
-    WS_TRY(req_new(c, req, what, ts, 2, 1, &q));
-    if (q) q->ops = ops;
-    ws_status rc = ops->reduce_scatter(c, d, ws_tensor_data(send), ws_tensor_data(recv),
-                                       (size_t)n, send->dtype, op, q);
-    return finish(q, req, rc, recv);
+    call k;
+    WS_TRY(begin(c, req, what, (const ws_tensor *const[]){recv, send}, 2, 1, &k));
+    ws_status rc = k.ops->reduce_scatter(c, k.d, ws_tensor_data(send), ws_tensor_data(recv),
+                                         (size_t)n, send->dtype, op, k.q);
+    return finish(k.q, req, rc, recv);
 }
 
 ws_status ws_comm_barrier(ws_comm *c)

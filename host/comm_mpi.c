@@ -72,9 +72,12 @@ static void mpi_req_free(mpi_req *m)
     free(m);
 }
 
-/* Slot for one more MPI_Request of an async call. */
+/* Slot for one more MPI_Request of an async call; NULL for a blocking call
+ * (m == NULL), so each call site picks the blocking or nonblocking form. */
 static ws_status mpi_req_push(mpi_req *m, int expect, MPI_Request **slot)
 {
+    *slot = NULL;
+    if (!m) return WS_OK;
     if (m->n == m->cap) {
         int cap = m->cap ? m->cap * 2 : 4;
         MPI_Request *r = realloc(m->reqs, (size_t)cap * sizeof *r);
@@ -86,6 +89,7 @@ static ws_status mpi_req_push(mpi_req *m, int expect, MPI_Request **slot)
         m->cap = cap;
     }
     m->expect[m->n] = expect;
+    m->reqs[m->n] = MPI_REQUEST_NULL; /* harmless to wait on if the start fails */
     *slot = &m->reqs[m->n++];
     return WS_OK;
 }
@@ -158,54 +162,125 @@ static size_t chunk_of(size_t elem)
     return c ? c : elem;
 }
 
+/* One chunk of a transfer: `len` units starting at unit `off`. It runs
+ * blocking when m is NULL and otherwise adds its requests to m. */
+typedef ws_status (*mpi_chunk_fn)(ws_comm *c, mpi_req *m, const void *arg, size_t off, int len);
+
+/* Walks `total` units in chunks of at most `chunk` (so each count fits an
+ * int). It always makes at least one call, so an empty transfer still
+ * matches its peer's. */
+static ws_status walk_chunks(ws_comm *c, mpi_req *m, size_t total, size_t chunk, mpi_chunk_fn fn,
+                             const void *arg)
+{
+    size_t off = 0;
+    do {
+        int len = (int)(total - off < chunk ? total - off : chunk);
+        WS_TRY(fn(c, m, arg, off, len));
+        off += (size_t)len;
+    } while (off < total);
+    return WS_OK;
+}
+
+/* A byte transfer of an async (req) or blocking (req == NULL) call. */
+static ws_status walk_bytes(ws_comm *c, ws_comm_request *req, size_t bytes, mpi_chunk_fn fn,
+                            const void *arg)
+{
+    mpi_req *m;
+    WS_TRY(async_state(req, &m));
+    return walk_chunks(c, m, bytes, chunk_of(1), fn, arg);
+}
+
+typedef struct gather_arg {
+    const void *send; /* MPI_IN_PLACE when the piece already sits in recv */
+    void *recv;
+    size_t bytes;     /* per rank */
+} gather_arg;
+
+static ws_status gather_chunk(ws_comm *c, mpi_req *m, const void *arg, size_t off, int len)
+{
+    const gather_arg *a = arg;
+    const void *sb = a->send == MPI_IN_PLACE ? MPI_IN_PLACE : (const char *)a->send + off;
+    char *rb = (char *)a->recv + off;
+    MPI_Request *r;
+    WS_TRY(mpi_req_push(m, -1, &r));
+    if ((size_t)len == a->bytes) { /* the whole piece: plain byte counts */
+        CHECK_MPI(c, r ? MPI_Iallgather(sb, len, MPI_BYTE, rb, len, MPI_BYTE, comm_of(c), r)
+                       : MPI_Allgather(sb, len, MPI_BYTE, rb, len, MPI_BYTE, comm_of(c)),
+                  "all_gather");
+        return WS_OK;
+    }
+    /* A chunk: a type whose extent is the whole per-rank piece places each
+     * rank's chunk at its offset within that rank's piece. */
+    MPI_Datatype piece, spaced;
+    CHECK_MPI(c, MPI_Type_contiguous(len, MPI_BYTE, &piece), "all_gather");
+    int trc = MPI_Type_create_resized(piece, 0, (MPI_Aint)a->bytes, &spaced);
+    MPI_Type_free(&piece);
+    CHECK_MPI(c, trc, "all_gather");
+    CHECK_MPI(c, MPI_Type_commit(&spaced), "all_gather");
+    int mrc = r ? MPI_Iallgather(sb, len, MPI_BYTE, rb, 1, spaced, comm_of(c), r)
+                : MPI_Allgather(sb, len, MPI_BYTE, rb, 1, spaced, comm_of(c));
+    /* Freeing a type in use by a pending operation is allowed. */
+    MPI_Type_free(&spaced);
+    CHECK_MPI(c, mrc, "all_gather");
+    return WS_OK;
+}
+
 static ws_status mpi_all_gather(ws_comm *c, ws_device *d, const void *send, void *recv,
                                 size_t bytes, ws_comm_request *req)
 {
     (void)d;
-    mpi_req *m;
-    WS_TRY(async_state(req, &m));
-    MPI_Comm comm = comm_of(c);
-    size_t chunk = chunk_of(1);
     /* In place when the caller's piece already sits in recv (FSDP style). */
     int in_place = (const char *)send == (const char *)recv + (size_t)c->rank * bytes;
-    if (bytes <= chunk) {
-        const void *sb = in_place ? MPI_IN_PLACE : send;
-        if (!m) {
-            CHECK_MPI(c, MPI_Allgather(sb, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, comm),
-                      "all_gather");
-        } else {
-            MPI_Request *r;
-            WS_TRY(mpi_req_push(m, -1, &r));
-            CHECK_MPI(c, MPI_Iallgather(sb, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE,
-                                        comm, r), "all_gather");
-        }
+    gather_arg a = {in_place ? MPI_IN_PLACE : send, recv, bytes};
+    return walk_bytes(c, req, bytes, gather_chunk, &a);
+}
+
+typedef struct p2p_arg {
+    void *buf;        /* broadcast, recv */
+    const void *src;  /* send */
+    int peer;         /* the root of a broadcast */
+} p2p_arg;
+
+static ws_status broadcast_chunk(ws_comm *c, mpi_req *m, const void *arg, size_t off, int len)
+{
+    const p2p_arg *a = arg;
+    char *p = (char *)a->buf + off;
+    MPI_Request *r;
+    WS_TRY(mpi_req_push(m, -1, &r));
+    CHECK_MPI(c, r ? MPI_Ibcast(p, len, MPI_BYTE, a->peer, comm_of(c), r)
+                   : MPI_Bcast(p, len, MPI_BYTE, a->peer, comm_of(c)), "broadcast");
+    return WS_OK;
+}
+
+static ws_status send_chunk(ws_comm *c, mpi_req *m, const void *arg, size_t off, int len)
+{
+    const p2p_arg *a = arg;
+    const char *p = (const char *)a->src + off;
+    MPI_Request *r;
+    WS_TRY(mpi_req_push(m, -1, &r));
+    CHECK_MPI(c, r ? MPI_Isend(p, len, MPI_BYTE, a->peer, WS_MPI_TAG, comm_of(c), r)
+                   : MPI_Send(p, len, MPI_BYTE, a->peer, WS_MPI_TAG, comm_of(c)), "send");
+    return WS_OK;
+}
+
+static ws_status recv_chunk(ws_comm *c, mpi_req *m, const void *arg, size_t off, int len)
+{
+    const p2p_arg *a = arg;
+    char *p = (char *)a->buf + off;
+    MPI_Request *r;
+    WS_TRY(mpi_req_push(m, len, &r));
+    if (r) {
+        /* mpi_wait checks the size received. */
+        CHECK_MPI(c, MPI_Irecv(p, len, MPI_BYTE, a->peer, WS_MPI_TAG, comm_of(c), r), "recv");
         return WS_OK;
     }
-    for (size_t off = 0; off < bytes; off += chunk) {
-        size_t len = bytes - off < chunk ? bytes - off : chunk;
-        MPI_Datatype piece, spaced;
-        CHECK_MPI(c, MPI_Type_contiguous((int)len, MPI_BYTE, &piece), "all_gather");
-        int trc = MPI_Type_create_resized(piece, 0, (MPI_Aint)bytes, &spaced);
-        MPI_Type_free(&piece);
-        CHECK_MPI(c, trc, "all_gather");
-        CHECK_MPI(c, MPI_Type_commit(&spaced), "all_gather");
-        const void *sb = in_place ? MPI_IN_PLACE : (const char *)send + off;
-        int mrc;
-        if (!m) {
-            mrc = MPI_Allgather(sb, (int)len, MPI_BYTE, (char *)recv + off, 1, spaced, comm);
-        } else {
-            MPI_Request *r;
-            ws_status rc = mpi_req_push(m, -1, &r);
-            if (rc != WS_OK) {
-                MPI_Type_free(&spaced);
-                return rc;
-            }
-            mrc = MPI_Iallgather(sb, (int)len, MPI_BYTE, (char *)recv + off, 1, spaced, comm, r);
-        }
-        /* Freeing a type in use by a pending operation is allowed. */
-        MPI_Type_free(&spaced);
-        CHECK_MPI(c, mrc, "all_gather");
-    }
+    MPI_Status st;
+    CHECK_MPI(c, MPI_Recv(p, len, MPI_BYTE, a->peer, WS_MPI_TAG, comm_of(c), &st), "recv");
+    int got = 0;
+    MPI_Get_count(&st, MPI_BYTE, &got);
+    if (got != len)
+        return WS_ERR(WS_ERR_COMM, "recv: rank %d expected %d bytes from rank %d but "
+                      "got %d; send and recv sizes must match", c->rank, len, a->peer, got);
     return WS_OK;
 }
 
@@ -213,72 +288,24 @@ static ws_status mpi_broadcast(ws_comm *c, ws_device *d, void *buf, size_t bytes
                                ws_comm_request *req)
 {
     (void)d;
-    mpi_req *m;
-    WS_TRY(async_state(req, &m));
-    size_t chunk = chunk_of(1);
-    for (size_t off = 0; off < bytes || off == 0; off += chunk) {
-        int len = (int)(bytes - off < chunk ? bytes - off : chunk);
-        if (!m) {
-            CHECK_MPI(c, MPI_Bcast((char *)buf + off, len, MPI_BYTE, root, comm_of(c)), "broadcast");
-        } else {
-            MPI_Request *r;
-            WS_TRY(mpi_req_push(m, -1, &r));
-            CHECK_MPI(c, MPI_Ibcast((char *)buf + off, len, MPI_BYTE, root, comm_of(c), r),
-                      "broadcast");
-        }
-        if (bytes == 0) break;
-    }
-    return WS_OK;
+    p2p_arg a = {buf, NULL, root};
+    return walk_bytes(c, req, bytes, broadcast_chunk, &a);
 }
 
 static ws_status mpi_send(ws_comm *c, ws_device *d, const void *buf, size_t bytes, int peer,
                           ws_comm_request *req)
 {
     (void)d;
-    mpi_req *m;
-    WS_TRY(async_state(req, &m));
-    size_t chunk = chunk_of(1);
-    for (size_t off = 0; off < bytes || off == 0; off += chunk) {
-        int len = (int)(bytes - off < chunk ? bytes - off : chunk);
-        const char *p = (const char *)buf + off;
-        if (!m) {
-            CHECK_MPI(c, MPI_Send(p, len, MPI_BYTE, peer, WS_MPI_TAG, comm_of(c)), "send");
-        } else {
-            MPI_Request *r;
-            WS_TRY(mpi_req_push(m, -1, &r));
-            CHECK_MPI(c, MPI_Isend(p, len, MPI_BYTE, peer, WS_MPI_TAG, comm_of(c), r), "send");
-        }
-        if (bytes == 0) break;
-    }
-    return WS_OK;
+    p2p_arg a = {NULL, buf, peer};
+    return walk_bytes(c, req, bytes, send_chunk, &a);
 }
 
 static ws_status mpi_recv(ws_comm *c, ws_device *d, void *buf, size_t bytes, int peer,
                           ws_comm_request *req)
 {
     (void)d;
-    mpi_req *m;
-    WS_TRY(async_state(req, &m));
-    size_t chunk = chunk_of(1);
-    for (size_t off = 0; off < bytes || off == 0; off += chunk) {
-        int len = (int)(bytes - off < chunk ? bytes - off : chunk);
-        char *p = (char *)buf + off;
-        if (!m) {
-            MPI_Status st;
-            CHECK_MPI(c, MPI_Recv(p, len, MPI_BYTE, peer, WS_MPI_TAG, comm_of(c), &st), "recv");
-            int got = 0;
-            MPI_Get_count(&st, MPI_BYTE, &got);
-            if (got != len)
-                return WS_ERR(WS_ERR_COMM, "recv: rank %d expected %d bytes from rank %d but "
-                              "got %d; send and recv sizes must match", c->rank, len, peer, got);
-        } else {
-            MPI_Request *r;
-            WS_TRY(mpi_req_push(m, len, &r));
-            CHECK_MPI(c, MPI_Irecv(p, len, MPI_BYTE, peer, WS_MPI_TAG, comm_of(c), r), "recv");
-        }
-        if (bytes == 0) break;
-    }
-    return WS_OK;
+    p2p_arg a = {buf, NULL, peer};
+    return walk_bytes(c, req, bytes, recv_chunk, &a);
 }
 
 /* ---- reductions ------------------------------------------------------------ */
@@ -314,41 +341,86 @@ static ws_status scratch_setup(mpi_req *m, const void *send, size_t send_count, 
     return WS_OK;
 }
 
-static ws_status reduce_chunks(ws_comm *c, mpi_req *m, const void *send, void *recv,
-                               size_t count, size_t elem, MPI_Datatype type, MPI_Op op)
+typedef struct reduce_arg {
+    const void *send; /* == recv for an in-place all_reduce */
+    void *recv;
+    size_t count;     /* all_reduce: of the buffer; reduce_scatter: per rank */
+    size_t elem;
+    MPI_Datatype type;
+    MPI_Op op;
+} reduce_arg;
+
+static ws_status reduce_chunk(ws_comm *c, mpi_req *m, const void *arg, size_t off, int len)
 {
-    size_t chunk = chunk_of(elem) / elem;
-    for (size_t off = 0; off < count; off += chunk) {
-        int len = (int)(count - off < chunk ? count - off : chunk);
-        const void *sb = send == recv ? MPI_IN_PLACE : (const char *)send + off * elem;
-        char *rb = (char *)recv + off * elem;
-        if (!m) {
-            CHECK_MPI(c, MPI_Allreduce(sb, rb, len, type, op, comm_of(c)), "all_reduce");
-        } else {
-            MPI_Request *r;
-            WS_TRY(mpi_req_push(m, -1, &r));
-            CHECK_MPI(c, MPI_Iallreduce(sb, rb, len, type, op, comm_of(c), r), "all_reduce");
-        }
+    const reduce_arg *a = arg;
+    if (len == 0) return WS_OK; /* an empty all_reduce makes no MPI call */
+    const void *sb = a->send == a->recv ? MPI_IN_PLACE : (const char *)a->send + off * a->elem;
+    char *rb = (char *)a->recv + off * a->elem;
+    MPI_Request *r;
+    WS_TRY(mpi_req_push(m, -1, &r));
+    CHECK_MPI(c, r ? MPI_Iallreduce(sb, rb, len, a->type, a->op, comm_of(c), r)
+                   : MPI_Allreduce(sb, rb, len, a->type, a->op, comm_of(c)), "all_reduce");
+    return WS_OK;
+}
+
+static ws_status scatter_chunk(ws_comm *c, mpi_req *m, const void *arg, size_t off, int len)
+{
+    const reduce_arg *a = arg;
+    MPI_Request *r;
+    if ((size_t)len == a->count) { /* whole blocks fit one int count */
+        WS_TRY(mpi_req_push(m, -1, &r));
+        CHECK_MPI(c, r ? MPI_Ireduce_scatter_block(a->send, a->recv, len, a->type, a->op,
+                                                   comm_of(c), r)
+                       : MPI_Reduce_scatter_block(a->send, a->recv, len, a->type, a->op,
+                                                  comm_of(c)), "reduce_scatter");
+        return WS_OK;
+    }
+    /* Blocks too large for one int count: reduce this chunk of block r to rank r. */
+    for (int root = 0; root < c->size; root++) {
+        const char *sb = (const char *)a->send + ((size_t)root * a->count + off) * a->elem;
+        char *rb = root == c->rank ? (char *)a->recv + off * a->elem : NULL;
+        WS_TRY(mpi_req_push(m, -1, &r));
+        CHECK_MPI(c, r ? MPI_Ireduce(sb, rb, len, a->type, a->op, root, comm_of(c), r)
+                       : MPI_Reduce(sb, rb, len, a->type, a->op, root, comm_of(c)),
+                  "reduce_scatter");
     }
     return WS_OK;
 }
 
-static ws_status mpi_all_reduce(ws_comm *c, ws_device *d, void *buf, size_t count, ws_dtype t,
-                                ws_reduce_op op, ws_comm_request *req)
+/* What differs between all_reduce (in place on one buffer) and
+ * reduce_scatter (a send of size blocks into a recv of one). */
+typedef struct reduction {
+    const char *what;
+    mpi_chunk_fn chunk;
+    int in_place;
+} reduction;
+
+static const reduction k_all_reduce = {"all_reduce", reduce_chunk, 1};
+static const reduction k_reduce_scatter = {"reduce_scatter", scatter_chunk, 0};
+
+/* `count` elements of recv: directly in MPI for the types it reduces, else
+ * through the f32 scratch. */
+static ws_status run_reduction(ws_comm *c, const reduction *k, const void *send, void *recv,
+                               size_t count, ws_dtype t, ws_reduce_op op, ws_comm_request *req)
 {
-    (void)d;
     MPI_Op mop = op == WS_REDUCE_SUM ? MPI_SUM : MPI_MAX;
     MPI_Datatype type = reduce_type(t, op);
     mpi_req *m;
     WS_TRY(async_state(req, &m));
-    if (type != MPI_DATATYPE_NULL)
-        return reduce_chunks(c, m, buf, buf, count, ws_dtype_size(t), type, mop);
+    if (type != MPI_DATATYPE_NULL) {
+        size_t elem = ws_dtype_size(t);
+        reduce_arg a = {send, recv, count, elem, type, mop};
+        return walk_chunks(c, m, count, chunk_of(elem) / elem, k->chunk, &a);
+    }
     mpi_req local = {0};
     mpi_req *s = m ? m : &local;
-    ws_status rc = scratch_setup(s, buf, count, buf, count, t, 1, "all_reduce");
-    if (rc == WS_OK)
-        rc = reduce_chunks(c, m, s->scratch_out, s->scratch_out, count, sizeof(float), MPI_FLOAT,
-                           mop);
+    size_t send_count = k->in_place ? count : count * (size_t)c->size;
+    ws_status rc = scratch_setup(s, send, send_count, recv, count, t, k->in_place, k->what);
+    if (rc == WS_OK) {
+        reduce_arg a = {k->in_place ? s->scratch_out : s->scratch_in, s->scratch_out, count,
+                        sizeof(float), MPI_FLOAT, mop};
+        rc = walk_chunks(c, m, count, chunk_of(sizeof(float)) / sizeof(float), k->chunk, &a);
+    }
     if (!m) {
         if (rc == WS_OK) rc = finish_conversion(&local);
         free(local.scratch_in);
@@ -357,39 +429,11 @@ static ws_status mpi_all_reduce(ws_comm *c, ws_device *d, void *buf, size_t coun
     return rc;
 }
 
-static ws_status scatter_chunks(ws_comm *c, mpi_req *m, const void *send, void *recv,
-                                size_t count, size_t elem, MPI_Datatype type, MPI_Op op)
+static ws_status mpi_all_reduce(ws_comm *c, ws_device *d, void *buf, size_t count, ws_dtype t,
+                                ws_reduce_op op, ws_comm_request *req)
 {
-    size_t chunk = chunk_of(elem) / elem;
-    if (count <= chunk) {
-        if (!m) {
-            CHECK_MPI(c, MPI_Reduce_scatter_block(send, recv, (int)count, type, op, comm_of(c)),
-                      "reduce_scatter");
-        } else {
-            MPI_Request *r;
-            WS_TRY(mpi_req_push(m, -1, &r));
-            CHECK_MPI(c, MPI_Ireduce_scatter_block(send, recv, (int)count, type, op, comm_of(c),
-                                                   r), "reduce_scatter");
-        }
-        return WS_OK;
-    }
-    /* Blocks too large for one int count: reduce each chunk of block r to rank r. */
-    for (size_t off = 0; off < count; off += chunk) {
-        int len = (int)(count - off < chunk ? count - off : chunk);
-        for (int root = 0; root < c->size; root++) {
-            const char *sb = (const char *)send + ((size_t)root * count + off) * elem;
-            char *rb = root == c->rank ? (char *)recv + off * elem : NULL;
-            if (!m) {
-                CHECK_MPI(c, MPI_Reduce(sb, rb, len, type, op, root, comm_of(c)), "reduce_scatter");
-            } else {
-                MPI_Request *r;
-                WS_TRY(mpi_req_push(m, -1, &r));
-                CHECK_MPI(c, MPI_Ireduce(sb, rb, len, type, op, root, comm_of(c), r),
-                          "reduce_scatter");
-            }
-        }
-    }
-    return WS_OK;
+    (void)d;
+    return run_reduction(c, &k_all_reduce, buf, buf, count, t, op, req);
 }
 
 static ws_status mpi_reduce_scatter(ws_comm *c, ws_device *d, const void *send, void *recv,
@@ -397,25 +441,7 @@ static ws_status mpi_reduce_scatter(ws_comm *c, ws_device *d, const void *send, 
                                     ws_comm_request *req)
 {
     (void)d;
-    MPI_Op mop = op == WS_REDUCE_SUM ? MPI_SUM : MPI_MAX;
-    MPI_Datatype type = reduce_type(t, op);
-    mpi_req *m;
-    WS_TRY(async_state(req, &m));
-    if (type != MPI_DATATYPE_NULL)
-        return scatter_chunks(c, m, send, recv, count, ws_dtype_size(t), type, mop);
-    mpi_req local = {0};
-    mpi_req *s = m ? m : &local;
-    size_t total = count * (size_t)c->size;
-    ws_status rc = scratch_setup(s, send, total, recv, count, t, 0, "reduce_scatter");
-    if (rc == WS_OK)
-        rc = scatter_chunks(c, m, s->scratch_in, s->scratch_out, count, sizeof(float), MPI_FLOAT,
-                            mop);
-    if (!m) {
-        if (rc == WS_OK) rc = finish_conversion(&local);
-        free(local.scratch_in);
-        free(local.scratch_out);
-    }
-    return rc;
+    return run_reduction(c, &k_reduce_scatter, send, recv, count, t, op, req);
 }
 
 static const ws_comm_ops g_mpi_ops = {
