@@ -471,19 +471,26 @@ static ws_status fill_contig(ws_tensor *t, void *ctx)
                         *(const double *)ctx);
 }
 
-ws_status ws_tensor_fill(ws_tensor *t, double value)
+/* Writes every element of t with `produce` (fill or random, named by what):
+ * directly when t is contiguous, else through a contiguous temporary. */
+static ws_status overwrite(ws_tensor *t, const char *what,
+                           ws_status (*produce)(ws_tensor *, void *), void *ctx)
 {
-    WS_TRY(ws_tensor_check_writable(t, "fill"));
+    WS_TRY(ws_tensor_check_writable(t, what));
     if (ws_tensor_numel(t) == 0) return WS_OK;
-    ws_status rc = ws_tensor_is_contiguous(t) ? fill_contig(t, &value)
-                                              : via_contiguous(t, fill_contig, &value);
+    ws_status rc = ws_tensor_is_contiguous(t) ? produce(t, ctx) : via_contiguous(t, produce, ctx);
     if (rc != WS_OK) {
         char lb[200];
-        ws_errprefix("fill %s", ws_tensor_label(t, lb, sizeof lb));
+        ws_errprefix("%s %s", what, ws_tensor_label(t, lb, sizeof lb));
         return rc;
     }
     ws_tensor_mark_written(t);
     return WS_OK;
+}
+
+ws_status ws_tensor_fill(ws_tensor *t, double value)
+{
+    return overwrite(t, "fill", fill_contig, &value);
 }
 
 typedef struct {
@@ -501,18 +508,8 @@ static ws_status random_contig(ws_tensor *t, void *ctx)
 
 ws_status ws_tensor_random(ws_tensor *t, uint64_t seed, float scale, uint64_t first_index)
 {
-    WS_TRY(ws_tensor_check_writable(t, "random"));
-    if (ws_tensor_numel(t) == 0) return WS_OK;
     random_args a = {seed, first_index, scale};
-    ws_status rc = ws_tensor_is_contiguous(t) ? random_contig(t, &a)
-                                              : via_contiguous(t, random_contig, &a);
-    if (rc != WS_OK) {
-        char lb[200];
-        ws_errprefix("random %s", ws_tensor_label(t, lb, sizeof lb));
-        return rc;
-    }
-    ws_tensor_mark_written(t);
-    return WS_OK;
+    return overwrite(t, "random", random_contig, &a);
 }
 
 ws_status ws_tensor_checksum(const ws_tensor *t, uint64_t first_index, ws_dtype as, uint64_t *out)
