@@ -99,6 +99,15 @@ ws_tensor *ws_lua_check_tensor(lua_State *L, int idx)
     return &lt->t;
 }
 
+void ws_lua_push_int_fields(lua_State *L, const ws_lua_int_field *f, int n, int more)
+{
+    lua_createtable(L, 0, n + more);
+    for (int i = 0; i < n; i++) {
+        lua_pushinteger(L, f[i].value);
+        lua_setfield(L, -2, f[i].name);
+    }
+}
+
 ws_ltensor *ws_lua_new_tensor(lua_State *L)
 {
     /* user value 1: what this tensor keeps alive (its base or its pool);

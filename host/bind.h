@@ -52,6 +52,15 @@ void ws_lua_push_device(lua_State *L, ws_device *d);
 ws_pool *ws_lua_check_pool(lua_State *L, int idx);
 ws_comm *ws_lua_check_comm(lua_State *L, int idx);
 
+/* One integer field of a table built by ws_lua_push_int_fields. */
+typedef struct ws_lua_int_field {
+    const char *name;
+    lua_Integer value;
+} ws_lua_int_field;
+/* Pushes a new table holding the n integer fields, with room for `more`
+ * fields the caller sets after (stats and memory reports). */
+void ws_lua_push_int_fields(lua_State *L, const ws_lua_int_field *f, int n, int more);
+
 /* The device used when none is given (--device / WSHOST_DEVICE / auto). */
 ws_device *ws_lua_default_device(lua_State *L);
 void ws_lua_set_default_device(ws_device *d, const char *why);

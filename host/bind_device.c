@@ -181,15 +181,11 @@ static int dev_memory(lua_State *L)
 {
     ws_mem_info mi;
     if (ws_device_mem_info(check_dev(L, 1), &mi) != WS_OK) return ws_lua_raise(L, "memory");
-    lua_createtable(L, 0, 4);
-    lua_pushinteger(L, (lua_Integer)mi.total);
-    lua_setfield(L, -2, "total");
-    lua_pushinteger(L, (lua_Integer)mi.free);
-    lua_setfield(L, -2, "free");
-    lua_pushinteger(L, (lua_Integer)mi.held);
-    lua_setfield(L, -2, "held");
-    lua_pushinteger(L, (lua_Integer)mi.peak);
-    lua_setfield(L, -2, "peak");
+    ws_lua_int_field fields[] = {{"total", (lua_Integer)mi.total},
+                                 {"free", (lua_Integer)mi.free},
+                                 {"held", (lua_Integer)mi.held},
+                                 {"peak", (lua_Integer)mi.peak}};
+    ws_lua_push_int_fields(L, fields, 4, 0);
     return 1;
 }
 

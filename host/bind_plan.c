@@ -161,17 +161,12 @@ static int l_add(lua_State *L)
 
 static void push_stats(lua_State *L, const ws_plan_stats *s)
 {
-    lua_createtable(L, 0, 9);
-    lua_pushinteger(L, (lua_Integer)s->entries);
-    lua_setfield(L, -2, "entries");
-    lua_pushinteger(L, (lua_Integer)s->buckets);
-    lua_setfield(L, -2, "buckets");
-    lua_pushinteger(L, (lua_Integer)s->bytes_moved);
-    lua_setfield(L, -2, "bytes_moved");
-    lua_pushinteger(L, (lua_Integer)s->bytes_gathered);
-    lua_setfield(L, -2, "bytes_gathered");
-    lua_pushinteger(L, (lua_Integer)s->staging_bytes);
-    lua_setfield(L, -2, "staging_bytes");
+    ws_lua_int_field fields[] = {{"entries", (lua_Integer)s->entries},
+                                 {"buckets", (lua_Integer)s->buckets},
+                                 {"bytes_moved", (lua_Integer)s->bytes_moved},
+                                 {"bytes_gathered", (lua_Integer)s->bytes_gathered},
+                                 {"staging_bytes", (lua_Integer)s->staging_bytes}};
+    ws_lua_push_int_fields(L, fields, 5, 4);
     lua_pushnumber(L, s->pack_ms);
     lua_setfield(L, -2, "pack_ms");
     lua_pushnumber(L, s->gather_ms);

@@ -103,23 +103,16 @@ static int p_stats(lua_State *L)
 {
     ws_pool_stats st;
     ws_pool_get_stats(ws_lua_check_pool(L, 1), &st);
-    lua_createtable(L, 0, 7);
-    lua_pushinteger(L, (lua_Integer)st.capacity);
-    lua_setfield(L, -2, "capacity");
-    lua_pushinteger(L, (lua_Integer)st.used);
-    lua_setfield(L, -2, "used");
-    lua_pushinteger(L, (lua_Integer)st.mapped);
-    lua_setfield(L, -2, "mapped");
-    lua_pushinteger(L, (lua_Integer)st.backup_bytes);
-    lua_setfield(L, -2, "backup_bytes");
-    lua_pushinteger(L, (lua_Integer)st.backup_cached);
-    lua_setfield(L, -2, "backup_cached");
+    ws_lua_int_field fields[] = {{"capacity", (lua_Integer)st.capacity},
+                                 {"used", (lua_Integer)st.used},
+                                 {"mapped", (lua_Integer)st.mapped},
+                                 {"backup_bytes", (lua_Integer)st.backup_bytes},
+                                 {"backup_cached", (lua_Integer)st.backup_cached},
+                                 {"sleeps", st.sleeps},
+                                 {"last_level", st.last_level}};
+    ws_lua_push_int_fields(L, fields, 7, 1);
     lua_pushboolean(L, st.asleep);
     lua_setfield(L, -2, "asleep");
-    lua_pushinteger(L, st.sleeps);
-    lua_setfield(L, -2, "sleeps");
-    lua_pushinteger(L, st.last_level);
-    lua_setfield(L, -2, "last_level");
     return 1;
 }
 

@@ -52,11 +52,9 @@ static int l_host_memory(lua_State *L)
     }
     fclose(f);
     if (rss < 0) return luaL_error(L, "host_memory: no VmRSS in /proc/self/status");
-    lua_createtable(L, 0, 2);
-    lua_pushinteger(L, (lua_Integer)(rss * 1024));
-    lua_setfield(L, -2, "rss");
-    lua_pushinteger(L, (lua_Integer)((hwm < 0 ? rss : hwm) * 1024));
-    lua_setfield(L, -2, "peak_rss");
+    ws_lua_int_field fields[] = {{"rss", (lua_Integer)(rss * 1024)},
+                                 {"peak_rss", (lua_Integer)((hwm < 0 ? rss : hwm) * 1024)}};
+    ws_lua_push_int_fields(L, fields, 2, 0);
     return 1;
 }
 

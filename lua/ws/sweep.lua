@@ -479,13 +479,13 @@ function M.run(opts)
 
     local done = {}
     if opts.resume ~= false then done = M.read_results(files.jsonl) end
-    local todo = {}
+    local pending = {}
     for _, p in ipairs(points) do
         local key = M.point_key(p, names)
         local prev = done[key]
-        if not prev or (opts.retry_failed and prev.status ~= "ok") then todo[#todo + 1] = p end
+        if not prev or (opts.retry_failed and prev.status ~= "ok") then pending[#pending + 1] = p end
     end
-    local skipped = #points - #todo
+    local skipped = #points - #pending
 
     local memory = opts.memory or default_memory
     release()
@@ -514,13 +514,13 @@ function M.run(opts)
         return rows
     end
 
-    for i, p in ipairs(todo) do
+    for i, p in ipairs(pending) do
         local key = M.point_key(p, names)
         local label = M.point_label(p, axes)
         if show then
             local elapsed = clock_s() - t_start
-            local eta = i > 1 and elapsed / (i - 1) * (#todo - i + 1) or nil
-            io.stderr:write("\r", M.progress_line(i - 1, #todo, label, elapsed, eta), "\27[K")
+            local eta = i > 1 and elapsed / (i - 1) * (#pending - i + 1) or nil
+            io.stderr:write("\r", M.progress_line(i - 1, #pending, label, elapsed, eta), "\27[K")
             io.stderr:flush()
         end
         local t0 = clock_s()
@@ -576,7 +576,7 @@ function M.run(opts)
     if jsonl then jsonl:close() end
     if show then
         local elapsed = clock_s() - t_start
-        io.stderr:write("\r", M.progress_line(#todo, #todo, "done", elapsed, 0), "\27[K\n")
+        io.stderr:write("\r", M.progress_line(#pending, #pending, "done", elapsed, 0), "\27[K\n")
         if skipped > 0 then
             io.stderr:write(string.format("sweep: %d point(s) already in %s, skipped\n",
                                           skipped, files.jsonl))
