@@ -277,3 +277,17 @@ ws_status ws_copy_many(ws_tensor *const *dsts, const ws_tensor *const *srcs, siz
     for (size_t i = 0; i < n; i++) ws_tensor_mark_written(dsts[i]);
     return WS_OK;
 }
+
+ws_status ws_checksum_many(const ws_tensor *const *ts, size_t n, const uint64_t *first,
+                           ws_dtype as, uint64_t *out)
+{
+    for (size_t i = 0; i < n; i++) {
+        ws_dtype a = as == WS_DTYPE_COUNT ? ts[i]->dtype : as;
+        ws_status rc = ws_tensor_checksum(ts[i], first ? first[i] : 0, a, &out[i]);
+        if (rc != WS_OK) {
+            ws_errprefix("checksums: item %zu", i + 1);
+            return rc;
+        }
+    }
+    return WS_OK;
+}

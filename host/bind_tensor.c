@@ -492,12 +492,18 @@ static int t_get(lua_State *L)
 {
     ws_tensor *t = ws_lua_check_tensor(L, 1);
     int64_t i = flat_index(L, t, 2, lua_gettop(L) - 1, "get");
+    if (!ws_dtype_is_float(t->dtype)) { /* exact: i64 values past 2^53 survive */
+        uint64_t bits;
+        if (ws_tensor_get_bits(t, i, &bits) != WS_OK) return ws_lua_raise(L, "get");
+        lua_Integer v = t->dtype == WS_I64 ? (lua_Integer)bits
+                      : t->dtype == WS_I32 ? (lua_Integer)(int32_t)(uint32_t)bits
+                                           : (lua_Integer)bits;
+        lua_pushinteger(L, v);
+        return 1;
+    }
     double v;
     if (ws_tensor_get(t, i, &v) != WS_OK) return ws_lua_raise(L, "get");
-    if (ws_dtype_is_float(t->dtype))
-        lua_pushnumber(L, v);
-    else
-        lua_pushinteger(L, (lua_Integer)v);
+    lua_pushnumber(L, v);
     return 1;
 }
 
@@ -508,7 +514,10 @@ static int t_set(lua_State *L)
     if (top < 3) return luaL_error(L, "set: expected index(es) and a value");
     double v = luaL_checknumber(L, top);
     int64_t i = flat_index(L, t, 2, top - 2, "set");
-    if (ws_tensor_set(t, i, v) != WS_OK) return ws_lua_raise(L, "set");
+    ws_status rc = t->dtype == WS_I64 && lua_isinteger(L, top)
+                       ? ws_tensor_set_bits(t, i, (uint64_t)lua_tointeger(L, top)) /* exact */
+                       : ws_tensor_set(t, i, v);
+    if (rc != WS_OK) return ws_lua_raise(L, "set");
     lua_settop(L, 1);
     return 1;
 }
@@ -597,6 +606,45 @@ static int l_copy_many(lua_State *L)
     return 1;
 }
 
+/* ws.checksums(tensors [, first_indices] [, as_dtype]): the checksum of every
+ * tensor, in one call, as a cpu i64 tensor (one element per tensor, exact
+ * 64-bit values: the shape a verification all-reduces and compares). */
+static int l_checksums(lua_State *L)
+{
+    lua_settop(L, 3); /* [tensors, firsts, as] */
+    size_t n;
+    ws_tensor **ts = ws_lua_check_tensor_list(L, 1, &n); /* [.., keep] */
+    ws_dtype as = lua_isnil(L, 3) ? WS_DTYPE_COUNT : check_dtype(L, 3, "checksums");
+    uint64_t *first = NULL;
+    if (!lua_isnil(L, 2)) {
+        luaL_checktype(L, 2, LUA_TTABLE);
+        if (lua_rawlen(L, 2) != n)
+            return luaL_error(L, "checksums: %d tensors but %d first indices", (int)n,
+                              (int)lua_rawlen(L, 2));
+        first = lua_newuserdatauv(L, (n ? n : 1) * sizeof *first, 0); /* [.., keep, firsts] */
+        for (size_t i = 0; i < n; i++) {
+            lua_rawgeti(L, 2, (lua_Integer)i + 1);
+            int ok;
+            lua_Integer f = lua_tointegerx(L, -1, &ok);
+            if (!ok || f < 0)
+                return luaL_error(L, "checksums: first index %d must be an integer >= 0",
+                                  (int)i + 1);
+            first[i] = (uint64_t)f;
+            lua_pop(L, 1);
+        }
+    }
+    int64_t shape = (int64_t)n;
+    ws_ltensor *out = ws_lua_new_tensor(L); /* [.., out] */
+    ws_tensor_opts o = {.device = ws_device_cpu(), .name = "checksums"};
+    ws_status rc = ws_tensor_empty(&out->t, WS_I64, 1, &shape, &o);
+    if (rc != WS_OK) return ws_lua_fail(L, rc, "checksums");
+    if (ws_checksum_many((const ws_tensor *const *)ts, n, first, as,
+                         n ? ws_tensor_data(&out->t) : NULL) != WS_OK)
+        return ws_lua_raise(L, "checksums");
+    ws_tensor_mark_written(&out->t);
+    return 1;
+}
+
 /* ---- registration ------------------------------------------------------------------ */
 
 static const luaL_Reg t_methods[] = {
@@ -630,6 +678,7 @@ static const luaL_Reg ws_funcs[] = {
     {"pack", l_pack},
     {"unpack", l_unpack},
     {"copy_many", l_copy_many},
+    {"checksums", l_checksums},
     {NULL, NULL},
 };
 

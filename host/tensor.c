@@ -549,7 +549,8 @@ static ws_status element_offset(const ws_tensor *t, int64_t flat, const char *wh
     return WS_OK;
 }
 
-ws_status ws_tensor_get(const ws_tensor *t, int64_t flat_index, double *out)
+/* One element's raw bits (zero-extended), read from any device. */
+ws_status ws_tensor_get_bits(const ws_tensor *t, int64_t flat_index, uint64_t *out)
 {
     WS_TRY(ws_tensor_check_live(t, "get"));
     int64_t off;
@@ -563,22 +564,41 @@ ws_status ws_tensor_get(const ws_tensor *t, int64_t flat_index, double *out)
     WS_TRY(ws_device_synchronize(d));
     unsigned char buf[8];
     WS_TRY(d->ops->copy(d, buf, (const char *)ws_tensor_data(t) + off, ws_dtype_size(t->dtype)));
-    *out = ws_load_scalar(buf, t->dtype);
+    *out = ws_load_bits(buf, t->dtype);
     return WS_OK;
 }
 
-ws_status ws_tensor_set(ws_tensor *t, int64_t flat_index, double value)
+ws_status ws_tensor_set_bits(ws_tensor *t, int64_t flat_index, uint64_t bits)
 {
     WS_TRY(ws_tensor_check_writable(t, "set"));
     int64_t off;
     WS_TRY(element_offset(t, flat_index, "set", &off));
     ws_device *d = ws_tensor_device(t);
     WS_TRY(ws_device_synchronize(d));
-    unsigned char buf[8];
     size_t es = ws_dtype_size(t->dtype);
-    ws_store_scalar(buf, t->dtype, value);
+    unsigned char buf[8];
+    memcpy(buf, &bits, es); /* little-endian: the low bytes are the element */
     WS_TRY(d->ops->copy(d, (char *)ws_tensor_data(t) + off, buf, es));
     size_t b = t->offset + (size_t)off;
     mark_span(t->storage, b, b + es);
     return WS_OK;
+}
+
+ws_status ws_tensor_get(const ws_tensor *t, int64_t flat_index, double *out)
+{
+    uint64_t bits;
+    WS_TRY(ws_tensor_get_bits(t, flat_index, &bits));
+    unsigned char buf[8];
+    memcpy(buf, &bits, sizeof buf);
+    *out = ws_load_scalar(buf, t->dtype);
+    return WS_OK;
+}
+
+ws_status ws_tensor_set(ws_tensor *t, int64_t flat_index, double value)
+{
+    unsigned char buf[8] = {0};
+    ws_store_scalar(buf, t->dtype, value);
+    uint64_t bits;
+    memcpy(&bits, buf, sizeof bits);
+    return ws_tensor_set_bits(t, flat_index, bits);
 }

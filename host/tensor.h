@@ -104,6 +104,9 @@ ws_status ws_tensor_checksum(const ws_tensor *t, uint64_t first_index, ws_dtype 
 /* Flat index (row-major over the view); synchronizes. */
 ws_status ws_tensor_get(const ws_tensor *t, int64_t flat_index, double *out);
 ws_status ws_tensor_set(ws_tensor *t, int64_t flat_index, double value);
+/* Raw element bits (zero-extended), exact for i64 where doubles are not. */
+ws_status ws_tensor_get_bits(const ws_tensor *t, int64_t flat_index, uint64_t *out);
+ws_status ws_tensor_set_bits(ws_tensor *t, int64_t flat_index, uint64_t bits);
 
 /* Batched operations: one call, a C loop (one batched device call where the
  * backend supports it). Tensors must be contiguous. */
@@ -116,6 +119,11 @@ ws_status ws_unpack(const ws_tensor *flat, ws_tensor *const *dsts, size_t n,
                     const size_t *offsets);
 /* dsts[i] <- srcs[i], shapes equal, conversion where dtypes differ. */
 ws_status ws_copy_many(ws_tensor *const *dsts, const ws_tensor *const *srcs, size_t n);
+/* out[i] = checksum of ts[i] (ws_tensor_checksum) with first index first[i]
+ * (NULL: all 0), hashing values as `as` (WS_DTYPE_COUNT: each tensor's own
+ * dtype). The verification of a whole model in one call. */
+ws_status ws_checksum_many(const ws_tensor *const *ts, size_t n, const uint64_t *first,
+                           ws_dtype as, uint64_t *out);
 
 /* Validity checks used by every op (and by the comm and transfer layers). */
 ws_status ws_tensor_check_live(const ws_tensor *t, const char *what);

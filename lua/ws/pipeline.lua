@@ -133,6 +133,7 @@ function Ctx:rollout(step)
     local n = 0
     for _, kind in ipairs(self.verify_kinds) do
         n = n + verify.check(self.sync.pairs[kind], { comm = self.comm, world = self.world,
+                                                      trainer = self.trainer,
                                                       note = "step " .. step .. " rollout" })
     end
     self.rec.verified, self.rec.verified_tensors = true, n

@@ -108,6 +108,9 @@ end
 
 function Sync:free()
     for _, plan in pairs(self.plans) do plan:free() end
+    for _, plist in pairs(self.pairs) do -- verification state (ws.verify)
+        if plist.trainer_sums then plist.trainer_sums:free() end
+    end
     for _, v in ipairs(self.views) do v:free() end
     self.plans, self.pairs, self.views = {}, {}, {}
 end

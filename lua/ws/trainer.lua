@@ -44,6 +44,9 @@ function M.new(opts)
     self.dtype = opts.dtype or "bf16"
     self.seed = opts.seed or 0
     self.offloaded = false
+    -- Bumped whenever shard contents change (train_step, load), so a
+    -- verification can reuse checksums of a trainer that did not change.
+    self.generation, self.loads = 0, 0
     self.params, self.base_params, self.adapter_params = {}, {}, {}
 
     local function entry(p, kind)
@@ -90,6 +93,7 @@ function Trainer:train_step(step)
             e.version = e.version + 1
         end
     end
+    self.generation = self.generation + 1
 end
 
 -- Lists of the shard tensors, for batched copies.
@@ -124,6 +128,7 @@ function Trainer:load()
     self.pool:wake()
     ws.copy_many(shard_lists(self), self.host)
     for _, e in ipairs(self.params) do e.version = e.version + 1 end
+    self.generation, self.loads = self.generation + 1, self.loads + 1
     self.offloaded = false
 end
 
@@ -140,6 +145,7 @@ end
 function Trainer:free()
     for _, e in ipairs(self.params) do
         if e.view then e.view:free() end
+        if e.empty_view then e.empty_view:free() end
         e.tensor:free()
     end
     for _, h in ipairs(self.host or {}) do h:free() end

@@ -12,60 +12,62 @@ local ws = require("ws")
 
 local M = {}
 
-local LOW = 0xFFFFFFFF
-
--- Sums a list of 64-bit checksums over the ranks. Each value travels as two
--- 32-bit halves in an i64 tensor so every element stays exact through the
--- binding's double-based get/set; the halves' sums recombine mod 2^64.
-function M.all_reduce_sums(comm, world, values, device)
-    if world == 1 or comm == nil then return values end
-    local n = #values
-    local t = assert(ws.tensor{ shape = { 2 * n }, dtype = "i64", device = "cpu",
-                                name = "verify checksums" })
-    for i, v in ipairs(values) do
-        t:set(2 * i - 1, v & LOW)
-        t:set(2 * i, (v >> 32) & LOW)
-    end
-    comm:all_reduce(t, "sum")
-    local out = {}
-    for i = 1, n do
-        local lo = math.tointeger(t:get(2 * i - 1))
-        local hi = math.tointeger(t:get(2 * i))
-        out[i] = (hi << 32) + lo
-    end
-    t:free()
-    return out
-end
-
--- A trainer shard's checksum. The trainer bumps e.version whenever it writes
--- a shard (train_step, load), so frozen base weights are hashed once, while
--- the engine side, the thing under test, is hashed every time.
-local function shard_sum(e)
-    if e.sum_version ~= e.version or e.sum == nil then
-        e.sum = e.view and e.view:checksum(e.first, "bf16") or 0
-        e.sum_version = e.version
-    end
-    return e.sum
-end
-
--- pairs: list of {src = trainer entry (view, first, name), dst = engine view,
--- dst_name}. Raises on the first mismatch; returns the number of tensors checked.
-function M.check(pairs, ctx)
-    local local_sums = {}
-    for i, p in ipairs(pairs) do local_sums[i] = shard_sum(p.src) end
-    local sums = M.all_reduce_sums(ctx.comm, ctx.world or 1, local_sums)
-    local where = ctx.note or "rollout"
+-- The per-plan lists handed to ws.checksums, built once: the trainer's real
+-- shard elements (an empty view for a rank whose shard is all padding) with
+-- their global first index, and the engine destinations.
+local function lists(pairs)
+    local l = pairs.verify_lists
+    if l then return l end
+    l = { srcs = {}, firsts = {}, dsts = {}, frozen = true }
     for i, p in ipairs(pairs) do
-        local ok, got = pcall(p.dst.checksum, p.dst, 0, "bf16")
-        if not ok then error(string.format("verify (%s): %s", where, tostring(got)), 0) end
-        if got ~= sums[i] then
-            error(string.format(
-                "verify (%s): engine tensor '%s' does not hold trainer parameter '%s': " ..
-                "checksum 0x%016x, trainer 0x%016x; the sync did not write it (check the " ..
-                "policy's send decisions and the plan's entries)",
-                where, tostring(p.dst_name), p.src.name, got, sums[i]), 0)
+        local e = p.src
+        if not e.view then e.empty_view = e.empty_view or e.tensor:narrow(1, 1, 0) end
+        l.srcs[i], l.firsts[i], l.dsts[i] = e.view or e.empty_view, e.first, p.dst
+        if e.trainable then l.frozen = false end
+    end
+    pairs.verify_lists = l
+    return l
+end
+
+-- The trainer's checksums of a plan, summed over the ranks (one all_reduce of
+-- an i64 tensor: sums wrap modulo 2^64, as the checksum does). Reused while
+-- the trainer has not changed: frozen base weights are hashed once per load.
+local function trainer_sums(pairs, l, ctx)
+    local tr = ctx.trainer
+    local key = tr and (l.frozen and "loads " .. tr.loads or "gen " .. tr.generation)
+    if key and pairs.trainer_key == key then return pairs.trainer_sums end
+    local sums = ws.checksums(l.srcs, l.firsts, "bf16")
+    if (ctx.world or 1) > 1 and ctx.comm then ctx.comm:all_reduce(sums, "sum") end
+    if pairs.trainer_sums then pairs.trainer_sums:free() end
+    pairs.trainer_sums, pairs.trainer_key = sums, key
+    return sums
+end
+
+-- pairs: list of {src = trainer entry (view, first, name, trainable), dst =
+-- engine view, dst_name}. ctx: comm, world, note, trainer (optional: enables
+-- reuse of the trainer's checksums). Two C calls per plan; Lua only walks the
+-- list on a mismatch, to name it. Raises on the first mismatch; returns the
+-- number of tensors checked.
+function M.check(pairs, ctx)
+    local l = lists(pairs)
+    local want = trainer_sums(pairs, l, ctx)
+    local where = ctx.note or "rollout"
+    local ok, got = pcall(ws.checksums, l.dsts, nil, "bf16")
+    if not ok then error(string.format("verify (%s): %s", where, tostring(got)), 0) end
+    if got:checksum() ~= want:checksum() then
+        for i, p in ipairs(pairs) do
+            local g, w = got:get(i), want:get(i)
+            if g ~= w then
+                got:free()
+                error(string.format(
+                    "verify (%s): engine tensor '%s' does not hold trainer parameter '%s': " ..
+                    "checksum 0x%016x, trainer 0x%016x; the sync did not write it (check the " ..
+                    "policy's send decisions and the plan's entries)",
+                    where, tostring(p.dst_name), p.src.name, g, w), 0)
+            end
         end
     end
+    got:free()
     return #pairs
 end
 
