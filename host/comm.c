@@ -84,6 +84,41 @@ static int check_default(int size)
     return size > 1;
 }
 
+/* How many tasks the launcher says this job has (0: no launcher). */
+static int launcher_tasks(const char **var)
+{
+    static const char *const vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", NULL};
+    for (int i = 0; vars[i]; i++) {
+        const char *v = getenv(vars[i]);
+        /* SLURM_NTASKS is also set inside an allocation (salloc, sbatch);
+         * only a task started by srun has SLURM_PROCID. */
+        if (!v || (i == 2 && !getenv("SLURM_PROCID"))) continue;
+        *var = vars[i];
+        return atoi(v);
+    }
+    return 0;
+}
+
+/* A rank that cannot reach its peers must not run as a world of one: every
+ * rank would sync alone and report success. */
+static ws_status check_alone(void)
+{
+    const char *var = NULL;
+    int tasks = launcher_tasks(&var);
+    if (tasks <= 1) return WS_OK;
+#ifdef WS_HAVE_MPI
+    return WS_ERR(WS_ERR_COMM,
+                  "comm: this process is one of %d tasks (%s) but has no MPI launch environment "
+                  "(no PMI_RANK or PMIX_RANK); start it with mpirun, or srun --mpi=pmix "
+                  "(or --mpi=pmi2)", tasks, var);
+#else
+    return WS_ERR(WS_ERR_COMM,
+                  "comm: this process is one of %d tasks (%s) but this wshost was built "
+                  "without MPI, so the ranks cannot reach each other; rebuild with MPI "
+                  "(libopenmpi-dev) or run one process", tasks, var);
+#endif
+}
+
 ws_status ws_comm_world(ws_comm **out)
 {
     if (g_shut)
@@ -95,13 +130,16 @@ ws_status ws_comm_world(ws_comm **out)
         w.is_world = 1;
         w.host = &g_self_ops;
         snprintf(w.backend, sizeof w.backend, "self");
+        int launched = 0;
 #ifdef WS_HAVE_MPI
         if (ws_mpi_launched()) {
             WS_TRY(ws_mpi_init_world(&w));
             w.host = ws_comm_mpi_ops();
             snprintf(w.backend, sizeof w.backend, "mpi");
+            launched = 1;
         }
 #endif
+        if (!launched) WS_TRY(check_alone());
         w.check = check_default(w.size);
         g_world = w;
         g_world_ready = 1;
