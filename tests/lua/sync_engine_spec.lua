@@ -111,3 +111,37 @@ describe("sync + verify", function()
         s:free(); en:free(); tr:free()
     end)
 end)
+
+describe("sync progress", function()
+    -- The display appears only once a sync has run for a second, updates in
+    -- place with carriage returns, and ends its line at the last bucket.
+    it("shows buckets on stderr after a second, and stays quiet before", function()
+        local tr = trainer_mod.new{ spec = spec, device = cpu }
+        local en = engine_mod.new{ spec = spec, device = cpu, kv_cache_mb = 1 }
+        local s = sync_mod.new{ trainer = tr, engine = en, device = cpu, bucket_mb = 0.25,
+                                progress = "on" }
+        local written = {}
+        local real_stderr, real_now = io.stderr, ws.now_ms
+        local clock = 0
+        io.stderr = { write = function(_, ...) for _, v in ipairs{ ... } do
+                          written[#written + 1] = v end end,
+                      flush = function() end }
+        ws.now_ms = function() return clock end
+        local ok, err = pcall(function()
+            local show = s:progress_fn("base")
+            show(1, 3, 100, 300)                -- at 0 ms: nothing yet
+            assert.are.equal(0, #written)
+            clock = 1500
+            show(2, 3, 200e6, 300e6)
+            show(3, 3, 300e6, 300e6)
+        end)
+        io.stderr, ws.now_ms = real_stderr, real_now
+        assert.is_true(ok, tostring(err))
+        local text = table.concat(written)
+        assert.matches("\rsync base    bucket 2/3  200.0/300.0 MB", text, 1, true)
+        assert.matches("bucket 3/3  300.0/300.0 MB\n", text, 1, true)
+        s.progress = "off"
+        assert.is_nil(s:progress_fn("base"))
+        s:free(); en:free(); tr:free()
+    end)
+end)
