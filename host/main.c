@@ -96,6 +96,8 @@ static void print_usage(const char *badoption)
             "  WSHOST_COMM_CHECK  0: skip the size check before each multi-rank collective\n"
             "  WSHOST_COMM_NCCL   1: cuda tensors use NCCL even in a world of one (testing)\n"
             "  WSHOST_NCCL_LIBRARY  path of libnccl.so.2 (default: the loader's search)\n"
+            "  WSHOST_CUDA_MEMCPY_MIN_BYTES  plain GPU copies from this size use\n"
+            "                     cudaMemcpyAsync, smaller ones one batched kernel (16 MiB)\n"
             "  LUA_INIT_5_4, LUA_INIT  code or @file run before the arguments\n"
             "  LUA_PATH, LUA_CPATH     as in lua(1)\n",
             progname);
