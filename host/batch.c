@@ -77,6 +77,39 @@ static ws_status cross_device_copy(ws_tensor *dst, const ws_tensor *src)
     return rc;
 }
 
+/* Two views of one storage whose byte spans intersect (conservative for
+ * interleaved strided views, which are then staged without need). */
+static int spans_overlap(const ws_tensor *a, const ws_tensor *b)
+{
+    if (a->storage != b->storage) return 0;
+    size_t ab, ae, bb, be;
+    ws_tensor_byte_span(a, &ab, &ae);
+    ws_tensor_byte_span(b, &bb, &be);
+    return ab < be && bb < ae;
+}
+
+static int same_view(const ws_tensor *a, const ws_tensor *b)
+{
+    if (a->storage != b->storage || a->offset != b->offset || a->dtype != b->dtype) return 0;
+    for (int i = 0; i < a->layout.ndim; i++)
+        if (a->layout.strides[i] != b->layout.strides[i]) return 0;
+    return 1;
+}
+
+/* dst and src overlap: the source is read completely (into a temporary)
+ * before anything is written, as memmove does; chunked parallel copies
+ * would otherwise read bytes another chunk already overwrote. */
+static ws_status overlapping_copy(ws_device *d, ws_tensor *dst, const ws_tensor *src)
+{
+    if (same_view(dst, src)) return WS_OK;
+    ws_tensor tmp;
+    WS_TRY(contiguous_temp(&tmp, d, src->dtype, src));
+    ws_status rc = same_device_copy(d, &tmp, src);
+    if (rc == WS_OK) rc = same_device_copy(d, dst, &tmp);
+    ws_tensor_release(&tmp);
+    return rc;
+}
+
 ws_status ws_tensor_copy(ws_tensor *dst, const ws_tensor *src)
 {
     WS_TRY(ws_tensor_check_writable(dst, "copy_ dst"));
@@ -84,7 +117,9 @@ ws_status ws_tensor_copy(ws_tensor *dst, const ws_tensor *src)
     if (!same_shape(dst, src)) return shape_mismatch("copy_", dst, src);
     if (ws_tensor_numel(dst) == 0) return WS_OK;
     ws_device *dd = ws_tensor_device(dst), *sd = ws_tensor_device(src);
-    ws_status rc = dd == sd ? same_device_copy(dd, dst, src) : cross_device_copy(dst, src);
+    ws_status rc = spans_overlap(dst, src) ? overlapping_copy(dd, dst, src)
+                   : dd == sd              ? same_device_copy(dd, dst, src)
+                                           : cross_device_copy(dst, src);
     if (rc != WS_OK) {
         char l1[200], l2[200];
         ws_errprefix("copy_ %s (%s) <- %s (%s)", ws_tensor_label(dst, l1, sizeof l1), dd->name,
@@ -282,7 +317,8 @@ ws_status ws_checksum_many(const ws_tensor *const *ts, size_t n, const uint64_t 
                            ws_dtype as, uint64_t *out)
 {
     for (size_t i = 0; i < n; i++) {
-        ws_dtype a = as == WS_DTYPE_COUNT ? ts[i]->dtype : as;
+        /* A NULL item keeps `as` and fails in ws_tensor_checksum's check. */
+        ws_dtype a = as == WS_DTYPE_COUNT && ts[i] ? ts[i]->dtype : as;
         ws_status rc = ws_tensor_checksum(ts[i], first ? first[i] : 0, a, &out[i]);
         if (rc != WS_OK) {
             ws_errprefix("checksums: item %zu", i + 1);

@@ -75,6 +75,10 @@ static void after_fork_child(void)
     P.started = 0;
     P.launched = 0;
     P.active = 0;
+    /* New workers start having seen generation 0; a stale count would make
+     * them replay the parent's last job and decrement `active` for a job
+     * they did not run, letting a later caller return before its chunks end. */
+    P.generation = 0;
 }
 
 static void init_threads(void)

@@ -87,13 +87,20 @@ static ws_status check_shape(int ndim, const int64_t *shape, ws_dtype dtype, siz
         return WS_ERR(WS_ERR_ARG, "unknown dtype %d", (int)dtype);
     if (ndim < 0 || ndim > WS_MAX_DIMS)
         return WS_ERR(WS_ERR_ARG, "a tensor has 0 to %d dimensions, got %d", WS_MAX_DIMS, ndim);
-    size_t n = ws_dtype_size(dtype);
+    /* `reach` skips 0-sized dimensions: an empty tensor still needs strides
+     * (products of the later dimensions) and a numel that do not overflow. */
+    size_t n = ws_dtype_size(dtype), reach = n;
     for (int i = 0; i < ndim; i++) {
         if (shape[i] < 0)
             return WS_ERR(WS_ERR_ARG, "dimension %d has negative size %lld", i,
                           (long long)shape[i]);
-        if (shape[i] && n > SIZE_MAX / (size_t)shape[i] / 2)
+        if (shape[i] == 0) {
+            n = 0;
+            continue;
+        }
+        if (reach > SIZE_MAX / (size_t)shape[i] / 2)
             return WS_ERR(WS_ERR_NOMEM, "tensor of this shape is too large to address");
+        reach *= (size_t)shape[i];
         n *= (size_t)shape[i];
     }
     *nbytes = n;
@@ -244,6 +251,71 @@ static ws_status check_awake(const ws_tensor *t, const char *what, const char *v
                   what ? what : "tensor", ws_tensor_label(t, lb, sizeof lb), ws_pool_tag(p), verb);
 }
 
+/* The bytes a strided view really touches, as `count` runs of `len` bytes
+ * (its innermost contiguous block, repeated over the outer dimensions), so
+ * that writing one column of a matrix does not count the other columns as
+ * written. Views with too many runs to track one by one, or with outer
+ * strides that are not positive, fall back to their whole span. */
+#define MAX_TRACKED_RUNS 4096
+
+typedef struct view_runs {
+    int outer;  /* dimensions [0, outer) enumerate the runs */
+    size_t len; /* bytes per run */
+    size_t count;
+    int64_t idx[WS_MAX_DIMS];
+    size_t next; /* runs handed out so far */
+} view_runs;
+
+/* Returns 0 when the view is better treated as its whole span. */
+static int runs_init(const ws_tensor *t, view_runs *r)
+{
+    const ws_layout *l = &t->layout;
+    int64_t inner = 1;
+    int d = l->ndim - 1;
+    for (; d >= 0; d--) {
+        if (l->shape[d] == 1) continue;
+        if (l->strides[d] != inner) break;
+        inner *= l->shape[d];
+    }
+    int64_t numel = ws_tensor_numel(t);
+    if (numel == 0 || numel / inner <= 1 || numel / inner > MAX_TRACKED_RUNS) return 0;
+    for (int i = 0; i <= d; i++)
+        if (l->shape[i] > 1 && l->strides[i] <= 0) return 0;
+    memset(r, 0, sizeof *r);
+    r->outer = d + 1;
+    r->len = (size_t)inner * ws_dtype_size(t->dtype);
+    r->count = (size_t)(numel / inner);
+    return 1;
+}
+
+/* Storage byte offset of the next run; 0 when all were handed out. */
+static int runs_next(const ws_tensor *t, view_runs *r, size_t *begin)
+{
+    if (r->next == r->count) return 0;
+    const ws_layout *l = &t->layout;
+    int64_t off = 0;
+    for (int i = 0; i < r->outer; i++) off += r->idx[i] * l->strides[i];
+    *begin = t->offset + (size_t)off * ws_dtype_size(t->dtype);
+    for (int i = r->outer - 1; i >= 0; i--) {
+        if (++r->idx[i] < l->shape[i]) break;
+        r->idx[i] = 0;
+    }
+    r->next++;
+    return 1;
+}
+
+/* Whether one written range covers [b, e). Ranges are sorted and merged. */
+static int covered(const ws_storage *s, size_t b, size_t e)
+{
+    size_t lo = 0, hi = s->n_written;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (s->written[mid].end <= b) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < s->n_written && s->written[lo].begin <= b && s->written[lo].end >= e;
+}
+
 ws_status ws_tensor_check_readable(const ws_tensor *t, const char *what)
 {
     WS_TRY(ws_tensor_check_live(t, what));
@@ -253,14 +325,14 @@ ws_status ws_tensor_check_readable(const ws_tensor *t, const char *what)
     size_t b, e;
     ws_tensor_byte_span(t, &b, &e);
     if (b == e) return WS_OK;
-    /* Ranges are sorted and merged: one range must cover the whole span. */
-    size_t lo = 0, hi = s->n_written;
-    while (lo < hi) {
-        size_t mid = (lo + hi) / 2;
-        if (s->written[mid].end <= b) lo = mid + 1;
-        else hi = mid;
+    view_runs r;
+    int ok = 1;
+    if (runs_init(t, &r)) {
+        while (ok && runs_next(t, &r, &b)) ok = covered(s, b, b + r.len);
+    } else {
+        ok = covered(s, b, e);
     }
-    if (lo < s->n_written && s->written[lo].begin <= b && s->written[lo].end >= e) return WS_OK;
+    if (ok) return WS_OK;
     char lb[200];
     const char *reason = ws_pool_discard_reason(s->pool);
     return WS_ERR(WS_ERR_DISCARDED,
@@ -321,7 +393,12 @@ static void mark_span(ws_storage *s, size_t b, size_t e)
 void ws_tensor_mark_written(const ws_tensor *t)
 {
     if (!t->storage || t->storage->kind != WS_STORAGE_POOL) return;
+    view_runs r;
     size_t b, e;
+    if (runs_init(t, &r)) {
+        while (runs_next(t, &r, &b)) mark_span(t->storage, b, b + r.len);
+        return;
+    }
     ws_tensor_byte_span(t, &b, &e);
     mark_span(t->storage, b, e);
 }
@@ -373,7 +450,7 @@ ws_status ws_tensor_reshape(ws_tensor *out, const ws_tensor *t, int ndim, const 
     if (!ws_tensor_is_contiguous(t))
         return WS_ERR(WS_ERR_ARG, "reshape: tensor %s %s is not contiguous; copy it first",
                       ws_tensor_label(t, lb, sizeof lb), ws_tensor_typestr(t, ty, sizeof ty));
-    int64_t numel = ws_tensor_numel(t), known = 1;
+    int64_t numel = ws_tensor_numel(t), known = 1, nonzero = 1;
     int infer = -1;
     int64_t dims[WS_MAX_DIMS];
     for (int i = 0; i < ndim; i++) {
@@ -385,6 +462,14 @@ ws_status ws_tensor_reshape(ws_tensor *out, const ws_tensor *t, int ndim, const 
         if (shape[i] < 0)
             return WS_ERR(WS_ERR_ARG, "reshape: invalid size %lld for dimension %d of %s",
                           (long long)shape[i], i, ws_tensor_label(t, lb, sizeof lb));
+        /* A product that wraps could equal numel; one past the largest
+         * addressable tensor (0-sized dimensions aside) is refused. */
+        if (shape[i] && __builtin_mul_overflow(nonzero, shape[i], &nonzero))
+            nonzero = INT64_MAX;
+        if (nonzero > INT64_MAX / 8)
+            return WS_ERR(WS_ERR_ARG, "reshape: the requested shape for %s %s is too large "
+                          "to address", ws_tensor_label(t, lb, sizeof lb),
+                          ws_tensor_typestr(t, ty, sizeof ty));
         known *= shape[i];
     }
     if (infer >= 0) {

@@ -150,7 +150,7 @@ static ws_status check_entry(const ws_plan *p, size_t index, const ws_tensor *sr
     if (numel < 0)
         return WS_ERR(WS_ERR_ARG, "plan '%s': entry %zu: numel %lld is negative", p->name,
                       index, (long long)numel);
-    int64_t shard = (numel + p->world - 1) / p->world;
+    int64_t shard = numel / p->world + (numel % p->world != 0); /* ceil, without overflow */
     int64_t sn = ws_tensor_numel(src), dn = ws_tensor_numel(dst);
     if (sn != shard)
         return WS_ERR(WS_ERR_ARG,
@@ -225,7 +225,7 @@ ws_status ws_plan_add(ws_plan *p, const ws_tensor *const *srcs, const ws_tensor 
         record_side(p, &e->src, srcs[i]);
         record_side(p, &e->dst, dsts[i]);
         e->numel = numel[i];
-        e->shard = (numel[i] + p->world - 1) / p->world;
+        e->shard = numel[i] / p->world + (numel[i] % p->world != 0);
         p->bytes_total += (size_t)numel[i] * ws_dtype_size(dsts[i]->dtype);
     }
     if (n) p->planned = 0;

@@ -235,6 +235,19 @@ static void test_copy_many_mixed_sizes(void)
     }
 }
 
+/* A missing tensor in a checksum batch is an argument error, not a crash. */
+static void test_checksum_many_missing_item(void)
+{
+    ws_tensor a;
+    CHECK_OK(make1(&a, WS_F32, 4, "a"));
+    CHECK_OK(ws_tensor_fill(&a, 1));
+    const ws_tensor *ts[2] = {&a, NULL};
+    uint64_t out[2];
+    CHECK_ERR(ws_checksum_many(ts, 2, NULL, WS_DTYPE_COUNT, out), WS_ERR_ARG, "item 2");
+    CHECK_ERR(ws_checksum_many(ts, 2, NULL, WS_F32, out), WS_ERR_ARG, "missing");
+    ws_tensor_release(&a);
+}
+
 int main(void)
 {
     RUN(test_pack_unpack_100k);
@@ -242,5 +255,6 @@ int main(void)
     RUN(test_raw_bytes_and_offsets);
     RUN(test_validation_names_items);
     RUN(test_pool_written_ranges_through_batches);
+    RUN(test_checksum_many_missing_item);
     return check_summary();
 }

@@ -214,6 +214,45 @@ static void test_many_tensors_in_pool(void)
     free(ts);
 }
 
+/* A write through a strided view marks only the elements it wrote: the gaps
+ * between its rows stay discarded, and reading the view itself works. */
+static void test_strided_writes_mark_only_their_elements(void)
+{
+    ws_pool *p;
+    CHECK_OK(ws_pool_create(ws_device_cpu(), "weights", 1 * MiB, &p));
+    ws_tensor w, m, col0, col1, rows, part;
+    CHECK_OK(pool_tensor(p, &w, WS_F32, 8, "w"));
+    int64_t shape[2] = {4, 2};
+    CHECK_OK(ws_tensor_reshape(&m, &w, 2, shape));
+    CHECK_OK(ws_pool_sleep(p, 2, "step 1"));
+    CHECK_OK(ws_pool_wake(p));
+    CHECK_OK(ws_tensor_narrow(&col0, &m, 1, 0, 1));
+    CHECK_OK(ws_tensor_narrow(&col1, &m, 1, 1, 1));
+    CHECK_OK(ws_tensor_fill(&col0, 1));
+    uint64_t s;
+    CHECK_OK(ws_tensor_checksum(&col0, 0, WS_F32, &s));
+    double v;
+    CHECK_OK(ws_tensor_get(&m, 2, &v)); /* row 1, column 0 */
+    CHECK(v == 1);
+    CHECK_ERR(ws_tensor_get(&m, 1, &v), WS_ERR_DISCARDED, "tensor 'w' in pool 'weights'");
+    CHECK_OK(ws_tensor_narrow(&rows, &m, 0, 0, 3));
+    CHECK_OK(ws_tensor_narrow(&part, &rows, 1, 1, 1));
+    CHECK_ERR(ws_tensor_checksum(&part, 0, WS_F32, &s), WS_ERR_DISCARDED, "were discarded");
+    CHECK_ERR(ws_tensor_checksum(&col1, 0, WS_F32, &s), WS_ERR_DISCARDED, "were discarded");
+    CHECK_ERR(ws_tensor_checksum(&w, 0, WS_F32, &s), WS_ERR_DISCARDED, "were discarded");
+    CHECK_OK(ws_tensor_fill(&col1, 2));
+    CHECK_OK(ws_tensor_checksum(&w, 0, WS_F32, &s)); /* both columns written */
+    CHECK_OK(ws_tensor_get(&m, 7, &v));
+    CHECK(v == 2);
+    ws_tensor_release(&part);
+    ws_tensor_release(&rows);
+    ws_tensor_release(&col0);
+    ws_tensor_release(&col1);
+    ws_tensor_release(&m);
+    ws_tensor_release(&w);
+    CHECK_OK(ws_pool_destroy(p));
+}
+
 int main(void)
 {
     RUN(test_carve_alignment_and_reuse);
@@ -221,5 +260,6 @@ int main(void)
     RUN(test_level2_discard_names_tensor_pool_and_sleep);
     RUN(test_sleep_returns_memory);
     RUN(test_many_tensors_in_pool);
+    RUN(test_strided_writes_mark_only_their_elements);
     return check_summary();
 }

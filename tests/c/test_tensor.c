@@ -526,6 +526,120 @@ static void test_parallel_after_fork(void)
     ws_tensor_release(&b);
 }
 
+/* Shapes whose element count does not fit are refused, even when a 0-sized
+ * dimension makes the byte count 0: their strides and numel would overflow. */
+static void test_shape_overflow_is_refused(void)
+{
+    ws_tensor t, v;
+    int64_t big0[3] = {0, INT64_C(1) << 62, INT64_C(1) << 62};
+    CHECK_ERR(make(&t, WS_F32, 3, big0, "big0"), WS_ERR_NOMEM, "too large to address");
+    CHECK(ws_tensor_is_released(&t));
+    int64_t big1[3] = {INT64_C(1) << 40, INT64_C(1) << 40, 0};
+    CHECK_ERR(make(&t, WS_F32, 3, big1, "big1"), WS_ERR_NOMEM, "too large to address");
+    int64_t n16[1] = {16};
+    CHECK_OK(make(&t, WS_F32, 1, n16, "x"));
+    /* (2^60 + 1) * 16 wraps to 16 in 64 bits: must not pass as 16 elements. */
+    int64_t wrap[2] = {(INT64_C(1) << 60) + 1, 16};
+    memset(&v, 0, sizeof v);
+    CHECK_ERR(ws_tensor_reshape(&v, &t, 2, wrap), WS_ERR_ARG, "reshape");
+    CHECK(ws_tensor_is_released(&v));
+    int64_t wrap_infer[3] = {-1, INT64_C(1) << 62, INT64_C(1) << 62};
+    CHECK_ERR(ws_tensor_reshape(&v, &t, 3, wrap_infer), WS_ERR_ARG, "reshape");
+    CHECK(ws_tensor_is_released(&v));
+    ws_tensor_release(&t);
+    int64_t empty[2] = {0, 4};
+    CHECK_OK(make(&t, WS_F32, 2, empty, "e"));
+    int64_t huge_empty[3] = {INT64_C(1) << 40, INT64_C(1) << 40, 0};
+    CHECK_ERR(ws_tensor_reshape(&v, &t, 3, huge_empty), WS_ERR_ARG, "reshape");
+    CHECK(ws_tensor_is_released(&v));
+    int64_t ok_empty[3] = {2, 0, 3};
+    CHECK_OK(ws_tensor_reshape(&v, &t, 3, ok_empty));
+    CHECK(ws_tensor_numel(&v) == 0);
+    ws_tensor_release(&v);
+    ws_tensor_release(&t);
+}
+
+/* copy_ between overlapping views of one storage behaves as if the source
+ * were read completely before anything is written (as memmove does). */
+static void check_overlap(int64_t n)
+{
+    int64_t shape[1] = {n};
+    ws_tensor x, a, b;
+    CHECK_OK(make(&x, WS_F32, 1, shape, "x"));
+    float *v = ws_tensor_data(&x);
+    for (int64_t i = 0; i < n; i++) v[i] = (float)i;
+    CHECK_OK(ws_tensor_narrow(&a, &x, 0, 0, n - 3));
+    CHECK_OK(ws_tensor_narrow(&b, &x, 0, 3, n - 3));
+    CHECK_OK(ws_tensor_copy(&b, &a)); /* shift up by 3 */
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) bad += v[i] != (float)(i < 3 ? i : i - 3);
+    CHECK(bad == 0);
+    for (int64_t i = 0; i < n; i++) v[i] = (float)i;
+    CHECK_OK(ws_tensor_copy(&a, &b)); /* shift down by 3 */
+    bad = 0;
+    for (int64_t i = 0; i < n; i++) bad += v[i] != (float)(i < n - 3 ? i + 3 : i);
+    CHECK(bad == 0);
+    /* Strided overlap: every other element, shifted by one pair. */
+    int64_t pairs[2] = {n / 2, 2};
+    ws_tensor m, c0, c1, lo, hi;
+    CHECK_OK(ws_tensor_reshape(&m, &x, 2, pairs));
+    CHECK_OK(ws_tensor_narrow(&c0, &m, 1, 0, 1));
+    CHECK_OK(ws_tensor_narrow(&lo, &c0, 0, 0, n / 2 - 1));
+    CHECK_OK(ws_tensor_narrow(&c1, &m, 1, 0, 1));
+    CHECK_OK(ws_tensor_narrow(&hi, &c1, 0, 1, n / 2 - 1));
+    for (int64_t i = 0; i < n; i++) v[i] = (float)i;
+    CHECK_OK(ws_tensor_copy(&hi, &lo)); /* x[2k+2] <- x[2k] */
+    bad = 0;
+    for (int64_t k = 0; k < n / 2; k++) bad += v[2 * k] != (float)(k == 0 ? 0 : 2 * k - 2);
+    CHECK(bad == 0);
+    ws_tensor_release(&lo);
+    ws_tensor_release(&hi);
+    ws_tensor_release(&c0);
+    ws_tensor_release(&c1);
+    ws_tensor_release(&m);
+    ws_tensor_release(&a);
+    ws_tensor_release(&b);
+    ws_tensor_release(&x);
+}
+
+static void test_overlapping_copy(void)
+{
+    check_overlap(64);
+    check_overlap(INT64_C(3) << 20); /* large enough for the parallel paths */
+}
+
+/* Several forked children each run parallel jobs right away: the first job in
+ * a child must not be joined early by a worker replaying the parent's job. */
+static void test_parallel_after_fork_repeated(void)
+{
+    int64_t n[1] = {2 << 20};
+    ws_tensor a;
+    CHECK_OK(make(&a, WS_F32, 1, n, "a"));
+    CHECK_OK(ws_tensor_random(&a, 9, 1.0f, 0));
+    uint64_t want;
+    CHECK_OK(ws_tensor_checksum(&a, 0, WS_F32, &want));
+    for (int k = 0; k < 8; k++) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            alarm(20);
+            int ok = 1;
+            for (int j = 0; j < 4 && ok; j++) {
+                ws_tensor b;
+                uint64_t got = 0;
+                ok = make(&b, WS_F32, 1, n, "b") == WS_OK && ws_tensor_copy(&b, &a) == WS_OK &&
+                     ws_tensor_checksum(&b, 0, WS_F32, &got) == WS_OK && got == want;
+                ws_tensor_release(&b);
+            }
+            _exit(ok ? 0 : 1);
+        }
+        CHECK(pid > 0);
+        int status = 0;
+        CHECK(waitpid(pid, &status, 0) == pid);
+        CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    }
+    ws_tensor_release(&a);
+}
+
 int main(void)
 {
     RUN(test_registry);
@@ -545,5 +659,8 @@ int main(void)
     RUN(test_freed_tensor_errors_name_it);
     RUN(test_events_measure_time);
     RUN(test_parallel_after_fork);
+    RUN(test_shape_overflow_is_refused);
+    RUN(test_overlapping_copy);
+    RUN(test_parallel_after_fork_repeated);
     return check_summary();
 }
