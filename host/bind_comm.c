@@ -7,12 +7,21 @@
  * Async forms return a ws.Request whose user value keeps the tensors alive
  * until :wait(); a request collected without a wait is completed by __gc so
  * no transfer ever writes into freed memory. */
+#include <limits.h>
 #include <string.h>
 
 #include "bind.h"
 
-typedef struct lcomm { ws_comm *c; } lcomm;
-typedef struct lrequest { ws_comm_request *req; } lrequest;
+/* busy: pending requests and executing plans that use this communicator;
+ * comm:free() refuses while it is not 0 (they would use a freed comm). */
+typedef struct lcomm { ws_comm *c; int busy; } lcomm;
+/* owner: the comm's userdata, kept alive by the request's user value. */
+typedef struct lrequest { ws_comm_request *req; lcomm *owner; } lrequest;
+
+/* Shared with bind_plan.c (declared there too): a plan checks and holds the
+ * communicator it gathers over through these. */
+ws_comm *ws_lua_comm_live(lua_State *L, int idx);
+void ws_lua_comm_hold(lua_State *L, int idx, int delta);
 
 #define DEFAULT_BUCKET_BYTES ((size_t)64 << 20)
 
@@ -23,10 +32,33 @@ ws_comm *ws_lua_check_comm(lua_State *L, int idx)
     return lc->c;
 }
 
+/* The core comm of the ws.Comm at idx, NULL once it was freed. */
+ws_comm *ws_lua_comm_live(lua_State *L, int idx)
+{
+    lcomm *lc = (lcomm *)luaL_checkudata(L, idx, WS_COMM_MT);
+    return lc->c;
+}
+
+void ws_lua_comm_hold(lua_State *L, int idx, int delta)
+{
+    ((lcomm *)luaL_checkudata(L, idx, WS_COMM_MT))->busy += delta;
+}
+
+/* Ranks, roots, peers, colors and keys are C ints: a larger Lua integer
+ * must raise rather than wrap to another rank. */
+static int check_int(lua_State *L, int idx, const char *what)
+{
+    lua_Integer v = luaL_checkinteger(L, idx);
+    if (v < INT_MIN || v > INT_MAX)
+        luaL_argerror(L, idx, lua_pushfstring(L, "%s %I out of range", what, v));
+    return (int)v;
+}
+
 static void push_comm(lua_State *L, ws_comm *c)
 {
     lcomm *lc = (lcomm *)lua_newuserdatauv(L, sizeof *lc, 0);
     lc->c = c;
+    lc->busy = 0;
     luaL_setmetatable(L, WS_COMM_MT);
 }
 
@@ -38,12 +70,38 @@ static int l_comm(lua_State *L)
     return 1;
 }
 
-static int c_free(lua_State *L)
+static void release_comm(lcomm *lc)
 {
-    lcomm *lc = (lcomm *)luaL_checkudata(L, 1, WS_COMM_MT);
     ws_comm *c = lc->c;
     lc->c = NULL;
     if (c) ws_comm_free(c); /* the world is never freed */
+}
+
+static int c_free(lua_State *L)
+{
+    lcomm *lc = (lcomm *)luaL_checkudata(L, 1, WS_COMM_MT);
+    if (lc->c && lc->busy)
+        return luaL_error(L, "comm:free: %d pending request(s) or executing plan(s) still use "
+                             "this communicator; wait for them first",
+                          lc->busy);
+    release_comm(lc);
+    return 0;
+}
+
+/* __close: as free(), but with an error in flight a busy comm is left to the
+ * GC (its users keep it alive) so the original error is not replaced. */
+static int c_close(lua_State *L)
+{
+    lcomm *lc = (lcomm *)luaL_checkudata(L, 1, WS_COMM_MT);
+    if (lc->busy && !lua_isnil(L, 2)) return 0;
+    return c_free(L);
+}
+
+/* __gc: nothing can use the comm any more (requests and plans hold it, and
+ * are finalized first), so it always goes. */
+static int c_gc(lua_State *L)
+{
+    release_comm((lcomm *)luaL_checkudata(L, 1, WS_COMM_MT));
     return 0;
 }
 
@@ -62,10 +120,11 @@ static int c_tostring(lua_State *L)
 static int c_split(lua_State *L)
 {
     ws_comm *c = ws_lua_check_comm(L, 1);
-    int color = (int)luaL_checkinteger(L, 2);
-    int key = (int)luaL_optinteger(L, 3, ws_comm_rank(c));
+    int color = check_int(L, 2, "color");
+    int key = lua_isnoneornil(L, 3) ? ws_comm_rank(c) : check_int(L, 3, "key");
     lcomm *lc = (lcomm *)lua_newuserdatauv(L, sizeof *lc, 0); /* [.., comm] released */
     lc->c = NULL;
+    lc->busy = 0;
     luaL_setmetatable(L, WS_COMM_MT);
     ws_comm *out;
     if (ws_comm_split(c, color, key, &out) != WS_OK) return ws_lua_raise(L, NULL);
@@ -79,21 +138,59 @@ static int c_split(lua_State *L)
 
 /* ---- requests ---------------------------------------------------------------- */
 
-/* Pushes a released request that keeps arguments 1..top alive; the caller
- * fills ->req after issuing the call. */
+/* Appends the value at idx to the keep table at `keep`, and for a tensor its
+ * pool (its user value 1) too: a tensor freed before the wait drops its pool,
+ * while the core still writes into the pool's memory. */
+static void keep_value(lua_State *L, int keep, int idx)
+{
+    lua_pushvalue(L, idx);
+    lua_rawseti(L, keep, (lua_Integer)lua_rawlen(L, keep) + 1);
+    if (!luaL_testudata(L, idx, WS_TENSOR_MT)) return;
+    if (lua_getiuservalue(L, idx, 1) == LUA_TNIL) { /* [.., pool] */
+        lua_pop(L, 1);
+        return;
+    }
+    lua_rawseti(L, keep, (lua_Integer)lua_rawlen(L, keep) + 1);
+}
+
+/* Pushes a released request that keeps arguments 1..top alive (the items of
+ * list arguments too: the core holds pointers to those tensors until the
+ * wait, and the caller may change its list); the caller fills ->req after
+ * issuing the call. The comm at 1 counts the request as a user. */
 static lrequest *new_request(lua_State *L)
 {
     int top = lua_gettop(L);
     lrequest *r = (lrequest *)lua_newuserdatauv(L, sizeof *r, 1); /* [args.., req] */
     r->req = NULL;
+    r->owner = NULL;
     luaL_setmetatable(L, WS_REQUEST_MT);
     lua_createtable(L, top, 0); /* [args.., req, keep] */
+    int keep = lua_gettop(L);
     for (int i = 1; i <= top; i++) {
-        lua_pushvalue(L, i);
-        lua_rawseti(L, -2, i);
+        keep_value(L, keep, i);
+        if (lua_type(L, i) != LUA_TTABLE) continue;
+        size_t n = (size_t)lua_rawlen(L, i);
+        for (size_t k = 1; k <= n; k++) {
+            lua_rawgeti(L, i, (lua_Integer)k); /* [.., keep, item] */
+            keep_value(L, keep, keep + 1);
+            lua_pop(L, 1);
+        }
     }
     lua_setiuservalue(L, -2, 1); /* [args.., req] */
     return r;
+}
+
+/* Called once the request's call was issued: the comm now has a user. */
+static void hold_owner(lua_State *L, lrequest *r)
+{
+    r->owner = (lcomm *)luaL_checkudata(L, 1, WS_COMM_MT);
+    r->owner->busy++;
+}
+
+static void drop_owner(lrequest *r)
+{
+    if (r->owner) r->owner->busy--;
+    r->owner = NULL;
 }
 
 static int r_wait(lua_State *L)
@@ -103,6 +200,7 @@ static int r_wait(lua_State *L)
     ws_comm_request *q = r->req;
     r->req = NULL;
     ws_status rc = ws_comm_wait(q);
+    drop_owner(r);
     lua_pushnil(L);
     lua_setiuservalue(L, 1, 1); /* the tensors need not stay alive any longer */
     if (rc != WS_OK) return ws_lua_raise(L, NULL);
@@ -117,6 +215,7 @@ static int r_gc(lua_State *L)
         r->req = NULL;
         if (ws_comm_wait(q) != WS_OK) lua_warning(L, ws_errmsg(), 0);
     }
+    drop_owner(r);
     return 0;
 }
 
@@ -151,6 +250,7 @@ static int done(lua_State *L, ws_status rc, lrequest *r, ws_comm_request *q, int
     if (rc != WS_OK) return ws_lua_raise(L, NULL);
     if (r) {
         r->req = q;
+        if (q) hold_owner(L, r);
         return 1; /* the request is on top */
     }
     lua_pushvalue(L, out_idx);
@@ -185,7 +285,9 @@ static int c_all_gather_coalesced(lua_State *L)
 {
     ws_comm *c = ws_lua_check_comm(L, 1);
     lua_Integer bucket = luaL_optinteger(L, 4, (lua_Integer)DEFAULT_BUCKET_BYTES);
-    luaL_argcheck(L, bucket > 0, 4, "bucket_bytes must be positive");
+    /* The engine sizes its buckets from it: keep its arithmetic in range. */
+    luaL_argcheck(L, bucket > 0 && bucket <= (lua_Integer)1 << 62, 4,
+                  "bucket_bytes must be in 1..2^62");
     lua_settop(L, 3);
     size_t ns, nf;
     ws_tensor **shards = ws_lua_check_tensor_list(L, 2, &ns); /* [comm, s, f, sl] */
@@ -203,7 +305,7 @@ static int bcast(lua_State *L, int async)
 {
     ws_comm *c = ws_lua_check_comm(L, 1);
     ws_tensor *t = ws_lua_check_tensor(L, 2);
-    int root = (int)luaL_checkinteger(L, 3);
+    int root = check_int(L, 3, "root");
     lrequest *r = async ? new_request(L) : NULL;
     ws_comm_request *q = NULL;
     ws_status rc = ws_comm_broadcast(c, t, root, async ? &q : NULL);
@@ -217,7 +319,7 @@ static int p2p(lua_State *L, int async, int is_send)
 {
     ws_comm *c = ws_lua_check_comm(L, 1);
     ws_tensor *t = ws_lua_check_tensor(L, 2);
-    int peer = (int)luaL_checkinteger(L, 3);
+    int peer = check_int(L, 3, "peer");
     lrequest *r = async ? new_request(L) : NULL;
     ws_comm_request *q = NULL;
     ws_status rc = is_send ? ws_comm_send(c, t, peer, async ? &q : NULL)
@@ -341,9 +443,9 @@ void ws_open_comm(lua_State *L)
     luaL_newlib(L, comm_methods);     /* [ws, mt, methods] */
     lua_pushcclosure(L, c_index, 1);  /* [ws, mt, index] */
     lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, c_free);
+    lua_pushcfunction(L, c_gc);
     lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, c_free);
+    lua_pushcfunction(L, c_close);
     lua_setfield(L, -2, "__close");
     lua_pushcfunction(L, c_tostring);
     lua_setfield(L, -2, "__tostring");

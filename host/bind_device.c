@@ -72,6 +72,17 @@ ws_device *ws_lua_default_device(lua_State *L)
     return d;
 }
 
+/* A relative index is a `device` option read from an options table, not an
+ * argument: "bad argument #-1" would say nothing, so name the option. */
+static int device_error(lua_State *L, int idx, const char *msg)
+{
+    if (idx > 0) return luaL_argerror(L, idx, msg);
+    lua_Debug ar;
+    const char *fname = "?";
+    if (lua_getstack(L, 0, &ar) && lua_getinfo(L, "n", &ar) && ar.name) fname = ar.name;
+    return luaL_error(L, "bad option 'device' to '%s' (%s)", fname, msg);
+}
+
 ws_status ws_lua_to_device(lua_State *L, int idx, ws_device **out)
 {
     ldevice *ld = (ldevice *)luaL_testudata(L, idx, WS_DEVICE_MT);
@@ -80,19 +91,20 @@ ws_status ws_lua_to_device(lua_State *L, int idx, ws_device **out)
         return WS_OK;
     }
     if (lua_type(L, idx) != LUA_TSTRING)
-        luaL_typeerror(L, idx, "ws.Device or device name");
+        device_error(L, idx,
+                     lua_pushfstring(L, "ws.Device or device name expected, got %s",
+                                     luaL_typename(L, idx)));
     const char *name = lua_tostring(L, idx);
     if (!valid_device_name(name))
-        luaL_argerror(L, idx,
-                      lua_pushfstring(L, "unknown device '%s' (valid: cpu, cuda, cuda:N)", name));
+        device_error(L, idx,
+                     lua_pushfstring(L, "unknown device '%s' (valid: cpu, cuda, cuda:N)", name));
     return ws_device_get(name, out);
 }
 
 ws_device *ws_lua_check_device(lua_State *L, int idx)
 {
     ws_device *d;
-    if (ws_lua_to_device(L, idx, &d) != WS_OK)
-        luaL_argerror(L, idx, ws_errmsg());
+    if (ws_lua_to_device(L, idx, &d) != WS_OK) device_error(L, idx, ws_errmsg());
     return d;
 }
 

@@ -3,7 +3,9 @@
  * A plan is built once from lists of tensors and executed every step; the
  * per-tensor loops run in C. The userdata holds the core plan and a copy of
  * its name so a freed plan can still be named; user value 1 keeps the comm's
- * Lua object alive for as long as the plan may gather over it. */
+ * Lua object alive for as long as the plan may gather over it, user value 2
+ * the pools of its tensors (the plan holds their storage, which lives in the
+ * pool's memory, even after the tensors themselves are freed). */
 #include <stdio.h>
 #include <string.h>
 
@@ -12,9 +14,16 @@
 
 #define WS_PLAN_MT "ws.Plan"
 #define DEFAULT_BUCKET_BYTES ((size_t)64 << 20)
+#define MAX_BUCKET_BYTES ((lua_Integer)1 << 62)
+
+/* From bind_comm.c: the live core comm of a ws.Comm (NULL once freed), and
+ * its count of users that comm:free() waits for. */
+ws_comm *ws_lua_comm_live(lua_State *L, int idx);
+void ws_lua_comm_hold(lua_State *L, int idx, int delta);
 
 typedef struct ws_lplan {
     ws_plan *p; /* NULL: freed */
+    int executing; /* inside execute (its progress callback may call back in) */
     char name[64];
     int world;
     size_t bucket_bytes;
@@ -69,12 +78,20 @@ static size_t bucket_option(lua_State *L, int idx)
         if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) <= 0)
             luaL_error(L, "ws.plan: bucket_bytes must be a positive integer, got %s",
                        luaL_tolstring(L, -1, NULL));
+        /* Staging is sized from it: keep the engine's arithmetic in range. */
+        if (lua_tointeger(L, -1) > MAX_BUCKET_BYTES)
+            luaL_error(L, "ws.plan: bucket_bytes = %I is too large (at most 2^62)",
+                       lua_tointeger(L, -1));
         bytes = (size_t)lua_tointeger(L, -1);
     } else if (has_mb) {
         if (lua_type(L, -2) != LUA_TNUMBER || !(lua_tonumber(L, -2) > 0))
             luaL_error(L, "ws.plan: bucket_mb must be a positive number, got %s",
                        luaL_tolstring(L, -2, NULL));
-        bytes = (size_t)(lua_tonumber(L, -2) * (double)(1 << 20));
+        double mb = lua_tonumber(L, -2);
+        /* Checked before converting: a double past size_t does not convert. */
+        if (!(mb <= (double)(MAX_BUCKET_BYTES >> 20)))
+            luaL_error(L, "ws.plan: bucket_mb = %f is too large", mb);
+        bytes = (size_t)(mb * (double)(1 << 20));
     }
     lua_pop(L, 2);
     return bytes;
@@ -90,7 +107,13 @@ static int l_plan(lua_State *L)
     ws_comm *comm = NULL;
     lua_getfield(L, 1, "comm"); /* [comm] */
     int comm_idx = lua_gettop(L);
-    if (!lua_isnil(L, comm_idx)) comm = ws_lua_check_comm(L, comm_idx);
+    if (!lua_isnil(L, comm_idx)) {
+        /* An option, not an argument: name it rather than "bad argument #2". */
+        if (!luaL_testudata(L, comm_idx, WS_COMM_MT))
+            luaL_error(L, "ws.plan: comm must be a ws.Comm, got %s", luaL_typename(L, comm_idx));
+        comm = ws_lua_comm_live(L, comm_idx);
+        if (!comm) luaL_error(L, "ws.plan: comm was freed");
+    }
 
     ws_device *dev;
     if (lua_getfield(L, 1, "device") == LUA_TNIL) /* [comm, device] */
@@ -106,11 +129,13 @@ static int l_plan(lua_State *L)
     }
 
     /* Released first, then acquired: a failure leaves a consistent object. */
-    ws_lplan *lp = (ws_lplan *)lua_newuserdatauv(L, sizeof *lp, 1); /* [..., plan] */
+    ws_lplan *lp = (ws_lplan *)lua_newuserdatauv(L, sizeof *lp, 2); /* [..., plan] */
     memset(lp, 0, sizeof *lp);
     luaL_setmetatable(L, WS_PLAN_MT);
     lua_pushvalue(L, comm_idx);
     lua_setiuservalue(L, -2, 1);
+    lua_newtable(L);
+    lua_setiuservalue(L, -2, 2);
     snprintf(lp->name, sizeof lp->name, "%s", name);
 
     ws_status rc = ws_plan_create(comm, dev, bucket, name, &lp->p);
@@ -121,10 +146,41 @@ static int l_plan(lua_State *L)
     return 1;
 }
 
+/* The engine iterates the plan's entries and buffers while it runs: a
+ * progress callback must not change or free them under it. */
+static void check_idle(lua_State *L, const char *what)
+{
+    ws_lplan *lp = check_lplan(L, 1);
+    if (lp->executing)
+        luaL_error(L, "%s: plan '%s' is executing (called from its progress callback); call it "
+                      "after execute returns",
+                   what, lp->name);
+}
+
+/* Keeps the pool of every tensor in the list at idx (user value 1 of a pool
+ * tensor) in the plan's user value 2, as a set. */
+static void keep_pools(lua_State *L, int idx)
+{
+    lua_getiuservalue(L, 1, 2); /* [.., pools] */
+    size_t n = (size_t)lua_rawlen(L, idx);
+    for (size_t i = 1; i <= n; i++) {
+        lua_rawgeti(L, idx, (lua_Integer)i); /* [.., pools, t] */
+        if (lua_getiuservalue(L, -1, 1) != LUA_TNIL) { /* [.., pools, t, pool] */
+            lua_pushboolean(L, 1);
+            lua_rawset(L, -4);
+            lua_pop(L, 1);
+        } else {
+            lua_pop(L, 2);
+        }
+    }
+    lua_pop(L, 1);
+}
+
 /* plan:add(srcs, dsts [, numels]) -> plan */
 static int l_add(lua_State *L)
 {
     ws_plan *p = check_plan(L, 1);
+    check_idle(L, "plan:add");
     lua_settop(L, 4); /* [plan, srcs, dsts, numels]: the lists' keepers go above */
     size_t ns, nd;
     ws_tensor **srcs = ws_lua_check_tensor_list(L, 2, &ns); /* [..., srcs_keep] */
@@ -155,6 +211,8 @@ static int l_add(lua_State *L)
     ws_status rc = ws_plan_add(p, (const ws_tensor *const *)srcs, (const ws_tensor *const *)dsts,
                                numel, ns);
     if (rc != WS_OK) return ws_lua_raise(L, NULL);
+    keep_pools(L, 2);
+    keep_pools(L, 3);
     lua_settop(L, 1);
     return 1;
 }
@@ -207,12 +265,26 @@ static int call_progress(void *ctx, size_t bucket, size_t buckets, size_t done, 
 static int l_execute(lua_State *L)
 {
     ws_plan *p = check_plan(L, 1);
+    check_idle(L, "plan:execute");
+    ws_lplan *lp = check_lplan(L, 1);
     int has_fn = !lua_isnoneornil(L, 2);
     if (has_fn) luaL_checktype(L, 2, LUA_TFUNCTION);
     lua_settop(L, 2);
     luaL_checkstack(L, 8, "plan:execute");
+    /* [plan, fn, comm]: the comm must still be open, and stays so until the
+     * engine is done (comm:free() in the callback raises). */
+    int has_comm = lua_getiuservalue(L, 1, 1) != LUA_TNIL;
+    if (has_comm && !ws_lua_comm_live(L, 3))
+        return luaL_error(L, "plan:execute: plan '%s': its communicator was freed; keep the "
+                             "comm open while the plan lives",
+                          lp->name);
+    lua_settop(L, 3);
+    if (has_comm) ws_lua_comm_hold(L, 3, 1);
+    lp->executing = 1;
     progress_ctx pc = {L, 0};
     ws_status rc = ws_plan_execute(p, has_fn ? call_progress : NULL, &pc);
+    lp->executing = 0;
+    if (has_comm) ws_lua_comm_hold(L, 3, -1);
     if (pc.failed) return lua_error(L); /* the callback's own error */
     if (rc != WS_OK) return ws_lua_raise(L, NULL);
     ws_plan_stats s;
@@ -233,11 +305,14 @@ static int l_stats(lua_State *L)
 static int l_free(lua_State *L)
 {
     ws_lplan *lp = check_lplan(L, 1);
+    check_idle(L, "plan:free");
     ws_plan *p = lp->p;
     lp->p = NULL;
     ws_plan_destroy(p);
     lua_pushnil(L);
     lua_setiuservalue(L, 1, 1);
+    lua_pushnil(L);
+    lua_setiuservalue(L, 1, 2);
     return 0;
 }
 

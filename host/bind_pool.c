@@ -137,6 +137,19 @@ static int p_free(lua_State *L)
     return 0;
 }
 
+/* __close: as free(), but with an error in flight a pool that still has live
+ * tensors is left to the GC (they keep it alive; it goes after them) rather
+ * than replacing the original error with this one. */
+static int p_close(lua_State *L)
+{
+    lpool *lp = check_lpool(L, 1);
+    if (lp->p && !lua_isnil(L, 2)) {
+        if (ws_pool_destroy(lp->p) == WS_OK) lp->p = NULL;
+        return 0;
+    }
+    return p_free(L);
+}
+
 static int p_gc(lua_State *L)
 {
     lpool *lp = check_lpool(L, 1);
@@ -182,7 +195,7 @@ void ws_open_pool(lua_State *L)
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, p_gc);
     lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, p_free);
+    lua_pushcfunction(L, p_close);
     lua_setfield(L, -2, "__close");
     lua_pushcfunction(L, p_tostring);
     lua_setfield(L, -2, "__tostring");

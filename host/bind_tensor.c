@@ -6,6 +6,8 @@
  * from); user value 2 holds its label once freed, so misuse after free() still
  * names it. __gc, __close and :free() share one idempotent release. Lua
  * indices are 1-based; the core is 0-based, so translation happens here. */
+#include <float.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -90,7 +92,11 @@ static ws_ltensor *new_view(lua_State *L, int base_idx)
 {
     base_idx = lua_absindex(L, base_idx);
     ws_ltensor *lt = ws_lua_new_tensor(L); /* [..., view] */
-    lua_pushvalue(L, base_idx);
+    /* The core storage keeps the bytes alive; what the Lua side must keep is
+     * the base's pool (its user value 1, or nil), so the view holds the pool
+     * directly: freeing the base must not let the pool go while the view
+     * still uses its memory. */
+    lua_getiuservalue(L, base_idx, 1);
     lua_setiuservalue(L, -2, 1);
     return lt;
 }
@@ -321,15 +327,16 @@ static int t_narrow(lua_State *L)
     lua_Integer length = luaL_checkinteger(L, 4);
     char lb[256], sh[160];
     if (dim < 1 || dim > t->layout.ndim)
-        return luaL_error(L, "narrow: dim %d out of range for tensor %s (%s has %d dims)",
-                          (int)dim, label(t, lb, sizeof lb), ws_tensor_typestr(t, sh, sizeof sh),
+        return luaL_error(L, "narrow: dim %I out of range for tensor %s (%s has %d dims)",
+                          dim, label(t, lb, sizeof lb), ws_tensor_typestr(t, sh, sizeof sh),
                           t->layout.ndim);
     int64_t size = t->layout.shape[dim - 1];
-    if (start < 1 || length < 0 || start - 1 + length > size)
+    /* Compared without adding, so huge arguments cannot overflow. */
+    if (start < 1 || length < 0 || start - 1 > size || length > size - (start - 1))
         return luaL_error(L,
-                          "narrow: start %d, length %d out of range for dim %d of size %d "
+                          "narrow: start %I, length %I out of range for dim %I of size %I "
                           "in tensor %s (%s)",
-                          (int)start, (int)length, (int)dim, (int)size, label(t, lb, sizeof lb),
+                          start, length, dim, (lua_Integer)size, label(t, lb, sizeof lb),
                           ws_tensor_typestr(t, sh, sizeof sh));
     ws_ltensor *v = new_view(L, 1);
     if (ws_tensor_narrow(&v->t, t, (int)dim - 1, start - 1, length) != WS_OK)
@@ -342,8 +349,19 @@ static int reshape_to(lua_State *L, ws_tensor *t, int ndim, int64_t *shape, int 
 {
     char lb[256], sh[160];
     int64_t numel = ws_tensor_numel(t), known = 1;
+    int has_zero = 0;
     for (int i = 0; i < ndim; i++)
-        if (i != infer) known *= shape[i];
+        if (i != infer && shape[i] == 0) has_zero = 1;
+    for (int i = 0; i < ndim && !has_zero; i++) {
+        if (i == infer) continue;
+        /* Huge dimensions: stop before the product overflows. */
+        if (known > INT64_MAX / shape[i])
+            return luaL_error(L, "%s: new shape has more elements than tensor %s (%s) has (%d)",
+                              what, label(t, lb, sizeof lb), ws_tensor_typestr(t, sh, sizeof sh),
+                              (int)numel);
+        known *= shape[i];
+    }
+    if (has_zero) known = 0;
     if (infer >= 0) {
         if (known == 0 || numel % known != 0)
             return luaL_error(L, "%s: cannot infer -1 in the new shape of tensor %s (%s)", what,
@@ -363,14 +381,17 @@ static int reshape_to(lua_State *L, ws_tensor *t, int ndim, int64_t *shape, int 
     return 1;
 }
 
-static int t_view(lua_State *L)
+static int view_as(lua_State *L, const char *what)
 {
     ws_tensor *t = ws_lua_check_tensor(L, 1);
     int64_t shape[WS_MAX_DIMS];
     int infer;
-    int ndim = read_shape(L, 2, "view", shape, 1, &infer);
-    return reshape_to(L, t, ndim, shape, infer, "view");
+    int ndim = read_shape(L, 2, what, shape, 1, &infer);
+    return reshape_to(L, t, ndim, shape, infer, what);
 }
+
+static int t_view(lua_State *L) { return view_as(L, "view"); }
+static int t_reshape(lua_State *L) { return view_as(L, "reshape"); }
 
 static int t_flat(lua_State *L)
 {
@@ -430,6 +451,9 @@ static int t_random_(lua_State *L)
     ws_tensor *t = ws_lua_check_tensor(L, 1);
     lua_Integer seed = luaL_checkinteger(L, 2);
     double scale = luaL_optnumber(L, 3, 1.0);
+    /* The core takes a float: a double outside its range does not convert. */
+    if (!(scale >= -FLT_MAX && scale <= FLT_MAX))
+        return luaL_argerror(L, 3, "scale must be a finite number within the f32 range");
     lua_Integer first = luaL_optinteger(L, 4, 0);
     if (first < 0) return luaL_argerror(L, 4, "first_index must be >= 0");
     if (ws_tensor_random(t, (uint64_t)seed, (float)scale, (uint64_t)first) != WS_OK)
@@ -469,8 +493,8 @@ static int64_t flat_index(lua_State *L, const ws_tensor *t, int first, int nidx,
     if (nidx == 1) {
         lua_Integer i = luaL_checkinteger(L, first);
         if (i < 1 || i > numel)
-            luaL_error(L, "%s: flat index %d out of range [1, %d] for tensor %s (%s)", what,
-                       (int)i, (int)numel, label(t, lb, sizeof lb), ws_tensor_typestr(t, sh, sizeof sh));
+            luaL_error(L, "%s: flat index %I out of range [1, %I] for tensor %s (%s)", what,
+                       i, (lua_Integer)numel, label(t, lb, sizeof lb), ws_tensor_typestr(t, sh, sizeof sh));
         return i - 1;
     }
     if (nidx != t->layout.ndim)
@@ -480,8 +504,8 @@ static int64_t flat_index(lua_State *L, const ws_tensor *t, int first, int nidx,
     for (int d = 0; d < nidx; d++) {
         lua_Integer i = luaL_checkinteger(L, first + d);
         if (i < 1 || i > t->layout.shape[d])
-            luaL_error(L, "%s: index %d = %d out of range [1, %d] for tensor %s (%s)", what,
-                       d + 1, (int)i, (int)t->layout.shape[d], label(t, lb, sizeof lb),
+            luaL_error(L, "%s: index %d = %I out of range [1, %I] for tensor %s (%s)", what,
+                       d + 1, i, (lua_Integer)t->layout.shape[d], label(t, lb, sizeof lb),
                        ws_tensor_typestr(t, sh, sizeof sh));
         flat = flat * t->layout.shape[d] + (i - 1);
     }
@@ -659,7 +683,7 @@ static const luaL_Reg t_methods[] = {
     {"is_freed", t_is_freed},
     {"narrow", t_narrow},
     {"view", t_view},
-    {"reshape", t_view},
+    {"reshape", t_reshape},
     {"flat", t_flat},
     {"bytes", t_bytes},
     {"copy_", t_copy_},

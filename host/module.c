@@ -61,7 +61,9 @@ static int l_host_memory(lua_State *L)
 /* ws.isatty(fd): lets reports draw progress only on a terminal. */
 static int l_isatty(lua_State *L)
 {
-    lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)) == 1);
+    lua_Integer fd = luaL_checkinteger(L, 1);
+    luaL_argcheck(L, fd >= 0 && fd <= INT_MAX, 1, "file descriptor out of range");
+    lua_pushboolean(L, isatty((int)fd) == 1);
     return 1;
 }
 
@@ -114,7 +116,7 @@ static int l_reference_copy(lua_State *L)
     if (!ws_tensor_is_contiguous(dst) || !ws_tensor_is_contiguous(src))
         return luaL_error(L, "reference_copy: tensors must be contiguous");
     if (ws_tensor_check_readable(src, "reference_copy") != WS_OK ||
-        ws_tensor_check_live(dst, "reference_copy") != WS_OK)
+        ws_tensor_check_writable(dst, "reference_copy") != WS_OK) /* not a sleeping pool */
         return ws_lua_raise(L, NULL);
     ws_device *dd = ws_tensor_device(dst), *sd = ws_tensor_device(src);
     if (dd->kind == WS_DEVICE_CPU && sd->kind == WS_DEVICE_CPU) {
