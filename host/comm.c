@@ -210,10 +210,14 @@ enum { K_ALL_GATHER = 1, K_BROADCAST, K_ALL_REDUCE, K_REDUCE_SCATTER, K_BARRIER,
 static const char *const kind_names[] = {"?", "all_gather", "broadcast", "all_reduce",
                                          "reduce_scatter", "barrier", "all_gather_coalesced"};
 #endif
-#define N_CHECK 4
+#define N_CHECK 5
 
-/* Ranks agree on v = {kind, numel, dtype, extra}? `size_what` names the numel
- * ("send size"), `extra_what` the last entry ("root", "op"; NULL: unused). */
+/* Ranks agree on v = {kind, numel, dtype, extra, layout}? `size_what` names
+ * the numel ("send size"), `extra_what` the fourth entry ("root", "op"; NULL:
+ * unused). `layout` is 0 except for all_gather_coalesced, where it
+ * fingerprints every tensor's size and dtype: equal totals can hide tensors
+ * split differently, which would gather bytes into the wrong tensors.
+ * Entries must be > INT64_MIN (they are negated for the min). */
 static ws_status agree(ws_comm *c, const char *what, const int64_t v[N_CHECK],
                        const char *size_what, const char *extra_what)
 {
@@ -251,10 +255,15 @@ static ws_status agree(ws_comm *c, const char *what, const int64_t v[N_CHECK],
                 rc = WS_ERR(WS_ERR_ARG, "%s: ranks disagree on the dtype: rank 0 has %s, rank %d "
                             "has %s", what, ws_dtype_name((ws_dtype)a), r,
                             ws_dtype_name((ws_dtype)b));
-            else
+            else if (i == 3)
                 rc = WS_ERR(WS_ERR_ARG, "%s: ranks disagree on the %s: rank 0 has %lld, rank %d "
                             "has %lld", what, extra_what ? extra_what : "arguments",
                             (long long)a, r, (long long)b);
+            else
+                rc = WS_ERR(WS_ERR_ARG, "%s: ranks disagree on the sizes or dtypes of the tensors "
+                            "(rank 0 and rank %d have the same total but split it differently); "
+                            "every rank must pass the same list of full tensors in the same order",
+                            what, r);
             break;
         }
     }
@@ -522,12 +531,14 @@ ws_status ws_comm_broadcast(ws_comm *c, ws_tensor *t, int root, ws_comm_request 
 {
     const char *what = "broadcast";
     WS_TRY(usable(c, what));
+    WS_TRY(check_t(t, "broadcast", c->rank == root));
+    /* The root is range-checked after the ranks agree on it: a rank that
+     * alone has a bad root must not leave the others waiting in the check. */
+    int64_t v[N_CHECK] = {K_BROADCAST, ws_tensor_numel(t), t->dtype, root};
+    WS_TRY(agree(c, what, v, "size", "root"));
     if (root < 0 || root >= c->size)
         return WS_ERR(WS_ERR_ARG, "broadcast: root %d is out of range; ranks are 0..%d", root,
                       c->size - 1);
-    WS_TRY(check_t(t, "broadcast", c->rank == root));
-    int64_t v[N_CHECK] = {K_BROADCAST, ws_tensor_numel(t), t->dtype, root};
-    WS_TRY(agree(c, what, v, "size", "root"));
     call k;
     WS_TRY(begin(c, req, what, (const ws_tensor *const[]){t}, 1, c->rank == root ? 0 : 1, &k));
     ws_status rc = k.ops->broadcast(c, k.d, ws_tensor_data(t), ws_tensor_nbytes(t), root, k.q);
@@ -571,10 +582,18 @@ ws_status ws_comm_recv(ws_comm *c, ws_tensor *t, int peer, ws_comm_request **req
     return point_to_point(c, t, peer, req, t);
 }
 
+static ws_status check_op(ws_reduce_op op, const char *what)
+{
+    if (op == WS_REDUCE_SUM || op == WS_REDUCE_MAX) return WS_OK;
+    return WS_ERR(WS_ERR_ARG, "%s: op %d is not a reduction; use WS_REDUCE_SUM or WS_REDUCE_MAX",
+                  what, (int)op);
+}
+
 ws_status ws_comm_all_reduce(ws_comm *c, ws_tensor *t, ws_reduce_op op, ws_comm_request **req)
 {
     const char *what = "all_reduce";
     WS_TRY(usable(c, what));
+    WS_TRY(check_op(op, what));
     WS_TRY(check_t(t, what, 1));
     int64_t v[N_CHECK] = {K_ALL_REDUCE, ws_tensor_numel(t), t->dtype, op};
     WS_TRY(agree(c, what, v, "size", "op (0 sum, 1 max)"));
@@ -590,6 +609,7 @@ ws_status ws_comm_reduce_scatter(ws_comm *c, const ws_tensor *send, ws_tensor *r
 {
     const char *what = "reduce_scatter";
     WS_TRY(check_per_rank(c, what, send, recv, 0));
+    WS_TRY(check_op(op, what));
     int64_t n = ws_tensor_numel(recv);
     if (send->storage == recv->storage && c->size > 1) {
         size_t sb, se, rb, re;
@@ -640,7 +660,8 @@ ws_status ws_comm_all_gather_coalesced(ws_comm *c, ws_tensor *const *shards,
     char bs[160], bf[160];
     ws_device *d = ws_tensor_device(shards[0]);
     int64_t total = 0;
-    size_t max_piece = 0;
+    size_t max_piece = 0, all_pieces = 0;
+    uint64_t layout = 14695981039346656037u; /* FNV-1a over (numel, dtype) of each full */
     for (size_t i = 0; i < n; i++) {
         WS_TRY(check_t(shards[i], "all_gather_coalesced shard", 1));
         WS_TRY(check_t(fulls[i], "all_gather_coalesced full", 0));
@@ -658,10 +679,23 @@ ws_status ws_comm_all_gather_coalesced(ws_comm *c, ws_tensor *const *shards,
         total += nf;
         size_t piece = ALIGN_UP(ws_tensor_nbytes(shards[i]), 16);
         if (piece > max_piece) max_piece = piece;
+        all_pieces += piece;
+        uint64_t words[2] = {(uint64_t)nf, (uint64_t)fulls[i]->dtype};
+        for (int w = 0; w < 2; w++)
+            for (int b = 0; b < 64; b += 8) layout = (layout ^ ((words[w] >> b) & 0xff)) *
+                                                      1099511628211u;
     }
-    int64_t v[N_CHECK] = {K_COALESCED, total, shards[0]->dtype, (int64_t)bucket_bytes};
+    /* Kept positive for the check's negation; buckets larger than the data
+     * behave alike, so clamping loses nothing. */
+    int64_t bucket_v = bucket_bytes > (size_t)INT64_MAX ? INT64_MAX : (int64_t)bucket_bytes;
+    int64_t v[N_CHECK] = {K_COALESCED, total, shards[0]->dtype, bucket_v,
+                          (int64_t)(layout >> 2)};
     WS_TRY(agree(c, what, v, "total size of the full tensors", "bucket_bytes"));
+    /* A bucket never needs more than all pieces together (bucket_bytes may
+     * be huge, meaning "one bucket"): allocating it as asked would fail or
+     * waste memory, and rounding it up could overflow. */
     size_t cap = bucket_bytes / (size_t)c->size;
+    if (cap > all_pieces) cap = all_pieces;
     if (cap < max_piece) cap = max_piece;
     cap = ALIGN_UP(cap ? cap : 16, 16);
     const ws_comm_ops *ops;

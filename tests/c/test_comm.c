@@ -161,6 +161,37 @@ static void test_coalesced_uneven(void)
     }
 }
 
+/* A bucket far bigger than the data (here SIZE_MAX: "one bucket for all") must
+ * neither overflow the bucket arithmetic nor allocate the requested size. */
+static void test_coalesced_huge_bucket(void)
+{
+    ws_comm *c = world();
+    ws_tensor shard = {0}, full = {0};
+    make(&shard, WS_F32, 37, "shard", 40);
+    make(&full, WS_F32, 37, "full", 41);
+    ws_tensor *sp[1] = {&shard}, *fp[1] = {&full};
+    CHECK_OK(ws_comm_all_gather_coalesced(c, sp, fp, 1, SIZE_MAX));
+    CHECK(same_bytes(&shard, &full));
+    CHECK_OK(ws_tensor_random(&shard, 42, 1.0f, 0));
+    CHECK_OK(ws_comm_all_gather_coalesced(c, sp, fp, 1, (size_t)1 << 50));
+    CHECK(same_bytes(&shard, &full));
+    ws_tensor_release(&shard);
+    ws_tensor_release(&full);
+}
+
+/* An op outside the enum is an argument error, not a silent max. */
+static void test_bad_op(void)
+{
+    ws_comm *c = world();
+    ws_tensor t = {0}, out = {0};
+    make(&t, WS_F32, 4, "grads", 43);
+    make(&out, WS_F32, 4, "out", 44);
+    CHECK_ERR(ws_comm_all_reduce(c, &t, (ws_reduce_op)7, NULL), WS_ERR_ARG, "op 7");
+    CHECK_ERR(ws_comm_reduce_scatter(c, &t, &out, (ws_reduce_op)-1, NULL), WS_ERR_ARG, "op -1");
+    ws_tensor_release(&t);
+    ws_tensor_release(&out);
+}
+
 static void test_split_and_reference(void)
 {
     ws_comm *c = world(), *sub = NULL;
@@ -182,6 +213,8 @@ int main(void)
     RUN(test_roots_and_peers);
     RUN(test_rejects_freed_and_strided);
     RUN(test_coalesced_uneven);
+    RUN(test_coalesced_huge_bucket);
+    RUN(test_bad_op);
     RUN(test_split_and_reference);
     ws_comm_shutdown();
     return check_summary();
