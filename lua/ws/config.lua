@@ -53,6 +53,9 @@ local function coerce(key, spec, v)
             fail("config key '%s' expects %s, got '%s'", key,
                  t == "integer" and "an integer" or "a number", tostring(v))
         end
+        if n ~= n or n == math.huge or n == -math.huge then
+            fail("config key '%s' expects a finite number, got '%s'", key, tostring(v))
+        end
         if t == "integer" then
             local i = math.tointeger(n)
             if i == nil then fail("config key '%s' expects an integer, got '%s'", key, tostring(v)) end
@@ -106,12 +109,15 @@ function M.parse(schema, argv)
     local i = 1
     while i <= #argv do
         local a = argv[i]
-        if a == "--json" then
-            opts.json = argv[i + 1]
-            if not opts.json then fail("--json needs a file name") end
-            i = i + 1
-        elseif a:match("^%-%-json=") then
-            opts.json = a:sub(8)
+        if a == "--json" or a:match("^%-%-json=") then
+            if opts.json then fail("--json given twice") end
+            if a == "--json" then
+                opts.json = argv[i + 1]
+                i = i + 1
+            else
+                opts.json = a:sub(8)
+            end
+            if not opts.json or opts.json == "" then fail("--json needs a file name") end
         elseif a == "--help" or a == "-h" then
             opts.help = true
         else

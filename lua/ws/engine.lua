@@ -96,7 +96,18 @@ function M.new(opts)
     end
     self.weight_bytes = bytes
     self.kv_bytes = math.max(1, opts.kv_cache_mb or 64) * 1024 * 1024
-    self.weights = assert(ws.pool{ device = self.device, tag = "weights", bytes = bytes })
+    -- A pool that cannot be had (a KV cache too big) frees the one made before it.
+    local ok, err = pcall(M.allocate, self, layout)
+    if not ok then
+        self:free()
+        error(err, 0)
+    end
+    return self
+end
+
+-- Makes the two pools and every tensor in them (`layout`: name -> shape).
+function M.allocate(self, layout)
+    self.weights = assert(ws.pool{ device = self.device, tag = "weights", bytes = self.weight_bytes })
     self.kv_pool = assert(ws.pool{ device = self.device, tag = "kv_cache",
                                    bytes = self.kv_bytes + 4096 })
     for i, name in ipairs(self.order) do
@@ -108,7 +119,6 @@ function M.new(opts)
     self.kv_cache = assert(self.kv_pool:tensor{ shape = { self.kv_bytes // 2 }, dtype = "bf16",
                                                 name = "kv_cache" })
     self.kv_cache:fill(0)
-    return self
 end
 
 -- The engine tensor an HF (or PEFT) parameter is written into, and the rows
@@ -167,11 +177,16 @@ function Engine:touch_kv_cache(step)
     self.kv_cache:fill(step % 7)
 end
 
+-- Also frees an engine whose construction stopped part way.
 function Engine:free()
-    for _, name in ipairs(self.order) do self.tensors[name]:free() end
-    self.kv_cache:free()
-    self.weights:free()
-    self.kv_pool:free()
+    for _, name in ipairs(self.order) do
+        if self.tensors[name] then self.tensors[name]:free() end
+    end
+    for _, k in ipairs({ "kv_cache", "weights", "kv_pool" }) do
+        if self[k] then self[k]:free() end
+        self[k] = nil
+    end
+    self.tensors = {}
 end
 
 return M

@@ -20,6 +20,10 @@ function M.array(t) return setmetatable(t or {}, M.array_mt) end
 -- gives nil for null, as a missing field reads in Lua.
 M.null = setmetatable({}, { __tostring = function() return "null" end })
 
+-- Deeper nesting is refused both ways: an error that says so rather than a
+-- stack overflow (and no real record comes close).
+M.max_depth = 1000
+
 -- ------------------------------------------------------------------ encode
 
 local escapes = { ['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f",
@@ -37,7 +41,19 @@ local function is_array(t)
     return n == #t and (n > 0 or getmetatable(t) == M.array_mt)
 end
 
-local function encode(v, out)
+-- path: the tables being encoded, from the root down (a cycle check), with
+-- the key that led into each one, for the error message.
+local function path_text(path, depth)
+    local parts = {}
+    for i = 2, depth do
+        local k = path.keys[i]
+        parts[#parts + 1] = type(k) == "number" and ("[" .. k .. "]")
+            or ((#parts > 0 and "." or "") .. k)
+    end
+    return table.concat(parts)
+end
+
+local function encode(v, out, path, depth, key)
     local tv = type(v)
     if v == nil or v == M.null then
         out[#out + 1] = "null"
@@ -54,11 +70,18 @@ local function encode(v, out)
     elseif tv == "string" then
         out[#out + 1] = encode_string(v)
     elseif tv == "table" then
+        depth = depth + 1
+        path.keys[depth] = key
+        if path.open[v] then
+            error("json: cannot encode a cyclic table (at " .. path_text(path, depth) .. ")", 0)
+        end
+        if depth > M.max_depth then error("json: nesting deeper than " .. M.max_depth, 0) end
+        path.open[v] = true
         if is_array(v) then
             out[#out + 1] = "["
             for i, x in ipairs(v) do
                 if i > 1 then out[#out + 1] = "," end
-                encode(x, out)
+                encode(x, out, path, depth, i)
             end
             out[#out + 1] = "]"
         else
@@ -75,10 +98,11 @@ local function encode(v, out)
                 if i > 1 then out[#out + 1] = "," end
                 out[#out + 1] = encode_string(k)
                 out[#out + 1] = ":"
-                encode(v[k], out)
+                encode(v[k], out, path, depth, k)
             end
             out[#out + 1] = "}"
         end
+        path.open[v] = nil
     else
         error("json: cannot encode a " .. tv, 0)
     end
@@ -86,7 +110,7 @@ end
 
 function M.encode(v)
     local out = {}
-    encode(v, out)
+    encode(v, out, { open = {}, keys = {} }, 0, nil)
     return table.concat(out)
 end
 
@@ -97,7 +121,7 @@ local unescapes = { ['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f",
 
 -- Decodes one JSON value; raises "json: <what> at byte <n>" on bad input.
 function M.decode(text)
-    local pos = 1
+    local pos, depth = 1, 0
     local function fail(what)
         error(string.format("json: %s at byte %d", what, pos), 0)
     end
@@ -156,14 +180,19 @@ function M.decode(text)
         return tonumber(num)
     end
     local value
+    local function enter()
+        depth = depth + 1
+        if depth > M.max_depth then fail("nesting deeper than " .. M.max_depth) end
+        pos = pos + 1
+    end
     function value()
         skip()
         local c = text:sub(pos, pos)
         if c == "{" then
             local obj = {}
-            pos = pos + 1
+            enter()
             skip()
-            if text:sub(pos, pos) == "}" then pos = pos + 1; return obj end
+            if text:sub(pos, pos) == "}" then pos, depth = pos + 1, depth - 1; return obj end
             while true do
                 skip()
                 if text:sub(pos, pos) ~= '"' then fail("expected a key") end
@@ -174,21 +203,21 @@ function M.decode(text)
                 obj[k] = value()
                 skip()
                 local d = text:sub(pos, pos)
-                if d == "}" then pos = pos + 1; return obj end
+                if d == "}" then pos, depth = pos + 1, depth - 1; return obj end
                 if d ~= "," then fail("expected ',' or '}'") end
                 pos = pos + 1
             end
         elseif c == "[" then
             local arr, n = M.array(), 0
-            pos = pos + 1
+            enter()
             skip()
-            if text:sub(pos, pos) == "]" then pos = pos + 1; return arr end
+            if text:sub(pos, pos) == "]" then pos, depth = pos + 1, depth - 1; return arr end
             while true do
                 n = n + 1
                 arr[n] = value()
                 skip()
                 local d = text:sub(pos, pos)
-                if d == "]" then pos = pos + 1; return arr end
+                if d == "]" then pos, depth = pos + 1, depth - 1; return arr end
                 if d ~= "," then fail("expected ',' or ']'") end
                 pos = pos + 1
             end

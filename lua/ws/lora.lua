@@ -14,8 +14,9 @@ local known = {}
 for _, m in ipairs(M.all_linear) do known[m] = true end
 
 -- Accepts "all-linear", "q_proj,v_proj" or a list; returns a sorted-by-layer-order
--- list and a set. Raises on an unknown module name.
-function M.parse_targets(targets)
+-- list and a set. Raises on an unknown module name, and on an empty list
+-- unless allow_empty.
+function M.parse_targets(targets, allow_empty)
     if targets == nil or targets == "all-linear" then
         targets = M.all_linear
     elseif type(targets) == "string" then
@@ -35,14 +36,18 @@ function M.parse_targets(targets)
     for _, m in ipairs(M.all_linear) do
         if set[m] then list[#list + 1] = m end
     end
-    if #list == 0 then error("LoRA target_modules is empty", 2) end
+    if #list == 0 and not allow_empty then error("LoRA target_modules is empty", 2) end
     return list, set
 end
 
 -- cfg: {r=, alpha=, target_modules=}. Returns nil when r == 0 (LoRA off).
 function M.config(cfg)
     local r = cfg.r or 0
-    if r == 0 then return nil end
+    if r == 0 then
+        -- LoRA off, but a misspelt module name is still a mistake worth naming.
+        M.parse_targets(cfg.target_modules, true)
+        return nil
+    end
     if math.type(r) ~= "integer" or r < 0 then
         error("LoRA rank must be a non-negative integer, got " .. tostring(r), 2)
     end

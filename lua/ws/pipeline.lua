@@ -24,8 +24,10 @@ M.common = {
     steps = { default = 5, type = "integer", min = 1, help = "training steps" },
     model = { default = "qwen3-0.6b", type = "enum", values = models.names(), help = "model preset" },
     device = { default = "auto", type = "string", help = "cpu, cuda, cuda:N or auto" },
-    bucket_mb = { default = 512, type = "number", min = 0.001, help = "sync bucket size (MB)" },
-    kv_cache_mb = { default = 64, type = "integer", min = 1, help = "engine KV cache (MB)" },
+    bucket_mb = { default = 512, type = "number", min = 0.001, max = 1048576,
+                  help = "sync bucket size (MB)" },
+    kv_cache_mb = { default = 64, type = "integer", min = 1, max = 1048576,
+                    help = "engine KV cache (MB)" },
     free_cache_engine = { default = true, type = "boolean", help = "engine sleeps after rollout" },
     sleep_level = { default = 1, type = "enum", values = { 1, 2 }, help = "engine sleep level" },
     param_dtype = { default = "bf16", type = "enum", values = { "bf16", "f32" },
@@ -163,15 +165,49 @@ function M.run_config(p, cfg, opts)
     local spec = config.check("model", models.get, cfg.model)
     local lcfg = config.check("target_modules", lora.config, { r = cfg.lora_rank or 0,
         alpha = cfg.lora_alpha, target_modules = cfg.target_modules })
+    -- Opened first: an unwritable --json is a configuration mistake, found
+    -- before anything is allocated.
+    local okr, report = pcall(report_mod.new, { title = p.name, cfg = cfg, device = device,
+                                                rank = rank, json = opts.json, log = log })
+    if not okr then config.raise("--json: %s", tostring(report):gsub("^[^:]*:%d+: ", "")) end
+    -- Everything built goes in `built`, so a failure anywhere frees what exists.
+    local built, step_now = {}, nil
+    local ok, err = pcall(M.setup_and_steps, p, cfg, built, report, {
+        device = device, spec = spec, lcfg = lcfg, comm = comm, rank = rank, world = world,
+        log = log, on_step = function(step) step_now = step end })
+    report:close()
+    local summary = ok and report:summary() or nil
+    -- Free on failure too: a sweep keeps going in this process after a failed point.
+    local freed, ferr = pcall(function()
+        if built.sync then built.sync:free() end
+        if built.engine then built.engine:free() end
+        if built.trainer then built.trainer:free() end
+    end)
+    if not ok then
+        if step_now and type(err) == "string" then
+            err = string.format("%s: step %d failed: %s", p.name, step_now, err)
+        end
+        error(err, 0)
+    end
+    if not freed then error(ferr, 0) end
+    return report.records, summary
+end
+
+-- Builds the trainer, the engine and the plans into `built`, then runs the steps.
+function M.setup_and_steps(p, cfg, built, report, env)
+    local device, spec, lcfg, comm, world, log = env.device, env.spec, env.lcfg, env.comm,
+                                                 env.world, env.log
     local t_setup = ws.now_ms()
-    local trainer = trainer_mod.new{ spec = spec, lora = lcfg, device = device, comm = comm,
-                                     rank = rank, world = world, dtype = cfg.param_dtype,
+    built.trainer = trainer_mod.new{ spec = spec, lora = lcfg, device = device, comm = comm,
+                                     rank = env.rank, world = world, dtype = cfg.param_dtype,
                                      seed = cfg.seed }
-    local engine = engine_mod.new{ spec = spec, lora = lcfg, device = device,
+    built.engine = engine_mod.new{ spec = spec, lora = lcfg, device = device,
                                    kv_cache_mb = cfg.kv_cache_mb }
-    local sync = sync_mod.new{ trainer = trainer, engine = engine, comm = world > 1 and comm or nil,
-                               device = device, bucket_mb = cfg.bucket_mb,
-                               progress = cfg.progress, rank = rank }
+    built.sync = sync_mod.new{ trainer = built.trainer, engine = built.engine,
+                               comm = world > 1 and comm or nil, device = device,
+                               bucket_mb = cfg.bucket_mb, progress = cfg.progress,
+                               rank = env.rank }
+    local trainer, engine, sync = built.trainer, built.engine, built.sync
     local verify_kinds = {}
     for _, kind in ipairs(p.plans) do
         if kind ~= "adapter" or lcfg then
@@ -179,8 +215,6 @@ function M.run_config(p, cfg, opts)
             verify_kinds[#verify_kinds + 1] = kind
         end
     end
-    local report = report_mod.new{ title = p.name, cfg = cfg, device = device, rank = rank,
-                                   json = opts.json, log = log }
     log(string.format("# %s: model %s (%.1fM params%s), world %d, device %s", p.name, spec.name,
                       models.param_count(spec) / 1e6,
                       lcfg and string.format(", LoRA r=%d %.1f MB", lcfg.r,
@@ -192,32 +226,20 @@ function M.run_config(p, cfg, opts)
                       engine.weight_bytes / 1e6, engine.kv_bytes / 1e6))
 
     local ctx = setmetatable({ cfg = cfg, pipeline = p, trainer = trainer, engine = engine,
-                               sync = sync, comm = comm, rank = rank, world = world,
+                               sync = sync, comm = comm, rank = env.rank, world = world,
                                device = device, lora = lcfg, log = log,
                                verify_kinds = verify_kinds,
                                state = { base_sync_done = false } }, Ctx)
-    local ok, err = pcall(function()
-        for step = 1, cfg.steps do
-            ctx.rec, ctx.sent = report:begin_step(step), {}
-            p.step(ctx, step)
-            local mem = engine:memory()
-            ctx.rec.engine_mapped_after = mem.mapped
-            ctx.rec.engine_backup_bytes = mem.backup_bytes
-            ctx.rec.engine_asleep = engine:is_asleep("weights")
-            report:end_step(ctx.rec)
-        end
-    end)
-    report:close()
-    local summary = ok and report:summary() or nil
-    -- Free on failure too: a sweep keeps going in this process after a failed point.
-    local freed, ferr = pcall(function()
-        sync:free()
-        engine:free()
-        trainer:free()
-    end)
-    if not ok then error(err, 0) end
-    if not freed then error(ferr, 0) end
-    return report.records, summary
+    for step = 1, cfg.steps do
+        env.on_step(step)
+        ctx.rec, ctx.sent = report:begin_step(step), {}
+        p.step(ctx, step)
+        local mem = engine:memory()
+        ctx.rec.engine_mapped_after = mem.mapped
+        ctx.rec.engine_backup_bytes = mem.backup_bytes
+        ctx.rec.engine_asleep = engine:is_asleep("weights")
+        report:end_step(ctx.rec)
+    end
 end
 
 -- Command-line entry: parses argv (key=value, --json FILE, --help) and runs.

@@ -27,7 +27,9 @@ function M.new(opts)
     self.rank, self.log = opts.rank or 0, opts.log or function() end
     self.records = {}
     if opts.json and self.rank == 0 then
-        self.json_file = assert(io.open(opts.json, "w"))
+        local f, err = io.open(opts.json, "w")
+        if not f then error("cannot write " .. tostring(err), 2) end
+        self.json_file = f
     end
     return self
 end
@@ -54,8 +56,10 @@ function Report:end_step(rec)
     rec.rss_bytes = host.rss
     self.records[#self.records + 1] = rec
     if self.json_file then
-        self.json_file:write(json.encode(rec), "\n")
-        self.json_file:flush()
+        local ok, err = self.json_file:write(json.encode(rec), "\n")
+        if ok then ok, err = self.json_file:flush() end
+        -- A full disk must not leave a silently short results file.
+        if not ok then error("writing the --json file failed: " .. tostring(err), 0) end
     end
     self:print_row(rec)
 end

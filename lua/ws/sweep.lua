@@ -479,13 +479,22 @@ function M.run(opts)
 
     local done = {}
     if opts.resume ~= false then done = M.read_results(files.jsonl) end
-    local pending = {}
+    local pending, other_repeats = {}, 0
     for _, p in ipairs(points) do
         local key = M.point_key(p, names)
         local prev = done[key]
+        -- A row made with other repeats is not this point's result: run it again.
+        if prev and prev.repeats ~= nil and prev.repeats ~= repeats then
+            prev, other_repeats = nil, other_repeats + 1
+            done[key] = nil
+        end
         if not prev or (opts.retry_failed and prev.status ~= "ok") then pending[#pending + 1] = p end
     end
     local skipped = #points - #pending
+    if other_repeats > 0 and writer then
+        io.stderr:write(string.format("sweep: %d point(s) in %s ran with other repeats than %d; " ..
+                                      "running them again\n", other_repeats, files.jsonl, repeats))
+    end
 
     local memory = opts.memory or default_memory
     release()

@@ -73,6 +73,16 @@ function M.new(opts)
     for _, e in ipairs(self.params) do bytes = bytes + align(e.shard_numel * esize, 256) end
     self.pool_bytes = bytes
     self.pool = assert(ws.pool{ device = self.device, tag = "trainer", bytes = bytes })
+    local ok, err = pcall(M.fill, self)
+    if not ok then
+        self:free()
+        error(err, 0)
+    end
+    return self
+end
+
+-- Makes every shard tensor in the pool and gives it its initial values.
+function M.fill(self)
     for _, e in ipairs(self.params) do
         e.tensor = assert(self.pool:tensor{ shape = { e.shard_numel }, dtype = self.dtype,
                                             name = e.name })
@@ -80,7 +90,6 @@ function M.new(opts)
         if e.real > 0 then e.view = e.tensor:narrow(1, 1, e.real) end
         e.tensor:random_(M.seed_of(e.name, 0) ~ self.seed, INIT_SCALE[e.kind], e.first)
     end
-    return self
 end
 
 -- Deterministic update of every trainable parameter (adapters under LoRA,
@@ -146,7 +155,7 @@ function Trainer:free()
     for _, e in ipairs(self.params) do
         if e.view then e.view:free() end
         if e.empty_view then e.empty_view:free() end
-        e.tensor:free()
+        if e.tensor then e.tensor:free() end
     end
     for _, h in ipairs(self.host or {}) do h:free() end
     self.shards, self.host = nil, nil

@@ -36,7 +36,9 @@ check_usage() { # expected-message args...
     local want=$1; shift
     "$WSHOST" pipelines/verl_lora.lua "$@" >"$tmp/out" 2>&1
     local rc=$?
-    if [ $rc -eq 2 ] && grep -qF "$want" "$tmp/out"; then pass "usage: $*"; else
+    # One line, no traceback.
+    if [ $rc -eq 2 ] && grep -qF "$want" "$tmp/out" && [ "$(wc -l <"$tmp/out")" -eq 1 ]; then
+        pass "usage: $*"; else
         fail "usage: $* (rc=$rc)"; cat "$tmp/out"; fi
 }
 check_usage "verl_lora: unknown config key 'sleeplevel' (known: " sleeplevel=2
@@ -45,6 +47,12 @@ check_usage "verl_lora: config key 'steps' expects an integer, got 'ten'" steps=
 check_usage "verl_lora: config key 'free_cache_engine' expects a boolean (true/false), got 'yes please'" "free_cache_engine=yes please"
 check_usage "verl_lora: config key 'target_modules': unknown LoRA target module 'qkv'" target_modules=qkv $tiny
 check_usage "verl_lora: config key 'device': " device=tpu $tiny
+check_usage "verl_lora: config key 'steps' must be >= 1, got 0" steps=0
+check_usage "verl_lora: config key 'steps' expects an integer, got ''" steps=
+check_usage "verl_lora: config key 'bucket_mb' must be <= 1048576, got 1e+308" bucket_mb=1e308 $tiny
+check_usage "verl_lora: config key 'target_modules': unknown LoRA target module 'bogus'" "target_modules=q_proj, bogus" lora_rank=0 $tiny
+check_usage "verl_lora: --json needs a file name" --json= $tiny
+check_usage "verl_lora: --json: cannot write $tmp/no-such-dir/x.jsonl: No such file or directory" --json "$tmp/no-such-dir/x.jsonl" $tiny
 
 if "$WSHOST" pipelines/verl_lora.lua --help | grep -q "sleep_level"; then pass "--help"; else fail "--help"; fi
 

@@ -62,6 +62,31 @@ describe("ws.json", function()
         assert.has_error(function() json.encode{ f = print } end, "json: cannot encode a function")
     end)
 
+    it("refuses a cyclic table with a clear error, but allows a shared one", function()
+        local c = { name = "c" }
+        c.self = c
+        assert.has_error(function() json.encode(c) end, "json: cannot encode a cyclic table (at self)")
+        local a = {}
+        a[1] = { a }
+        assert.has_error(function() json.encode(a) end, "json: cannot encode a cyclic table (at [1][1])")
+        local shared = { 1 }
+        assert.are.equal('{"a":[1],"b":[1]}', json.encode{ a = shared, b = shared })
+    end)
+
+    it("limits nesting depth instead of overflowing the stack", function()
+        local ok, msg = pcall(json.decode, string.rep("[", 100000))
+        assert.is_false(ok)
+        assert.are.equal("json: nesting deeper than 1000 at byte 1001", msg)
+        local deep = {}
+        for _ = 1, 2000 do deep = { deep } end
+        ok, msg = pcall(json.encode, deep)
+        assert.is_false(ok)
+        assert.are.equal("json: nesting deeper than 1000", msg)
+        -- Up to the limit both ways is fine.
+        local text = string.rep("[", 1000) .. string.rep("]", 1000)
+        assert.are.equal(text, json.encode(json.decode(text)))
+    end)
+
     it("names the byte where malformed input goes wrong", function()
         local function err_of(text)
             local ok, msg = pcall(json.decode, text)

@@ -236,6 +236,40 @@ describe("ws.sweep.run", function()
         assert.are.same({ "level=1,rank=8" }, ran)
     end)
 
+    it("resumes only rows of the same repeats, and survives a corrupt results file", function()
+        local dir = tmpdir()
+        local ran = {}
+        local function run(repeats)
+            return sweep.run{
+                axes = { { "level", { 1, 2 } }, { "rank", { 8 } } }, out = dir .. "/r",
+                progress = false, charts = false, repeats = repeats,
+                memory = function() return 0 end,
+                run_point = function(p, rep)
+                    if rep == 1 then ran[#ran + 1] = sweep.point_key(p) end
+                    return fake_steps(p, 2)
+                end,
+            }
+        end
+        run(1)
+        -- Garbage, a row of another grid and a half-written row: none of them is a match.
+        local f = assert(io.open(dir .. "/r.jsonl", "a"))
+        f:write("\0\1garbage\n", '{"key":"model=tiny","status":"ok","repeats":1}\n',
+                string.rep("[", 5000), "\n", '{"key":"level=1,rank=8","status":"ok","rep')
+        f:close()
+        ran = {}
+        local again = run(1)
+        assert.are.same({}, ran)
+        assert.are.equal(2, again.skipped)
+        -- Rows made with repeats=1 do not stand in for repeats=3.
+        local more = run(3)
+        assert.are.same({ "level=1,rank=8", "level=2,rank=8" }, ran)
+        assert.are.equal(0, more.skipped)
+        assert.are.equal(3, more.rows[1].repeats)
+        ran = {}
+        assert.are.equal(2, run(3).skipped)
+        assert.are.same({}, ran)
+    end)
+
     it("checks that memory goes back to the baseline after each point", function()
         local dir = tmpdir()
         local held = 4096
