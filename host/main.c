@@ -90,7 +90,7 @@ static void print_usage(const char *badoption)
             "Environment (ignored with -E):\n"
             "  WSHOST_DEVICE      default device, as --device\n"
             "  WSHOST_PATH        colon-separated dirs searched first for Lua modules\n"
-            "                     (each dir D adds D/?.lua and D/?/init.lua to package.path)\n"
+            "                     (D/?.lua and D/?/init.lua, ahead of package.path)\n"
             "  WSHOST_THREADS     threads for cpu copies, conversions and checksums\n"
             "                     (default: the number of online CPUs)\n"
             "  WSHOST_COMM_CHECK  0: skip the size check before each multi-rank collective\n"

@@ -2,10 +2,9 @@
  *
  * Registers every native type (one binding file each), the small misc
  * functions (version, log, clocks, memory, interruption, reference copy) and
- * extends package.path so the host's Lua library (lua/ws/...) is found at run
- * time: WSHOST_PATH entries first, then lua/ beside the binary or ws.so (the
- * build tree links it to the source lua/), then <prefix>/share/wshost/lua.
- * Nothing here probes a device: `wshost -e ''` must stay fast. */
+ * installs the searcher that finds the host's Lua library (lua/ws/...) at
+ * run time, leaving package.path to the user. Nothing here probes a device:
+ * `wshost -e ''` must stay fast. */
 #include <dlfcn.h>
 #include <limits.h>
 #include <stdio.h>
@@ -133,7 +132,15 @@ static int l_reference_copy(lua_State *L)
     return 1;
 }
 
-/* ---- package.path -------------------------------------------------------------- */
+/* ---- finding the Lua library ------------------------------------------------------ */
+
+/* The host's Lua library is found by a searcher of its own, placed in
+ * package.searchers right after the preload searcher, so that package.path
+ * and package.cpath stay exactly what lua(1) makes of LUA_PATH and LUA_CPATH.
+ * It looks in WSHOST_PATH's dirs for any module (the user asked for them
+ * first), then, for ws.* modules only, in lua/ beside the binary or ws.so and
+ * in <prefix>/share/wshost/lua: a dir that happens to sit beside the binary
+ * must not shadow the user's own modules. */
 
 static int is_dir(const char *p)
 {
@@ -141,12 +148,16 @@ static int is_dir(const char *p)
     return stat(p, &st) == 0 && S_ISDIR(st.st_mode);
 }
 
-static void add_dir(luaL_Buffer *b, const char *dir, size_t len)
+/* Appends D/?.lua;D/?/init.lua to a template that has *entries entries. An
+ * empty entry would end package.searchpath's scan, so none is made. */
+static void add_dir(luaL_Buffer *b, int *entries, const char *dir, size_t len)
 {
+    if (*entries) luaL_addchar(b, ';');
     luaL_addlstring(b, dir, len);
     luaL_addstring(b, "/?.lua;");
     luaL_addlstring(b, dir, len);
-    luaL_addstring(b, "/?/init.lua;");
+    luaL_addstring(b, "/?/init.lua");
+    (*entries)++;
 }
 
 /* Directory of the file holding this code: the wshost binary or ws.so. */
@@ -168,9 +179,11 @@ static int self_dir(char *out, size_t n)
     return 0;
 }
 
-static void extend_path(lua_State *L)
+/* Pushes the WSHOST_PATH template (ignored under -E). */
+static void push_user_template(lua_State *L)
 {
     luaL_Buffer b;
+    int entries = 0;
     luaL_buffinit(L, &b);
     lua_getfield(L, LUA_REGISTRYINDEX, "LUA_NOENV");
     int noenv = lua_toboolean(L, -1);
@@ -179,15 +192,26 @@ static void extend_path(lua_State *L)
     for (const char *p = env; p && *p;) {
         const char *colon = strchr(p, ':');
         size_t len = colon ? (size_t)(colon - p) : strlen(p);
-        if (len) add_dir(&b, p, len);
+        if (len) add_dir(&b, &entries, p, len);
         p = colon ? colon + 1 : p + len;
     }
+    luaL_pushresult(&b);
+}
+
+/* Pushes the template of the library's own dirs: lua/ beside the binary or
+ * ws.so (the build tree links it to the source lua/), then
+ * <prefix>/share/wshost/lua for <prefix>/bin/wshost or
+ * <prefix>/lib/<arch>/lua/5.4/ws.so. */
+static void push_lib_template(lua_State *L)
+{
+    luaL_Buffer b;
+    int entries = 0;
+    luaL_buffinit(L, &b);
     char dir[PATH_MAX];
     if (self_dir(dir, sizeof dir) == 0) {
         char cand[PATH_MAX + 64];
         snprintf(cand, sizeof cand, "%s/lua", dir);
-        add_dir(&b, cand, strlen(cand));
-        /* <prefix>/bin/wshost or <prefix>/lib/<arch>/lua/5.4/ws.so */
+        add_dir(&b, &entries, cand, strlen(cand));
         char up[32] = "";
         for (int level = 1; level <= 4; level++) {
             strncat(up, "/..", sizeof up - strlen(up) - 1);
@@ -195,25 +219,77 @@ static void extend_path(lua_State *L)
             if (is_dir(cand)) {
                 char real[PATH_MAX];
                 const char *use = realpath(cand, real) ? real : cand;
-                add_dir(&b, use, strlen(use));
+                add_dir(&b, &entries, use, strlen(use));
                 break;
             }
         }
     }
-    luaL_pushresult(&b); /* [prefix] */
-    lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
-    lua_getfield(L, -1, LUA_LOADLIBNAME); /* [prefix, loaded, package] */
-    if (lua_istable(L, -1)) {
-        if (lua_getfield(L, -1, "path") != LUA_TSTRING) { /* [prefix, loaded, package, old] */
-            lua_pop(L, 1);
-            lua_pushliteral(L, "");
-        }
-        lua_pushvalue(L, -4);
-        lua_insert(L, -2); /* [prefix, loaded, package, prefix, old] */
-        lua_concat(L, 2);
-        lua_setfield(L, -2, "path"); /* [prefix, loaded, package] */
+    luaL_pushresult(&b);
+}
+
+/* A package.searchers entry. Upvalues: package.searchpath, the WSHOST_PATH
+ * template, the library template. Like Lua's own file searcher it returns
+ * the loader and the file name, the list of files tried, or nothing when it
+ * has no dir to look in (so require's message for other modules is lua(1)'s). */
+static int ws_searcher(lua_State *L)
+{
+    const char *name = luaL_checkstring(L, 1);
+    lua_settop(L, 1);
+    lua_pushvalue(L, lua_upvalueindex(2));
+    if (strncmp(name, "ws.", 3) == 0) {
+        size_t nuser, nlib;
+        lua_tolstring(L, 2, &nuser);
+        lua_tolstring(L, lua_upvalueindex(3), &nlib);
+        if (nuser && nlib) lua_pushliteral(L, ";");
+        lua_pushvalue(L, lua_upvalueindex(3));
+        lua_concat(L, lua_gettop(L) - 1);
     }
-    lua_pop(L, 3);
+    size_t ntemplate;
+    lua_tolstring(L, 2, &ntemplate); /* [name, template] */
+    if (ntemplate == 0) return 0;
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 2);
+    lua_call(L, 2, 2); /* [name, template, filename or nil, tried] */
+    if (lua_isnil(L, 3)) return 1;
+    const char *filename = lua_tostring(L, 3);
+    if (luaL_loadfile(L, filename) != LUA_OK)
+        return luaL_error(L, "error loading module '%s' from file '%s':\n\t%s", name, filename,
+                          lua_tostring(L, -1));
+    lua_pushvalue(L, 3);
+    return 2; /* [loader, filename] */
+}
+
+/* Puts the searcher second in package.searchers, or refreshes it when ws is
+ * opened again (ws.so required twice), so there is only ever one. */
+static void install_searcher(lua_State *L)
+{
+    int base = lua_gettop(L);
+    lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+    if (lua_getfield(L, -1, LUA_LOADLIBNAME) != LUA_TTABLE || /* [loaded, package] */
+        lua_getfield(L, -1, "searchers") != LUA_TTABLE ||
+        lua_getfield(L, -2, "searchpath") != LUA_TFUNCTION) {
+        lua_settop(L, base); /* no package library: nothing to search with */
+        return;
+    }
+    /* [loaded, package, searchers, searchpath] */
+    push_user_template(L);
+    push_lib_template(L);
+    lua_pushcclosure(L, ws_searcher, 3); /* [loaded, package, searchers, searcher] */
+    lua_Integer n = (lua_Integer)lua_rawlen(L, -2), at = 0;
+    for (lua_Integer i = 1; i <= n && !at; i++) {
+        if (lua_rawgeti(L, -2, i) == LUA_TFUNCTION && lua_tocfunction(L, -1) == ws_searcher) at = i;
+        lua_pop(L, 1);
+    }
+    if (!at) {
+        at = n >= 1 ? 2 : 1;
+        for (lua_Integer i = n; i >= at; i--) {
+            lua_rawgeti(L, -2, i);
+            lua_rawseti(L, -3, i + 1);
+        }
+    }
+    lua_rawseti(L, -2, at);
+    lua_settop(L, base);
 }
 
 static const luaL_Reg ws_funcs[] = {
@@ -237,6 +313,6 @@ int luaopen_ws(lua_State *L)
     luaL_setfuncs(L, ws_funcs, 0);
     lua_pushliteral(L, WSHOST_VERSION);
     lua_setfield(L, -2, "version");
-    extend_path(L);
+    install_searcher(L);
     return 1; /* [ws] */
 }

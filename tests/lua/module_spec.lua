@@ -42,8 +42,10 @@ describe("ws misc", function()
 end)
 
 describe("module search path", function()
-  it("puts the host's lua/ directory on package.path", function()
-    assert.matches("/lua/%?%.lua", package.path)
+  it("finds the host's lua/ws through a searcher of its own", function()
+    local _, file = require("ws.json")
+    assert.matches("/lua/ws/json%.lua$", file)
+    assert.is_nil(package.path:find("/lua/?.lua", 1, true))
   end)
 
   it("finds the preloaded ws module", function()
