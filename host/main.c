@@ -146,9 +146,16 @@ static int docall(lua_State *L, int narg, int nres)
     return status;
 }
 
+/* wshost's own line; lua_version_line ends the banner, as lua(1)'s only line. */
 static void print_version(void)
 {
     printf("wshost %s (%s)\n", WSHOST_VERSION, LUA_RELEASE);
+    fflush(stdout);
+}
+
+static void lua_version_line(void)
+{
+    fputs(LUA_COPYRIGHT "\n", stdout);
     fflush(stdout);
 }
 
@@ -301,62 +308,96 @@ static int handle_luainit(lua_State *L)
     return dostring(L, init, name);
 }
 
-/* ---- interactive mode (plain line reading) ------------------------------------------- */
+/* ---- interactive mode ------------------------------------------------------------------- */
 
-static int incomplete(lua_State *L, int status)
+/* As lua(1) built without readline: each prompt goes to stdout, also when
+ * stdin is not a terminal, and lines come from stdin. */
+
+/* Pushes the prompt: _PROMPT (first line) or _PROMPT2 (continuation lines)
+ * through tostring, so a table with __tostring works, else "> " or ">> ". */
+static const char *push_prompt(lua_State *L, int first)
 {
-    if (status == LUA_ERRSYNTAX) {
-        size_t lmsg;
-        const char *msg = lua_tolstring(L, -1, &lmsg);
-        if (lmsg >= 5 && strcmp(msg + lmsg - 5, "<eof>") == 0) {
-            lua_pop(L, 1);
-            return 1;
-        }
+    if (lua_getglobal(L, first ? "_PROMPT" : "_PROMPT2") == LUA_TNIL) {
+        lua_pop(L, 1);
+        return lua_pushstring(L, first ? "> " : ">> ");
     }
-    return 0;
+    const char *p = luaL_tolstring(L, -1, NULL);
+    lua_remove(L, -2);
+    return p;
 }
 
-static int read_line(lua_State *L, int first)
+/* Shows the prompt and pushes the next line without its newline; 0 at the
+ * end of input. Lines of any length are read whole. A first line "=expr" is
+ * "return expr", as in Lua 5.2. */
+static int push_line(lua_State *L, int first)
 {
-    char buf[1024];
-    fputs(first ? "> " : ">> ", stdout);
+    fputs(push_prompt(L, first), stdout);
     fflush(stdout);
-    if (fgets(buf, sizeof buf, stdin) == NULL) return 0;
-    size_t len = strlen(buf);
-    if (len > 0 && buf[len - 1] == '\n') buf[--len] = '\0';
-    lua_pushlstring(L, buf, len);
+    lua_pop(L, 1);
+    luaL_Buffer b;
+    char chunk[512];
+    int got = 0;
+    luaL_buffinit(L, &b);
+    while (fgets(chunk, sizeof chunk, stdin) != NULL) {
+        size_t n = strlen(chunk);
+        got = 1;
+        if (n > 0 && chunk[n - 1] == '\n') {
+            luaL_addlstring(&b, chunk, n - 1);
+            break;
+        }
+        luaL_addlstring(&b, chunk, n);
+    }
+    luaL_pushresult(&b);
+    if (!got) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    const char *line = lua_tostring(L, -1);
+    if (first && line[0] == '=') {
+        lua_pushfstring(L, "return %s", line + 1);
+        lua_remove(L, -2);
+    }
     return 1;
 }
 
-/* Reads one statement, trying "return <line>" first so `> 1+1` prints 2.
- * Leaves the compiled chunk (or an error) on the stack. */
+/* A syntax error ending in "<eof>" means the statement goes on. */
+static int incomplete(lua_State *L, int status)
+{
+    static const char mark[] = "<eof>";
+    size_t lmsg, lmark = sizeof mark - 1;
+    if (status != LUA_ERRSYNTAX) return 0;
+    const char *msg = lua_tolstring(L, -1, &lmsg);
+    return lmsg >= lmark && strcmp(msg + lmsg - lmark, mark) == 0;
+}
+
+/* Reads one statement and leaves its compiled chunk (or the error) on the
+ * stack; -1 at the end of input. The line is tried first as "return <line>;"
+ * so that `> 1+1` prints 2; as a statement it may take more lines. */
 static int load_statement(lua_State *L)
 {
     lua_settop(L, 0);
-    if (!read_line(L, 1)) return -1;
-    const char *line = lua_tostring(L, 1);
-    const char *ret = lua_pushfstring(L, "return %s", line);
-    if (luaL_loadbuffer(L, ret, strlen(ret), "=stdin") == LUA_OK) {
-        lua_remove(L, -2); /* [line, chunk] */
-        lua_remove(L, 1);
+    if (!push_line(L, 1)) return -1;
+    size_t len;
+    const char *ret = lua_pushfstring(L, "return %s;", lua_tostring(L, 1));
+    lua_tolstring(L, -1, &len);
+    if (luaL_loadbuffer(L, ret, len, "=stdin") == LUA_OK) { /* [line, ret, chunk] */
+        lua_replace(L, 1);
+        lua_settop(L, 1);
         return LUA_OK;
     }
-    lua_pop(L, 2); /* [line] */
+    lua_settop(L, 1); /* [code] */
     for (;;) {
-        size_t len;
         const char *code = lua_tolstring(L, 1, &len);
-        int status = luaL_loadbuffer(L, code, len, "=stdin");
-        if (!incomplete(L, status)) {
+        int status = luaL_loadbuffer(L, code, len, "=stdin"); /* [code, chunk or error] */
+        /* Input that ends inside a statement reports why it is incomplete. */
+        if (!incomplete(L, status) || !push_line(L, 0)) {
             lua_remove(L, 1);
             return status;
         }
-        if (!read_line(L, 0)) {
-            lua_settop(L, 0);
-            return -1;
-        }
+        lua_remove(L, 2); /* [code, more] */
         lua_pushliteral(L, "\n");
-        lua_insert(L, -2);
-        lua_concat(L, 3); /* [line .. "\n" .. next] */
+        lua_insert(L, 2);
+        lua_concat(L, 3); /* [code .. "\n" .. more] */
     }
 }
 
@@ -420,6 +461,7 @@ static int pmain(lua_State *L)
 {
     int argc = (int)lua_tointeger(L, 1);
     char **argv = (char **)lua_touserdata(L, 2);
+    if (argv[0] && argv[0][0]) progname = argv[0];
     int script = argc;
     const char *device = NULL;
     int args = collectargs(argv, &script, &device);
@@ -449,7 +491,7 @@ static int pmain(lua_State *L)
         ws_device *d = (device || (env_device && *env_device)) ? ws_lua_default_device(L)
                                                                 : ws_device_default(&why);
         printf("device: %s (%s)\n", d->name, why ? why : "default");
-        fflush(stdout);
+        lua_version_line();
     }
     luaL_openlibs(L);
     luaL_requiref(L, "ws", luaopen_ws, 1); /* package.loaded.ws and global ws */
@@ -465,6 +507,7 @@ static int pmain(lua_State *L)
     } else if (script == argc && !(args & (HAS_E | HAS_V))) {
         if (isatty(0)) {
             print_version();
+            lua_version_line();
             do_repl(L);
         } else if (dofile(L, NULL) != LUA_OK) {
             return 0;
