@@ -2,13 +2,17 @@
  * preloaded (modelled on Lua 5.4's lua.c).
  *
  * Command line as lua(1): `wshost [options] [script [args]]`, the `arg`
- * table, -e -l -i -v -E -W -- and `-`, LUA_INIT; plus --help and
- * --device. All of main runs inside one protected call; errors print
- * `wshost: file:line: message` and a traceback and exit 1. Ctrl-C sets a hook
- * that raises "interrupted!" inside Lua; the process then exits 130 after
- * lua_close, so __gc returns device memory. Tools that expect lua(1) (busted
- * --lua=wshost) work because the command line is the same and Lua's symbols
- * are exported for C modules such as lfs. */
+ * table, -e -l -i -v -E -W -- and `-`, LUA_INIT, LUA_PATH and LUA_CPATH
+ * untouched (ws finds its Lua library through a searcher of its own), the
+ * REPL with _PROMPT and _PROMPT2; plus --help and --device. All of main runs
+ * inside one protected call. Errors print `argv[0]: file:line: message` and a
+ * traceback and exit 1; an error object with __tostring prints as that one
+ * line, which is how ws.errors reports environment failures (out of memory,
+ * no device) that need no traceback. Ctrl-C sets a hook that raises
+ * "interrupted!" inside Lua; the process then exits 130 after lua_close, so
+ * __gc returns device memory. Tools that expect lua(1) (busted --lua=wshost)
+ * work because the command line is the same and Lua's symbols are exported
+ * for C modules such as lfs. */
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -121,7 +125,10 @@ static int report(lua_State *L, int status)
     return status;
 }
 
-/* Appends a traceback; non-string errors use __tostring when they have one. */
+/* Appends a traceback to a string error. An error object with __tostring is
+ * its one-line message, with no traceback: ws.errors raises environment
+ * failures that way (the message says it all), while a bug or a misuse,
+ * raised as a string, keeps the traceback that locates it. */
 static int msghandler(lua_State *L)
 {
     const char *msg = lua_tostring(L, 1);
