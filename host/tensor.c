@@ -573,8 +573,36 @@ static ws_status overwrite(ws_tensor *t, const char *what,
     return WS_OK;
 }
 
+/* Integer elements take only the values they hold exactly: storing 2^40 in
+ * an i32 as 2147483647, -1 in a u8 as 0 or 1.5 in an i64 as 1 would change
+ * the data without a word. Float dtypes round, as their arithmetic does. */
+static ws_status check_value(const ws_tensor *t, double v, const char *what)
+{
+    int64_t lo, hi; /* [lo, hi] */
+    switch (t->dtype) {
+    case WS_U8: lo = 0, hi = UINT8_MAX; break;
+    case WS_I32: lo = INT32_MIN, hi = INT32_MAX; break;
+    case WS_I64: lo = INT64_MIN, hi = INT64_MAX; break;
+    default: return WS_OK;
+    }
+    /* hi + 1 is exact in a double for each (2^8, 2^31, 2^63). False for NaN. */
+    int in_range = v >= (double)lo && v < (double)hi + 1.0;
+    if (in_range && (double)(int64_t)v == v) return WS_OK;
+    char lb[200], vb[40];
+    if (v != v) snprintf(vb, sizeof vb, "nan"); /* not "-nan" */
+    else snprintf(vb, sizeof vb, "%.17g", v);
+    if (in_range || v != v)
+        return WS_ERR(WS_ERR_ARG, "%s: value %s is not an integer; tensor %s holds %s", what, vb,
+                      ws_tensor_label(t, lb, sizeof lb), ws_dtype_name(t->dtype));
+    return WS_ERR(WS_ERR_ARG, "%s: value %s is out of range for %s (%lld to %lld) of tensor %s",
+                  what, vb, ws_dtype_name(t->dtype), (long long)lo, (long long)hi,
+                  ws_tensor_label(t, lb, sizeof lb));
+}
+
 ws_status ws_tensor_fill(ws_tensor *t, double value)
 {
+    WS_TRY(ws_tensor_check_live(t, "fill"));
+    WS_TRY(check_value(t, value, "fill"));
     return overwrite(t, "fill", fill_contig, &value);
 }
 
@@ -681,6 +709,8 @@ ws_status ws_tensor_get(const ws_tensor *t, int64_t flat_index, double *out)
 
 ws_status ws_tensor_set(ws_tensor *t, int64_t flat_index, double value)
 {
+    WS_TRY(ws_tensor_check_live(t, "set"));
+    WS_TRY(check_value(t, value, "set"));
     unsigned char buf[8] = {0};
     ws_store_scalar(buf, t->dtype, value);
     uint64_t bits;
