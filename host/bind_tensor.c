@@ -662,8 +662,10 @@ static int l_checksums(lua_State *L)
     ws_tensor_opts o = {.device = ws_device_cpu(), .name = "checksums"};
     ws_status rc = ws_tensor_empty(&out->t, WS_I64, 1, &shape, &o);
     if (rc != WS_OK) return ws_lua_fail(L, rc, "checksums");
-    if (ws_checksum_many((const ws_tensor *const *)ts, n, first, as,
-                         n ? ws_tensor_data(&out->t) : NULL) != WS_OK)
+    void *sums = NULL;
+    if (n && ws_tensor_access(&out->t, WS_ACCESS_WRITE, "checksums", &sums) != WS_OK)
+        return ws_lua_raise(L, "checksums");
+    if (ws_checksum_many((const ws_tensor *const *)ts, n, first, as, sums) != WS_OK)
         return ws_lua_raise(L, "checksums");
     ws_tensor_mark_written(&out->t);
     return 1;
