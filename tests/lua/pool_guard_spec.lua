@@ -197,11 +197,20 @@ describe("integer elements", function()
     raises(function() u8:fill(2.5) end, "fill: value 2.5 is not an integer")
     raises(function() ws.tensor{shape = {2}, dtype = "u8", fill = 300} end,
            "value 300 is out of range for u8")
+    -- fill travels as a double: an i64 it cannot hold is refused, not rounded
+    raises(function() i64:fill((1 << 62) + 3) end,
+           "fill: value 4611686018427387907 cannot be filled exactly into i64")
+    raises(function() ws.tensor{shape = {2}, dtype = "i64", fill = math.maxinteger} end,
+           "cannot be filled exactly into i64")
     for i = 1, 4 do
       assert.are.equal(7, i32:get(i))
       assert.are.equal(7, u8:get(i))
       assert.are.equal(7, i64:get(i))
     end
+    local big = ws.tensor{shape = {2}, dtype = "i64", fill = 1 << 62}
+    assert.are.equal(1 << 62, big:get(2))
+    big:fill(-(1 << 53) - 2)
+    assert.are.equal(-(1 << 53) - 2, big:get(1))
     -- exact values still go in, at both ends of each range
     i32:set(1, -2147483648):set(2, 2147483647):set(3, 3.0)
     u8:set(1, 0):set(2, 255)
