@@ -8,7 +8,8 @@
  *
  * Contents validity: storage inside a pool knows which byte ranges hold data
  * written since the pool last discarded them (ws_pool_sleep). Every operation
- * that reads a tensor calls ws_tensor_check_readable, every write calls
+ * gets a tensor's data pointer from ws_tensor_access, which refuses a sleeping
+ * pool and, for a read, discarded bytes; every write then calls
  * ws_tensor_mark_written. Reading discarded bytes is WS_ERR_DISCARDED with a
  * message naming the tensor, the pool and the sleep that discarded it. */
 #ifndef WS_TENSOR_H
