@@ -32,8 +32,9 @@ static ws_status shape_mismatch(const char *what, const ws_tensor *dst, const ws
 /* Both tensors on device d (live, checked, same shape). */
 static ws_status same_device_copy(ws_device *d, ws_tensor *dst, const ws_tensor *src)
 {
-    void *dp = ws_tensor_data(dst);
-    const void *sp = ws_tensor_data(src);
+    void *dp, *sp;
+    WS_TRY(ws_tensor_access(dst, WS_ACCESS_WRITE, "copy_ dst", &dp));
+    WS_TRY(ws_tensor_access(src, WS_ACCESS_READ, "copy_ src", &sp));
     if (ws_tensor_is_contiguous(dst) && ws_tensor_is_contiguous(src)) {
         if (dst->dtype == src->dtype) return d->ops->copy(d, dp, sp, ws_tensor_nbytes(dst));
         ws_copy_desc desc = {dp, sp, (size_t)ws_tensor_numel(dst), dst->dtype, src->dtype};
@@ -62,14 +63,20 @@ static ws_status cross_device_copy(ws_tensor *dst, const ws_tensor *src)
         if (rc == WS_OK) rc = same_device_copy(sd, &ts, src);
         s = &ts;
     }
+    void *sp = NULL, *dp = NULL;
+    if (rc == WS_OK) rc = ws_tensor_access(s, WS_ACCESS_READ, "copy_ src", &sp);
     if (rc == WS_OK) {
         if (!ws_tensor_is_contiguous(dst) || s->dtype != dst->dtype) {
             rc = contiguous_temp(&td, dd, s->dtype, dst);
-            if (rc == WS_OK)
-                rc = x->ops->copy(x, ws_tensor_data(&td), ws_tensor_data(s), ws_tensor_nbytes(s));
-            if (rc == WS_OK) rc = same_device_copy(dd, dst, &td);
+            if (rc == WS_OK) rc = ws_tensor_access(&td, WS_ACCESS_WRITE, "copy_ staging", &dp);
+            if (rc == WS_OK) rc = x->ops->copy(x, dp, sp, ws_tensor_nbytes(s));
+            if (rc == WS_OK) {
+                ws_tensor_mark_written(&td);
+                rc = same_device_copy(dd, dst, &td);
+            }
         } else {
-            rc = x->ops->copy(x, ws_tensor_data(dst), ws_tensor_data(s), ws_tensor_nbytes(s));
+            rc = ws_tensor_access(dst, WS_ACCESS_WRITE, "copy_ dst", &dp);
+            if (rc == WS_OK) rc = x->ops->copy(x, dp, sp, ws_tensor_nbytes(s));
         }
     }
     ws_tensor_release(&ts);
@@ -140,18 +147,19 @@ static ws_status alloc_descs(size_t n, const char *what, ws_copy_desc **out)
     return WS_OK;
 }
 
-/* Cheap checks first; the message (with its snprintf) is only built for a
- * failing item, so validating 100k tensors costs microseconds. */
+/* Checks item i and hands out its data pointer. Cheap checks first; the
+ * message (with its snprintf) is only built for a failing item, so
+ * validating 100k tensors costs microseconds. */
 static ws_status check_item(const ws_tensor *t, size_t i, const char *what, const char *role,
-                            ws_device *dev, int write)
+                            ws_device *dev, int write, void **ptr)
 {
+    int access = write ? WS_ACCESS_WRITE : WS_ACCESS_READ;
     if (t && t->storage && ws_tensor_is_contiguous(t) && ws_tensor_device(t) == dev &&
-        (t->storage->kind != WS_STORAGE_POOL ||
-         (write ? ws_tensor_check_writable(t, what) : ws_tensor_check_readable(t, what)) == WS_OK))
+        ws_tensor_access(t, access, what, ptr) == WS_OK)
         return WS_OK;
     char ctx[96];
     snprintf(ctx, sizeof ctx, "%s %s %zu", what, role, i + 1);
-    WS_TRY(write ? ws_tensor_check_writable(t, ctx) : ws_tensor_check_readable(t, ctx));
+    WS_TRY(ws_tensor_access(t, access, ctx, ptr));
     char lb[200], ty[160];
     if (!ws_tensor_is_contiguous(t))
         return WS_ERR(WS_ERR_ARG, "%s: tensor %s %s is not contiguous; copy it to a contiguous "
@@ -213,36 +221,33 @@ static ws_status flat_batch(const char *what, int to_flat, const ws_tensor *flat
     ws_device *dev = ws_tensor_device(flat);
     int raw = flat->dtype == WS_U8;
     int flat_in_pool = flat->storage->kind == WS_STORAGE_POOL;
-    char *base = ws_tensor_data(flat);
-    size_t fs = ws_dtype_size(flat->dtype);
     ws_copy_desc *descs;
     WS_TRY(alloc_descs(n, what, &descs));
     ws_status rc = WS_OK;
     size_t next = 0;
     for (size_t i = 0; i < n; i++) {
         const ws_tensor *t = ts[i];
-        rc = check_item(t, i, what, to_flat ? "src" : "dst", dev, !to_flat);
+        void *tp, *fp;
+        rc = check_item(t, i, what, to_flat ? "src" : "dst", dev, !to_flat, &tp);
         if (rc != WS_OK) break;
         size_t count = item_count(flat, t);
         size_t off = offsets ? offsets[i] : next;
         rc = check_fits(what, flat, t, i, off, count);
         if (rc != WS_OK) break;
-        if (!to_flat && flat_in_pool) {
-            ws_tensor piece = flat_piece(flat, off, count);
-            if (ws_tensor_check_readable(&piece, what) != WS_OK) {
-                char ctx[96];
-                snprintf(ctx, sizeof ctx, "%s flat (item %zu)", what, i + 1);
-                rc = ws_tensor_check_readable(&piece, ctx);
-                break;
-            }
+        /* Only the piece an item uses has to hold data for an unpack. */
+        ws_tensor piece = flat_piece(flat, off, count);
+        int access = to_flat ? WS_ACCESS_WRITE : WS_ACCESS_READ;
+        if (ws_tensor_access(&piece, access, what, &fp) != WS_OK) {
+            char ctx[96];
+            snprintf(ctx, sizeof ctx, "%s flat (item %zu)", what, i + 1);
+            rc = ws_tensor_access(&piece, access, ctx, &fp);
+            break;
         }
         ws_dtype other = raw ? WS_U8 : t->dtype;
         if (to_flat)
-            descs[i] = (ws_copy_desc){base + off * fs, ws_tensor_data(t), count, flat->dtype,
-                                      other};
+            descs[i] = (ws_copy_desc){fp, tp, count, flat->dtype, other};
         else
-            descs[i] = (ws_copy_desc){ws_tensor_data(t), base + off * fs, count, other,
-                                      flat->dtype};
+            descs[i] = (ws_copy_desc){tp, fp, count, other, flat->dtype};
         next = off + count;
     }
     if (rc != WS_OK) {
@@ -259,10 +264,12 @@ static ws_status flat_batch(const char *what, int to_flat, const ws_tensor *flat
     }
     /* Record what was written (pool storage only); adjacent pieces merge. */
     if (to_flat && flat_in_pool) {
+        size_t next_off = 0;
         for (size_t i = 0; i < n; i++) {
-            size_t off = (size_t)((char *)descs[i].dst - base) / fs;
+            size_t off = offsets ? offsets[i] : next_off;
             ws_tensor piece = flat_piece(flat, off, descs[i].count);
             ws_tensor_mark_written(&piece);
+            next_off = off + descs[i].count;
         }
     } else if (!to_flat) {
         for (size_t i = 0; i < n; i++)
@@ -288,22 +295,27 @@ ws_status ws_copy_many(ws_tensor *const *dsts, const ws_tensor *const *srcs, siz
     if (n == 0) return WS_OK;
     WS_TRY(ws_tensor_check_live(dsts[0], "copy_many dst 1"));
     ws_device *dev = ws_tensor_device(dsts[0]);
-    for (size_t i = 0; i < n; i++) {
-        WS_TRY(check_item(dsts[i], i, "copy_many", "dst", dev, 1));
-        WS_TRY(check_item(srcs[i], i, "copy_many", "src", dev, 0));
-        if (!same_shape(dsts[i], srcs[i])) {
-            char ctx[64];
-            snprintf(ctx, sizeof ctx, "copy_many item %zu", i + 1);
-            return shape_mismatch(ctx, dsts[i], srcs[i]);
-        }
-    }
     ws_copy_desc *descs;
     WS_TRY(alloc_descs(n, "copy_many", &descs));
-    for (size_t i = 0; i < n; i++)
-        descs[i] = (ws_copy_desc){ws_tensor_data(dsts[i]), ws_tensor_data(srcs[i]),
-                                  (size_t)ws_tensor_numel(dsts[i]), dsts[i]->dtype,
-                                  srcs[i]->dtype};
-    ws_status rc = dev->ops->copy_batch(dev, descs, n);
+    ws_status rc = WS_OK;
+    for (size_t i = 0; i < n && rc == WS_OK; i++) {
+        void *dp, *sp;
+        rc = check_item(dsts[i], i, "copy_many", "dst", dev, 1, &dp);
+        if (rc == WS_OK) rc = check_item(srcs[i], i, "copy_many", "src", dev, 0, &sp);
+        if (rc == WS_OK && !same_shape(dsts[i], srcs[i])) {
+            char ctx[64];
+            snprintf(ctx, sizeof ctx, "copy_many item %zu", i + 1);
+            rc = shape_mismatch(ctx, dsts[i], srcs[i]);
+        }
+        if (rc == WS_OK)
+            descs[i] = (ws_copy_desc){dp, sp, (size_t)ws_tensor_numel(dsts[i]), dsts[i]->dtype,
+                                      srcs[i]->dtype};
+    }
+    if (rc != WS_OK) {
+        free(descs);
+        return rc;
+    }
+    rc = dev->ops->copy_batch(dev, descs, n);
     free(descs);
     if (rc != WS_OK) {
         ws_errprefix("copy_many of %zu tensors on %s", n, dev->name);

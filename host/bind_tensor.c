@@ -136,6 +136,22 @@ static void check_keys(lua_State *L, int opts, const char *const *keys, const ch
     }
 }
 
+/* The fill value at idx as a double. Fills travel as doubles; an i64 fill
+ * with a Lua integer a double cannot hold (beyond 2^53) would store a
+ * neighbouring value, so it raises instead (set() is exact). Range and
+ * integrality against the dtype are the core's check (ws_tensor_fill). */
+static double fill_value(lua_State *L, int idx, ws_dtype dtype, const char *what)
+{
+    double v = lua_tonumber(L, idx);
+    if (dtype == WS_I64 && lua_isinteger(L, idx)) {
+        lua_Integer i = lua_tointeger(L, idx);
+        if (v >= 9223372036854775808.0 || (lua_Integer)v != i)
+            luaL_error(L, "%s: value %I cannot be filled exactly into i64: fill takes the "
+                       "integers a double holds (all up to 2^53); set() stores any i64", what, i);
+    }
+    return v;
+}
+
 int ws_lua_tensor_from_opts(lua_State *L, int opts, ws_pool *pool, int pool_idx,
                             const char *fname)
 {
@@ -169,7 +185,7 @@ int ws_lua_tensor_from_opts(lua_State *L, int opts, ws_pool *pool, int pool_idx,
     if (has_fill) {
         if (!lua_isnumber(L, -1))
             return luaL_error(L, "%s: fill must be a number, got %s", fname, luaL_typename(L, -1));
-        fill = lua_tonumber(L, -1);
+        fill = fill_value(L, -1, dtype, fname);
     }
     lua_pop(L, 1);
 
@@ -441,7 +457,9 @@ static int t_copy_(lua_State *L)
 static int t_fill(lua_State *L)
 {
     ws_tensor *t = ws_lua_check_tensor(L, 1);
-    if (ws_tensor_fill(t, luaL_checknumber(L, 2)) != WS_OK) return ws_lua_raise(L, "fill");
+    luaL_checknumber(L, 2);
+    if (ws_tensor_fill(t, fill_value(L, 2, t->dtype, "fill")) != WS_OK)
+        return ws_lua_raise(L, "fill");
     lua_settop(L, 1);
     return 1;
 }
@@ -662,8 +680,10 @@ static int l_checksums(lua_State *L)
     ws_tensor_opts o = {.device = ws_device_cpu(), .name = "checksums"};
     ws_status rc = ws_tensor_empty(&out->t, WS_I64, 1, &shape, &o);
     if (rc != WS_OK) return ws_lua_fail(L, rc, "checksums");
-    if (ws_checksum_many((const ws_tensor *const *)ts, n, first, as,
-                         n ? ws_tensor_data(&out->t) : NULL) != WS_OK)
+    void *sums = NULL;
+    if (n && ws_tensor_access(&out->t, WS_ACCESS_WRITE, "checksums", &sums) != WS_OK)
+        return ws_lua_raise(L, "checksums");
+    if (ws_checksum_many((const ws_tensor *const *)ts, n, first, as, sums) != WS_OK)
         return ws_lua_raise(L, "checksums");
     ws_tensor_mark_written(&out->t);
     return 1;

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "comm_internal.h"
+#include "pool.h"
 
 static ws_comm g_world;
 static int g_world_ready, g_shut;
@@ -284,9 +285,11 @@ static ws_status usable(ws_comm *c, const char *what)
     return WS_OK;
 }
 
-static ws_status check_t(const ws_tensor *t, const char *what, int read)
+/* Checks t for a collective that reads or writes it (access: WS_ACCESS_*)
+ * and hands out its data pointer. */
+static ws_status check_t(const ws_tensor *t, const char *what, int access, void **ptr)
 {
-    WS_TRY(read ? ws_tensor_check_readable(t, what) : ws_tensor_check_live(t, what));
+    WS_TRY(ws_tensor_access(t, access, what, ptr));
     if (!ws_tensor_is_contiguous(t)) {
         char b[160];
         return WS_ERR(WS_ERR_ARG, "%s: tensor %s is not contiguous; collectives need contiguous "
@@ -338,10 +341,16 @@ static ws_status req_new(ws_comm *c, ws_comm_request **req, const char *what,
     q->comm = c;
     q->what = what;
     q->ops = &g_self_ops;
+    char holder[96];
+    snprintf(holder, sizeof holder, "an async %s (wait for its request first)", what);
     for (int i = 0; i < n; i++) {
         q->keep[i] = *ts[i];
         q->keep[i].name = NULL;
-        ws_storage_retain(q->keep[i].storage);
+        ws_storage *s = q->keep[i].storage;
+        ws_storage_retain(s);
+        /* The backend may read or write these bytes until wait: the pool
+         * must stay mapped until then. */
+        if (s->kind == WS_STORAGE_POOL) ws_pool_hold(s->pool, holder);
     }
     q->n_keep = n;
     q->written_mask = outs;
@@ -351,7 +360,11 @@ static ws_status req_new(ws_comm *c, ws_comm_request **req, const char *what,
 
 static void req_release(ws_comm_request *q)
 {
-    for (int i = 0; i < q->n_keep; i++) ws_storage_release(q->keep[i].storage);
+    for (int i = 0; i < q->n_keep; i++) {
+        ws_storage *s = q->keep[i].storage;
+        if (s->kind == WS_STORAGE_POOL) ws_pool_unhold(s->pool);
+        ws_storage_release(s);
+    }
     ws_tensor_release(&q->unpack.staging);
     free(q->unpack.dsts);
     free(q);
@@ -413,14 +426,14 @@ static ws_status begin(ws_comm *c, ws_comm_request **req, const char *what,
 /* The send and recv of all_gather (gather = 1: recv holds one send per rank)
  * or reduce_scatter (gather = 0: send holds one recv per rank). */
 static ws_status check_per_rank(ws_comm *c, const char *what, const ws_tensor *send,
-                                const ws_tensor *recv, int gather)
+                                const ws_tensor *recv, int gather, void **sp, void **rp)
 {
     char role[64];
     WS_TRY(usable(c, what));
     snprintf(role, sizeof role, "%s send", what);
-    WS_TRY(check_t(send, role, 1));
+    WS_TRY(check_t(send, role, WS_ACCESS_READ, sp));
     snprintf(role, sizeof role, "%s recv", what);
-    WS_TRY(check_t(recv, role, 0));
+    WS_TRY(check_t(recv, role, WS_ACCESS_WRITE, rp));
     WS_TRY(same_device(send, recv, what));
     const ws_tensor *whole = gather ? recv : send, *piece = gather ? send : recv;
     int64_t n = ws_tensor_numel(piece);
@@ -449,13 +462,13 @@ ws_status ws_comm_all_gather(ws_comm *c, const ws_tensor *send, ws_tensor *recv,
                              ws_comm_request **req)
 {
     const char *what = "all_gather";
-    WS_TRY(check_per_rank(c, what, send, recv, 1));
+    void *sp, *rp;
+    WS_TRY(check_per_rank(c, what, send, recv, 1, &sp, &rp));
     int64_t v[N_CHECK] = {K_ALL_GATHER, ws_tensor_numel(send), send->dtype, 0};
     WS_TRY(agree(c, what, v, "send size", NULL));
     call k;
     WS_TRY(begin(c, req, what, (const ws_tensor *const[]){recv, send}, 2, 1, &k));
-    ws_status rc = k.ops->all_gather(c, k.d, ws_tensor_data(send), ws_tensor_data(recv),
-                                     ws_tensor_nbytes(send), k.q);
+    ws_status rc = k.ops->all_gather(c, k.d, sp, rp, ws_tensor_nbytes(send), k.q);
     return finish(k.q, req, rc, recv);
 }
 
@@ -464,7 +477,8 @@ static int adjacent(ws_tensor *const *recvs, size_t n)
 {
     size_t bytes = ws_tensor_nbytes(recvs[0]);
     for (size_t i = 1; i < n; i++)
-        if ((char *)ws_tensor_data(recvs[i]) != (char *)ws_tensor_data(recvs[0]) + i * bytes)
+        if (recvs[i]->storage != recvs[0]->storage ||
+            recvs[i]->offset != recvs[0]->offset + i * bytes)
             return 0;
     return 1;
 }
@@ -474,13 +488,14 @@ ws_status ws_comm_all_gather_list(ws_comm *c, const ws_tensor *send, ws_tensor *
 {
     const char *what = "all_gather";
     WS_TRY(usable(c, what));
-    WS_TRY(check_t(send, "all_gather send", 1));
+    void *ptr;
+    WS_TRY(check_t(send, "all_gather send", WS_ACCESS_READ, &ptr));
     if (n != (size_t)c->size)
         return WS_ERR(WS_ERR_ARG, "all_gather: the recv list has %zu tensors; it needs one per "
                       "rank (%d)", n, c->size);
     char bs[160], br[160];
     for (size_t i = 0; i < n; i++) {
-        WS_TRY(check_t(recvs[i], "all_gather recv", 0));
+        WS_TRY(check_t(recvs[i], "all_gather recv", WS_ACCESS_WRITE, &ptr));
         WS_TRY(same_device(send, recvs[i], what));
         if (recvs[i]->dtype != send->dtype || ws_tensor_numel(recvs[i]) != ws_tensor_numel(send))
             return WS_ERR(WS_ERR_ARG, "all_gather: recv[%zu] %s must match the send %s (%lld "
@@ -490,7 +505,7 @@ ws_status ws_comm_all_gather_list(ws_comm *c, const ws_tensor *send, ws_tensor *
     }
     ws_device *d = ws_tensor_device(send);
     int64_t numel = ws_tensor_numel(send);
-    if (recvs[0]->storage == recvs[n - 1]->storage && adjacent(recvs, n)) {
+    if (adjacent(recvs, n)) {
         /* One view over all pieces: no staging copy. */
         ws_tensor whole = *recvs[0];
         whole.name = NULL;
@@ -531,7 +546,8 @@ ws_status ws_comm_broadcast(ws_comm *c, ws_tensor *t, int root, ws_comm_request 
 {
     const char *what = "broadcast";
     WS_TRY(usable(c, what));
-    WS_TRY(check_t(t, "broadcast", c->rank == root));
+    void *ptr;
+    WS_TRY(check_t(t, "broadcast", c->rank == root ? WS_ACCESS_READ : WS_ACCESS_WRITE, &ptr));
     /* The root is range-checked after the ranks agree on it: a rank that
      * alone has a bad root must not leave the others waiting in the check. */
     int64_t v[N_CHECK] = {K_BROADCAST, ws_tensor_numel(t), t->dtype, root};
@@ -541,7 +557,7 @@ ws_status ws_comm_broadcast(ws_comm *c, ws_tensor *t, int root, ws_comm_request 
                       c->size - 1);
     call k;
     WS_TRY(begin(c, req, what, (const ws_tensor *const[]){t}, 1, c->rank == root ? 0 : 1, &k));
-    ws_status rc = k.ops->broadcast(c, k.d, ws_tensor_data(t), ws_tensor_nbytes(t), root, k.q);
+    ws_status rc = k.ops->broadcast(c, k.d, ptr, ws_tensor_nbytes(t), root, k.q);
     return finish(k.q, req, rc, c->rank == root ? NULL : t);
 }
 
@@ -563,12 +579,12 @@ static ws_status point_to_point(ws_comm *c, const ws_tensor *t, int peer,
     const char *what = written ? "recv" : "send";
     WS_TRY(usable(c, what));
     WS_TRY(check_peer(c, peer, what));
-    WS_TRY(check_t(t, what, !written));
+    void *ptr;
+    WS_TRY(check_t(t, what, written ? WS_ACCESS_WRITE : WS_ACCESS_READ, &ptr));
     call k;
     WS_TRY(begin(c, req, what, (const ws_tensor *const[]){t}, 1, written != NULL, &k));
-    ws_status rc = written
-                       ? k.ops->recv(c, k.d, ws_tensor_data(t), ws_tensor_nbytes(t), peer, k.q)
-                       : k.ops->send(c, k.d, ws_tensor_data(t), ws_tensor_nbytes(t), peer, k.q);
+    ws_status rc = written ? k.ops->recv(c, k.d, ptr, ws_tensor_nbytes(t), peer, k.q)
+                           : k.ops->send(c, k.d, ptr, ws_tensor_nbytes(t), peer, k.q);
     return finish(k.q, req, rc, written);
 }
 
@@ -594,13 +610,13 @@ ws_status ws_comm_all_reduce(ws_comm *c, ws_tensor *t, ws_reduce_op op, ws_comm_
     const char *what = "all_reduce";
     WS_TRY(usable(c, what));
     WS_TRY(check_op(op, what));
-    WS_TRY(check_t(t, what, 1));
+    void *ptr;
+    WS_TRY(check_t(t, what, WS_ACCESS_READ | WS_ACCESS_WRITE, &ptr));
     int64_t v[N_CHECK] = {K_ALL_REDUCE, ws_tensor_numel(t), t->dtype, op};
     WS_TRY(agree(c, what, v, "size", "op (0 sum, 1 max)"));
     call k;
     WS_TRY(begin(c, req, what, (const ws_tensor *const[]){t}, 1, 1, &k));
-    ws_status rc = k.ops->all_reduce(c, k.d, ws_tensor_data(t), (size_t)ws_tensor_numel(t),
-                                     t->dtype, op, k.q);
+    ws_status rc = k.ops->all_reduce(c, k.d, ptr, (size_t)ws_tensor_numel(t), t->dtype, op, k.q);
     return finish(k.q, req, rc, t);
 }
 
@@ -608,7 +624,8 @@ ws_status ws_comm_reduce_scatter(ws_comm *c, const ws_tensor *send, ws_tensor *r
                                  ws_reduce_op op, ws_comm_request **req)
 {
     const char *what = "reduce_scatter";
-    WS_TRY(check_per_rank(c, what, send, recv, 0));
+    void *sp, *rp;
+    WS_TRY(check_per_rank(c, what, send, recv, 0, &sp, &rp));
     WS_TRY(check_op(op, what));
     int64_t n = ws_tensor_numel(recv);
     if (send->storage == recv->storage && c->size > 1) {
@@ -625,8 +642,7 @@ ws_status ws_comm_reduce_scatter(ws_comm *c, const ws_tensor *send, ws_tensor *r
     WS_TRY(agree(c, what, v, "recv size", "op (0 sum, 1 max)"));
     call k;
     WS_TRY(begin(c, req, what, (const ws_tensor *const[]){recv, send}, 2, 1, &k));
-    ws_status rc = k.ops->reduce_scatter(c, k.d, ws_tensor_data(send), ws_tensor_data(recv),
-                                         (size_t)n, send->dtype, op, k.q);
+    ws_status rc = k.ops->reduce_scatter(c, k.d, sp, rp, (size_t)n, send->dtype, op, k.q);
     return finish(k.q, req, rc, recv);
 }
 
@@ -663,8 +679,9 @@ ws_status ws_comm_all_gather_coalesced(ws_comm *c, ws_tensor *const *shards,
     size_t max_piece = 0, all_pieces = 0;
     uint64_t layout = 14695981039346656037u; /* FNV-1a over (numel, dtype) of each full */
     for (size_t i = 0; i < n; i++) {
-        WS_TRY(check_t(shards[i], "all_gather_coalesced shard", 1));
-        WS_TRY(check_t(fulls[i], "all_gather_coalesced full", 0));
+        void *ptr;
+        WS_TRY(check_t(shards[i], "all_gather_coalesced shard", WS_ACCESS_READ, &ptr));
+        WS_TRY(check_t(fulls[i], "all_gather_coalesced full", WS_ACCESS_WRITE, &ptr));
         WS_TRY(same_device(shards[0], shards[i], what));
         WS_TRY(same_device(shards[i], fulls[i], what));
         int64_t nf = ws_tensor_numel(fulls[i]);
@@ -708,17 +725,27 @@ ws_status ws_comm_all_gather_coalesced(ws_comm *c, ws_tensor *const *shards,
     ws_status rc = ws_tensor_empty(&sendb, WS_U8, 1, (int64_t[]){(int64_t)cap}, &o);
     if (rc == WS_OK)
         rc = ws_tensor_empty(&recvb, WS_U8, 1, (int64_t[]){(int64_t)cap * c->size}, &o);
+    void *sbuf = NULL, *rbuf = NULL;
+    if (rc == WS_OK) rc = ws_tensor_access(&sendb, WS_ACCESS_WRITE, what, &sbuf);
+    if (rc == WS_OK) rc = ws_tensor_access(&recvb, WS_ACCESS_WRITE, what, &rbuf);
+    /* Every tensor passed its check above and nothing runs in between that
+     * could free or put a pool to sleep, so the accesses below succeed on
+     * every rank alike (a rank failing alone would strand the others). */
     size_t i = 0;
     while (rc == WS_OK && i < n) {
         /* One bucket: tensors [i, j) whose shard pieces fit in `cap` bytes. */
         size_t j = i, used = 0, nd = 0;
-        char *sp = ws_tensor_data(&sendb), *rp = ws_tensor_data(&recvb);
-        while (j < n && (j == i || used + ALIGN_UP(ws_tensor_nbytes(shards[j]), 16) <= cap)) {
+        char *sp = sbuf, *rp = rbuf;
+        while (rc == WS_OK && j < n &&
+               (j == i || used + ALIGN_UP(ws_tensor_nbytes(shards[j]), 16) <= cap)) {
             size_t sbytes = ws_tensor_nbytes(shards[j]);
-            descs[nd++] = (ws_copy_desc){sp + used, ws_tensor_data(shards[j]), sbytes, WS_U8, WS_U8};
+            void *shard;
+            rc = ws_tensor_access(shards[j], WS_ACCESS_READ, "all_gather_coalesced shard", &shard);
+            descs[nd++] = (ws_copy_desc){sp + used, shard, sbytes, WS_U8, WS_U8};
             used += ALIGN_UP(sbytes, 16);
             j++;
         }
+        if (rc != WS_OK) break;
         rc = d->ops->copy_batch(d, descs, nd);
         if (rc == WS_OK) rc = ops->all_gather(c, d, sp, rp, used, NULL);
         nd = 0;
@@ -726,11 +753,13 @@ ws_status ws_comm_all_gather_coalesced(ws_comm *c, ws_tensor *const *shards,
         for (size_t k = i; rc == WS_OK && k < j; k++) {
             size_t es = ws_dtype_size(fulls[k]->dtype);
             int64_t nf = ws_tensor_numel(fulls[k]), ns = ws_tensor_numel(shards[k]);
-            for (int r = 0; r < c->size; r++) {
+            void *full;
+            rc = ws_tensor_access(fulls[k], WS_ACCESS_WRITE, "all_gather_coalesced full", &full);
+            for (int r = 0; rc == WS_OK && r < c->size; r++) {
                 int64_t take = nf - (int64_t)r * ns;
                 if (take > ns) take = ns;
                 if (take <= 0) break;
-                descs[nd++] = (ws_copy_desc){(char *)ws_tensor_data(fulls[k]) + (size_t)r * ns * es,
+                descs[nd++] = (ws_copy_desc){(char *)full + (size_t)r * ns * es,
                                              rp + (size_t)r * used + off, (size_t)take * es,
                                              WS_U8, WS_U8};
             }

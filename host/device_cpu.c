@@ -486,10 +486,16 @@ static void cpu_event_destroy(ws_device *d, ws_event *e) { free(e); }
 
 static size_t cpu_vm_granularity(ws_device *d) { return page_size(); }
 
+/* The reservation is PROT_NONE without MAP_NORESERVE: it commits nothing
+ * yet, but the kernel then charges the pages when vm_map makes them
+ * writable and applies its overcommit rule there, the rule a plain
+ * allocation (cpu_alloc) meets in mmap. A pool larger than memory thus fails
+ * to map with ENOMEM instead of being accepted and ended by the OOM killer
+ * when its pages are touched. vm_unmap's PROT_NONE gives the charge back. */
 static ws_status cpu_vm_reserve(ws_device *d, size_t bytes, void **va)
 {
     *va = NULL;
-    void *p = mmap(NULL, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    void *p = mmap(NULL, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {
         char h[32];
         ws_format_bytes(h, sizeof h, bytes);
@@ -507,7 +513,9 @@ static ws_status cpu_vm_map(ws_device *d, void *va, size_t bytes)
     if (mprotect(va, bytes, PROT_READ | PROT_WRITE) != 0) {
         char h[32];
         ws_format_bytes(h, sizeof h, bytes);
-        return WS_ERR(WS_ERR_NOMEM, "cpu: cannot map %s of pool memory: %s", h, strerror(errno));
+        return WS_ERR(WS_ERR_NOMEM, "cpu: out of memory mapping %s (%zu bytes) of pool memory: "
+                      "%s; the system cannot back that much, use a smaller pool", h, bytes,
+                      strerror(errno));
     }
     return WS_OK;
 }

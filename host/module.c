@@ -114,17 +114,18 @@ static int l_reference_copy(lua_State *L)
         return luaL_error(L, "reference_copy: dst and src need the same dtype and byte count");
     if (!ws_tensor_is_contiguous(dst) || !ws_tensor_is_contiguous(src))
         return luaL_error(L, "reference_copy: tensors must be contiguous");
-    if (ws_tensor_check_readable(src, "reference_copy") != WS_OK ||
-        ws_tensor_check_writable(dst, "reference_copy") != WS_OK) /* not a sleeping pool */
+    void *dp, *sp;
+    if (ws_tensor_access(src, WS_ACCESS_READ, "reference_copy", &sp) != WS_OK ||
+        ws_tensor_access(dst, WS_ACCESS_WRITE, "reference_copy", &dp) != WS_OK)
         return ws_lua_raise(L, NULL);
     ws_device *dd = ws_tensor_device(dst), *sd = ws_tensor_device(src);
     if (dd->kind == WS_DEVICE_CPU && sd->kind == WS_DEVICE_CPU) {
-        memcpy(ws_tensor_data(dst), ws_tensor_data(src), n);
+        memcpy(dp, sp, n);
     } else {
         ws_device *d = dd->kind == WS_DEVICE_CUDA ? dd : sd;
         /* Like any device op: queued, not awaited (a copy touching host
          * memory has completed on return); time it with dev:synchronize(). */
-        if (d->ops->copy(d, ws_tensor_data(dst), ws_tensor_data(src), n) != WS_OK)
+        if (d->ops->copy(d, dp, sp, n) != WS_OK)
             return ws_lua_raise(L, "reference_copy");
     }
     ws_tensor_mark_written(dst);

@@ -34,6 +34,8 @@ struct ws_pool {
     size_t backup_bytes; /* bytes of contents held there now; 0 when awake */
     int asleep, sleeps, last_level;
     char reason[200]; /* the last discarding sleep; empty if none */
+    int holds;
+    char holder[128]; /* the first of the current holds */
     /* Registered storages: open addressing, tombstones marked by &tomb. */
     ws_storage **slots;
     size_t n_slots, n_live, n_used;
@@ -207,6 +209,25 @@ void ws_pool_uncarve(ws_pool *p, size_t offset, size_t bytes)
     pthread_mutex_unlock(&p->mu);
 }
 
+/* ---- holds ---------------------------------------------------------------------- */
+
+void ws_pool_hold(ws_pool *p, const char *holder)
+{
+    if (p->holds++ == 0) snprintf(p->holder, sizeof p->holder, "%s", holder ? holder : "?");
+}
+
+void ws_pool_unhold(ws_pool *p)
+{
+    if (p->holds > 0) p->holds--;
+}
+
+static ws_status check_unheld(const ws_pool *p, const char *what)
+{
+    if (!p->holds) return WS_OK;
+    return WS_ERR(WS_ERR_ARG, "%s: pool '%s' is in use by %s; %s it once that has finished",
+                  what, p->tag, p->holder, what);
+}
+
 /* ---- lifecycle ------------------------------------------------------------------- */
 
 ws_status ws_pool_create(ws_device *d, const char *tag, size_t capacity, ws_pool **out)
@@ -246,6 +267,7 @@ ws_status ws_pool_create(ws_device *d, const char *tag, size_t capacity, ws_pool
 ws_status ws_pool_destroy(ws_pool *p)
 {
     if (!p) return WS_OK;
+    WS_TRY(check_unheld(p, "free"));
     pthread_mutex_lock(&p->mu);
     size_t live = p->n_live;
     const ws_storage *one = NULL;
@@ -275,6 +297,7 @@ ws_status ws_pool_sleep(ws_pool *p, int level, const char *note)
     if (level != 1 && level != 2)
         return WS_ERR(WS_ERR_ARG, "pool '%s': sleep level must be 1 (keep contents in host "
                       "memory) or 2 (discard contents), got %d", p->tag, level);
+    WS_TRY(check_unheld(p, "sleep"));
     if (p->asleep)
         return WS_ERR(WS_ERR_ARG, "pool '%s' is already asleep (sleep(level=%d) #%d); wake it "
                       "first", p->tag, p->last_level, p->sleeps);
@@ -329,6 +352,7 @@ ws_status ws_pool_sleep(ws_pool *p, int level, const char *note)
 ws_status ws_pool_wake(ws_pool *p)
 {
     if (!p->asleep) return WS_OK;
+    WS_TRY(check_unheld(p, "wake"));
     ws_device *d = p->dev;
     ws_status rc = d->ops->vm_map(d, p->va, p->capacity);
     if (rc != WS_OK) {

@@ -45,6 +45,14 @@ int ws_pool_is_asleep(const ws_pool *p);
  * "sleep(level=2) #3 of pool 'weights' (step 4)". */
 const char *ws_pool_discard_reason(const ws_pool *p);
 
+/* Holds (a sync plan executing over the pool, a collective in flight into
+ * it) keep the pool as it is: C code holds addresses into it and a Lua
+ * callback may run meanwhile. While held, sleep and free are refused with
+ * WS_ERR_ARG naming the pool and `holder` (copied; the first holder is
+ * named). A held pool is awake, so wake has nothing to do. */
+void ws_pool_hold(ws_pool *p, const char *holder);
+void ws_pool_unhold(ws_pool *p);
+
 /* Used by tensor.c: carve `bytes` (aligned to 256) out of the pool. */
 ws_status ws_pool_carve(ws_pool *p, size_t bytes, size_t *offset, void **ptr);
 void ws_pool_uncarve(ws_pool *p, size_t offset, size_t bytes);

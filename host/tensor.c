@@ -348,6 +348,17 @@ ws_status ws_tensor_check_writable(const ws_tensor *t, const char *what)
     return check_awake(t, what, "written");
 }
 
+ws_status ws_tensor_access(const ws_tensor *t, int access, const char *what, void **ptr)
+{
+    *ptr = NULL;
+    if (!(access & (WS_ACCESS_READ | WS_ACCESS_WRITE)))
+        return WS_ERR(WS_ERR_ARG, "%s: no access asked for", what ? what : "tensor");
+    WS_TRY(access & WS_ACCESS_READ ? ws_tensor_check_readable(t, what)
+                                   : ws_tensor_check_writable(t, what));
+    *ptr = (char *)t->storage->data + t->offset;
+    return WS_OK;
+}
+
 static void mark_span(ws_storage *s, size_t b, size_t e)
 {
     if (s->kind != WS_STORAGE_POOL || b >= e) return;
@@ -552,8 +563,9 @@ static ws_status via_contiguous(ws_tensor *t, ws_status (*produce)(ws_tensor *, 
 static ws_status fill_contig(ws_tensor *t, void *ctx)
 {
     ws_device *d = ws_tensor_device(t);
-    return d->ops->fill(d, ws_tensor_data(t), t->dtype, (size_t)ws_tensor_numel(t),
-                        *(const double *)ctx);
+    void *ptr;
+    WS_TRY(ws_tensor_access(t, WS_ACCESS_WRITE, "fill", &ptr));
+    return d->ops->fill(d, ptr, t->dtype, (size_t)ws_tensor_numel(t), *(const double *)ctx);
 }
 
 /* Writes every element of t with `produce` (fill or random, named by what):
@@ -573,8 +585,36 @@ static ws_status overwrite(ws_tensor *t, const char *what,
     return WS_OK;
 }
 
+/* Integer elements take only the values they hold exactly: storing 2^40 in
+ * an i32 as 2147483647, -1 in a u8 as 0 or 1.5 in an i64 as 1 would change
+ * the data without a word. Float dtypes round, as their arithmetic does. */
+static ws_status check_value(const ws_tensor *t, double v, const char *what)
+{
+    int64_t lo, hi; /* [lo, hi] */
+    switch (t->dtype) {
+    case WS_U8: lo = 0, hi = UINT8_MAX; break;
+    case WS_I32: lo = INT32_MIN, hi = INT32_MAX; break;
+    case WS_I64: lo = INT64_MIN, hi = INT64_MAX; break;
+    default: return WS_OK;
+    }
+    /* hi + 1 is exact in a double for each (2^8, 2^31, 2^63). False for NaN. */
+    int in_range = v >= (double)lo && v < (double)hi + 1.0;
+    if (in_range && (double)(int64_t)v == v) return WS_OK;
+    char lb[200], vb[40];
+    if (v != v) snprintf(vb, sizeof vb, "nan"); /* not "-nan" */
+    else snprintf(vb, sizeof vb, "%.17g", v);
+    if (in_range || v != v)
+        return WS_ERR(WS_ERR_ARG, "%s: value %s is not an integer; tensor %s holds %s", what, vb,
+                      ws_tensor_label(t, lb, sizeof lb), ws_dtype_name(t->dtype));
+    return WS_ERR(WS_ERR_ARG, "%s: value %s is out of range for %s (%lld to %lld) of tensor %s",
+                  what, vb, ws_dtype_name(t->dtype), (long long)lo, (long long)hi,
+                  ws_tensor_label(t, lb, sizeof lb));
+}
+
 ws_status ws_tensor_fill(ws_tensor *t, double value)
 {
+    WS_TRY(ws_tensor_check_live(t, "fill"));
+    WS_TRY(check_value(t, value, "fill"));
     return overwrite(t, "fill", fill_contig, &value);
 }
 
@@ -587,8 +627,10 @@ static ws_status random_contig(ws_tensor *t, void *ctx)
 {
     const random_args *a = ctx;
     ws_device *d = ws_tensor_device(t);
-    return d->ops->random(d, ws_tensor_data(t), t->dtype, (size_t)ws_tensor_numel(t), a->seed,
-                          a->first, a->scale);
+    void *ptr;
+    WS_TRY(ws_tensor_access(t, WS_ACCESS_WRITE, "random", &ptr));
+    return d->ops->random(d, ptr, t->dtype, (size_t)ws_tensor_numel(t), a->seed, a->first,
+                          a->scale);
 }
 
 ws_status ws_tensor_random(ws_tensor *t, uint64_t seed, float scale, uint64_t first_index)
@@ -600,12 +642,12 @@ ws_status ws_tensor_random(ws_tensor *t, uint64_t seed, float scale, uint64_t fi
 ws_status ws_tensor_checksum(const ws_tensor *t, uint64_t first_index, ws_dtype as, uint64_t *out)
 {
     *out = 0;
-    WS_TRY(ws_tensor_check_readable(t, "checksum"));
+    void *ptr;
+    WS_TRY(ws_tensor_access(t, WS_ACCESS_READ, "checksum", &ptr));
     if ((unsigned)as >= WS_DTYPE_COUNT)
         return WS_ERR(WS_ERR_ARG, "checksum: unknown dtype %d", (int)as);
     ws_device *d = ws_tensor_device(t);
-    ws_status rc = d->ops->checksum(d, ws_tensor_data(t), t->dtype, &t->layout, first_index, as,
-                                    out);
+    ws_status rc = d->ops->checksum(d, ptr, t->dtype, &t->layout, first_index, as, out);
     if (rc != WS_OK) {
         char lb[200];
         ws_errprefix("checksum %s", ws_tensor_label(t, lb, sizeof lb));
@@ -644,28 +686,33 @@ ws_status ws_tensor_get_bits(const ws_tensor *t, int64_t flat_index, uint64_t *o
     ws_tensor elem = *t;
     elem.offset = t->offset + (size_t)off;
     elem.layout.ndim = 0;
-    WS_TRY(ws_tensor_check_readable(&elem, "get"));
+    void *ptr;
+    WS_TRY(ws_tensor_access(&elem, WS_ACCESS_READ, "get", &ptr));
     ws_device *d = ws_tensor_device(t);
     WS_TRY(ws_device_synchronize(d));
     unsigned char buf[8];
-    WS_TRY(d->ops->copy(d, buf, (const char *)ws_tensor_data(t) + off, ws_dtype_size(t->dtype)));
+    WS_TRY(d->ops->copy(d, buf, ptr, ws_dtype_size(t->dtype)));
     *out = ws_load_bits(buf, t->dtype);
     return WS_OK;
 }
 
 ws_status ws_tensor_set_bits(ws_tensor *t, int64_t flat_index, uint64_t bits)
 {
-    WS_TRY(ws_tensor_check_writable(t, "set"));
+    WS_TRY(ws_tensor_check_live(t, "set"));
     int64_t off;
     WS_TRY(element_offset(t, flat_index, "set", &off));
+    ws_tensor elem = *t;
+    elem.offset = t->offset + (size_t)off;
+    elem.layout.ndim = 0;
+    void *ptr;
+    WS_TRY(ws_tensor_access(&elem, WS_ACCESS_WRITE, "set", &ptr));
     ws_device *d = ws_tensor_device(t);
     WS_TRY(ws_device_synchronize(d));
     size_t es = ws_dtype_size(t->dtype);
     unsigned char buf[8];
     memcpy(buf, &bits, es); /* little-endian: the low bytes are the element */
-    WS_TRY(d->ops->copy(d, (char *)ws_tensor_data(t) + off, buf, es));
-    size_t b = t->offset + (size_t)off;
-    mark_span(t->storage, b, b + es);
+    WS_TRY(d->ops->copy(d, ptr, buf, es));
+    mark_span(t->storage, elem.offset, elem.offset + es);
     return WS_OK;
 }
 
@@ -681,6 +728,8 @@ ws_status ws_tensor_get(const ws_tensor *t, int64_t flat_index, double *out)
 
 ws_status ws_tensor_set(ws_tensor *t, int64_t flat_index, double value)
 {
+    WS_TRY(ws_tensor_check_live(t, "set"));
+    WS_TRY(check_value(t, value, "set"));
     unsigned char buf[8] = {0};
     ws_store_scalar(buf, t->dtype, value);
     uint64_t bits;

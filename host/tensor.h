@@ -8,7 +8,8 @@
  *
  * Contents validity: storage inside a pool knows which byte ranges hold data
  * written since the pool last discarded them (ws_pool_sleep). Every operation
- * that reads a tensor calls ws_tensor_check_readable, every write calls
+ * gets a tensor's data pointer from ws_tensor_access, which refuses a sleeping
+ * pool and, for a read, discarded bytes; every write then calls
  * ws_tensor_mark_written. Reading discarded bytes is WS_ERR_DISCARDED with a
  * message naming the tensor, the pool and the sleep that discarded it. */
 #ifndef WS_TENSOR_H
@@ -36,7 +37,7 @@ typedef struct ws_storage {
     ws_storage_kind kind;
     ws_device *device; /* where the bytes live (cpu for pinned host memory) */
     ws_device *owner;  /* whose ops free it (the cuda device for pinned memory) */
-    void *data;
+    void *data;        /* reached through ws_tensor_access only */
     size_t nbytes;
     ws_pool *pool;     /* WS_STORAGE_POOL only */
     size_t pool_offset;
@@ -80,10 +81,18 @@ const char *ws_tensor_label(const ws_tensor *t, char *buf, size_t n);
 ws_status ws_tensor_set_name(ws_tensor *t, const char *name);
 
 static inline ws_device *ws_tensor_device(const ws_tensor *t) { return t->storage->device; }
-static inline void *ws_tensor_data(const ws_tensor *t)
-{
-    return (char *)t->storage->data + t->offset;
-}
+
+/* How an operation uses a tensor's bytes (ws_tensor_access). */
+enum { WS_ACCESS_READ = 1, WS_ACCESS_WRITE = 2 };
+/* The only way to a tensor's data pointer: *ptr is set only once the tensor
+ * passed the check for `access` (a bit set of WS_ACCESS_*): live and, in a
+ * pool, the pool awake (its addresses have no memory behind them while it
+ * sleeps); for a read, the bytes also hold data written since the last
+ * discard. A caller that writes calls ws_tensor_mark_written afterwards.
+ * Checking where the pointer is handed out means no path (a collective, a
+ * batch, a sync plan) can reach a sleeping pool's memory by forgetting a
+ * check. `what` starts the error message. */
+ws_status ws_tensor_access(const ws_tensor *t, int access, const char *what, void **ptr);
 int64_t ws_tensor_numel(const ws_tensor *t);
 size_t ws_tensor_nbytes(const ws_tensor *t);
 int ws_tensor_is_contiguous(const ws_tensor *t);

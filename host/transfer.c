@@ -5,9 +5,14 @@
  * (buckets), allocates the staging buffers and precomputes the descriptor
  * arrays, so an execution is a loop of copy_batch / all_gather / copy_batch
  * calls with no per-tensor decisions left in it. Descriptors hold raw
- * addresses: the plan keeps a reference to every storage, and pool storage
- * keeps its addresses across sleeps, so the addresses stay valid. */
+ * addresses, taken from ws_tensor_access by the checks every execution
+ * starts with: the plan keeps a reference to every storage, and pool
+ * storage keeps its addresses across sleeps, so the addresses stay valid.
+ * While it executes, the plan holds every pool its entries live in, so a
+ * progress callback cannot put one to sleep (or free it) under the copies. */
 #include "transfer.h"
+
+#include "pool.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +35,7 @@ typedef struct plan_side {
     size_t offset;
     size_t name;
     ws_dtype dtype;
+    char *base; /* from ws_tensor_access in check_ready; NULL before */
 } plan_side;
 
 typedef struct plan_entry {
@@ -66,6 +72,8 @@ struct ws_plan {
     char *names;
     size_t names_len, names_cap;
     size_t bytes_total; /* destination bytes per execution */
+    ws_pool **pools;    /* every pool an entry lives in, once */
+    size_t n_pools, cap_pools;
 
     int planned;
     plan_bucket *buckets;
@@ -104,7 +112,7 @@ static void side_view(const ws_plan *p, const plan_side *s, int64_t numel, ws_te
 
 static void *side_ptr(const plan_side *s, int64_t elem)
 {
-    return (char *)s->storage->data + s->offset + (size_t)elem * ws_dtype_size(s->dtype);
+    return s->base + (size_t)elem * ws_dtype_size(s->dtype);
 }
 
 ws_status ws_plan_create(ws_comm *comm, ws_device *device, size_t bucket_bytes, const char *name,
@@ -198,6 +206,7 @@ static void record_side(ws_plan *p, plan_side *s, const ws_tensor *t)
     s->storage = t->storage;
     s->offset = t->offset;
     s->dtype = t->dtype;
+    s->base = NULL;
     if (t->name) {
         size_t len = strlen(t->name) + 1;
         memcpy(p->names + p->names_len, t->name, len);
@@ -208,6 +217,19 @@ static void record_side(ws_plan *p, plan_side *s, const ws_tensor *t)
     }
 }
 
+/* Adds t's pool to p->pools unless it is there (plans touch a few pools). */
+static ws_status note_pool(ws_plan *p, const ws_tensor *t)
+{
+    if (t->storage->kind != WS_STORAGE_POOL) return WS_OK;
+    ws_pool *pool = t->storage->pool;
+    for (size_t i = p->n_pools; i-- > 0;)
+        if (p->pools[i] == pool) return WS_OK;
+    WS_TRY(grow((void **)&p->pools, &p->cap_pools, p->n_pools + 1, sizeof *p->pools,
+                "plan add"));
+    p->pools[p->n_pools++] = pool;
+    return WS_OK;
+}
+
 ws_status ws_plan_add(ws_plan *p, const ws_tensor *const *srcs, const ws_tensor *const *dsts,
                       const int64_t *numel, size_t n)
 {
@@ -216,6 +238,11 @@ ws_status ws_plan_add(ws_plan *p, const ws_tensor *const *srcs, const ws_tensor 
         WS_TRY(check_entry(p, p->n_entries + i + 1, srcs[i], dsts[i], numel[i]));
         if (srcs[i]->name) name_bytes += strlen(srcs[i]->name) + 1;
         if (dsts[i]->name) name_bytes += strlen(dsts[i]->name) + 1;
+    }
+    /* A pool noted for an add that then fails is only held needlessly. */
+    for (size_t i = 0; i < n; i++) {
+        WS_TRY(note_pool(p, srcs[i]));
+        WS_TRY(note_pool(p, dsts[i]));
     }
     WS_TRY(grow((void **)&p->entries, &p->cap_entries, p->n_entries + n, sizeof *p->entries,
                 "plan add"));
@@ -353,8 +380,11 @@ static ws_status build_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *
         b->pack_begin = pack->n;
         b->out_begin = out->n;
         if (p->world > 1) b->seg_used = align_up(b->seg_used, PLAN_ALIGN);
-        char *send = p->world > 1 ? ws_tensor_data(&p->send[k % 2]) : NULL;
-        char *recv = p->world > 1 ? ws_tensor_data(&p->recv[k % 2]) : NULL;
+        void *send = NULL, *recv = NULL;
+        if (p->world > 1) {
+            WS_TRY(ws_tensor_access(&p->send[k % 2], WS_ACCESS_WRITE, "send", &send));
+            WS_TRY(ws_tensor_access(&p->recv[k % 2], WS_ACCESS_WRITE, "recv", &recv));
+        }
         for (size_t i = b->piece_begin; i < b->piece_end; i++) {
             const plan_piece *pc = &pieces[i];
             const plan_entry *e = &p->entries[pc->entry];
@@ -369,14 +399,14 @@ static ws_status build_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *
             int64_t valid = e->numel - (int64_t)p->rank * e->shard;
             int64_t hi = pc->b < valid ? pc->b : valid;
             if (hi > pc->a)
-                WS_TRY(emit_copy(pack, send + pc->off, dt, side_ptr(&e->src, pc->a), st,
+                WS_TRY(emit_copy(pack, (char *)send + pc->off, dt, side_ptr(&e->src, pc->a), st,
                                  (size_t)(hi - pc->a)));
             for (int r = 0; r < p->world; r++) {
                 int64_t lo = r * e->shard + pc->a, end = r * e->shard + pc->b;
                 if (end > e->numel) end = e->numel;
                 if (end <= lo) continue;
                 WS_TRY(emit_copy(out, side_ptr(&e->dst, lo), dt,
-                                 recv + (size_t)r * b->seg_used + pc->off, dt,
+                                 (char *)recv + (size_t)r * b->seg_used + pc->off, dt,
                                  (size_t)(end - lo)));
             }
         }
@@ -437,20 +467,23 @@ static ws_status plan_buckets(ws_plan *p)
 /* ---- execution ------------------------------------------------------------------- */
 
 /* Every source readable, every destination writable (a sleeping pool has no
- * memory behind its addresses). */
-static ws_status check_ready(const ws_plan *p)
+ * memory behind its addresses); records their data pointers for planning. */
+static ws_status check_ready(ws_plan *p)
 {
     for (size_t i = 0; i < p->n_entries; i++) {
-        const plan_entry *e = &p->entries[i];
+        plan_entry *e = &p->entries[i];
         ws_tensor v;
+        void *ptr;
         side_view(p, &e->src, e->shard, &v);
-        ws_status rc = ws_tensor_check_readable(&v, "src");
+        ws_status rc = ws_tensor_access(&v, WS_ACCESS_READ, "src", &ptr);
         if (rc != WS_OK) {
             ws_errprefix("plan '%s': entry %zu", p->name, i + 1);
             return rc;
         }
+        e->src.base = ptr;
         side_view(p, &e->dst, e->numel, &v);
-        rc = ws_tensor_check_writable(&v, "dst");
+        rc = ws_tensor_access(&v, WS_ACCESS_WRITE, "dst", &ptr);
+        e->dst.base = ptr;
         if (rc != WS_OK) {
             ws_errprefix("plan '%s': entry %zu", p->name, i + 1);
             return rc;
@@ -605,13 +638,17 @@ ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
 {
     double t0 = now_ms();
     p->stats.pack_ms = p->stats.gather_ms = p->stats.copy_out_ms = p->stats.total_ms = 0;
-    ws_status rc = p->planned ? WS_OK : plan_buckets(p);
-    if (rc == WS_OK) rc = check_ready(p);
+    ws_status rc = check_ready(p);
+    if (rc == WS_OK && !p->planned) rc = plan_buckets(p);
     if (p->world > 1) rc = agree(p, rc);
+    char holder[PLAN_NAME_CAP + 32];
+    snprintf(holder, sizeof holder, "plan '%s' (executing)", p->name);
+    for (size_t i = 0; i < p->n_pools; i++) ws_pool_hold(p->pools[i], holder);
     if (rc == WS_OK) rc = p->world > 1 ? run_gathered(p, progress, ctx) : run_direct(p, progress, ctx);
     /* Device-side copies may still be queued; the stats and the caller's
-     * next read both need them finished. */
+     * next read both need them finished, and the pools stay held until then. */
     ws_status sync = ws_device_synchronize(p->device);
+    for (size_t i = 0; i < p->n_pools; i++) ws_pool_unhold(p->pools[i]);
     if (rc == WS_OK && sync != WS_OK) {
         ws_errprefix("plan '%s': finishing the sync", p->name);
         rc = sync;
@@ -635,6 +672,7 @@ void ws_plan_destroy(ws_plan *p)
     }
     ws_tensor_release(&p->agree);
     drop_plan(p);
+    free(p->pools);
     free(p->entries);
     free(p->names);
     free(p);

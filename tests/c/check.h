@@ -10,6 +10,11 @@
 #include <stdio.h>
 #include <string.h>
 
+/* A tensor's raw bytes, unchecked. Tests inspect memory the library itself
+ * reaches only through ws_tensor_access (addresses of sleeping pools, bytes
+ * just written by a backend). */
+#define ws_tensor_data(t) ((void *)((char *)(t)->storage->data + (t)->offset))
+
 static int check_passed_, check_failed_, check_skipped_, check_case_failed_, check_case_skipped_;
 static const char *check_case_;
 

@@ -253,6 +253,83 @@ static void test_strided_writes_mark_only_their_elements(void)
     CHECK_OK(ws_pool_destroy(p));
 }
 
+/* ws_tensor_access hands out a pool tensor's pointer only for what the pool
+ * allows: nothing while it sleeps, and after a level-2 wake writes but no
+ * reads until written. */
+static void test_access_follows_the_pool(void)
+{
+    ws_pool *p;
+    CHECK_OK(ws_pool_create(ws_device_cpu(), "engine", 1 * MiB, &p));
+    ws_tensor w;
+    CHECK_OK(pool_tensor(p, &w, WS_F32, 256, "w"));
+    void *ptr;
+    CHECK_OK(ws_tensor_access(&w, WS_ACCESS_WRITE, "probe", &ptr));
+    CHECK(ptr == ws_tensor_data(&w));
+    CHECK_OK(ws_tensor_fill(&w, 2));
+    CHECK_OK(ws_tensor_access(&w, WS_ACCESS_READ | WS_ACCESS_WRITE, "probe", &ptr));
+    for (int level = 1; level <= 2; level++) {
+        CHECK_OK(ws_pool_sleep(p, level, NULL));
+        CHECK_ERR(ws_tensor_access(&w, WS_ACCESS_WRITE, "probe", &ptr), WS_ERR_DISCARDED,
+                  "probe: tensor 'w' in pool 'engine' cannot be written: the pool is asleep");
+        CHECK(ptr == NULL);
+        CHECK_ERR(ws_tensor_access(&w, WS_ACCESS_READ, "probe", &ptr), WS_ERR_DISCARDED,
+                  "cannot be read: the pool is asleep");
+        CHECK_OK(ws_pool_wake(p));
+    }
+    CHECK_ERR(ws_tensor_access(&w, WS_ACCESS_READ, "probe", &ptr), WS_ERR_DISCARDED,
+              "probe: tensor 'w' in pool 'engine': contents were discarded by sleep(level=2) #2");
+    CHECK(ptr == NULL);
+    CHECK_OK(ws_tensor_access(&w, WS_ACCESS_WRITE, "probe", &ptr));
+    CHECK_ERR(ws_tensor_access(&w, 0, "probe", &ptr), WS_ERR_ARG, "no access");
+    ws_tensor_free(&w);
+    CHECK_ERR(ws_tensor_access(&w, WS_ACCESS_WRITE, "probe", &ptr), WS_ERR_FREED,
+              "probe: tensor 'w' was freed");
+    ws_tensor_release(&w);
+    CHECK_OK(ws_pool_destroy(p));
+}
+
+/* A held pool keeps its memory: sleep and destroy are refused naming the
+ * holder, wake has nothing to do, and the last unhold frees it again. */
+static void test_holds_keep_the_pool_mapped(void)
+{
+    ws_pool *p;
+    CHECK_OK(ws_pool_create(ws_device_cpu(), "engine", 1 * MiB, &p));
+    ws_pool_hold(p, "plan 'base' (executing)");
+    ws_pool_hold(p, "an async all_gather");
+    CHECK_ERR(ws_pool_sleep(p, 1, NULL), WS_ERR_ARG,
+              "sleep: pool 'engine' is in use by plan 'base' (executing)");
+    CHECK_ERR(ws_pool_sleep(p, 2, NULL), WS_ERR_ARG, "in use by plan 'base'");
+    CHECK_ERR(ws_pool_destroy(p), WS_ERR_ARG, "free: pool 'engine' is in use by plan 'base'");
+    CHECK_OK(ws_pool_wake(p));
+    ws_pool_stats st;
+    ws_pool_get_stats(p, &st);
+    CHECK(!st.asleep && st.sleeps == 0 && st.mapped == st.capacity);
+    ws_pool_unhold(p);
+    CHECK_ERR(ws_pool_sleep(p, 2, NULL), WS_ERR_ARG, "in use by plan 'base'");
+    ws_pool_unhold(p);
+    CHECK_OK(ws_pool_sleep(p, 2, NULL));
+    CHECK_OK(ws_pool_wake(p));
+    CHECK_OK(ws_pool_destroy(p));
+}
+
+/* More than the machine can commit fails at the map, with the pool and the
+ * size in the message, and nothing of the pool is left behind. */
+static void test_pool_larger_than_memory(void)
+{
+    size_t total = 0, free_bytes = 0;
+    ws_device *cpu = ws_device_cpu();
+    CHECK_OK(cpu->ops->mem_info(cpu, &free_bytes, &total));
+    size_t before = cpu->held;
+    ws_pool *p = (ws_pool *)&total;
+    char want[64];
+    snprintf(want, sizeof want, "(%zu bytes)", 4 * total);
+    CHECK_ERR(ws_pool_create(cpu, "kv_cache", 4 * total, &p), WS_ERR_NOMEM,
+              "creating pool 'kv_cache' on cpu: cpu: out of memory mapping");
+    CHECK(strstr(ws_errmsg(), want) != NULL);
+    CHECK(p == NULL);
+    CHECK(cpu->held == before);
+}
+
 int main(void)
 {
     RUN(test_carve_alignment_and_reuse);
@@ -261,5 +338,8 @@ int main(void)
     RUN(test_sleep_returns_memory);
     RUN(test_many_tensors_in_pool);
     RUN(test_strided_writes_mark_only_their_elements);
+    RUN(test_access_follows_the_pool);
+    RUN(test_holds_keep_the_pool_mapped);
+    RUN(test_pool_larger_than_memory);
     return check_summary();
 }

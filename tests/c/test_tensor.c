@@ -200,9 +200,10 @@ static void test_fill_get_set(void)
         int64_t n[1] = {(1 << 20) + 7};
         ws_tensor f;
         CHECK_OK(make(&f, types[k], 1, n, "f"));
-        CHECK_OK(ws_tensor_fill(&f, -2.5 + (types[k] == WS_I64)));
+        double value = types[k] == WS_I64 ? -3.0 : -2.5; /* integers take integers only */
+        CHECK_OK(ws_tensor_fill(&f, value));
         unsigned char want[8];
-        ws_store_scalar(want, types[k], -2.5 + (types[k] == WS_I64));
+        ws_store_scalar(want, types[k], value);
         size_t es = ws_dtype_size(types[k]);
         const unsigned char *p = ws_tensor_data(&f);
         int bad = 0;
@@ -210,6 +211,55 @@ static void test_fill_get_set(void)
         CHECK(bad == 0);
         ws_tensor_release(&f);
     }
+}
+
+/* An integer element that cannot hold a value exactly is an error naming the
+ * value and the dtype, and the tensor keeps what it held. */
+static void test_integer_values_are_exact(void)
+{
+    int64_t n[1] = {4};
+    ws_tensor i32, u8, i64;
+    CHECK_OK(make(&i32, WS_I32, 1, n, "counts"));
+    CHECK_OK(make(&u8, WS_U8, 1, n, "mask"));
+    CHECK_OK(make(&i64, WS_I64, 1, n, "ids"));
+    CHECK_OK(ws_tensor_fill(&i32, 7));
+    CHECK_OK(ws_tensor_fill(&u8, 7));
+    CHECK_OK(ws_tensor_fill(&i64, 7));
+    CHECK_ERR(ws_tensor_set(&i32, 1, 1099511627776.0), WS_ERR_ARG,
+              "set: value 1099511627776 is out of range for i32 (-2147483648 to 2147483647) of "
+              "tensor 'counts'");
+    CHECK_ERR(ws_tensor_set(&u8, 1, -1), WS_ERR_ARG,
+              "set: value -1 is out of range for u8 (0 to 255) of tensor 'mask'");
+    CHECK_ERR(ws_tensor_set(&u8, 1, 256), WS_ERR_ARG, "value 256 is out of range for u8");
+    CHECK_ERR(ws_tensor_set(&i64, 1, 1.5), WS_ERR_ARG,
+              "set: value 1.5 is not an integer; tensor 'ids' holds i64");
+    CHECK_ERR(ws_tensor_set(&i64, 1, 9223372036854775808.0), WS_ERR_ARG,
+              "value 9.2233720368547758e+18 is out of range for i64");
+    CHECK_ERR(ws_tensor_set(&i32, 0, 0.0 / 0.0), WS_ERR_ARG, "value nan is not an integer");
+    CHECK_ERR(ws_tensor_fill(&i32, 2147483648.0), WS_ERR_ARG,
+              "fill: value 2147483648 is out of range for i32");
+    CHECK_ERR(ws_tensor_fill(&u8, 0.5), WS_ERR_ARG, "fill: value 0.5 is not an integer");
+    double v;
+    for (int64_t i = 0; i < 4; i++) {
+        CHECK_OK(ws_tensor_get(&i32, i, &v));
+        CHECK(v == 7);
+        CHECK_OK(ws_tensor_get(&u8, i, &v));
+        CHECK(v == 7);
+        CHECK_OK(ws_tensor_get(&i64, i, &v));
+        CHECK(v == 7);
+    }
+    /* The ends of each range are fine. */
+    CHECK_OK(ws_tensor_set(&i32, 0, -2147483648.0));
+    CHECK_OK(ws_tensor_set(&i32, 1, 2147483647.0));
+    CHECK_OK(ws_tensor_set(&u8, 0, 255));
+    CHECK_OK(ws_tensor_set(&i64, 0, -9223372036854775808.0));
+    CHECK_OK(ws_tensor_get(&i32, 1, &v));
+    CHECK(v == 2147483647.0);
+    CHECK_OK(ws_tensor_get(&u8, 0, &v));
+    CHECK(v == 255);
+    ws_tensor_release(&i32);
+    ws_tensor_release(&u8);
+    ws_tensor_release(&i64);
 }
 
 static void test_views_keep_base_alive(void)
@@ -649,6 +699,7 @@ int main(void)
     RUN(test_empty_tensors);
     RUN(test_labels_and_names);
     RUN(test_fill_get_set);
+    RUN(test_integer_values_are_exact);
     RUN(test_views_keep_base_alive);
     RUN(test_view_errors);
     RUN(test_copy_shapes_and_strides);

@@ -14,7 +14,7 @@ local function coalesced_args(spec)
   for i, e in ipairs(spec) do
     local n, dt = e[1], e[2]
     shards[i] = H.tensor((n + size - 1) // size, dt, "shard" .. i):fill(rank)
-    fulls[i] = H.tensor(n, dt, "full" .. i):fill(-1)
+    fulls[i] = H.tensor(n, dt, "full" .. i):fill(dt == "u8" and 255 or -1)
   end
   return shards, fulls
 end
