@@ -10,6 +10,7 @@
 -- Each entry is also kept as a (trainer entry, engine view) pair so
 -- ws.verify can prove what the plan wrote.
 local ws = require("ws")
+local must = require("ws.must")
 
 local M = {}
 local Sync = {}
@@ -68,8 +69,8 @@ function Sync:build(kind)
         srcs[i], dsts[i], numels[i] = e.tensor, v, e.numel
         plist[i] = { src = e, dst = v, dst_name = label }
     end
-    local plan = ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm, device = self.device,
-                          name = kind }
+    local plan = must("sync", ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm,
+                                       device = self.device, name = kind })
     plan:add(srcs, dsts, numels)
     self.plans[kind], self.pairs[kind] = plan, plist
     return plan
