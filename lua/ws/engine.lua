@@ -97,10 +97,12 @@ function M.new(opts)
     end
     self.weight_bytes = bytes
     self.kv_bytes = math.max(1, opts.kv_cache_mb or 64) * 1024 * 1024
-    -- A pool that cannot be had (a KV cache too big) frees the one made before it.
+    -- A pool that cannot be had (a KV cache too big) frees the one made before
+    -- it. The error that stopped construction (out of memory, Ctrl-C) is what
+    -- the caller sees, whatever the cleanup runs into.
     local ok, err = pcall(M.allocate, self, layout)
     if not ok then
-        self:free()
+        pcall(self.free, self)
         error(err, 0)
     end
     return self
@@ -184,16 +186,23 @@ function Engine:touch_kv_cache(step)
     self.kv_cache:fill(step % 7)
 end
 
--- Also frees an engine whose construction stopped part way.
+-- Also frees an engine whose construction stopped part way. Frees all it
+-- can before raising the first error it met.
 function Engine:free()
+    local first
+    local function release(obj)
+        local ok, err = pcall(obj.free, obj)
+        if not ok and first == nil then first = err end
+    end
     for _, name in ipairs(self.order) do
-        if self.tensors[name] then self.tensors[name]:free() end
+        if self.tensors[name] then release(self.tensors[name]) end
     end
     for _, k in ipairs({ "kv_cache", "weights", "kv_pool" }) do
-        if self[k] then self[k]:free() end
+        if self[k] then release(self[k]) end
         self[k] = nil
     end
     self.tensors = {}
+    if first ~= nil then error(first, 0) end
 end
 
 return M

@@ -177,12 +177,16 @@ function M.run_config(p, cfg, opts)
         log = log, on_step = function(step) step_now = step end })
     report:close()
     local summary = ok and report:summary() or nil
-    -- Free on failure too: a sweep keeps going in this process after a failed point.
-    local freed, ferr = pcall(function()
-        if built.sync then built.sync:free() end
-        if built.engine then built.engine:free() end
-        if built.trainer then built.trainer:free() end
-    end)
+    -- Free on failure too: a sweep keeps going in this process after a failed
+    -- point. Each part is freed even when another fails; the run's own error
+    -- wins over any the cleanup meets.
+    local freed, ferr = true, nil
+    for _, k in ipairs({ "sync", "engine", "trainer" }) do
+        if built[k] then
+            local okf, e = pcall(built[k].free, built[k])
+            if not okf and freed then freed, ferr = false, e end
+        end
+    end
     if not ok then
         if step_now and type(err) == "string" then
             err = string.format("%s: step %d failed: %s", p.name, step_now, err)

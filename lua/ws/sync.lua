@@ -107,13 +107,20 @@ function Sync:send(kind)
     return stats
 end
 
+-- Frees all it can before raising the first error it met.
 function Sync:free()
-    for _, plan in pairs(self.plans) do plan:free() end
-    for _, plist in pairs(self.pairs) do -- verification state (ws.verify)
-        if plist.trainer_sums then plist.trainer_sums:free() end
+    local first
+    local function release(obj)
+        local ok, err = pcall(obj.free, obj)
+        if not ok and first == nil then first = err end
     end
-    for _, v in ipairs(self.views) do v:free() end
+    for _, plan in pairs(self.plans) do release(plan) end
+    for _, plist in pairs(self.pairs) do -- verification state (ws.verify)
+        if plist.trainer_sums then release(plist.trainer_sums) end
+    end
+    for _, v in ipairs(self.views) do release(v) end
     self.plans, self.pairs, self.views = {}, {}, {}
+    if first ~= nil then error(first, 0) end
 end
 
 return M

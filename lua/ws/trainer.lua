@@ -154,18 +154,26 @@ function Trainer:shard_bytes(kind)
     return n
 end
 
+-- Frees all it can (also a trainer whose construction stopped part way)
+-- before raising the first error it met.
 function Trainer:free()
-    for _, e in ipairs(self.params) do
-        if e.view then e.view:free() end
-        if e.empty_view then e.empty_view:free() end
-        if e.tensor then e.tensor:free() end
+    local first
+    local function release(obj)
+        local ok, err = pcall(obj.free, obj)
+        if not ok and first == nil then first = err end
     end
-    for _, h in ipairs(self.host or {}) do h:free() end
+    for _, e in ipairs(self.params) do
+        if e.view then release(e.view) end
+        if e.empty_view then release(e.empty_view) end
+        if e.tensor then release(e.tensor) end
+    end
+    for _, h in ipairs(self.host or {}) do release(h) end
     self.shards, self.host = nil, nil
     if self.pool then
-        self.pool:free()
+        release(self.pool)
         self.pool = nil
     end
+    if first ~= nil then error(first, 0) end
 end
 
 return M
