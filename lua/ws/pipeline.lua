@@ -23,7 +23,10 @@ local M = {}
 M.common = {
     steps = { default = 5, type = "integer", min = 1, help = "training steps" },
     model = { default = "qwen3-0.6b", type = "enum", values = models.names(), help = "model preset" },
-    device = { default = "auto", type = "string", help = "cpu, cuda, cuda:N or auto" },
+    -- per_rank: ranks may differ here (each its own GPU); on every other key
+    -- they must agree (config.agree).
+    device = { default = "auto", type = "string", per_rank = true,
+               help = "cpu, cuda, cuda:N or auto" },
     bucket_mb = { default = 512, type = "number", min = 0.001, max = 1048576,
                   help = "sync bucket size (MB)" },
     kv_cache_mb = { default = 64, type = "integer", min = 1, max = 1048576,
@@ -36,7 +39,7 @@ M.common = {
                       help = "trainer params to pinned host memory after training" },
     seed = { default = 0, type = "integer", min = 0, help = "weight seed" },
     progress = { default = "auto", type = "enum", values = { "auto", "on", "off" },
-                 help = "sync progress on stderr" },
+                 per_rank = true, help = "sync progress on stderr" },
 }
 
 local Pipeline = {}
@@ -161,6 +164,7 @@ function M.run_config(p, cfg, opts)
     local comm, rank, world = world_comm()
     local log = opts.log or function(msg) if rank == 0 then ws.log("%s", msg) end end
     if opts.quiet then log = function() end end
+    config.agree(comm, cfg, p.schema, p.name)
     local device = config.check("device", resolve_device, cfg.device)
     local spec = config.check("model", models.get, cfg.model)
     local lcfg = config.check("target_modules", lora.config, { r = cfg.lora_rank or 0,
