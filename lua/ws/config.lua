@@ -1,7 +1,7 @@
 -- ws.config: pipeline configuration, validated once at the edge.
 --
--- A schema maps each key to {default=, type=, min=, max=, values=,
--- per_rank=, help=};
+-- A schema maps each key to {default=, type=, min=, above=, max=, values=,
+-- per_rank=, help=} (above: an exclusive minimum);
 -- types are "integer", "number", "boolean", "string" and "enum" (one of
 -- `values`). `config.parse(schema, argv)` reads `key=value` words and
 -- `--json FILE` from a command line; `config.resolve(schema, overrides)` does
@@ -64,6 +64,9 @@ local function coerce(key, spec, v)
         end
         if spec.min and n < spec.min then
             fail("config key '%s' must be >= %s, got %s", key, tostring(spec.min), tostring(n))
+        end
+        if spec.above and n <= spec.above then
+            fail("config key '%s' must be > %s, got %s", key, tostring(spec.above), tostring(n))
         end
         if spec.max and n > spec.max then
             fail("config key '%s' must be <= %s, got %s", key, tostring(spec.max), tostring(n))

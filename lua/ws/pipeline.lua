@@ -21,7 +21,7 @@ local M = {}
 
 -- Configuration keys every pipeline has; a pipeline's `defaults` override or extend them.
 M.common = {
-    steps = { default = 5, type = "integer", min = 1, help = "training steps" },
+    steps = { default = 5, type = "integer", min = 1, max = 1000000, help = "training steps" },
     model = { default = "qwen3-0.6b", type = "enum", values = models.names(), help = "model preset" },
     -- per_rank: ranks may differ here (each its own GPU); on every other key
     -- they must agree (config.agree).
@@ -167,8 +167,12 @@ function M.run_config(p, cfg, opts)
     config.agree(comm, cfg, p.schema, p.name)
     local device = config.check("device", resolve_device, cfg.device)
     local spec = config.check("model", models.get, cfg.model)
+    if (cfg.lora_rank or 0) > 0 and cfg.lora_alpha ~= nil then
+        config.check("lora_alpha", lora.check_alpha, cfg.lora_alpha)
+    end
     local lcfg = config.check("target_modules", lora.config, { r = cfg.lora_rank or 0,
         alpha = cfg.lora_alpha, target_modules = cfg.target_modules })
+    if lcfg then config.check("lora_rank", lora.check_rank, spec, lcfg) end
     -- Opened first: an unwritable --json is a configuration mistake, found
     -- before anything is allocated.
     local okr, report = pcall(report_mod.new, { title = p.name, cfg = cfg, device = device,
