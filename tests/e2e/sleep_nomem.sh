@@ -12,6 +12,9 @@ if grep -qs '^WS_SANITIZE:STRING=.\+' "${WS_BUILD_DIR:-build}/CMakeCache.txt"; t
     echo "skip: address-space limits do not apply to sanitizer builds"; exit 77
 fi
 limit_kb=3100000
+# A fixed thread count and few malloc arenas keep the address space the
+# same on machines with many cores (each arena reserves 64 MB).
+export WSHOST_THREADS=2 MALLOC_ARENA_MAX=2
 args="model=qwen3-0.6b steps=2 kv_cache_mb=16 progress=off"
 
 # shellcheck disable=SC2086
