@@ -13,6 +13,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -21,7 +22,7 @@
 static struct {
     pthread_once_t once;
     int nthreads;  /* including the caller */
-    const char *bad_env; /* WSHOST_THREADS when it was not a usable count */
+    char bad_env[64]; /* WSHOST_THREADS when it was not a usable count */
     int started;   /* worker threads actually running */
     int launched;  /* start_workers has run (in this process) */
     pthread_mutex_t submit; /* held by the caller of the running job */
@@ -93,7 +94,7 @@ static void init_threads(void)
         errno = 0;
         n = strtol(env, &end, 10);
         if (errno || *end || end == env || n < 1 || n > WS_MAX_THREADS) {
-            P.bad_env = env;
+            snprintf(P.bad_env, sizeof P.bad_env, "%s", env);
             n = 0;
         }
     }
@@ -112,7 +113,7 @@ int ws_parallel_threads(void)
 ws_status ws_parallel_check_env(void)
 {
     pthread_once(&P.once, init_threads);
-    if (P.bad_env)
+    if (P.bad_env[0])
         return WS_ERR(WS_ERR_ARG, "WSHOST_THREADS=%s: expected a number of threads from 1 to %d "
                       "(or unset: one per CPU)", P.bad_env, WS_MAX_THREADS);
     return WS_OK;
