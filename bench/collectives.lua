@@ -15,6 +15,7 @@
 -- sizes >= 64 MiB falls below it.
 local ws = require "ws"
 local json = require "ws.json"
+local must = require "ws.must"
 
 local opts = {min_bytes = 1024, max_bytes = 256 << 20, iters = 20, dtype = "bf16",
               device = "cpu", json = nil, min_ratio = nil}
@@ -35,11 +36,12 @@ end
 
 local comm = ws.comm()
 local rank, size = comm.rank, comm.size
-local dev = ws.device(opts.device)
-local esize = ws.tensor{shape = {1}, dtype = opts.dtype, device = "cpu"}:nbytes()
+local dev = must("collectives.lua: --device " .. tostring(opts.device), ws.device(opts.device))
+local esize = must("collectives.lua", ws.tensor{shape = {1}, dtype = opts.dtype,
+  device = "cpu"}):nbytes()
 
 local function slowest(x) -- max over ranks of a per-rank number
-  local t = ws.tensor{shape = {1}, dtype = "f32", device = "cpu"}:fill(x)
+  local t = must("collectives.lua", ws.tensor{shape = {1}, dtype = "f32", device = "cpu"}):fill(x)
   comm:all_reduce(t, "max")
   return t:get(1)
 end
@@ -69,10 +71,11 @@ for _, op in ipairs{"all_gather", "broadcast"} do
     local count = bytes // esize // size * size -- elements of the full tensor
     local nbytes = count * esize
     local piece = count // size
-    local full = ws.tensor{shape = {count}, dtype = opts.dtype, device = dev}
+    local full = must("collectives.lua", ws.tensor{shape = {count}, dtype = opts.dtype,
+      device = dev})
     local send, f
     if op == "all_gather" then
-      send = ws.tensor{shape = {piece}, dtype = opts.dtype, device = dev}
+      send = must("collectives.lua", ws.tensor{shape = {piece}, dtype = opts.dtype, device = dev})
       send:random_(11, 1.0, rank * piece)
       f = function() comm:all_gather(send, full) end
     else
@@ -85,8 +88,9 @@ for _, op in ipairs{"all_gather", "broadcast"} do
     comm:set_check(false)
     local time_us = timed(iters, f)
     comm:set_check(true)
-    local want = ws.tensor{shape = {count}, dtype = opts.dtype, device = dev}:random_(11)
-    local wrong = ws.tensor{shape = {1}, dtype = "i64", device = "cpu"}
+    local want = must("collectives.lua", ws.tensor{shape = {count}, dtype = opts.dtype,
+      device = dev}):random_(11)
+    local wrong = must("collectives.lua", ws.tensor{shape = {1}, dtype = "i64", device = "cpu"})
     wrong:fill(full:checksum() == want:checksum() and 0 or 1)
     comm:all_reduce(wrong, "sum")
     wrong = wrong:get(1)

@@ -142,7 +142,7 @@ local function main(argv)
     dev = ws.default_device()
   end
   local start_ms, exe = startup_ms()
-  local cpu = ws.device("cpu")
+  local cpu = assert(ws.device("cpu"))
   local header = {
     version = ws.version, device = dev.name, description = dev.description,
     threads = os.getenv("WSHOST_THREADS") or ("auto: " .. cpu.description),

@@ -17,6 +17,7 @@ local trainer_mod = require("ws.trainer")
 local engine_mod = require("ws.engine")
 local sync_mod = require("ws.sync")
 local json = require("ws.json")
+local must = require("ws.must")
 
 local schema = {
     model = { default = "qwen3-0.6b", type = "enum", values = models.names() },
@@ -36,7 +37,8 @@ end
 local comm = ws.comm()
 local rank, world = comm.rank, comm.size
 local gcomm = world > 1 and comm or nil
-local device = cfg.device == "auto" and ws.default_device() or ws.device(cfg.device)
+local device = cfg.device == "auto" and ws.default_device()
+    or must("bench/sync.lua: device " .. cfg.device, ws.device(cfg.device))
 local function out(fmt, ...) if rank == 0 then io.stdout:write(string.format(fmt, ...), "\n") end end
 local results = {}
 local misses = {}
@@ -79,15 +81,17 @@ local full_ms, full = best(function() return sync:send("full") end)
 local ad_ms, ad = best(function() return sync:send("adapter") end)
 
 -- memcpy reference over the same number of bytes.
-local ref_src = assert(ws.tensor{ shape = { full.bytes_moved }, dtype = "u8", device = device, fill = 1 })
-local ref_dst = assert(ws.tensor{ shape = { full.bytes_moved }, dtype = "u8", device = device })
+local ref_src = must("bench/sync.lua", ws.tensor{ shape = { full.bytes_moved }, dtype = "u8",
+                                                   device = device, fill = 1 })
+local ref_dst = must("bench/sync.lua", ws.tensor{ shape = { full.bytes_moved }, dtype = "u8",
+                                                   device = device })
 local ref_ms = best(function() ws.reference_copy(ref_dst, ref_src); device:synchronize() end)
 -- On a GPU, also the pinned host-to-device copy of the same bytes: the bound
 -- of a sync whose trainer weights were offloaded to host memory.
 local h2d_ms
 if device.kind == "cuda" then
-    local pinned = assert(ws.tensor{ shape = { full.bytes_moved }, dtype = "u8", device = "cpu",
-                                     pinned = true, fill = 1 })
+    local pinned = must("bench/sync.lua", ws.tensor{ shape = { full.bytes_moved }, dtype = "u8",
+                                                     device = "cpu", pinned = true, fill = 1 })
     h2d_ms = best(function() ws.reference_copy(ref_dst, pinned); device:synchronize() end)
     pinned:free()
 end
@@ -126,8 +130,10 @@ sync:free(); engine:free(); trainer:free()
 -- (3) 100k tiny tensors: views of two big tensors, 16 elements each.
 local n, per = cfg.tiny_tensors, 16
 local shard = (per + world - 1) // world
-local big_src = assert(ws.tensor{ shape = { n * shard }, dtype = "bf16", device = device, fill = 0.5 })
-local big_dst = assert(ws.tensor{ shape = { n * per }, dtype = "bf16", device = device })
+local big_src = must("bench/sync.lua", ws.tensor{ shape = { n * shard }, dtype = "bf16",
+                                                   device = device, fill = 0.5 })
+local big_dst = must("bench/sync.lua", ws.tensor{ shape = { n * per }, dtype = "bf16",
+                                                   device = device })
 local srcs, dsts, numels = {}, {}, {}
 for i = 1, n do
     srcs[i] = big_src:narrow(1, (i - 1) * shard + 1, shard)
@@ -135,7 +141,8 @@ for i = 1, n do
     numels[i] = per
 end
 local t0 = ws.now_ms()
-local plan = ws.plan{ bucket_mb = cfg.bucket_mb, comm = gcomm, device = device, name = "tiny" }
+local plan = must("bench/sync.lua", ws.plan{ bucket_mb = cfg.bucket_mb, comm = gcomm,
+                                             device = device, name = "tiny" })
 plan:add(srcs, dsts, numels)
 local add_ms = ws.now_ms() - t0
 local tiny_ms, tiny = best(function() return plan:execute() end)

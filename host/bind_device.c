@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "bind.h"
+#include "parallel.h"
 
 #define DEVICE_CACHE "ws.Device.cache"
 
@@ -297,6 +298,9 @@ static const luaL_Reg ws_funcs[] = {
 void ws_open_device(lua_State *L)
 {
     /* [ws] */
+    /* The cpu device's thread count comes from the environment: a value it
+     * cannot use stops the program here, at startup, not silently later. */
+    if (ws_parallel_check_env() != WS_OK) ws_lua_raise(L, NULL);
     lua_newtable(L);
     lua_setfield(L, LUA_REGISTRYINDEX, DEVICE_CACHE);
 

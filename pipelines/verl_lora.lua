@@ -16,8 +16,10 @@ return pipeline.main_or(pipeline.define{
     name = "verl_lora",
     description = "verl colocated LoRA loop (PR #5147: send the base only when the engine lost it)",
     defaults = {
-        lora_rank = { default = 32, type = "integer", min = 0, help = "LoRA rank (0: LoRA off)" },
-        lora_alpha = { default = 16, type = "number", help = "LoRA alpha" },
+        -- The rank's upper bound depends on the model: ws.lora.check_rank.
+        lora_rank = { default = 32, type = "integer", min = 0,
+                      help = "LoRA rank (0: LoRA off; at most the smallest targeted layer side)" },
+        lora_alpha = { default = 16, type = "number", above = 0, help = "LoRA alpha" },
         target_modules = { default = "all-linear", type = "string",
                            help = "all-linear or a list: q_proj,v_proj" },
     },

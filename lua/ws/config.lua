@@ -1,6 +1,7 @@
 -- ws.config: pipeline configuration, validated once at the edge.
 --
--- A schema maps each key to {default=, type=, min=, max=, values=, help=};
+-- A schema maps each key to {default=, type=, min=, above=, max=, values=,
+-- per_rank=, help=} (above: an exclusive minimum);
 -- types are "integer", "number", "boolean", "string" and "enum" (one of
 -- `values`). `config.parse(schema, argv)` reads `key=value` words and
 -- `--json FILE` from a command line; `config.resolve(schema, overrides)` does
@@ -63,6 +64,9 @@ local function coerce(key, spec, v)
         end
         if spec.min and n < spec.min then
             fail("config key '%s' must be >= %s, got %s", key, tostring(spec.min), tostring(n))
+        end
+        if spec.above and n <= spec.above then
+            fail("config key '%s' must be > %s, got %s", key, tostring(spec.above), tostring(n))
         end
         if spec.max and n > spec.max then
             fail("config key '%s' must be <= %s, got %s", key, tostring(spec.max), tostring(n))
@@ -146,6 +150,91 @@ function M.usage(schema, title)
     end
     lines[#lines + 1] = "  --json FILE        write one JSON line per step"
     return table.concat(lines, "\n")
+end
+
+-- A value as the agreement below shows it: strings quoted, numbers exact.
+local function repr(v)
+    if type(v) == "string" then return string.format("%q", v) end
+    if math.type(v) == "float" and tonumber(tostring(v)) ~= v then
+        return string.format("%.17g", v)
+    end
+    return tostring(v)
+end
+
+-- 64-bit FNV-1a of a string, non-negative so that its negation is exact too.
+local function digest(s)
+    local h = -3750763034362895579 -- 0xcbf29ce484222325
+    for i = 1, #s do h = (h ~ s:byte(i)) * 1099511628211 end
+    return h & math.maxinteger
+end
+
+-- Makes every rank of `comm` check that all ranks resolved the same
+-- configuration (keys whose schema says per_rank = true excepted: a rank's
+-- own GPU, say), before anything is built: ranks that disagree (on `steps`,
+-- above all) would run out of step until one waits forever in a collective.
+-- `label` (the pipeline's name) is compared too. One all_reduce of a digest
+-- when they agree; when they do not, one all_gather of the configurations so
+-- that every rank raises the same config error naming the key and the values.
+function M.agree(comm, cfg, schema, label)
+    local world = comm and comm.size or 1
+    if world <= 1 then return end
+    local ws = require("ws")
+    local must = require("ws.must")
+    local keys = {}
+    for _, k in ipairs(sorted_keys(cfg)) do
+        if not (schema[k] and schema[k].per_rank) then keys[#keys + 1] = k end
+    end
+    local entries = { "pipeline\0" .. repr(label or "") }
+    for _, k in ipairs(keys) do entries[#entries + 1] = k .. "\0" .. repr(cfg[k]) end
+    -- %q never leaves a raw NUL or newline in a string, so these separate safely.
+    local text = table.concat(entries, "\n")
+    local d = digest(text)
+    local probe <close> = must("config", ws.tensor{ shape = { 3 }, dtype = "i64", device = "cpu",
+                                                    name = "config digest" })
+    probe:set(1, d):set(2, -d):set(3, #text)
+    comm:all_reduce(probe, "max")
+    if probe:get(1) == d and probe:get(2) == -d then return end
+
+    -- They differ: every rank gets every configuration and names the first
+    -- key (in sorted order) on which some rank differs from rank 0.
+    local words = (probe:get(3) + 7) // 8
+    local padded = text .. string.rep("\0", words * 8 - #text)
+    local mine <close> = must("config", ws.tensor{ shape = { words }, dtype = "i64",
+                                                   device = "cpu", name = "config text" })
+    for i = 1, words do mine:set(i, (string.unpack("<i8", padded, (i - 1) * 8 + 1))) end
+    local all <close> = must("config", ws.tensor{ shape = { words * world }, dtype = "i64",
+                                                  device = "cpu", name = "config texts" })
+    comm:all_gather(mine, all)
+    local ranks, order, seen = {}, {}, {}
+    for r = 0, world - 1 do
+        local parts = {}
+        for i = 1, words do parts[i] = string.pack("<i8", all:get(r * words + i)) end
+        local map = {}
+        for line in (table.concat(parts):gsub("\0+$", "") .. "\n"):gmatch("(.-)\n") do
+            local k, v = line:match("^(.-)\0(.*)$")
+            if k then
+                map[k] = v
+                if not seen[k] then seen[k], order[#order + 1] = true, k end
+            end
+        end
+        ranks[r] = map
+    end
+    table.sort(order, function(a, b)
+        if (a == "pipeline") ~= (b == "pipeline") then return a == "pipeline" end
+        return a < b
+    end)
+    for _, k in ipairs(order) do
+        for r = 1, world - 1 do
+            local a, b = ranks[0][k], ranks[r][k]
+            if a ~= b then
+                fail("config: ranks disagree on '%s': rank 0 has %s, rank %d has %s", k,
+                     a or "no such key", r, b or "no such key")
+            end
+        end
+    end
+    -- Equal texts cannot give different digests; a rank whose text did not
+    -- arrive whole still must not go on alone.
+    fail("config: ranks disagree on the configuration (digests differ)")
 end
 
 -- "k=v k=v" in key order, for report headers.

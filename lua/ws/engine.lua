@@ -12,6 +12,7 @@
 local ws = require("ws")
 local models = require("ws.models")
 local lora = require("ws.lora")
+local must = require("ws.must")
 
 local M = {}
 local Engine = {}
@@ -96,10 +97,12 @@ function M.new(opts)
     end
     self.weight_bytes = bytes
     self.kv_bytes = math.max(1, opts.kv_cache_mb or 64) * 1024 * 1024
-    -- A pool that cannot be had (a KV cache too big) frees the one made before it.
+    -- A pool that cannot be had (a KV cache too big) frees the one made before
+    -- it. The error that stopped construction (out of memory, Ctrl-C) is what
+    -- the caller sees, whatever the cleanup runs into.
     local ok, err = pcall(M.allocate, self, layout)
     if not ok then
-        self:free()
+        pcall(self.free, self)
         error(err, 0)
     end
     return self
@@ -107,17 +110,20 @@ end
 
 -- Makes the two pools and every tensor in them (`layout`: name -> shape).
 function M.allocate(self, layout)
-    self.weights = assert(ws.pool{ device = self.device, tag = "weights", bytes = self.weight_bytes })
-    self.kv_pool = assert(ws.pool{ device = self.device, tag = "kv_cache",
-                                   bytes = self.kv_bytes + 4096 })
+    self.weights = must("engine", ws.pool{ device = self.device, tag = "weights",
+                                           bytes = self.weight_bytes })
+    self.kv_pool = must("engine", ws.pool{ device = self.device, tag = "kv_cache",
+                                           bytes = self.kv_bytes + 4096 })
     for i, name in ipairs(self.order) do
-        local t = assert(self.weights:tensor{ shape = layout[name], dtype = "bf16", name = name })
+        local t = must("engine", self.weights:tensor{ shape = layout[name], dtype = "bf16",
+                                                      name = name })
+        -- Kept before it is filled: an interrupted fill must still free it.
+        self.tensors[name] = t
         -- load_format=dummy: the engine starts from random weights, as in verl.
         t:random_(0x5EED0 + i, 1.0, 0)
-        self.tensors[name] = t
     end
-    self.kv_cache = assert(self.kv_pool:tensor{ shape = { self.kv_bytes // 2 }, dtype = "bf16",
-                                                name = "kv_cache" })
+    self.kv_cache = must("engine", self.kv_pool:tensor{ shape = { self.kv_bytes // 2 },
+                                                        dtype = "bf16", name = "kv_cache" })
     self.kv_cache:fill(0)
 end
 
@@ -146,9 +152,12 @@ function Engine:sleep(level, note)
     if level ~= 1 and level ~= 2 then
         error("engine:sleep: level must be 1 or 2, got " .. tostring(level), 2)
     end
-    self.weights:sleep(level, note)
-    self.kv_pool:sleep(2, note)
-    self.asleep.weights, self.asleep.kv_cache = true, true
+    -- A sleep that failed (no host memory for the level-1 backup) leaves its
+    -- pool awake and mapped: say so rather than report the engine asleep.
+    must("engine", self.weights:sleep(level, note))
+    self.asleep.weights = true
+    must("engine", self.kv_pool:sleep(2, note))
+    self.asleep.kv_cache = true
 end
 
 -- tags: {"weights"}, {"kv_cache"} or {} / nil for both. Pools that are awake are left alone.
@@ -156,7 +165,7 @@ function Engine:wake_up(tags)
     local pools, names = pools_of(self, tags)
     for i, pool in ipairs(pools) do
         if self.asleep[names[i]] then
-            pool:wake()
+            must("engine", pool:wake())
             self.asleep[names[i]] = false
         end
     end
@@ -177,16 +186,23 @@ function Engine:touch_kv_cache(step)
     self.kv_cache:fill(step % 7)
 end
 
--- Also frees an engine whose construction stopped part way.
+-- Also frees an engine whose construction stopped part way. Frees all it
+-- can before raising the first error it met.
 function Engine:free()
+    local first
+    local function release(obj)
+        local ok, err = pcall(obj.free, obj)
+        if not ok and first == nil then first = err end
+    end
     for _, name in ipairs(self.order) do
-        if self.tensors[name] then self.tensors[name]:free() end
+        if self.tensors[name] then release(self.tensors[name]) end
     end
     for _, k in ipairs({ "kv_cache", "weights", "kv_pool" }) do
-        if self[k] then self[k]:free() end
+        if self[k] then release(self[k]) end
         self[k] = nil
     end
     self.tensors = {}
+    if first ~= nil then error(first, 0) end
 end
 
 return M

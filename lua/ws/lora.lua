@@ -40,6 +40,14 @@ function M.parse_targets(targets, allow_empty)
     return list, set
 end
 
+-- The adapter's scale is alpha / r: a zero or negative alpha silences or
+-- inverts it.
+function M.check_alpha(alpha)
+    if type(alpha) ~= "number" or not (alpha > 0 and alpha < math.huge) then
+        error("LoRA alpha must be a finite number > 0, got " .. tostring(alpha), 0)
+    end
+end
+
 -- cfg: {r=, alpha=, target_modules=}. Returns nil when r == 0 (LoRA off).
 function M.config(cfg)
     local r = cfg.r or 0
@@ -53,7 +61,24 @@ function M.config(cfg)
     end
     local list, set = M.parse_targets(cfg.target_modules)
     local alpha = cfg.alpha or 16
+    M.check_alpha(alpha)
     return { r = r, alpha = alpha, scale = alpha / r, targets = list, target_set = set }
+end
+
+-- Raises unless rank r fits every targeted layer: lora_A [r, in] and lora_B
+-- [out, r] only make sense (and stay small) for r <= min(out, in).
+function M.check_rank(spec, lcfg)
+    local lin = models.linear_shapes(spec)
+    local limit, at
+    for _, m in ipairs(lcfg.targets) do
+        local s = lin[m]
+        local side = math.min(s[1], s[2])
+        if limit == nil or side < limit then limit, at = side, m end
+    end
+    if limit and lcfg.r > limit then
+        error(string.format("LoRA rank %d is larger than the smallest targeted layer (%s [%d, %d]); "
+                            .. "the rank must be <= %d", lcfg.r, at, lin[at][1], lin[at][2], limit), 0)
+    end
 end
 
 -- Adapter parameters for a model spec: {name, shape, numel, base (the HF base

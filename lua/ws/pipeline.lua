@@ -21,9 +21,12 @@ local M = {}
 
 -- Configuration keys every pipeline has; a pipeline's `defaults` override or extend them.
 M.common = {
-    steps = { default = 5, type = "integer", min = 1, help = "training steps" },
+    steps = { default = 5, type = "integer", min = 1, max = 1000000, help = "training steps" },
     model = { default = "qwen3-0.6b", type = "enum", values = models.names(), help = "model preset" },
-    device = { default = "auto", type = "string", help = "cpu, cuda, cuda:N or auto" },
+    -- per_rank: ranks may differ here (each its own GPU); on every other key
+    -- they must agree (config.agree).
+    device = { default = "auto", type = "string", per_rank = true,
+               help = "cpu, cuda, cuda:N or auto" },
     bucket_mb = { default = 512, type = "number", min = 0.001, max = 1048576,
                   help = "sync bucket size (MB)" },
     kv_cache_mb = { default = 64, type = "integer", min = 1, max = 1048576,
@@ -36,7 +39,7 @@ M.common = {
                       help = "trainer params to pinned host memory after training" },
     seed = { default = 0, type = "integer", min = 0, help = "weight seed" },
     progress = { default = "auto", type = "enum", values = { "auto", "on", "off" },
-                 help = "sync progress on stderr" },
+                 per_rank = true, help = "sync progress on stderr" },
 }
 
 local Pipeline = {}
@@ -161,10 +164,15 @@ function M.run_config(p, cfg, opts)
     local comm, rank, world = world_comm()
     local log = opts.log or function(msg) if rank == 0 then ws.log("%s", msg) end end
     if opts.quiet then log = function() end end
+    config.agree(comm, cfg, p.schema, p.name)
     local device = config.check("device", resolve_device, cfg.device)
     local spec = config.check("model", models.get, cfg.model)
+    if (cfg.lora_rank or 0) > 0 and cfg.lora_alpha ~= nil then
+        config.check("lora_alpha", lora.check_alpha, cfg.lora_alpha)
+    end
     local lcfg = config.check("target_modules", lora.config, { r = cfg.lora_rank or 0,
         alpha = cfg.lora_alpha, target_modules = cfg.target_modules })
+    if lcfg then config.check("lora_rank", lora.check_rank, spec, lcfg) end
     -- Opened first: an unwritable --json is a configuration mistake, found
     -- before anything is allocated.
     local okr, report = pcall(report_mod.new, { title = p.name, cfg = cfg, device = device,
@@ -177,12 +185,16 @@ function M.run_config(p, cfg, opts)
         log = log, on_step = function(step) step_now = step end })
     report:close()
     local summary = ok and report:summary() or nil
-    -- Free on failure too: a sweep keeps going in this process after a failed point.
-    local freed, ferr = pcall(function()
-        if built.sync then built.sync:free() end
-        if built.engine then built.engine:free() end
-        if built.trainer then built.trainer:free() end
-    end)
+    -- Free on failure too: a sweep keeps going in this process after a failed
+    -- point. Each part is freed even when another fails; the run's own error
+    -- wins over any the cleanup meets.
+    local freed, ferr = true, nil
+    for _, k in ipairs({ "sync", "engine", "trainer" }) do
+        if built[k] then
+            local okf, e = pcall(built[k].free, built[k])
+            if not okf and freed then freed, ferr = false, e end
+        end
+    end
     if not ok then
         if step_now and type(err) == "string" then
             err = string.format("%s: step %d failed: %s", p.name, step_now, err)

@@ -10,6 +10,7 @@
 -- Each entry is also kept as a (trainer entry, engine view) pair so
 -- ws.verify can prove what the plan wrote.
 local ws = require("ws")
+local must = require("ws.must")
 
 local M = {}
 local Sync = {}
@@ -68,8 +69,8 @@ function Sync:build(kind)
         srcs[i], dsts[i], numels[i] = e.tensor, v, e.numel
         plist[i] = { src = e, dst = v, dst_name = label }
     end
-    local plan = ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm, device = self.device,
-                          name = kind }
+    local plan = must("sync", ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm,
+                                       device = self.device, name = kind })
     plan:add(srcs, dsts, numels)
     self.plans[kind], self.pairs[kind] = plan, plist
     return plan
@@ -106,13 +107,20 @@ function Sync:send(kind)
     return stats
 end
 
+-- Frees all it can before raising the first error it met.
 function Sync:free()
-    for _, plan in pairs(self.plans) do plan:free() end
-    for _, plist in pairs(self.pairs) do -- verification state (ws.verify)
-        if plist.trainer_sums then plist.trainer_sums:free() end
+    local first
+    local function release(obj)
+        local ok, err = pcall(obj.free, obj)
+        if not ok and first == nil then first = err end
     end
-    for _, v in ipairs(self.views) do v:free() end
+    for _, plan in pairs(self.plans) do release(plan) end
+    for _, plist in pairs(self.pairs) do -- verification state (ws.verify)
+        if plist.trainer_sums then release(plist.trainer_sums) end
+    end
+    for _, v in ipairs(self.views) do release(v) end
     self.plans, self.pairs, self.views = {}, {}, {}
+    if first ~= nil then error(first, 0) end
 end
 
 return M

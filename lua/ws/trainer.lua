@@ -15,6 +15,7 @@
 local ws = require("ws")
 local models = require("ws.models")
 local lora = require("ws.lora")
+local must = require("ws.must")
 
 local M = {}
 local Trainer = {}
@@ -72,10 +73,11 @@ function M.new(opts)
     local bytes = 4096
     for _, e in ipairs(self.params) do bytes = bytes + align(e.shard_numel * esize, 256) end
     self.pool_bytes = bytes
-    self.pool = assert(ws.pool{ device = self.device, tag = "trainer", bytes = bytes })
+    self.pool = must("trainer", ws.pool{ device = self.device, tag = "trainer", bytes = bytes })
     local ok, err = pcall(M.fill, self)
     if not ok then
-        self:free()
+        -- The error that stopped construction wins over any the cleanup meets.
+        pcall(self.free, self)
         error(err, 0)
     end
     return self
@@ -84,8 +86,8 @@ end
 -- Makes every shard tensor in the pool and gives it its initial values.
 function M.fill(self)
     for _, e in ipairs(self.params) do
-        e.tensor = assert(self.pool:tensor{ shape = { e.shard_numel }, dtype = self.dtype,
-                                            name = e.name })
+        e.tensor = must("trainer", self.pool:tensor{ shape = { e.shard_numel },
+                                                     dtype = self.dtype, name = e.name })
         -- The shard's real elements (no padding): what checksums and syncs read.
         if e.real > 0 then e.view = e.tensor:narrow(1, 1, e.real) end
         e.tensor:random_(M.seed_of(e.name, 0) ~ self.seed, INIT_SCALE[e.kind], e.first)
@@ -121,20 +123,21 @@ function Trainer:offload(note)
     if not self.host then
         self.host = {}
         for i, e in ipairs(self.params) do
-            self.host[i] = assert(ws.tensor{ shape = { e.shard_numel }, dtype = self.dtype,
-                                             device = self.device, pinned = true,
-                                             name = e.name .. " (offloaded)" })
+            self.host[i] = must("trainer offload",
+                                ws.tensor{ shape = { e.shard_numel }, dtype = self.dtype,
+                                           device = self.device, pinned = true,
+                                           name = e.name .. " (offloaded)" })
         end
     end
     ws.copy_many(self.host, shard_lists(self))
-    self.pool:sleep(2, note or "trainer offload")
+    must("trainer offload", self.pool:sleep(2, note or "trainer offload"))
     self.offloaded = true
 end
 
 -- Maps the device memory again (same addresses) and copies the shards back.
 function Trainer:load()
     if not self.offloaded then return end
-    self.pool:wake()
+    must("trainer load", self.pool:wake())
     ws.copy_many(shard_lists(self), self.host)
     for _, e in ipairs(self.params) do e.version = e.version + 1 end
     self.generation, self.loads = self.generation + 1, self.loads + 1
@@ -151,18 +154,26 @@ function Trainer:shard_bytes(kind)
     return n
 end
 
+-- Frees all it can (also a trainer whose construction stopped part way)
+-- before raising the first error it met.
 function Trainer:free()
-    for _, e in ipairs(self.params) do
-        if e.view then e.view:free() end
-        if e.empty_view then e.empty_view:free() end
-        if e.tensor then e.tensor:free() end
+    local first
+    local function release(obj)
+        local ok, err = pcall(obj.free, obj)
+        if not ok and first == nil then first = err end
     end
-    for _, h in ipairs(self.host or {}) do h:free() end
+    for _, e in ipairs(self.params) do
+        if e.view then release(e.view) end
+        if e.empty_view then release(e.empty_view) end
+        if e.tensor then release(e.tensor) end
+    end
+    for _, h in ipairs(self.host or {}) do release(h) end
     self.shards, self.host = nil, nil
     if self.pool then
-        self.pool:free()
+        release(self.pool)
         self.pool = nil
     end
+    if first ~= nil then error(first, 0) end
 end
 
 return M

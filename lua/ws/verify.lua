@@ -9,6 +9,7 @@
 -- naming both tensors. A destination whose contents a sleep discarded raises
 -- the pool's own error (tensor, pool, sleep) from the checksum call.
 local ws = require("ws")
+local must = require("ws.must")
 
 local M = {}
 
@@ -36,7 +37,7 @@ local function trainer_sums(pairs, l, ctx)
     local tr = ctx.trainer
     local key = tr and (l.frozen and "loads " .. tr.loads or "gen " .. tr.generation)
     if key and pairs.trainer_key == key then return pairs.trainer_sums end
-    local sums = ws.checksums(l.srcs, l.firsts, "bf16")
+    local sums = must("verify", ws.checksums(l.srcs, l.firsts, "bf16"))
     if (ctx.world or 1) > 1 and ctx.comm then ctx.comm:all_reduce(sums, "sum") end
     if pairs.trainer_sums then pairs.trainer_sums:free() end
     pairs.trainer_sums, pairs.trainer_key = sums, key
@@ -52,7 +53,8 @@ function M.check(pairs, ctx)
     local l = lists(pairs)
     local want = trainer_sums(pairs, l, ctx)
     local where = ctx.note or "rollout"
-    local ok, got = pcall(ws.checksums, l.dsts, nil, "bf16")
+    local ok, got, msg = pcall(ws.checksums, l.dsts, nil, "bf16")
+    if ok and got == nil then ok, got = false, msg end
     if not ok then error(string.format("verify (%s): %s", where, tostring(got)), 0) end
     if got:checksum() ~= want:checksum() then
         for i, p in ipairs(pairs) do
