@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "device.h"
+#include "fault.h"
 #include "parallel.h"
 
 #define CPU_ALIGN 64
@@ -462,7 +463,7 @@ static ws_status cpu_mem_info(ws_device *d, size_t *free_bytes, size_t *total_by
 
 static ws_status cpu_event_create(ws_device *d, ws_event **out)
 {
-    *out = calloc(1, sizeof **out);
+    *out = ws_calloc(1, sizeof **out);
     if (!*out) return WS_ERR(WS_ERR_NOMEM, "cpu: out of memory creating an event");
     return WS_OK;
 }
