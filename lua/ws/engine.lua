@@ -146,8 +146,8 @@ function Engine:sleep(level, note)
     if level ~= 1 and level ~= 2 then
         error("engine:sleep: level must be 1 or 2, got " .. tostring(level), 2)
     end
-    self.weights:sleep(level, note)
-    self.kv_pool:sleep(2, note)
+    assert(self.weights:sleep(level, note))
+    assert(self.kv_pool:sleep(2, note))
     self.asleep.weights, self.asleep.kv_cache = true, true
 end
 
@@ -156,7 +156,7 @@ function Engine:wake_up(tags)
     local pools, names = pools_of(self, tags)
     for i, pool in ipairs(pools) do
         if self.asleep[names[i]] then
-            pool:wake()
+            assert(pool:wake())
             self.asleep[names[i]] = false
         end
     end

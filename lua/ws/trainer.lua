@@ -127,14 +127,14 @@ function Trainer:offload(note)
         end
     end
     ws.copy_many(self.host, shard_lists(self))
-    self.pool:sleep(2, note or "trainer offload")
+    assert(self.pool:sleep(2, note or "trainer offload"))
     self.offloaded = true
 end
 
 -- Maps the device memory again (same addresses) and copies the shards back.
 function Trainer:load()
     if not self.offloaded then return end
-    self.pool:wake()
+    assert(self.pool:wake())
     ws.copy_many(shard_lists(self), self.host)
     for _, e in ipairs(self.params) do e.version = e.version + 1 end
     self.generation, self.loads = self.generation + 1, self.loads + 1

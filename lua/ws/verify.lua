@@ -36,7 +36,7 @@ local function trainer_sums(pairs, l, ctx)
     local tr = ctx.trainer
     local key = tr and (l.frozen and "loads " .. tr.loads or "gen " .. tr.generation)
     if key and pairs.trainer_key == key then return pairs.trainer_sums end
-    local sums = ws.checksums(l.srcs, l.firsts, "bf16")
+    local sums = assert(ws.checksums(l.srcs, l.firsts, "bf16"))
     if (ctx.world or 1) > 1 and ctx.comm then ctx.comm:all_reduce(sums, "sum") end
     if pairs.trainer_sums then pairs.trainer_sums:free() end
     pairs.trainer_sums, pairs.trainer_key = sums, key
@@ -52,8 +52,10 @@ function M.check(pairs, ctx)
     local l = lists(pairs)
     local want = trainer_sums(pairs, l, ctx)
     local where = ctx.note or "rollout"
-    local ok, got = pcall(ws.checksums, l.dsts, nil, "bf16")
-    if not ok then error(string.format("verify (%s): %s", where, tostring(got)), 0) end
+    local ok, got, msg = pcall(ws.checksums, l.dsts, nil, "bf16")
+    if not ok or not got then
+        error(string.format("verify (%s): %s", where, tostring(ok and msg or got)), 0)
+    end
     if got:checksum() ~= want:checksum() then
         for i, p in ipairs(pairs) do
             local g, w = got:get(i), want:get(i)
