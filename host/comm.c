@@ -681,7 +681,7 @@ ws_status ws_comm_all_gather_coalesced(ws_comm *c, ws_tensor *const *shards,
         size_t piece = ALIGN_UP(ws_tensor_nbytes(shards[i]), 16);
         if (piece > max_piece) max_piece = piece;
         all_pieces += piece;
-        uint64_t words[2] = {(uint64_t)nf, (uint64_t)fulls[i]->dtype};
+        const uint64_t words[2] = {(uint64_t)nf, (uint64_t)fulls[i]->dtype};
         for (int w = 0; w < 2; w++)
             for (int b = 0; b < 64; b += 8) layout = (layout ^ ((words[w] >> b) & 0xff)) *
                                                       1099511628211u;
