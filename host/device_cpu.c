@@ -375,7 +375,7 @@ static void load_bits_block(uint64_t *out, const unsigned char *p, size_t size, 
 
 /* The hot loop of every verification: cloned for AVX-512 (64-bit lane
  * multiplies) where the CPU has it, so hashing keeps up with memory. */
-__attribute__((target_clones("arch=x86-64-v4", "default")))
+WS_CLONES_V4
 static uint64_t hash_block(const uint64_t *bits, uint64_t first, int64_t k)
 {
     uint64_t acc = 0;
