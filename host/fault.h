@@ -12,7 +12,9 @@
  * Every failure it injects is announced once on stderr ("wshost: fault
  * injection: failing host allocation #N"), so a test knows whether its run
  * reached the N-th allocation at all. In other builds the hooks compile to
- * the plain allocators and `0`. */
+ * the plain allocators and `0`. Allocations whose failure already has a
+ * fallback needing no memory (the cpu batch index, a storage's written-range
+ * growth, a pool's free list) stay plain: failing them changes nothing. */
 #ifndef WS_FAULT_H
 #define WS_FAULT_H
 
