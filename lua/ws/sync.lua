@@ -68,8 +68,8 @@ function Sync:build(kind)
         srcs[i], dsts[i], numels[i] = e.tensor, v, e.numel
         plist[i] = { src = e, dst = v, dst_name = label }
     end
-    local plan = ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm, device = self.device,
-                          name = kind }
+    local plan = assert(ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm,
+                                 device = self.device, name = kind })
     plan:add(srcs, dsts, numels)
     self.plans[kind], self.pairs[kind] = plan, plist
     return plan
