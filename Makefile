@@ -72,7 +72,7 @@ test-tsan: tsan
 	ctest --test-dir $(TSAN_BUILD) --output-on-failure -j $(JOBS) -L c
 
 # cppcheck over the C core with the committed configuration (scripts/cppcheck.sh).
-lint:
+lint: deps
 	scripts/cppcheck.sh
 
 bench: build
