@@ -59,6 +59,10 @@ for ((i = 1; i <= ROUNDS; i++)); do
         fail "round $i: ranks did not start"; sed 's/^/    /' "$out"; kill "$job" 2>/dev/null; wait "$job"
         continue
     fi
+    # The job's header names the world size once the world is up: from then
+    # on the survivor itself must name the lost rank.
+    world_up=0
+    grep -q "world 2," "$out" && world_up=1
     t_kill=$(now_ms)
     kill -9 "$vpid"
     # The survivor must end by itself or be ended by the launcher within the
@@ -81,8 +85,11 @@ for ((i = 1; i <= ROUNDS; i++)); do
     elif grep -q "rank $other: lost rank $victim (pid $vpid" "$out"; then
         by_survivor=$((by_survivor + 1))
         pass "$name, named by the survivor"
+    elif [ "$world_up" -eq 1 ]; then
+        fail "$name: the world was up, but the survivor did not name rank $victim"
+        sed 's/^/    /' "$out"
     elif grep -Eq "process rank $victim\b" "$out"; then
-        pass "$name, named by the launcher"
+        pass "$name, named by the launcher (before the world was up)"
     else
         fail "$name: no message names rank $victim"; sed 's/^/    /' "$out"
     fi
