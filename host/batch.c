@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fault.h"
 #include "tensor.h"
 
 static int same_shape(const ws_tensor *a, const ws_tensor *b)
@@ -142,7 +143,7 @@ ws_status ws_tensor_copy(ws_tensor *dst, const ws_tensor *src)
 static ws_status alloc_descs(size_t n, const char *what, ws_copy_desc **out)
 {
     *out = NULL;
-    if (n > SIZE_MAX / sizeof(ws_copy_desc) || !(*out = malloc(n * sizeof **out)))
+    if (n > SIZE_MAX / sizeof(ws_copy_desc) || !(*out = ws_malloc(n * sizeof **out)))
         return WS_ERR(WS_ERR_NOMEM, "%s: out of memory for %zu copy descriptors", what, n);
     return WS_OK;
 }

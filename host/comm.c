@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "comm_internal.h"
+#include "fault.h"
 #include "pool.h"
 
 static ws_comm g_world;
@@ -160,7 +161,7 @@ int ws_comm_get_check(const ws_comm *c) { return c->check; }
 ws_status ws_comm_split(ws_comm *c, int color, int key, ws_comm **out)
 {
     *out = NULL;
-    ws_comm *child = calloc(1, sizeof *child);
+    ws_comm *child = ws_calloc(1, sizeof *child);
     if (!child) return WS_ERR(WS_ERR_NOMEM, "split: out of host memory");
     child->host = c->host;
     child->size = 1;
@@ -336,7 +337,7 @@ static ws_status req_new(ws_comm *c, ws_comm_request **req, const char *what,
     *r = NULL;
     if (!req) return WS_OK;
     *req = NULL;
-    ws_comm_request *q = calloc(1, sizeof *q);
+    ws_comm_request *q = ws_calloc(1, sizeof *q);
     if (!q) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory for a request", what);
     q->comm = c;
     q->what = what;
@@ -529,7 +530,7 @@ ws_status ws_comm_all_gather_list(ws_comm *c, const ws_tensor *send, ws_tensor *
         return rc;
     }
     ws_comm_request *q = *req;
-    q->unpack.dsts = malloc(n * sizeof *q->unpack.dsts);
+    q->unpack.dsts = ws_malloc(n * sizeof *q->unpack.dsts);
     if (!q->unpack.dsts) {
         ws_comm_wait(q);
         *req = NULL;
@@ -697,7 +698,7 @@ ws_status ws_comm_all_gather_coalesced(ws_comm *c, ws_tensor *const *shards,
         size_t piece = ALIGN_UP(ws_tensor_nbytes(shards[i]), 16);
         if (piece > max_piece) max_piece = piece;
         all_pieces += piece;
-        uint64_t words[2] = {(uint64_t)nf, (uint64_t)fulls[i]->dtype};
+        const uint64_t words[2] = {(uint64_t)nf, (uint64_t)fulls[i]->dtype};
         for (int w = 0; w < 2; w++)
             for (int b = 0; b < 64; b += 8) layout = (layout ^ ((words[w] >> b) & 0xff)) *
                                                       1099511628211u;
@@ -719,7 +720,7 @@ ws_status ws_comm_all_gather_coalesced(ws_comm *c, ws_tensor *const *shards,
     WS_TRY(pick(c, d, &ops));
 
     ws_tensor sendb = {0}, recvb = {0};
-    ws_copy_desc *descs = malloc((n + n * (size_t)c->size) * sizeof *descs);
+    ws_copy_desc *descs = ws_malloc((n + n * (size_t)c->size) * sizeof *descs);
     if (!descs) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory for %zu copies", what, n);
     ws_tensor_opts o = {.device = d, .name = "all_gather_coalesced bucket"};
     ws_status rc = ws_tensor_empty(&sendb, WS_U8, 1, (int64_t[]){(int64_t)cap}, &o);

@@ -99,6 +99,11 @@ ws_status ws_mpi_reference(ws_comm *c, const char *op, size_t bytes, int iters,
 int ws_mpi_active(void);
 void ws_mpi_abort(int exit_code);
 void ws_mpi_finalize(void);
+/* comm_watch.c: a thread that ends this rank, naming the lost one, when a
+ * rank on this node dies without leaving the job (kill -9, a crash). Joins
+ * one small all-gather, so every rank of the world calls it. */
+ws_status ws_mpi_watch_peers(ws_comm *c);
+void ws_mpi_unwatch_peers(void); /* before MPI_Finalize */
 #endif
 
 /* ---- NCCL (comm_nccl.c) ---------------------------------------------------- */

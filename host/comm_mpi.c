@@ -524,7 +524,7 @@ ws_status ws_mpi_init_world(ws_comm *c)
         MPI_Comm_rank(node, &c->local_rank);
         MPI_Comm_free(&node);
     }
-    return WS_OK;
+    return ws_mpi_watch_peers(c);
 }
 
 ws_status ws_mpi_split(ws_comm *parent, int color, int key, ws_comm *child, int *undefined)
@@ -638,6 +638,7 @@ void ws_mpi_abort(int exit_code)
 void ws_mpi_finalize(void)
 {
     if (!ws_mpi_active()) return;
+    ws_mpi_unwatch_peers();
     g_mpi.finalized = 1;
     int fin = 0;
     MPI_Finalized(&fin);

@@ -33,6 +33,8 @@ typedef int nccl_result;   /* ncclResult_t: 0 success, 7 in progress */
 typedef int nccl_dtype;    /* ncclDataType_t */
 typedef int nccl_op;       /* ncclRedOp_t */
 typedef struct nccl_comm_opaque *nccl_comm;
+/* Only its size matters: NCCL fills it and MPI broadcasts it as bytes. */
+// cppcheck-suppress unusedStructMember
 typedef struct { char internal[128]; } nccl_unique_id;
 
 enum { NCCL_OK = 0, NCCL_IN_PROGRESS = 7 };

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fault.h"
 #include "parallel.h"
 
 #define WS_MAX_CUDA_DEVICES 16
@@ -25,7 +26,7 @@ static pthread_once_t cuda_once = PTHREAD_ONCE_INIT;
 
 static void init_cpu(void)
 {
-    cpu_device.ops = ws_cpu_ops();
+    cpu_device.ops = ws_fault_wrap_ops(ws_cpu_ops());
     cpu_device.kind = WS_DEVICE_CPU;
     cpu_device.index = 0;
     snprintf(cpu_device.name, sizeof cpu_device.name, "cpu");
@@ -46,6 +47,8 @@ static void probe_cuda(void)
     const char *reason = NULL;
     int n = ws_cuda_probe(cuda_devices, WS_MAX_CUDA_DEVICES, &reason);
     cuda_count = n > 0 ? n : 0;
+    for (int i = 0; i < cuda_count; i++)
+        cuda_devices[i].ops = ws_fault_wrap_ops(cuda_devices[i].ops);
     cuda_reason = cuda_count ? NULL : (reason ? reason : "no GPU found");
 #else
     cuda_count = 0;

@@ -266,7 +266,7 @@ static void store_int(void *p, ws_dtype t, int64_t v)
 /* The pairs every f32-master sync runs over all weights, as branch-free
  * loops the vectorizer turns into AVX-512 where the CPU has it. Same bits as
  * ws_f32_to_bf16 / ws_bf16_to_f32 (tested against them). */
-__attribute__((target_clones("arch=x86-64-v4", "default")))
+WS_CLONES_V4
 static void f32_to_bf16_block(uint16_t *d, const unsigned char *s, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
@@ -278,7 +278,7 @@ static void f32_to_bf16_block(uint16_t *d, const unsigned char *s, size_t n)
     }
 }
 
-__attribute__((target_clones("arch=x86-64-v4", "default")))
+WS_CLONES_V4
 static void bf16_to_f32_block(unsigned char *d, const uint16_t *s, size_t n)
 {
     for (size_t i = 0; i < n; i++) {

@@ -46,6 +46,20 @@ void ws_convert_host(void *dst, ws_dtype dt, const void *src, ws_dtype st, size_
 /* Raw bits of one element, zero-extended: the value the checksum hashes. */
 uint64_t ws_load_bits(const void *p, ws_dtype t);
 
+/* A hot loop cloned for AVX-512 and dispatched at load time (an ifunc).
+ * ThreadSanitizer builds keep only the default clone: the instrumented
+ * resolver would run before the sanitizer's runtime is set up, and crash. */
+#if defined(__SANITIZE_THREAD__)
+#define WS_CLONES_V4
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define WS_CLONES_V4
+#endif
+#endif
+#ifndef WS_CLONES_V4
+#define WS_CLONES_V4 __attribute__((target_clones("arch=x86-64-v4", "default")))
+#endif
+
 /* The two inline functions below also run in CUDA kernels (cuda_kernels.cu),
  * so the CPU and the GPU compute them from the same source. */
 #ifdef __CUDACC__

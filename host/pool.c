@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fault.h"
+
 #define POOL_ALIGN 256
 
 struct ws_pool {
@@ -56,7 +58,7 @@ static int set_rehash(ws_pool *p, size_t n_slots)
 {
     ws_storage **old = p->slots;
     size_t old_n = p->n_slots;
-    ws_storage **fresh = calloc(n_slots, sizeof *fresh);
+    ws_storage **fresh = ws_calloc(n_slots, sizeof *fresh);
     if (!fresh) return -1;
     p->slots = fresh;
     p->n_slots = n_slots;
@@ -241,7 +243,7 @@ ws_status ws_pool_create(ws_device *d, const char *tag, size_t capacity, ws_pool
     if (capacity > SIZE_MAX - g)
         return WS_ERR(WS_ERR_NOMEM, "pool '%s': capacity of %zu bytes is too large", tag, capacity);
     size_t cap = (capacity + g - 1) / g * g;
-    ws_pool *p = calloc(1, sizeof *p);
+    ws_pool *p = ws_calloc(1, sizeof *p);
     if (!p) return WS_ERR(WS_ERR_NOMEM, "pool '%s': out of host memory", tag);
     snprintf(p->tag, sizeof p->tag, "%s", tag);
     p->dev = d;
@@ -308,7 +310,8 @@ ws_status ws_pool_sleep(ws_pool *p, int level, const char *note)
         if (p->backup) d->ops->host_free(d, p->backup, p->backup_cap);
         p->backup = NULL;
         p->backup_cap = 0;
-        ws_status rc = d->ops->host_alloc(d, keep, &p->backup);
+        ws_status rc = ws_fault_check(WS_FAULT_BACKUP, "a pool backup", keep);
+        if (rc == WS_OK) rc = d->ops->host_alloc(d, keep, &p->backup);
         if (rc != WS_OK) {
             p->backup = NULL;
             ws_errprefix("sleep(level=1) of pool '%s': backing up %zu bytes", p->tag, keep);

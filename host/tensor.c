@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fault.h"
 #include "pool.h"
 
 /* ---- storage ---------------------------------------------------------------------- */
@@ -72,7 +73,7 @@ const char *ws_tensor_label(const ws_tensor *t, char *buf, size_t n)
 ws_status ws_tensor_set_name(ws_tensor *t, const char *name)
 {
     char *copy = NULL;
-    if (name && !(copy = strdup(name)))
+    if (name && !(copy = ws_strdup(name)))
         return WS_ERR(WS_ERR_NOMEM, "out of memory naming a tensor '%s'", name);
     free(t->name);
     t->name = copy;
@@ -119,9 +120,9 @@ ws_status ws_tensor_empty(ws_tensor *t, ws_dtype dtype, int ndim, const int64_t 
         ws_errprefix("creating tensor '%s'", opts->name ? opts->name : "(unnamed)");
         return rc;
     }
-    ws_storage *s = calloc(1, sizeof *s);
-    char *name = opts->name ? strdup(opts->name) : NULL;
-    char *sname = opts->name ? strdup(opts->name) : NULL;
+    ws_storage *s = ws_calloc(1, sizeof *s);
+    char *name = opts->name ? ws_strdup(opts->name) : NULL;
+    char *sname = opts->name ? ws_strdup(opts->name) : NULL;
     if (!s || (opts->name && (!name || !sname))) {
         free(s);
         free(name);
@@ -142,7 +143,7 @@ ws_status ws_tensor_empty(ws_tensor *t, ws_dtype dtype, int ndim, const int64_t 
             if (rc == WS_OK) {
                 /* Fresh pool memory counts as written: only a discard makes
                  * contents unreadable, as with any new allocation. */
-                s->written = malloc(sizeof *s->written);
+                s->written = ws_malloc(sizeof *s->written);
                 if (s->written) {
                     s->written[0] = (ws_range){0, nbytes};
                     s->n_written = s->cap_written = 1;
@@ -421,7 +422,7 @@ static ws_status make_view(ws_tensor *out, const ws_tensor *t, size_t offset, ws
                            const ws_layout *l)
 {
     char *name = NULL;
-    if (t->name && !(name = strdup(t->name)))
+    if (t->name && !(name = ws_strdup(t->name)))
         return WS_ERR(WS_ERR_NOMEM, "out of memory creating a view of '%s'", t->name);
     ws_storage_retain(t->storage);
     ws_tensor v = {t->storage, offset, dtype, *l, name};

@@ -19,6 +19,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "fault.h"
+
 /* Pieces in a gathered segment start on this boundary so every piece is
  * aligned for the widest vector loads of either backend. */
 #define PLAN_ALIGN 256
@@ -128,7 +130,7 @@ ws_status ws_plan_create(ws_comm *comm, ws_device *device, size_t bucket_bytes, 
                       "plan '%s': bucket of %zu bytes is too small for a world of %d; use at "
                       "least %zu bytes (%d x %d)",
                       nm, bucket_bytes, world, (size_t)world * PLAN_ALIGN, world, PLAN_ALIGN);
-    ws_plan *p = calloc(1, sizeof *p);
+    ws_plan *p = ws_calloc(1, sizeof *p);
     if (!p) return WS_ERR(WS_ERR_NOMEM, "plan '%s': out of host memory", nm);
     snprintf(p->name, sizeof p->name, "%s", nm);
     p->comm = world > 1 ? comm : NULL;
@@ -193,7 +195,7 @@ static ws_status grow(void **arr, size_t *cap, size_t need, size_t elem, const c
     if (need <= *cap) return WS_OK;
     size_t c = *cap ? *cap : 16;
     while (c < need) c *= 2;
-    void *n = realloc(*arr, c * elem);
+    void *n = ws_realloc(*arr, c * elem);
     if (!n) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory (%zu bytes)", what, c * elem);
     *arr = n;
     *cap = c;
