@@ -15,7 +15,7 @@
 -- sizes >= 64 MiB falls below it.
 local ws = require "ws"
 local json = require "ws.json"
-local must = require "ws.must"
+local must = require("ws.errors").must
 
 local opts = {min_bytes = 1024, max_bytes = 256 << 20, iters = 20, dtype = "bf16",
               device = "cpu", json = nil, min_ratio = nil}

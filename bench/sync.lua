@@ -17,7 +17,7 @@ local trainer_mod = require("ws.trainer")
 local engine_mod = require("ws.engine")
 local sync_mod = require("ws.sync")
 local json = require("ws.json")
-local must = require("ws.must")
+local must = require("ws.errors").must
 
 local schema = {
     model = { default = "qwen3-0.6b", type = "enum", values = models.names() },

@@ -4,7 +4,7 @@
 --
 --   wshost pipelines/primitives.lua [--device cpu|cuda[:N]]
 local ws = require "ws"
-local must = require "ws.must"
+local must = require("ws.errors").must
 
 local dev_name
 for i = 1, #arg do

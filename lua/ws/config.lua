@@ -8,17 +8,15 @@
 -- the same for a table (a sweep running a pipeline in-process). Every problem
 -- raises a config error (unknown key, wrong type, out of range) whose message
 -- says what is accepted; `config.is_error(e)` tells it apart from a crash.
+local errors = require("ws.errors")
+
 local M = {}
 
-local Error = {}
-Error.__index = Error
-Error.__tostring = function(e) return e.message end
+-- Config errors are ws.errors objects with code "config": one line, no
+-- traceback, wherever they are raised.
+local function fail(fmt, ...) errors.raise("config", fmt, ...) end
 
-local function fail(fmt, ...)
-    error(setmetatable({ message = string.format(fmt, ...) }, Error), 0)
-end
-
-function M.is_error(e) return getmetatable(e) == Error end
+function M.is_error(e) return errors.is(e, "config") end
 
 -- Raises a config error (for checks made after parsing: model, device, ...).
 function M.raise(fmt, ...) fail(fmt, ...) end
@@ -179,7 +177,7 @@ function M.agree(comm, cfg, schema, label)
     local world = comm and comm.size or 1
     if world <= 1 then return end
     local ws = require("ws")
-    local must = require("ws.must")
+    local must = require("ws.errors").must
     local keys = {}
     for _, k in ipairs(sorted_keys(cfg)) do
         if not (schema[k] and schema[k].per_rank) then keys[#keys + 1] = k end

@@ -23,6 +23,15 @@
 -- errors.is(e [, code])  whether e is such an object (with that code).
 -- errors.context(e, fmt, ...)  e with string.format(fmt, ...) .. ": " in
 --     front of its message, same code; a string error stays a string.
+-- errors.must(what, v, msg, code, ...)  the library's way to use a ws call
+--     that reports failure as nil, msg, code: returns all but `what` when v
+--     is neither nil nor false; otherwise raises errors.new(code or "env",
+--     "<what>: <msg>") (`what` is not repeated when msg already starts with
+--     it), so a failure is never dropped and read later as a success:
+--         local must = require("ws.errors").must
+--         must("engine", pool:sleep(1, note))
+--     A policy that reacts to a failure (a smaller bucket, a level-2 sleep)
+--     calls the function itself and looks at the code.
 --
 -- Codes are the ones the C API returns ("nomem", "device", "io", "format",
 -- "comm", "timeout") or any other short word naming the kind of failure.
@@ -56,6 +65,17 @@ function M.context(e, fmt, ...)
     if M.is(e) then return M.new(e.code, prefix .. ": " .. e.message) end
     if type(e) == "string" then return prefix .. ": " .. e end
     return e
+end
+
+function M.must(what, v, msg, code, ...)
+    if v ~= nil and v ~= false then return v, msg, code, ... end
+    if M.is(msg) then
+        if what then error(M.context(msg, "%s", what), 0) end
+        error(msg, 0)
+    end
+    msg = msg == nil and "failed without a message" or tostring(msg)
+    if what and msg:sub(1, #what + 1) ~= what .. ":" then msg = what .. ": " .. msg end
+    error(M.new(code, msg), 0)
 end
 
 return M

@@ -9,6 +9,7 @@
 -- the sync plans once, calls the policy's step(ctx, step) N times and reports.
 local ws = require("ws")
 local config = require("ws.config")
+local errors = require("ws.errors")
 local models = require("ws.models")
 local lora = require("ws.lora")
 local trainer_mod = require("ws.trainer")
@@ -196,9 +197,7 @@ function M.run_config(p, cfg, opts)
         end
     end
     if not ok then
-        if step_now and type(err) == "string" then
-            err = string.format("%s: step %d failed: %s", p.name, step_now, err)
-        end
+        if step_now then err = errors.context(err, "%s: step %d failed", p.name, step_now) end
         error(err, 0)
     end
     if not freed then error(ferr, 0) end

@@ -10,7 +10,7 @@
 -- Each entry is also kept as a (trainer entry, engine view) pair so
 -- ws.verify can prove what the plan wrote.
 local ws = require("ws")
-local must = require("ws.must")
+local must = require("ws.errors").must
 
 local M = {}
 local Sync = {}

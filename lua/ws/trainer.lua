@@ -15,7 +15,7 @@
 local ws = require("ws")
 local models = require("ws.models")
 local lora = require("ws.lora")
-local must = require("ws.must")
+local must = require("ws.errors").must
 
 local M = {}
 local Trainer = {}

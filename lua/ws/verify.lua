@@ -9,7 +9,7 @@
 -- naming both tensors. A destination whose contents a sleep discarded raises
 -- the pool's own error (tensor, pool, sleep) from the checksum call.
 local ws = require("ws")
-local must = require("ws.must")
+local must = require("ws.errors").must
 
 local M = {}
 
