@@ -31,6 +31,7 @@ static struct {
     pid_t *pids;
     int stop;    /* set (atomically) before MPI_Finalize */
     int started;
+    pthread_t thread;
 } W;
 
 static uint64_t host_id(void)
@@ -109,13 +110,8 @@ ws_status ws_mpi_watch_peers(ws_comm *c)
         W.pids[W.n++] = pid;
     }
     if (W.n > 0) {
-        pthread_t t;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         /* No thread, no watch: the launcher still ends the job, only later. */
-        W.started = pthread_create(&t, &attr, watch_main, NULL) == 0;
-        pthread_attr_destroy(&attr);
+        W.started = pthread_create(&W.thread, NULL, watch_main, NULL) == 0;
     }
 out:
     free(all);
@@ -129,4 +125,12 @@ out:
     return rc;
 }
 
-void ws_mpi_unwatch_peers(void) { __atomic_store_n(&W.stop, 1, __ATOMIC_RELEASE); }
+/* Joins the watcher (one nap at most), so no thread of ours is still running
+ * or exiting when the process ends: LeakSanitizer's exit-time scan stops
+ * every thread and crashed on one caught halfway out. */
+void ws_mpi_unwatch_peers(void)
+{
+    __atomic_store_n(&W.stop, 1, __ATOMIC_RELEASE);
+    if (W.started && !pthread_equal(W.thread, pthread_self())) pthread_join(W.thread, NULL);
+    W.started = 0;
+}
