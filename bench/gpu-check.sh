@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # gpu-check.sh: the whole GPU check in one run, for a machine with CUDA,
-# CMake, ninja and PyTorch but no package registry (design-notes §5).
+# CMake, ninja and PyTorch but no package registry.
 #
 #   bench/gpu-check.sh [OUT_DIR]      (default: $OUT, else ./gpu-check-out)
 #

@@ -10,7 +10,7 @@ bf16 on the way. The LoRA adapters (lora_A [r, in], lora_B [out, r]) are sent
 the same way afterwards, into separate engine tensors.
 
 Values and checksums are bit-compatible with wshost: trainer shards are filled
-with ws_random_elem (host/dtype.h) and the checksum is the shard-composable sum
+with ws_random_elem (host/core/dtype.h) and the checksum is the shard-composable sum
 of ws_hash_elem(global index, raw bits) mod 2^64 over every engine tensor, so
 bench/compare.lua can check that both sides wrote identical engine weights.
 

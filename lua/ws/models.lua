@@ -1,4 +1,4 @@
--- ws.models: model specs (HF Qwen3 parameter names and shapes, design-notes §2).
+-- ws.models: model specs (HF Qwen3 parameter names and shapes).
 --
 -- A spec is plain data; `models.params(spec)` lists every trainer parameter in
 -- HF order with its shape, so the trainer, the engine layout and the sync

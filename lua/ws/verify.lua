@@ -1,6 +1,6 @@
 -- ws.verify: proof that the engine holds exactly the trainer's weights.
 --
--- Uses the shard-composable checksum (design-notes §4): the checksum of a
+-- Uses the shard-composable checksum: the checksum of a
 -- full tensor is the sum mod 2^64 of its shards' checksums taken with their
 -- global first index. The trainer side checksums each rank's real shard
 -- elements as bf16 (what the engine stores, so f32 master weights compare

@@ -58,9 +58,9 @@ static void test_all_gather_copies(void)
     CHECK(q != NULL);
     CHECK_OK(ws_comm_wait(q));
     CHECK(same_bytes(&s, &r));
-    ws_tensor_release(&s);
-    ws_tensor_release(&r);
-    ws_tensor_release(&bad);
+    ws_tensor_free(&s);
+    ws_tensor_free(&r);
+    ws_tensor_free(&bad);
 }
 
 static void test_all_gather_list(void)
@@ -80,10 +80,10 @@ static void test_all_gather_list(void)
     CHECK(memcmp((char *)ws_tensor_data(&whole) + 33 * 4, ws_tensor_data(&s), 33 * 4) == 0);
     ws_tensor *two[2] = {&r, &r};
     CHECK_ERR(ws_comm_all_gather_list(c, &s, two, 2, NULL), WS_ERR_ARG, "one per rank (1)");
-    ws_tensor_release(&view);
-    ws_tensor_release(&whole);
-    ws_tensor_release(&s);
-    ws_tensor_release(&r);
+    ws_tensor_free(&view);
+    ws_tensor_free(&whole);
+    ws_tensor_free(&s);
+    ws_tensor_free(&r);
 }
 
 static void test_reductions_are_identity(void)
@@ -100,9 +100,9 @@ static void test_reductions_are_identity(void)
     CHECK_OK(ws_comm_reduce_scatter(c, &t, &out, WS_REDUCE_SUM, NULL));
     CHECK(same_bytes(&t, &out));
     CHECK_OK(ws_comm_reduce_scatter(c, &t, &t, WS_REDUCE_SUM, NULL)); /* in place: one rank */
-    ws_tensor_release(&t);
-    ws_tensor_release(&copy);
-    ws_tensor_release(&out);
+    ws_tensor_free(&t);
+    ws_tensor_free(&copy);
+    ws_tensor_free(&out);
 }
 
 static void test_roots_and_peers(void)
@@ -115,7 +115,7 @@ static void test_roots_and_peers(void)
     CHECK_ERR(ws_comm_send(c, &t, 0, NULL), WS_ERR_ARG, "peer 0 is this rank");
     CHECK_ERR(ws_comm_recv(c, &t, 3, NULL), WS_ERR_ARG, "peer 3 is out of range");
     CHECK_OK(ws_comm_barrier(c));
-    ws_tensor_release(&t);
+    ws_tensor_free(&t);
 }
 
 static void test_rejects_freed_and_strided(void)
@@ -124,7 +124,7 @@ static void test_rejects_freed_and_strided(void)
     ws_tensor t = {0}, r = {0}, m = {0}, col = {0};
     make(&t, WS_F32, 4, "gone", 10);
     make(&r, WS_F32, 4, "recv", 11);
-    ws_tensor_release(&t);
+    ws_tensor_free(&t);
     ws_status rc = ws_comm_all_gather(c, &t, &r, NULL);
     CHECK(rc == WS_ERR_FREED || rc == WS_ERR_ARG);
     int64_t shape[2] = {4, 4};
@@ -133,9 +133,9 @@ static void test_rejects_freed_and_strided(void)
     CHECK_OK(ws_tensor_fill(&m, 1.0));
     CHECK_OK(ws_tensor_narrow(&col, &m, 1, 0, 1));
     CHECK_ERR(ws_comm_all_reduce(c, &col, WS_REDUCE_SUM, NULL), WS_ERR_ARG, "not contiguous");
-    ws_tensor_release(&col);
-    ws_tensor_release(&m);
-    ws_tensor_release(&r);
+    ws_tensor_free(&col);
+    ws_tensor_free(&m);
+    ws_tensor_free(&r);
 }
 
 static void test_coalesced_uneven(void)
@@ -156,8 +156,8 @@ static void test_coalesced_uneven(void)
     CHECK_OK(ws_comm_all_gather_coalesced(c, sp, fp, N, 64)); /* tiny buckets: one per tensor */
     for (int i = 0; i < N; i++) CHECK(same_bytes(&shards[i], &fulls[i]));
     for (int i = 0; i < N; i++) {
-        ws_tensor_release(&shards[i]);
-        ws_tensor_release(&fulls[i]);
+        ws_tensor_free(&shards[i]);
+        ws_tensor_free(&fulls[i]);
     }
 }
 
@@ -175,8 +175,8 @@ static void test_coalesced_huge_bucket(void)
     CHECK_OK(ws_tensor_random(&shard, 42, 1.0f, 0));
     CHECK_OK(ws_comm_all_gather_coalesced(c, sp, fp, 1, (size_t)1 << 50));
     CHECK(same_bytes(&shard, &full));
-    ws_tensor_release(&shard);
-    ws_tensor_release(&full);
+    ws_tensor_free(&shard);
+    ws_tensor_free(&full);
 }
 
 /* An op outside the enum is an argument error, not a silent max. */
@@ -188,8 +188,8 @@ static void test_bad_op(void)
     make(&out, WS_F32, 4, "out", 44);
     CHECK_ERR(ws_comm_all_reduce(c, &t, (ws_reduce_op)7, NULL), WS_ERR_ARG, "op 7");
     CHECK_ERR(ws_comm_reduce_scatter(c, &t, &out, (ws_reduce_op)-1, NULL), WS_ERR_ARG, "op -1");
-    ws_tensor_release(&t);
-    ws_tensor_release(&out);
+    ws_tensor_free(&t);
+    ws_tensor_free(&out);
 }
 
 static void test_split_and_reference(void)

@@ -354,11 +354,11 @@ static void test_random_fill_checksum_match_cpu(void)
             CHECK(memcmp(ws_tensor_data(&c), ws_tensor_data(&back), nb) == 0);
         }
     next:
-        ws_tensor_release(&cv);
-        ws_tensor_release(&gv);
-        ws_tensor_release(&c);
-        ws_tensor_release(&g);
-        ws_tensor_release(&back);
+        ws_tensor_free(&cv);
+        ws_tensor_free(&gv);
+        ws_tensor_free(&c);
+        ws_tensor_free(&g);
+        ws_tensor_free(&back);
     }
 }
 
@@ -521,13 +521,13 @@ static void strided_case(ws_device *sd, const int64_t *dshape, const int64_t *ss
     CHECK_OK(ws_tensor_checksum(&refview, 3, dt, &b));
     CHECK_EQ_U64(a, b);
 out:
-    ws_tensor_release(&view);
-    ws_tensor_release(&refview);
-    ws_tensor_release(&src);
-    ws_tensor_release(&srccpu);
-    ws_tensor_release(&dst);
-    ws_tensor_release(&ref);
-    ws_tensor_release(&back);
+    ws_tensor_free(&view);
+    ws_tensor_free(&refview);
+    ws_tensor_free(&src);
+    ws_tensor_free(&srccpu);
+    ws_tensor_free(&dst);
+    ws_tensor_free(&ref);
+    ws_tensor_free(&back);
 }
 
 static void test_strided_narrow(void)
@@ -629,7 +629,7 @@ static void test_pool_sleep_wake(void)
     CHECK_OK(ws_tensor_checksum(&t, 0, WS_BF16, &c1));
     CHECK_EQ_U64(c1, c0);
 out:
-    ws_tensor_release(&t);
+    ws_tensor_free(&t);
     CHECK_OK(ws_pool_destroy(pool));
 }
 

@@ -48,7 +48,7 @@ static void test_carve_alignment_and_reuse(void)
     CHECK(st.capacity == 1 * MiB && st.used == 256 + 512 + 256 && st.mapped == 1 * MiB);
     /* A freed block is reused first fit. */
     void *bp = ws_tensor_data(&b);
-    ws_tensor_release(&b);
+    ws_tensor_free(&b);
     CHECK_OK(pool_tensor(p, &d, WS_F32, 64, "d"));
     CHECK(ws_tensor_data(&d) == bp);
     /* A request larger than what is left fails with a message. */
@@ -59,10 +59,10 @@ static void test_carve_alignment_and_reuse(void)
     CHECK(ws_tensor_is_released(&big));
     /* Destroy refuses while tensors live, naming one. */
     CHECK_ERR(ws_pool_destroy(p), WS_ERR_ARG, "pool 'carve' still has 3 live tensors");
-    ws_tensor_release(&a);
-    ws_tensor_release(&c);
+    ws_tensor_free(&a);
+    ws_tensor_free(&c);
     CHECK_ERR(ws_pool_destroy(p), WS_ERR_ARG, "1 live tensor ('d')");
-    ws_tensor_release(&d);
+    ws_tensor_free(&d);
     ws_pool_get_stats(p, &st);
     CHECK(st.used == 0);
     CHECK_OK(ws_pool_destroy(p));
@@ -106,7 +106,7 @@ static void test_level1_round_trip_same_address(void)
     CHECK(cpu->held == held0 + 4 * MiB);
     CHECK_OK(ws_pool_wake(p)); /* waking an awake pool is harmless */
     CHECK_ERR(ws_pool_sleep(p, 3, NULL), WS_ERR_ARG, "sleep level must be 1");
-    ws_tensor_release(&t);
+    ws_tensor_free(&t);
     CHECK_OK(ws_pool_destroy(p));
     CHECK(cpu->held == held0);
 }
@@ -154,12 +154,12 @@ static void test_level2_discard_names_tensor_pool_and_sleep(void)
     ws_tensor fresh;
     CHECK_OK(pool_tensor(p, &fresh, WS_F32, 16, "fresh"));
     CHECK_OK(ws_tensor_checksum(&fresh, 0, WS_F32, &s));
-    ws_tensor_release(&fresh);
-    ws_tensor_release(&copy);
-    ws_tensor_release(&half);
-    ws_tensor_release(&rest);
-    ws_tensor_release(&other);
-    ws_tensor_release(&w);
+    ws_tensor_free(&fresh);
+    ws_tensor_free(&copy);
+    ws_tensor_free(&half);
+    ws_tensor_free(&rest);
+    ws_tensor_free(&other);
+    ws_tensor_free(&w);
     CHECK_OK(ws_pool_destroy(p));
 }
 
@@ -186,7 +186,7 @@ static void test_sleep_returns_memory(void)
     CHECK_OK(ws_pool_sleep(p, 1, NULL));
     CHECK_OK(ws_pool_wake(p));
     CHECK(((unsigned char *)ws_tensor_data(&t))[64 * MiB - 1] == 1);
-    ws_tensor_release(&t);
+    ws_tensor_free(&t);
     CHECK_OK(ws_pool_destroy(p));
 }
 
@@ -205,8 +205,8 @@ static void test_many_tensors_in_pool(void)
         discarded += ws_tensor_checksum(&ts[i], 0, WS_F32, &s) == WS_ERR_DISCARDED;
     CHECK(discarded == (N + 96) / 97);
     /* Free in an interleaved order; the pool ends empty and destroyable. */
-    for (int i = 0; i < N; i += 2) ws_tensor_release(&ts[i]);
-    for (int i = 1; i < N; i += 2) ws_tensor_release(&ts[i]);
+    for (int i = 0; i < N; i += 2) ws_tensor_free(&ts[i]);
+    for (int i = 1; i < N; i += 2) ws_tensor_free(&ts[i]);
     ws_pool_stats st;
     ws_pool_get_stats(p, &st);
     CHECK(st.used == 0);
@@ -244,12 +244,12 @@ static void test_strided_writes_mark_only_their_elements(void)
     CHECK_OK(ws_tensor_checksum(&w, 0, WS_F32, &s)); /* both columns written */
     CHECK_OK(ws_tensor_get(&m, 7, &v));
     CHECK(v == 2);
-    ws_tensor_release(&part);
-    ws_tensor_release(&rows);
-    ws_tensor_release(&col0);
-    ws_tensor_release(&col1);
-    ws_tensor_release(&m);
-    ws_tensor_release(&w);
+    ws_tensor_free(&part);
+    ws_tensor_free(&rows);
+    ws_tensor_free(&col0);
+    ws_tensor_free(&col1);
+    ws_tensor_free(&m);
+    ws_tensor_free(&w);
     CHECK_OK(ws_pool_destroy(p));
 }
 
@@ -281,10 +281,10 @@ static void test_access_follows_the_pool(void)
     CHECK(ptr == NULL);
     CHECK_OK(ws_tensor_access(&w, WS_ACCESS_WRITE, "probe", &ptr));
     CHECK_ERR(ws_tensor_access(&w, 0, "probe", &ptr), WS_ERR_ARG, "no access");
-    ws_tensor_free(&w);
+    ws_tensor_release(&w);
     CHECK_ERR(ws_tensor_access(&w, WS_ACCESS_WRITE, "probe", &ptr), WS_ERR_FREED,
               "probe: tensor 'w' was freed");
-    ws_tensor_release(&w);
+    ws_tensor_free(&w);
     CHECK_OK(ws_pool_destroy(p));
 }
 

@@ -127,7 +127,7 @@ static void test_alloc_accounting_and_oom(void)
     ws_mem_info mi;
     CHECK_OK(ws_device_mem_info(cpu, &mi));
     CHECK(mi.total > 0 && mi.held == cpu->held && mi.free <= mi.total);
-    ws_tensor_release(&t);
+    ws_tensor_free(&t);
     CHECK(cpu->held == held0);
     CHECK(ws_tensor_is_released(&t));
 
@@ -143,7 +143,7 @@ static void test_alloc_accounting_and_oom(void)
     int64_t one[1] = {3};
     CHECK_OK(make(&h, WS_U8, 1, one, NULL));
     CHECK(((uintptr_t)ws_tensor_data(&h) & 63) == 0);
-    ws_tensor_release(&h);
+    ws_tensor_free(&h);
 }
 
 static void test_empty_tensors(void)
@@ -160,8 +160,8 @@ static void test_empty_tensors(void)
     CHECK(sum == 0);
     double v;
     CHECK_ERR(ws_tensor_get(&a, 0, &v), WS_ERR_ARG, "index 0 out of range for tensor 'a' f32[0,5]");
-    ws_tensor_release(&a);
-    ws_tensor_release(&b);
+    ws_tensor_free(&a);
+    ws_tensor_free(&b);
 }
 
 static void test_labels_and_names(void)
@@ -174,8 +174,8 @@ static void test_labels_and_names(void)
     CHECK_OK(ws_tensor_set_name(&t, "model.w"));
     CHECK(strcmp(ws_tensor_label(&t, buf, sizeof buf), "'model.w'") == 0);
     CHECK(strcmp(ws_tensor_typestr(&t, buf, sizeof buf), "bf16[2,3]") == 0);
-    ws_tensor_release(&t);
-    ws_tensor_release(&t); /* idempotent */
+    ws_tensor_free(&t);
+    ws_tensor_free(&t); /* idempotent */
 }
 
 static void test_fill_get_set(void)
@@ -193,7 +193,7 @@ static void test_fill_get_set(void)
     CHECK_EQ_U64(((uint16_t *)ws_tensor_data(&t))[7], 0x4049);
     CHECK_ERR(ws_tensor_get(&t, 15, &v), WS_ERR_ARG, "get: index 15 out of range for tensor 't'");
     CHECK_ERR(ws_tensor_set(&t, -1, 0), WS_ERR_ARG, "set: index -1 out of range");
-    ws_tensor_release(&t);
+    ws_tensor_free(&t);
     /* Every element of every width, across chunk and block boundaries. */
     static const ws_dtype types[] = {WS_F32, WS_BF16, WS_FP8E4M3, WS_I64};
     for (int k = 0; k < 4; k++) {
@@ -209,7 +209,7 @@ static void test_fill_get_set(void)
         int bad = 0;
         for (int64_t i = 0; i < n[0]; i++) bad += memcmp(p + (size_t)i * es, want, es) != 0;
         CHECK(bad == 0);
-        ws_tensor_release(&f);
+        ws_tensor_free(&f);
     }
 }
 
@@ -257,9 +257,9 @@ static void test_integer_values_are_exact(void)
     CHECK(v == 2147483647.0);
     CHECK_OK(ws_tensor_get(&u8, 0, &v));
     CHECK(v == 255);
-    ws_tensor_release(&i32);
-    ws_tensor_release(&u8);
-    ws_tensor_release(&i64);
+    ws_tensor_free(&i32);
+    ws_tensor_free(&u8);
+    ws_tensor_free(&i64);
 }
 
 static void test_views_keep_base_alive(void)
@@ -276,9 +276,9 @@ static void test_views_keep_base_alive(void)
     CHECK(flat.dtype == WS_U8 && flat.layout.shape[0] == 96);
     CHECK_OK(ws_tensor_view_dtype(&as_bf16, &base, WS_BF16));
     CHECK(as_bf16.layout.shape[0] == 4 && as_bf16.layout.shape[1] == 12);
-    ws_tensor_release(&base);
-    ws_tensor_release(&flat);
-    ws_tensor_release(&as_bf16);
+    ws_tensor_free(&base);
+    ws_tensor_free(&flat);
+    ws_tensor_free(&as_bf16);
     /* The view still owns the storage: reading it is valid (ASan checks). */
     CHECK(view.storage->refcount == 1);
     CHECK(memcmp(ws_tensor_data(&view), expect, sizeof expect) == 0);
@@ -287,7 +287,7 @@ static void test_views_keep_base_alive(void)
     CHECK_EQ_U64(sum, reference_checksum(expect, 6, 12));
     char buf[64];
     CHECK(strcmp(ws_tensor_label(&view, buf, sizeof buf), "'base'") == 0);
-    ws_tensor_release(&view);
+    ws_tensor_free(&view);
 }
 
 static void test_view_errors(void)
@@ -303,7 +303,7 @@ static void test_view_errors(void)
     int64_t infer[3] = {2, -1, 3};
     CHECK_OK(ws_tensor_reshape(&v, &t, 3, infer));
     CHECK(v.layout.shape[1] == 4 && ws_tensor_is_contiguous(&v));
-    ws_tensor_release(&v);
+    ws_tensor_free(&v);
     ws_tensor cols;
     CHECK_OK(ws_tensor_narrow(&cols, &t, 1, 1, 2));
     CHECK(!ws_tensor_is_contiguous(&cols));
@@ -314,9 +314,9 @@ static void test_view_errors(void)
     ws_tensor u;
     CHECK_OK(make(&u, WS_U8, 1, odd, "odd"));
     CHECK_ERR(ws_tensor_view_dtype(&v, &u, WS_BF16), WS_ERR_ARG, "cannot reinterpret tensor 'odd'");
-    ws_tensor_release(&u);
-    ws_tensor_release(&cols);
-    ws_tensor_release(&t);
+    ws_tensor_free(&u);
+    ws_tensor_free(&cols);
+    ws_tensor_free(&t);
 }
 
 static void test_copy_shapes_and_strides(void)
@@ -355,12 +355,12 @@ static void test_copy_shapes_and_strides(void)
     CHECK(v == 17.5); /* row 3, column 4 <- c[3][1] = src[3][2] = 17.5 */
     CHECK_OK(ws_tensor_get(&src, 0, &v));
     CHECK(v == 0.5); /* untouched */
-    ws_tensor_release(&cols2);
-    ws_tensor_release(&cols);
-    ws_tensor_release(&src);
-    ws_tensor_release(&a);
-    ws_tensor_release(&b);
-    ws_tensor_release(&c);
+    ws_tensor_free(&cols2);
+    ws_tensor_free(&cols);
+    ws_tensor_free(&src);
+    ws_tensor_free(&a);
+    ws_tensor_free(&b);
+    ws_tensor_free(&c);
 }
 
 static void test_large_parallel_copy_and_convert(void)
@@ -391,10 +391,10 @@ static void test_large_parallel_copy_and_convert(void)
     CHECK_EQ_U64(s1, s2); /* `as` hashes converted bits */
     CHECK_OK(ws_tensor_fill(&b, -0.25));
     CHECK(((float *)ws_tensor_data(&b))[n[0] - 1] == -0.25f);
-    ws_tensor_release(&a);
-    ws_tensor_release(&b);
-    ws_tensor_release(&h);
-    ws_tensor_release(&back);
+    ws_tensor_free(&a);
+    ws_tensor_free(&b);
+    ws_tensor_free(&h);
+    ws_tensor_free(&back);
 }
 
 /* A large 2-D strided copy (split by rows across threads) with conversion. */
@@ -417,9 +417,9 @@ static void test_large_strided_copy(void)
     CHECK_OK(ws_tensor_checksum(&cols, 0, WS_BF16, &a));
     CHECK_OK(ws_tensor_checksum(&out, 0, WS_BF16, &b));
     CHECK_EQ_U64(a, b);
-    ws_tensor_release(&out);
-    ws_tensor_release(&cols);
-    ws_tensor_release(&m);
+    ws_tensor_free(&out);
+    ws_tensor_free(&cols);
+    ws_tensor_free(&m);
 }
 
 static void test_random_determinism(void)
@@ -454,11 +454,11 @@ static void test_random_determinism(void)
     CHECK(v == ws_random_elem(1, 5, 1.0f));
     CHECK_OK(ws_tensor_get(&m, 54, &v));
     CHECK(v == 7);
-    ws_tensor_release(&col);
-    ws_tensor_release(&m);
-    ws_tensor_release(&all);
-    ws_tensor_release(&lo);
-    ws_tensor_release(&hi);
+    ws_tensor_free(&col);
+    ws_tensor_free(&m);
+    ws_tensor_free(&all);
+    ws_tensor_free(&lo);
+    ws_tensor_free(&hi);
 }
 
 static void test_checksum_composes_over_shards(void)
@@ -477,7 +477,7 @@ static void test_checksum_composes_over_shards(void)
         ws_tensor s;
         CHECK_OK(ws_tensor_narrow(&s, &t, 0, cuts[i], cuts[i + 1] - cuts[i]));
         CHECK_OK(ws_tensor_checksum(&s, (uint64_t)cuts[i], WS_F32, &parts[i]));
-        ws_tensor_release(&s);
+        ws_tensor_free(&s);
     }
     CHECK_EQ_U64(parts[2] + parts[0] + parts[1], full);
     /* A 2-D view of the same data, and a strided view vs its copy. */
@@ -487,7 +487,7 @@ static void test_checksum_composes_over_shards(void)
     uint64_t sm;
     CHECK_OK(ws_tensor_checksum(&m, 0, WS_F32, &sm));
     CHECK_EQ_U64(sm, full);
-    ws_tensor_release(&m);
+    ws_tensor_free(&m);
     int64_t s3[2] = {1000, 3};
     ws_tensor t3;
     CHECK_OK(ws_tensor_narrow(&m, &t, 0, 0, 3000));
@@ -508,11 +508,11 @@ static void test_checksum_composes_over_shards(void)
     uint64_t shifted;
     CHECK_OK(ws_tensor_checksum(&t, 1, WS_F32, &shifted));
     CHECK(shifted != changed);
-    ws_tensor_release(&colc);
-    ws_tensor_release(&col);
-    ws_tensor_release(&t3);
-    ws_tensor_release(&m);
-    ws_tensor_release(&t);
+    ws_tensor_free(&colc);
+    ws_tensor_free(&col);
+    ws_tensor_free(&t3);
+    ws_tensor_free(&m);
+    ws_tensor_free(&t);
 }
 
 static void test_freed_tensor_errors_name_it(void)
@@ -521,7 +521,7 @@ static void test_freed_tensor_errors_name_it(void)
     int64_t n[1] = {4};
     CHECK_OK(make(&a, WS_F32, 1, n, "a"));
     CHECK_OK(make(&b, WS_F32, 1, n, "b"));
-    ws_tensor_free(&b);
+    ws_tensor_release(&b);
     CHECK(ws_tensor_is_released(&b));
     CHECK_ERR(ws_tensor_copy(&a, &b), WS_ERR_FREED, "copy_ src: tensor 'b' was freed");
     CHECK_ERR(ws_tensor_fill(&b, 1), WS_ERR_FREED, "fill: tensor 'b' was freed");
@@ -529,10 +529,10 @@ static void test_freed_tensor_errors_name_it(void)
     CHECK_ERR(ws_tensor_checksum(&b, 0, WS_F32, &s), WS_ERR_FREED, "tensor 'b' was freed");
     ws_tensor v;
     CHECK_ERR(ws_tensor_narrow(&v, &b, 0, 0, 1), WS_ERR_FREED, "'b' was freed");
-    ws_tensor_release(&b); /* frees the kept name */
+    ws_tensor_free(&b); /* frees the kept name */
     CHECK(b.name == NULL);
     CHECK_ERR(ws_tensor_fill(&b, 1), WS_ERR_FREED, "tensor <unnamed> was freed");
-    ws_tensor_release(&a);
+    ws_tensor_free(&a);
 }
 
 static void test_events_measure_time(void)
@@ -572,8 +572,8 @@ static void test_parallel_after_fork(void)
     int status = 0;
     CHECK(waitpid(pid, &status, 0) == pid);
     CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-    ws_tensor_release(&a);
-    ws_tensor_release(&b);
+    ws_tensor_free(&a);
+    ws_tensor_free(&b);
 }
 
 /* Shapes whose element count does not fit are refused, even when a 0-sized
@@ -596,7 +596,7 @@ static void test_shape_overflow_is_refused(void)
     int64_t wrap_infer[3] = {-1, INT64_C(1) << 62, INT64_C(1) << 62};
     CHECK_ERR(ws_tensor_reshape(&v, &t, 3, wrap_infer), WS_ERR_ARG, "reshape");
     CHECK(ws_tensor_is_released(&v));
-    ws_tensor_release(&t);
+    ws_tensor_free(&t);
     int64_t empty[2] = {0, 4};
     CHECK_OK(make(&t, WS_F32, 2, empty, "e"));
     int64_t huge_empty[3] = {INT64_C(1) << 40, INT64_C(1) << 40, 0};
@@ -605,8 +605,8 @@ static void test_shape_overflow_is_refused(void)
     int64_t ok_empty[3] = {2, 0, 3};
     CHECK_OK(ws_tensor_reshape(&v, &t, 3, ok_empty));
     CHECK(ws_tensor_numel(&v) == 0);
-    ws_tensor_release(&v);
-    ws_tensor_release(&t);
+    ws_tensor_free(&v);
+    ws_tensor_free(&t);
 }
 
 /* copy_ between overlapping views of one storage behaves as if the source
@@ -642,14 +642,14 @@ static void check_overlap(int64_t n)
     bad = 0;
     for (int64_t k = 0; k < n / 2; k++) bad += v[2 * k] != (float)(k == 0 ? 0 : 2 * k - 2);
     CHECK(bad == 0);
-    ws_tensor_release(&lo);
-    ws_tensor_release(&hi);
-    ws_tensor_release(&c0);
-    ws_tensor_release(&c1);
-    ws_tensor_release(&m);
-    ws_tensor_release(&a);
-    ws_tensor_release(&b);
-    ws_tensor_release(&x);
+    ws_tensor_free(&lo);
+    ws_tensor_free(&hi);
+    ws_tensor_free(&c0);
+    ws_tensor_free(&c1);
+    ws_tensor_free(&m);
+    ws_tensor_free(&a);
+    ws_tensor_free(&b);
+    ws_tensor_free(&x);
 }
 
 static void test_overlapping_copy(void)
@@ -678,7 +678,7 @@ static void test_parallel_after_fork_repeated(void)
                 uint64_t got = 0;
                 ok = make(&b, WS_F32, 1, n, "b") == WS_OK && ws_tensor_copy(&b, &a) == WS_OK &&
                      ws_tensor_checksum(&b, 0, WS_F32, &got) == WS_OK && got == want;
-                ws_tensor_release(&b);
+                ws_tensor_free(&b);
             }
             _exit(ok ? 0 : 1);
         }
@@ -687,7 +687,7 @@ static void test_parallel_after_fork_repeated(void)
         CHECK(waitpid(pid, &status, 0) == pid);
         CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     }
-    ws_tensor_release(&a);
+    ws_tensor_free(&a);
 }
 
 int main(void)

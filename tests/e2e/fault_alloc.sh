@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # fault_alloc.sh: every allocation the core makes may fail, and wshost then
 # exits cleanly. For each allocation site class (host, device, pinned, map,
-# backup; see host/fault.h) the tiny LoRA pipeline runs with the N-th
+# backup; see host/core/fault.h) the tiny LoRA pipeline runs with the N-th
 # allocation of that site failing, N = 1, 2, ... until a run no longer
 # reaches an N-th allocation. Each run that had an allocation fail must exit
 # non-zero (not by a signal) saying "out of memory" (or "out of host memory"),

@@ -3,7 +3,7 @@
 # random moments (setup, training, syncs, sleeps), 10 times. Every time the
 # survivor must be gone within 2 s of the kill, the job must exit non-zero,
 # and the output must name the rank that was lost: the survivor's own
-# message once its world is up (host/comm_watch.c), the launcher's before.
+# message once its world is up (host/core/comm_watch.c), the launcher's before.
 # Prints each measured detection time (kill to survivor gone). Skipped (77)
 # without MPI.
 set -u

@@ -1,4 +1,4 @@
--- Model specs (design-notes §2): exact HF names, shapes, parameter counts and
+-- Model specs: exact HF names, shapes, parameter counts and
 -- LoRA adapter sizes for the Qwen3 presets.
 local models = require("ws.models")
 local lora = require("ws.lora")
@@ -10,7 +10,7 @@ local function by_name(list)
 end
 
 describe("model presets", function()
-    it("have the parameter counts of design-notes §2", function()
+    it("have the published Qwen3 parameter counts", function()
         assert.are.equal(596049920, models.param_count(models.get("qwen3-0.6b")))
         assert.are.equal(1720574976, models.param_count(models.get("qwen3-1.7b")))
         assert.are.equal(8190735360, models.param_count(models.get("qwen3-8b")))

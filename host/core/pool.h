@@ -4,7 +4,7 @@
  * sleep(level) gives the physical memory back: level 1 first copies the
  * contents to pinned host memory, level 2 discards them. wake() maps memory at
  * the same addresses again and, after a level-1 sleep, restores the contents.
- * The semantics follow vLLM's CuMemAllocator (design-notes §1). On cuda the
+ * The semantics follow vLLM's CuMemAllocator (vllm/device_allocator/cumem.py). On cuda the
  * backend uses cuMemAddressReserve/cuMemCreate/cuMemMap; on the cpu,
  * mmap(PROT_NONE) + madvise(MADV_DONTNEED), which really returns the pages. */
 #ifndef WS_POOL_H

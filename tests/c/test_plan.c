@@ -1,4 +1,4 @@
-/* test_transfer.c: sync plans on the cpu with a world of one (transfer.h).
+/* test_plan.c: sync plans on the cpu with a world of one (plan.h).
  *
  * Every case fills sources from a formula, runs a plan, and compares the
  * destination bytes with values computed here independently (element by
@@ -11,7 +11,7 @@
 
 #include "check.h"
 #include "pool.h"
-#include "transfer.h"
+#include "plan.h"
 
 static double now_ms(void)
 {
@@ -60,8 +60,8 @@ static void test_convert_f32_to_bf16(void)
     CHECK(st.staging_bytes == 0 && st.bytes_gathered == 0);
     CHECK(st.total_ms >= st.copy_out_ms);
     ws_plan_destroy(p);
-    ws_tensor_release(&src);
-    ws_tensor_release(&dst);
+    ws_tensor_free(&src);
+    ws_tensor_free(&dst);
 }
 
 /* q, k, v written into adjacent slices of one fused qkv tensor. */
@@ -96,10 +96,10 @@ static void test_fused_slices(void)
     CHECK(bad == 0);
     ws_plan_destroy(p);
     for (int i = 0; i < 3; i++) {
-        ws_tensor_release(&src[i]);
-        ws_tensor_release(&view[i]);
+        ws_tensor_free(&src[i]);
+        ws_tensor_free(&view[i]);
     }
-    ws_tensor_release(&qkv);
+    ws_tensor_free(&qkv);
 }
 
 typedef struct progress_log {
@@ -163,8 +163,8 @@ static void test_larger_than_bucket(void)
     CHECK(last[0] == 0.0f && last[sizes[N - 1] - 1] == 0.0f);
     ws_plan_destroy(p);
     for (int i = 0; i < N; i++) {
-        ws_tensor_release(&src[i]);
-        ws_tensor_release(&dst[i]);
+        ws_tensor_free(&src[i]);
+        ws_tensor_free(&dst[i]);
     }
 }
 
@@ -218,8 +218,8 @@ static void test_tiny_buckets(void)
     CHECK(bf16_mismatches(&dst[N - 1], ws_tensor_data(&src[N - 1]), numel[N - 1]) == 0);
     ws_plan_destroy(p);
     for (int i = 0; i < N; i++) {
-        ws_tensor_release(&src[i]);
-        ws_tensor_release(&dst[i]);
+        ws_tensor_free(&src[i]);
+        ws_tensor_free(&dst[i]);
     }
 }
 
@@ -233,7 +233,7 @@ static void test_shape_errors(void)
     CHECK_OK(ws_tensor_empty(&m, WS_F32, 2, shape, &o));
     CHECK_OK(ws_tensor_narrow(&col, &m, 1, 0, 3));
     CHECK_OK(make(&gone, WS_F32, 600, "gone"));
-    ws_tensor_free(&gone); /* freed, but still named */
+    ws_tensor_release(&gone); /* freed, but still named */
     ws_plan *p = NULL;
     CHECK_OK(ws_plan_create(NULL, ws_device_cpu(), 1024, "base", &p));
     const ws_tensor *s[2] = {&a, &a}, *d[2] = {&a, &b};
@@ -265,19 +265,19 @@ static void test_shape_errors(void)
     CHECK_OK(ws_tensor_narrow(&dview, &d2, 0, 0, 5));
     int64_t five = 5;
     CHECK_OK(ws_plan_add(p, (const ws_tensor *[]){&s2}, (const ws_tensor *[]){&dview}, &five, 1));
-    ws_tensor_release(&s2);
-    ws_tensor_release(&dview);
+    ws_tensor_free(&s2);
+    ws_tensor_free(&dview);
     CHECK_OK(ws_plan_execute(p, NULL, NULL));
     double v = 0;
     CHECK_OK(ws_tensor_get(&d2, 4, &v));
     CHECK(v == 2.5);
     ws_plan_destroy(p);
-    ws_tensor_release(&d2);
-    ws_tensor_release(&a);
-    ws_tensor_release(&b);
-    ws_tensor_release(&m);
-    ws_tensor_release(&col);
-    ws_tensor_release(&gone);
+    ws_tensor_free(&d2);
+    ws_tensor_free(&a);
+    ws_tensor_free(&b);
+    ws_tensor_free(&m);
+    ws_tensor_free(&col);
+    ws_tensor_free(&gone);
 }
 
 /* A source whose pool slept (level 2) since it was written cannot be sent;
@@ -326,9 +326,9 @@ static void test_discarded_source(void)
     double v;
     CHECK_OK(ws_tensor_get(&dpool, 999, &v));
     ws_plan_destroy(p);
-    ws_tensor_release(&src);
-    ws_tensor_release(&dst);
-    ws_tensor_release(&dpool);
+    ws_tensor_free(&src);
+    ws_tensor_free(&dst);
+    ws_tensor_free(&dpool);
     CHECK_OK(ws_pool_destroy(pool));
 }
 
@@ -379,8 +379,8 @@ static void test_many_small(void)
     ws_plan_destroy(p);
 out:
     for (int i = 0; src && dst && i < N; i++) {
-        ws_tensor_release(&src[i]);
-        ws_tensor_release(&dst[i]);
+        ws_tensor_free(&src[i]);
+        ws_tensor_free(&dst[i]);
     }
     free(src);
     free(dst);
@@ -396,7 +396,7 @@ static void test_bandwidth(void)
     const int64_t n = 32 << 20; /* 128 MiB of f32 */
     ws_tensor src = {0}, dst = {0};
     if (make(&src, WS_F32, n, "bw.src") != WS_OK || make(&dst, WS_F32, n, "bw.dst") != WS_OK) {
-        ws_tensor_release(&src);
+        ws_tensor_free(&src);
         SKIP("not enough memory for 2 x 128 MiB");
     }
     CHECK_OK(ws_tensor_random(&src, 3, 1.0f, 0));
@@ -424,8 +424,8 @@ static void test_bandwidth(void)
     printf("  world of one, 128 MiB f32: plan %.2f GB/s, memcpy %.2f GB/s, ratio %.2f\n",
            bytes / best_plan / 1e6, bytes / best_memcpy / 1e6, ratio);
     ws_plan_destroy(p);
-    ws_tensor_release(&src);
-    ws_tensor_release(&dst);
+    ws_tensor_free(&src);
+    ws_tensor_free(&dst);
 }
 
 /* The same plan on a GPU (world of one): conversions and slices run in
@@ -464,16 +464,16 @@ static void test_cuda_world_of_one(void)
         CHECK_OK(ws_tensor_checksum(&host[i], 0, WS_BF16, &a));
         CHECK_OK(ws_tensor_checksum(&dst[i], 0, WS_BF16, &b));
         CHECK_EQ_U64(a, b);
-        ws_tensor_release(&back);
+        ws_tensor_free(&back);
     }
     ws_plan_stats st;
     ws_plan_get_stats(p, &st);
     CHECK(st.buckets > 1 && st.staging_bytes == 0);
     ws_plan_destroy(p);
     for (int i = 0; i < N; i++) {
-        ws_tensor_release(&host[i]);
-        ws_tensor_release(&src[i]);
-        ws_tensor_release(&dst[i]);
+        ws_tensor_free(&host[i]);
+        ws_tensor_free(&src[i]);
+        ws_tensor_free(&dst[i]);
     }
 
     /* Bandwidth: 1 GiB of f32 converted to bf16 in 64 MiB buckets, and
@@ -500,8 +500,8 @@ static void test_cuda_world_of_one(void)
                st.buckets, best, (double)n * 6 / best / 1e6);
         ws_plan_destroy(p);
     }
-    ws_tensor_release(&big);
-    ws_tensor_release(&bigd);
+    ws_tensor_free(&big);
+    ws_tensor_free(&bigd);
 
     enum { M = 100000, E = 16 };
     ws_tensor *ms = calloc(M, sizeof *ms), *md = calloc(M, sizeof *md);
@@ -534,8 +534,8 @@ static void test_cuda_world_of_one(void)
         ws_plan_destroy(p);
     }
     for (int i = 0; ms && md && i < M; i++) {
-        ws_tensor_release(&ms[i]);
-        ws_tensor_release(&md[i]);
+        ws_tensor_free(&ms[i]);
+        ws_tensor_free(&md[i]);
     }
     free(ms);
     free(md);

@@ -65,7 +65,7 @@ void ws_lua_push_int_fields(lua_State *L, const ws_lua_int_field *f, int n, int 
 ws_device *ws_lua_default_device(lua_State *L);
 void ws_lua_set_default_device(ws_device *d, const char *why);
 
-/* Added with the bindings (additive). Resolves a ws.Device or a device name at
+/* Resolves a ws.Device or a device name at
  * idx: raises for a wrong type or a malformed name ("gpu"); returns
  * WS_ERR_DEVICE with the message set when the named device is absent or
  * unusable, so constructors can return nil, message, "device". */

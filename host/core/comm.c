@@ -366,7 +366,7 @@ static void req_release(ws_comm_request *q)
         if (s->kind == WS_STORAGE_POOL) ws_pool_unhold(s->pool);
         ws_storage_release(s);
     }
-    ws_tensor_release(&q->unpack.staging);
+    ws_tensor_free(&q->unpack.staging);
     free(q->unpack.dsts);
     free(q);
 }
@@ -521,12 +521,12 @@ ws_status ws_comm_all_gather_list(ws_comm *c, const ws_tensor *send, ws_tensor *
     WS_TRY(ws_tensor_empty(&staging, send->dtype, 1, (int64_t[]){numel * (int64_t)n}, &o));
     ws_status rc = ws_comm_all_gather(c, send, &staging, req);
     if (rc != WS_OK) {
-        ws_tensor_release(&staging);
+        ws_tensor_free(&staging);
         return rc;
     }
     if (!req) {
         rc = ws_unpack(&staging, recvs, n, NULL);
-        ws_tensor_release(&staging);
+        ws_tensor_free(&staging);
         return rc;
     }
     ws_comm_request *q = *req;
@@ -534,7 +534,7 @@ ws_status ws_comm_all_gather_list(ws_comm *c, const ws_tensor *send, ws_tensor *
     if (!q->unpack.dsts) {
         ws_comm_wait(q);
         *req = NULL;
-        ws_tensor_release(&staging);
+        ws_tensor_free(&staging);
         return WS_ERR(WS_ERR_NOMEM, "all_gather: out of host memory");
     }
     memcpy(q->unpack.dsts, recvs, n * sizeof *recvs);
@@ -770,8 +770,8 @@ ws_status ws_comm_all_gather_coalesced(ws_comm *c, ws_tensor *const *shards,
         for (size_t k = i; rc == WS_OK && k < j; k++) ws_tensor_mark_written(fulls[k]);
         i = j;
     }
-    ws_tensor_release(&sendb);
-    ws_tensor_release(&recvb);
+    ws_tensor_free(&sendb);
+    ws_tensor_free(&recvb);
     free(descs);
     return rc;
 }

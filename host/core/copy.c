@@ -1,4 +1,4 @@
-/* batch.c: copies between tensors, one (ws_tensor_copy) or many at once.
+/* copy.c: copies between tensors, one (ws_tensor_copy) or many at once.
  *
  * The batched forms (pack, unpack, copy_many) validate every tensor first,
  * then hand one descriptor array to the device's copy_batch, so a hundred
@@ -80,8 +80,8 @@ static ws_status cross_device_copy(ws_tensor *dst, const ws_tensor *src)
             if (rc == WS_OK) rc = x->ops->copy(x, dp, sp, ws_tensor_nbytes(s));
         }
     }
-    ws_tensor_release(&ts);
-    ws_tensor_release(&td);
+    ws_tensor_free(&ts);
+    ws_tensor_free(&td);
     return rc;
 }
 
@@ -114,7 +114,7 @@ static ws_status overlapping_copy(ws_device *d, ws_tensor *dst, const ws_tensor 
     WS_TRY(contiguous_temp(&tmp, d, src->dtype, src));
     ws_status rc = same_device_copy(d, &tmp, src);
     if (rc == WS_OK) rc = same_device_copy(d, dst, &tmp);
-    ws_tensor_release(&tmp);
+    ws_tensor_free(&tmp);
     return rc;
 }
 

@@ -184,7 +184,7 @@ ws_status ws_tensor_empty(ws_tensor *t, ws_dtype dtype, int ndim, const int64_t 
     return WS_OK;
 }
 
-void ws_tensor_free(ws_tensor *t)
+void ws_tensor_release(ws_tensor *t)
 {
     if (!t->storage) return;
     ws_storage *s = t->storage;
@@ -194,9 +194,9 @@ void ws_tensor_free(ws_tensor *t)
     ws_storage_release(s);
 }
 
-void ws_tensor_release(ws_tensor *t)
+void ws_tensor_free(ws_tensor *t)
 {
-    ws_tensor_free(t);
+    ws_tensor_release(t);
     free(t->name);
     memset(t, 0, sizeof *t);
 }
@@ -557,7 +557,7 @@ static ws_status via_contiguous(ws_tensor *t, ws_status (*produce)(ws_tensor *, 
     WS_TRY(ws_tensor_empty(&tmp, t->dtype, t->layout.ndim, t->layout.shape, &o));
     ws_status rc = produce(&tmp, ctx);
     if (rc == WS_OK) rc = ws_tensor_copy(t, &tmp);
-    ws_tensor_release(&tmp);
+    ws_tensor_free(&tmp);
     return rc;
 }
 

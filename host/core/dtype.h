@@ -68,7 +68,7 @@ uint64_t ws_load_bits(const void *p, ws_dtype t);
 #define WS_HOST_DEVICE
 #endif
 
-/* The per-element hash of the shard-composable checksum (design-notes §4):
+/* The per-element hash of the shard-composable checksum:
  * checksum = sum over elements of ws_hash_elem(global_index, bits) mod 2^64.
  * Any split of a tensor into shards sums to the same value. */
 static inline WS_HOST_DEVICE uint64_t ws_hash_elem(uint64_t index, uint64_t bits)

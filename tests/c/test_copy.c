@@ -1,4 +1,4 @@
-/* test_batch.c: pack, unpack and copy_many: round trips over 100k tensors,
+/* test_copy.c: pack, unpack and copy_many: round trips over 100k tensors,
  * conversion on the way, raw-byte packing, explicit offsets, validation that
  * names the offending item, and written-range tracking in pools. */
 #include <stdint.h>
@@ -69,11 +69,11 @@ static void test_pack_unpack_100k(void)
     CHECK_OK(ws_tensor_checksum(&flat, 0, WS_BF16, &a));
     CHECK_OK(ws_tensor_checksum(&flat16, 0, WS_BF16, &b));
     CHECK_EQ_U64(a, b);
-    ws_tensor_release(&flat16);
-    ws_tensor_release(&flat);
+    ws_tensor_free(&flat16);
+    ws_tensor_free(&flat);
     for (int i = 0; i < N; i++) {
-        ws_tensor_release(&src[i]);
-        ws_tensor_release(&dst[i]);
+        ws_tensor_free(&src[i]);
+        ws_tensor_free(&dst[i]);
     }
     free(src);
     free(dst);
@@ -114,13 +114,13 @@ static void test_raw_bytes_and_offsets(void)
     CHECK_ERR(ws_unpack(&flat, dsts, 3, bad_offs), WS_ERR_ARG,
               "unpack: item 3 'c2' (16 elements at offset 60) does not fit in flat 'bytes' of 64");
     CHECK(((float *)ws_tensor_data(&a2))[0] == 0.0f);
-    ws_tensor_release(&a);
-    ws_tensor_release(&b);
-    ws_tensor_release(&c);
-    ws_tensor_release(&a2);
-    ws_tensor_release(&b2);
-    ws_tensor_release(&c2);
-    ws_tensor_release(&flat);
+    ws_tensor_free(&a);
+    ws_tensor_free(&b);
+    ws_tensor_free(&c);
+    ws_tensor_free(&a2);
+    ws_tensor_free(&b2);
+    ws_tensor_free(&c2);
+    ws_tensor_free(&flat);
 }
 
 static void test_validation_names_items(void)
@@ -130,7 +130,7 @@ static void test_validation_names_items(void)
     CHECK_OK(make1(&y, WS_F32, 4, "y"));
     CHECK_OK(make1(&z, WS_F32, 4, "z"));
     CHECK_OK(make1(&flat, WS_F32, 12, "flat"));
-    ws_tensor_free(&y);
+    ws_tensor_release(&y);
     const ws_tensor *srcs[3] = {&x, &y, &z};
     CHECK_ERR(ws_pack(&flat, srcs, 3, NULL), WS_ERR_FREED, "pack src 2: tensor 'y' was freed");
     int64_t s[2] = {4, 3};
@@ -157,15 +157,15 @@ static void test_validation_names_items(void)
     from[1] = &flat;
     CHECK_ERR(ws_copy_many(dsts, from, 2), WS_ERR_ARG,
               "copy_many item 2: shape mismatch: dst 'h2' is bf16[4], src 'flat' is f32[12]");
-    ws_tensor_release(&h1);
-    ws_tensor_release(&h2);
-    ws_tensor_release(&small);
-    ws_tensor_release(&col);
-    ws_tensor_release(&m);
-    ws_tensor_release(&x);
-    ws_tensor_release(&y);
-    ws_tensor_release(&z);
-    ws_tensor_release(&flat);
+    ws_tensor_free(&h1);
+    ws_tensor_free(&h2);
+    ws_tensor_free(&small);
+    ws_tensor_free(&col);
+    ws_tensor_free(&m);
+    ws_tensor_free(&x);
+    ws_tensor_free(&y);
+    ws_tensor_free(&z);
+    ws_tensor_free(&flat);
 }
 
 static void test_pool_written_ranges_through_batches(void)
@@ -195,10 +195,10 @@ static void test_pool_written_ranges_through_batches(void)
     CHECK_ERR(ws_unpack(&pf, dsts, 1, at16), WS_ERR_DISCARDED,
               "unpack flat (item 1): tensor 'engine.flat' in pool 'engine': contents were "
               "discarded by sleep(level=2) #1 of pool 'engine' (step 9)");
-    ws_tensor_release(&pf);
-    ws_tensor_release(&a);
-    ws_tensor_release(&b);
-    ws_tensor_release(&out);
+    ws_tensor_free(&pf);
+    ws_tensor_free(&a);
+    ws_tensor_free(&b);
+    ws_tensor_free(&out);
     CHECK_OK(ws_pool_destroy(p));
 }
 
@@ -230,8 +230,8 @@ static void test_copy_many_mixed_sizes(void)
     }
     CHECK(bad == 0);
     for (int i = 0; i < N; i++) {
-        ws_tensor_release(&src[i]);
-        ws_tensor_release(&dst[i]);
+        ws_tensor_free(&src[i]);
+        ws_tensor_free(&dst[i]);
     }
 }
 
@@ -245,7 +245,7 @@ static void test_checksum_many_missing_item(void)
     uint64_t out[2];
     CHECK_ERR(ws_checksum_many(ts, 2, NULL, WS_DTYPE_COUNT, out), WS_ERR_ARG, "item 2");
     CHECK_ERR(ws_checksum_many(ts, 2, NULL, WS_F32, out), WS_ERR_ARG, "missing");
-    ws_tensor_release(&a);
+    ws_tensor_free(&a);
 }
 
 int main(void)

@@ -1,4 +1,4 @@
-/* transfer.h: the bucketed transfer engine (sync plans).
+/* plan.h: sync plans, the bucketed transfer engine.
  *
  * A sync plan is built once and executed every step. Each entry moves one
  * FSDP-sharded trainer parameter into one engine destination:
@@ -17,8 +17,8 @@
  * Staging memory is bounded: 2 x (bucket_bytes + bucket_bytes / world).
  * With a world of one nothing is staged: sources are copied (and converted)
  * straight into the destinations in one batched call per bucket. */
-#ifndef WS_TRANSFER_H
-#define WS_TRANSFER_H
+#ifndef WS_PLAN_H
+#define WS_PLAN_H
 
 #include <stddef.h>
 #include <stdint.h>

@@ -1,4 +1,4 @@
-/* bind_plan.c: the Lua face of sync plans (ws.plan, ws.Plan; transfer.h).
+/* bind_plan.c: the Lua face of sync plans (ws.plan, ws.Plan; plan.h).
  *
  * A plan is built once from lists of tensors and executed every step; the
  * per-tensor loops run in C. The userdata holds the core plan and a copy of
@@ -10,7 +10,7 @@
 #include <string.h>
 
 #include "bind.h"
-#include "transfer.h"
+#include "plan.h"
 
 #define WS_PLAN_MT "ws.Plan"
 #define DEFAULT_BUCKET_BYTES ((size_t)64 << 20)

@@ -29,7 +29,7 @@ static void release(lua_State *L, int idx)
     char buf[256];
     lua_pushstring(L, label(&lt->t, buf, sizeof buf));
     lua_setiuservalue(L, idx, 2);
-    ws_tensor_release(&lt->t);
+    ws_tensor_free(&lt->t);
     lua_pushnil(L); /* drop the reference to the base or pool */
     lua_setiuservalue(L, idx, 1);
 }
@@ -239,7 +239,7 @@ int ws_lua_tensor_from_opts(lua_State *L, int opts, ws_pool *pool, int pool_idx,
     if (rc != WS_OK) return ws_lua_fail(L, rc, fname);
     if (has_fill && ws_tensor_fill(&lt->t, fill) != WS_OK) {
         rc = ws_errcode();
-        ws_tensor_release(&lt->t);
+        ws_tensor_free(&lt->t);
         return ws_lua_fail(L, rc, fname);
     }
     return 1;

@@ -1,4 +1,4 @@
-/* transfer.c: the bucketed transfer engine (sync plans, see transfer.h).
+/* plan.c: sync plans, the bucketed transfer engine (see plan.h).
  *
  * ws_plan_add only validates and records entries; the first execution after
  * an add plans: it lays every shard out as pieces of per-rank segments
@@ -10,7 +10,7 @@
  * storage keeps its addresses across sleeps, so the addresses stay valid.
  * While it executes, the plan holds every pool its entries live in, so a
  * progress callback cannot put one to sleep (or free it) under the copies. */
-#include "transfer.h"
+#include "plan.h"
 
 #include "pool.h"
 
@@ -347,8 +347,8 @@ static ws_status ensure_staging(ws_plan *p, int pairs, size_t seg_bytes)
 {
     if (p->pairs > 0 && p->staged_seg < seg_bytes) {
         for (int j = 0; j < p->pairs; j++) {
-            ws_tensor_release(&p->send[j]);
-            ws_tensor_release(&p->recv[j]);
+            ws_tensor_free(&p->send[j]);
+            ws_tensor_free(&p->recv[j]);
         }
         p->pairs = 0;
         p->stats.staging_bytes = 0;
@@ -364,7 +364,7 @@ static ws_status ensure_staging(ws_plan *p, int pairs, size_t seg_bytes)
         snprintf(nm, sizeof nm, "plan '%s' recv %d", p->name, j);
         ws_status rc = ws_tensor_empty(&p->recv[j], WS_U8, 1, &all, &opts);
         if (rc != WS_OK) {
-            ws_tensor_release(&p->send[j]);
+            ws_tensor_free(&p->send[j]);
             return rc;
         }
         p->pairs = j + 1;
@@ -549,8 +549,8 @@ static ws_status start_gather(ws_plan *p, size_t k, ws_comm_request **req)
     if (rc == WS_OK)
         rc = ws_tensor_narrow(&recv, &p->recv[k % 2], 0, 0, (int64_t)(b->seg_used * (size_t)p->world));
     if (rc == WS_OK) rc = ws_comm_all_gather(p->comm, &send, &recv, req);
-    ws_tensor_release(&send);
-    ws_tensor_release(&recv);
+    ws_tensor_free(&send);
+    ws_tensor_free(&recv);
     if (rc != WS_OK)
         ws_errprefix("plan '%s': all_gather of bucket %zu of %zu", p->name, k + 1, p->n_buckets);
     return rc;
@@ -669,10 +669,10 @@ void ws_plan_destroy(ws_plan *p)
         ws_storage_release(p->entries[i].dst.storage);
     }
     for (int j = 0; j < p->pairs; j++) {
-        ws_tensor_release(&p->send[j]);
-        ws_tensor_release(&p->recv[j]);
+        ws_tensor_free(&p->send[j]);
+        ws_tensor_free(&p->recv[j]);
     }
-    ws_tensor_release(&p->agree);
+    ws_tensor_free(&p->agree);
     drop_plan(p);
     free(p->pools);
     free(p->entries);

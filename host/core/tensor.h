@@ -67,14 +67,14 @@ typedef struct ws_tensor_opts {
 /* Allocates a new tensor. On failure *t stays released. */
 ws_status ws_tensor_empty(ws_tensor *t, ws_dtype dtype, int ndim, const int64_t *shape,
                           const ws_tensor_opts *opts);
-/* Drops this tensor's reference; idempotent. */
-void ws_tensor_release(ws_tensor *t);
-int ws_tensor_is_released(const ws_tensor *t);
-/* Added (additive): drops the storage like ws_tensor_release but keeps the
- * name, so later use reports "tensor 'x' was freed"; a later
- * ws_tensor_release frees the name. */
+/* Drops the storage reference and the name and zeroes the struct; idempotent. */
 void ws_tensor_free(ws_tensor *t);
-/* Added (additive): "bf16[2,3]" — for messages. */
+/* Drops the storage reference but keeps the name, so later use reports
+ * "tensor 'x' was freed" (a Lua t:free()); ws_tensor_free frees the rest. */
+void ws_tensor_release(ws_tensor *t);
+/* Whether the tensor holds no storage (released or freed). */
+int ws_tensor_is_released(const ws_tensor *t);
+/* "bf16[2,3]" — for messages. */
 const char *ws_tensor_typestr(const ws_tensor *t, char *buf, size_t n);
 /* "'model.x.weight'" or "<unnamed bf16[2,3]>" — for messages. */
 const char *ws_tensor_label(const ws_tensor *t, char *buf, size_t n);
@@ -138,7 +138,7 @@ ws_status ws_checksum_many(const ws_tensor *const *ts, size_t n, const uint64_t 
 ws_status ws_tensor_check_live(const ws_tensor *t, const char *what);
 ws_status ws_tensor_check_readable(const ws_tensor *t, const char *what);
 void ws_tensor_mark_written(const ws_tensor *t);
-/* Added (additive): live, and not in a sleeping pool (whose memory is
+/* Live, and not in a sleeping pool (whose memory is
  * unmapped). Every op that writes a tensor calls it first. */
 ws_status ws_tensor_check_writable(const ws_tensor *t, const char *what);
 /* Byte range [begin, end) of the storage that the view spans. */
