@@ -212,6 +212,14 @@ size_t ws_tensor_nbytes(const ws_tensor *t)
 
 int ws_tensor_is_contiguous(const ws_tensor *t) { return ws_layout_is_contiguous(&t->layout); }
 
+int ws_tensor_same_shape(const ws_tensor *a, const ws_tensor *b)
+{
+    if (a->layout.ndim != b->layout.ndim) return 0;
+    for (int i = 0; i < a->layout.ndim; i++)
+        if (a->layout.shape[i] != b->layout.shape[i]) return 0;
+    return 1;
+}
+
 void ws_tensor_byte_span(const ws_tensor *t, size_t *begin, size_t *end)
 {
     if (ws_tensor_numel(t) == 0) {

@@ -426,17 +426,9 @@ static int t_bytes(lua_State *L)
 
 /* ---- data ---------------------------------------------------------------------- */
 
-static int same_shape(const ws_tensor *a, const ws_tensor *b)
-{
-    if (a->layout.ndim != b->layout.ndim) return 0;
-    for (int i = 0; i < a->layout.ndim; i++)
-        if (a->layout.shape[i] != b->layout.shape[i]) return 0;
-    return 1;
-}
-
 static void check_same_shape(lua_State *L, int arg, const ws_tensor *dst, const ws_tensor *src)
 {
-    if (same_shape(dst, src)) return;
+    if (ws_tensor_same_shape(dst, src)) return;
     char l1[256], l2[256], s1[160], s2[160];
     luaL_argerror(L, arg,
                   lua_pushfstring(L, "shape mismatch: dst %s is %s, src %s %s",
@@ -635,7 +627,7 @@ static int l_copy_many(lua_State *L)
     if (nd != ns)
         return luaL_error(L, "copy_many: %d destinations but %d sources", (int)nd, (int)ns);
     for (size_t i = 0; i < nd; i++) {
-        if (same_shape(dsts[i], srcs[i])) continue;
+        if (ws_tensor_same_shape(dsts[i], srcs[i])) continue;
         char l1[256], l2[256], s1[160], s2[160];
         return luaL_error(L, "copy_many: item %d: shape mismatch: dst %s is %s, src %s %s",
                           (int)i + 1, label(dsts[i], l1, sizeof l1),
