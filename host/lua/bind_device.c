@@ -230,7 +230,10 @@ static int dev_event(lua_State *L)
 static levent *check_event(lua_State *L, int idx)
 {
     levent *ev = (levent *)luaL_checkudata(L, idx, WS_EVENT_MT);
-    if (!ev->e) luaL_argerror(L, idx, "event was destroyed");
+    if (!ev->e) {
+        lua_pushfstring(L, "'%s'", ev->d->name);
+        ws_lua_raise_freed(L, idx, "event of", lua_tostring(L, -1));
+    }
     return ev;
 }
 
@@ -288,6 +291,17 @@ static const luaL_Reg ev_methods[] = {
     {NULL, NULL},
 };
 
+static const luaL_Reg dev_meta[] = {
+    {"__tostring", dev_tostring},
+    {NULL, NULL},
+};
+
+static const luaL_Reg ev_meta[] = {
+    {"__gc", ev_gc},
+    {"__tostring", ev_tostring},
+    {NULL, NULL},
+};
+
 static const luaL_Reg ws_funcs[] = {
     {"device", l_device},
     {"devices", l_devices},
@@ -304,22 +318,7 @@ void ws_open_device(lua_State *L)
     lua_newtable(L);
     lua_setfield(L, LUA_REGISTRYINDEX, DEVICE_CACHE);
 
-    luaL_newmetatable(L, WS_DEVICE_MT); /* [ws, mt] */
-    luaL_newlib(L, dev_methods);        /* [ws, mt, methods] */
-    lua_pushcclosure(L, dev_index, 1);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, dev_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pop(L, 1); /* [ws] */
-
-    luaL_newmetatable(L, WS_EVENT_MT);
-    luaL_newlib(L, ev_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, ev_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, ev_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pop(L, 1);
-
+    ws_lua_new_type(L, WS_DEVICE_MT, dev_methods, dev_meta, dev_index);
+    ws_lua_new_type(L, WS_EVENT_MT, ev_methods, ev_meta, NULL);
     luaL_setfuncs(L, ws_funcs, 0); /* [ws] */
 }

@@ -104,7 +104,7 @@ describe("ws.pool", function()
     t:free()
     p:free()
     p:free()
-    assert.are.equal("ws.Pool(freed)", tostring(p))
+    assert.are.equal("ws.Pool('weights' freed)", tostring(p))
     assert.has_error(function() p:stats() end)
   end)
 
