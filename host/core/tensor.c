@@ -168,8 +168,8 @@ ws_status ws_tensor_empty(ws_tensor *t, ws_dtype dtype, int ndim, const int64_t 
         char ty[160];
         ws_tensor tmp = {.dtype = dtype};
         ws_layout_contiguous(&tmp.layout, ndim, shape);
-        ws_errprefix("creating tensor '%s' %s on %s", opts->name ? opts->name : "(unnamed)",
-                     ws_tensor_typestr(&tmp, ty, sizeof ty), s->device->name);
+        ws_errprefix("creating tensor '%s' %s", opts->name ? opts->name : "(unnamed)",
+                     ws_tensor_typestr(&tmp, ty, sizeof ty)); /* the device names itself */
         free(s->written);
         free(s);
         free(name);

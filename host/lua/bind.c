@@ -9,7 +9,12 @@
  *           (the environment) as nil, message, code — only from constructors
  *           and calls documented to do so (ws.device, ws.tensor, t:to,
  *           ws.pool, pool:tensor, pool:sleep, pool:wake). Every other method
- *           raises whatever the code. */
+ *           raises whatever the code.
+ *
+ * Messages say each thing once: the binding puts the Lua-facing name in front
+ * ("ws.pool: "), the core says what it was doing to what ("creating pool
+ * 'kv_cache'"), the device backend names itself ("cpu: out of memory ..."),
+ * and the library's errors.must adds the role ("engine: "). */
 #include <signal.h>
 #include <string.h>
 
@@ -39,15 +44,25 @@ const char *ws_lua_code_name(ws_status rc)
     return "unknown";
 }
 
-int ws_lua_raise(lua_State *L, const char *what)
+/* The core message, with the Lua-facing name `what` in front unless the core
+ * already starts with that operation ("checksum: ...", "copy_ 'w' (cpu) <-
+ * ...", "sleep(level=1) of pool ..."): each says so once. */
+static const char *push_message(lua_State *L, const char *what)
 {
     const char *msg = ws_errmsg();
     if (!msg || !*msg) msg = ws_status_name(ws_errcode());
-    /* The core often names the operation already ("checksum: ..."). */
     size_t n = what ? strlen(what) : 0;
-    if (what && !(strncmp(msg, what, n) == 0 && msg[n] == ':'))
-        return luaL_error(L, "%s: %s", what, msg);
-    return luaL_error(L, "%s", msg);
+    if (!what || (strncmp(msg, what, n) == 0 && strchr(":( ", msg[n]) && msg[n]))
+        return lua_pushstring(L, msg);
+    return lua_pushfstring(L, "%s: %s", what, msg);
+}
+
+int ws_lua_raise(lua_State *L, const char *what)
+{
+    luaL_where(L, 1); /* as luaL_error: where the Lua caller is */
+    push_message(L, what);
+    lua_concat(L, 2);
+    return lua_error(L);
 }
 
 int ws_lua_fail(lua_State *L, ws_status rc, const char *what)
@@ -60,11 +75,7 @@ int ws_lua_fail(lua_State *L, ws_status rc, const char *what)
     case WS_ERR_COMM:
     case WS_ERR_TIMEOUT:
         lua_pushnil(L);
-        if (what && !(strncmp(ws_errmsg(), what, strlen(what)) == 0 &&
-                      ws_errmsg()[strlen(what)] == ':'))
-            lua_pushfstring(L, "%s: %s", what, ws_errmsg());
-        else
-            lua_pushstring(L, ws_errmsg());
+        push_message(L, what);
         lua_pushstring(L, ws_lua_code_name(rc));
         return 3;
     default:
