@@ -8,8 +8,8 @@
  *   return: ERR_NOMEM, ERR_DEVICE, ERR_IO, ERR_FORMAT, ERR_COMM, ERR_TIMEOUT
  *           (the environment) as nil, message, code — only from constructors
  *           and calls documented to do so (ws.device, ws.tensor, t:to,
- *           ws.pool, pool:tensor, pool:sleep, pool:wake). Every other method
- *           raises whatever the code.
+ *           ws.pool, pool:tensor, pool:sleep, pool:wake, ws.plan,
+ *           ws.checksums). Every other function raises whatever the code.
  *
  * Messages say each thing once: the binding puts the Lua-facing name in front
  * ("ws.pool: "), the core says what it was doing to what ("creating pool

@@ -48,7 +48,6 @@ ws_ltensor *ws_lua_new_tensor(lua_State *L);
  * that is kept alive by a userdata pushed on the stack (no leak on error). */
 ws_tensor **ws_lua_check_tensor_list(lua_State *L, int idx, size_t *n);
 
-ws_device *ws_lua_check_device(lua_State *L, int idx); /* ws.Device or a name */
 void ws_lua_push_device(lua_State *L, ws_device *d);
 ws_pool *ws_lua_check_pool(lua_State *L, int idx);
 ws_comm *ws_lua_check_comm(lua_State *L, int idx); /* live */

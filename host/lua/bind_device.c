@@ -102,13 +102,6 @@ ws_status ws_lua_to_device(lua_State *L, int idx, ws_device **out)
     return ws_device_get(name, out);
 }
 
-ws_device *ws_lua_check_device(lua_State *L, int idx)
-{
-    ws_device *d;
-    if (ws_lua_to_device(L, idx, &d) != WS_OK) device_error(L, idx, ws_errmsg());
-    return d;
-}
-
 void ws_lua_push_device(lua_State *L, ws_device *d)
 {
     lua_getfield(L, LUA_REGISTRYINDEX, DEVICE_CACHE); /* [cache] */

@@ -71,7 +71,8 @@ static size_t bucket_option(lua_State *L, int idx)
     return bytes;
 }
 
-/* ws.plan{bucket_mb=N | bucket_bytes=N, comm=c, device=dev, name="base"} */
+/* ws.plan{bucket_mb=N | bucket_bytes=N, comm=c, device=dev, name="base"}
+ * -> plan | nil, msg, code (device absent, out of memory) */
 static int l_plan(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -92,10 +93,13 @@ static int l_plan(lua_State *L)
     }
 
     ws_device *dev;
-    if (lua_getfield(L, 1, "device") == LUA_TNIL) /* [comm, device] */
+    if (lua_getfield(L, 1, "device") == LUA_TNIL) { /* [comm, device] */
         dev = ws_lua_default_device(L);
-    else
-        dev = ws_lua_check_device(L, -1);
+    } else {
+        /* A malformed name raises; an absent device is the environment. */
+        ws_status rc = ws_lua_to_device(L, -1, &dev);
+        if (rc != WS_OK) return ws_lua_fail(L, rc, "ws.plan");
+    }
 
     const char *name = "plan";
     if (lua_getfield(L, 1, "name") != LUA_TNIL) { /* [comm, device, name] */

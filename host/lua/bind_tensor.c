@@ -613,7 +613,8 @@ static int l_copy_many(lua_State *L)
 
 /* ws.checksums(tensors [, first_indices] [, as_dtype]): the checksum of every
  * tensor, in one call, as a cpu i64 tensor (one element per tensor, exact
- * 64-bit values: the shape a verification all-reduces and compares). */
+ * 64-bit values: the shape a verification all-reduces and compares), or nil,
+ * msg, code when that tensor cannot be allocated. */
 static int l_checksums(lua_State *L)
 {
     lua_settop(L, 3); /* [tensors, firsts, as] */
