@@ -223,10 +223,12 @@ static int dev_event(lua_State *L)
 static levent *check_event(lua_State *L, int idx)
 {
     levent *ev = (levent *)luaL_checkudata(L, idx, WS_EVENT_MT);
-    if (!ev->e) {
-        lua_pushfstring(L, "'%s'", ev->d->name);
-        ws_lua_raise_freed(L, idx, "event of", lua_tostring(L, -1));
-    }
+    /* Only a finalized event is gone (it has no free()): reachable from
+     * another object's __gc. */
+    if (!ev->e)
+        luaL_argerror(L, idx, lua_pushfstring(L, "event of %s was collected; make another "
+                                                 "with dev:event()",
+                                              ev->d->name));
     return ev;
 }
 
