@@ -14,14 +14,6 @@
 #include "fault.h"
 #include "tensor.h"
 
-static int same_shape(const ws_tensor *a, const ws_tensor *b)
-{
-    if (a->layout.ndim != b->layout.ndim) return 0;
-    for (int i = 0; i < a->layout.ndim; i++)
-        if (a->layout.shape[i] != b->layout.shape[i]) return 0;
-    return 1;
-}
-
 static ws_status shape_mismatch(const char *what, const ws_tensor *dst, const ws_tensor *src)
 {
     char l1[200], l2[200], t1[160], t2[160];
@@ -122,7 +114,7 @@ ws_status ws_tensor_copy(ws_tensor *dst, const ws_tensor *src)
 {
     WS_TRY(ws_tensor_check_writable(dst, "copy_ dst"));
     WS_TRY(ws_tensor_check_readable(src, "copy_ src"));
-    if (!same_shape(dst, src)) return shape_mismatch("copy_", dst, src);
+    if (!ws_tensor_same_shape(dst, src)) return shape_mismatch("copy_", dst, src);
     if (ws_tensor_numel(dst) == 0) return WS_OK;
     ws_device *dd = ws_tensor_device(dst), *sd = ws_tensor_device(src);
     ws_status rc = spans_overlap(dst, src) ? overlapping_copy(dd, dst, src)
@@ -303,7 +295,7 @@ ws_status ws_copy_many(ws_tensor *const *dsts, const ws_tensor *const *srcs, siz
         void *dp, *sp;
         rc = check_item(dsts[i], i, "copy_many", "dst", dev, 1, &dp);
         if (rc == WS_OK) rc = check_item(srcs[i], i, "copy_many", "src", dev, 0, &sp);
-        if (rc == WS_OK && !same_shape(dsts[i], srcs[i])) {
+        if (rc == WS_OK && !ws_tensor_same_shape(dsts[i], srcs[i])) {
             char ctx[64];
             snprintf(ctx, sizeof ctx, "copy_many item %zu", i + 1);
             rc = shape_mismatch(ctx, dsts[i], srcs[i]);

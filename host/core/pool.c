@@ -255,7 +255,7 @@ ws_status ws_pool_create(ws_device *d, const char *tag, size_t capacity, ws_pool
         if (rc != WS_OK) d->ops->vm_release(d, p->va, cap);
     }
     if (rc != WS_OK) {
-        ws_errprefix("creating pool '%s' on %s", p->tag, d->name);
+        ws_errprefix("creating pool '%s'", p->tag); /* the device names itself */
         pthread_mutex_destroy(&p->mu);
         free(p);
         return rc;
@@ -359,7 +359,7 @@ ws_status ws_pool_wake(ws_pool *p)
     ws_device *d = p->dev;
     ws_status rc = d->ops->vm_map(d, p->va, p->capacity);
     if (rc != WS_OK) {
-        ws_errprefix("waking pool '%s'", p->tag);
+        ws_errprefix("wake of pool '%s'", p->tag);
         return rc;
     }
     p->mapped = p->capacity;
@@ -371,7 +371,7 @@ ws_status ws_pool_wake(ws_pool *p)
             d->ops->vm_unmap(d, p->va, p->capacity);
             ws_device_account(d, -(ptrdiff_t)p->capacity);
             p->mapped = 0;
-            ws_errprefix("waking pool '%s': restoring %zu bytes", p->tag, p->backup_bytes);
+            ws_errprefix("wake of pool '%s': restoring %zu bytes", p->tag, p->backup_bytes);
             return rc;
         }
         rc = ws_device_synchronize(d);

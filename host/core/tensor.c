@@ -168,8 +168,8 @@ ws_status ws_tensor_empty(ws_tensor *t, ws_dtype dtype, int ndim, const int64_t 
         char ty[160];
         ws_tensor tmp = {.dtype = dtype};
         ws_layout_contiguous(&tmp.layout, ndim, shape);
-        ws_errprefix("creating tensor '%s' %s on %s", opts->name ? opts->name : "(unnamed)",
-                     ws_tensor_typestr(&tmp, ty, sizeof ty), s->device->name);
+        ws_errprefix("creating tensor '%s' %s", opts->name ? opts->name : "(unnamed)",
+                     ws_tensor_typestr(&tmp, ty, sizeof ty)); /* the device names itself */
         free(s->written);
         free(s);
         free(name);
@@ -211,6 +211,14 @@ size_t ws_tensor_nbytes(const ws_tensor *t)
 }
 
 int ws_tensor_is_contiguous(const ws_tensor *t) { return ws_layout_is_contiguous(&t->layout); }
+
+int ws_tensor_same_shape(const ws_tensor *a, const ws_tensor *b)
+{
+    if (a->layout.ndim != b->layout.ndim) return 0;
+    for (int i = 0; i < a->layout.ndim; i++)
+        if (a->layout.shape[i] != b->layout.shape[i]) return 0;
+    return 1;
+}
 
 void ws_tensor_byte_span(const ws_tensor *t, size_t *begin, size_t *end)
 {

@@ -96,6 +96,9 @@ ws_status ws_tensor_access(const ws_tensor *t, int access, const char *what, voi
 int64_t ws_tensor_numel(const ws_tensor *t);
 size_t ws_tensor_nbytes(const ws_tensor *t);
 int ws_tensor_is_contiguous(const ws_tensor *t);
+/* Same number of dimensions and the same size in each (dtype and strides
+ * aside): what a copy between the two requires. */
+int ws_tensor_same_shape(const ws_tensor *a, const ws_tensor *b);
 
 /* Views (share storage, add a reference). `out` must be released. Dims are
  * 0-based here; the Lua bindings translate from 1-based. */

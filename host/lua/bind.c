@@ -8,8 +8,13 @@
  *   return: ERR_NOMEM, ERR_DEVICE, ERR_IO, ERR_FORMAT, ERR_COMM, ERR_TIMEOUT
  *           (the environment) as nil, message, code — only from constructors
  *           and calls documented to do so (ws.device, ws.tensor, t:to,
- *           ws.pool, pool:tensor, pool:sleep, pool:wake). Every other method
- *           raises whatever the code. */
+ *           ws.pool, pool:tensor, pool:sleep, pool:wake, ws.plan,
+ *           ws.checksums). Every other function raises whatever the code.
+ *
+ * Messages say each thing once: the binding puts the Lua-facing name in front
+ * ("ws.pool: "), the core says what it was doing to what ("creating pool
+ * 'kv_cache'"), the device backend names itself ("cpu: out of memory ..."),
+ * and the library's errors.must adds the role ("engine: "). */
 #include <signal.h>
 #include <string.h>
 
@@ -39,15 +44,25 @@ const char *ws_lua_code_name(ws_status rc)
     return "unknown";
 }
 
-int ws_lua_raise(lua_State *L, const char *what)
+/* The core message, with the Lua-facing name `what` in front unless the core
+ * already starts with that operation ("checksum: ...", "copy_ 'w' (cpu) <-
+ * ...", "sleep(level=1) of pool ..."): each says so once. */
+static const char *push_message(lua_State *L, const char *what)
 {
     const char *msg = ws_errmsg();
     if (!msg || !*msg) msg = ws_status_name(ws_errcode());
-    /* The core often names the operation already ("checksum: ..."). */
     size_t n = what ? strlen(what) : 0;
-    if (what && !(strncmp(msg, what, n) == 0 && msg[n] == ':'))
-        return luaL_error(L, "%s: %s", what, msg);
-    return luaL_error(L, "%s", msg);
+    if (!what || (strncmp(msg, what, n) == 0 && strchr(":( ", msg[n]) && msg[n]))
+        return lua_pushstring(L, msg);
+    return lua_pushfstring(L, "%s: %s", what, msg);
+}
+
+int ws_lua_raise(lua_State *L, const char *what)
+{
+    luaL_where(L, 1); /* as luaL_error: where the Lua caller is */
+    push_message(L, what);
+    lua_concat(L, 2);
+    return lua_error(L);
 }
 
 int ws_lua_fail(lua_State *L, ws_status rc, const char *what)
@@ -60,11 +75,7 @@ int ws_lua_fail(lua_State *L, ws_status rc, const char *what)
     case WS_ERR_COMM:
     case WS_ERR_TIMEOUT:
         lua_pushnil(L);
-        if (what && !(strncmp(ws_errmsg(), what, strlen(what)) == 0 &&
-                      ws_errmsg()[strlen(what)] == ':'))
-            lua_pushfstring(L, "%s: %s", what, ws_errmsg());
-        else
-            lua_pushstring(L, ws_errmsg());
+        push_message(L, what);
         lua_pushstring(L, ws_lua_code_name(rc));
         return 3;
     default:
@@ -77,19 +88,67 @@ ws_ltensor *ws_lua_check_ltensor(lua_State *L, int idx)
     return (ws_ltensor *)luaL_checkudata(L, idx, WS_TENSOR_MT);
 }
 
+const char *ws_lua_push_freed(lua_State *L, const char *type, const char *label)
+{
+    return lua_pushfstring(L, "%s %s was freed (free(), <close> or garbage collection); create "
+                              "it again",
+                           type, label);
+}
+
+int ws_lua_raise_freed(lua_State *L, int idx, const char *type, const char *label)
+{
+    return luaL_argerror(L, idx, ws_lua_push_freed(L, type, label));
+}
+
 /* A freed tensor keeps its label in user value 2 (set by the release in
  * bind_tensor.c) so later misuse can still name it. */
+static const char *freed_label(lua_State *L, int idx)
+{
+    if (lua_getiuservalue(L, idx, 2) == LUA_TSTRING) return lua_tostring(L, -1);
+    return "<unnamed>";
+}
+
 static int raise_freed(lua_State *L, int idx)
 {
-    const char *label;
-    if (lua_getiuservalue(L, idx, 2) == LUA_TSTRING)
-        label = lua_tostring(L, -1);
-    else
-        label = "(unnamed)";
-    return luaL_argerror(L, idx,
-                         lua_pushfstring(L, "tensor %s was freed (free(), <close> or "
-                                            "garbage collection); create it again",
-                                         label));
+    return ws_lua_raise_freed(L, idx, "tensor", freed_label(L, idx));
+}
+
+void ws_lua_check_options(lua_State *L, int idx, const char *const *keys, const char *fname)
+{
+    idx = lua_absindex(L, idx);
+    lua_pushnil(L);
+    while (lua_next(L, idx)) { /* [..., key, value] */
+        lua_pop(L, 1);
+        int ok = 0;
+        if (lua_type(L, -1) == LUA_TSTRING)
+            for (int i = 0; keys[i] && !ok; i++) ok = strcmp(keys[i], lua_tostring(L, -1)) == 0;
+        if (ok) continue;
+        luaL_Buffer b;
+        luaL_buffinit(L, &b);
+        for (int i = 0; keys[i]; i++) {
+            if (i) luaL_addstring(&b, ", ");
+            luaL_addstring(&b, keys[i]);
+        }
+        luaL_pushresult(&b); /* [..., key, valid] */
+        if (lua_type(L, -2) == LUA_TSTRING)
+            luaL_error(L, "%s: unknown option '%s' (valid: %s)", fname, lua_tostring(L, -2),
+                       lua_tostring(L, -1));
+        else
+            luaL_error(L, "%s: options must have string keys, got a %s key (valid: %s)", fname,
+                       luaL_typename(L, -2), lua_tostring(L, -1));
+    }
+}
+
+void ws_lua_new_type(lua_State *L, const char *name, const luaL_Reg *methods,
+                     const luaL_Reg *meta, lua_CFunction index)
+{
+    luaL_newmetatable(L, name); /* [mt] */
+    luaL_setfuncs(L, meta, 0);
+    lua_newtable(L); /* [mt, methods] */
+    luaL_setfuncs(L, methods, 0);
+    if (index) lua_pushcclosure(L, index, 1); /* [mt, index] */
+    lua_setfield(L, -2, "__index");
+    lua_pop(L, 1);
 }
 
 ws_tensor *ws_lua_check_tensor(lua_State *L, int idx)
@@ -137,10 +196,10 @@ ws_tensor **ws_lua_check_tensor_list(lua_State *L, int idx, size_t *n)
                                           (int)i + 1, got));
         }
         if (ws_tensor_is_released(&lt->t)) {
-            const char *label = "(unnamed)";
-            if (lua_getiuservalue(L, -1, 2) == LUA_TSTRING) label = lua_tostring(L, -1);
+            const char *label = freed_label(L, -1);
             luaL_argerror(L, idx,
-                          lua_pushfstring(L, "item %d: tensor %s was freed", (int)i + 1, label));
+                          lua_pushfstring(L, "item %d: %s", (int)i + 1,
+                                          ws_lua_push_freed(L, "tensor", label)));
         }
         list[i] = &lt->t;
         lua_pop(L, 1); /* [..., list] */

@@ -22,6 +22,7 @@
 #define WS_POOL_MT "ws.Pool"
 #define WS_COMM_MT "ws.Comm"
 #define WS_REQUEST_MT "ws.Request"
+#define WS_PLAN_MT "ws.Plan"
 
 /* The userdata of a tensor: the core struct, released when storage == NULL.
  * A view keeps its base's Lua object alive through user value 1. */
@@ -47,10 +48,34 @@ ws_ltensor *ws_lua_new_tensor(lua_State *L);
  * that is kept alive by a userdata pushed on the stack (no leak on error). */
 ws_tensor **ws_lua_check_tensor_list(lua_State *L, int idx, size_t *n);
 
-ws_device *ws_lua_check_device(lua_State *L, int idx); /* ws.Device or a name */
 void ws_lua_push_device(lua_State *L, ws_device *d);
 ws_pool *ws_lua_check_pool(lua_State *L, int idx);
-ws_comm *ws_lua_check_comm(lua_State *L, int idx);
+ws_comm *ws_lua_check_comm(lua_State *L, int idx); /* live */
+/* For a plan, which gathers over a comm it was given as an option: the core
+ * comm of the ws.Comm at idx (NULL once freed), its label for messages
+ * ("'world'", "'color 1 of world'"; pushed and returned), and its count of
+ * users, which comm:free() waits for. */
+ws_comm *ws_lua_comm_live(lua_State *L, int idx);
+const char *ws_lua_comm_name(lua_State *L, int idx);
+void ws_lua_comm_hold(lua_State *L, int idx, int delta);
+
+/* Raises for a key of the options table at idx that is not in `keys`
+ * (NULL-terminated), naming it and the valid ones: a typo ("bucket_MB") must
+ * not silently leave a default in place. */
+void ws_lua_check_options(lua_State *L, int idx, const char *const *keys, const char *fname);
+
+/* Creates the metatable `name` of a native type (as liolib's createmeta):
+ * luaL_newmetatable sets __name, `meta` adds the metamethods (__gc, __close,
+ * __tostring), and __index is the table of `methods`, or when `index` is not
+ * NULL a closure of it with that table as upvalue 1 (types with fields). */
+void ws_lua_new_type(lua_State *L, const char *name, const luaL_Reg *methods,
+                     const luaL_Reg *meta, lua_CFunction index);
+
+/* Pushes the message every freed object raises with: "<type> <label> was
+ * freed (...); create it again", label already quoted ("'x'"). */
+const char *ws_lua_push_freed(lua_State *L, const char *type, const char *label);
+/* Raises it as a bad argument idx. Never returns. */
+int ws_lua_raise_freed(lua_State *L, int idx, const char *type, const char *label);
 
 /* One integer field of a table built by ws_lua_push_int_fields. */
 typedef struct ws_lua_int_field {

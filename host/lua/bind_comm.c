@@ -8,28 +8,34 @@
  * until :wait(); a request collected without a wait is completed by __gc so
  * no transfer ever writes into freed memory. */
 #include <limits.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "bind.h"
 
 /* busy: pending requests and executing plans that use this communicator;
  * comm:free() refuses while it is not 0 (they would use a freed comm). */
-typedef struct lcomm { ws_comm *c; int busy; } lcomm;
+typedef struct lcomm {
+    ws_comm *c;
+    int busy;
+    char name[48]; /* "world", "color 1 of world": names it once freed */
+} lcomm;
 /* owner: the comm's userdata, kept alive by the request's user value. */
 typedef struct lrequest { ws_comm_request *req; lcomm *owner; } lrequest;
-
-/* Shared with bind_plan.c (declared there too): a plan checks and holds the
- * communicator it gathers over through these. */
-ws_comm *ws_lua_comm_live(lua_State *L, int idx);
-void ws_lua_comm_hold(lua_State *L, int idx, int delta);
 
 #define DEFAULT_BUCKET_BYTES ((size_t)64 << 20)
 
 ws_comm *ws_lua_check_comm(lua_State *L, int idx)
 {
     lcomm *lc = (lcomm *)luaL_checkudata(L, idx, WS_COMM_MT);
-    if (!lc->c) luaL_argerror(L, idx, "communicator was freed");
+    if (!lc->c) ws_lua_raise_freed(L, idx, "comm", ws_lua_comm_name(L, idx));
     return lc->c;
+}
+
+const char *ws_lua_comm_name(lua_State *L, int idx)
+{
+    lcomm *lc = (lcomm *)luaL_checkudata(L, idx, WS_COMM_MT);
+    return lua_pushfstring(L, "'%s'", lc->name);
 }
 
 /* The core comm of the ws.Comm at idx, NULL once it was freed. */
@@ -54,19 +60,21 @@ static int check_int(lua_State *L, int idx, const char *what)
     return (int)v;
 }
 
-static void push_comm(lua_State *L, ws_comm *c)
+static lcomm *push_comm(lua_State *L, ws_comm *c, const char *name)
 {
     lcomm *lc = (lcomm *)lua_newuserdatauv(L, sizeof *lc, 0);
     lc->c = c;
     lc->busy = 0;
+    snprintf(lc->name, sizeof lc->name, "%s", name);
     luaL_setmetatable(L, WS_COMM_MT);
+    return lc;
 }
 
 static int l_comm(lua_State *L)
 {
     ws_comm *c;
     if (ws_comm_world(&c) != WS_OK) return ws_lua_raise(L, NULL);
-    push_comm(L, c);
+    push_comm(L, c, "world");
     return 1;
 }
 
@@ -109,7 +117,7 @@ static int c_tostring(lua_State *L)
 {
     lcomm *lc = (lcomm *)luaL_checkudata(L, 1, WS_COMM_MT);
     if (!lc->c) {
-        lua_pushliteral(L, "ws.Comm(freed)");
+        lua_pushfstring(L, "ws.Comm('%s' freed)", lc->name);
         return 1;
     }
     lua_pushfstring(L, "ws.Comm(rank %d of %d, %s)", ws_comm_rank(lc->c), ws_comm_size(lc->c),
@@ -122,10 +130,9 @@ static int c_split(lua_State *L)
     ws_comm *c = ws_lua_check_comm(L, 1);
     int color = check_int(L, 2, "color");
     int key = lua_isnoneornil(L, 3) ? ws_comm_rank(c) : check_int(L, 3, "key");
-    lcomm *lc = (lcomm *)lua_newuserdatauv(L, sizeof *lc, 0); /* [.., comm] released */
-    lc->c = NULL;
-    lc->busy = 0;
-    luaL_setmetatable(L, WS_COMM_MT);
+    const char *name = lua_pushfstring(L, "color %d of %s", color,
+                                       ((lcomm *)lua_touserdata(L, 1))->name);
+    lcomm *lc = push_comm(L, NULL, name); /* [.., name, comm] released */
     ws_comm *out;
     if (ws_comm_split(c, color, key, &out) != WS_OK) return ws_lua_raise(L, NULL);
     if (!out) {
@@ -436,30 +443,24 @@ static const luaL_Reg request_methods[] = {
     {NULL, NULL},
 };
 
+static const luaL_Reg comm_meta[] = {
+    {"__gc", c_gc},
+    {"__close", c_close},
+    {"__tostring", c_tostring},
+    {NULL, NULL},
+};
+
+static const luaL_Reg request_meta[] = {
+    {"__gc", r_gc},
+    {"__tostring", r_tostring},
+    {NULL, NULL},
+};
+
 void ws_open_comm(lua_State *L)
 {
     /* [ws] */
-    luaL_newmetatable(L, WS_COMM_MT); /* [ws, mt] */
-    luaL_newlib(L, comm_methods);     /* [ws, mt, methods] */
-    lua_pushcclosure(L, c_index, 1);  /* [ws, mt, index] */
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, c_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, c_close);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, c_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pop(L, 1); /* [ws] */
-
-    luaL_newmetatable(L, WS_REQUEST_MT); /* [ws, mt] */
-    luaL_newlib(L, request_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, r_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, r_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pop(L, 1); /* [ws] */
-
+    ws_lua_new_type(L, WS_COMM_MT, comm_methods, comm_meta, c_index);
+    ws_lua_new_type(L, WS_REQUEST_MT, request_methods, request_meta, NULL);
     lua_pushcfunction(L, l_comm);
     lua_setfield(L, -2, "comm");
 }

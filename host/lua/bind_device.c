@@ -102,13 +102,6 @@ ws_status ws_lua_to_device(lua_State *L, int idx, ws_device **out)
     return ws_device_get(name, out);
 }
 
-ws_device *ws_lua_check_device(lua_State *L, int idx)
-{
-    ws_device *d;
-    if (ws_lua_to_device(L, idx, &d) != WS_OK) device_error(L, idx, ws_errmsg());
-    return d;
-}
-
 void ws_lua_push_device(lua_State *L, ws_device *d)
 {
     lua_getfield(L, LUA_REGISTRYINDEX, DEVICE_CACHE); /* [cache] */
@@ -230,7 +223,12 @@ static int dev_event(lua_State *L)
 static levent *check_event(lua_State *L, int idx)
 {
     levent *ev = (levent *)luaL_checkudata(L, idx, WS_EVENT_MT);
-    if (!ev->e) luaL_argerror(L, idx, "event was destroyed");
+    /* Only a finalized event is gone (it has no free()): reachable from
+     * another object's __gc. */
+    if (!ev->e)
+        luaL_argerror(L, idx, lua_pushfstring(L, "event of %s was collected; make another "
+                                                 "with dev:event()",
+                                              ev->d->name));
     return ev;
 }
 
@@ -288,6 +286,17 @@ static const luaL_Reg ev_methods[] = {
     {NULL, NULL},
 };
 
+static const luaL_Reg dev_meta[] = {
+    {"__tostring", dev_tostring},
+    {NULL, NULL},
+};
+
+static const luaL_Reg ev_meta[] = {
+    {"__gc", ev_gc},
+    {"__tostring", ev_tostring},
+    {NULL, NULL},
+};
+
 static const luaL_Reg ws_funcs[] = {
     {"device", l_device},
     {"devices", l_devices},
@@ -304,22 +313,7 @@ void ws_open_device(lua_State *L)
     lua_newtable(L);
     lua_setfield(L, LUA_REGISTRYINDEX, DEVICE_CACHE);
 
-    luaL_newmetatable(L, WS_DEVICE_MT); /* [ws, mt] */
-    luaL_newlib(L, dev_methods);        /* [ws, mt, methods] */
-    lua_pushcclosure(L, dev_index, 1);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, dev_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pop(L, 1); /* [ws] */
-
-    luaL_newmetatable(L, WS_EVENT_MT);
-    luaL_newlib(L, ev_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, ev_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, ev_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pop(L, 1);
-
+    ws_lua_new_type(L, WS_DEVICE_MT, dev_methods, dev_meta, dev_index);
+    ws_lua_new_type(L, WS_EVENT_MT, ev_methods, ev_meta, NULL);
     luaL_setfuncs(L, ws_funcs, 0); /* [ws] */
 }

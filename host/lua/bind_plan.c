@@ -12,14 +12,8 @@
 #include "bind.h"
 #include "plan.h"
 
-#define WS_PLAN_MT "ws.Plan"
 #define DEFAULT_BUCKET_BYTES ((size_t)64 << 20)
 #define MAX_BUCKET_BYTES ((lua_Integer)1 << 62)
-
-/* From bind_comm.c: the live core comm of a ws.Comm (NULL once freed), and
- * its count of users that comm:free() waits for. */
-ws_comm *ws_lua_comm_live(lua_State *L, int idx);
-void ws_lua_comm_hold(lua_State *L, int idx, int delta);
 
 typedef struct ws_lplan {
     ws_plan *p; /* NULL: freed */
@@ -38,35 +32,15 @@ static ws_lplan *check_lplan(lua_State *L, int idx)
 static ws_plan *check_plan(lua_State *L, int idx)
 {
     ws_lplan *lp = check_lplan(L, idx);
-    if (!lp->p)
-        luaL_argerror(L, idx,
-                      lua_pushfstring(L, "plan '%s' was freed (free(), <close> or garbage "
-                                         "collection); create it again",
-                                      lp->name));
+    if (!lp->p) {
+        lua_pushfstring(L, "'%s'", lp->name);
+        ws_lua_raise_freed(L, idx, "plan", lua_tostring(L, -1));
+    }
     return lp->p;
 }
 
 static const char *const plan_options[] = {"bucket_mb", "bucket_bytes", "comm", "device", "name",
                                            NULL};
-
-/* Rejects unknown keys so a typo ("bucket_MB") cannot silently use a default. */
-static void check_options(lua_State *L, int idx)
-{
-    lua_pushnil(L); /* [nil] */
-    while (lua_next(L, idx)) { /* [key, value] */
-        int known = 0;
-        if (lua_type(L, -2) == LUA_TSTRING)
-            for (int i = 0; plan_options[i]; i++)
-                if (strcmp(lua_tostring(L, -2), plan_options[i]) == 0) known = 1;
-        if (!known) {
-            lua_pushvalue(L, -2);
-            luaL_error(L, "ws.plan: unknown option '%s' (expected bucket_mb, bucket_bytes, comm, "
-                          "device, name)",
-                       luaL_tolstring(L, -1, NULL));
-        }
-        lua_pop(L, 1); /* [key] */
-    }
-}
 
 static size_t bucket_option(lua_State *L, int idx)
 {
@@ -97,11 +71,12 @@ static size_t bucket_option(lua_State *L, int idx)
     return bytes;
 }
 
-/* ws.plan{bucket_mb=N | bucket_bytes=N, comm=c, device=dev, name="base"} */
+/* ws.plan{bucket_mb=N | bucket_bytes=N, comm=c, device=dev, name="base"}
+ * -> plan | nil, msg, code (device absent, out of memory) */
 static int l_plan(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
-    check_options(L, 1);
+    ws_lua_check_options(L, 1, plan_options, "ws.plan");
     size_t bucket = bucket_option(L, 1);
 
     ws_comm *comm = NULL;
@@ -112,14 +87,19 @@ static int l_plan(lua_State *L)
         if (!luaL_testudata(L, comm_idx, WS_COMM_MT))
             luaL_error(L, "ws.plan: comm must be a ws.Comm, got %s", luaL_typename(L, comm_idx));
         comm = ws_lua_comm_live(L, comm_idx);
-        if (!comm) luaL_error(L, "ws.plan: comm was freed");
+        if (!comm)
+            luaL_error(L, "ws.plan: option comm: %s",
+                       ws_lua_push_freed(L, "comm", ws_lua_comm_name(L, comm_idx)));
     }
 
     ws_device *dev;
-    if (lua_getfield(L, 1, "device") == LUA_TNIL) /* [comm, device] */
+    if (lua_getfield(L, 1, "device") == LUA_TNIL) { /* [comm, device] */
         dev = ws_lua_default_device(L);
-    else
-        dev = ws_lua_check_device(L, -1);
+    } else {
+        /* A malformed name raises; an absent device is the environment. */
+        ws_status rc = ws_lua_to_device(L, -1, &dev);
+        if (rc != WS_OK) return ws_lua_fail(L, rc, "ws.plan");
+    }
 
     const char *name = "plan";
     if (lua_getfield(L, 1, "name") != LUA_TNIL) { /* [comm, device, name] */
@@ -275,9 +255,9 @@ static int l_execute(lua_State *L)
      * engine is done (comm:free() in the callback raises). */
     int has_comm = lua_getiuservalue(L, 1, 1) != LUA_TNIL;
     if (has_comm && !ws_lua_comm_live(L, 3))
-        return luaL_error(L, "plan:execute: plan '%s': its communicator was freed; keep the "
-                             "comm open while the plan lives",
-                          lp->name);
+        return luaL_error(L, "plan:execute: plan '%s': its comm %s was freed; keep the comm "
+                             "open while the plan lives",
+                          lp->name, ws_lua_comm_name(L, 3));
     lua_settop(L, 3);
     if (has_comm) ws_lua_comm_hold(L, 3, 1);
     lp->executing = 1;
@@ -345,11 +325,7 @@ static const luaL_Reg plan_meta[] = {
 void ws_open_plan(lua_State *L)
 {
     /* [ws] */
-    luaL_newmetatable(L, WS_PLAN_MT); /* [ws, mt] */
-    luaL_setfuncs(L, plan_meta, 0);
-    luaL_newlib(L, plan_methods); /* [ws, mt, methods] */
-    lua_setfield(L, -2, "__index"); /* [ws, mt] */
-    lua_pop(L, 1);                  /* [ws] */
+    ws_lua_new_type(L, WS_PLAN_MT, plan_methods, plan_meta, NULL);
     lua_pushcfunction(L, l_plan);
     lua_setfield(L, -2, "plan");
 }

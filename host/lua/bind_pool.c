@@ -11,6 +11,7 @@
 
 typedef struct lpool {
     ws_pool *p; /* NULL: freed */
+    char tag[64]; /* names the pool once freed */
 } lpool;
 
 static lpool *check_lpool(lua_State *L, int idx)
@@ -21,7 +22,10 @@ static lpool *check_lpool(lua_State *L, int idx)
 ws_pool *ws_lua_check_pool(lua_State *L, int idx)
 {
     lpool *lp = check_lpool(L, idx);
-    if (!lp->p) luaL_argerror(L, idx, "pool was freed");
+    if (!lp->p) {
+        lua_pushfstring(L, "'%s'", lp->tag);
+        ws_lua_raise_freed(L, idx, "pool", lua_tostring(L, -1));
+    }
     return lp->p;
 }
 
@@ -31,16 +35,7 @@ static const char *const pool_keys[] = {"device", "tag", "bytes", NULL};
 static int l_pool(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
-    lua_pushnil(L);
-    while (lua_next(L, 1)) { /* [opts, key, value] */
-        lua_pop(L, 1);
-        int ok = 0;
-        for (int i = 0; pool_keys[i] && lua_type(L, -1) == LUA_TSTRING; i++)
-            if (strcmp(pool_keys[i], lua_tostring(L, -1)) == 0) ok = 1;
-        if (!ok)
-            return luaL_error(L, "ws.pool: unknown option '%s' (valid: device, tag, bytes)",
-                              luaL_tolstring(L, -1, NULL));
-    }
+    ws_lua_check_options(L, 1, pool_keys, "ws.pool");
     ws_device *dev;
     if (lua_getfield(L, 1, "device") != LUA_TNIL) { /* [opts, device] */
         ws_status rc = ws_lua_to_device(L, -1, &dev);
@@ -68,6 +63,7 @@ static int l_pool(lua_State *L)
     luaL_setmetatable(L, WS_POOL_MT);
     ws_status rc = ws_pool_create(dev, tag, (size_t)bytes, &lp->p);
     if (rc != WS_OK) return ws_lua_fail(L, rc, "ws.pool");
+    snprintf(lp->tag, sizeof lp->tag, "%s", ws_pool_tag(lp->p));
     return 1;
 }
 
@@ -164,7 +160,7 @@ static int p_tostring(lua_State *L)
 {
     lpool *lp = check_lpool(L, 1);
     if (!lp->p) {
-        lua_pushliteral(L, "ws.Pool(freed)");
+        lua_pushfstring(L, "ws.Pool('%s' freed)", lp->tag);
         return 1;
     }
     ws_pool_stats st;
@@ -187,19 +183,17 @@ static const luaL_Reg p_methods[] = {
     {NULL, NULL},
 };
 
+static const luaL_Reg p_meta[] = {
+    {"__gc", p_gc},
+    {"__close", p_close},
+    {"__tostring", p_tostring},
+    {NULL, NULL},
+};
+
 void ws_open_pool(lua_State *L)
 {
     /* [ws] */
-    luaL_newmetatable(L, WS_POOL_MT); /* [ws, mt] */
-    luaL_newlib(L, p_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, p_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, p_close);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, p_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pop(L, 1);
+    ws_lua_new_type(L, WS_POOL_MT, p_methods, p_meta, NULL);
     lua_pushcfunction(L, l_pool);
     lua_setfield(L, -2, "pool");
 }

@@ -107,35 +107,6 @@ static const char *const tensor_keys[] = {"shape", "dtype", "device", "name", "p
                                           "fill", NULL};
 static const char *const pool_tensor_keys[] = {"shape", "dtype", "name", "fill", NULL};
 
-static void check_keys(lua_State *L, int opts, const char *const *keys, const char *fname)
-{
-    lua_pushnil(L);
-    while (lua_next(L, opts)) { /* [..., key, value] */
-        lua_pop(L, 1);
-        int ok = 0;
-        if (lua_type(L, -1) == LUA_TSTRING) {
-            const char *k = lua_tostring(L, -1);
-            for (int i = 0; keys[i]; i++)
-                if (strcmp(keys[i], k) == 0) ok = 1;
-        }
-        if (!ok) {
-            luaL_Buffer b;
-            luaL_buffinit(L, &b);
-            for (int i = 0; keys[i]; i++) {
-                if (i) luaL_addstring(&b, ", ");
-                luaL_addstring(&b, keys[i]);
-            }
-            luaL_pushresult(&b);
-            if (lua_type(L, -2) == LUA_TSTRING)
-                luaL_error(L, "%s: unknown option '%s' (valid: %s)", fname, lua_tostring(L, -2),
-                           lua_tostring(L, -1));
-            else
-                luaL_error(L, "%s: options must have string keys, got a %s key (valid: %s)",
-                           fname, luaL_typename(L, -2), lua_tostring(L, -1));
-        }
-    }
-}
-
 /* The fill value at idx as a double. Fills travel as doubles; an i64 fill
  * with a Lua integer a double cannot hold (beyond 2^53) would store a
  * neighbouring value, so it raises instead (set() is exact). Range and
@@ -158,7 +129,7 @@ int ws_lua_tensor_from_opts(lua_State *L, int opts, ws_pool *pool, int pool_idx,
     opts = lua_absindex(L, opts);
     if (pool_idx) pool_idx = lua_absindex(L, pool_idx);
     luaL_checktype(L, opts, LUA_TTABLE);
-    check_keys(L, opts, pool ? pool_tensor_keys : tensor_keys, fname);
+    ws_lua_check_options(L, opts, pool ? pool_tensor_keys : tensor_keys, fname);
 
     int64_t shape[WS_MAX_DIMS];
     int infer;
@@ -426,17 +397,9 @@ static int t_bytes(lua_State *L)
 
 /* ---- data ---------------------------------------------------------------------- */
 
-static int same_shape(const ws_tensor *a, const ws_tensor *b)
-{
-    if (a->layout.ndim != b->layout.ndim) return 0;
-    for (int i = 0; i < a->layout.ndim; i++)
-        if (a->layout.shape[i] != b->layout.shape[i]) return 0;
-    return 1;
-}
-
 static void check_same_shape(lua_State *L, int arg, const ws_tensor *dst, const ws_tensor *src)
 {
-    if (same_shape(dst, src)) return;
+    if (ws_tensor_same_shape(dst, src)) return;
     char l1[256], l2[256], s1[160], s2[160];
     luaL_argerror(L, arg,
                   lua_pushfstring(L, "shape mismatch: dst %s is %s, src %s %s",
@@ -635,7 +598,7 @@ static int l_copy_many(lua_State *L)
     if (nd != ns)
         return luaL_error(L, "copy_many: %d destinations but %d sources", (int)nd, (int)ns);
     for (size_t i = 0; i < nd; i++) {
-        if (same_shape(dsts[i], srcs[i])) continue;
+        if (ws_tensor_same_shape(dsts[i], srcs[i])) continue;
         char l1[256], l2[256], s1[160], s2[160];
         return luaL_error(L, "copy_many: item %d: shape mismatch: dst %s is %s, src %s %s",
                           (int)i + 1, label(dsts[i], l1, sizeof l1),
@@ -650,7 +613,8 @@ static int l_copy_many(lua_State *L)
 
 /* ws.checksums(tensors [, first_indices] [, as_dtype]): the checksum of every
  * tensor, in one call, as a cpu i64 tensor (one element per tensor, exact
- * 64-bit values: the shape a verification all-reduces and compares). */
+ * 64-bit values: the shape a verification all-reduces and compares), or nil,
+ * msg, code when that tensor cannot be allocated. */
 static int l_checksums(lua_State *L)
 {
     lua_settop(L, 3); /* [tensors, firsts, as] */
@@ -726,18 +690,16 @@ static const luaL_Reg ws_funcs[] = {
     {NULL, NULL},
 };
 
+static const luaL_Reg t_meta[] = {
+    {"__gc", t_free},
+    {"__close", t_free},
+    {"__tostring", t_tostring},
+    {NULL, NULL},
+};
+
 void ws_open_tensor(lua_State *L)
 {
     /* [ws] */
-    luaL_newmetatable(L, WS_TENSOR_MT); /* [ws, mt] */
-    luaL_newlib(L, t_methods);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, t_free);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, t_free);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, t_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pop(L, 1); /* [ws] */
+    ws_lua_new_type(L, WS_TENSOR_MT, t_methods, t_meta, NULL);
     luaL_setfuncs(L, ws_funcs, 0);
 }

@@ -324,7 +324,7 @@ static void test_pool_larger_than_memory(void)
     char want[64];
     snprintf(want, sizeof want, "(%zu bytes)", 4 * total);
     CHECK_ERR(ws_pool_create(cpu, "kv_cache", 4 * total, &p), WS_ERR_NOMEM,
-              "creating pool 'kv_cache' on cpu: cpu: out of memory mapping");
+              "creating pool 'kv_cache': cpu: out of memory mapping");
     CHECK(strstr(ws_errmsg(), want) != NULL);
     CHECK(p == NULL);
     CHECK(cpu->held == before);

@@ -34,7 +34,7 @@ out=$(WSHOST_PATH="$tmp/lib" "$WSHOST" "$tmp/huge.lua" 2>&1); rc=$?
 set -e
 check_rc "out of memory exits 1" 1 "$rc"
 check "the line names the program, the tensor and the cause" \
-    "$WSHOST: ws.tensor: creating tensor 'huge' f32[27487790694400] on cpu: cpu: out of memory" "$out"
+    "$WSHOST: ws.tensor: creating tensor 'huge' f32[27487790694400]: cpu: out of memory" "$out"
 one_line "exactly one line" "$out"
 [[ "$out" != *traceback* ]] && pass "no traceback" || fail "traceback printed: $out"
 [[ "$out" != *"not reached"* ]] && pass "the script stopped" || fail "the script went on"

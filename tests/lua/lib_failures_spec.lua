@@ -111,7 +111,14 @@ describe("configuration bounds", function()
     end)
 
     it("agreement costs nothing in a world of one", function()
-        config.agree(nil, { steps = 2 }, {}, "x")
-        config.agree(ws.comm(), { steps = 2 }, {}, "x")
+        -- no collective, no tensor: a single process never waits on a peer
+        local lonely = setmetatable({ size = 1 }, { __index = function(_, k)
+            error("config.agree used comm." .. k .. " in a world of one")
+        end })
+        local held = cpu:memory().held
+        assert.is_nil(config.agree(nil, { steps = 2 }, {}, "x"))
+        assert.is_nil(config.agree(lonely, { steps = 2 }, {}, "x"))
+        assert.is_nil(config.agree(ws.comm(), { steps = 2 }, {}, "x"))
+        assert.are.equal(held, cpu:memory().held)
     end)
 end)

@@ -306,6 +306,48 @@ describe("every function raises on bad arguments", function()
   end)
 end)
 
+describe("error regimes (docs/lua-api.md)", function()
+  -- A policy reacts to the environment (nil, msg, code) and fixes misuse
+  -- (raised): a constructor must not do one for the other.
+  it("an absent device is returned as nil, msg, 'device' by every constructor", function()
+    for name, make in pairs{
+      ["ws.device"] = function() return ws.device("cuda:9") end,
+      ["ws.tensor"] = function() return ws.tensor{shape = {2}, device = "cuda:9"} end,
+      ["ws.pool"] = function() return ws.pool{device = "cuda:9", bytes = KiB} end,
+      ["ws.plan"] = function() return ws.plan{device = "cuda:9", bucket_bytes = 4 * KiB} end,
+      ["t:to"] = function() return T:to("cuda:9") end,
+    } do
+      local ok, v, msg, code = pcall(make)
+      assert.is_true(ok, name .. " raised: " .. tostring(v))
+      assert.is_nil(v, name)
+      assert.matches("cuda:9", msg, 1, true)
+      assert.are.equal("device", code, name)
+    end
+  end)
+
+  it("a malformed device name is misuse and raises naming the call", function()
+    for name, make in pairs{
+      ["tensor"] = function() return ws.tensor{shape = {2}, device = "gpu"} end,
+      ["pool"] = function() return ws.pool{device = "gpu", bytes = KiB} end,
+      ["plan"] = function() return ws.plan{device = "gpu", bucket_bytes = 4 * KiB} end,
+    } do
+      local ok, err = pcall(make)
+      assert.is_false(ok, name)
+      assert.matches("unknown device 'gpu'", err, 1, true)
+      assert.matches(name, err, 1, true)
+    end
+  end)
+
+  it("the calls that return nil for the environment still raise for misuse", function()
+    local gone = cpu_tensor({2}, "f32", "gone")
+    gone:free()
+    assert.has_error(function() ws.checksums({gone}) end)
+    assert.has_error(function() ws.plan{bucket_bytes = 1, device = "cpu"} end)
+    assert.has_error(function() POOL:tensor{shape = {-1}} end)
+    assert.has_error(function() POOL:sleep(3) end)
+  end)
+end)
+
 describe("methods called on the wrong type", function()
   local tensor_methods = getmetatable(T).__index
   local pool_methods = getmetatable(POOL).__index
@@ -376,13 +418,13 @@ describe("use after free", function()
   end)
 
   it("pools, plans, comms", function()
-    local p = assert(ws.pool{device = "cpu", bytes = 64 * KiB})
+    local p = assert(ws.pool{device = "cpu", tag = "spent", bytes = 64 * KiB})
     p:free()
     p:free()
     for _, name in ipairs{"tensor", "sleep", "wake", "stats", "tag", "device"} do
       local ok, err = pcall(function() return p[name](p, {shape = {2}}) end)
       assert.is_false(ok, name)
-      assert.matches("pool was freed", err, 1, true)
+      assert.matches("pool 'spent' was freed", err, 1, true)
     end
     local plan = ws.plan{bucket_bytes = 4 * KiB, device = "cpu", name = "old"}
     plan:free()
@@ -398,7 +440,7 @@ describe("use after free", function()
     for _, name in ipairs{"all_reduce", "barrier", "split"} do
       local ok, err = pcall(function() return c[name](c, U, 0) end)
       assert.is_false(ok, name)
-      assert.matches("communicator was freed", err, 1, true)
+      assert.matches("comm 'color 0 of world' was freed", err, 1, true)
     end
   end)
 
@@ -409,7 +451,7 @@ describe("use after free", function()
     c:free()
     local ok, err = pcall(function() return plan:execute() end)
     assert.is_false(ok)
-    assert.matches("plan 'orphan': its communicator was freed", err, 1, true)
+    assert.matches("plan 'orphan': its comm 'color 0 of world' was freed", err, 1, true)
   end)
 
   it("a comm with a pending request cannot be freed under it", function()

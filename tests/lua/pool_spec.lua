@@ -22,6 +22,19 @@ describe("ws.pool", function()
     end
   end)
 
+  it("a pool the machine cannot back: nil, a message saying each thing once, nomem", function()
+    local p, msg, code = ws.pool{device = "cpu", tag = "kv_cache", bytes = 1 << 46}
+    assert.is_nil(p)
+    assert.are.equal("nomem", code)
+    -- the call, what it was doing to which pool, the device, the cause
+    assert.matches("^ws%.pool: creating pool 'kv_cache': cpu: %a", msg)
+    assert.is_nil(msg:find("cpu: cpu", 1, true))
+    local ok, err = pcall(require("ws.errors").must, "engine",
+                          ws.pool{device = "cpu", tag = "kv_cache", bytes = 1 << 46})
+    assert.is_false(ok)
+    assert.matches("^engine: ws%.pool: creating pool 'kv_cache': cpu: %a", tostring(err))
+  end)
+
   it("carves tensors and reports stats", function()
     local p = new_pool(4 * MiB)
     local st = p:stats()
@@ -104,7 +117,7 @@ describe("ws.pool", function()
     t:free()
     p:free()
     p:free()
-    assert.are.equal("ws.Pool(freed)", tostring(p))
+    assert.are.equal("ws.Pool('weights' freed)", tostring(p))
     assert.has_error(function() p:stats() end)
   end)
 

@@ -19,11 +19,29 @@ describe("verl_lora need_base", function()
         end)
     end
 
-    it("loads without running and exposes its config schema", function()
-        assert.are.equal("verl_lora", verl.name)
-        assert.are.equal(32, verl.schema.lora_rank.default)
-        assert.are.equal("qwen3-0.6b", verl.schema.model.default)
-        assert.is_function(verl.run)
+    -- What a user reads before choosing a key=value: docs/pipelines.md's table
+    -- must list every key of the schema with the default the schema applies.
+    it("its configuration keys and defaults are the ones docs/pipelines.md lists", function()
+        local documented = {}
+        for line in io.lines("docs/pipelines.md") do
+            local keys, defaults = line:match("^| (`[%w_`, ]+`) | ([^|]+) |")
+            if keys then
+                local names, values = {}, {}
+                for k in keys:gmatch("`([%w_]+)`") do names[#names + 1] = k end
+                for v in defaults:gmatch("[^,]+") do
+                    values[#values + 1] = (v:gsub("^%s+", ""):gsub("%s+$", ""):gsub("`", ""))
+                end
+                assert.are.equal(#names, #values, line)
+                for i, k in ipairs(names) do documented[k] = values[i] end
+            end
+        end
+        for key, spec in pairs(verl.schema) do
+            assert.is_not_nil(documented[key], "key '" .. key .. "' is not in docs/pipelines.md")
+            assert.are.equal(documented[key], tostring(spec.default), "default of " .. key)
+        end
+        for key in pairs(documented) do
+            assert.is_not_nil(verl.schema[key], "docs/pipelines.md lists '" .. key .. "'")
+        end
     end)
 
     it("the skip_base fixture differs from the rule only after a level-2 sleep", function()
