@@ -19,63 +19,9 @@
 
 static ws_comm g_world;
 static int g_world_ready, g_shut;
-
-/* ---- the self backend: a world of one ------------------------------------ */
-
-static ws_status self_all_gather(ws_comm *c, ws_device *d, const void *send, void *recv,
-                                 size_t bytes, ws_comm_request *req)
-{
-    if (send == recv || bytes == 0) return WS_OK;
-    return d->ops->copy(d, recv, send, bytes);
-}
-
-static ws_status self_broadcast(ws_comm *c, ws_device *d, void *buf, size_t bytes, int root,
-                                ws_comm_request *req)
-{
-    return WS_OK;
-}
-
-/* send/recv are unreachable in a world of one: comm.c rejects a peer equal to
- * the own rank before dispatching. */
-static ws_status self_send(ws_comm *c, ws_device *d, const void *buf, size_t bytes, int peer,
-                           ws_comm_request *req)
-{
-    return WS_ERR(WS_ERR_ARG, "send: a world of one has no peers");
-}
-
-static ws_status self_recv(ws_comm *c, ws_device *d, void *buf, size_t bytes, int peer,
-                           ws_comm_request *req)
-{
-    return WS_ERR(WS_ERR_ARG, "recv: a world of one has no peers");
-}
-
-static ws_status self_all_reduce(ws_comm *c, ws_device *d, void *buf, size_t count, ws_dtype t,
-                                 ws_reduce_op op, ws_comm_request *req)
-{
-    return WS_OK;
-}
-
-static ws_status self_reduce_scatter(ws_comm *c, ws_device *d, const void *send, void *recv,
-                                     size_t count, ws_dtype t, ws_reduce_op op,
-                                     ws_comm_request *req)
-{
-    return self_all_gather(c, d, send, recv, count * ws_dtype_size(t), req);
-}
-
-static ws_status self_wait(ws_comm_request *req) { return WS_OK; }
-
-static const ws_comm_ops g_self_ops = {
-    .name = "self",
-    .all_gather = self_all_gather,
-    .broadcast = self_broadcast,
-    .send = self_send,
-    .recv = self_recv,
-    .all_reduce = self_all_reduce,
-    .reduce_scatter = self_reduce_scatter,
-    .wait = self_wait,
-};
-
-const ws_comm_ops *ws_comm_self_ops(void) { return &g_self_ops; }
+/* The host backend that started (or is starting) the world: abort goes
+ * through it even when joining the world failed half-way. */
+static const ws_comm_host_ops *g_host;
 
 /* ---- the world --------------------------------------------------------------- */
 
@@ -108,17 +54,23 @@ static ws_status check_alone(void)
     const char *var = NULL;
     int tasks = launcher_tasks(&var);
     if (tasks <= 1) return WS_OK;
-#ifdef WS_HAVE_MPI
-    return WS_ERR(WS_ERR_COMM,
-                  "comm: this process is one of %d tasks (%s) but has no MPI launch environment "
-                  "(no PMI_RANK or PMIX_RANK); start it with mpirun, or srun --mpi=pmix "
-                  "(or --mpi=pmi2)", tasks, var);
-#else
-    return WS_ERR(WS_ERR_COMM,
-                  "comm: this process is one of %d tasks (%s) but this wshost was built "
-                  "without MPI, so the ranks cannot reach each other; rebuild with MPI "
-                  "(libopenmpi-dev) or run one process", tasks, var);
-#endif
+    const ws_comm_host_ops *b = ws_comm_host_backends[0] ? ws_comm_host_backends[0]
+                                                         : ws_comm_self_ops();
+    return WS_ERR(WS_ERR_COMM, "comm: this process is one of %d tasks (%s) but %s", tasks, var,
+                  b->launch_hint);
+}
+
+/* Ends the job when a rank of a multi-rank world exits without
+ * ws_comm_shutdown: a failing rank must never leave its peers blocked in a
+ * collective. A clean exit (status 0) shuts down instead. */
+static void at_exit(int status, void *arg)
+{
+    if (g_shut) return;
+    if (status == 0) {
+        ws_comm_shutdown();
+        return;
+    }
+    ws_comm_abort(status);
 }
 
 ws_status ws_comm_world(ws_comm **out)
@@ -127,21 +79,21 @@ ws_status ws_comm_world(ws_comm **out)
         return WS_ERR(WS_ERR_COMM, "comm: the world was shut down (ws_comm_shutdown); "
                       "collectives are not available after it");
     if (!g_world_ready) {
+        const ws_comm_host_ops *host = ws_comm_self_ops();
+        for (int i = 0; ws_comm_host_backends[i]; i++)
+            if (ws_comm_host_backends[i]->launched()) {
+                host = ws_comm_host_backends[i];
+                break;
+            }
+        if (host == ws_comm_self_ops()) WS_TRY(check_alone());
         ws_comm w = {0};
-        w.size = 1;
         w.is_world = 1;
-        w.host = &g_self_ops;
-        snprintf(w.backend, sizeof w.backend, "self");
-        int launched = 0;
-#ifdef WS_HAVE_MPI
-        if (ws_mpi_launched()) {
-            WS_TRY(ws_mpi_init_world(&w));
-            w.host = ws_comm_mpi_ops();
-            snprintf(w.backend, sizeof w.backend, "mpi");
-            launched = 1;
-        }
-#endif
-        if (!launched) WS_TRY(check_alone());
+        w.host = host;
+        snprintf(w.backend, sizeof w.backend, "%s", host->data.name);
+        if (host != ws_comm_self_ops() && !g_host) on_exit(at_exit, NULL);
+        g_host = host;
+        WS_TRY(host->init_world(&w));
+        WS_TRY(ws_comm_watch_peers(&w));
         w.check = check_default(w.size);
         g_world = w;
         g_world_ready = 1;
@@ -166,20 +118,12 @@ ws_status ws_comm_split(ws_comm *c, int color, int key, ws_comm **out)
     child->host = c->host;
     child->size = 1;
     child->local_rank = c->local_rank;
-    snprintf(child->backend, sizeof child->backend, "%s", c->host->name);
-#ifdef WS_HAVE_MPI
-    if (c->host != &g_self_ops) {
-        int undefined = 0;
-        ws_status rc = ws_mpi_split(c, color, key, child, &undefined);
-        if (rc != WS_OK || undefined) {
-            free(child);
-            return rc;
-        }
-    }
-#endif
-    if (c->host == &g_self_ops && color < 0) {
+    snprintf(child->backend, sizeof child->backend, "%s", c->host->data.name);
+    int undefined = 0;
+    ws_status rc = c->host->split(c, color, key, child, &undefined);
+    if (rc != WS_OK || undefined) {
         free(child);
-        return WS_OK;
+        return rc;
     }
     child->check = c->check && child->size > 1;
     *out = child;
@@ -190,28 +134,15 @@ void ws_comm_free(ws_comm *c)
 {
     if (!c || c->is_world) return;
     ws_nccl_destroy(c);
-#ifdef WS_HAVE_MPI
-    if (c->host != &g_self_ops) ws_mpi_free_comm(c);
-#endif
+    c->host->free(c);
     free(c);
-}
-
-ws_status ws_comm_host_bcast_bytes(ws_comm *c, void *buf, size_t bytes, int root)
-{
-#ifdef WS_HAVE_MPI
-    if (c->host != &g_self_ops) return ws_mpi_bcast_bytes(c, buf, bytes, root);
-#endif
-    if (c->size == 1) return WS_OK;
-    return WS_ERR(WS_ERR_UNSUPPORTED, "comm: no host backend to bootstrap NCCL");
 }
 
 /* ---- the mismatch check ------------------------------------------------------ */
 
 enum { K_ALL_GATHER = 1, K_BROADCAST, K_ALL_REDUCE, K_REDUCE_SCATTER, K_BARRIER, K_COALESCED };
-#ifdef WS_HAVE_MPI
 static const char *const kind_names[] = {"?", "all_gather", "broadcast", "all_reduce",
                                          "reduce_scatter", "barrier", "all_gather_coalesced"};
-#endif
 #define N_CHECK 5
 
 /* Ranks agree on v = {kind, numel, dtype, extra, layout}? `size_what` names
@@ -224,20 +155,19 @@ static ws_status agree(ws_comm *c, const char *what, const int64_t v[N_CHECK],
                        const char *size_what, const char *extra_what)
 {
     if (!c->check || c->size == 1) return WS_OK;
-#ifdef WS_HAVE_MPI
     int64_t mm[2 * N_CHECK];
     for (int i = 0; i < N_CHECK; i++) {
         mm[i] = v[i];
         mm[N_CHECK + i] = -v[i];
     }
-    WS_TRY(ws_mpi_allreduce_max_i64(c, mm, 2 * N_CHECK));
+    WS_TRY(c->host->max_i64(c, mm, 2 * N_CHECK));
     int same = 1;
     for (int i = 0; i < N_CHECK; i++) same &= mm[i] == -mm[N_CHECK + i];
     if (same) return WS_OK;
     /* Rare path: find who differs from rank 0, identically on every rank. */
     int64_t *all = malloc((size_t)c->size * N_CHECK * sizeof *all);
     if (!all) return WS_ERR(WS_ERR_NOMEM, "%s: ranks disagree (out of memory for details)", what);
-    ws_status rc = ws_mpi_allgather_i64(c, v, N_CHECK, all);
+    ws_status rc = c->host->gather_i64(c, v, N_CHECK, all);
     if (rc != WS_OK) {
         free(all);
         return rc;
@@ -271,10 +201,6 @@ static ws_status agree(ws_comm *c, const char *what, const int64_t v[N_CHECK],
     }
     free(all);
     return rc;
-#else
-    (void)what; (void)v; (void)size_what; (void)extra_what;
-    return WS_OK;
-#endif
 }
 
 /* ---- validation and dispatch ------------------------------------------------ */
@@ -319,12 +245,12 @@ static int force_nccl(void)
 static ws_status pick(ws_comm *c, ws_device *d, const ws_comm_ops **ops)
 {
     if (c->size == 1 && !(d->kind == WS_DEVICE_CUDA && force_nccl())) {
-        *ops = &g_self_ops;
+        *ops = &ws_comm_self_ops()->data;
     } else if (d->kind == WS_DEVICE_CUDA) {
         WS_TRY(ws_nccl_ensure(c, d));
         *ops = ws_comm_nccl_ops();
     } else {
-        *ops = c->host;
+        *ops = &c->host->data;
     }
     return WS_OK;
 }
@@ -341,7 +267,7 @@ static ws_status req_new(ws_comm *c, ws_comm_request **req, const char *what,
     if (!q) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory for a request", what);
     q->comm = c;
     q->what = what;
-    q->ops = &g_self_ops;
+    q->ops = &ws_comm_self_ops()->data;
     char holder[96];
     snprintf(holder, sizeof holder, "an async %s (wait for its request first)", what);
     for (int i = 0; i < n; i++) {
@@ -657,11 +583,7 @@ ws_status ws_comm_barrier(ws_comm *c)
         int64_t v[N_CHECK] = {K_BARRIER, 0, 0, 0};
         return agree(c, "barrier", v, "size", NULL);
     }
-#ifdef WS_HAVE_MPI
-    return ws_mpi_barrier(c);
-#else
-    return WS_OK;
-#endif
+    return c->host->barrier(c);
 }
 
 /* ---- FSDP-style coalesced all_gather ------------------------------------------ */
@@ -781,21 +703,15 @@ ws_status ws_comm_all_gather_coalesced(ws_comm *c, ws_tensor *const *shards,
 ws_status ws_comm_reference(ws_comm *c, const char *op, size_t bytes, int iters,
                             double *seconds_per_iter)
 {
-#ifdef WS_HAVE_MPI
-    if (c->host != &g_self_ops) return ws_mpi_reference(c, op, bytes, iters, seconds_per_iter);
-#endif
-    (void)op; (void)bytes; (void)iters; (void)seconds_per_iter;
-    return WS_ERR(WS_ERR_UNSUPPORTED, "reference: needs the MPI backend; run under mpirun");
+    return c->host->reference(c, op, bytes, iters, seconds_per_iter);
 }
 
 void ws_comm_abort(int exit_code)
 {
     fflush(NULL);
     ws_nccl_abort_all();
-#ifdef WS_HAVE_MPI
-    ws_mpi_abort(exit_code);
-#endif
-    /* A world of one (or MPI_Abort returned): end this process only. */
+    if (g_host) g_host->abort(exit_code);
+    /* A world of one (or the backend's abort returned): end this process only. */
     _exit(exit_code ? exit_code : 1);
 }
 
@@ -805,8 +721,7 @@ void ws_comm_shutdown(void)
     g_shut = 1;
     if (!g_world_ready) return;
     ws_nccl_destroy(&g_world);
-#ifdef WS_HAVE_MPI
-    ws_mpi_free_comm(&g_world);
-    ws_mpi_finalize();
-#endif
+    ws_comm_unwatch_peers();
+    g_world.host->free(&g_world);
+    g_world.host->finalize();
 }

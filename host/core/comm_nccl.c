@@ -158,7 +158,7 @@ ws_status ws_nccl_ensure(ws_comm *c, ws_device *d)
     nccl_unique_id id;
     memset(&id, 0, sizeof id);
     if (c->rank == 0) CHECK_NCCL(c, g_lib.get_unique_id(&id), "comm: ncclGetUniqueId");
-    WS_TRY(ws_comm_host_bcast_bytes(c, &id, sizeof id, 0));
+    WS_TRY(c->host->bcast_bytes(c, &id, sizeof id, 0));
     ws_nccl_state *s = calloc(1, sizeof *s);
     if (!s) return WS_ERR(WS_ERR_NOMEM, "comm: out of host memory for NCCL");
     nccl_result r = g_lib.comm_init_rank(&s->comm, c->size, id, c->rank);
@@ -183,7 +183,7 @@ ws_status ws_nccl_ensure(ws_comm *c, ws_device *d)
     s->next = g_states;
     g_states = s;
     c->nccl = s;
-    snprintf(c->backend, sizeof c->backend, "%s+nccl", c->host->name);
+    snprintf(c->backend, sizeof c->backend, "%s+nccl", c->host->data.name);
     return WS_OK;
 }
 
@@ -367,7 +367,7 @@ ws_status ws_nccl_ensure(ws_comm *c, ws_device *d)
                   "without CUDA", d->name);
 }
 
-const ws_comm_ops *ws_comm_nccl_ops(void) { return ws_comm_self_ops(); }
+const ws_comm_ops *ws_comm_nccl_ops(void) { return &ws_comm_self_ops()->data; }
 
 #endif
 
