@@ -140,17 +140,14 @@ void ws_comm_free(ws_comm *c)
 
 /* ---- the mismatch check ------------------------------------------------------ */
 
-enum { K_ALL_GATHER = 1, K_BROADCAST, K_ALL_REDUCE, K_REDUCE_SCATTER, K_BARRIER, K_COALESCED };
+enum { K_ALL_GATHER = 1, K_BROADCAST, K_ALL_REDUCE, K_REDUCE_SCATTER, K_BARRIER };
 static const char *const kind_names[] = {"?", "all_gather", "broadcast", "all_reduce",
-                                         "reduce_scatter", "barrier", "all_gather_coalesced"};
-#define N_CHECK 5
+                                         "reduce_scatter", "barrier"};
+#define N_CHECK 4
 
-/* Ranks agree on v = {kind, numel, dtype, extra, layout}? `size_what` names
- * the numel ("send size"), `extra_what` the fourth entry ("root", "op"; NULL:
- * unused). `layout` is 0 except for all_gather_coalesced, where it
- * fingerprints every tensor's size and dtype: equal totals can hide tensors
- * split differently, which would gather bytes into the wrong tensors.
- * Entries must be > INT64_MIN (they are negated for the min). */
+/* Ranks agree on v = {kind, numel, dtype, extra}? `size_what` names the
+ * numel ("send size"), `extra_what` the fourth entry ("root", "op"; NULL:
+ * unused). Entries must be > INT64_MIN (they are negated for the min). */
 static ws_status agree(ws_comm *c, const char *what, const int64_t v[N_CHECK],
                        const char *size_what, const char *extra_what)
 {
@@ -160,7 +157,7 @@ static ws_status agree(ws_comm *c, const char *what, const int64_t v[N_CHECK],
         mm[i] = v[i];
         mm[N_CHECK + i] = -v[i];
     }
-    WS_TRY(c->host->max_i64(c, mm, 2 * N_CHECK));
+    WS_TRY(ws_comm_max_i64(c, mm, 2 * N_CHECK));
     int same = 1;
     for (int i = 0; i < N_CHECK; i++) same &= mm[i] == -mm[N_CHECK + i];
     if (same) return WS_OK;
@@ -187,20 +184,23 @@ static ws_status agree(ws_comm *c, const char *what, const int64_t v[N_CHECK],
                 rc = WS_ERR(WS_ERR_ARG, "%s: ranks disagree on the dtype: rank 0 has %s, rank %d "
                             "has %s", what, ws_dtype_name((ws_dtype)a), r,
                             ws_dtype_name((ws_dtype)b));
-            else if (i == 3)
+            else
                 rc = WS_ERR(WS_ERR_ARG, "%s: ranks disagree on the %s: rank 0 has %lld, rank %d "
                             "has %lld", what, extra_what ? extra_what : "arguments",
                             (long long)a, r, (long long)b);
-            else
-                rc = WS_ERR(WS_ERR_ARG, "%s: ranks disagree on the sizes or dtypes of the tensors "
-                            "(rank 0 and rank %d have the same total but split it differently); "
-                            "every rank must pass the same list of full tensors in the same order",
-                            what, r);
             break;
         }
     }
     free(all);
     return rc;
+}
+
+ws_status ws_comm_max_i64(ws_comm *c, int64_t *v, int n)
+{
+    if (g_shut)
+        return WS_ERR(WS_ERR_COMM, "check: comm was shut down (ws_comm_shutdown)");
+    if (c->size == 1) return WS_OK;
+    return c->host->max_i64(c, v, n);
 }
 
 /* ---- validation and dispatch ------------------------------------------------ */
@@ -584,118 +584,6 @@ ws_status ws_comm_barrier(ws_comm *c)
         return agree(c, "barrier", v, "size", NULL);
     }
     return c->host->barrier(c);
-}
-
-/* ---- FSDP-style coalesced all_gather ------------------------------------------ */
-
-#define ALIGN_UP(x, a) (((x) + (a) - 1) / (a) * (a))
-
-ws_status ws_comm_all_gather_coalesced(ws_comm *c, ws_tensor *const *shards,
-                                       ws_tensor *const *fulls, size_t n, size_t bucket_bytes)
-{
-    const char *what = "all_gather_coalesced";
-    WS_TRY(usable(c, what));
-    if (n == 0) return WS_OK;
-    char bs[160], bf[160];
-    ws_device *d = ws_tensor_device(shards[0]);
-    int64_t total = 0;
-    size_t max_piece = 0, all_pieces = 0;
-    uint64_t layout = 14695981039346656037u; /* FNV-1a over (numel, dtype) of each full */
-    for (size_t i = 0; i < n; i++) {
-        void *ptr;
-        WS_TRY(check_t(shards[i], "all_gather_coalesced shard", WS_ACCESS_READ, &ptr));
-        WS_TRY(check_t(fulls[i], "all_gather_coalesced full", WS_ACCESS_WRITE, &ptr));
-        WS_TRY(same_device(shards[0], shards[i], what));
-        WS_TRY(same_device(shards[i], fulls[i], what));
-        int64_t nf = ws_tensor_numel(fulls[i]);
-        int64_t ns = (nf + c->size - 1) / c->size;
-        if (shards[i]->dtype != fulls[i]->dtype || ws_tensor_numel(shards[i]) != ns)
-            return WS_ERR(WS_ERR_ARG, "%s: shard %zu %s must hold ceil(%lld / %d) = %lld elements "
-                          "of %s for full %s; it has %lld of %s", what, i + 1,
-                          ws_tensor_label(shards[i], bs, sizeof bs), (long long)nf, c->size,
-                          (long long)ns, ws_dtype_name(fulls[i]->dtype),
-                          ws_tensor_label(fulls[i], bf, sizeof bf),
-                          (long long)ws_tensor_numel(shards[i]), ws_dtype_name(shards[i]->dtype));
-        total += nf;
-        size_t piece = ALIGN_UP(ws_tensor_nbytes(shards[i]), 16);
-        if (piece > max_piece) max_piece = piece;
-        all_pieces += piece;
-        const uint64_t words[2] = {(uint64_t)nf, (uint64_t)fulls[i]->dtype};
-        for (int w = 0; w < 2; w++)
-            for (int b = 0; b < 64; b += 8) layout = (layout ^ ((words[w] >> b) & 0xff)) *
-                                                      1099511628211u;
-    }
-    /* Kept positive for the check's negation; buckets larger than the data
-     * behave alike, so clamping loses nothing. */
-    int64_t bucket_v = bucket_bytes > (size_t)INT64_MAX ? INT64_MAX : (int64_t)bucket_bytes;
-    int64_t v[N_CHECK] = {K_COALESCED, total, shards[0]->dtype, bucket_v,
-                          (int64_t)(layout >> 2)};
-    WS_TRY(agree(c, what, v, "total size of the full tensors", "bucket_bytes"));
-    /* A bucket never needs more than all pieces together (bucket_bytes may
-     * be huge, meaning "one bucket"): allocating it as asked would fail or
-     * waste memory, and rounding it up could overflow. */
-    size_t cap = bucket_bytes / (size_t)c->size;
-    if (cap > all_pieces) cap = all_pieces;
-    if (cap < max_piece) cap = max_piece;
-    cap = ALIGN_UP(cap ? cap : 16, 16);
-    const ws_comm_ops *ops;
-    WS_TRY(pick(c, d, &ops));
-
-    ws_tensor sendb = {0}, recvb = {0};
-    ws_copy_desc *descs = ws_malloc((n + n * (size_t)c->size) * sizeof *descs);
-    if (!descs) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory for %zu copies", what, n);
-    ws_tensor_opts o = {.device = d, .name = "all_gather_coalesced bucket"};
-    ws_status rc = ws_tensor_empty(&sendb, WS_U8, 1, (int64_t[]){(int64_t)cap}, &o);
-    if (rc == WS_OK)
-        rc = ws_tensor_empty(&recvb, WS_U8, 1, (int64_t[]){(int64_t)cap * c->size}, &o);
-    void *sbuf = NULL, *rbuf = NULL;
-    if (rc == WS_OK) rc = ws_tensor_access(&sendb, WS_ACCESS_WRITE, what, &sbuf);
-    if (rc == WS_OK) rc = ws_tensor_access(&recvb, WS_ACCESS_WRITE, what, &rbuf);
-    /* Every tensor passed its check above and nothing runs in between that
-     * could free or put a pool to sleep, so the accesses below succeed on
-     * every rank alike (a rank failing alone would strand the others). */
-    size_t i = 0;
-    while (rc == WS_OK && i < n) {
-        /* One bucket: tensors [i, j) whose shard pieces fit in `cap` bytes. */
-        size_t j = i, used = 0, nd = 0;
-        char *sp = sbuf, *rp = rbuf;
-        while (rc == WS_OK && j < n &&
-               (j == i || used + ALIGN_UP(ws_tensor_nbytes(shards[j]), 16) <= cap)) {
-            size_t sbytes = ws_tensor_nbytes(shards[j]);
-            void *shard;
-            rc = ws_tensor_access(shards[j], WS_ACCESS_READ, "all_gather_coalesced shard", &shard);
-            descs[nd++] = (ws_copy_desc){sp + used, shard, sbytes, WS_U8, WS_U8};
-            used += ALIGN_UP(sbytes, 16);
-            j++;
-        }
-        if (rc != WS_OK) break;
-        rc = d->ops->copy_batch(d, descs, nd);
-        if (rc == WS_OK) rc = ops->all_gather(c, d, sp, rp, used, NULL);
-        nd = 0;
-        size_t off = 0;
-        for (size_t k = i; rc == WS_OK && k < j; k++) {
-            size_t es = ws_dtype_size(fulls[k]->dtype);
-            int64_t nf = ws_tensor_numel(fulls[k]), ns = ws_tensor_numel(shards[k]);
-            void *full;
-            rc = ws_tensor_access(fulls[k], WS_ACCESS_WRITE, "all_gather_coalesced full", &full);
-            for (int r = 0; rc == WS_OK && r < c->size; r++) {
-                int64_t take = nf - (int64_t)r * ns;
-                if (take > ns) take = ns;
-                if (take <= 0) break;
-                descs[nd++] = (ws_copy_desc){(char *)full + (size_t)r * ns * es,
-                                             rp + (size_t)r * used + off, (size_t)take * es,
-                                             WS_U8, WS_U8};
-            }
-            off += ALIGN_UP(ws_tensor_nbytes(shards[k]), 16);
-        }
-        if (rc == WS_OK) rc = d->ops->copy_batch(d, descs, nd);
-        for (size_t k = i; rc == WS_OK && k < j; k++) ws_tensor_mark_written(fulls[k]);
-        i = j;
-    }
-    ws_tensor_free(&sendb);
-    ws_tensor_free(&recvb);
-    free(descs);
-    return rc;
 }
 
 /* ---- reference timing, abort, shutdown ------------------------------------- */
