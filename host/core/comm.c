@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "comm_internal.h"
+#include "env.h"
 #include "fault.h"
 #include "pool.h"
 
@@ -25,34 +26,12 @@ static const ws_comm_host_ops *g_host;
 
 /* ---- the world --------------------------------------------------------------- */
 
-static int check_default(int size)
-{
-    const char *v = getenv("WSHOST_COMM_CHECK");
-    if (v && (strcmp(v, "0") == 0 || strcmp(v, "off") == 0)) return 0;
-    return size > 1;
-}
-
-/* How many tasks the launcher says this job has (0: no launcher). */
-static int launcher_tasks(const char **var)
-{
-    static const char *const vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", NULL};
-    for (int i = 0; vars[i]; i++) {
-        const char *v = getenv(vars[i]);
-        /* SLURM_NTASKS is also set inside an allocation (salloc, sbatch);
-         * only a task started by srun has SLURM_PROCID. */
-        if (!v || (i == 2 && !getenv("SLURM_PROCID"))) continue;
-        *var = vars[i];
-        return atoi(v);
-    }
-    return 0;
-}
-
 /* A rank that cannot reach its peers must not run as a world of one: every
  * rank would sync alone and report success. */
-static ws_status check_alone(void)
+static ws_status check_alone(const ws_launcher *l)
 {
-    const char *var = NULL;
-    int tasks = launcher_tasks(&var);
+    int tasks = l->tasks;
+    const char *var = l->tasks_var;
     if (tasks <= 1) return WS_OK;
     const ws_comm_host_ops *b = ws_comm_host_backends[0] ? ws_comm_host_backends[0]
                                                          : ws_comm_self_ops();
@@ -79,13 +58,21 @@ ws_status ws_comm_world(ws_comm **out)
         return WS_ERR(WS_ERR_COMM, "comm: the world was shut down (ws_comm_shutdown); "
                       "collectives are not available after it");
     if (!g_world_ready) {
+        const ws_launcher *l;
+        int check;
+        ws_status rc = ws_env_launcher(&l);
+        if (rc == WS_OK) rc = ws_env_comm_check(&check);
+        if (rc != WS_OK) {
+            ws_errprefix("comm");
+            return rc;
+        }
         const ws_comm_host_ops *host = ws_comm_self_ops();
         for (int i = 0; ws_comm_host_backends[i]; i++)
             if (ws_comm_host_backends[i]->launched()) {
                 host = ws_comm_host_backends[i];
                 break;
             }
-        if (host == ws_comm_self_ops()) WS_TRY(check_alone());
+        if (host == ws_comm_self_ops()) WS_TRY(check_alone(l));
         ws_comm w = {0};
         w.is_world = 1;
         w.host = host;
@@ -94,7 +81,7 @@ ws_status ws_comm_world(ws_comm **out)
         g_host = host;
         WS_TRY(host->init_world(&w));
         WS_TRY(ws_comm_watch_peers(&w));
-        w.check = check_default(w.size);
+        w.check = check && w.size > 1;
         g_world = w;
         g_world_ready = 1;
     }
@@ -234,17 +221,14 @@ static ws_status same_device(const ws_tensor *a, const ws_tensor *b, const char 
                   ws_tensor_label(b, bb, sizeof bb), ws_tensor_device(b)->name);
 }
 
-/* WSHOST_COMM_NCCL=1 sends cuda tensors through NCCL even in a world of one,
- * so the NCCL path can be exercised on a single GPU without a launcher. */
-static int force_nccl(void)
-{
-    const char *v = getenv("WSHOST_COMM_NCCL");
-    return v && strcmp(v, "1") == 0;
-}
-
 static ws_status pick(ws_comm *c, ws_device *d, const ws_comm_ops **ops)
 {
-    if (c->size == 1 && !(d->kind == WS_DEVICE_CUDA && force_nccl())) {
+    /* WSHOST_COMM_NCCL=1 sends cuda tensors through NCCL even in a world of
+     * one, so the NCCL path can be exercised on a single GPU without a
+     * launcher. */
+    int force_nccl = 0;
+    if (d->kind == WS_DEVICE_CUDA) WS_TRY(ws_env_comm_nccl(&force_nccl));
+    if (c->size == 1 && !force_nccl) {
         *ops = &ws_comm_self_ops()->data;
     } else if (d->kind == WS_DEVICE_CUDA) {
         WS_TRY(ws_nccl_ensure(c, d));

@@ -19,6 +19,7 @@
 #include <time.h>
 
 #include "comm_internal.h"
+#include "env.h"
 
 #define WS_MPI_TAG 0x5753
 
@@ -448,22 +449,9 @@ static ws_status mpi_reduce_scatter(ws_comm *c, ws_device *d, const void *send, 
 
 static int mpi_launched(void)
 {
-    static const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK",
-                                 "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD"};
-    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++)
-        if (getenv(vars[i])) return 1;
-    return 0;
-}
-
-static int env_int(const char *name, int *out)
-{
-    const char *v = getenv(name);
-    if (!v || !*v) return 0;
-    char *end;
-    long x = strtol(v, &end, 10);
-    if (*end || x < 0) return 0;
-    *out = (int)x;
-    return 1;
+    const ws_launcher *l;
+    ws_env_launcher(&l); /* comm.c reported any bad value before asking */
+    return l->mpi;
 }
 
 static ws_status mpi_init_world(ws_comm *c)
@@ -475,12 +463,7 @@ static ws_status mpi_init_world(ws_comm *c)
         if (rc != MPI_SUCCESS) return mpi_fail(NULL, rc, __FILE__, __LINE__, "comm: MPI_Init_thread");
     }
     g_mpi.initialized = 1;
-    g_mpi.chunk_bytes = (size_t)1 << 30;
-    const char *cb = getenv("WSHOST_COMM_CHUNK_BYTES");
-    if (cb && *cb) {
-        long long v = atoll(cb);
-        if (v > 0 && v <= (1ll << 30)) g_mpi.chunk_bytes = (size_t)v;
-    }
+    WS_TRY(ws_env_comm_chunk_bytes(&g_mpi.chunk_bytes, (size_t)1 << 30, (size_t)1 << 30));
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
     mpi_comm_impl *impl = calloc(1, sizeof *impl);
     if (!impl) return WS_ERR(WS_ERR_NOMEM, "comm: out of host memory for the world");
@@ -488,8 +471,13 @@ static ws_status mpi_init_world(ws_comm *c)
     c->host_impl = impl;
     MPI_Comm_rank(MPI_COMM_WORLD, &c->rank);
     MPI_Comm_size(MPI_COMM_WORLD, &c->size);
-    if (!env_int("OMPI_COMM_WORLD_LOCAL_RANK", &c->local_rank) &&
-        !env_int("MPI_LOCALRANKID", &c->local_rank) && !env_int("SLURM_LOCALID", &c->local_rank)) {
+    /* The launcher's local rank; torchrun's LOCAL_RANK does not describe an
+     * MPI job, so without an MPI or Slurm one the node's ranks are counted. */
+    const ws_launcher *l;
+    ws_env_launcher(&l);
+    if (l->local_rank >= 0 && strcmp(l->local_var, "LOCAL_RANK") != 0) {
+        c->local_rank = l->local_rank;
+    } else {
         MPI_Comm node;
         CHECK_MPI(c, MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, c->rank,
                                          MPI_INFO_NULL, &node), "comm: local rank");

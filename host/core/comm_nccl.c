@@ -22,6 +22,7 @@
 #include <time.h>
 
 #include "comm_internal.h"
+#include "env.h"
 
 #ifdef WS_HAVE_CUDA
 #include <cuda_runtime_api.h>
@@ -101,8 +102,8 @@ static ws_status load_library(void)
     if (g_lib.lib) return WS_OK;
     if (g_lib.tried) return WS_ERR(WS_ERR_UNSUPPORTED, "%s", g_lib.why);
     g_lib.tried = 1;
-    const char *path = getenv("WSHOST_NCCL_LIBRARY");
-    if (!path || !*path) path = "libnccl.so.2";
+    const char *path = ws_env_get("WSHOST_NCCL_LIBRARY");
+    if (!path) path = "libnccl.so.2";
     void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!lib) {
         snprintf(g_lib.why, sizeof g_lib.why, "comm: cannot load NCCL (%s): %s; install NCCL 2 or "
