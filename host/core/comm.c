@@ -1,5 +1,6 @@
 /* comm.c: the world, argument checks, the mismatch check and backend
- * dispatch for collectives; also the "self" backend of a world of one.
+ * dispatch for collectives. Backends (comm_self.c, comm_mpi.c, comm_nccl.c)
+ * are reached only through their tables, so nothing here depends on MPI.
  *
  * Every collective validates its tensors here (live, readable, contiguous,
  * one device, sizes consistent) so the backends only move bytes. When the
