@@ -1,5 +1,6 @@
 /* comm.c: the world, argument checks, the mismatch check and backend
- * dispatch for collectives; also the "self" backend of a world of one.
+ * dispatch for collectives. Backends (comm_self.c, comm_mpi.c, comm_nccl.c)
+ * are reached only through their tables, so nothing here depends on MPI.
  *
  * Every collective validates its tensors here (live, readable, contiguous,
  * one device, sizes consistent) so the backends only move bytes. When the
@@ -14,111 +15,42 @@
 #include <unistd.h>
 
 #include "comm_internal.h"
+#include "env.h"
 #include "fault.h"
 #include "pool.h"
 
 static ws_comm g_world;
 static int g_world_ready, g_shut;
-
-/* ---- the self backend: a world of one ------------------------------------ */
-
-static ws_status self_all_gather(ws_comm *c, ws_device *d, const void *send, void *recv,
-                                 size_t bytes, ws_comm_request *req)
-{
-    if (send == recv || bytes == 0) return WS_OK;
-    return d->ops->copy(d, recv, send, bytes);
-}
-
-static ws_status self_broadcast(ws_comm *c, ws_device *d, void *buf, size_t bytes, int root,
-                                ws_comm_request *req)
-{
-    return WS_OK;
-}
-
-/* send/recv are unreachable in a world of one: comm.c rejects a peer equal to
- * the own rank before dispatching. */
-static ws_status self_send(ws_comm *c, ws_device *d, const void *buf, size_t bytes, int peer,
-                           ws_comm_request *req)
-{
-    return WS_ERR(WS_ERR_ARG, "send: a world of one has no peers");
-}
-
-static ws_status self_recv(ws_comm *c, ws_device *d, void *buf, size_t bytes, int peer,
-                           ws_comm_request *req)
-{
-    return WS_ERR(WS_ERR_ARG, "recv: a world of one has no peers");
-}
-
-static ws_status self_all_reduce(ws_comm *c, ws_device *d, void *buf, size_t count, ws_dtype t,
-                                 ws_reduce_op op, ws_comm_request *req)
-{
-    return WS_OK;
-}
-
-static ws_status self_reduce_scatter(ws_comm *c, ws_device *d, const void *send, void *recv,
-                                     size_t count, ws_dtype t, ws_reduce_op op,
-                                     ws_comm_request *req)
-{
-    return self_all_gather(c, d, send, recv, count * ws_dtype_size(t), req);
-}
-
-static ws_status self_wait(ws_comm_request *req) { return WS_OK; }
-
-static const ws_comm_ops g_self_ops = {
-    .name = "self",
-    .all_gather = self_all_gather,
-    .broadcast = self_broadcast,
-    .send = self_send,
-    .recv = self_recv,
-    .all_reduce = self_all_reduce,
-    .reduce_scatter = self_reduce_scatter,
-    .wait = self_wait,
-};
-
-const ws_comm_ops *ws_comm_self_ops(void) { return &g_self_ops; }
+/* The host backend that started (or is starting) the world: abort goes
+ * through it even when joining the world failed half-way. */
+static const ws_comm_host_ops *g_host;
 
 /* ---- the world --------------------------------------------------------------- */
 
-static int check_default(int size)
-{
-    const char *v = getenv("WSHOST_COMM_CHECK");
-    if (v && (strcmp(v, "0") == 0 || strcmp(v, "off") == 0)) return 0;
-    return size > 1;
-}
-
-/* How many tasks the launcher says this job has (0: no launcher). */
-static int launcher_tasks(const char **var)
-{
-    static const char *const vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", NULL};
-    for (int i = 0; vars[i]; i++) {
-        const char *v = getenv(vars[i]);
-        /* SLURM_NTASKS is also set inside an allocation (salloc, sbatch);
-         * only a task started by srun has SLURM_PROCID. */
-        if (!v || (i == 2 && !getenv("SLURM_PROCID"))) continue;
-        *var = vars[i];
-        return atoi(v);
-    }
-    return 0;
-}
-
 /* A rank that cannot reach its peers must not run as a world of one: every
  * rank would sync alone and report success. */
-static ws_status check_alone(void)
+static ws_status check_alone(const ws_launcher *l)
 {
-    const char *var = NULL;
-    int tasks = launcher_tasks(&var);
+    int tasks = l->tasks;
+    const char *var = l->tasks_var;
     if (tasks <= 1) return WS_OK;
-#ifdef WS_HAVE_MPI
-    return WS_ERR(WS_ERR_COMM,
-                  "comm: this process is one of %d tasks (%s) but has no MPI launch environment "
-                  "(no PMI_RANK or PMIX_RANK); start it with mpirun, or srun --mpi=pmix "
-                  "(or --mpi=pmi2)", tasks, var);
-#else
-    return WS_ERR(WS_ERR_COMM,
-                  "comm: this process is one of %d tasks (%s) but this wshost was built "
-                  "without MPI, so the ranks cannot reach each other; rebuild with MPI "
-                  "(libopenmpi-dev) or run one process", tasks, var);
-#endif
+    const ws_comm_host_ops *b = ws_comm_host_backends[0] ? ws_comm_host_backends[0]
+                                                         : ws_comm_self_ops();
+    return WS_ERR(WS_ERR_COMM, "comm: this process is one of %d tasks (%s) but %s", tasks, var,
+                  b->launch_hint);
+}
+
+/* Ends the job when a rank of a multi-rank world exits without
+ * ws_comm_shutdown: a failing rank must never leave its peers blocked in a
+ * collective. A clean exit (status 0) shuts down instead. */
+static void at_exit(int status, void *arg)
+{
+    if (g_shut) return;
+    if (status == 0) {
+        ws_comm_shutdown();
+        return;
+    }
+    ws_comm_abort(status);
 }
 
 ws_status ws_comm_world(ws_comm **out)
@@ -127,22 +59,30 @@ ws_status ws_comm_world(ws_comm **out)
         return WS_ERR(WS_ERR_COMM, "comm: the world was shut down (ws_comm_shutdown); "
                       "collectives are not available after it");
     if (!g_world_ready) {
-        ws_comm w = {0};
-        w.size = 1;
-        w.is_world = 1;
-        w.host = &g_self_ops;
-        snprintf(w.backend, sizeof w.backend, "self");
-        int launched = 0;
-#ifdef WS_HAVE_MPI
-        if (ws_mpi_launched()) {
-            WS_TRY(ws_mpi_init_world(&w));
-            w.host = ws_comm_mpi_ops();
-            snprintf(w.backend, sizeof w.backend, "mpi");
-            launched = 1;
+        const ws_launcher *l;
+        int check;
+        ws_status rc = ws_env_launcher(&l);
+        if (rc == WS_OK) rc = ws_env_comm_check(&check);
+        if (rc != WS_OK) {
+            ws_errprefix("comm");
+            return rc;
         }
-#endif
-        if (!launched) WS_TRY(check_alone());
-        w.check = check_default(w.size);
+        const ws_comm_host_ops *host = ws_comm_self_ops();
+        for (int i = 0; ws_comm_host_backends[i]; i++)
+            if (ws_comm_host_backends[i]->launched()) {
+                host = ws_comm_host_backends[i];
+                break;
+            }
+        if (host == ws_comm_self_ops()) WS_TRY(check_alone(l));
+        ws_comm w = {0};
+        w.is_world = 1;
+        w.host = host;
+        snprintf(w.backend, sizeof w.backend, "%s", host->data.name);
+        if (host != ws_comm_self_ops() && !g_host) on_exit(at_exit, NULL);
+        g_host = host;
+        WS_TRY(host->init_world(&w));
+        WS_TRY(ws_comm_watch_peers(&w));
+        w.check = check && w.size > 1;
         g_world = w;
         g_world_ready = 1;
     }
@@ -166,20 +106,12 @@ ws_status ws_comm_split(ws_comm *c, int color, int key, ws_comm **out)
     child->host = c->host;
     child->size = 1;
     child->local_rank = c->local_rank;
-    snprintf(child->backend, sizeof child->backend, "%s", c->host->name);
-#ifdef WS_HAVE_MPI
-    if (c->host != &g_self_ops) {
-        int undefined = 0;
-        ws_status rc = ws_mpi_split(c, color, key, child, &undefined);
-        if (rc != WS_OK || undefined) {
-            free(child);
-            return rc;
-        }
-    }
-#endif
-    if (c->host == &g_self_ops && color < 0) {
+    snprintf(child->backend, sizeof child->backend, "%s", c->host->data.name);
+    int undefined = 0;
+    ws_status rc = c->host->split(c, color, key, child, &undefined);
+    if (rc != WS_OK || undefined) {
         free(child);
-        return WS_OK;
+        return rc;
     }
     child->check = c->check && child->size > 1;
     *out = child;
@@ -190,54 +122,37 @@ void ws_comm_free(ws_comm *c)
 {
     if (!c || c->is_world) return;
     ws_nccl_destroy(c);
-#ifdef WS_HAVE_MPI
-    if (c->host != &g_self_ops) ws_mpi_free_comm(c);
-#endif
+    c->host->free(c);
     free(c);
-}
-
-ws_status ws_comm_host_bcast_bytes(ws_comm *c, void *buf, size_t bytes, int root)
-{
-#ifdef WS_HAVE_MPI
-    if (c->host != &g_self_ops) return ws_mpi_bcast_bytes(c, buf, bytes, root);
-#endif
-    if (c->size == 1) return WS_OK;
-    return WS_ERR(WS_ERR_UNSUPPORTED, "comm: no host backend to bootstrap NCCL");
 }
 
 /* ---- the mismatch check ------------------------------------------------------ */
 
-enum { K_ALL_GATHER = 1, K_BROADCAST, K_ALL_REDUCE, K_REDUCE_SCATTER, K_BARRIER, K_COALESCED };
-#ifdef WS_HAVE_MPI
+enum { K_ALL_GATHER = 1, K_BROADCAST, K_ALL_REDUCE, K_REDUCE_SCATTER, K_BARRIER };
 static const char *const kind_names[] = {"?", "all_gather", "broadcast", "all_reduce",
-                                         "reduce_scatter", "barrier", "all_gather_coalesced"};
-#endif
-#define N_CHECK 5
+                                         "reduce_scatter", "barrier"};
+#define N_CHECK 4
 
-/* Ranks agree on v = {kind, numel, dtype, extra, layout}? `size_what` names
- * the numel ("send size"), `extra_what` the fourth entry ("root", "op"; NULL:
- * unused). `layout` is 0 except for all_gather_coalesced, where it
- * fingerprints every tensor's size and dtype: equal totals can hide tensors
- * split differently, which would gather bytes into the wrong tensors.
- * Entries must be > INT64_MIN (they are negated for the min). */
+/* Ranks agree on v = {kind, numel, dtype, extra}? `size_what` names the
+ * numel ("send size"), `extra_what` the fourth entry ("root", "op"; NULL:
+ * unused). Entries must be > INT64_MIN (they are negated for the min). */
 static ws_status agree(ws_comm *c, const char *what, const int64_t v[N_CHECK],
                        const char *size_what, const char *extra_what)
 {
     if (!c->check || c->size == 1) return WS_OK;
-#ifdef WS_HAVE_MPI
     int64_t mm[2 * N_CHECK];
     for (int i = 0; i < N_CHECK; i++) {
         mm[i] = v[i];
         mm[N_CHECK + i] = -v[i];
     }
-    WS_TRY(ws_mpi_allreduce_max_i64(c, mm, 2 * N_CHECK));
+    WS_TRY(ws_comm_max_i64(c, mm, 2 * N_CHECK));
     int same = 1;
     for (int i = 0; i < N_CHECK; i++) same &= mm[i] == -mm[N_CHECK + i];
     if (same) return WS_OK;
     /* Rare path: find who differs from rank 0, identically on every rank. */
     int64_t *all = malloc((size_t)c->size * N_CHECK * sizeof *all);
     if (!all) return WS_ERR(WS_ERR_NOMEM, "%s: ranks disagree (out of memory for details)", what);
-    ws_status rc = ws_mpi_allgather_i64(c, v, N_CHECK, all);
+    ws_status rc = c->host->gather_i64(c, v, N_CHECK, all);
     if (rc != WS_OK) {
         free(all);
         return rc;
@@ -257,24 +172,23 @@ static ws_status agree(ws_comm *c, const char *what, const int64_t v[N_CHECK],
                 rc = WS_ERR(WS_ERR_ARG, "%s: ranks disagree on the dtype: rank 0 has %s, rank %d "
                             "has %s", what, ws_dtype_name((ws_dtype)a), r,
                             ws_dtype_name((ws_dtype)b));
-            else if (i == 3)
+            else
                 rc = WS_ERR(WS_ERR_ARG, "%s: ranks disagree on the %s: rank 0 has %lld, rank %d "
                             "has %lld", what, extra_what ? extra_what : "arguments",
                             (long long)a, r, (long long)b);
-            else
-                rc = WS_ERR(WS_ERR_ARG, "%s: ranks disagree on the sizes or dtypes of the tensors "
-                            "(rank 0 and rank %d have the same total but split it differently); "
-                            "every rank must pass the same list of full tensors in the same order",
-                            what, r);
             break;
         }
     }
     free(all);
     return rc;
-#else
-    (void)what; (void)v; (void)size_what; (void)extra_what;
-    return WS_OK;
-#endif
+}
+
+ws_status ws_comm_max_i64(ws_comm *c, int64_t *v, int n)
+{
+    if (g_shut)
+        return WS_ERR(WS_ERR_COMM, "check: comm was shut down (ws_comm_shutdown)");
+    if (c->size == 1) return WS_OK;
+    return c->host->max_i64(c, v, n);
 }
 
 /* ---- validation and dispatch ------------------------------------------------ */
@@ -308,23 +222,20 @@ static ws_status same_device(const ws_tensor *a, const ws_tensor *b, const char 
                   ws_tensor_label(b, bb, sizeof bb), ws_tensor_device(b)->name);
 }
 
-/* WSHOST_COMM_NCCL=1 sends cuda tensors through NCCL even in a world of one,
- * so the NCCL path can be exercised on a single GPU without a launcher. */
-static int force_nccl(void)
-{
-    const char *v = getenv("WSHOST_COMM_NCCL");
-    return v && strcmp(v, "1") == 0;
-}
-
 static ws_status pick(ws_comm *c, ws_device *d, const ws_comm_ops **ops)
 {
-    if (c->size == 1 && !(d->kind == WS_DEVICE_CUDA && force_nccl())) {
-        *ops = &g_self_ops;
+    /* WSHOST_COMM_NCCL=1 sends cuda tensors through NCCL even in a world of
+     * one, so the NCCL path can be exercised on a single GPU without a
+     * launcher. */
+    int force_nccl = 0;
+    if (d->kind == WS_DEVICE_CUDA) WS_TRY(ws_env_comm_nccl(&force_nccl));
+    if (c->size == 1 && !force_nccl) {
+        *ops = &ws_comm_self_ops()->data;
     } else if (d->kind == WS_DEVICE_CUDA) {
         WS_TRY(ws_nccl_ensure(c, d));
         *ops = ws_comm_nccl_ops();
     } else {
-        *ops = c->host;
+        *ops = &c->host->data;
     }
     return WS_OK;
 }
@@ -341,7 +252,7 @@ static ws_status req_new(ws_comm *c, ws_comm_request **req, const char *what,
     if (!q) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory for a request", what);
     q->comm = c;
     q->what = what;
-    q->ops = &g_self_ops;
+    q->ops = &ws_comm_self_ops()->data;
     char holder[96];
     snprintf(holder, sizeof holder, "an async %s (wait for its request first)", what);
     for (int i = 0; i < n; i++) {
@@ -657,123 +568,7 @@ ws_status ws_comm_barrier(ws_comm *c)
         int64_t v[N_CHECK] = {K_BARRIER, 0, 0, 0};
         return agree(c, "barrier", v, "size", NULL);
     }
-#ifdef WS_HAVE_MPI
-    return ws_mpi_barrier(c);
-#else
-    return WS_OK;
-#endif
-}
-
-/* ---- FSDP-style coalesced all_gather ------------------------------------------ */
-
-#define ALIGN_UP(x, a) (((x) + (a) - 1) / (a) * (a))
-
-ws_status ws_comm_all_gather_coalesced(ws_comm *c, ws_tensor *const *shards,
-                                       ws_tensor *const *fulls, size_t n, size_t bucket_bytes)
-{
-    const char *what = "all_gather_coalesced";
-    WS_TRY(usable(c, what));
-    if (n == 0) return WS_OK;
-    char bs[160], bf[160];
-    ws_device *d = ws_tensor_device(shards[0]);
-    int64_t total = 0;
-    size_t max_piece = 0, all_pieces = 0;
-    uint64_t layout = 14695981039346656037u; /* FNV-1a over (numel, dtype) of each full */
-    for (size_t i = 0; i < n; i++) {
-        void *ptr;
-        WS_TRY(check_t(shards[i], "all_gather_coalesced shard", WS_ACCESS_READ, &ptr));
-        WS_TRY(check_t(fulls[i], "all_gather_coalesced full", WS_ACCESS_WRITE, &ptr));
-        WS_TRY(same_device(shards[0], shards[i], what));
-        WS_TRY(same_device(shards[i], fulls[i], what));
-        int64_t nf = ws_tensor_numel(fulls[i]);
-        int64_t ns = (nf + c->size - 1) / c->size;
-        if (shards[i]->dtype != fulls[i]->dtype || ws_tensor_numel(shards[i]) != ns)
-            return WS_ERR(WS_ERR_ARG, "%s: shard %zu %s must hold ceil(%lld / %d) = %lld elements "
-                          "of %s for full %s; it has %lld of %s", what, i + 1,
-                          ws_tensor_label(shards[i], bs, sizeof bs), (long long)nf, c->size,
-                          (long long)ns, ws_dtype_name(fulls[i]->dtype),
-                          ws_tensor_label(fulls[i], bf, sizeof bf),
-                          (long long)ws_tensor_numel(shards[i]), ws_dtype_name(shards[i]->dtype));
-        total += nf;
-        size_t piece = ALIGN_UP(ws_tensor_nbytes(shards[i]), 16);
-        if (piece > max_piece) max_piece = piece;
-        all_pieces += piece;
-        const uint64_t words[2] = {(uint64_t)nf, (uint64_t)fulls[i]->dtype};
-        for (int w = 0; w < 2; w++)
-            for (int b = 0; b < 64; b += 8) layout = (layout ^ ((words[w] >> b) & 0xff)) *
-                                                      1099511628211u;
-    }
-    /* Kept positive for the check's negation; buckets larger than the data
-     * behave alike, so clamping loses nothing. */
-    int64_t bucket_v = bucket_bytes > (size_t)INT64_MAX ? INT64_MAX : (int64_t)bucket_bytes;
-    int64_t v[N_CHECK] = {K_COALESCED, total, shards[0]->dtype, bucket_v,
-                          (int64_t)(layout >> 2)};
-    WS_TRY(agree(c, what, v, "total size of the full tensors", "bucket_bytes"));
-    /* A bucket never needs more than all pieces together (bucket_bytes may
-     * be huge, meaning "one bucket"): allocating it as asked would fail or
-     * waste memory, and rounding it up could overflow. */
-    size_t cap = bucket_bytes / (size_t)c->size;
-    if (cap > all_pieces) cap = all_pieces;
-    if (cap < max_piece) cap = max_piece;
-    cap = ALIGN_UP(cap ? cap : 16, 16);
-    const ws_comm_ops *ops;
-    WS_TRY(pick(c, d, &ops));
-
-    ws_tensor sendb = {0}, recvb = {0};
-    ws_copy_desc *descs = ws_malloc((n + n * (size_t)c->size) * sizeof *descs);
-    if (!descs) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory for %zu copies", what, n);
-    ws_tensor_opts o = {.device = d, .name = "all_gather_coalesced bucket"};
-    ws_status rc = ws_tensor_empty(&sendb, WS_U8, 1, (int64_t[]){(int64_t)cap}, &o);
-    if (rc == WS_OK)
-        rc = ws_tensor_empty(&recvb, WS_U8, 1, (int64_t[]){(int64_t)cap * c->size}, &o);
-    void *sbuf = NULL, *rbuf = NULL;
-    if (rc == WS_OK) rc = ws_tensor_access(&sendb, WS_ACCESS_WRITE, what, &sbuf);
-    if (rc == WS_OK) rc = ws_tensor_access(&recvb, WS_ACCESS_WRITE, what, &rbuf);
-    /* Every tensor passed its check above and nothing runs in between that
-     * could free or put a pool to sleep, so the accesses below succeed on
-     * every rank alike (a rank failing alone would strand the others). */
-    size_t i = 0;
-    while (rc == WS_OK && i < n) {
-        /* One bucket: tensors [i, j) whose shard pieces fit in `cap` bytes. */
-        size_t j = i, used = 0, nd = 0;
-        char *sp = sbuf, *rp = rbuf;
-        while (rc == WS_OK && j < n &&
-               (j == i || used + ALIGN_UP(ws_tensor_nbytes(shards[j]), 16) <= cap)) {
-            size_t sbytes = ws_tensor_nbytes(shards[j]);
-            void *shard;
-            rc = ws_tensor_access(shards[j], WS_ACCESS_READ, "all_gather_coalesced shard", &shard);
-            descs[nd++] = (ws_copy_desc){sp + used, shard, sbytes, WS_U8, WS_U8};
-            used += ALIGN_UP(sbytes, 16);
-            j++;
-        }
-        if (rc != WS_OK) break;
-        rc = d->ops->copy_batch(d, descs, nd);
-        if (rc == WS_OK) rc = ops->all_gather(c, d, sp, rp, used, NULL);
-        nd = 0;
-        size_t off = 0;
-        for (size_t k = i; rc == WS_OK && k < j; k++) {
-            size_t es = ws_dtype_size(fulls[k]->dtype);
-            int64_t nf = ws_tensor_numel(fulls[k]), ns = ws_tensor_numel(shards[k]);
-            void *full;
-            rc = ws_tensor_access(fulls[k], WS_ACCESS_WRITE, "all_gather_coalesced full", &full);
-            for (int r = 0; rc == WS_OK && r < c->size; r++) {
-                int64_t take = nf - (int64_t)r * ns;
-                if (take > ns) take = ns;
-                if (take <= 0) break;
-                descs[nd++] = (ws_copy_desc){(char *)full + (size_t)r * ns * es,
-                                             rp + (size_t)r * used + off, (size_t)take * es,
-                                             WS_U8, WS_U8};
-            }
-            off += ALIGN_UP(ws_tensor_nbytes(shards[k]), 16);
-        }
-        if (rc == WS_OK) rc = d->ops->copy_batch(d, descs, nd);
-        for (size_t k = i; rc == WS_OK && k < j; k++) ws_tensor_mark_written(fulls[k]);
-        i = j;
-    }
-    ws_tensor_free(&sendb);
-    ws_tensor_free(&recvb);
-    free(descs);
-    return rc;
+    return c->host->barrier(c);
 }
 
 /* ---- reference timing, abort, shutdown ------------------------------------- */
@@ -781,21 +576,15 @@ ws_status ws_comm_all_gather_coalesced(ws_comm *c, ws_tensor *const *shards,
 ws_status ws_comm_reference(ws_comm *c, const char *op, size_t bytes, int iters,
                             double *seconds_per_iter)
 {
-#ifdef WS_HAVE_MPI
-    if (c->host != &g_self_ops) return ws_mpi_reference(c, op, bytes, iters, seconds_per_iter);
-#endif
-    (void)op; (void)bytes; (void)iters; (void)seconds_per_iter;
-    return WS_ERR(WS_ERR_UNSUPPORTED, "reference: needs the MPI backend; run under mpirun");
+    return c->host->reference(c, op, bytes, iters, seconds_per_iter);
 }
 
 void ws_comm_abort(int exit_code)
 {
     fflush(NULL);
     ws_nccl_abort_all();
-#ifdef WS_HAVE_MPI
-    ws_mpi_abort(exit_code);
-#endif
-    /* A world of one (or MPI_Abort returned): end this process only. */
+    if (g_host) g_host->abort(exit_code);
+    /* A world of one (or the backend's abort returned): end this process only. */
     _exit(exit_code ? exit_code : 1);
 }
 
@@ -805,8 +594,7 @@ void ws_comm_shutdown(void)
     g_shut = 1;
     if (!g_world_ready) return;
     ws_nccl_destroy(&g_world);
-#ifdef WS_HAVE_MPI
-    ws_mpi_free_comm(&g_world);
-    ws_mpi_finalize();
-#endif
+    ws_comm_unwatch_peers();
+    g_world.host->free(&g_world);
+    g_world.host->finalize();
 }

@@ -53,12 +53,10 @@ ws_status ws_comm_wait(ws_comm_request *req);
  * one buffer, else through a staging buffer). */
 ws_status ws_comm_all_gather_list(ws_comm *c, const ws_tensor *send, ws_tensor *const *recvs,
                                   size_t n, ws_comm_request **req);
-/* FSDP-style: fulls[i] <- the shards[i] of every rank, where shards[i] holds
- * ceil(numel(fulls[i]) / size) elements (the last ranks' padding is dropped).
- * Shards are packed into buckets of about `bucket_bytes` (all ranks' pieces
- * together) and each bucket is one all_gather. Blocking. */
-ws_status ws_comm_all_gather_coalesced(ws_comm *c, ws_tensor *const *shards,
-                                       ws_tensor *const *fulls, size_t n, size_t bucket_bytes);
+/* Element-wise max over the ranks of `c` of a small vector (n <= 16), in
+ * place, over the host backend: no tensor and no device round trip. For
+ * ranks agreeing before a collective; runs whether the check is on or not. */
+ws_status ws_comm_max_i64(ws_comm *c, int64_t *v, int n);
 
 /* The mismatch check (one tiny all-reduce per collective, on by default when
  * size > 1 unless WSHOST_COMM_CHECK=0). */

@@ -1,11 +1,17 @@
-/* comm_internal.h: the comm backend vtable shared by comm.c, comm_mpi.c and
- * comm_nccl.c. Not part of the public C API.
+/* comm_internal.h: the comm backend tables shared by comm.c, the host
+ * backends (comm_self.c, comm_mpi.c) and comm_nccl.c. Not part of the public
+ * C API.
  *
  * comm.c validates tensors, runs the mismatch check and picks a backend per
  * call: a world of one uses the local "self" backend for every device, cpu
  * tensors go to the host backend (MPI), cuda tensors to NCCL. Backends see raw
  * pointers, byte or element counts and the device; they never look at
- * tensors, so validation and messages live in one place. */
+ * tensors, so validation and messages live in one place.
+ *
+ * A host backend also owns the world: it is started by a launcher, splits
+ * and frees communicators, and carries the small control traffic (barrier,
+ * the mismatch check, the NCCL bootstrap). Adding one (gloo, UCC) is one
+ * file defining a ws_comm_host_ops and one entry in comm_backends.c. */
 #ifndef WS_COMM_INTERNAL_H
 #define WS_COMM_INTERNAL_H
 
@@ -41,6 +47,35 @@ typedef struct ws_comm_ops {
     ws_status (*wait)(ws_comm_request *req);
 } ws_comm_ops;
 
+/* A host backend: moves cpu tensors (`data`) and runs the world. */
+typedef struct ws_comm_host_ops {
+    ws_comm_ops data;
+    /* 1 when this backend's launcher started the process. */
+    int (*launched)(void);
+    /* Joins the world: fills c->rank, size, local_rank and c->host_impl. */
+    ws_status (*init_world)(ws_comm *c);
+    /* As MPI_Comm_split; *undefined = 1 (and child untouched) for color < 0.
+     * Fills child->rank, size and host_impl. */
+    ws_status (*split)(ws_comm *parent, int color, int key, ws_comm *child, int *undefined);
+    void (*free)(ws_comm *c); /* releases c->host_impl; the world's too at shutdown */
+    ws_status (*barrier)(ws_comm *c);
+    /* Element-wise max over ranks of a small i64 vector, in place. */
+    ws_status (*max_i64)(ws_comm *c, int64_t *v, int n);
+    /* all[r * n + i] = rank r's mine[i]. */
+    ws_status (*gather_i64)(ws_comm *c, const int64_t *mine, int n, int64_t *all);
+    /* Raw bytes from root to all (the NCCL bootstrap). */
+    ws_status (*bcast_bytes)(ws_comm *c, void *buf, size_t bytes, int root);
+    /* Times the backend's own all_gather / broadcast on malloc'd buffers. */
+    ws_status (*reference)(ws_comm *c, const char *op, size_t bytes, int iters,
+                           double *seconds_per_iter);
+    /* Ends every rank of the job; returns when the backend never started. */
+    void (*abort)(int exit_code);
+    void (*finalize)(void); /* at shutdown, after free of the world */
+    /* Why a task of a multi-task job without this backend's launch
+     * environment cannot join, and how to start it: follows "but ". */
+    const char *launch_hint;
+} ws_comm_host_ops;
+
 /* Largest number of tensors a request marks written (or keeps alive) when it
  * completes. */
 #define WS_COMM_REQ_TENSORS 2
@@ -69,42 +104,24 @@ struct ws_comm {
     int rank, size, local_rank;
     int is_world;
     int check;                /* run the mismatch check before collectives */
-    const ws_comm_ops *host;  /* self or mpi */
-    void *host_impl;          /* mpi: MPI_Comm (owned unless world) */
+    const ws_comm_host_ops *host; /* self or mpi */
+    void *host_impl;          /* the host backend's communicator */
     ws_nccl_state *nccl;      /* created on first cuda collective with size > 1 */
     char backend[16];
 };
 
-/* ---- self backend (comm.c) --------------------------------------------- */
-const ws_comm_ops *ws_comm_self_ops(void);
+/* ---- host backends ------------------------------------------------------- */
+const ws_comm_host_ops *ws_comm_self_ops(void); /* comm_self.c: a world of one */
+/* comm_backends.c: the host backends built in, in order of preference,
+ * ending with NULL; self is not among them. */
+extern const ws_comm_host_ops *const ws_comm_host_backends[];
+extern const ws_comm_host_ops ws_comm_mpi_ops; /* comm_mpi.c */
 
-/* ---- MPI (comm_mpi.c; only when built WS_HAVE_MPI) ----------------------- */
-#ifdef WS_HAVE_MPI
-const ws_comm_ops *ws_comm_mpi_ops(void);
-/* 1 when a launcher (mpirun, srun with PMI) started this process. */
-int ws_mpi_launched(void);
-/* MPI_Init_thread and the world communicator; fills c->rank/size/local_rank. */
-ws_status ws_mpi_init_world(ws_comm *c);
-ws_status ws_mpi_split(ws_comm *parent, int color, int key, ws_comm *child, int *undefined);
-void ws_mpi_free_comm(ws_comm *c);
-ws_status ws_mpi_barrier(ws_comm *c);
-/* Element-wise max over ranks of a small i64 vector (mismatch check). */
-ws_status ws_mpi_allreduce_max_i64(ws_comm *c, int64_t *v, int n);
-ws_status ws_mpi_allgather_i64(ws_comm *c, const int64_t *mine, int n, int64_t *all);
-/* Raw bytes from root to all (NCCL bootstrap). */
-ws_status ws_mpi_bcast_bytes(ws_comm *c, void *buf, size_t bytes, int root);
-/* Times raw MPI_Allgather / MPI_Bcast on malloc'd buffers. */
-ws_status ws_mpi_reference(ws_comm *c, const char *op, size_t bytes, int iters,
-                           double *seconds_per_iter);
-int ws_mpi_active(void);
-void ws_mpi_abort(int exit_code);
-void ws_mpi_finalize(void);
 /* comm_watch.c: a thread that ends this rank, naming the lost one, when a
  * rank on this node dies without leaving the job (kill -9, a crash). Joins
- * one small all-gather, so every rank of the world calls it. */
-ws_status ws_mpi_watch_peers(ws_comm *c);
-void ws_mpi_unwatch_peers(void); /* before MPI_Finalize */
-#endif
+ * one small gather, so every rank of the world calls it. */
+ws_status ws_comm_watch_peers(ws_comm *c);
+void ws_comm_unwatch_peers(void); /* before the backend finalizes */
 
 /* ---- NCCL (comm_nccl.c) ---------------------------------------------------- */
 /* Loads libnccl.so.2 (WSHOST_NCCL_LIBRARY overrides the path) and creates the
@@ -114,8 +131,5 @@ const ws_comm_ops *ws_comm_nccl_ops(void);
 void ws_nccl_destroy(ws_comm *c);
 /* Aborts every NCCL communicator that was created (before MPI_Abort). */
 void ws_nccl_abort_all(void);
-
-/* Bootstrap broadcast over the host backend (MPI), used by comm_nccl.c. */
-ws_status ws_comm_host_bcast_bytes(ws_comm *c, void *buf, size_t bytes, int root);
 
 #endif

@@ -1,7 +1,7 @@
 /* comm_mpi.c: the MPI backend for cpu tensors, and the MPI world itself.
  *
- * Also bootstraps NCCL (broadcast of its unique id) and carries the cheap
- * mismatch check of comm.c. MPI counts are ints, so transfers are cut into
+ * Also carries the world's control traffic: the NCCL bootstrap (broadcast of
+ * its unique id) and the cheap mismatch check of comm.c. MPI counts are ints, so transfers are cut into
  * chunks of at most `chunk_bytes` (1 GiB, WSHOST_COMM_CHUNK_BYTES overrides it
  * for tests); an all_gather chunk uses a datatype whose extent is the whole
  * per-rank piece so each chunk still lands at the right place for every rank.
@@ -19,6 +19,7 @@
 #include <time.h>
 
 #include "comm_internal.h"
+#include "env.h"
 
 #define WS_MPI_TAG 0x5753
 
@@ -444,56 +445,16 @@ static ws_status mpi_reduce_scatter(ws_comm *c, ws_device *d, const void *send, 
     return run_reduction(c, &k_reduce_scatter, send, recv, count, t, op, req);
 }
 
-static const ws_comm_ops g_mpi_ops = {
-    .name = "mpi",
-    .all_gather = mpi_all_gather,
-    .broadcast = mpi_broadcast,
-    .send = mpi_send,
-    .recv = mpi_recv,
-    .all_reduce = mpi_all_reduce,
-    .reduce_scatter = mpi_reduce_scatter,
-    .wait = mpi_wait,
-};
-
-const ws_comm_ops *ws_comm_mpi_ops(void) { return &g_mpi_ops; }
-
 /* ---- world, split, small helpers ----------------------------------------- */
 
-int ws_mpi_launched(void)
+static int mpi_launched(void)
 {
-    static const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "PMIX_RANK",
-                                 "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD"};
-    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++)
-        if (getenv(vars[i])) return 1;
-    return 0;
+    const ws_launcher *l;
+    ws_env_launcher(&l); /* comm.c reported any bad value before asking */
+    return l->mpi;
 }
 
-static int env_int(const char *name, int *out)
-{
-    const char *v = getenv(name);
-    if (!v || !*v) return 0;
-    char *end;
-    long x = strtol(v, &end, 10);
-    if (*end || x < 0) return 0;
-    *out = (int)x;
-    return 1;
-}
-
-/* Ends the job when a rank exits without ws_comm_shutdown: a failing rank
- * must never leave its peers blocked in a collective. A clean exit (status 0)
- * finalizes instead. */
-static void at_exit(int status, void *arg)
-{
-    (void)arg;
-    if (!g_mpi.initialized || g_mpi.finalized) return;
-    if (status == 0) {
-        ws_comm_shutdown();
-        return;
-    }
-    ws_comm_abort(status);
-}
-
-ws_status ws_mpi_init_world(ws_comm *c)
+static ws_status mpi_init_world(ws_comm *c)
 {
     int inited = 0, provided = 0;
     MPI_Initialized(&inited);
@@ -502,13 +463,7 @@ ws_status ws_mpi_init_world(ws_comm *c)
         if (rc != MPI_SUCCESS) return mpi_fail(NULL, rc, __FILE__, __LINE__, "comm: MPI_Init_thread");
     }
     g_mpi.initialized = 1;
-    g_mpi.chunk_bytes = (size_t)1 << 30;
-    const char *cb = getenv("WSHOST_COMM_CHUNK_BYTES");
-    if (cb && *cb) {
-        long long v = atoll(cb);
-        if (v > 0 && v <= (1ll << 30)) g_mpi.chunk_bytes = (size_t)v;
-    }
-    on_exit(at_exit, NULL);
+    WS_TRY(ws_env_comm_chunk_bytes(&g_mpi.chunk_bytes, (size_t)1 << 30, (size_t)1 << 30));
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
     mpi_comm_impl *impl = calloc(1, sizeof *impl);
     if (!impl) return WS_ERR(WS_ERR_NOMEM, "comm: out of host memory for the world");
@@ -516,18 +471,23 @@ ws_status ws_mpi_init_world(ws_comm *c)
     c->host_impl = impl;
     MPI_Comm_rank(MPI_COMM_WORLD, &c->rank);
     MPI_Comm_size(MPI_COMM_WORLD, &c->size);
-    if (!env_int("OMPI_COMM_WORLD_LOCAL_RANK", &c->local_rank) &&
-        !env_int("MPI_LOCALRANKID", &c->local_rank) && !env_int("SLURM_LOCALID", &c->local_rank)) {
+    /* The launcher's local rank; torchrun's LOCAL_RANK does not describe an
+     * MPI job, so without an MPI or Slurm one the node's ranks are counted. */
+    const ws_launcher *l;
+    ws_env_launcher(&l);
+    if (l->local_rank >= 0 && strcmp(l->local_var, "LOCAL_RANK") != 0) {
+        c->local_rank = l->local_rank;
+    } else {
         MPI_Comm node;
         CHECK_MPI(c, MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, c->rank,
                                          MPI_INFO_NULL, &node), "comm: local rank");
         MPI_Comm_rank(node, &c->local_rank);
         MPI_Comm_free(&node);
     }
-    return ws_mpi_watch_peers(c);
+    return WS_OK;
 }
 
-ws_status ws_mpi_split(ws_comm *parent, int color, int key, ws_comm *child, int *undefined)
+static ws_status mpi_split(ws_comm *parent, int color, int key, ws_comm *child, int *undefined)
 {
     MPI_Comm out;
     CHECK_MPI(parent, MPI_Comm_split(comm_of(parent), color < 0 ? MPI_UNDEFINED : color, key, &out),
@@ -547,7 +507,7 @@ ws_status ws_mpi_split(ws_comm *parent, int color, int key, ws_comm *child, int 
     return WS_OK;
 }
 
-void ws_mpi_free_comm(ws_comm *c)
+static void mpi_free_comm(ws_comm *c)
 {
     mpi_comm_impl *impl = c->host_impl;
     if (!impl) return;
@@ -556,25 +516,25 @@ void ws_mpi_free_comm(ws_comm *c)
     c->host_impl = NULL;
 }
 
-ws_status ws_mpi_barrier(ws_comm *c)
+static ws_status mpi_barrier(ws_comm *c)
 {
     CHECK_MPI(c, MPI_Barrier(comm_of(c)), "barrier");
     return WS_OK;
 }
 
-ws_status ws_mpi_allreduce_max_i64(ws_comm *c, int64_t *v, int n)
+static ws_status mpi_max_i64(ws_comm *c, int64_t *v, int n)
 {
     CHECK_MPI(c, MPI_Allreduce(MPI_IN_PLACE, v, n, MPI_INT64_T, MPI_MAX, comm_of(c)), "check");
     return WS_OK;
 }
 
-ws_status ws_mpi_allgather_i64(ws_comm *c, const int64_t *mine, int n, int64_t *all)
+static ws_status mpi_gather_i64(ws_comm *c, const int64_t *mine, int n, int64_t *all)
 {
     CHECK_MPI(c, MPI_Allgather(mine, n, MPI_INT64_T, all, n, MPI_INT64_T, comm_of(c)), "check");
     return WS_OK;
 }
 
-ws_status ws_mpi_bcast_bytes(ws_comm *c, void *buf, size_t bytes, int root)
+static ws_status mpi_bcast_bytes(ws_comm *c, void *buf, size_t bytes, int root)
 {
     CHECK_MPI(c, MPI_Bcast(buf, (int)bytes, MPI_BYTE, root, comm_of(c)), "nccl bootstrap");
     return WS_OK;
@@ -587,7 +547,7 @@ static double now_s(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-ws_status ws_mpi_reference(ws_comm *c, const char *op, size_t bytes, int iters,
+static ws_status mpi_reference(ws_comm *c, const char *op, size_t bytes, int iters,
                            double *seconds_per_iter)
 {
     int gather = strcmp(op, "all_gather") == 0;
@@ -628,19 +588,44 @@ ws_status ws_mpi_reference(ws_comm *c, const char *op, size_t bytes, int iters,
     return WS_OK;
 }
 
-int ws_mpi_active(void) { return g_mpi.initialized && !g_mpi.finalized; }
+static int mpi_active(void) { return g_mpi.initialized && !g_mpi.finalized; }
 
-void ws_mpi_abort(int exit_code)
+static void mpi_abort(int exit_code)
 {
-    if (ws_mpi_active()) MPI_Abort(MPI_COMM_WORLD, exit_code);
+    if (mpi_active()) MPI_Abort(MPI_COMM_WORLD, exit_code);
 }
 
-void ws_mpi_finalize(void)
+static void mpi_finalize(void)
 {
-    if (!ws_mpi_active()) return;
-    ws_mpi_unwatch_peers();
+    if (!mpi_active()) return;
     g_mpi.finalized = 1;
     int fin = 0;
     MPI_Finalized(&fin);
     if (!fin) MPI_Finalize();
 }
+
+const ws_comm_host_ops ws_comm_mpi_ops = {
+    .data = {
+        .name = "mpi",
+        .all_gather = mpi_all_gather,
+        .broadcast = mpi_broadcast,
+        .send = mpi_send,
+        .recv = mpi_recv,
+        .all_reduce = mpi_all_reduce,
+        .reduce_scatter = mpi_reduce_scatter,
+        .wait = mpi_wait,
+    },
+    .launched = mpi_launched,
+    .init_world = mpi_init_world,
+    .split = mpi_split,
+    .free = mpi_free_comm,
+    .barrier = mpi_barrier,
+    .max_i64 = mpi_max_i64,
+    .gather_i64 = mpi_gather_i64,
+    .bcast_bytes = mpi_bcast_bytes,
+    .reference = mpi_reference,
+    .abort = mpi_abort,
+    .finalize = mpi_finalize,
+    .launch_hint = "has no MPI launch environment (no PMI_RANK or PMIX_RANK); start it with "
+                   "mpirun, or srun --mpi=pmix (or --mpi=pmi2)",
+};

@@ -22,6 +22,7 @@
 #include <time.h>
 
 #include "comm_internal.h"
+#include "env.h"
 
 #ifdef WS_HAVE_CUDA
 #include <cuda_runtime_api.h>
@@ -101,8 +102,8 @@ static ws_status load_library(void)
     if (g_lib.lib) return WS_OK;
     if (g_lib.tried) return WS_ERR(WS_ERR_UNSUPPORTED, "%s", g_lib.why);
     g_lib.tried = 1;
-    const char *path = getenv("WSHOST_NCCL_LIBRARY");
-    if (!path || !*path) path = "libnccl.so.2";
+    const char *path = ws_env_get("WSHOST_NCCL_LIBRARY");
+    if (!path) path = "libnccl.so.2";
     void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!lib) {
         snprintf(g_lib.why, sizeof g_lib.why, "comm: cannot load NCCL (%s): %s; install NCCL 2 or "
@@ -158,7 +159,7 @@ ws_status ws_nccl_ensure(ws_comm *c, ws_device *d)
     nccl_unique_id id;
     memset(&id, 0, sizeof id);
     if (c->rank == 0) CHECK_NCCL(c, g_lib.get_unique_id(&id), "comm: ncclGetUniqueId");
-    WS_TRY(ws_comm_host_bcast_bytes(c, &id, sizeof id, 0));
+    WS_TRY(c->host->bcast_bytes(c, &id, sizeof id, 0));
     ws_nccl_state *s = calloc(1, sizeof *s);
     if (!s) return WS_ERR(WS_ERR_NOMEM, "comm: out of host memory for NCCL");
     nccl_result r = g_lib.comm_init_rank(&s->comm, c->size, id, c->rank);
@@ -183,7 +184,7 @@ ws_status ws_nccl_ensure(ws_comm *c, ws_device *d)
     s->next = g_states;
     g_states = s;
     c->nccl = s;
-    snprintf(c->backend, sizeof c->backend, "%s+nccl", c->host->name);
+    snprintf(c->backend, sizeof c->backend, "%s+nccl", c->host->data.name);
     return WS_OK;
 }
 
@@ -367,7 +368,7 @@ ws_status ws_nccl_ensure(ws_comm *c, ws_device *d)
                   "without CUDA", d->name);
 }
 
-const ws_comm_ops *ws_comm_nccl_ops(void) { return ws_comm_self_ops(); }
+const ws_comm_ops *ws_comm_nccl_ops(void) { return &ws_comm_self_ops()->data; }
 
 #endif
 

@@ -7,8 +7,8 @@
  * the pids of the ranks on its node, and a watcher thread checks every
  * WATCH_MS that they still run. When one is gone, the rank says which and
  * exits at once; the launcher then ends the rest. Ranks on other nodes are
- * left to the launcher. The watch stops before MPI_Finalize, after which
- * ranks may leave in any order. The thread makes no MPI calls. */
+ * left to the launcher. The watch stops before the backend finalizes, after
+ * which ranks may leave in any order. The thread makes no comm calls. */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -29,7 +29,7 @@ static struct {
     int rank, n;
     int *ranks;  /* watched peers: world rank and pid */
     pid_t *pids;
-    int stop;    /* set (atomically) before MPI_Finalize */
+    int stop;    /* set (atomically) before the backend finalizes */
     int started;
     pthread_t thread;
 } W;
@@ -82,7 +82,7 @@ static void *watch_main(void *arg)
     return NULL;
 }
 
-ws_status ws_mpi_watch_peers(ws_comm *c)
+ws_status ws_comm_watch_peers(ws_comm *c)
 {
     if (W.started || c->size < 2) return WS_OK;
     int64_t mine[2] = {(int64_t)host_id(), (int64_t)getpid()};
@@ -92,11 +92,11 @@ ws_status ws_mpi_watch_peers(ws_comm *c)
     ws_status rc = WS_OK;
     if (!all || !W.ranks || !W.pids) {
         /* The peers wait in the gather below; this rank's failing exit
-         * aborts the job (comm_mpi.c's exit handler), so none hangs. */
+         * aborts the job (comm.c's exit handler), so none hangs. */
         rc = WS_ERR(WS_ERR_NOMEM, "comm: out of host memory watching %d ranks", c->size);
         goto out;
     }
-    rc = ws_mpi_allgather_i64(c, mine, 2, all);
+    rc = c->host->gather_i64(c, mine, 2, all);
     if (rc != WS_OK) goto out;
     W.rank = c->rank;
     for (int r = 0; r < c->size; r++) {
@@ -128,7 +128,7 @@ out:
 /* Joins the watcher (one nap at most), so no thread of ours is still running
  * or exiting when the process ends: LeakSanitizer's exit-time scan stops
  * every thread and crashed on one caught halfway out. */
-void ws_mpi_unwatch_peers(void)
+void ws_comm_unwatch_peers(void)
 {
     __atomic_store_n(&W.stop, 1, __ATOMIC_RELEASE);
     if (W.started && !pthread_equal(W.thread, pthread_self())) pthread_join(W.thread, NULL);

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "env.h"
 #include "fault.h"
 #include "parallel.h"
 
@@ -114,21 +115,14 @@ static void init_default_why(void)
 }
 
 /* The launcher's local rank of this process, or -1 outside a launcher. Read
- * from the environment so choosing a device never starts MPI. */
+ * from the environment so choosing a device never starts MPI; an unusable
+ * value counts as none here and is reported when the comm world starts. */
 static int launcher_local_rank(const char **var)
 {
-    static const char *const vars[] = {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
-                                       "SLURM_LOCALID", "LOCAL_RANK", NULL};
-    for (int i = 0; vars[i]; i++) {
-        const char *v = getenv(vars[i]);
-        char *end;
-        long r = v && *v ? strtol(v, &end, 10) : -1;
-        if (v && *v && *end == '\0' && r >= 0 && r < 1 << 20) {
-            *var = vars[i];
-            return (int)r;
-        }
-    }
-    return -1;
+    const ws_launcher *l;
+    ws_env_launcher(&l);
+    *var = l->local_var;
+    return l->local_rank;
 }
 
 ws_device *ws_device_default(const char **why)

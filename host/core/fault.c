@@ -5,6 +5,7 @@
  * under test must report that single failure and unwind; whether the run
  * then goes on is its own business. */
 #include "fault.h"
+#include "env.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -24,8 +25,8 @@ static pthread_once_t once = PTHREAD_ONCE_INIT;
 
 static void read_env(void)
 {
-    const char *v = getenv("WSHOST_FAIL_ALLOC");
-    if (!v || !*v) return;
+    const char *v = ws_env_get("WSHOST_FAIL_ALLOC");
+    if (!v) return;
     const char *colon = strchr(v, ':');
     char *end = NULL;
     long n = colon ? strtol(colon + 1, &end, 10) : 0;

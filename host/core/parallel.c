@@ -8,6 +8,7 @@
  * inline on its caller, so the function is safe to call from any thread but
  * gains parallelism only for one caller at a time. */
 #include "parallel.h"
+#include "env.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -22,7 +23,6 @@
 static struct {
     pthread_once_t once;
     int nthreads;  /* including the caller */
-    char bad_env[64]; /* WSHOST_THREADS when it was not a usable count */
     int started;   /* worker threads actually running */
     int launched;  /* start_workers has run (in this process) */
     pthread_mutex_t submit; /* held by the caller of the running job */
@@ -87,17 +87,11 @@ static void after_fork_child(void)
 static void init_threads(void)
 {
     pthread_atfork(NULL, NULL, after_fork_child);
-    long n = 0;
-    const char *env = getenv("WSHOST_THREADS");
-    if (env && *env) {
-        char *end;
-        errno = 0;
-        n = strtol(env, &end, 10);
-        if (errno || *end || end == env || n < 1 || n > WS_MAX_THREADS) {
-            snprintf(P.bad_env, sizeof P.bad_env, "%s", env);
-            n = 0;
-        }
-    }
+    int env = 0;
+    /* A bad value is reported by ws_parallel_check_env; until then one
+     * thread per CPU. */
+    ws_env_threads(&env, WS_MAX_THREADS);
+    long n = env;
     if (n <= 0) n = sysconf(_SC_NPROCESSORS_ONLN);
     if (n <= 0) n = 1;
     if (n > WS_MAX_THREADS) n = WS_MAX_THREADS;
@@ -112,11 +106,8 @@ int ws_parallel_threads(void)
 
 ws_status ws_parallel_check_env(void)
 {
-    pthread_once(&P.once, init_threads);
-    if (P.bad_env[0])
-        return WS_ERR(WS_ERR_ARG, "WSHOST_THREADS=%s: expected a number of threads from 1 to %d "
-                      "(or unset: one per CPU)", P.bad_env, WS_MAX_THREADS);
-    return WS_OK;
+    int n;
+    return ws_env_threads(&n, WS_MAX_THREADS);
 }
 
 /* Starts the workers (with the submit lock held). A failure to create a

@@ -85,7 +85,6 @@ struct ws_plan {
     ws_tensor send[2], recv[2]; /* staging pairs, kept between executions */
     size_t staged_seg;          /* bytes per rank in each staging pair */
     int pairs;
-    ws_tensor agree; /* i64[5]: the pre-flight agreement between ranks */
 
     ws_plan_stats stats;
 };
@@ -494,31 +493,48 @@ static ws_status check_ready(ws_plan *p)
     return WS_OK;
 }
 
+/* Fingerprint of every entry's numel and wire dtype: equal entry and bucket
+ * counts can hide entries that differ in size or dtype, which would gather
+ * bytes into the wrong destinations. Kept positive (it is negated for the
+ * min). */
+static int64_t layout_of(const ws_plan *p)
+{
+    uint64_t h = 14695981039346656037u; /* FNV-1a */
+    for (size_t i = 0; i < p->n_entries; i++) {
+        const uint64_t words[2] = {(uint64_t)p->entries[i].numel, (uint64_t)p->entries[i].dst.dtype};
+        for (int w = 0; w < 2; w++)
+            for (int b = 0; b < 64; b += 8) h = (h ^ ((words[w] >> b) & 0xff)) * 1099511628211u;
+    }
+    return (int64_t)(h >> 2);
+}
+
 /* All ranks learn whether every rank is ready and has the same plan shape,
- * so a local failure ends the sync everywhere instead of hanging a gather. */
+ * so a local failure ends the sync everywhere instead of hanging a gather.
+ * One round trip of the comm's host backend: max of v and of -v. */
 static ws_status agree(ws_plan *p, ws_status local)
 {
-    static const int64_t five = 5;
-    ws_tensor_opts opts = {.device = p->device, .name = "plan agreement"};
-    if (ws_tensor_is_released(&p->agree)) WS_TRY(ws_tensor_empty(&p->agree, WS_I64, 1, &five, &opts));
-    int64_t k = (int64_t)p->n_buckets, n = (int64_t)p->n_entries;
-    double v[5] = {local != WS_OK, (double)k, (double)-k, (double)n, (double)-n};
-    for (int i = 0; i < 5; i++) WS_TRY(ws_tensor_set(&p->agree, i, v[i]));
-    WS_TRY(ws_comm_all_reduce(p->comm, &p->agree, WS_REDUCE_MAX, NULL));
-    double g[5];
-    for (int i = 0; i < 5; i++) WS_TRY(ws_tensor_get(&p->agree, i, &g[i]));
+    int64_t k = (int64_t)p->n_buckets, n = (int64_t)p->n_entries, fp = layout_of(p);
+    int64_t g[7] = {local != WS_OK, k, -k, n, -n, fp, -fp};
+    WS_TRY(ws_comm_max_i64(p->comm, g, 7));
     if (local != WS_OK) return local;
     if (g[0] > 0)
         return WS_ERR(WS_ERR_COMM,
                       "plan '%s': another rank could not start the sync (see its message); "
                       "nothing was transferred",
                       p->name);
-    if (g[1] != (double)k || -g[2] != (double)k || g[3] != (double)n || -g[4] != (double)n)
+    if (g[1] != k || -g[2] != k || g[3] != n || -g[4] != n)
         return WS_ERR(WS_ERR_ARG,
                       "plan '%s': ranks disagree on the plan shape (this rank: %lld entries, "
-                      "%lld buckets; others: %.0f..%.0f entries, %.0f..%.0f buckets); every rank "
+                      "%lld buckets; others: %lld..%lld entries, %lld..%lld buckets); every rank "
                       "must add the same entries with the same bucket size",
-                      p->name, (long long)n, (long long)k, -g[4], g[3], -g[2], g[1]);
+                      p->name, (long long)n, (long long)k, (long long)-g[4], (long long)g[3],
+                      (long long)-g[2], (long long)g[1]);
+    if (g[5] != fp || -g[6] != fp)
+        return WS_ERR(WS_ERR_ARG,
+                      "plan '%s': ranks disagree on the sizes or dtypes of the entries (all have "
+                      "%lld entries, but split differently); every rank must add the same "
+                      "entries in the same order",
+                      p->name, (long long)n);
     return WS_OK;
 }
 
@@ -672,7 +688,6 @@ void ws_plan_destroy(ws_plan *p)
         ws_tensor_free(&p->send[j]);
         ws_tensor_free(&p->recv[j]);
     }
-    ws_tensor_free(&p->agree);
     drop_plan(p);
     free(p->pools);
     free(p->entries);

@@ -23,7 +23,6 @@ typedef struct lcomm {
 /* owner: the comm's userdata, kept alive by the request's user value. */
 typedef struct lrequest { ws_comm_request *req; lcomm *owner; } lrequest;
 
-#define DEFAULT_BUCKET_BYTES ((size_t)64 << 20)
 
 ws_comm *ws_lua_check_comm(lua_State *L, int idx)
 {
@@ -288,26 +287,6 @@ static int gather(lua_State *L, int async)
 static int c_all_gather(lua_State *L) { return gather(L, 0); }
 static int c_all_gather_async(lua_State *L) { return gather(L, 1); }
 
-static int c_all_gather_coalesced(lua_State *L)
-{
-    ws_comm *c = ws_lua_check_comm(L, 1);
-    lua_Integer bucket = luaL_optinteger(L, 4, (lua_Integer)DEFAULT_BUCKET_BYTES);
-    /* The engine sizes its buckets from it: keep its arithmetic in range. */
-    luaL_argcheck(L, bucket > 0 && bucket <= (lua_Integer)1 << 62, 4,
-                  "bucket_bytes must be in 1..2^62");
-    lua_settop(L, 3);
-    size_t ns, nf;
-    ws_tensor **shards = ws_lua_check_tensor_list(L, 2, &ns); /* [comm, s, f, sl] */
-    ws_tensor **fulls = ws_lua_check_tensor_list(L, 3, &nf);  /* [comm, s, f, sl, fl] */
-    if (ns != nf)
-        return luaL_error(L, "all_gather_coalesced: %d shards but %d full tensors; pass one full "
-                          "tensor per shard", (int)ns, (int)nf);
-    if (ws_comm_all_gather_coalesced(c, shards, fulls, ns, (size_t)bucket) != WS_OK)
-        return ws_lua_raise(L, NULL);
-    lua_pushvalue(L, 3);
-    return 1;
-}
-
 static int bcast(lua_State *L, int async)
 {
     ws_comm *c = ws_lua_check_comm(L, 1);
@@ -402,7 +381,6 @@ static const luaL_Reg comm_methods[] = {
     {"split", c_split},
     {"all_gather", c_all_gather},
     {"all_gather_async", c_all_gather_async},
-    {"all_gather_coalesced", c_all_gather_coalesced},
     {"broadcast", c_broadcast},
     {"broadcast_async", c_broadcast_async},
     {"send", c_send},

@@ -25,6 +25,7 @@
 
 #include "bind.h"
 #include "comm.h"
+#include "env.h"
 
 #ifndef WSHOST_VERSION
 #define WSHOST_VERSION "dev"
@@ -305,10 +306,10 @@ static int runargs(lua_State *L, char **argv, int n)
 static int handle_luainit(lua_State *L)
 {
     const char *name = "=LUA_INIT_5_4";
-    const char *init = getenv(name + 1);
+    const char *init = ws_env_get(name + 1);
     if (init == NULL) {
         name = "=LUA_INIT";
-        init = getenv(name + 1);
+        init = ws_env_get(name + 1);
     }
     if (init == NULL) return LUA_OK;
     if (init[0] == '@') return dofile(L, init + 1);
@@ -486,7 +487,7 @@ static int pmain(lua_State *L)
         lua_pushboolean(L, 1);
         lua_setfield(L, LUA_REGISTRYINDEX, "LUA_NOENV");
     }
-    const char *env_device = (args & HAS_BIGE) ? NULL : getenv("WSHOST_DEVICE");
+    const char *env_device = (args & HAS_BIGE) ? NULL : ws_env_get("WSHOST_DEVICE");
     if (device) {
         if (!choose_device("--device", device)) return 0;
     } else if (env_device && *env_device) {

@@ -17,6 +17,7 @@
 #include <lualib.h>
 
 #include "bind.h"
+#include "env.h"
 
 #ifndef WSHOST_VERSION
 #define WSHOST_VERSION "dev"
@@ -66,15 +67,13 @@ static int l_isatty(lua_State *L)
     return 1;
 }
 
+/* An unusable launcher rank counts as rank 0 here: logging must not fail,
+ * and the comm world reports the value when it starts. */
 static int log_rank(void)
 {
-    static const char *const vars[] = {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK",
-                                       "SLURM_PROCID", NULL};
-    for (int i = 0; vars[i]; i++) {
-        const char *v = getenv(vars[i]);
-        if (v && *v) return atoi(v);
-    }
-    return 0;
+    const ws_launcher *l;
+    ws_env_launcher(&l);
+    return l->rank > 0 ? l->rank : 0;
 }
 
 /* ws.log(fmt, ...): string.format, then one line on stdout; ranks > 0 are
@@ -189,7 +188,7 @@ static void push_user_template(lua_State *L)
     lua_getfield(L, LUA_REGISTRYINDEX, "LUA_NOENV");
     int noenv = lua_toboolean(L, -1);
     lua_pop(L, 1);
-    const char *env = noenv ? NULL : getenv("WSHOST_PATH");
+    const char *env = noenv ? NULL : ws_env_get("WSHOST_PATH");
     for (const char *p = env; p && *p;) {
         const char *colon = strchr(p, ':');
         size_t len = colon ? (size_t)(colon - p) : strlen(p);

@@ -138,47 +138,6 @@ static void test_rejects_freed_and_strided(void)
     ws_tensor_free(&r);
 }
 
-static void test_coalesced_uneven(void)
-{
-    ws_comm *c = world();
-    enum { N = 3 };
-    int64_t sizes[N] = {7, 0, 4097};
-    ws_tensor shards[N], fulls[N];
-    ws_tensor *sp[N], *fp[N];
-    memset(shards, 0, sizeof shards);
-    memset(fulls, 0, sizeof fulls);
-    for (int i = 0; i < N; i++) {
-        make(&shards[i], i == 1 ? WS_F32 : WS_BF16, sizes[i], "shard", 20 + (uint64_t)i);
-        make(&fulls[i], i == 1 ? WS_F32 : WS_BF16, sizes[i], "full", 30 + (uint64_t)i);
-        sp[i] = &shards[i];
-        fp[i] = &fulls[i];
-    }
-    CHECK_OK(ws_comm_all_gather_coalesced(c, sp, fp, N, 64)); /* tiny buckets: one per tensor */
-    for (int i = 0; i < N; i++) CHECK(same_bytes(&shards[i], &fulls[i]));
-    for (int i = 0; i < N; i++) {
-        ws_tensor_free(&shards[i]);
-        ws_tensor_free(&fulls[i]);
-    }
-}
-
-/* A bucket far bigger than the data (here SIZE_MAX: "one bucket for all") must
- * neither overflow the bucket arithmetic nor allocate the requested size. */
-static void test_coalesced_huge_bucket(void)
-{
-    ws_comm *c = world();
-    ws_tensor shard = {0}, full = {0};
-    make(&shard, WS_F32, 37, "shard", 40);
-    make(&full, WS_F32, 37, "full", 41);
-    ws_tensor *sp[1] = {&shard}, *fp[1] = {&full};
-    CHECK_OK(ws_comm_all_gather_coalesced(c, sp, fp, 1, SIZE_MAX));
-    CHECK(same_bytes(&shard, &full));
-    CHECK_OK(ws_tensor_random(&shard, 42, 1.0f, 0));
-    CHECK_OK(ws_comm_all_gather_coalesced(c, sp, fp, 1, (size_t)1 << 50));
-    CHECK(same_bytes(&shard, &full));
-    ws_tensor_free(&shard);
-    ws_tensor_free(&full);
-}
-
 /* An op outside the enum is an argument error, not a silent max. */
 static void test_bad_op(void)
 {
@@ -212,8 +171,6 @@ int main(void)
     RUN(test_reductions_are_identity);
     RUN(test_roots_and_peers);
     RUN(test_rejects_freed_and_strided);
-    RUN(test_coalesced_uneven);
-    RUN(test_coalesced_huge_bucket);
     RUN(test_bad_op);
     RUN(test_split_and_reference);
     ws_comm_shutdown();

@@ -18,4 +18,19 @@ out=$(env -u OMPI_COMM_WORLD_SIZE -u PMI_RANK -u PMIX_RANK -u PMI_SIZE -u SLURM_
 check_rc "inside an allocation, not a task" 0 $?
 check "a world of one there" "1" "$out"
 
+# A launcher or comm variable that is set but unusable is an error naming it
+# and its value, not silently a world of one or a default.
+out=$(env -u OMPI_COMM_WORLD_SIZE -u PMI_RANK -u PMIX_RANK -u PMI_SIZE \
+      SLURM_NTASKS=two SLURM_PROCID=0 "$WSHOST" -e 'ws.comm()' 2>&1)
+check_rc "task count that is not a number" 1 $?
+check "names the variable and value" "SLURM_NTASKS=two: expected a task count" "$out"
+
+out=$(WSHOST_COMM_CHECK=yes "$WSHOST" -e 'ws.comm()' 2>&1)
+check_rc "check flag that is not a flag" 1 $?
+check "names the flag and value" "WSHOST_COMM_CHECK=yes: expected 1 or on, 0 or off" "$out"
+
+out=$(WSHOST_COMM_CHECK=off "$WSHOST" -e 'print(ws.comm().check)' 2>&1)
+check_rc "check off" 0 $?
+check "a valid flag still works" "false" "$out"
+
 finish

@@ -294,9 +294,6 @@ describe("every function raises on bad arguments", function()
       op("all_reduce", {{"any", a}, {"opt", "sum"}})
       op("reduce_scatter", {{"any", a}, {"any", b}, {"opt", "sum"}})
     end
-    total = total + each_bad("all_gather_coalesced",
-                             function(x, y, z) return c:all_gather_coalesced(x, y, z) end,
-                             {{"table", {a}}, {"table", {b}}, {"opt_index", 1024}})
     total = total + each_bad("reference", function(x, y, z) return c:reference(x, y, z) end,
                              {{"opt_string", "all_gather"}, {"index", 1024}, {"opt_index", 1}})
   end)

@@ -22,8 +22,6 @@ for _, level in ipairs{1, 2} do
            function() comm:all_gather(send, gathered) end)
   H.raises("tensor 'gathered' " .. asleep,
            function() comm:all_gather_async(send, gathered):wait() end)
-  H.raises("all_gather_coalesced full: tensor 'gathered' " .. asleep,
-           function() comm:all_gather_coalesced({send}, {gathered}) end)
   H.raises("reduce_scatter recv: tensor 'piece' " .. asleep,
            function() comm:reduce_scatter(big, piece) end)
   -- recv at two ranks: each pairs with a neighbour, both sides refuse before

@@ -1,56 +1,11 @@
--- comm_shards.lua: FSDP-style uneven and zero-size shards, coalesced gathers,
--- checksums that compose across shards, split groups and overlapping async calls.
+-- comm_shards.lua: zero-size pieces, checksums that compose across shards,
+-- split groups and overlapping async calls. (FSDP-style uneven shards are
+-- gathered by sync plans: tests/mpi/transfer.lua.)
 local ws = require "ws"
 local H = dofile((arg[0]:match("^(.*)/") or ".") .. "/lib/comm_helpers.lua")
 
 local comm = ws.comm()
 local rank, size = comm.rank, comm.size
-
--- Each full tensor i is the global random stream `seed_i`; rank r holds elements
--- [r*s, (r+1)*s) with s = ceil(n/size); past n the shard holds padding (garbage
--- that must be dropped).
-local numels = {1, size - 1, 0, 1000, 4097, 3 * size + 1, 65536 + 5}
-local dtypes = {"f32", "bf16", "f32", "f16", "bf16", "i32", "f32"}
-local function shard_of(i)
-  local n = numels[i]
-  local s = (n + size - 1) // size
-  local t = H.tensor(s, dtypes[i], "shard" .. i)
-  if dtypes[i] == "i32" then
-    for k = 1, s do t:set(k, rank * s + k) end
-  else
-    t:random_(100 + i, 1.0, rank * s)
-  end
-  for k = 1, s do -- padding past the end of the full tensor
-    if rank * s + k > n then t:set(k, 77) end
-  end
-  return t
-end
-local function want_of(i)
-  local t = H.tensor(numels[i], dtypes[i])
-  if dtypes[i] == "i32" then
-    for k = 1, numels[i] do t:set(k, k) end
-  else
-    t:random_(100 + i, 1.0)
-  end
-  return t
-end
-
-for _, bucket in ipairs{64, 4096, 1 << 20, nil} do
-  local shards, fulls = {}, {}
-  for i = 1, #numels do
-    shards[i] = shard_of(i)
-    fulls[i] = H.tensor(numels[i], dtypes[i], "full" .. i):fill(-5)
-  end
-  local got = comm:all_gather_coalesced(shards, fulls, bucket)
-  H.eq(got, fulls, "all_gather_coalesced returns the fulls")
-  for i = 1, #numels do
-    H.eq(fulls[i]:checksum(), want_of(i):checksum(),
-         string.format("coalesced full %d (numel %d, bucket %s)", i, numels[i], tostring(bucket)))
-  end
-end
-H.raises("must hold ceil(", comm.all_gather_coalesced, comm, {H.tensor(3)}, {H.tensor(100)})
-H.raises("2 shards but 1 full", comm.all_gather_coalesced, comm, {H.tensor(1), H.tensor(1)},
-         {H.tensor(size)})
 
 -- Zero-size pieces: numel(send) == 0 gathers nothing and still synchronizes.
 do
