@@ -23,7 +23,6 @@ typedef struct lcomm {
 /* owner: the comm's userdata, kept alive by the request's user value. */
 typedef struct lrequest { ws_comm_request *req; lcomm *owner; } lrequest;
 
-
 ws_comm *ws_lua_check_comm(lua_State *L, int idx)
 {
     lcomm *lc = (lcomm *)luaL_checkudata(L, idx, WS_COMM_MT);
