@@ -16,12 +16,13 @@ local M = {}
 local Sync = {}
 Sync.__index = Sync
 
--- opts: trainer, engine, comm (nil: world of one), device, bucket_mb, progress
--- ("auto"/"on"/"off"), log (function(msg) for rank-0 output).
+-- opts: trainer, engine, comm (nil: world of one), device, bucket_mb (nil:
+-- ws.DEFAULT_BUCKET_BYTES), progress ("auto"/"on"/"off"), log (function(msg)
+-- for rank-0 output).
 function M.new(opts)
     local self = setmetatable({}, Sync)
     self.trainer, self.engine, self.comm = opts.trainer, opts.engine, opts.comm
-    self.device, self.bucket_mb = opts.device, opts.bucket_mb or 512
+    self.device, self.bucket_mb = opts.device, opts.bucket_mb
     self.progress = opts.progress or "auto"
     self.rank = opts.rank or 0
     self.plans, self.pairs, self.views = {}, {}, {}

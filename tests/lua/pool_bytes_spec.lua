@@ -1,10 +1,12 @@
--- pool_bytes_spec.lua: pool sizing comes from C, so the Lua library never
--- restates the allocator's alignment.
+-- pool_bytes_spec.lua: pool sizing and the bucket default come from C, so the
+-- Lua library never restates the allocator's alignment or the engine's default.
 local ws = require "ws"
 local models = require "ws.models"
 local lora = require "ws.lora"
 local trainer_mod = require "ws.trainer"
 local engine_mod = require "ws.engine"
+local sync_mod = require "ws.sync"
+local pipeline = require "ws.pipeline"
 
 local cpu = ws.device("cpu")
 local spec = models.get("tiny")
@@ -88,5 +90,24 @@ describe("ws.pool_bytes", function()
     assert.are.equal(en.weight_bytes, en.weights:stats().used)
     assert.are.equal(en.kv_bytes, en.kv_pool:stats().used)
     en:free()
+  end)
+end)
+
+describe("ws.DEFAULT_BUCKET_BYTES", function()
+  it("is the bucket of a plan made without one, and of a pipeline's sync by default", function()
+    local mib = ws.DEFAULT_BUCKET_BYTES // (1 << 20)
+    assert.is_true(mib >= 1)
+    local plan = ws.plan{ device = cpu, name = "d" }
+    assert.matches(string.format("bucket %d KiB", ws.DEFAULT_BUCKET_BYTES >> 10), tostring(plan),
+                   1, true)
+    plan:free()
+    assert.are.equal(mib, pipeline.common.bucket_mb.default)
+    assert.is_true(math.type(pipeline.common.bucket_mb.default) == "integer")
+    local tr = trainer_mod.new{ spec = spec, device = cpu }
+    local en = engine_mod.new{ spec = spec, device = cpu, kv_cache_mb = 1 }
+    local s = sync_mod.new{ trainer = tr, engine = en, device = cpu, progress = "off" }
+    assert.matches(string.format("bucket %d KiB", ws.DEFAULT_BUCKET_BYTES >> 10),
+                   tostring(s:build("base")), 1, true)
+    s:free(); en:free(); tr:free()
   end)
 end)
