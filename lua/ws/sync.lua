@@ -11,6 +11,7 @@
 -- ws.verify can prove what the plan wrote.
 local ws = require("ws")
 local must = require("ws.errors").must
+local verify = require("ws.verify")
 
 local M = {}
 local Sync = {}
@@ -116,8 +117,9 @@ function Sync:free()
         if not ok and first == nil then first = err end
     end
     for _, plan in pairs(self.plans) do release(plan) end
-    for _, plist in pairs(self.pairs) do -- verification state (ws.verify)
-        if plist.trainer_sums then release(plist.trainer_sums) end
+    for _, plist in pairs(self.pairs) do
+        local ok, err = pcall(verify.release, plist)
+        if not ok and first == nil then first = err end
     end
     for _, v in ipairs(self.views) do release(v) end
     self.plans, self.pairs, self.views = {}, {}, {}

@@ -162,7 +162,6 @@ function Trainer:free()
     end
     for _, e in ipairs(self.params) do
         if e.view then release(e.view) end
-        if e.empty_view then release(e.empty_view) end
         if e.tensor then release(e.tensor) end
     end
     for _, h in ipairs(self.host or {}) do release(h) end
