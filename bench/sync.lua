@@ -23,7 +23,7 @@ local schema = {
     model = { default = "qwen3-0.6b", type = "enum", values = models.names() },
     device = { default = "auto", type = "string" },
     iters = { default = 3, type = "integer", min = 1 },
-    bucket_mb = { default = 512, type = "number", min = 0.001 },
+    bucket_mb = { default = ws.DEFAULT_BUCKET_BYTES // (1 << 20), type = "number", min = 0.001 },
     lora_rank = { default = 32, type = "integer", min = 1 },
     tiny_tensors = { default = 100000, type = "integer", min = 1 },
     check = { default = false, type = "boolean" },

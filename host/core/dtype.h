@@ -1,13 +1,16 @@
 /* dtype.h: element types and scalar conversions shared by every backend.
  *
  * Float conversions round to nearest, ties to even, and keep NaN (quiet),
- * infinities, signed zeros and subnormals, matching PyTorch. The CUDA kernels
- * implement the same bit-level algorithms so CPU and GPU agree bit for bit. */
+ * infinities, signed zeros and subnormals, matching PyTorch. They live in
+ * dtype_convert.h, which the CUDA kernels compile too, so CPU and GPU agree
+ * bit for bit. */
 #ifndef WS_DTYPE_H
 #define WS_DTYPE_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "dtype_convert.h"
 
 typedef enum ws_dtype {
     WS_F32 = 0,
@@ -27,13 +30,6 @@ const char *ws_dtype_name(ws_dtype t); /* "f32", "bf16", ... */
  * Returns 0 on success, -1 for an unknown name. */
 int ws_dtype_parse(const char *name, ws_dtype *out);
 int ws_dtype_is_float(ws_dtype t);
-
-uint16_t ws_f32_to_bf16(float f);
-float ws_bf16_to_f32(uint16_t h);
-uint16_t ws_f32_to_f16(float f);
-float ws_f16_to_f32(uint16_t h);
-uint8_t ws_f32_to_fp8e4m3(float f);
-float ws_fp8e4m3_to_f32(uint8_t v);
 
 /* Element access for small tests and scalar paths. Integers go through
  * double, so i64 beyond 2^53 loses precision in these two only. */
@@ -61,12 +57,8 @@ uint64_t ws_load_bits(const void *p, ws_dtype t);
 #endif
 
 /* The two inline functions below also run in CUDA kernels (cuda_kernels.cu),
- * so the CPU and the GPU compute them from the same source. */
-#ifdef __CUDACC__
-#define WS_HOST_DEVICE __host__ __device__
-#else
-#define WS_HOST_DEVICE
-#endif
+ * so the CPU and the GPU compute them from the same source (WS_HOST_DEVICE
+ * comes from dtype_convert.h). */
 
 /* The per-element hash of the shard-composable checksum:
  * checksum = sum over elements of ws_hash_elem(global_index, bits) mod 2^64.

@@ -43,6 +43,11 @@ typedef struct ws_plan_stats {
 typedef int (*ws_plan_progress_fn)(void *ctx, size_t bucket, size_t buckets, size_t bytes_done,
                                    size_t bytes_total);
 
+/* The bucket size when none is given, for every caller (the Lua library reads
+ * it as ws.DEFAULT_BUCKET_BYTES). Large buckets mean few collectives per sync;
+ * the staging memory it costs is bounded as described above. */
+#define WS_PLAN_DEFAULT_BUCKET_BYTES ((size_t)512 << 20)
+
 /* comm may be NULL (world of one). bucket_bytes: size of a gathered bucket. */
 ws_status ws_plan_create(ws_comm *comm, ws_device *device, size_t bucket_bytes, const char *name,
                          ws_plan **out);

@@ -115,13 +115,19 @@ void ws_pool_unregister_storage(ws_pool *p, ws_storage *s)
 
 /* ---- carving ---------------------------------------------------------------------- */
 
+size_t ws_pool_carve_size(size_t bytes)
+{
+    if (bytes > SIZE_MAX - POOL_ALIGN) return SIZE_MAX;
+    return (bytes + POOL_ALIGN - 1) & ~(size_t)(POOL_ALIGN - 1);
+}
+
 ws_status ws_pool_carve(ws_pool *p, size_t bytes, size_t *offset, void **ptr)
 {
     *ptr = NULL;
     *offset = 0;
-    if (bytes > SIZE_MAX - POOL_ALIGN)
+    size_t need = ws_pool_carve_size(bytes);
+    if (need == SIZE_MAX)
         return WS_ERR(WS_ERR_NOMEM, "pool '%s': a tensor of %zu bytes cannot fit", p->tag, bytes);
-    size_t need = (bytes + POOL_ALIGN - 1) & ~(size_t)(POOL_ALIGN - 1);
     ws_status rc = WS_OK;
     pthread_mutex_lock(&p->mu);
     if (p->asleep) {
@@ -167,7 +173,7 @@ out:
 
 void ws_pool_uncarve(ws_pool *p, size_t offset, size_t bytes)
 {
-    size_t len = (bytes + POOL_ALIGN - 1) & ~(size_t)(POOL_ALIGN - 1);
+    size_t len = ws_pool_carve_size(bytes);
     if (!len) return;
     pthread_mutex_lock(&p->mu);
     p->used -= len;

@@ -53,6 +53,11 @@ const char *ws_pool_discard_reason(const ws_pool *p);
 void ws_pool_hold(ws_pool *p, const char *holder);
 void ws_pool_unhold(ws_pool *p);
 
+/* Pool capacity a tensor of `bytes` takes: its size rounded up to the
+ * carving alignment (256). SIZE_MAX when that does not fit in a size_t. Sum
+ * it over tensors to size a pool that holds them all at once. */
+size_t ws_pool_carve_size(size_t bytes);
+
 /* Used by tensor.c: carve `bytes` (aligned to 256) out of the pool. */
 ws_status ws_pool_carve(ws_pool *p, size_t bytes, size_t *offset, void **ptr);
 void ws_pool_uncarve(ws_pool *p, size_t offset, size_t bytes);

@@ -12,7 +12,6 @@
 #include "bind.h"
 #include "plan.h"
 
-#define DEFAULT_BUCKET_BYTES ((size_t)64 << 20)
 #define MAX_BUCKET_BYTES ((lua_Integer)1 << 62)
 
 typedef struct ws_lplan {
@@ -46,7 +45,7 @@ static size_t bucket_option(lua_State *L, int idx)
 {
     int has_mb = lua_getfield(L, idx, "bucket_mb") != LUA_TNIL;          /* [mb] */
     int has_bytes = lua_getfield(L, idx, "bucket_bytes") != LUA_TNIL;    /* [mb, bytes] */
-    size_t bytes = DEFAULT_BUCKET_BYTES;
+    size_t bytes = WS_PLAN_DEFAULT_BUCKET_BYTES;
     if (has_mb && has_bytes) luaL_error(L, "ws.plan: give bucket_mb or bucket_bytes, not both");
     if (has_bytes) {
         if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) <= 0)

@@ -4,6 +4,7 @@
  * the pool is collected only after them; lua_close finalizes newer objects
  * first, which also frees pool tensors before their pool. pool:free() with
  * live tensors raises naming one of them (the core refuses). */
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -64,6 +65,45 @@ static int l_pool(lua_State *L)
     ws_status rc = ws_pool_create(dev, tag, (size_t)bytes, &lp->p);
     if (rc != WS_OK) return ws_lua_fail(L, rc, "ws.pool");
     snprintf(lp->tag, sizeof lp->tag, "%s", ws_pool_tag(lp->p));
+    return 1;
+}
+
+/* ws.pool_bytes(shapes, dtype) -> the capacity a pool needs to hold tensors
+ * of these shapes (a list of shape tables) and dtype all at once, with the
+ * allocator's own alignment. Never 0, so it is always a valid pool size. */
+static int l_pool_bytes(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    const char *dname = luaL_checkstring(L, 2);
+    ws_dtype dt;
+    if (ws_dtype_parse(dname, &dt) != 0)
+        return luaL_error(L, "ws.pool_bytes: unknown dtype '%s'", dname);
+    size_t total = 0;
+    lua_Integer n = luaL_len(L, 1);
+    for (lua_Integer i = 1; i <= n; i++) {
+        if (lua_rawgeti(L, 1, i) != LUA_TTABLE) /* [shape] */
+            return luaL_error(L, "ws.pool_bytes: shapes[%d] must be a shape such as {4, 8}, got %s",
+                              (int)i, luaL_typename(L, -1));
+        size_t bytes = ws_dtype_size(dt);
+        lua_Integer nd = (lua_Integer)lua_rawlen(L, -1);
+        for (lua_Integer k = 1; k <= nd; k++) {
+            lua_rawgeti(L, -1, k); /* [shape, dim] */
+            int isint = 0;
+            lua_Integer d = lua_tointegerx(L, -1, &isint);
+            if (!isint || d < 0)
+                return luaL_error(L, "ws.pool_bytes: shapes[%d][%d] must be an integer >= 0, got %s",
+                                  (int)i, (int)k, luaL_tolstring(L, -1, NULL));
+            if (__builtin_mul_overflow(bytes, (size_t)d, &bytes))
+                return luaL_error(L, "ws.pool_bytes: shapes[%d] is too large", (int)i);
+            lua_pop(L, 1);
+        }
+        lua_pop(L, 1);
+        size_t carved = ws_pool_carve_size(bytes);
+        if (carved == SIZE_MAX || __builtin_add_overflow(total, carved, &total) ||
+            total > (size_t)LUA_MAXINTEGER)
+            return luaL_error(L, "ws.pool_bytes: the tensors add up to more than any pool holds");
+    }
+    lua_pushinteger(L, (lua_Integer)(total ? total : ws_pool_carve_size(1)));
     return 1;
 }
 
@@ -196,4 +236,6 @@ void ws_open_pool(lua_State *L)
     ws_lua_new_type(L, WS_POOL_MT, p_methods, p_meta, NULL);
     lua_pushcfunction(L, l_pool);
     lua_setfield(L, -2, "pool");
+    lua_pushcfunction(L, l_pool_bytes);
+    lua_setfield(L, -2, "pool_bytes");
 }

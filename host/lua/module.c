@@ -18,6 +18,7 @@
 
 #include "bind.h"
 #include "env.h"
+#include "plan.h"
 
 #ifndef WSHOST_VERSION
 #define WSHOST_VERSION "dev"
@@ -313,6 +314,8 @@ int luaopen_ws(lua_State *L)
     luaL_setfuncs(L, ws_funcs, 0);
     lua_pushliteral(L, WSHOST_VERSION);
     lua_setfield(L, -2, "version");
+    lua_pushinteger(L, (lua_Integer)WS_PLAN_DEFAULT_BUCKET_BYTES);
+    lua_setfield(L, -2, "DEFAULT_BUCKET_BYTES");
     install_searcher(L);
     return 1; /* [ws] */
 }

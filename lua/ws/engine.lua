@@ -25,8 +25,6 @@ local fused = {
 local parts = { qkv_proj = { "q_proj", "k_proj", "v_proj" },
                 gate_up_proj = { "gate_proj", "up_proj" } }
 
-local function align(n, a) return (n + a - 1) // a * a end
-
 -- Engine module of an HF module name and whether LoRA wraps it (vLLM wraps a
 -- fused module when any of its sub-modules is a target).
 local function engine_module(module, lcfg)
@@ -91,11 +89,9 @@ function M.new(opts)
     end
     self.dest = dest
 
-    local bytes = 4096
-    for _, name in ipairs(self.order) do
-        bytes = bytes + align(models.numel(layout[name]) * 2, 256)
-    end
-    self.weight_bytes = bytes
+    local shapes = {}
+    for i, name in ipairs(self.order) do shapes[i] = layout[name] end
+    self.weight_bytes = ws.pool_bytes(shapes, "bf16")
     self.kv_bytes = math.max(1, opts.kv_cache_mb or 64) * 1024 * 1024
     -- A pool that cannot be had (a KV cache too big) frees the one made before
     -- it. The error that stopped construction (out of memory, Ctrl-C) is what
@@ -112,8 +108,9 @@ end
 function M.allocate(self, layout)
     self.weights = must("engine", ws.pool{ device = self.device, tag = "weights",
                                            bytes = self.weight_bytes })
+    local kv_shape = { self.kv_bytes // 2 }
     self.kv_pool = must("engine", ws.pool{ device = self.device, tag = "kv_cache",
-                                           bytes = self.kv_bytes + 4096 })
+                                           bytes = ws.pool_bytes({ kv_shape }, "bf16") })
     for i, name in ipairs(self.order) do
         local t = must("engine", self.weights:tensor{ shape = layout[name], dtype = "bf16",
                                                       name = name })
@@ -122,7 +119,7 @@ function M.allocate(self, layout)
         -- load_format=dummy: the engine starts from random weights, as in verl.
         t:random_(0x5EED0 + i, 1.0, 0)
     end
-    self.kv_cache = must("engine", self.kv_pool:tensor{ shape = { self.kv_bytes // 2 },
+    self.kv_cache = must("engine", self.kv_pool:tensor{ shape = kv_shape,
                                                         dtype = "bf16", name = "kv_cache" })
     self.kv_cache:fill(0)
 end

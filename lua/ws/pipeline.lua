@@ -28,7 +28,8 @@ M.common = {
     -- they must agree (config.agree).
     device = { default = "auto", type = "string", per_rank = true,
                help = "cpu, cuda, cuda:N or auto" },
-    bucket_mb = { default = 512, type = "number", min = 0.001, max = 1048576,
+    bucket_mb = { default = ws.DEFAULT_BUCKET_BYTES // (1 << 20), type = "number", min = 0.001,
+                  max = 1048576,
                   help = "sync bucket size (MB)" },
     kv_cache_mb = { default = 64, type = "integer", min = 1, max = 1048576,
                     help = "engine KV cache (MB)" },

@@ -11,17 +11,19 @@
 -- ws.verify can prove what the plan wrote.
 local ws = require("ws")
 local must = require("ws.errors").must
+local verify = require("ws.verify")
 
 local M = {}
 local Sync = {}
 Sync.__index = Sync
 
--- opts: trainer, engine, comm (nil: world of one), device, bucket_mb, progress
--- ("auto"/"on"/"off"), log (function(msg) for rank-0 output).
+-- opts: trainer, engine, comm (nil: world of one), device, bucket_mb (nil:
+-- ws.DEFAULT_BUCKET_BYTES), progress ("auto"/"on"/"off"), log (function(msg)
+-- for rank-0 output).
 function M.new(opts)
     local self = setmetatable({}, Sync)
     self.trainer, self.engine, self.comm = opts.trainer, opts.engine, opts.comm
-    self.device, self.bucket_mb = opts.device, opts.bucket_mb or 512
+    self.device, self.bucket_mb = opts.device, opts.bucket_mb
     self.progress = opts.progress or "auto"
     self.rank = opts.rank or 0
     self.plans, self.pairs, self.views = {}, {}, {}
@@ -115,8 +117,9 @@ function Sync:free()
         if not ok and first == nil then first = err end
     end
     for _, plan in pairs(self.plans) do release(plan) end
-    for _, plist in pairs(self.pairs) do -- verification state (ws.verify)
-        if plist.trainer_sums then release(plist.trainer_sums) end
+    for _, plist in pairs(self.pairs) do
+        local ok, err = pcall(verify.release, plist)
+        if not ok and first == nil then first = err end
     end
     for _, v in ipairs(self.views) do release(v) end
     self.plans, self.pairs, self.views = {}, {}, {}

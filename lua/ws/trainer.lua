@@ -34,8 +34,6 @@ function M.seed_of(name, step)
     return h & MAXINT
 end
 
-local function align(n, a) return (n + a - 1) // a * a end
-
 -- opts: spec (models spec), lora (ws.lora config or nil), device, comm
 -- (nil: world of one), rank, world, dtype ("bf16"/"f32"), seed.
 function M.new(opts)
@@ -69,11 +67,11 @@ function M.new(opts)
         end
     end
 
-    local esize = self.dtype == "f32" and 4 or 2
-    local bytes = 4096
-    for _, e in ipairs(self.params) do bytes = bytes + align(e.shard_numel * esize, 256) end
-    self.pool_bytes = bytes
-    self.pool = must("trainer", ws.pool{ device = self.device, tag = "trainer", bytes = bytes })
+    local shapes = {}
+    for i, e in ipairs(self.params) do shapes[i] = { e.shard_numel } end
+    self.pool_bytes = ws.pool_bytes(shapes, self.dtype)
+    self.pool = must("trainer", ws.pool{ device = self.device, tag = "trainer",
+                                         bytes = self.pool_bytes })
     local ok, err = pcall(M.fill, self)
     if not ok then
         -- The error that stopped construction wins over any the cleanup meets.
@@ -164,7 +162,6 @@ function Trainer:free()
     end
     for _, e in ipairs(self.params) do
         if e.view then release(e.view) end
-        if e.empty_view then release(e.empty_view) end
         if e.tensor then release(e.tensor) end
     end
     for _, h in ipairs(self.host or {}) do release(h) end

@@ -13,35 +13,68 @@ local must = require("ws.errors").must
 
 local M = {}
 
--- The per-plan lists handed to ws.checksums, built once: the trainer's real
--- shard elements (an empty view for a rank whose shard is all padding) with
--- their global first index, and the engine destinations.
-local function lists(pairs)
-    local l = pairs.verify_lists
-    if l then return l end
-    l = { srcs = {}, firsts = {}, dsts = {}, frozen = true }
+-- What verification keeps per list of pairs, built at its first check: the
+-- lists handed to ws.checksums (the trainer's real shard elements, an empty
+-- view for a rank whose shard is all padding, with their global first index;
+-- the engine destinations), the empty views it made, and the trainer's last
+-- checksums. Weak keys: a list that is dropped takes its state with it (the
+-- tensors then go to the GC); M.release frees it at once.
+local states = setmetatable({}, { __mode = "k" })
+
+local function state_of(pairs)
+    local st = states[pairs]
+    if st then return st end
+    st = { srcs = {}, firsts = {}, dsts = {}, frozen = true, empty_views = {} }
     for i, p in ipairs(pairs) do
         local e = p.src
-        if not e.view then e.empty_view = e.empty_view or e.tensor:narrow(1, 1, 0) end
-        l.srcs[i], l.firsts[i], l.dsts[i] = e.view or e.empty_view, e.first, p.dst
-        if e.trainable then l.frozen = false end
+        local src = e.view
+        if not src then
+            src = e.tensor:narrow(1, 1, 0)
+            st.empty_views[#st.empty_views + 1] = src
+        end
+        st.srcs[i], st.firsts[i], st.dsts[i] = src, e.first, p.dst
+        if e.trainable then st.frozen = false end
     end
-    pairs.verify_lists = l
-    return l
+    states[pairs] = st
+    return st
 end
 
 -- The trainer's checksums of a plan, summed over the ranks (one all_reduce of
 -- an i64 tensor: sums wrap modulo 2^64, as the checksum does). Reused while
 -- the trainer has not changed: frozen base weights are hashed once per load.
-local function trainer_sums(pairs, l, ctx)
+local function trainer_sums(st, ctx)
     local tr = ctx.trainer
-    local key = tr and (l.frozen and "loads " .. tr.loads or "gen " .. tr.generation)
-    if key and pairs.trainer_key == key then return pairs.trainer_sums end
-    local sums = must("verify", ws.checksums(l.srcs, l.firsts, "bf16"))
-    if (ctx.world or 1) > 1 and ctx.comm then ctx.comm:all_reduce(sums, "sum") end
-    if pairs.trainer_sums then pairs.trainer_sums:free() end
-    pairs.trainer_sums, pairs.trainer_key = sums, key
+    local key = tr and (st.frozen and "loads " .. tr.loads or "gen " .. tr.generation)
+    if key and st.trainer_key == key then return st.trainer_sums end
+    local sums = must("verify", ws.checksums(st.srcs, st.firsts, "bf16"))
+    if (ctx.world or 1) > 1 and ctx.comm then
+        local ok, err = pcall(ctx.comm.all_reduce, ctx.comm, sums, "sum")
+        if not ok then
+            sums:free()
+            error(err, 0)
+        end
+    end
+    if st.trainer_sums then st.trainer_sums:free() end
+    st.trainer_sums, st.trainer_key = sums, key
     return sums
+end
+
+-- Frees what verification keeps for `pairs` (the trainer's checksums and the
+-- empty views into trainer shards); call it before the trainer is freed. A
+-- later check builds it again. Frees all it can before raising the first
+-- error it met.
+function M.release(pairs)
+    local st = states[pairs]
+    if not st then return end
+    states[pairs] = nil
+    local first
+    local function free(obj)
+        local ok, err = pcall(obj.free, obj)
+        if not ok and first == nil then first = err end
+    end
+    if st.trainer_sums then free(st.trainer_sums) end
+    for _, v in ipairs(st.empty_views) do free(v) end
+    if first ~= nil then error(first, 0) end
 end
 
 -- pairs: list of {src = trainer entry (view, first, name, trainable), dst =
@@ -50,10 +83,10 @@ end
 -- list on a mismatch, to name it. Raises on the first mismatch; returns the
 -- number of tensors checked.
 function M.check(pairs, ctx)
-    local l = lists(pairs)
-    local want = trainer_sums(pairs, l, ctx)
+    local st = state_of(pairs)
+    local want = trainer_sums(st, ctx)
     local where = ctx.note or "rollout"
-    local ok, got, msg = pcall(ws.checksums, l.dsts, nil, "bf16")
+    local ok, got, msg = pcall(ws.checksums, st.dsts, nil, "bf16")
     if ok and got == nil then ok, got = false, msg end
     if not ok then error(string.format("verify (%s): %s", where, tostring(got)), 0) end
     if got:checksum() ~= want:checksum() then

@@ -1,6 +1,8 @@
 /* test_dtype.c: bit-exact float conversions, names, scalar access, bulk
  * conversion. Expected bits are derived by hand (see the comment on each
- * row) or by brute force over every code of the narrow format. */
+ * row) or by brute force over every code of the narrow format. The scalar
+ * conversions come from dtype_convert.h, which the CUDA kernels compile too:
+ * these tests are the CPU-only check of what the GPU computes. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -178,6 +180,158 @@ static void test_round_trips_exhaustive(void)
     CHECK(bad_bf16 == 0);
     CHECK(bad_f16 == 0);
     CHECK(bad_fp8 == 0);
+}
+
+/* Value of a finite narrow float code from its fields, in double (exact):
+ * an independent decoding to check the conversions against. */
+static double decode_fields(uint32_t code, int ebits, int mbits, int bias)
+{
+    uint32_t exp = (code >> mbits) & ((1u << ebits) - 1), mant = code & ((1u << mbits) - 1);
+    double v = exp ? ldexp((double)((1u << mbits) | mant), (int)exp - bias - mbits)
+                   : ldexp((double)mant, 1 - bias - mbits);
+    return (code >> (ebits + mbits)) & 1 ? -v : v;
+}
+
+/* Widening, every code: finite values against the field decoding, NaN
+ * quiet with the payload shifted up, infinities kept. */
+static void test_widening_every_code(void)
+{
+    int bad = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        uint32_t b = bits_of(ws_bf16_to_f32((uint16_t)h));
+        uint32_t want = h << 16;
+        if ((h & 0x7FFF) > 0x7F80) want |= 0x00400000;
+        if (b != want) bad++;
+        float f = ws_f16_to_f32((uint16_t)h);
+        if ((h & 0x7C00) != 0x7C00) {
+            if ((double)f != decode_fields(h, 5, 10, 15) || !!signbit(f) != !!(h & 0x8000)) bad++;
+        } else {
+            want = (h & 0x8000) << 16 | 0x7F800000 | (h & 0x3FF) << 13;
+            if (h & 0x3FF) want |= 0x00400000;
+            if (bits_of(f) != want) bad++;
+        }
+    }
+    for (uint32_t v = 0; v < 256; v++) {
+        float f = ws_fp8e4m3_to_f32((uint8_t)v);
+        if ((v & 0x7F) == 0x7F) {
+            if (bits_of(f) != ((v & 0x80) << 24 | 0x7FF00000)) bad++;
+        } else if ((double)f != decode_fields(v, 4, 3, 7) || !!signbit(f) != !!(v & 0x80)) {
+            bad++;
+        }
+    }
+    CHECK(bad == 0);
+}
+
+/* Narrowing around every code: the code's own value, the midpoint to the
+ * next code (a tie: to the even one) and the f32 values either side of the
+ * midpoint, both signs. Midpoints of 16-bit and 8-bit floats are exact in
+ * f32. `top` is the largest finite code; above it, `over` is what the tie
+ * and the values beyond it give (inf for f16/bf16, the NaN code for fp8). */
+typedef uint32_t (*narrow_fn)(float);
+typedef float (*widen_fn)(uint32_t);
+
+static uint32_t narrow_bf16(float f) { return ws_f32_to_bf16(f); }
+static uint32_t narrow_f16(float f) { return ws_f32_to_f16(f); }
+static uint32_t narrow_fp8(float f) { return ws_f32_to_fp8e4m3(f); }
+static float widen_bf16(uint32_t c) { return ws_bf16_to_f32((uint16_t)c); }
+static float widen_f16(uint32_t c) { return ws_f16_to_f32((uint16_t)c); }
+static float widen_fp8(uint32_t c) { return ws_fp8e4m3_to_f32((uint8_t)c); }
+
+static int check_narrowing(narrow_fn narrow, widen_fn widen, uint32_t top, uint32_t over,
+                           uint32_t sign_bit, double beyond)
+{
+    int bad = 0;
+    for (uint32_t c = 0; c <= top; c++) {
+        for (int neg = 0; neg < 2; neg++) {
+            uint32_t s = neg ? sign_bit : 0;
+            float v = widen(c);
+            double next = c < top ? (double)widen(c + 1) : beyond;
+            float mid = (float)(((double)v + next) / 2); /* exact */
+            uint32_t up = c < top ? c + 1 : over, even = (c & 1) ? up : c;
+            float below = nextafterf(mid, 0.0f), above = nextafterf(mid, INFINITY);
+            if (neg) {
+                v = -v;
+                mid = -mid;
+                below = -below;
+                above = -above;
+            }
+            if (narrow(v) != (c | s)) bad++;
+            if (narrow(mid) != (even | s)) bad++;
+            if (narrow(below) != (c | s)) bad++;
+            if (narrow(above) != (up | s)) bad++;
+        }
+    }
+    return bad;
+}
+
+static void test_narrowing_every_code(void)
+{
+    /* bf16: past the largest finite value the next "code" is inf at 2^128. */
+    CHECK(check_narrowing(narrow_bf16, widen_bf16, 0x7F7F, 0x7F80, 0x8000, ldexp(1.0, 128)) == 0);
+    CHECK(check_narrowing(narrow_f16, widen_f16, 0x7BFF, 0x7C00, 0x8000, 65536.0) == 0);
+    /* fp8: 448 is the largest; the tie at 464 goes to even 448 (0x7E). */
+    CHECK(check_narrowing(narrow_fp8, widen_fp8, 0x7E, 0x7F, 0x80, 480.0) == 0);
+}
+
+/* The specials of every narrowing: infinities, NaNs (payload and sign),
+ * f32 subnormals and values far out of range. */
+static void test_narrowing_specials(void)
+{
+    float inf = f32_of(0x7F800000), ninf = f32_of(0xFF800000);
+    CHECK_EQ_U64(ws_f32_to_bf16(inf), 0x7F80);
+    CHECK_EQ_U64(ws_f32_to_bf16(ninf), 0xFF80);
+    CHECK_EQ_U64(ws_f32_to_f16(inf), 0x7C00);
+    CHECK_EQ_U64(ws_f32_to_f16(ninf), 0xFC00);
+    CHECK_EQ_U64(ws_f32_to_fp8e4m3(inf), 0x7F);
+    CHECK_EQ_U64(ws_f32_to_fp8e4m3(ninf), 0xFF);
+    CHECK_EQ_U64(ws_f32_to_fp8e4m3(f32_of(0x7F7FFFFF)), 0x7F); /* FLT_MAX saturates to NaN */
+    CHECK_EQ_U64(ws_f32_to_f16(f32_of(0xFF7FFFFF)), 0xFC00);   /* -FLT_MAX overflows */
+    int bad = 0;
+    /* Every f32 NaN payload pattern of the top 16 bits, both signs. */
+    for (uint32_t hi = 0; hi < 0x80; hi++) {
+        for (uint32_t neg = 0; neg < 2; neg++) {
+            uint32_t u = neg << 31 | 0x7F800000 | hi << 16 | 0x1; /* a NaN even when hi == 0 */
+            float f = f32_of(u);
+            if (ws_f32_to_bf16(f) != (((u >> 16) | 0x40) & 0xFFFF)) bad++;
+            if (ws_f32_to_f16(f) != (neg << 15 | 0x7E00 | ((u & 0x7FFFFF) >> 13))) bad++;
+            if (ws_f32_to_fp8e4m3(f) != (neg << 7 | 0x7F)) bad++;
+        }
+    }
+    /* f32 subnormals: below every narrow format's smallest subnormal but
+     * bf16's, whose subnormals are f32's top 16 bits. */
+    for (uint32_t m = 1; m < 0x800000; m += 997) {
+        for (uint32_t neg = 0; neg < 2; neg++) {
+            float f = f32_of(neg << 31 | m);
+            if (ws_f32_to_f16(f) != neg << 15) bad++;
+            if (ws_f32_to_fp8e4m3(f) != neg << 7) bad++;
+            uint32_t q = m >> 16, r = m & 0xFFFF;
+            if (r > 0x8000 || (r == 0x8000 && (q & 1))) q++;
+            if (ws_f32_to_bf16(f) != (neg << 15 | q)) bad++;
+        }
+    }
+    CHECK(bad == 0);
+}
+
+/* Float to integer: truncation toward zero, saturation, NaN to zero; the
+ * edges where double cannot hold the integer limit exactly. */
+static void test_integer_saturation(void)
+{
+    CHECK(ws_sat_from_double(NAN, INT32_MIN, INT32_MAX) == 0);
+    CHECK(ws_sat_from_double(INFINITY, INT32_MIN, INT32_MAX) == INT32_MAX);
+    CHECK(ws_sat_from_double(-INFINITY, 0, 255) == 0);
+    CHECK(ws_sat_from_double(-0.99, 0, 255) == 0);
+    CHECK(ws_sat_from_double(255.99, 0, 255) == 255);
+    CHECK(ws_sat_from_double(-2147483648.9, INT32_MIN, INT32_MAX) == INT32_MIN);
+    CHECK(ws_sat_from_double(2147483646.9, INT32_MIN, INT32_MAX) == 2147483646);
+    /* (double)INT64_MAX is 2^63: the comparison saturates before any cast. */
+    CHECK(ws_sat_from_double(ldexp(1.0, 63), INT64_MIN, INT64_MAX) == INT64_MAX);
+    CHECK(ws_sat_from_double(-ldexp(1.0, 63), INT64_MIN, INT64_MAX) == INT64_MIN);
+    CHECK(ws_sat_from_double(ldexp(1.0, 62) + 2048.0, INT64_MIN, INT64_MAX) ==
+          ((int64_t)1 << 62) + 2048);
+    CHECK(ws_sat_int(INT64_MIN, 0, 255) == 0);
+    CHECK(ws_sat_int(256, 0, 255) == 255);
+    CHECK(ws_sat_int((int64_t)INT32_MAX + 1, INT32_MIN, INT32_MAX) == INT32_MAX);
+    CHECK(ws_sat_int(-7, INT32_MIN, INT32_MAX) == -7);
 }
 
 /* An independent reference: the nearest of all finite fp8 codes, ties to the
@@ -387,6 +541,10 @@ int main(void)
     RUN(test_f16_table);
     RUN(test_fp8_table);
     RUN(test_round_trips_exhaustive);
+    RUN(test_widening_every_code);
+    RUN(test_narrowing_every_code);
+    RUN(test_narrowing_specials);
+    RUN(test_integer_saturation);
     RUN(test_fp8_matches_brute_force);
     RUN(test_f16_matches_brute_force);
     RUN(test_convert_host_floats);

@@ -112,6 +112,47 @@ describe("sync + verify", function()
     end)
 end)
 
+describe("verify's own state", function()
+    -- Verification keeps the trainer's checksums (one i64 per tensor) and
+    -- empty views of padding-only shards; it frees them itself, at release.
+    local function held() return cpu:memory().held end
+
+    it("is freed by verify.release and rebuilt by the next check", function()
+        local tr = trainer_mod.new{ spec = spec, device = cpu, rank = 999, world = 1000 }
+        local pairs, padded = {}, 0
+        for i, e in ipairs(tr.params) do
+            pairs[i] = { src = e, dst = e.tensor, dst_name = e.name }
+            if not e.view then padded = padded + 1 end
+        end
+        assert.is_true(padded > 0) -- the last rank holds only padding of small tensors
+        local ctx = { world = 1, note = "spec", trainer = tr }
+        local before = held()
+        pcall(verify.check, pairs, ctx)
+        local kept = held() - before
+        assert.is_true(kept >= #pairs * 8, "the checksums were not kept")
+        verify.release(pairs)
+        assert.are.equal(before, held())
+        verify.release(pairs) -- nothing left: a no-op
+        pcall(verify.check, pairs, ctx)
+        assert.are.equal(before + kept, held())
+        verify.release(pairs)
+        tr:free() -- no view verification made is left in the trainer's pool
+    end)
+
+    it("is freed by sync:free", function()
+        local tr = trainer_mod.new{ spec = spec, device = cpu }
+        local en = engine_mod.new{ spec = spec, device = cpu, kv_cache_mb = 1 }
+        local s = sync_mod.new{ trainer = tr, engine = en, device = cpu, progress = "off" }
+        s:send("full")
+        local before = held()
+        assert.are.equal(#tr.params, verify.check(s.pairs.full, { world = 1, trainer = tr }))
+        assert.is_true(held() > before)
+        s:free()
+        assert.is_true(held() <= before)
+        en:free(); tr:free()
+    end)
+end)
+
 describe("sync progress", function()
     -- The display appears only once a sync has run for a second, updates in
     -- place with carriage returns, and ends its line at the last bucket.

@@ -1,129 +1,23 @@
 /* cuda_kernels.cu: the GPU kernels of the cuda device backend.
  *
  * Batched and strided copies with dtype conversion, fill, deterministic
- * random fill and the shard-composable checksum. Conversions re-implement
- * dtype.c's integer-bit algorithms (round to nearest even on the bits, NaN
- * payload kept, fp8 e4m3fn overflow to NaN, saturating integers) so that a
- * GPU result equals ws_convert_host bit for bit; tests/c/test_cuda.c checks
- * every conversion pair over all 16-bit and 8-bit patterns. The hash and the
- * random stream come straight from dtype.h (compiled here for the device). */
+ * random fill and the shard-composable checksum. The element conversions,
+ * the hash and the random stream come straight from dtype_convert.h and
+ * dtype.h (compiled here for the device), so a GPU result equals
+ * ws_convert_host bit for bit; this file only loads and stores elements and
+ * makes the same case split as ws_convert_host. tests/c/test_cuda.c checks
+ * every conversion pair over all 16-bit and 8-bit patterns. */
 #include "cuda_kernels.h"
 
-#include <math.h>
 #include <string.h>
 
 namespace {
 
 constexpr int kThreads = 256;
 
-/* Scalar helpers are host-callable too, so they can be checked against
- * dtype.c on a machine without a GPU. */
+/* Element helpers; they work on aligned device pointers, so they load and
+ * store through typed pointers rather than memcpy. */
 #define HD __host__ __device__ __forceinline__
-
-HD uint32_t f2u(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-
-HD float u2f(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* ---- scalar conversions (mirror dtype.c) ------------------------------------ */
-
-HD uint32_t shift_rne(uint32_t v, unsigned shift)
-{
-    if (shift == 0) return v;
-    if (shift >= 32) return 0;
-    uint32_t q = v >> shift;
-    uint32_t rem = v & ((1u << shift) - 1);
-    uint32_t half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (q & 1))) q++;
-    return q;
-}
-
-/* Magnitude of finite |f| (f32 bits a) in a format with `mbits` mantissa bits
- * whose smallest normal has f32 biased exponent `min_exp`. */
-HD uint32_t narrow_magnitude(uint32_t a, unsigned mbits, uint32_t min_exp)
-{
-    uint32_t exp = a >> 23, mant = a & 0x7FFFFF;
-    if (exp >= min_exp) return shift_rne(((exp - min_exp + 1) << 23) | mant, 23 - mbits);
-    uint32_t sig = exp ? (mant | 0x800000) : mant;
-    uint32_t e = exp ? exp : 1;
-    return shift_rne(sig, 23 - mbits + (min_exp - e));
-}
-
-HD uint16_t f32_to_bf16(float f)
-{
-    uint32_t u = f2u(f);
-    if ((u & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)((u >> 16) | 0x0040);
-    u += 0x7FFF + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-
-HD float bf16_to_f32(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    if ((u & 0x7FFFFFFF) > 0x7F800000) u |= 0x00400000;
-    return u2f(u);
-}
-
-HD uint16_t f32_to_f16(float f)
-{
-    uint32_t u = f2u(f);
-    uint16_t sign = (uint16_t)((u >> 16) & 0x8000);
-    uint32_t a = u & 0x7FFFFFFF;
-    if (a > 0x7F800000) return (uint16_t)(sign | 0x7E00 | ((a & 0x7FFFFF) >> 13));
-    if (a >= 0x47800000) return (uint16_t)(sign | 0x7C00);
-    uint32_t m = narrow_magnitude(a, 10, 113);
-    if (m >= 0x7C00) return (uint16_t)(sign | 0x7C00);
-    return (uint16_t)(sign | m);
-}
-
-HD float f16_to_f32(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1F, mant = h & 0x3FF;
-    if (exp == 0x1F) {
-        uint32_t u = sign | 0x7F800000 | (mant << 13);
-        if (mant) u |= 0x00400000;
-        return u2f(u);
-    }
-    if (exp == 0) {
-        /* mant * 2^-24: exact, the product is a normal f32 (or zero). */
-        float v = (float)mant * 5.9604644775390625e-8f;
-        return u2f(f2u(v) | sign);
-    }
-    return u2f(sign | ((exp + 112) << 23) | (mant << 13));
-}
-
-HD uint8_t f32_to_fp8(float f)
-{
-    uint32_t u = f2u(f);
-    uint8_t sign = (uint8_t)((u >> 24) & 0x80);
-    uint32_t a = u & 0x7FFFFFFF;
-    if (a >= 0x43F00000) return (uint8_t)(sign | 0x7F);
-    uint32_t m = narrow_magnitude(a, 3, 121);
-    if (m > 0x7E) return (uint8_t)(sign | 0x7F);
-    return (uint8_t)(sign | m);
-}
-
-HD float fp8_to_f32(uint8_t v)
-{
-    uint32_t sign = (uint32_t)(v & 0x80) << 24;
-    uint32_t exp = (v >> 3) & 0xF, mant = v & 0x7;
-    if (exp == 0xF && mant == 0x7) return u2f(sign | 0x7FF00000);
-    if (exp == 0) {
-        float x = (float)mant * 0.001953125f; /* mant * 2^-9, exact */
-        return u2f(f2u(x) | sign);
-    }
-    return u2f(sign | ((exp + 120) << 23) | (mant << 20));
-}
 
 HD bool is_float(int t)
 {
@@ -134,9 +28,9 @@ HD float load_float(const void *p, int t)
 {
     switch (t) {
     case WS_F32: return *(const float *)p;
-    case WS_BF16: return bf16_to_f32(*(const uint16_t *)p);
-    case WS_F16: return f16_to_f32(*(const uint16_t *)p);
-    default: return fp8_to_f32(*(const uint8_t *)p);
+    case WS_BF16: return ws_bf16_to_f32(*(const uint16_t *)p);
+    case WS_F16: return ws_f16_to_f32(*(const uint16_t *)p);
+    default: return ws_fp8e4m3_to_f32(*(const uint8_t *)p);
     }
 }
 
@@ -144,9 +38,9 @@ HD void store_float(void *p, int t, float f)
 {
     switch (t) {
     case WS_F32: *(float *)p = f; break;
-    case WS_BF16: *(uint16_t *)p = f32_to_bf16(f); break;
-    case WS_F16: *(uint16_t *)p = f32_to_f16(f); break;
-    default: *(uint8_t *)p = f32_to_fp8(f); break;
+    case WS_BF16: *(uint16_t *)p = ws_f32_to_bf16(f); break;
+    case WS_F16: *(uint16_t *)p = ws_f32_to_f16(f); break;
+    default: *(uint8_t *)p = ws_f32_to_fp8e4m3(f); break;
     }
 }
 
@@ -162,22 +56,10 @@ HD int64_t load_int(const void *p, int t)
 HD void store_int(void *p, int t, int64_t v)
 {
     switch (t) {
-    case WS_U8: *(uint8_t *)p = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v); break;
-    case WS_I32:
-        *(int32_t *)p = (int32_t)(v < INT32_MIN ? INT32_MIN : v > INT32_MAX ? INT32_MAX : v);
-        break;
+    case WS_U8: *(uint8_t *)p = (uint8_t)ws_sat_int(v, 0, 255); break;
+    case WS_I32: *(int32_t *)p = (int32_t)ws_sat_int(v, INT32_MIN, INT32_MAX); break;
     default: *(int64_t *)p = v; break;
     }
-}
-
-/* Truncate toward zero and saturate; NaN -> 0 (dtype.c sat_i64_from_double). */
-HD int64_t sat_from_double(double v, int64_t lo, int64_t hi)
-{
-    if (isnan(v)) return 0;
-    v = trunc(v);
-    if (v <= (double)lo) return lo;
-    if (v >= (double)hi) return hi;
-    return (int64_t)v;
 }
 
 HD double load_scalar(const void *p, int t)
@@ -188,9 +70,9 @@ HD double load_scalar(const void *p, int t)
 HD void store_scalar(void *p, int t, double v)
 {
     switch (t) {
-    case WS_U8: *(uint8_t *)p = (uint8_t)sat_from_double(v, 0, 255); break;
-    case WS_I32: *(int32_t *)p = (int32_t)sat_from_double(v, INT32_MIN, INT32_MAX); break;
-    case WS_I64: *(int64_t *)p = sat_from_double(v, INT64_MIN, INT64_MAX); break;
+    case WS_U8: *(uint8_t *)p = (uint8_t)ws_sat_from_double(v, 0, 255); break;
+    case WS_I32: *(int32_t *)p = (int32_t)ws_sat_from_double(v, INT32_MIN, INT32_MAX); break;
+    case WS_I64: *(int64_t *)p = ws_sat_from_double(v, INT64_MIN, INT64_MAX); break;
     default: store_float(p, t, (float)v); break;
     }
 }
