@@ -3,6 +3,7 @@
 #include "env.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -171,4 +172,17 @@ ws_status ws_env_comm_chunk_bytes(size_t *out, size_t def, size_t max)
     pthread_once(&chunk_s.once, chunk_parse);
     *out = chunk_s.v > 0 ? (size_t)chunk_s.v : def;
     return result(chunk_s.msg);
+}
+
+SETTING(memcpy_min, long, {
+    if (parse_int("WSHOST_CUDA_MEMCPY_MIN_BYTES", 1, LONG_MAX, "a number of bytes of at least 1",
+                  &memcpy_min_s.v, memcpy_min_s.msg) <= 0)
+        memcpy_min_s.v = 0;
+})
+
+ws_status ws_env_cuda_memcpy_min_bytes(size_t *out, size_t def)
+{
+    pthread_once(&memcpy_min_s.once, memcpy_min_parse);
+    *out = memcpy_min_s.v > 0 ? (size_t)memcpy_min_s.v : def;
+    return result(memcpy_min_s.msg);
 }

@@ -40,5 +40,8 @@ ws_status ws_env_comm_check(int *on);
 ws_status ws_env_comm_nccl(int *on);
 /* WSHOST_COMM_CHUNK_BYTES: the largest MPI transfer in bytes (def when unset). */
 ws_status ws_env_comm_chunk_bytes(size_t *out, size_t def, size_t max);
+/* WSHOST_CUDA_MEMCPY_MIN_BYTES: from which size a plain device-to-device copy
+ * uses cudaMemcpyAsync instead of the batched kernel (def when unset). */
+ws_status ws_env_cuda_memcpy_min_bytes(size_t *out, size_t def);
 
 #endif

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "bind.h"
+#include "env.h"
 #include "parallel.h"
 
 #define DEVICE_CACHE "ws.Device.cache"
@@ -57,7 +58,7 @@ static int env_ignored(lua_State *L)
 ws_device *ws_lua_default_device(lua_State *L)
 {
     if (default_dev) return default_dev;
-    const char *env = env_ignored(L) ? NULL : getenv("WSHOST_DEVICE");
+    const char *env = env_ignored(L) ? NULL : ws_env_get("WSHOST_DEVICE");
     if (env && *env) {
         ws_device *d;
         if (!valid_device_name(env))

@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "dtype.h"
+#include "env.h"
 
 #define MAX_GPUS 64
 /* Freed memory the stream-ordered pool keeps for reuse past a synchronize;
@@ -39,6 +40,11 @@
  * call per small tensor costs more than the copy. */
 #define PINNED_DMA_MIN_BYTES ((size_t)256 << 10)
 #define D2D_MEMCPY_MIN_BYTES ((size_t)16 << 20)
+/* D2D_MEMCPY_MIN_BYTES unless WSHOST_CUDA_MEMCPY_MIN_BYTES says otherwise (read
+ * when a GPU is first set up), so the benchmarks can measure where the batched
+ * kernel stops paying off. */
+static size_t d2d_memcpy_min_bytes = D2D_MEMCPY_MIN_BYTES;
+
 /* Host staging for pageable conversions is done in chunks of this size. */
 #define STAGE_CHUNK_BYTES ((size_t)64 << 20)
 /* Pinned memory every GPU can use, mapped so kernels may read it directly. */
@@ -180,6 +186,7 @@ static void teardown(cuda_dev *c)
 
 static ws_status init_streams_and_pool(ws_device *d, cuda_dev *c)
 {
+    WS_TRY(ws_env_cuda_memcpy_min_bytes(&d2d_memcpy_min_bytes, D2D_MEMCPY_MIN_BYTES));
     CU_TRY(d, cudaSetDevice(c->ordinal), "selecting the GPU");
     CU_TRY(d, cudaStreamCreateWithFlags(&c->compute, cudaStreamNonBlocking),
            "creating the compute stream");
@@ -402,20 +409,6 @@ enum desc_route {
     R_STAGED_D2H,  /* raw bytes fetched, then converted on the host */
 };
 
-/* WSHOST_CUDA_MEMCPY_MIN_BYTES overrides D2D_MEMCPY_MIN_BYTES, so the
- * benchmarks can measure where the batched kernel stops paying off. */
-static size_t d2d_memcpy_min(void)
-{
-    static size_t v;
-    if (!v) {
-        const char *e = getenv("WSHOST_CUDA_MEMCPY_MIN_BYTES");
-        char *end = NULL;
-        unsigned long long x = e ? strtoull(e, &end, 10) : 0;
-        v = e && end != e && *end == '\0' && x > 0 ? (size_t)x : D2D_MEMCPY_MIN_BYTES;
-    }
-    return v;
-}
-
 static int route_desc(const ws_copy_desc *x, int *touches_host)
 {
     if (x->count == 0) return R_SKIP;
@@ -424,7 +417,7 @@ static int route_desc(const ws_copy_desc *x, int *touches_host)
     size_t bytes = x->count * ws_dtype_size(x->src_dtype);
     if (ld != LOC_DEVICE && ls != LOC_DEVICE) return R_HOST;
     if (ld == LOC_DEVICE && ls == LOC_DEVICE)
-        return plain && bytes >= d2d_memcpy_min() ? R_D2D_MEMCPY : R_KERNEL;
+        return plain && bytes >= d2d_memcpy_min_bytes ? R_D2D_MEMCPY : R_KERNEL;
     mem_loc host = ld == LOC_DEVICE ? ls : ld;
     if (plain && (host == LOC_PAGEABLE || bytes >= PINNED_DMA_MIN_BYTES)) return R_DMA;
     if (host == LOC_PINNED) {
