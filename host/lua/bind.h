@@ -76,6 +76,14 @@ void ws_lua_new_type(lua_State *L, const char *name, const luaL_Reg *methods,
 const char *ws_lua_push_freed(lua_State *L, const char *type, const char *label);
 /* Raises it as a bad argument idx. Never returns. */
 int ws_lua_raise_freed(lua_State *L, int idx, const char *type, const char *label);
+/* Reads the shape table at idx into shape[WS_MAX_DIMS] and returns its number
+ * of dimensions; raises "<what>: shape ..." for anything else. allow_infer:
+ * one -1 entry is allowed and its 0-based position returned in *infer (else
+ * *infer = -1). */
+int ws_lua_read_shape(lua_State *L, int idx, const char *what, int64_t *shape, int allow_infer,
+                      int *infer);
+/* The dtype named by the string at idx; raises "<what>: ..." otherwise. */
+ws_dtype ws_lua_check_dtype(lua_State *L, int idx, const char *what);
 
 /* One integer field of a table built by ws_lua_push_int_fields. */
 typedef struct ws_lua_int_field {

@@ -74,29 +74,20 @@ static int l_pool(lua_State *L)
 static int l_pool_bytes(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
-    const char *dname = luaL_checkstring(L, 2);
-    ws_dtype dt;
-    if (ws_dtype_parse(dname, &dt) != 0)
-        return luaL_error(L, "ws.pool_bytes: unknown dtype '%s'", dname);
+    ws_dtype dt = ws_lua_check_dtype(L, 2, "ws.pool_bytes");
     size_t total = 0;
     lua_Integer n = luaL_len(L, 1);
     for (lua_Integer i = 1; i <= n; i++) {
-        if (lua_rawgeti(L, 1, i) != LUA_TTABLE) /* [shape] */
-            return luaL_error(L, "ws.pool_bytes: shapes[%d] must be a shape such as {4, 8}, got %s",
-                              (int)i, luaL_typename(L, -1));
+        lua_rawgeti(L, 1, i); /* [shape] */
+        int64_t shape[WS_MAX_DIMS];
+        int infer;
+        char what[48];
+        snprintf(what, sizeof what, "ws.pool_bytes: shapes[%d]", (int)i);
+        int nd = ws_lua_read_shape(L, -1, what, shape, 0, &infer);
         size_t bytes = ws_dtype_size(dt);
-        lua_Integer nd = (lua_Integer)lua_rawlen(L, -1);
-        for (lua_Integer k = 1; k <= nd; k++) {
-            lua_rawgeti(L, -1, k); /* [shape, dim] */
-            int isint = 0;
-            lua_Integer d = lua_tointegerx(L, -1, &isint);
-            if (!isint || d < 0)
-                return luaL_error(L, "ws.pool_bytes: shapes[%d][%d] must be an integer >= 0, got %s",
-                                  (int)i, (int)k, luaL_tolstring(L, -1, NULL));
-            if (__builtin_mul_overflow(bytes, (size_t)d, &bytes))
+        for (int k = 0; k < nd; k++)
+            if (__builtin_mul_overflow(bytes, (size_t)shape[k], &bytes))
                 return luaL_error(L, "ws.pool_bytes: shapes[%d] is too large", (int)i);
-            lua_pop(L, 1);
-        }
         lua_pop(L, 1);
         size_t carved = ws_pool_carve_size(bytes);
         if (carved == SIZE_MAX || __builtin_add_overflow(total, carved, &total) ||

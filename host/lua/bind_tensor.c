@@ -40,9 +40,7 @@ static int t_free(lua_State *L)
     return 0;
 }
 
-/* Reads a shape table. allow_infer: one -1 entry is returned in *infer (0-based
- * position), else -1. */
-static int read_shape(lua_State *L, int idx, const char *what, int64_t *shape, int allow_infer,
+int ws_lua_read_shape(lua_State *L, int idx, const char *what, int64_t *shape, int allow_infer,
                       int *infer)
 {
     idx = lua_absindex(L, idx);
@@ -73,7 +71,7 @@ static int read_shape(lua_State *L, int idx, const char *what, int64_t *shape, i
     return (int)n;
 }
 
-static ws_dtype check_dtype(lua_State *L, int idx, const char *what)
+ws_dtype ws_lua_check_dtype(lua_State *L, int idx, const char *what)
 {
     ws_dtype dt;
     if (lua_type(L, idx) != LUA_TSTRING)
@@ -135,11 +133,11 @@ int ws_lua_tensor_from_opts(lua_State *L, int opts, ws_pool *pool, int pool_idx,
     int infer;
     if (lua_getfield(L, opts, "shape") == LUA_TNIL)
         return luaL_error(L, "%s: shape is required, e.g. {shape={2,3}}", fname);
-    int ndim = read_shape(L, -1, fname, shape, 0, &infer);
+    int ndim = ws_lua_read_shape(L, -1, fname, shape, 0, &infer);
     lua_pop(L, 1);
 
     ws_dtype dtype = WS_F32;
-    if (lua_getfield(L, opts, "dtype") != LUA_TNIL) dtype = check_dtype(L, -1, fname);
+    if (lua_getfield(L, opts, "dtype") != LUA_TNIL) dtype = ws_lua_check_dtype(L, -1, fname);
     lua_pop(L, 1);
 
     ws_tensor_opts o;
@@ -373,7 +371,7 @@ static int view_as(lua_State *L, const char *what)
     ws_tensor *t = ws_lua_check_tensor(L, 1);
     int64_t shape[WS_MAX_DIMS];
     int infer;
-    int ndim = read_shape(L, 2, what, shape, 1, &infer);
+    int ndim = ws_lua_read_shape(L, 2, what, shape, 1, &infer);
     return reshape_to(L, t, ndim, shape, infer, what);
 }
 
@@ -449,7 +447,7 @@ static int t_to(lua_State *L)
     ws_device *dev;
     ws_status rc = ws_lua_to_device(L, 2, &dev);
     if (rc != WS_OK) return ws_lua_fail(L, rc, "to");
-    ws_dtype dt = lua_isnoneornil(L, 3) ? t->dtype : check_dtype(L, 3, "to");
+    ws_dtype dt = lua_isnoneornil(L, 3) ? t->dtype : ws_lua_check_dtype(L, 3, "to");
     ws_tensor_opts o;
     memset(&o, 0, sizeof o);
     o.device = dev;
@@ -532,7 +530,7 @@ static int t_checksum(lua_State *L)
     ws_tensor *t = ws_lua_check_tensor(L, 1);
     lua_Integer first = luaL_optinteger(L, 2, 0);
     if (first < 0) return luaL_argerror(L, 2, "first_index must be >= 0");
-    ws_dtype as = lua_isnoneornil(L, 3) ? t->dtype : check_dtype(L, 3, "checksum");
+    ws_dtype as = lua_isnoneornil(L, 3) ? t->dtype : ws_lua_check_dtype(L, 3, "checksum");
     uint64_t sum;
     if (ws_tensor_checksum(t, (uint64_t)first, as, &sum) != WS_OK)
         return ws_lua_raise(L, "checksum");
@@ -620,7 +618,7 @@ static int l_checksums(lua_State *L)
     lua_settop(L, 3); /* [tensors, firsts, as] */
     size_t n;
     ws_tensor **ts = ws_lua_check_tensor_list(L, 1, &n); /* [.., keep] */
-    ws_dtype as = lua_isnil(L, 3) ? WS_DTYPE_COUNT : check_dtype(L, 3, "checksums");
+    ws_dtype as = lua_isnil(L, 3) ? WS_DTYPE_COUNT : ws_lua_check_dtype(L, 3, "checksums");
     uint64_t *first = NULL;
     if (!lua_isnil(L, 2)) {
         luaL_checktype(L, 2, LUA_TTABLE);

@@ -67,10 +67,12 @@ describe("ws.pool_bytes", function()
       return tostring(err)
     end
     assert.matches("ws.pool_bytes: unknown dtype 'f8'", err_of({{2}}, "f8"), 1, true)
-    assert.matches("shapes[2] must be a shape such as {4, 8}, got number",
+    assert.matches("shapes[2]: shape must be a table of integers, got number",
                    err_of({{2}, 3}, "bf16"), 1, true)
-    assert.matches("shapes[1][2] must be an integer >= 0, got -1", err_of({{2, -1}}, "bf16"), 1, true)
-    assert.matches("shapes[1][1] must be an integer >= 0, got 1.5", err_of({{1.5}}, "bf16"), 1, true)
+    assert.matches("shapes[1]: shape[2] = -1: dimensions must be >= 0", err_of({{2, -1}}, "bf16"),
+                   1, true)
+    assert.matches("shapes[1]: shape[1] must be an integer, got number", err_of({{1.5}}, "bf16"),
+                   1, true)
     assert.matches("shapes[1] is too large", err_of({{1 << 40, 1 << 40}}, "bf16"), 1, true)
     assert.matches("add up to more than any pool holds", err_of({{1 << 61}, {1 << 61}}, "f32"),
                    1, true)
