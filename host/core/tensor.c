@@ -685,20 +685,29 @@ static ws_status element_offset(const ws_tensor *t, int64_t flat, const char *wh
     return WS_OK;
 }
 
-/* One element's raw bits (zero-extended), read from any device. */
-ws_status ws_tensor_get_bits(const ws_tensor *t, int64_t flat_index, uint64_t *out)
+/* The address of one element, checked for `access` (only this element has to
+ * hold valid data for a read), after the device's pending work. */
+static ws_status element_ptr(const ws_tensor *t, int64_t flat_index, int access,
+                             const char *what, size_t *offset, void **ptr)
 {
-    WS_TRY(ws_tensor_check_live(t, "get"));
-    int64_t off;
-    WS_TRY(element_offset(t, flat_index, "get", &off));
-    /* Only this element has to hold valid data. */
+    WS_TRY(ws_tensor_check_live(t, what));
+    int64_t off = 0;
+    WS_TRY(element_offset(t, flat_index, what, &off));
     ws_tensor elem = *t;
     elem.offset = t->offset + (size_t)off;
     elem.layout.ndim = 0;
+    WS_TRY(ws_tensor_access(&elem, access, what, ptr));
+    *offset = elem.offset;
+    return ws_device_synchronize(ws_tensor_device(t));
+}
+
+/* One element's raw bits (zero-extended), read from any device. */
+ws_status ws_tensor_get_bits(const ws_tensor *t, int64_t flat_index, uint64_t *out)
+{
+    size_t offset;
     void *ptr;
-    WS_TRY(ws_tensor_access(&elem, WS_ACCESS_READ, "get", &ptr));
+    WS_TRY(element_ptr(t, flat_index, WS_ACCESS_READ, "get", &offset, &ptr));
     ws_device *d = ws_tensor_device(t);
-    WS_TRY(ws_device_synchronize(d));
     unsigned char buf[8];
     WS_TRY(d->ops->copy(d, buf, ptr, ws_dtype_size(t->dtype)));
     *out = ws_load_bits(buf, t->dtype);
@@ -707,21 +716,15 @@ ws_status ws_tensor_get_bits(const ws_tensor *t, int64_t flat_index, uint64_t *o
 
 ws_status ws_tensor_set_bits(ws_tensor *t, int64_t flat_index, uint64_t bits)
 {
-    WS_TRY(ws_tensor_check_live(t, "set"));
-    int64_t off;
-    WS_TRY(element_offset(t, flat_index, "set", &off));
-    ws_tensor elem = *t;
-    elem.offset = t->offset + (size_t)off;
-    elem.layout.ndim = 0;
+    size_t offset;
     void *ptr;
-    WS_TRY(ws_tensor_access(&elem, WS_ACCESS_WRITE, "set", &ptr));
+    WS_TRY(element_ptr(t, flat_index, WS_ACCESS_WRITE, "set", &offset, &ptr));
     ws_device *d = ws_tensor_device(t);
-    WS_TRY(ws_device_synchronize(d));
     size_t es = ws_dtype_size(t->dtype);
     unsigned char buf[8];
     memcpy(buf, &bits, es); /* little-endian: the low bytes are the element */
     WS_TRY(d->ops->copy(d, ptr, buf, es));
-    mark_span(t->storage, elem.offset, elem.offset + es);
+    mark_span(t->storage, offset, offset + es);
     return WS_OK;
 }
 
