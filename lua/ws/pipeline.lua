@@ -17,13 +17,16 @@ local engine_mod = require("ws.engine")
 local sync_mod = require("ws.sync")
 local verify = require("ws.verify")
 local report_mod = require("ws.report")
+local must = errors.must
 
 local M = {}
 
 -- Configuration keys every pipeline has; a pipeline's `defaults` override or extend them.
 M.common = {
-    steps = { default = 5, type = "integer", min = 1, max = 1000000, help = "training steps" },
-    model = { default = "qwen3-0.6b", type = "enum", values = models.names(), help = "model preset" },
+    steps = { default = 5, type = "integer", min = 0, max = 1000000,
+              help = "training steps (0: set up, save, exit)" },
+    model = { default = "qwen3-0.6b", type = "string",
+              help = "preset (" .. table.concat(models.names(), ", ") .. ") or a Hugging Face model directory" },
     -- per_rank: ranks may differ here (each its own GPU); on every other key
     -- they must agree (config.agree).
     device = { default = "auto", type = "string", per_rank = true,
@@ -40,6 +43,8 @@ M.common = {
     param_offload = { default = false, type = "boolean",
                       help = "trainer params to pinned host memory after training" },
     seed = { default = 0, type = "integer", min = 0, help = "weight seed" },
+    dry_run = { default = false, type = "boolean",
+                help = "build trainer, engine and plans in address space only, report, exit" },
     progress = { default = "auto", type = "enum", values = { "auto", "on", "off" },
                  per_rank = true, help = "sync progress on stderr" },
 }
@@ -174,7 +179,10 @@ function M.run_config(p, cfg, opts)
     end
     local lcfg = config.check("target_modules", lora.config, { r = cfg.lora_rank or 0,
         alpha = cfg.lora_alpha, target_modules = cfg.target_modules })
-    if lcfg then config.check("lora_rank", lora.check_rank, spec, lcfg) end
+    if lcfg then
+        config.check("lora_rank", lora.check_rank, spec, lcfg)
+        config.check("target_modules", lora.check_model, spec, lcfg)
+    end
     -- Opened first: an unwritable --json is a configuration mistake, found
     -- before anything is allocated.
     local okr, report = pcall(report_mod.new, { title = p.name, cfg = cfg, device = device,
@@ -212,18 +220,20 @@ function M.setup_and_steps(p, cfg, built, report, env)
     local t_setup = ws.now_ms()
     built.trainer = trainer_mod.new{ spec = spec, lora = lcfg, device = device, comm = comm,
                                      rank = env.rank, world = world, dtype = cfg.param_dtype,
-                                     seed = cfg.seed }
+                                     seed = cfg.seed, dry_run = cfg.dry_run }
     built.engine = engine_mod.new{ spec = spec, lora = lcfg, device = device,
-                                   kv_cache_mb = cfg.kv_cache_mb }
+                                   kv_cache_mb = cfg.kv_cache_mb, dry_run = cfg.dry_run }
     built.sync = sync_mod.new{ trainer = built.trainer, engine = built.engine,
                                comm = world > 1 and comm or nil, device = device,
                                bucket_mb = cfg.bucket_mb, progress = cfg.progress,
                                rank = env.rank }
     local trainer, engine, sync = built.trainer, built.engine, built.sync
-    local verify_kinds = {}
+    local verify_kinds, build_ms = {}, {}
     for _, kind in ipairs(p.plans) do
         if kind ~= "adapter" or lcfg then
+            local t0 = ws.now_ms()
             sync:build(kind)
+            build_ms[kind] = ws.now_ms() - t0
             verify_kinds[#verify_kinds + 1] = kind
         end
     end
@@ -236,6 +246,8 @@ function M.setup_and_steps(p, cfg, built, report, env)
     log(string.format("# setup %.0f ms (trainer shards %.1f MB, engine weights %.1f MB, " ..
                       "KV cache %.1f MB)", ws.now_ms() - t_setup, trainer:shard_bytes() / 1e6,
                       engine.weight_bytes / 1e6, engine.kv_bytes / 1e6))
+
+    if cfg.dry_run then return M.dry_run_report(p, built, verify_kinds, build_ms, env) end
 
     local ctx = setmetatable({ cfg = cfg, pipeline = p, trainer = trainer, engine = engine,
                                sync = sync, comm = comm, rank = env.rank, world = world,
@@ -252,6 +264,28 @@ function M.setup_and_steps(p, cfg, built, report, env)
         ctx.rec.engine_asleep = engine:is_asleep("weights")
         report:end_step(ctx.rec)
     end
+end
+
+-- What a dry run prints instead of steps: sizes, tensor counts and what
+-- each plan would do, from the layout alone.
+function M.dry_run_report(p, built, kinds, build_ms, env)
+    local trainer, engine, sync, log = built.trainer, built.engine, built.sync, env.log
+    local spec = trainer.spec
+    log(string.format("# dry run: %d parameters (%d base, %d adapter) in %d trainer tensors " ..
+                      "per rank, %d engine tensors", models.param_count(spec) +
+                      (trainer.lora and lora.param_count(spec, trainer.lora) or 0),
+                      #trainer.base_params, #trainer.adapter_params, #trainer.params,
+                      #engine.order))
+    log("#plan     entries buckets  MB_per_sync  MB_gathered  staging_MB  build_ms")
+    local total_ms = 0
+    for _, kind in ipairs(kinds) do
+        local st = must("dry run", sync.plans[kind]:estimate())
+        total_ms = total_ms + build_ms[kind]
+        log(string.format("%-9s %7d %7d %12.1f %12.1f %11.1f %9.1f", kind, st.entries, st.buckets,
+                          st.bytes_moved / 1e6, st.bytes_gathered / 1e6, st.staging_bytes / 1e6,
+                          build_ms[kind]))
+    end
+    log(string.format("# plans built in %.1f ms; no weight memory was touched", total_ms))
 end
 
 -- Command-line entry: parses argv (key=value, --json FILE, --help) and runs.

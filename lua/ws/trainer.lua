@@ -35,7 +35,8 @@ function M.seed_of(name, step)
 end
 
 -- opts: spec (models spec), lora (ws.lora config or nil), device, comm
--- (nil: world of one), rank, world, dtype ("bf16"/"f32"), seed.
+-- (nil: world of one), rank, world, dtype ("bf16"/"f32"), seed, dry_run
+-- (address space only: the shards are laid out but never written).
 function M.new(opts)
     local self = setmetatable({}, Trainer)
     self.spec, self.lora, self.device = opts.spec, opts.lora, opts.device
@@ -70,8 +71,9 @@ function M.new(opts)
     local shapes = {}
     for i, e in ipairs(self.params) do shapes[i] = { e.shard_numel } end
     self.pool_bytes = ws.pool_bytes(shapes, self.dtype)
+    self.dry_run = opts.dry_run or false
     self.pool = must("trainer", ws.pool{ device = self.device, tag = "trainer",
-                                         bytes = self.pool_bytes })
+                                         bytes = self.pool_bytes, reserve_only = self.dry_run })
     local ok, err = pcall(M.fill, self)
     if not ok then
         -- The error that stopped construction wins over any the cleanup meets.
@@ -88,7 +90,9 @@ function M.fill(self)
                                                      dtype = self.dtype, name = e.name })
         -- The shard's real elements (no padding): what checksums and syncs read.
         if e.real > 0 then e.view = e.tensor:narrow(1, 1, e.real) end
-        e.tensor:random_(M.seed_of(e.name, 0) ~ self.seed, INIT_SCALE[e.kind], e.first)
+        if not self.dry_run then
+            e.tensor:random_(M.seed_of(e.name, 0) ~ self.seed, INIT_SCALE[e.kind], e.first)
+        end
     end
 end
 
