@@ -192,7 +192,8 @@ static ws_status file_open(st_file *f, const char *what, const char *path)
     f->fd = open(f->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0666);
     if (f->fd < 0) {
         int err = errno;
-        if (err == ENOENT)
+        struct stat st;
+        if (err == ENOENT && stat(f->dir, &st) != 0)
             return WS_ERR(WS_ERR_IO, "%s: writing '%s': directory '%s' does not exist: %s; "
                           "create it first", what, path, f->dir, strerror(err));
         return io_error(what, path, "cannot create the temporary file", f->tmp, err);
