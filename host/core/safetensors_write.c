@@ -513,10 +513,17 @@ static ws_status make_dirs(const char *what, const char *dir)
     return WS_OK;
 }
 
+/* dir/name, without doubling a slash the caller put at the end of dir. */
+static void join(char *buf, size_t n, const char *dir, const char *name)
+{
+    size_t k = strlen(dir);
+    snprintf(buf, n, "%s%s%s", dir, k && dir[k - 1] == '/' ? "" : "/", name);
+}
+
 static ws_status remove_file(const char *what, const char *dir, const char *name)
 {
     char path[8192];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
+    join(path, sizeof path, dir, name);
     if (unlink(path) != 0 && errno != ENOENT)
         return WS_ERR(WS_ERR_IO, "%s: cannot remove the stale file '%s' of an earlier save: %s",
                       what, path, strerror(errno));
@@ -650,13 +657,13 @@ ws_status ws_st_save_sharded(const char *dir, const char *prefix, size_t n,
     }
     for (size_t s = 0; s < n_shards && rc == WS_OK; s++) {
         ws_st_shard_filename(file, sizeof file, prefix, s, n_shards);
-        snprintf(path, sizeof path, "%s/%s", dir, file);
+        join(path, sizeof path, dir, file);
         rc = write_file(&w, path, first[s + 1] - first[s], names + first[s], tensors + first[s],
                         n_meta, meta_kv, "pt");
     }
     if (rc == WS_OK && n_shards > 1) {
         ws_st_index_filename(file, sizeof file, prefix);
-        snprintf(path, sizeof path, "%s/%s", dir, file);
+        join(path, sizeof path, dir, file);
         rc = write_index(what, path, prefix, n, names, shard_of, n_shards, sz.total);
     }
     if (rc == WS_OK) rc = remove_stale(what, dir, prefix, n_shards);
