@@ -424,7 +424,7 @@ static void check_sharding(const char *dir, const size_t *sizes, size_t n, uint6
 {
     ws_tensor ts[8];
     const ws_tensor *tp[8];
-    char namebuf[8][32];
+    char namebuf[8][48];
     const char *names[8];
     uint64_t total = 0;
     for (size_t i = 0; i < n; i++) {
