@@ -123,6 +123,7 @@ void ws_open_pool(lua_State *L);
 void ws_open_comm(lua_State *L);
 void ws_open_plan(lua_State *L);
 void ws_open_safetensors(lua_State *L);
+void ws_open_save(lua_State *L); /* functions only: save_safetensors, save_checkpoint */
 
 int luaopen_ws(lua_State *L);
 

@@ -307,6 +307,11 @@ function M.setup_and_steps(p, cfg, built, report, env)
                                              lora.param_count(spec, lcfg) * 2 / 1e6) or "",
                       world, tostring(device)))
     log("# config: " .. config.describe(cfg))
+    if lcfg and spec.sparse and next(spec.sparse) ~= nil then
+        log("# LoRA: mixture-of-experts layers take no adapter on their experts or router " ..
+            "(not supported); " .. (lcfg.all_linear and "all-linear wraps attention and dense MLPs"
+                                    or "the adapter wraps " .. table.concat(lcfg.targets, ",")))
+    end
     log(string.format("# weights: %s%s", spec.weights and ("checkpoint " .. spec.weights)
                           or "seeded random (no checkpoint)",
                       lcfg and lcfg.adapter and (", adapter " .. lcfg.adapter) or ""))
@@ -331,6 +336,7 @@ function M.setup_and_steps(p, cfg, built, report, env)
         ctx.rec.engine_asleep = engine:is_asleep("weights")
         report:end_step(ctx.rec)
     end
+    env.on_step(nil)
     M.save_outputs(cfg, trainer, { comm = world > 1 and comm or nil, rank = env.rank,
                                    world = world, log = log })
 end
@@ -340,8 +346,10 @@ function M.save_outputs(cfg, trainer, ctx)
     local function timed(what, dir, fn, ...)
         local t0 = ws.now_ms()
         local files = fn(...)
-        ctx.log(string.format("# %s: wrote %s in %s (%.0f ms)", what, table.concat(files, ", "),
-                              dir, ws.now_ms() - t0))
+        local shown = #files <= 4 and table.concat(files, ", ")
+            or string.format("%s ... %s (%d files)", files[1], files[#files], #files)
+        ctx.log(string.format("# %s: wrote %s in %s (%.0f ms)", what, shown, dir,
+                              ws.now_ms() - t0))
     end
     if cfg.save ~= "" then
         ctx.max_shard_bytes = math.floor(cfg.save_shard_mb * 1e6)

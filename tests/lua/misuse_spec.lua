@@ -55,6 +55,8 @@ local KIND = {
   number = except(table.unpack(NOT_NUMBERS)),
   opt_string = except("nil", "float", "nan", "inf", "-inf", "maxint", "minint", "negative",
                       "string"), -- numbers convert to strings in Lua
+  opts = except("nil", "table"), -- an options table; {} takes every default
+  string = except("float", "nan", "inf", "-inf", "maxint", "minint", "negative", "string"),
   table = except(),
   opt_table = except("nil"),
 }
@@ -247,6 +249,35 @@ describe("every function raises on bad arguments", function()
 
   it("misc", function()
     total = total + each_bad("log", function(a) return ws.log(a) end, {{"opt_string", "%s"}})
+  end)
+
+  it("saves", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    local path = dir .. "/m.safetensors"
+    for _, name in ipairs{"save_safetensors", "save_checkpoint"} do
+      local target = name == "save_safetensors" and path or dir
+      local call = caller(name)
+      total = total + each_bad(name, function(a, b, c, d) return call(ws, a, b, c, d) end,
+                               {{"string", target}, {"table", {"u"}}, {"table", {U}},
+                                {"opts", {}}})
+      local function with(field, v)
+        return call(ws, target, {"u"}, {U}, {[field] = v})
+      end
+      for field, kind in pairs{metadata = "opts", staging_mb = "opt_mb",
+                               progress = "opt_function"} do
+        total = total + each_bad(name, function(v) return with(field, v) end, {{kind, nil}})
+      end
+      total = total + each_bad(name, function(v) return with("metadata", {k = v}) end,
+                               {{"opt_string", "v"}})
+    end
+    total = total + each_bad("save_checkpoint", function(v)
+      return ws.save_checkpoint(dir, {"u"}, {U}, {max_shard_bytes = v})
+    end, {{"opt_count", nil}})
+    total = total + each_bad("save_checkpoint", function(v)
+      return ws.save_checkpoint(dir, {"u"}, {U}, {prefix = v})
+    end, {{"opt_string", nil}})
+    os.execute("rm -rf '" .. dir .. "'")
   end)
 
   it("plans", function()

@@ -1,0 +1,678 @@
+/* safetensors_write.c: safetensors files and sharded checkpoints, written
+ * atomically (see safetensors_write.h).
+ *
+ * A save first checks every argument (names, tensors, metadata), so misuse
+ * fails before the file system is touched. Each file then goes to a hidden
+ * temporary name beside its target and is renamed over it once its bytes are
+ * on disk: a reader of the target sees the old file or the new one, never a
+ * torn one. Device tensors reach the file through one staging buffer of
+ * bounded size, so the host never holds more than that of a model. */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+
+#include "fault.h"
+#include "safetensors_write.h"
+
+/* Readers (the reference implementation among them) refuse larger headers. */
+#define ST_MAX_HEADER_BYTES 100000000u
+
+static const char *st_dtype_name(ws_dtype d)
+{
+    static const char *const names[WS_DTYPE_COUNT] = {
+        [WS_F32] = "F32", [WS_BF16] = "BF16", [WS_F16] = "F16", [WS_FP8E4M3] = "F8_E4M3",
+        [WS_U8] = "U8",   [WS_I32] = "I32",   [WS_I64] = "I64"};
+    return (unsigned)d < WS_DTYPE_COUNT ? names[d] : NULL;
+}
+
+/* ---- argument checks --------------------------------------------------------------- */
+
+/* JSON text must be UTF-8; a name that is not would make the header unreadable. */
+static int valid_utf8(const char *s)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    while (*p) {
+        unsigned c = *p++;
+        int more;
+        unsigned min;
+        if (c < 0x80) continue;
+        if ((c & 0xE0) == 0xC0) {
+            more = 1;
+            min = 0x80;
+            c &= 0x1F;
+        } else if ((c & 0xF0) == 0xE0) {
+            more = 2;
+            min = 0x800;
+            c &= 0x0F;
+        } else if ((c & 0xF8) == 0xF0) {
+            more = 3;
+            min = 0x10000;
+            c &= 0x07;
+        } else {
+            return 0; /* a continuation byte first, or no UTF-8 lead byte at all */
+        }
+        for (int i = 0; i < more; i++, p++) {
+            if ((*p & 0xC0) != 0x80) return 0;
+            c = (c << 6) | (*p & 0x3F);
+        }
+        if (c < min || c > 0x10FFFF || (c >= 0xD800 && c <= 0xDFFF)) return 0;
+    }
+    return 1;
+}
+
+typedef struct named { const char *name; size_t index; } named;
+
+static int cmp_named(const void *a, const void *b)
+{
+    const named *x = a, *y = b;
+    int c = strcmp(x->name, y->name);
+    return c ? c : (x->index > y->index) - (x->index < y->index);
+}
+
+/* Finds a name given twice among n (stride apart in `list`): sorting keeps
+ * this n log n for models of a hundred thousand tensors. */
+static ws_status check_unique(const char *what, const char *kind, const char *const *list,
+                              size_t n, size_t stride)
+{
+    if (n < 2) return WS_OK;
+    named *v = ws_malloc(n * sizeof *v);
+    if (!v) return WS_ERR(WS_ERR_NOMEM, "%s: out of memory checking %zu %ss", what, n, kind);
+    for (size_t i = 0; i < n; i++) v[i] = (named){list[i * stride], i};
+    qsort(v, n, sizeof *v, cmp_named);
+    ws_status rc = WS_OK;
+    for (size_t i = 1; i < n && rc == WS_OK; i++)
+        if (strcmp(v[i - 1].name, v[i].name) == 0)
+            rc = WS_ERR(WS_ERR_ARG, "%s: %s '%s' is given twice (items %zu and %zu); they "
+                        "must be unique",
+                        what, kind, v[i].name, v[i - 1].index + 1, v[i].index + 1);
+    free(v);
+    return rc;
+}
+
+/* Totals gathered while checking, for the staging buffer and progress. */
+typedef struct st_sizes {
+    uint64_t total;          /* tensor bytes */
+    size_t max_device_bytes; /* the largest tensor not in host memory */
+} st_sizes;
+
+static ws_status check_args(const char *what, size_t n, const char *const *names,
+                            const ws_tensor *const *tensors, size_t n_meta,
+                            const char *const *meta_kv, st_sizes *sz)
+{
+    memset(sz, 0, sizeof *sz);
+    if (n && (!names || !tensors))
+        return WS_ERR(WS_ERR_ARG, "%s: %zu tensors but no %s array", what, n,
+                      names ? "tensor" : "name");
+    if (n_meta && !meta_kv)
+        return WS_ERR(WS_ERR_ARG, "%s: %zu metadata entries but no array", what, n_meta);
+    for (size_t i = 0; i < n; i++) {
+        const char *name = names[i];
+        if (!name || !*name)
+            return WS_ERR(WS_ERR_ARG, "%s: tensor %zu has %s name; give every tensor a name",
+                          what, i + 1, name ? "an empty" : "no");
+        if (strcmp(name, "__metadata__") == 0)
+            return WS_ERR(WS_ERR_ARG, "%s: tensor %zu is named '__metadata__', which the format "
+                          "reserves for metadata; rename it", what, i + 1);
+        if (!valid_utf8(name))
+            return WS_ERR(WS_ERR_ARG, "%s: the name of tensor %zu is not valid UTF-8", what, i + 1);
+        const ws_tensor *t = tensors[i];
+        char ctx[300], lb[200], ty[160];
+        snprintf(ctx, sizeof ctx, "%s (tensor %zu, '%s')", what, i + 1, name);
+        WS_TRY(ws_tensor_check_readable(t, ctx));
+        if (!st_dtype_name(t->dtype))
+            return WS_ERR(WS_ERR_ARG, "%s: unknown dtype %d", ctx, (int)t->dtype);
+        if (!ws_tensor_is_contiguous(t))
+            return WS_ERR(WS_ERR_ARG, "%s: tensor %s %s is not contiguous; safetensors stores "
+                          "dense row-major data, so copy it into a contiguous tensor first",
+                          ctx, ws_tensor_label(t, lb, sizeof lb),
+                          ws_tensor_typestr(t, ty, sizeof ty));
+        size_t bytes = ws_tensor_nbytes(t);
+        sz->total += bytes;
+        if (ws_tensor_device(t)->kind != WS_DEVICE_CPU && bytes > sz->max_device_bytes)
+            sz->max_device_bytes = bytes;
+    }
+    for (size_t i = 0; i < 2 * n_meta; i++) {
+        const char *s = meta_kv[i];
+        const char *part = i % 2 ? "value" : "key";
+        if (!s)
+            return WS_ERR(WS_ERR_ARG, "%s: metadata entry %zu has no %s", what, i / 2 + 1, part);
+        if (!valid_utf8(s))
+            return WS_ERR(WS_ERR_ARG, "%s: metadata %s %zu is not valid UTF-8", what, part,
+                          i / 2 + 1);
+    }
+    WS_TRY(check_unique(what, "tensor name", names, n, 1));
+    return check_unique(what, "metadata key", meta_kv, n_meta, 2);
+}
+
+/* ---- files written atomically ------------------------------------------------------ */
+
+typedef struct st_file {
+    int fd;
+    const char *path;
+    char tmp[4096];
+    char dir[4096];
+} st_file;
+
+static ws_status io_error(const char *what, const char *path, const char *doing, const char *obj,
+                          int err)
+{
+    return WS_ERR(WS_ERR_IO, "%s: writing '%s': %s%s%s%s: %s", what, path, doing,
+                  obj ? " '" : "", obj ? obj : "", obj ? "'" : "", strerror(err));
+}
+
+/* Splits `path` into its directory and the temporary name beside it. */
+static ws_status temp_name(st_file *f, const char *what, const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    const char *base = slash ? slash + 1 : path;
+    if (!*base || strcmp(base, ".") == 0 || strcmp(base, "..") == 0)
+        return WS_ERR(WS_ERR_ARG, "%s: path '%s' names no file", what, path);
+    size_t dlen = slash ? (size_t)(slash - path) : 1;
+    if (slash == path) dlen = 1; /* "/x": the root */
+    int k = snprintf(f->dir, sizeof f->dir, "%.*s", (int)dlen, slash ? path : ".");
+    int m = snprintf(f->tmp, sizeof f->tmp, "%s/.%s.tmp.%ld", f->dir, base, (long)getpid());
+    if (k < 0 || (size_t)k >= sizeof f->dir || m < 0 || (size_t)m >= sizeof f->tmp)
+        return WS_ERR(WS_ERR_ARG, "%s: path '%s' is too long", what, path);
+    return WS_OK;
+}
+
+static ws_status file_open(st_file *f, const char *what, const char *path)
+{
+    f->fd = -1;
+    f->path = path;
+    WS_TRY(temp_name(f, what, path));
+    f->fd = open(f->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0666);
+    if (f->fd < 0) {
+        int err = errno;
+        struct stat st;
+        if (err == ENOENT && stat(f->dir, &st) != 0)
+            return WS_ERR(WS_ERR_IO, "%s: writing '%s': directory '%s' does not exist: %s; "
+                          "create it first", what, path, f->dir, strerror(err));
+        return io_error(what, path, "cannot create the temporary file", f->tmp, err);
+    }
+    return WS_OK;
+}
+
+/* Removes what a failed write left; the target is untouched. */
+static void file_abort(st_file *f)
+{
+    if (f->fd < 0) return;
+    close(f->fd);
+    unlink(f->tmp);
+    f->fd = -1;
+}
+
+static ws_status file_write(st_file *f, const char *what, const void *buf, size_t len)
+{
+    const char *p = buf;
+    while (len) {
+        ssize_t k = write(f->fd, p, len > ((size_t)1 << 30) ? (size_t)1 << 30 : len);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            return io_error(what, f->path, "writing", f->tmp, errno);
+        }
+        p += k;
+        len -= (size_t)k;
+    }
+    return WS_OK;
+}
+
+/* Data on disk, then the name: a crash leaves the old target or the new
+ * one. The directory's own fsync makes the rename durable; file systems
+ * that cannot sync a directory are no reason to fail a complete save. */
+static ws_status file_commit(st_file *f, const char *what)
+{
+    if (fsync(f->fd) != 0) return io_error(what, f->path, "flushing", f->tmp, errno);
+    int fd = f->fd;
+    f->fd = -1;
+    if (close(fd) != 0) {
+        int err = errno;
+        unlink(f->tmp);
+        return io_error(what, f->path, "closing", f->tmp, err);
+    }
+    if (rename(f->tmp, f->path) != 0) {
+        int err = errno;
+        unlink(f->tmp);
+        return io_error(what, f->path, "renaming the temporary file", f->tmp, err);
+    }
+    int dfd = open(f->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+        (void)fsync(dfd);
+        close(dfd);
+    }
+    return WS_OK;
+}
+
+static ws_status write_text_file(const char *what, const char *path, const char *text)
+{
+    st_file f;
+    ws_status rc = file_open(&f, what, path);
+    if (rc == WS_OK) rc = file_write(&f, what, text, strlen(text));
+    if (rc == WS_OK) rc = file_commit(&f, what);
+    file_abort(&f);
+    return rc;
+}
+
+/* ---- the header --------------------------------------------------------------------- */
+
+/* Adds item to a cJSON object (key != NULL) or array; frees it when that fails. */
+static int add_item(cJSON *parent, const char *key, cJSON *item)
+{
+    if (!item) return 0;
+    if (key ? cJSON_AddItemToObject(parent, key, item) : cJSON_AddItemToArray(parent, item))
+        return 1;
+    cJSON_Delete(item);
+    return 0;
+}
+
+/* Integers as raw text: exact for any 64-bit value, where cJSON's numbers are doubles. */
+static int add_u64(cJSON *parent, const char *key, uint64_t v)
+{
+    char buf[32];
+    snprintf(buf, sizeof buf, "%" PRIu64, v);
+    return add_item(parent, key, cJSON_CreateRaw(buf));
+}
+
+/* The header JSON of tensors [0, n), with `format` (may be NULL) as a
+ * "format" metadata entry the caller's metadata does not already give. */
+static char *header_json(size_t n, const char *const *names, const ws_tensor *const *tensors,
+                         size_t n_meta, const char *const *meta_kv, const char *format)
+{
+    cJSON *root = cJSON_CreateObject();
+    int ok = root != NULL;
+    for (size_t i = 0; i < n_meta && format; i++)
+        if (strcmp(meta_kv[2 * i], "format") == 0) format = NULL;
+    if (ok && (n_meta || format)) {
+        cJSON *meta = cJSON_CreateObject();
+        ok = add_item(root, "__metadata__", meta);
+        if (ok && format) ok = add_item(meta, "format", cJSON_CreateString(format));
+        for (size_t i = 0; ok && i < n_meta; i++)
+            ok = add_item(meta, meta_kv[2 * i], cJSON_CreateString(meta_kv[2 * i + 1]));
+    }
+    uint64_t offset = 0;
+    for (size_t i = 0; ok && i < n; i++) {
+        const ws_tensor *t = tensors[i];
+        cJSON *entry = cJSON_CreateObject(), *shape = NULL, *offsets = NULL;
+        ok = add_item(root, names[i], entry) &&
+             add_item(entry, "dtype", cJSON_CreateString(st_dtype_name(t->dtype))) &&
+             add_item(entry, "shape", shape = cJSON_CreateArray());
+        for (int d = 0; ok && d < t->layout.ndim; d++)
+            ok = add_u64(shape, NULL, (uint64_t)t->layout.shape[d]);
+        uint64_t end = offset + ws_tensor_nbytes(t);
+        ok = ok && add_item(entry, "data_offsets", offsets = cJSON_CreateArray()) &&
+             add_u64(offsets, NULL, offset) && add_u64(offsets, NULL, end);
+        offset = end;
+    }
+    char *text = ok ? cJSON_PrintUnformatted(root) : NULL;
+    cJSON_Delete(root);
+    return text;
+}
+
+/* ---- tensor data ----------------------------------------------------------------------- */
+
+typedef struct st_writer {
+    const char *what;
+    size_t staging_bytes;
+    size_t max_device_bytes;
+    ws_tensor staging; /* released until the first device tensor */
+    ws_st_progress_fn progress;
+    void *progress_ctx;
+    uint64_t done, total, reported;
+    int final_sent;
+} st_writer;
+
+static ws_status report(st_writer *w, const char *path)
+{
+    if (!w->progress) return WS_OK;
+    int last = w->done == w->total;
+    if (!last && w->done - w->reported < w->staging_bytes) return WS_OK;
+    if (last && w->final_sent) return WS_OK;
+    w->reported = w->done;
+    w->final_sent = last;
+    if (w->progress(w->done, w->total, w->progress_ctx) != 0)
+        return WS_ERR(WS_ERR_INTERRUPTED, "%s: writing '%s': stopped by the progress callback",
+                      w->what, path);
+    return WS_OK;
+}
+
+/* One staging buffer for all device tensors of a save, no larger than the
+ * largest of them. Pinned memory makes the copies fast; plain host memory
+ * still works when pinned memory is short. */
+static ws_status staging_alloc(st_writer *w, ws_device *dev)
+{
+    if (!ws_tensor_is_released(&w->staging)) return WS_OK;
+    size_t bytes = w->staging_bytes < w->max_device_bytes ? w->staging_bytes : w->max_device_bytes;
+    int64_t shape = (int64_t)bytes;
+    ws_tensor_opts pinned = {.pinned = 1, .pin_device = dev, .name = "safetensors staging"};
+    if (ws_tensor_empty(&w->staging, WS_U8, 1, &shape, &pinned) == WS_OK) return WS_OK;
+    ws_tensor_opts plain = {.name = "safetensors staging"};
+    ws_status rc = ws_tensor_empty(&w->staging, WS_U8, 1, &shape, &plain);
+    if (rc != WS_OK) ws_errprefix("%s: staging buffer for device tensors", w->what);
+    return rc;
+}
+
+/* Device bytes [off, off+len) of flat into the staging buffer, then the file. */
+static ws_status write_device_chunk(st_writer *w, st_file *f, const ws_tensor *flat, size_t off,
+                                    size_t len)
+{
+    ws_tensor src = {0}, dst = {0};
+    void *p = NULL;
+    ws_status rc = ws_tensor_narrow(&src, flat, 0, (int64_t)off, (int64_t)len);
+    if (rc == WS_OK) rc = ws_tensor_narrow(&dst, &w->staging, 0, 0, (int64_t)len);
+    if (rc == WS_OK) rc = ws_tensor_copy(&dst, &src);
+    if (rc == WS_OK) rc = ws_tensor_access(&dst, WS_ACCESS_READ, w->what, &p);
+    if (rc == WS_OK) rc = file_write(f, w->what, p, len);
+    ws_tensor_free(&src);
+    ws_tensor_free(&dst);
+    return rc;
+}
+
+static ws_status write_tensor(st_writer *w, st_file *f, const char *name, const ws_tensor *t)
+{
+    size_t nbytes = ws_tensor_nbytes(t);
+    if (nbytes == 0) return report(w, f->path);
+    ws_device *dev = ws_tensor_device(t);
+    ws_status rc = WS_OK;
+    if (dev->kind == WS_DEVICE_CPU) {
+        void *p = NULL;
+        WS_TRY(ws_tensor_access(t, WS_ACCESS_READ, w->what, &p));
+        for (size_t off = 0; off < nbytes && rc == WS_OK;) {
+            size_t len = nbytes - off < w->staging_bytes ? nbytes - off : w->staging_bytes;
+            rc = file_write(f, w->what, (const char *)p + off, len);
+            off += len;
+            w->done += rc == WS_OK ? len : 0;
+            if (rc == WS_OK) rc = report(w, f->path);
+        }
+        return rc;
+    }
+    ws_tensor flat = {0};
+    rc = staging_alloc(w, dev);
+    if (rc == WS_OK) rc = ws_tensor_flat_bytes(&flat, t);
+    size_t chunk = ws_tensor_is_released(&w->staging) ? 0 : ws_tensor_nbytes(&w->staging);
+    for (size_t off = 0; off < nbytes && rc == WS_OK;) {
+        size_t len = nbytes - off < chunk ? nbytes - off : chunk;
+        rc = write_device_chunk(w, f, &flat, off, len);
+        off += len;
+        w->done += rc == WS_OK ? len : 0;
+        if (rc == WS_OK) rc = report(w, f->path);
+    }
+    ws_tensor_free(&flat);
+    if (rc != WS_OK && rc != WS_ERR_IO && rc != WS_ERR_INTERRUPTED)
+        ws_errprefix("%s: tensor '%s' (%s)", w->what, name, dev->name);
+    return rc;
+}
+
+/* One safetensors file of tensors [0, n): header, data, commit. */
+static ws_status write_file(st_writer *w, const char *path, size_t n, const char *const *names,
+                            const ws_tensor *const *tensors, size_t n_meta,
+                            const char *const *meta_kv, const char *format)
+{
+    char *json = header_json(n, names, tensors, n_meta, meta_kv, format);
+    if (!json) return WS_ERR(WS_ERR_NOMEM, "%s: out of memory building the header of '%s'",
+                             w->what, path);
+    size_t len = strlen(json), padded = (len + 7) / 8 * 8;
+    if (padded > ST_MAX_HEADER_BYTES) {
+        free(json);
+        return WS_ERR(WS_ERR_ARG, "%s: the header of '%s' would take %zu bytes, over the %u that "
+                      "safetensors readers accept; save a sharded checkpoint instead",
+                      w->what, path, padded, ST_MAX_HEADER_BYTES);
+    }
+    unsigned char prefix[8];
+    for (int i = 0; i < 8; i++) prefix[i] = (unsigned char)((uint64_t)padded >> (8 * i));
+    static const char spaces[8] = "       ";
+    st_file f;
+    ws_status rc = file_open(&f, w->what, path);
+    if (rc == WS_OK) rc = file_write(&f, w->what, prefix, sizeof prefix);
+    if (rc == WS_OK) rc = file_write(&f, w->what, json, len);
+    if (rc == WS_OK) rc = file_write(&f, w->what, spaces, padded - len);
+    free(json);
+    for (size_t i = 0; i < n && rc == WS_OK; i++) rc = write_tensor(w, &f, names[i], tensors[i]);
+    if (rc == WS_OK) rc = file_commit(&f, w->what);
+    file_abort(&f);
+    return rc;
+}
+
+static void writer_init(st_writer *w, const char *what, size_t staging_bytes,
+                        const st_sizes *sz, ws_st_progress_fn progress, void *ctx)
+{
+    memset(w, 0, sizeof *w);
+    w->what = what;
+    w->staging_bytes = staging_bytes ? staging_bytes : WS_ST_DEFAULT_STAGING_BYTES;
+    w->max_device_bytes = sz->max_device_bytes;
+    w->total = sz->total;
+    w->progress = progress;
+    w->progress_ctx = ctx;
+}
+
+/* The final report when no chunk carried it (nothing to write); the save
+ * is complete by then, so a stop request changes nothing. */
+static void writer_finish(st_writer *w)
+{
+    if (w->progress && !w->final_sent) w->progress(w->done, w->total, w->progress_ctx);
+    ws_tensor_free(&w->staging);
+}
+
+ws_status ws_st_write(const char *path, size_t n, const char *const *names,
+                      const ws_tensor *const *tensors, size_t n_meta, const char *const *meta_kv,
+                      size_t staging_bytes, ws_st_progress_fn progress, void *progress_ctx)
+{
+    const char *what = "save_safetensors";
+    if (!path) return WS_ERR(WS_ERR_ARG, "%s: no path given", what);
+    st_sizes sz;
+    WS_TRY(check_args(what, n, names, tensors, n_meta, meta_kv, &sz));
+    st_writer w;
+    writer_init(&w, what, staging_bytes, &sz, progress, progress_ctx);
+    ws_status rc = write_file(&w, path, n, names, tensors, n_meta, meta_kv, NULL);
+    if (rc == WS_OK) writer_finish(&w);
+    ws_tensor_free(&w.staging);
+    return rc;
+}
+
+/* ---- sharded checkpoints ------------------------------------------------------------------- */
+
+int ws_st_shard_filename(char *buf, size_t n, const char *prefix, size_t index, size_t n_shards)
+{
+    if (n_shards <= 1) return snprintf(buf, n, "%s.safetensors", prefix);
+    return snprintf(buf, n, "%s-%05zu-of-%05zu.safetensors", prefix, index + 1, n_shards);
+}
+
+int ws_st_index_filename(char *buf, size_t n, const char *prefix)
+{
+    return snprintf(buf, n, "%s.safetensors.index.json", prefix);
+}
+
+/* mkdir -p: each missing level, then a check that the result is a directory. */
+static ws_status make_dirs(const char *what, const char *dir)
+{
+    char buf[4096];
+    if (snprintf(buf, sizeof buf, "%s", dir) >= (int)sizeof buf)
+        return WS_ERR(WS_ERR_ARG, "%s: directory '%s' is too long", what, dir);
+    for (char *p = buf + 1;; p++) {
+        if (*p != '/' && *p != '\0') continue;
+        char c = *p;
+        *p = '\0';
+        struct stat st;
+        if (mkdir(buf, 0777) != 0 && errno != EEXIST &&
+            !(stat(buf, &st) == 0 && S_ISDIR(st.st_mode)))
+            return WS_ERR(WS_ERR_IO, "%s: cannot create directory '%s': %s", what, buf,
+                          strerror(errno));
+        *p = c;
+        if (!c) break;
+    }
+    struct stat st;
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        return WS_ERR(WS_ERR_IO, "%s: '%s' exists and is not a directory", what, dir);
+    return WS_OK;
+}
+
+/* dir/name, without doubling a slash the caller put at the end of dir. */
+static void join(char *buf, size_t n, const char *dir, const char *name)
+{
+    size_t k = strlen(dir);
+    snprintf(buf, n, "%s%s%s", dir, k && dir[k - 1] == '/' ? "" : "/", name);
+}
+
+static ws_status remove_file(const char *what, const char *dir, const char *name)
+{
+    char path[8192];
+    join(path, sizeof path, dir, name);
+    if (unlink(path) != 0 && errno != ENOENT)
+        return WS_ERR(WS_ERR_IO, "%s: cannot remove the stale file '%s' of an earlier save: %s",
+                      what, path, strerror(errno));
+    return WS_OK;
+}
+
+/* Reads at least 5 digits; returns the position after them or NULL. */
+static const char *digits(const char *p, unsigned long long *v)
+{
+    const char *s = p;
+    *v = 0;
+    while (*p >= '0' && *p <= '9') *v = *v * 10 + (unsigned long long)(*p++ - '0');
+    return p - s >= 5 ? p : NULL;
+}
+
+/* Whether `name` is "<prefix>-NNNNN-of-MMMMM.safetensors"; *of = MMMMM. */
+static int is_shard_name(const char *name, const char *prefix, unsigned long long *of)
+{
+    size_t k = strlen(prefix);
+    unsigned long long index;
+    if (strncmp(name, prefix, k) != 0 || name[k] != '-') return 0;
+    const char *p = digits(name + k + 1, &index);
+    if (!p || strncmp(p, "-of-", 4) != 0 || !(p = digits(p + 4, of))) return 0;
+    return strcmp(p, ".safetensors") == 0 && index >= 1 && index <= *of;
+}
+
+/* Removes the files of an earlier save under `prefix` that a loader could
+ * take for this one: the single file after a sharded save, the index after a
+ * single-file save (first, so no index outlives its shards), and shards of
+ * another count. */
+static ws_status remove_stale(const char *what, const char *dir, const char *prefix,
+                              size_t n_shards)
+{
+    char name[4096];
+    if (n_shards > 1) {
+        ws_st_shard_filename(name, sizeof name, prefix, 0, 1);
+    } else {
+        ws_st_index_filename(name, sizeof name, prefix);
+    }
+    WS_TRY(remove_file(what, dir, name));
+    DIR *d = opendir(dir);
+    if (!d)
+        return WS_ERR(WS_ERR_IO, "%s: cannot list '%s' for stale shards: %s", what, dir,
+                      strerror(errno));
+    ws_status rc = WS_OK;
+    const struct dirent *e;
+    while (rc == WS_OK && (e = readdir(d)) != NULL) {
+        unsigned long long of;
+        if (is_shard_name(e->d_name, prefix, &of) && (n_shards == 1 || of != n_shards))
+            rc = remove_file(what, dir, e->d_name);
+    }
+    closedir(d);
+    return rc;
+}
+
+static ws_status write_index(const char *what, const char *path, const char *prefix,
+                             size_t n, const char *const *names, const size_t *shard_of,
+                             size_t n_shards, uint64_t total)
+{
+    cJSON *root = cJSON_CreateObject(), *meta = NULL, *map = NULL;
+    int ok = root && add_item(root, "metadata", meta = cJSON_CreateObject()) &&
+             add_u64(meta, "total_size", total) &&
+             add_item(root, "weight_map", map = cJSON_CreateObject());
+    char file[4096];
+    for (size_t i = 0; ok && i < n; i++) {
+        ws_st_shard_filename(file, sizeof file, prefix, shard_of[i], n_shards);
+        ok = add_item(map, names[i], cJSON_CreateString(file));
+    }
+    char *text = ok ? cJSON_Print(root) : NULL;
+    cJSON_Delete(root);
+    char *line = text ? ws_malloc(strlen(text) + 2) : NULL;
+    if (!line) {
+        free(text);
+        return WS_ERR(WS_ERR_NOMEM, "%s: out of memory building the index '%s'", what, path);
+    }
+    snprintf(line, strlen(text) + 2, "%s\n", text);
+    free(text);
+    ws_status rc = write_text_file(what, path, line);
+    free(line);
+    return rc;
+}
+
+ws_status ws_st_save_sharded(const char *dir, const char *prefix, size_t n,
+                             const char *const *names, const ws_tensor *const *tensors,
+                             uint64_t max_shard_bytes, size_t n_meta, const char *const *meta_kv,
+                             size_t staging_bytes, ws_st_progress_fn progress, void *progress_ctx,
+                             size_t *n_shards_out)
+{
+    const char *what = "save_checkpoint";
+    if (n_shards_out) *n_shards_out = 0;
+    if (!dir || !*dir) return WS_ERR(WS_ERR_ARG, "%s: no directory given", what);
+    if (!prefix) prefix = "model";
+    if (!*prefix || strchr(prefix, '/'))
+        return WS_ERR(WS_ERR_ARG, "%s: prefix '%s' must be a plain, non-empty file name", what,
+                      prefix);
+    if (!max_shard_bytes) max_shard_bytes = WS_ST_DEFAULT_MAX_SHARD_BYTES;
+    st_sizes sz;
+    WS_TRY(check_args(what, n, names, tensors, n_meta, meta_kv, &sz));
+
+    /* Shard of each tensor, and where each shard begins (shards are runs of
+     * consecutive tensors). */
+    size_t *shard_of = ws_malloc((n ? n : 1) * sizeof *shard_of);
+    size_t *first = ws_malloc((n + 1) * sizeof *first);
+    if (!shard_of || !first) {
+        free(shard_of);
+        free(first);
+        return WS_ERR(WS_ERR_NOMEM, "%s: out of memory planning shards of %zu tensors", what, n);
+    }
+    size_t n_shards = 1;
+    uint64_t current = 0;
+    first[0] = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t bytes = ws_tensor_nbytes(tensors[i]);
+        if (i > first[n_shards - 1] && current + bytes > max_shard_bytes) {
+            first[n_shards++] = i;
+            current = 0;
+        }
+        shard_of[i] = n_shards - 1;
+        current += bytes;
+    }
+    first[n_shards] = n;
+
+    char path[8192], file[4096];
+    st_writer w;
+    writer_init(&w, what, staging_bytes, &sz, progress, progress_ctx);
+    ws_status rc = make_dirs(what, dir);
+    if (rc == WS_OK && n_shards > 1) {
+        /* The old index would name a mix of old and new shards while these are written. */
+        ws_st_index_filename(file, sizeof file, prefix);
+        rc = remove_file(what, dir, file);
+    }
+    for (size_t s = 0; s < n_shards && rc == WS_OK; s++) {
+        ws_st_shard_filename(file, sizeof file, prefix, s, n_shards);
+        join(path, sizeof path, dir, file);
+        rc = write_file(&w, path, first[s + 1] - first[s], names + first[s], tensors + first[s],
+                        n_meta, meta_kv, "pt");
+    }
+    if (rc == WS_OK && n_shards > 1) {
+        ws_st_index_filename(file, sizeof file, prefix);
+        join(path, sizeof path, dir, file);
+        rc = write_index(what, path, prefix, n, names, shard_of, n_shards, sz.total);
+    }
+    if (rc == WS_OK) rc = remove_stale(what, dir, prefix, n_shards);
+    if (rc == WS_OK) {
+        writer_finish(&w);
+        if (n_shards_out) *n_shards_out = n_shards;
+    }
+    ws_tensor_free(&w.staging);
+    free(shard_of);
+    free(first);
+    return rc;
+}

@@ -1,0 +1,238 @@
+/* bind_save.c: ws.save_safetensors and ws.save_checkpoint, the Lua face of
+ * the safetensors writer (core/safetensors_write.h).
+ *
+ *   ws.save_safetensors(path, names, tensors [, opts]) -> true | nil, msg, code
+ *   ws.save_checkpoint(dir, names, tensors [, opts])   -> true, files | nil, msg, code
+ *
+ * names[i] is the name tensors[i] is saved under (its own name is not used).
+ * opts: metadata = {key = "value"} (strings; saved sorted by key), staging_mb
+ * = host staging buffer for device tensors in MiB (default 64), progress =
+ * function(bytes_done, bytes_total) called as data is written (an error it
+ * raises stops the save and is raised again once the temporary file is
+ * gone); save_checkpoint also takes prefix = "model" and max_shard_bytes
+ * (default 5e9, Hugging Face's "5GB"). `files` lists the paths written,
+ * dir .. "/" .. name: the shards in order, then the index when there is one.
+ * Environment failures (io, nomem, device) return nil, msg, code; misuse
+ * raises, and so does Ctrl-C (the save stops between chunks). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "bind.h"
+#include "safetensors_write.h"
+
+typedef struct save_args {
+    size_t n;
+    const char **names;
+    ws_tensor **tensors;
+    size_t n_meta;
+    const char **meta_kv;
+    size_t staging_bytes;
+    int progress_idx; /* 0: none */
+} save_args;
+
+static int cmp_pair(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* Reads names (idx) and tensors (idx + 1): same length, strings and live
+ * tensors. Arrays live in userdata left on the stack (no leak on a raise). */
+static void read_lists(lua_State *L, int idx, const char *fname, save_args *a)
+{
+    luaL_checktype(L, idx, LUA_TTABLE);
+    a->tensors = ws_lua_check_tensor_list(L, idx + 1, &a->n); /* [..., tlist] */
+    size_t n_names = (size_t)lua_rawlen(L, idx);
+    if (n_names != a->n)
+        luaL_error(L, "%s: %d names for %d tensors; give one name per tensor", fname,
+                   (int)n_names, (int)a->n);
+    a->names = (const char **)lua_newuserdatauv(L, (a->n ? a->n : 1) * sizeof *a->names, 0);
+    for (size_t i = 0; i < a->n; i++) { /* the strings stay referenced by the names table */
+        if (lua_rawgeti(L, idx, (lua_Integer)i + 1) != LUA_TSTRING)
+            luaL_error(L, "%s: names[%d] must be a string, got %s", fname, (int)i + 1,
+                       luaL_typename(L, -1));
+        a->names[i] = lua_tostring(L, -1);
+        lua_pop(L, 1);
+    }
+}
+
+/* Reads the options common to both functions from the table at opts (0: none). */
+static void read_common_opts(lua_State *L, int opts, const char *fname, save_args *a)
+{
+    a->n_meta = 0;
+    a->meta_kv = NULL;
+    a->staging_bytes = 0;
+    a->progress_idx = 0;
+    if (!opts) return;
+    if (lua_getfield(L, opts, "metadata") != LUA_TNIL) { /* stays: keeps the strings */
+        if (!lua_istable(L, -1))
+            luaL_error(L, "%s: metadata must be a table of strings, got %s", fname,
+                       luaL_typename(L, -1));
+        int meta = lua_gettop(L);
+        size_t m = 0;
+        for (lua_pushnil(L); lua_next(L, meta); lua_pop(L, 1)) m++;
+        a->meta_kv = (const char **)lua_newuserdatauv(L, (m ? 2 * m : 1) * sizeof(char *), 0);
+        lua_pushnil(L);
+        while (lua_next(L, meta)) { /* [..., meta, kv, key, value] */
+            if (lua_type(L, -2) != LUA_TSTRING)
+                luaL_error(L, "%s: metadata keys must be strings, got a %s key", fname,
+                           luaL_typename(L, -2));
+            if (lua_type(L, -1) != LUA_TSTRING)
+                luaL_error(L, "%s: metadata['%s'] must be a string, got %s (use tostring)",
+                           fname, lua_tostring(L, -2), luaL_typename(L, -1));
+            a->meta_kv[2 * a->n_meta] = lua_tostring(L, -2);
+            a->meta_kv[2 * a->n_meta + 1] = lua_tostring(L, -1);
+            a->n_meta++;
+            lua_pop(L, 1);
+        }
+        /* Sorted, so the same metadata gives the same bytes whatever Lua's table order. */
+        qsort(a->meta_kv, a->n_meta, 2 * sizeof(char *), cmp_pair);
+    } else {
+        lua_pop(L, 1);
+    }
+    if (lua_getfield(L, opts, "staging_mb") != LUA_TNIL) {
+        lua_Number mb = lua_tonumber(L, -1);
+        if (!lua_isnumber(L, -1) || !(mb > 0) || mb > 1048576)
+            luaL_error(L, "%s: staging_mb must be a number of MiB > 0, got %s", fname,
+                       luaL_tolstring(L, -1, NULL));
+        a->staging_bytes = (size_t)(mb * 1048576.0);
+        if (!a->staging_bytes) a->staging_bytes = 1;
+    }
+    lua_pop(L, 1);
+    if (lua_getfield(L, opts, "progress") != LUA_TNIL) {
+        if (!lua_isfunction(L, -1))
+            luaL_error(L, "%s: progress must be a function(bytes_done, bytes_total), got %s",
+                       fname, luaL_typename(L, -1));
+        a->progress_idx = lua_gettop(L); /* stays on the stack */
+    } else {
+        lua_pop(L, 1);
+    }
+}
+
+/* The progress callback the core calls between chunks. A Lua error cannot
+ * unwind through the core (it holds a file and buffers), so it is caught,
+ * left on the stack, and raised once the core has cleaned up. */
+typedef struct progress_ctx {
+    lua_State *L;
+    int fn;         /* stack index of the Lua function, 0: none */
+    int failed;     /* the function raised; its error is on top of the stack */
+    int interrupted;
+} progress_ctx;
+
+static int on_progress(uint64_t done, uint64_t total, void *p)
+{
+    progress_ctx *c = p;
+    if (c->failed || c->interrupted) return 1;
+    if (ws_lua_is_interrupted()) {
+        c->interrupted = 1;
+        return 1;
+    }
+    if (!c->fn) return 0;
+    lua_pushvalue(c->L, c->fn);
+    lua_pushinteger(c->L, (lua_Integer)done);
+    lua_pushinteger(c->L, (lua_Integer)total);
+    if (lua_pcall(c->L, 2, 0, 0) != LUA_OK) {
+        c->failed = 1;
+        return 1;
+    }
+    return 0;
+}
+
+/* The core's status as Lua results: raises for a failed progress function,
+ * Ctrl-C and misuse; nil, msg, code for the environment. 0: success. */
+static int finish(lua_State *L, ws_status rc, const progress_ctx *c, const char *fname)
+{
+    if (rc == WS_OK) return 0;
+    if (c->failed) return lua_error(L); /* the progress function's own error */
+    if (c->interrupted) return luaL_error(L, "%s: interrupted!", fname);
+    return ws_lua_fail(L, rc, fname);
+}
+
+static int opts_index(lua_State *L, int idx, const char *const *keys, const char *fname)
+{
+    if (lua_isnoneornil(L, idx)) return 0;
+    luaL_checktype(L, idx, LUA_TTABLE);
+    ws_lua_check_options(L, idx, keys, fname);
+    return idx;
+}
+
+static const char *const save_keys[] = {"metadata", "staging_mb", "progress", NULL};
+static const char *const checkpoint_keys[] = {"metadata", "staging_mb", "progress", "prefix",
+                                              "max_shard_bytes", NULL};
+
+static int l_save_safetensors(lua_State *L)
+{
+    const char *fname = "save_safetensors";
+    const char *path = luaL_checkstring(L, 1);
+    int opts = opts_index(L, 4, save_keys, fname);
+    save_args a;
+    read_lists(L, 2, fname, &a);
+    read_common_opts(L, opts, fname, &a);
+    progress_ctx c = {L, a.progress_idx, 0, 0};
+    ws_status rc = ws_st_write(path, a.n, a.names, (const ws_tensor *const *)a.tensors, a.n_meta,
+                               a.meta_kv, a.staging_bytes, on_progress, &c);
+    if (rc != WS_OK) return finish(L, rc, &c, fname);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_save_checkpoint(lua_State *L)
+{
+    const char *fname = "save_checkpoint";
+    const char *dir = luaL_checkstring(L, 1);
+    int opts = opts_index(L, 4, checkpoint_keys, fname);
+    save_args a;
+    read_lists(L, 2, fname, &a);
+    read_common_opts(L, opts, fname, &a);
+    const char *prefix = "model";
+    lua_Integer max_shard = 0;
+    if (opts) {
+        if (lua_getfield(L, opts, "prefix") != LUA_TNIL) { /* stays: keeps the string */
+            if (lua_type(L, -1) != LUA_TSTRING)
+                return luaL_error(L, "%s: prefix must be a string, got %s", fname,
+                                  luaL_typename(L, -1));
+            prefix = lua_tostring(L, -1);
+        }
+        if (lua_getfield(L, opts, "max_shard_bytes") != LUA_TNIL) {
+            int isint = 0;
+            max_shard = lua_tointegerx(L, -1, &isint);
+            if (!isint || max_shard <= 0)
+                return luaL_error(L, "%s: max_shard_bytes must be an integer > 0, got %s", fname,
+                                  luaL_tolstring(L, -1, NULL));
+        }
+        lua_pop(L, 1);
+    }
+    progress_ctx c = {L, a.progress_idx, 0, 0};
+    size_t n_shards = 0;
+    ws_status rc = ws_st_save_sharded(dir, prefix, a.n, a.names,
+                                      (const ws_tensor *const *)a.tensors, (uint64_t)max_shard,
+                                      a.n_meta, a.meta_kv, a.staging_bytes, on_progress, &c,
+                                      &n_shards);
+    if (rc != WS_OK) return finish(L, rc, &c, fname);
+    lua_pushboolean(L, 1);
+    lua_createtable(L, (int)n_shards + (n_shards > 1), 0); /* [..., true, files] */
+    char file[4096];
+    const char *sep = dir[strlen(dir) - 1] == '/' ? "" : "/";
+    for (size_t s = 0; s < n_shards; s++) {
+        ws_st_shard_filename(file, sizeof file, prefix, s, n_shards);
+        lua_pushfstring(L, "%s%s%s", dir, sep, file);
+        lua_rawseti(L, -2, (lua_Integer)s + 1);
+    }
+    if (n_shards > 1) {
+        ws_st_index_filename(file, sizeof file, prefix);
+        lua_pushfstring(L, "%s%s%s", dir, sep, file);
+        lua_rawseti(L, -2, (lua_Integer)n_shards + 1);
+    }
+    return 2;
+}
+
+static const luaL_Reg save_funcs[] = {
+    {"save_safetensors", l_save_safetensors},
+    {"save_checkpoint", l_save_checkpoint},
+    {NULL, NULL},
+};
+
+void ws_open_save(lua_State *L)
+{
+    /* [ws] */
+    luaL_setfuncs(L, save_funcs, 0);
+}
