@@ -465,6 +465,35 @@ static ws_status plan_buckets(ws_plan *p)
     return WS_OK;
 }
 
+ws_status ws_plan_estimate(ws_plan *p, ws_plan_stats *out)
+{
+    vec pieces = {0}, buckets = {0};
+    ws_status rc = p->world > 1 ? lay_out(p, p->seg_bytes, PLAN_ALIGN, &pieces, &buckets)
+                                : lay_out(p, p->bucket_bytes, 1, &pieces, &buckets);
+    if (rc != WS_OK) {
+        free(pieces.data);
+        free(buckets.data);
+        ws_errprefix("plan '%s': estimating %zu entries", p->name, p->n_entries);
+        return rc;
+    }
+    ws_plan_get_stats(p, out);
+    size_t seg = 0, gathered = 0;
+    const plan_bucket *bk = buckets.data;
+    for (size_t k = 0; k < buckets.n && p->world > 1; k++) {
+        size_t used = align_up(bk[k].seg_used, PLAN_ALIGN);
+        if (used > seg) seg = used;
+        gathered += used * (size_t)p->world;
+    }
+    /* What ensure_staging would hold: one or two send/recv pairs. */
+    size_t pairs = buckets.n > 1 ? 2 : buckets.n;
+    out->buckets = buckets.n;
+    out->bytes_gathered = gathered;
+    out->staging_bytes = p->world > 1 ? pairs * (seg + seg * (size_t)p->world) : 0;
+    free(pieces.data);
+    free(buckets.data);
+    return WS_OK;
+}
+
 /* ---- execution ------------------------------------------------------------------- */
 
 /* Every source readable, every destination writable (a sleeping pool has no

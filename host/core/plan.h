@@ -60,6 +60,10 @@ ws_status ws_plan_add(ws_plan *p, const ws_tensor *const *srcs, const ws_tensor 
 /* Runs the plan: every rank must call it with the same plan shape. */
 ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx);
 void ws_plan_get_stats(const ws_plan *p, ws_plan_stats *out);
+/* The stats an execution would have (buckets, bytes moved and gathered,
+ * staging memory) from the layout alone: touches no tensor memory and
+ * allocates no staging, so a dry run can plan a model it could not hold. */
+ws_status ws_plan_estimate(ws_plan *p, ws_plan_stats *out);
 void ws_plan_destroy(ws_plan *p);
 
 #endif

@@ -35,6 +35,7 @@ struct ws_pool {
     size_t backup_cap;   /* bytes allocated at `backup` */
     size_t backup_bytes; /* bytes of contents held there now; 0 when awake */
     int asleep, sleeps, last_level;
+    int reserved; /* made by ws_pool_reserve and never mapped since: carving allowed asleep */
     char reason[200]; /* the last discarding sleep; empty if none */
     int holds;
     char holder[128]; /* the first of the current holds */
@@ -130,7 +131,7 @@ ws_status ws_pool_carve(ws_pool *p, size_t bytes, size_t *offset, void **ptr)
         return WS_ERR(WS_ERR_NOMEM, "pool '%s': a tensor of %zu bytes cannot fit", p->tag, bytes);
     ws_status rc = WS_OK;
     pthread_mutex_lock(&p->mu);
-    if (p->asleep) {
+    if (p->asleep && !p->reserved) {
         rc = WS_ERR(WS_ERR_ARG, "pool '%s' is asleep: wake it (pool:wake()) before creating "
                     "tensors in it", p->tag);
         goto out;
@@ -238,7 +239,8 @@ static ws_status check_unheld(const ws_pool *p, const char *what)
 
 /* ---- lifecycle ------------------------------------------------------------------- */
 
-ws_status ws_pool_create(ws_device *d, const char *tag, size_t capacity, ws_pool **out)
+static ws_status pool_make(ws_device *d, const char *tag, size_t capacity, int map,
+                           ws_pool **out)
 {
     *out = NULL;
     if (!tag || !*tag) tag = "pool";
@@ -256,7 +258,7 @@ ws_status ws_pool_create(ws_device *d, const char *tag, size_t capacity, ws_pool
     p->capacity = cap;
     pthread_mutex_init(&p->mu, NULL);
     ws_status rc = d->ops->vm_reserve(d, cap, &p->va);
-    if (rc == WS_OK) {
+    if (rc == WS_OK && map) {
         rc = d->ops->vm_map(d, p->va, cap);
         if (rc != WS_OK) d->ops->vm_release(d, p->va, cap);
     }
@@ -266,10 +268,30 @@ ws_status ws_pool_create(ws_device *d, const char *tag, size_t capacity, ws_pool
         free(p);
         return rc;
     }
-    p->mapped = cap;
-    ws_device_account(d, (ptrdiff_t)cap);
+    if (map) {
+        p->mapped = cap;
+        ws_device_account(d, (ptrdiff_t)cap);
+    } else {
+        /* Asleep from birth, as after a level-2 sleep: nothing to restore,
+         * and a read names why the bytes are not there. */
+        p->asleep = 1;
+        p->last_level = 2;
+        p->reserved = 1;
+        snprintf(p->reason, sizeof p->reason,
+                 "pool '%s' was reserved without memory (a dry run)", p->tag);
+    }
     *out = p;
     return WS_OK;
+}
+
+ws_status ws_pool_create(ws_device *d, const char *tag, size_t capacity, ws_pool **out)
+{
+    return pool_make(d, tag, capacity, 1, out);
+}
+
+ws_status ws_pool_reserve(ws_device *d, const char *tag, size_t capacity, ws_pool **out)
+{
+    return pool_make(d, tag, capacity, 0, out);
 }
 
 ws_status ws_pool_destroy(ws_pool *p)
@@ -369,6 +391,7 @@ ws_status ws_pool_wake(ws_pool *p)
         return rc;
     }
     p->mapped = p->capacity;
+    p->reserved = 0;
     ws_device_account(d, (ptrdiff_t)p->capacity);
     if (p->backup_bytes) {
         rc = d->ops->copy(d, p->va, p->backup, p->backup_bytes);

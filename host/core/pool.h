@@ -31,6 +31,11 @@ typedef struct ws_pool_stats {
 
 /* Reserves `capacity` bytes (rounded up to the granularity) and maps them. */
 ws_status ws_pool_create(ws_device *d, const char *tag, size_t capacity, ws_pool **out);
+/* Reserves the address range only: the pool starts asleep with nothing
+ * mapped, yet tensors can be carved from it until its first wake, so a dry
+ * run lays out a model larger than memory (reads and writes are refused as
+ * in a level-2 sleep; wake() maps it). */
+ws_status ws_pool_reserve(ws_device *d, const char *tag, size_t capacity, ws_pool **out);
 /* Frees the pool; tensors carved from it must already be released. Returns
  * WS_ERR_ARG naming a live tensor otherwise (the pool is then kept). */
 ws_status ws_pool_destroy(ws_pool *p);

@@ -280,6 +280,17 @@ static int l_stats(lua_State *L)
     return 1;
 }
 
+/* plan:estimate() -> the stats an execution would report, from the layout
+ * alone (no memory touched, no staging allocated). */
+static int l_estimate(lua_State *L)
+{
+    ws_plan_stats s;
+    ws_status rc = ws_plan_estimate(check_plan(L, 1), &s);
+    if (rc != WS_OK) return ws_lua_fail(L, rc, "plan:estimate");
+    push_stats(L, &s);
+    return 1;
+}
+
 /* free(), __gc and __close: idempotent. */
 static int l_free(lua_State *L)
 {
@@ -310,8 +321,8 @@ static int l_tostring(lua_State *L)
 }
 
 static const luaL_Reg plan_methods[] = {
-    {"add", l_add},     {"execute", l_execute}, {"stats", l_stats},
-    {"free", l_free},   {NULL, NULL},
+    {"add", l_add},   {"execute", l_execute}, {"stats", l_stats},
+    {"estimate", l_estimate}, {"free", l_free}, {NULL, NULL},
 };
 
 static const luaL_Reg plan_meta[] = {

@@ -30,9 +30,10 @@ ws_pool *ws_lua_check_pool(lua_State *L, int idx)
     return lp->p;
 }
 
-static const char *const pool_keys[] = {"device", "tag", "bytes", NULL};
+static const char *const pool_keys[] = {"device", "tag", "bytes", "reserve_only", NULL};
 
-/* ws.pool{device=, tag=, bytes=} -> pool | nil, msg, code */
+/* ws.pool{device=, tag=, bytes=, reserve_only=} -> pool | nil, msg, code.
+ * reserve_only: address space only, asleep until woken (dry runs). */
 static int l_pool(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -58,11 +59,20 @@ static int l_pool(lua_State *L)
         return luaL_error(L, "ws.pool: bytes must be an integer > 0, got %s",
                           luaL_tolstring(L, -1, NULL));
     lua_pop(L, 1);
+    int reserve_only = 0;
+    if (lua_getfield(L, 1, "reserve_only") != LUA_TNIL) {
+        if (!lua_isboolean(L, -1))
+            return luaL_error(L, "ws.pool: reserve_only must be a boolean, got %s",
+                              luaL_typename(L, -1));
+        reserve_only = lua_toboolean(L, -1);
+    }
+    lua_pop(L, 1);
 
     lpool *lp = (lpool *)lua_newuserdatauv(L, sizeof *lp, 0); /* released first */
     lp->p = NULL;
     luaL_setmetatable(L, WS_POOL_MT);
-    ws_status rc = ws_pool_create(dev, tag, (size_t)bytes, &lp->p);
+    ws_status rc = reserve_only ? ws_pool_reserve(dev, tag, (size_t)bytes, &lp->p)
+                                : ws_pool_create(dev, tag, (size_t)bytes, &lp->p);
     if (rc != WS_OK) return ws_lua_fail(L, rc, "ws.pool");
     snprintf(lp->tag, sizeof lp->tag, "%s", ws_pool_tag(lp->p));
     return 1;

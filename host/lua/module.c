@@ -6,6 +6,7 @@
  * run time, leaving package.path to the user. Nothing here probes a device:
  * `wshost -e ''` must stay fast. */
 #include <dlfcn.h>
+#include <errno.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,6 +66,41 @@ static int l_isatty(lua_State *L)
     lua_Integer fd = luaL_checkinteger(L, 1);
     luaL_argcheck(L, fd >= 0 && fd <= INT_MAX, 1, "file descriptor out of range");
     lua_pushboolean(L, isatty((int)fd) == 1);
+    return 1;
+}
+
+/* ws.mkdir(path) -> true | nil, message, "io": creates a directory and its
+ * missing parents (mkdir -p); an existing directory is fine. */
+static int l_mkdir(lua_State *L)
+{
+    size_t len;
+    const char *path = luaL_checklstring(L, 1, &len);
+    if (len == 0 || len >= PATH_MAX) return luaL_argerror(L, 1, "path is empty or too long");
+    char buf[PATH_MAX];
+    memcpy(buf, path, len + 1);
+    for (char *p = buf + 1;; p++) {
+        char c = *p;
+        if (c != '/' && c != '\0') continue;
+        *p = '\0';
+        struct stat st;
+        if (mkdir(buf, 0777) != 0 && !(errno == EEXIST && stat(buf, &st) == 0 &&
+                                       S_ISDIR(st.st_mode))) {
+            lua_pushnil(L);
+            lua_pushfstring(L, "cannot create directory '%s': %s", buf, strerror(errno));
+            lua_pushstring(L, "io");
+            return 3;
+        }
+        if (c == '\0') break;
+        *p = c;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* ws.pid() -> this process's id (temporary file names, logs). */
+static int l_pid(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)getpid());
     return 1;
 }
 
@@ -300,6 +336,8 @@ static const luaL_Reg ws_funcs[] = {
     {"interrupted", l_interrupted},
     {"reference_copy", l_reference_copy},
     {"isatty", l_isatty},
+    {"mkdir", l_mkdir},
+    {"pid", l_pid},
     {NULL, NULL},
 };
 
@@ -311,6 +349,7 @@ int luaopen_ws(lua_State *L)
     ws_open_pool(L);
     ws_open_comm(L);
     ws_open_plan(L);
+    ws_open_safetensors(L);
     ws_open_save(L);
     luaL_setfuncs(L, ws_funcs, 0);
     lua_pushliteral(L, WSHOST_VERSION);

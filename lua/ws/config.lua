@@ -105,7 +105,8 @@ function M.resolve(schema, overrides)
     return cfg
 end
 
--- argv: list of strings. Returns cfg, opts ({json=path, help=bool}).
+-- argv: list of strings. Returns cfg, opts ({json=path, help=bool,
+-- explicit = set of the keys the command line gave}).
 function M.parse(schema, argv)
     local overrides, opts, seen = {}, {}, {}
     local i = 1
@@ -134,6 +135,7 @@ function M.parse(schema, argv)
         end
         i = i + 1
     end
+    opts.explicit = seen
     return M.resolve(schema, overrides), opts
 end
 

@@ -1,9 +1,11 @@
 -- ws.engine: a rollout-engine stand-in with vLLM's weight layout and sleep modes.
 --
--- Full bf16 weights with q/k/v fused into qkv_proj and gate/up into
--- gate_up_proj (stacked on dim 0); with LoRA, a wrapped module keeps its base
--- under `.base_layer.weight` and gets one adapter slot (lora_A/lora_B per
--- sub-module). Weights and adapters live in a pool tagged "weights", the KV
+-- Full bf16 weights in the layout the model's family gives
+-- (ws.family.decoder.engine_layout: q/k/v fused into qkv_proj and gate/up
+-- into gate_up_proj, stacked on dim 0; experts fused into w13_weight and
+-- w2_weight as vLLM's FusedMoE holds them); with LoRA, a wrapped module keeps
+-- its base under `.base_layer.weight` and gets one adapter slot
+-- (lora_A/lora_B per sub-module). Weights and adapters live in a pool tagged "weights", the KV
 -- cache in one tagged "kv_cache", so sleep/wake_up behave like vLLM's
 -- CuMemAllocator: level 1 backs the weights up to pinned host memory and
 -- discards the KV cache, level 2 discards both; wake_up maps memory again at
@@ -18,74 +20,22 @@ local M = {}
 local Engine = {}
 Engine.__index = Engine
 
-local fused = {
-    q_proj = { "qkv_proj", 1 }, k_proj = { "qkv_proj", 2 }, v_proj = { "qkv_proj", 3 },
-    gate_proj = { "gate_up_proj", 1 }, up_proj = { "gate_up_proj", 2 },
-}
-local parts = { qkv_proj = { "q_proj", "k_proj", "v_proj" },
-                gate_up_proj = { "gate_proj", "up_proj" } }
-
--- Engine module of an HF module name and whether LoRA wraps it (vLLM wraps a
--- fused module when any of its sub-modules is a target).
-local function engine_module(module, lcfg)
-    local f = fused[module]
-    local emod = f and f[1] or module
-    local wrapped = false
-    if lcfg then
-        for _, sub in ipairs(parts[emod] or { emod }) do
-            if lcfg.target_set[sub] then wrapped = true end
-        end
-    end
-    return emod, wrapped
-end
-
--- opts: spec, lora (config or nil), device, kv_cache_mb, seed.
+-- opts: spec, lora (config or nil), device, kv_cache_mb, seed, dry_run
+-- (address space only: tensors laid out, nothing mapped or written).
 function M.new(opts)
     local self = setmetatable({}, Engine)
     self.spec, self.lora, self.device = opts.spec, opts.lora, opts.device
     self.tensors, self.order = {}, {}
+    self.dry_run = opts.dry_run or false
     self.asleep = {}
-    local lin = models.linear_shapes(self.spec)
-
-    -- Layout: name -> shape, plus where each HF parameter lands.
-    local layout, dest = {}, {}
-    local function declare(name, shape)
-        if not layout[name] then
-            layout[name] = shape
-            self.order[#self.order + 1] = name
-        end
-    end
-    for _, p in ipairs(models.params(self.spec)) do
-        if p.block and lin[p.module] then
-            local emod, wrapped = engine_module(p.module, self.lora)
-            local stem = p.name:gsub(p.module .. "%.weight$", emod)
-            local name = stem .. (wrapped and ".base_layer.weight" or ".weight")
-            local f, rows, offset = fused[p.module], p.shape[1], 0
-            if f then
-                local total = 0
-                for i, sub in ipairs(parts[emod]) do
-                    if i < f[2] then offset = offset + lin[sub][1] end
-                    total = total + lin[sub][1]
-                end
-                declare(name, { total, p.shape[2] })
-            else
-                declare(name, p.shape)
-            end
-            dest[p.name] = { name = name, row_offset = offset, rows = rows }
-        else
-            declare(p.name, p.shape)
-            dest[p.name] = { name = p.name }
-        end
-    end
-    if self.lora then
-        for _, a in ipairs(lora.params(self.spec, self.lora)) do
-            local emod = engine_module(a.module, self.lora)
-            local stem = a.base:gsub(a.module .. "%.weight$", emod)
-            local name = stem .. ".lora_" .. a.which
-                .. (fused[a.module] and ("." .. a.module .. ".weight") or ".weight")
-            declare(name, a.shape)
-            dest[a.name] = { name = name }
-        end
+    -- The layout is the family's rule (ws.family.decoder.engine_layout).
+    local order, dest = models.family(self.spec).engine_layout(
+        self.spec, models.params(self.spec), self.lora,
+        self.lora and lora.params(self.spec, self.lora) or nil)
+    local layout = {}
+    for _, t in ipairs(order) do
+        layout[t.name] = t.shape
+        self.order[#self.order + 1] = t.name
     end
     self.dest = dest
 
@@ -106,30 +56,32 @@ end
 
 -- Makes the two pools and every tensor in them (`layout`: name -> shape).
 function M.allocate(self, layout)
+    local dry = self.dry_run
     self.weights = must("engine", ws.pool{ device = self.device, tag = "weights",
-                                           bytes = self.weight_bytes })
+                                           bytes = self.weight_bytes, reserve_only = dry })
     local kv_shape = { self.kv_bytes // 2 }
     self.kv_pool = must("engine", ws.pool{ device = self.device, tag = "kv_cache",
-                                           bytes = ws.pool_bytes({ kv_shape }, "bf16") })
+                                           bytes = ws.pool_bytes({ kv_shape }, "bf16"),
+                                           reserve_only = dry })
     for i, name in ipairs(self.order) do
         local t = must("engine", self.weights:tensor{ shape = layout[name], dtype = "bf16",
                                                       name = name })
         -- Kept before it is filled: an interrupted fill must still free it.
         self.tensors[name] = t
         -- load_format=dummy: the engine starts from random weights, as in verl.
-        t:random_(0x5EED0 + i, 1.0, 0)
+        if not dry then t:random_(0x5EED0 + i, 1.0, 0) end
     end
     self.kv_cache = must("engine", self.kv_pool:tensor{ shape = kv_shape,
                                                         dtype = "bf16", name = "kv_cache" })
-    self.kv_cache:fill(0)
+    if not dry then self.kv_cache:fill(0) end
 end
 
--- The engine tensor an HF (or PEFT) parameter is written into, and the rows
--- of it that belong to that parameter (nil: the whole tensor).
+-- The engine tensor an HF (or PEFT) parameter is written into, and where in
+-- it: {name, offset (first element), numel, label}.
 function Engine:destination(param_name)
     local d = self.dest[param_name]
     if not d then error("engine: no destination for parameter '" .. param_name .. "'", 2) end
-    return self.tensors[d.name], d.row_offset, d.rows, d.name
+    return self.tensors[d.name], d
 end
 
 local function pools_of(self, tags)

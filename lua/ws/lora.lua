@@ -48,7 +48,8 @@ function M.check_alpha(alpha)
     end
 end
 
--- cfg: {r=, alpha=, target_modules=}. Returns nil when r == 0 (LoRA off).
+-- cfg: {r=, alpha=, target_modules=, use_rslora=}. Returns nil when r == 0
+-- (LoRA off). The scale is alpha / r, or alpha / sqrt(r) with rsLoRA.
 function M.config(cfg)
     local r = cfg.r or 0
     if r == 0 then
@@ -62,7 +63,10 @@ function M.config(cfg)
     local list, set = M.parse_targets(cfg.target_modules)
     local alpha = cfg.alpha or 16
     M.check_alpha(alpha)
-    return { r = r, alpha = alpha, scale = alpha / r, targets = list, target_set = set }
+    local rslora = cfg.use_rslora == true
+    return { r = r, alpha = alpha, scale = rslora and alpha / math.sqrt(r) or alpha / r,
+             use_rslora = rslora, targets = list, target_set = set,
+             all_linear = cfg.target_modules == nil or cfg.target_modules == "all-linear" }
 end
 
 -- Raises unless rank r fits every targeted layer: lora_A [r, in] and lora_B
@@ -81,12 +85,28 @@ function M.check_rank(spec, lcfg)
     end
 end
 
+-- Raises when a target cannot be honoured for this model: the engine's fused
+-- experts take no adapter, so an MLP module named explicitly on a model with
+-- mixture-of-experts layers is refused; "all-linear" there means attention
+-- and the dense layers' MLPs.
+function M.check_model(spec, lcfg)
+    if not spec.sparse or next(spec.sparse) == nil or lcfg.all_linear then return end
+    for _, m in ipairs(lcfg.targets) do
+        if m == "gate_proj" or m == "up_proj" or m == "down_proj" then
+            error(string.format("LoRA on the experts of a mixture-of-experts model is not " ..
+                                "supported ('%s' targets mlp.experts.N.%s); target attention " ..
+                                "modules (q_proj,k_proj,v_proj,o_proj) or all-linear", m, m), 0)
+        end
+    end
+end
+
 -- Adapter parameters for a model spec: {name, shape, numel, base (the HF base
--- parameter name), layer, block, module, which ("A"/"B")}.
+-- parameter name), layer, block, module, which ("A"/"B")}. Only weights of
+-- dense linear modules: no biases, no experts, no router.
 function M.params(spec, lcfg)
     local out = {}
     for _, p in ipairs(models.params(spec)) do
-        if p.block and lcfg.target_set[p.module] then
+        if p.block and p.role == "weight" and not p.expert and lcfg.target_set[p.module] then
             local stem = p.name:gsub("%.weight$", "")
             local rows, cols = p.shape[1], p.shape[2]
             for _, ab in ipairs({ { "A", { lcfg.r, cols } }, { "B", { rows, lcfg.r } } }) do

@@ -1,22 +1,56 @@
--- ws.models: model specs (HF Qwen3 parameter names and shapes).
+-- ws.models: which model a pipeline syncs.
 --
--- A spec is plain data; `models.params(spec)` lists every trainer parameter in
--- HF order with its shape, so the trainer, the engine layout and the sync
--- plans are all derived from one place. The `tiny` preset keeps the Qwen3
--- structure at a few MB, with odd sizes so FSDP shards are uneven on 2 or 4
--- ranks (exercising the padding path).
+-- `model=` is a preset name or a Hugging Face model directory. Both become a
+-- spec through the same path: a preset is the config.json of the published
+-- model (shapes only, the trainer starts from seeded random values), a
+-- directory's config.json is read as written. The family named by the
+-- config's model_type (lua/ws/family/<model_type>.lua) turns it into a spec
+-- and lists the parameters; `models.params(spec)` is the one list the
+-- trainer, the engine layout and the sync plans are derived from. The `tiny`
+-- presets keep the structure at a few MB, with odd sizes so FSDP shards are
+-- uneven on 2 or 4 ranks (exercising the padding path).
+local json = require("ws.json")
+
 local M = {}
 
+local function qwen3(hidden, layers, intermediate, heads, kv_heads, tied)
+    return { architectures = { "Qwen3ForCausalLM" }, model_type = "qwen3", hidden_size = hidden,
+             num_hidden_layers = layers, intermediate_size = intermediate,
+             num_attention_heads = heads, num_key_value_heads = kv_heads, head_dim = 128,
+             vocab_size = 151936, tie_word_embeddings = tied }
+end
+
+local function qwen3_moe(hidden, layers, intermediate, heads, experts, moe_intermediate)
+    return { architectures = { "Qwen3MoeForCausalLM" }, model_type = "qwen3_moe",
+             hidden_size = hidden, num_hidden_layers = layers, intermediate_size = intermediate,
+             num_attention_heads = heads, num_key_value_heads = 4, head_dim = 128,
+             vocab_size = 151936, tie_word_embeddings = false, num_experts = experts,
+             num_experts_per_tok = 8, moe_intermediate_size = moe_intermediate,
+             decoder_sparse_step = 1, mlp_only_layers = {} }
+end
+
+-- The published sizes (config.json of each Hugging Face repository).
 M.presets = {
-    ["qwen3-0.6b"] = { hidden = 1024, layers = 28, intermediate = 3072, heads = 16,
-                       kv_heads = 8, head_dim = 128, vocab = 151936, tied = true },
-    ["qwen3-1.7b"] = { hidden = 2048, layers = 28, intermediate = 6144, heads = 16,
-                       kv_heads = 8, head_dim = 128, vocab = 151936, tied = true },
-    ["qwen3-8b"] = { hidden = 4096, layers = 36, intermediate = 12288, heads = 32,
-                     kv_heads = 8, head_dim = 128, vocab = 151936, tied = false },
-    tiny = { hidden = 99, layers = 2, intermediate = 257, heads = 4, kv_heads = 2,
-             head_dim = 16, vocab = 8191, tied = true },
+    ["qwen3-0.6b"] = qwen3(1024, 28, 3072, 16, 8, true),
+    ["qwen3-1.7b"] = qwen3(2048, 28, 6144, 16, 8, true),
+    ["qwen3-8b"] = qwen3(4096, 36, 12288, 32, 8, false),
+    ["qwen3-30b-a3b"] = qwen3_moe(2048, 48, 6144, 32, 128, 768),
+    ["qwen3-235b-a22b"] = qwen3_moe(4096, 94, 12288, 64, 128, 1536),
+    tiny = { architectures = { "Qwen3ForCausalLM" }, model_type = "qwen3", hidden_size = 99,
+             num_hidden_layers = 2, intermediate_size = 257, num_attention_heads = 4,
+             num_key_value_heads = 2, head_dim = 16, vocab_size = 8191,
+             tie_word_embeddings = true },
+    -- Layer 1 keeps a dense MLP (mlp_only_layers), so both kinds are exercised.
+    ["tiny-moe"] = { architectures = { "Qwen3MoeForCausalLM" }, model_type = "qwen3_moe",
+                     hidden_size = 72, num_hidden_layers = 3, intermediate_size = 131,
+                     num_attention_heads = 4, num_key_value_heads = 2, head_dim = 16,
+                     vocab_size = 1021, tie_word_embeddings = false, num_experts = 4,
+                     num_experts_per_tok = 2, moe_intermediate_size = 37,
+                     decoder_sparse_step = 1, mlp_only_layers = { 1 } },
 }
+
+-- The families this library knows (lua/ws/family/<name>.lua).
+M.families = { "llama", "mistral", "qwen2", "qwen3", "qwen3_moe" }
 
 -- Names in a stable order (for messages and `--help`).
 function M.names()
@@ -26,68 +60,103 @@ function M.names()
     return names
 end
 
--- Returns a copy of the preset with its name, or raises naming the choices.
-function M.get(name)
-    local p = M.presets[name]
-    if not p then
-        error(string.format("unknown model '%s' (known: %s)", tostring(name),
-                            table.concat(M.names(), ", ")), 2)
+-- The family module of a config.json table: by model_type, else by the
+-- first of `architectures`. Raises listing the known architectures.
+function M.family_of(cfg, where)
+    local arch = type(cfg.architectures) == "table" and cfg.architectures[1] or nil
+    local known = {}
+    for _, name in ipairs(M.families) do
+        local fam = require("ws.family." .. name)
+        for _, a in ipairs(fam.architectures) do
+            if a == arch then return fam end
+            known[#known + 1] = a
+        end
     end
-    local spec = { name = name }
-    for k, v in pairs(p) do spec[k] = v end
+    if arch == nil and type(cfg.model_type) == "string" then
+        for _, name in ipairs(M.families) do
+            if name == cfg.model_type then return require("ws.family." .. name) end
+        end
+    end
+    table.sort(known)
+    error(string.format("%s: architecture '%s' is not supported (known: %s)", where,
+                        tostring(arch or cfg.model_type), table.concat(known, ", ")), 0)
+end
+
+-- A spec from a config.json table.
+function M.from_config(cfg, name, where)
+    local fam = M.family_of(cfg, where)
+    local spec = fam.from_config(cfg, where)
+    spec.name = name
+    spec.arch = type(cfg.architectures) == "table" and cfg.architectures[1] or fam.architectures[1]
     return spec
 end
 
-local function numel_of(shape)
+local function read_file(path)
+    local f = io.open(path, "rb")
+    if not f then return nil end
+    local text = f:read("a")
+    f:close()
+    return text
+end
+
+local function exists(path)
+    local f = io.open(path, "rb")
+    if f then f:close() end
+    return f ~= nil
+end
+
+-- The weights of a model directory: model.safetensors.index.json or
+-- model.safetensors (nil: a directory without weights).
+function M.weights_of(dir)
+    for _, f in ipairs({ "model.safetensors.index.json", "model.safetensors" }) do
+        if exists(dir .. "/" .. f) then return dir .. "/" .. f end
+    end
+    return nil
+end
+
+-- Returns the spec of a preset name or of a Hugging Face model directory, or
+-- raises naming the choices.
+function M.get(name)
+    local p = M.presets[name]
+    if p then
+        local spec = M.from_config(p, name, "preset '" .. name .. "'")
+        spec.preset = true
+        return spec
+    end
+    local dir = tostring(name):gsub("/+$", "")
+    local text = read_file(dir .. "/config.json")
+    if not text then
+        error(string.format("unknown model '%s': not a preset (known: %s) and not a directory " ..
+                            "holding config.json", tostring(name), table.concat(M.names(), ", ")), 2)
+    end
+    local where = dir .. "/config.json"
+    local ok, cfg = pcall(json.decode, text)
+    if not ok or type(cfg) ~= "table" then
+        error(string.format("%s: not a JSON object (%s)", where,
+                            tostring(ok and "got " .. type(cfg) or cfg):gsub("^[^:]*:%d+: ", "")), 0)
+    end
+    local spec = M.from_config(cfg, dir:match("([^/]+)$") or dir, where)
+    spec.dir, spec.config_text = dir, text
+    spec.weights = M.weights_of(dir)
+    return spec
+end
+
+-- The family module of a spec.
+function M.family(spec) return require("ws.family." .. spec.family) end
+
+-- Every parameter (see ws.family.decoder.params), computed once per spec.
+function M.params(spec)
+    if not spec.param_list then spec.param_list = M.family(spec).params(spec) end
+    return spec.param_list
+end
+
+function M.numel(shape)
     local n = 1
     for _, d in ipairs(shape) do n = n * d end
     return n
 end
-M.numel = numel_of
 
--- Shapes of the linear modules of one layer, [out, in], keyed by module name.
-function M.linear_shapes(spec)
-    local h, q = spec.hidden, spec.heads * spec.head_dim
-    local kv, i = spec.kv_heads * spec.head_dim, spec.intermediate
-    return {
-        q_proj = { q, h }, k_proj = { kv, h }, v_proj = { kv, h }, o_proj = { h, q },
-        gate_proj = { i, h }, up_proj = { i, h }, down_proj = { h, i },
-    }
-end
-
-M.attn_modules = { "q_proj", "k_proj", "v_proj", "o_proj" }
-M.mlp_modules = { "gate_proj", "up_proj", "down_proj" }
-
--- Every parameter: {name, shape, numel, layer (nil for globals), block
--- ("self_attn"/"mlp"/nil), module ("q_proj", "input_layernorm", ...)}.
-function M.params(spec)
-    local out = {}
-    local function add(name, shape, layer, block, module)
-        out[#out + 1] = { name = name, shape = shape, numel = numel_of(shape), layer = layer,
-                          block = block, module = module }
-    end
-    local lin = M.linear_shapes(spec)
-    add("model.embed_tokens.weight", { spec.vocab, spec.hidden }, nil, nil, "embed_tokens")
-    for l = 0, spec.layers - 1 do
-        local p = "model.layers." .. l .. "."
-        add(p .. "input_layernorm.weight", { spec.hidden }, l, nil, "input_layernorm")
-        for _, m in ipairs(M.attn_modules) do
-            add(p .. "self_attn." .. m .. ".weight", lin[m], l, "self_attn", m)
-        end
-        add(p .. "self_attn.q_norm.weight", { spec.head_dim }, l, "self_attn", "q_norm")
-        add(p .. "self_attn.k_norm.weight", { spec.head_dim }, l, "self_attn", "k_norm")
-        add(p .. "post_attention_layernorm.weight", { spec.hidden }, l, nil,
-            "post_attention_layernorm")
-        for _, m in ipairs(M.mlp_modules) do
-            add(p .. "mlp." .. m .. ".weight", lin[m], l, "mlp", m)
-        end
-    end
-    add("model.norm.weight", { spec.hidden }, nil, nil, "norm")
-    if not spec.tied then
-        add("lm_head.weight", { spec.vocab, spec.hidden }, nil, nil, "lm_head")
-    end
-    return out
-end
+function M.linear_shapes(spec) return M.family(spec).linear_shapes(spec) end
 
 function M.param_count(spec)
     local n = 0

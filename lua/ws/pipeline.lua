@@ -17,13 +17,17 @@ local engine_mod = require("ws.engine")
 local sync_mod = require("ws.sync")
 local verify = require("ws.verify")
 local report_mod = require("ws.report")
+local checkpoint = require("ws.checkpoint")
+local must = errors.must
 
 local M = {}
 
 -- Configuration keys every pipeline has; a pipeline's `defaults` override or extend them.
 M.common = {
-    steps = { default = 5, type = "integer", min = 1, max = 1000000, help = "training steps" },
-    model = { default = "qwen3-0.6b", type = "enum", values = models.names(), help = "model preset" },
+    steps = { default = 5, type = "integer", min = 0, max = 1000000,
+              help = "training steps (0: set up, save, exit)" },
+    model = { default = "qwen3-0.6b", type = "string",
+              help = "preset (" .. table.concat(models.names(), ", ") .. ") or a Hugging Face model directory" },
     -- per_rank: ranks may differ here (each its own GPU); on every other key
     -- they must agree (config.agree).
     device = { default = "auto", type = "string", per_rank = true,
@@ -40,6 +44,18 @@ M.common = {
     param_offload = { default = false, type = "boolean",
                       help = "trainer params to pinned host memory after training" },
     seed = { default = 0, type = "integer", min = 0, help = "weight seed" },
+    adapter = { default = "", type = "string",
+                help = "start LoRA from a PEFT adapter dir (its config sets rank, alpha, targets)" },
+    save_adapter = { default = "", type = "string",
+                     help = "write the trainer's LoRA adapter at the end, PEFT format, to DIR" },
+    save = { default = "", type = "string",
+             help = "write the trainer's weights at the end: a Hugging Face checkpoint dir" },
+    save_engine = { default = "", type = "string",
+                    help = "write each engine rank's tensors after the last rollout to DIR" },
+    save_shard_mb = { default = 5000, type = "number", min = 0.001, max = 1e9,
+                      help = "largest shard save= writes (MB; save_pretrained's 5GB)" },
+    dry_run = { default = false, type = "boolean",
+                help = "build trainer, engine and plans in address space only, report, exit" },
     progress = { default = "auto", type = "enum", values = { "auto", "on", "off" },
                  per_rank = true, help = "sync progress on stderr" },
 }
@@ -145,6 +161,11 @@ function Ctx:rollout(step)
     end
     self.rec.verified, self.rec.verified_tensors = true, n
     self.rec.phase_ms.verify = self.rec.phase_ms.verify + ws.now_ms() - t0
+    -- The engine as the last rollout proved it: every rank writes its own.
+    if step == self.cfg.steps and self.cfg.save_engine ~= "" then
+        local files = checkpoint.save_engine(self.engine, self.cfg.save_engine, self)
+        self.log(string.format("# save_engine: wrote %s in %s", files[1], self.cfg.save_engine))
+    end
 end
 
 local function resolve_device(name)
@@ -159,7 +180,35 @@ end
 function M.run(p, overrides, opts)
     opts = opts or {}
     local cfg = config.resolve(p.schema, overrides)
+    if not opts.explicit then
+        opts.explicit = {}
+        for k in pairs(overrides or {}) do opts.explicit[k] = true end
+    end
     return M.run_config(p, cfg, opts)
+end
+
+-- LoRA settings from adapter=DIR (its adapter_config.json) or from the keys;
+-- an adapter and a key given on the command line that disagree is an error.
+local function lora_settings(cfg, explicit)
+    local s = { r = cfg.lora_rank or 0, alpha = cfg.lora_alpha,
+                target_modules = cfg.target_modules }
+    if (cfg.adapter or "") == "" then return s end
+    if cfg.lora_rank == nil then
+        config.raise("config key 'adapter': this pipeline has no LoRA adapter")
+    end
+    local a = config.check("adapter", checkpoint.read_adapter_config, cfg.adapter)
+    local function agree(key, mine, theirs, name)
+        if explicit[key] and tostring(mine) ~= tostring(theirs) then
+            config.raise("config key '%s' is %s but adapter %s has %s %s; drop %s= (the " ..
+                         "adapter's config sets it)", key, tostring(mine), cfg.adapter, name,
+                         tostring(theirs), key)
+        end
+    end
+    agree("lora_rank", cfg.lora_rank, a.r, "r")
+    agree("lora_alpha", cfg.lora_alpha, a.alpha, "lora_alpha")
+    agree("target_modules", cfg.target_modules, a.target_modules, "target_modules")
+    return { r = a.r, alpha = a.alpha, target_modules = a.target_modules,
+             use_rslora = a.use_rslora, adapter = a.path }
 end
 
 function M.run_config(p, cfg, opts)
@@ -169,12 +218,23 @@ function M.run_config(p, cfg, opts)
     config.agree(comm, cfg, p.schema, p.name)
     local device = config.check("device", resolve_device, cfg.device)
     local spec = config.check("model", models.get, cfg.model)
-    if (cfg.lora_rank or 0) > 0 and cfg.lora_alpha ~= nil then
-        config.check("lora_alpha", lora.check_alpha, cfg.lora_alpha)
+    local ls = lora_settings(cfg, opts.explicit or {})
+    if ls.r > 0 and ls.alpha ~= nil then
+        config.check("lora_alpha", lora.check_alpha, ls.alpha)
     end
-    local lcfg = config.check("target_modules", lora.config, { r = cfg.lora_rank or 0,
-        alpha = cfg.lora_alpha, target_modules = cfg.target_modules })
-    if lcfg then config.check("lora_rank", lora.check_rank, spec, lcfg) end
+    local lcfg = config.check("target_modules", lora.config, ls)
+    if lcfg then lcfg.adapter = ls.adapter end
+    if (cfg.save_adapter or "") ~= "" and not lcfg then
+        config.raise("config key 'save_adapter': LoRA is off (lora_rank=0); nothing to save")
+    end
+    if cfg.save_engine ~= "" and cfg.steps == 0 then
+        config.raise("config key 'save_engine': the engine is written after the last " ..
+                     "rollout; steps=0 has none")
+    end
+    if lcfg then
+        config.check("lora_rank", lora.check_rank, spec, lcfg)
+        config.check("target_modules", lora.check_model, spec, lcfg)
+    end
     -- Opened first: an unwritable --json is a configuration mistake, found
     -- before anything is allocated.
     local okr, report = pcall(report_mod.new, { title = p.name, cfg = cfg, device = device,
@@ -191,7 +251,7 @@ function M.run_config(p, cfg, opts)
     -- point. Each part is freed even when another fails; the run's own error
     -- wins over any the cleanup meets.
     local freed, ferr = true, nil
-    for _, k in ipairs({ "sync", "engine", "trainer" }) do
+    for _, k in ipairs({ "sync", "engine", "trainer", "model_ck", "adapter_ck" }) do
         if built[k] then
             local okf, e = pcall(built[k].free, built[k])
             if not okf and freed then freed, ferr = false, e end
@@ -210,20 +270,34 @@ function M.setup_and_steps(p, cfg, built, report, env)
     local device, spec, lcfg, comm, world, log = env.device, env.spec, env.lcfg, env.comm,
                                                  env.world, env.log
     local t_setup = ws.now_ms()
+    -- The files are mapped, checked against config.json and the adapter's
+    -- config, read by the trainer (each rank its own rows) and closed.
+    built.model_ck = checkpoint.open_model(spec)
+    if lcfg and lcfg.adapter then
+        built.adapter_ck = checkpoint.open_adapter(lcfg.adapter, lora.params(spec, lcfg))
+    end
     built.trainer = trainer_mod.new{ spec = spec, lora = lcfg, device = device, comm = comm,
                                      rank = env.rank, world = world, dtype = cfg.param_dtype,
-                                     seed = cfg.seed }
+                                     seed = cfg.seed, dry_run = cfg.dry_run,
+                                     checkpoint = built.model_ck,
+                                     adapter_checkpoint = built.adapter_ck }
+    for _, k in ipairs({ "model_ck", "adapter_ck" }) do
+        if built[k] then built[k]:free() end
+        built[k] = nil
+    end
     built.engine = engine_mod.new{ spec = spec, lora = lcfg, device = device,
-                                   kv_cache_mb = cfg.kv_cache_mb }
+                                   kv_cache_mb = cfg.kv_cache_mb, dry_run = cfg.dry_run }
     built.sync = sync_mod.new{ trainer = built.trainer, engine = built.engine,
                                comm = world > 1 and comm or nil, device = device,
                                bucket_mb = cfg.bucket_mb, progress = cfg.progress,
                                rank = env.rank }
     local trainer, engine, sync = built.trainer, built.engine, built.sync
-    local verify_kinds = {}
+    local verify_kinds, build_ms = {}, {}
     for _, kind in ipairs(p.plans) do
         if kind ~= "adapter" or lcfg then
+            local t0 = ws.now_ms()
             sync:build(kind)
+            build_ms[kind] = ws.now_ms() - t0
             verify_kinds[#verify_kinds + 1] = kind
         end
     end
@@ -233,9 +307,14 @@ function M.setup_and_steps(p, cfg, built, report, env)
                                              lora.param_count(spec, lcfg) * 2 / 1e6) or "",
                       world, tostring(device)))
     log("# config: " .. config.describe(cfg))
+    log(string.format("# weights: %s%s", spec.weights and ("checkpoint " .. spec.weights)
+                          or "seeded random (no checkpoint)",
+                      lcfg and lcfg.adapter and (", adapter " .. lcfg.adapter) or ""))
     log(string.format("# setup %.0f ms (trainer shards %.1f MB, engine weights %.1f MB, " ..
                       "KV cache %.1f MB)", ws.now_ms() - t_setup, trainer:shard_bytes() / 1e6,
                       engine.weight_bytes / 1e6, engine.kv_bytes / 1e6))
+
+    if cfg.dry_run then return M.dry_run_report(p, built, verify_kinds, build_ms, env) end
 
     local ctx = setmetatable({ cfg = cfg, pipeline = p, trainer = trainer, engine = engine,
                                sync = sync, comm = comm, rank = env.rank, world = world,
@@ -252,6 +331,48 @@ function M.setup_and_steps(p, cfg, built, report, env)
         ctx.rec.engine_asleep = engine:is_asleep("weights")
         report:end_step(ctx.rec)
     end
+    M.save_outputs(cfg, trainer, { comm = world > 1 and comm or nil, rank = env.rank,
+                                   world = world, log = log })
+end
+
+-- save= and save_adapter= at the end of a run (every rank takes part).
+function M.save_outputs(cfg, trainer, ctx)
+    local function timed(what, dir, fn, ...)
+        local t0 = ws.now_ms()
+        local files = fn(...)
+        ctx.log(string.format("# %s: wrote %s in %s (%.0f ms)", what, table.concat(files, ", "),
+                              dir, ws.now_ms() - t0))
+    end
+    if cfg.save ~= "" then
+        ctx.max_shard_bytes = math.floor(cfg.save_shard_mb * 1e6)
+        timed("save", cfg.save, checkpoint.save_model, trainer, cfg.save, ctx)
+    end
+    if (cfg.save_adapter or "") ~= "" then
+        timed("save_adapter", cfg.save_adapter, checkpoint.save_adapter, trainer,
+              cfg.save_adapter, ctx)
+    end
+end
+
+-- What a dry run prints instead of steps: sizes, tensor counts and what
+-- each plan would do, from the layout alone.
+function M.dry_run_report(p, built, kinds, build_ms, env)
+    local trainer, engine, sync, log = built.trainer, built.engine, built.sync, env.log
+    local spec = trainer.spec
+    log(string.format("# dry run: %d parameters (%d base, %d adapter) in %d trainer tensors " ..
+                      "per rank, %d engine tensors", models.param_count(spec) +
+                      (trainer.lora and lora.param_count(spec, trainer.lora) or 0),
+                      #trainer.base_params, #trainer.adapter_params, #trainer.params,
+                      #engine.order))
+    log("#plan     entries buckets  MB_per_sync  MB_gathered  staging_MB  build_ms")
+    local total_ms = 0
+    for _, kind in ipairs(kinds) do
+        local st = must("dry run", sync.plans[kind]:estimate())
+        total_ms = total_ms + build_ms[kind]
+        log(string.format("%-9s %7d %7d %12.1f %12.1f %11.1f %9.1f", kind, st.entries, st.buckets,
+                          st.bytes_moved / 1e6, st.bytes_gathered / 1e6, st.staging_bytes / 1e6,
+                          build_ms[kind]))
+    end
+    log(string.format("# plans built in %.1f ms; no weight memory was touched", total_ms))
 end
 
 -- Command-line entry: parses argv (key=value, --json FILE, --help) and runs.

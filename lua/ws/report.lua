@@ -124,9 +124,11 @@ local function fmt(v, unit)
     return string.format(unit == "MB" and "%.1f" or "%.2f", v)
 end
 
--- The end-of-run table; returns the summary as a table too.
+-- The end-of-run table; returns the summary as a table too. A run without
+-- steps (a dry run, steps=0) has no table.
 function Report:summary()
     local r = self.records
+    if #r == 0 then return { steps = 0, phase_ms = {}, phase_ms_steady = {} } end
     local lines = {}
     local function line(s) lines[#lines + 1] = s end
     line(string.format("# %s: %d steps", self.title or "pipeline", #r))

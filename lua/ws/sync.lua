@@ -26,27 +26,28 @@ function M.new(opts)
     self.device, self.bucket_mb = opts.device, opts.bucket_mb
     self.progress = opts.progress or "auto"
     self.rank = opts.rank or 0
-    self.plans, self.pairs, self.views = {}, {}, {}
+    self.plans, self.pairs, self.views, self.flats = {}, {}, {}, {}
     return self
 end
 
--- Engine view (contiguous, flat) that receives one trainer parameter.
+-- Engine view (contiguous, flat) that receives one trainer parameter: the
+-- whole engine tensor, or its slice of a fused one (qkv_proj rows, an
+-- expert of w13_weight).
 function Sync:view_for(e)
-    local t, offset, rows, ename = self.engine:destination(e.name)
-    local v
-    if rows and (offset > 0 or rows < t:shape()[1]) then
-        local slice = t:narrow(1, offset + 1, rows)
-        v = slice:flat()
-        self.views[#self.views + 1] = slice
-    else
+    local t, d = self.engine:destination(e.name)
+    -- One flat view per engine tensor, shared by its slices (the 384 experts
+    -- of a layer land in two tensors).
+    local v = self.flats[d.name]
+    if not v then
         v = t:flat()
+        self.flats[d.name] = v
+        self.views[#self.views + 1] = v
     end
-    self.views[#self.views + 1] = v
-    local label = ename
-    if rows and label ~= nil and (offset > 0 or rows < t:shape()[1]) then
-        label = string.format("%s[rows %d..%d]", ename, offset + 1, offset + rows)
+    if d.offset > 0 or d.numel < v:numel() then
+        v = v:narrow(1, d.offset + 1, d.numel)
+        self.views[#self.views + 1] = v
     end
-    return v, label
+    return v, d.label
 end
 
 local function entries_of(self, kind)
@@ -122,7 +123,7 @@ function Sync:free()
         if not ok and first == nil then first = err end
     end
     for _, v in ipairs(self.views) do release(v) end
-    self.plans, self.pairs, self.views = {}, {}, {}
+    self.plans, self.pairs, self.views, self.flats = {}, {}, {}, {}
     if first ~= nil then error(first, 0) end
 end
 

@@ -35,7 +35,11 @@ function M.seed_of(name, step)
 end
 
 -- opts: spec (models spec), lora (ws.lora config or nil), device, comm
--- (nil: world of one), rank, world, dtype ("bf16"/"f32"), seed.
+-- (nil: world of one), rank, world, dtype ("bf16"/"f32"), seed, dry_run
+-- (address space only: the shards are laid out but never written),
+-- checkpoint (ws.Checkpoint the base weights start from; nil: seeded random
+-- values, as vLLM's load_format=dummy), adapter_checkpoint (the same for
+-- the LoRA weights, PEFT names).
 function M.new(opts)
     local self = setmetatable({}, Trainer)
     self.spec, self.lora, self.device = opts.spec, opts.lora, opts.device
@@ -70,8 +74,10 @@ function M.new(opts)
     local shapes = {}
     for i, e in ipairs(self.params) do shapes[i] = { e.shard_numel } end
     self.pool_bytes = ws.pool_bytes(shapes, self.dtype)
+    self.dry_run = opts.dry_run or false
+    self.sources = { base = opts.checkpoint, adapter = opts.adapter_checkpoint }
     self.pool = must("trainer", ws.pool{ device = self.device, tag = "trainer",
-                                         bytes = self.pool_bytes })
+                                         bytes = self.pool_bytes, reserve_only = self.dry_run })
     local ok, err = pcall(M.fill, self)
     if not ok then
         -- The error that stopped construction wins over any the cleanup meets.
@@ -81,14 +87,23 @@ function M.new(opts)
     return self
 end
 
--- Makes every shard tensor in the pool and gives it its initial values.
+-- Makes every shard tensor in the pool and gives it its initial values:
+-- this rank's rows of the checkpoint, or seeded random values.
 function M.fill(self)
     for _, e in ipairs(self.params) do
         e.tensor = must("trainer", self.pool:tensor{ shape = { e.shard_numel },
                                                      dtype = self.dtype, name = e.name })
         -- The shard's real elements (no padding): what checksums and syncs read.
         if e.real > 0 then e.view = e.tensor:narrow(1, 1, e.real) end
-        e.tensor:random_(M.seed_of(e.name, 0) ~ self.seed, INIT_SCALE[e.kind], e.first)
+        if not self.dry_run and not self.sources[e.kind] then
+            e.tensor:random_(M.seed_of(e.name, 0) ~ self.seed, INIT_SCALE[e.kind], e.first)
+        end
+    end
+    if self.dry_run then return end
+    local checkpoint = require("ws.checkpoint")
+    if self.sources.base then checkpoint.load_shards(self.sources.base, self.base_params) end
+    if self.sources.adapter then
+        checkpoint.load_shards(self.sources.adapter, self.adapter_params)
     end
 end
 

@@ -47,7 +47,7 @@ check_usage "verl_lora: config key 'steps' expects an integer, got 'ten'" steps=
 check_usage "verl_lora: config key 'free_cache_engine' expects a boolean (true/false), got 'yes please'" "free_cache_engine=yes please"
 check_usage "verl_lora: config key 'target_modules': unknown LoRA target module 'qkv'" target_modules=qkv $tiny
 check_usage "verl_lora: config key 'device': " device=tpu $tiny
-check_usage "verl_lora: config key 'steps' must be >= 1, got 0" steps=0
+check_usage "verl_lora: config key 'steps' must be >= 0, got -1" steps=-1
 check_usage "verl_lora: config key 'steps' expects an integer, got ''" steps=
 check_usage "verl_lora: config key 'bucket_mb' must be <= 1048576, got 1e+308" bucket_mb=1e308 $tiny
 check_usage "verl_lora: config key 'target_modules': unknown LoRA target module 'bogus'" "target_modules=q_proj, bogus" lora_rank=0 $tiny

@@ -25,10 +25,12 @@ describe("engine", function()
         assert.is_not_nil(e.tensors["model.layers.1.self_attn.o_proj.weight"])
         assert.are.same({ 4, spec.hidden },
                         e.tensors["model.layers.0.self_attn.qkv_proj.lora_A.q_proj.weight"]:shape())
-        local t, off, rows = e:destination("model.layers.0.self_attn.v_proj.weight")
+        local t, d = e:destination("model.layers.0.self_attn.v_proj.weight")
         assert.are.equal(qkv, t)
-        assert.are.equal(q + k, off)
-        assert.are.equal(k, rows)
+        assert.are.equal((q + k) * spec.hidden, d.offset)
+        assert.are.equal(k * spec.hidden, d.numel)
+        assert.are.equal("model.layers.0.self_attn.qkv_proj.base_layer.weight[rows "
+                         .. (q + k + 1) .. ".." .. (q + 2 * k) .. "]", d.label)
         e:free()
     end)
 

@@ -65,7 +65,9 @@ describe("model presets", function()
 
     it("rejects an unknown model, naming the choices", function()
         assert.has_error(function() models.get("qwen3-70b") end,
-            "unknown model 'qwen3-70b' (known: qwen3-0.6b, qwen3-1.7b, qwen3-8b, tiny)")
+            "unknown model 'qwen3-70b': not a preset (known: qwen3-0.6b, qwen3-1.7b, "
+            .. "qwen3-235b-a22b, qwen3-30b-a3b, qwen3-8b, tiny, tiny-moe) and not a directory "
+            .. "holding config.json")
     end)
 end)
 
