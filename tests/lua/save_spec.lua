@@ -199,6 +199,26 @@ describe("ws.save_checkpoint", function()
     assert.are.same({10, 30}, f.header[names[2]].data_offsets)
   end)
 
+  it("is what ws.safetensors opens, tensor for tensor", function()
+    local names, ts = {}, {}
+    for i, dt in ipairs{"f32", "bf16", "f16", "fp8", "u8", "i32", "i64"} do
+      ts[i] = ws.tensor{shape = {3, i}, dtype = dt}
+      ts[i]:random_(i, 2.0)
+      names[i] = "t." .. dt
+    end
+    local ok = ws.save_checkpoint(dir, names, ts, {max_shard_bytes = 40, metadata = {k = "v"}})
+    assert.is_true(ok)
+    local ck <close> = assert(ws.safetensors(dir))
+    assert.are.same(names, ck:names())
+    assert.is_true(#ck:files() > 1)
+    for i, name in ipairs(names) do
+      local info = ck:info(name)
+      assert.are.same(ts[i]:shape(), info.shape)
+      assert.are.equal(ts[i]:dtype(), info.dtype)
+      assert.are.equal(ts[i]:checksum(), ck:tensor(name):checksum())
+    end
+  end)
+
   it("raises on misuse and returns nil, message, 'io' for the file system", function()
     local names, ts = tensors({10})
     local ok, err = pcall(ws.save_checkpoint, dir, names, ts, {max_shard_bytes = 0})
