@@ -259,6 +259,12 @@ end
 local function write_entries(tr, entries, dir, prefix, max_bytes, ctx, progress)
     local esize = tr.dtype == "f32" and 4 or 2
     local shards = M.split_shards(entries, esize, max_bytes)
+    -- What a loader would read before the new files: an earlier save's
+    -- single file (preferred by transformers) and index go first.
+    if (ctx.rank or 0) == 0 then
+        os.remove(dir .. "/" .. prefix .. ".safetensors")
+        os.remove(dir .. "/" .. prefix .. ".safetensors.index.json")
+    end
     local files, weight_map, total = {}, {}, 0
     for k, shard in ipairs(shards) do
         local file = #shards == 1 and (prefix .. ".safetensors")

@@ -223,7 +223,11 @@ function M.run_config(p, cfg, opts)
         config.check("lora_alpha", lora.check_alpha, ls.alpha)
     end
     local lcfg = config.check("target_modules", lora.config, ls)
-    if lcfg then lcfg.adapter = ls.adapter end
+    if lcfg and ls.adapter then
+        -- The report shows what runs: the adapter's settings.
+        lcfg.adapter = ls.adapter
+        cfg.lora_rank, cfg.lora_alpha, cfg.target_modules = ls.r, ls.alpha, ls.target_modules
+    end
     if (cfg.save_adapter or "") ~= "" and not lcfg then
         config.raise("config key 'save_adapter': LoRA is off (lora_rank=0); nothing to save")
     end
