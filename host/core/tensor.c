@@ -39,9 +39,13 @@ void ws_storage_release(ws_storage *s)
         ws_pool_unregister_storage(s->pool, s);
         ws_pool_uncarve(s->pool, s->pool_offset, s->nbytes);
         break;
+    case WS_STORAGE_EXTERNAL:
+        if (s->release) s->release(s->release_ctx);
+        break;
     }
     free(s->written);
     free(s->name);
+    free(s->source);
     free(s);
 }
 
@@ -183,6 +187,58 @@ ws_status ws_tensor_empty(ws_tensor *t, ws_dtype dtype, int ndim, const int64_t 
     t->name = name;
     return WS_OK;
 }
+
+ws_status ws_tensor_external(ws_tensor *t, const ws_external *mem, ws_dtype dtype, int ndim,
+                             const int64_t *shape, const char *name)
+{
+    memset(t, 0, sizeof *t);
+    const char *label = name ? name : "(unnamed)";
+    size_t nbytes = 0;
+    ws_status rc = check_shape(ndim, shape, dtype, &nbytes);
+    if (rc != WS_OK) {
+        ws_errprefix("creating tensor '%s' over external memory", label);
+        return rc;
+    }
+    if (nbytes > mem->nbytes || (nbytes && !mem->data)) {
+        char ty[160], have[32];
+        ws_tensor tmp = {.dtype = dtype};
+        ws_layout_contiguous(&tmp.layout, ndim, shape);
+        return WS_ERR(WS_ERR_ARG, "creating tensor '%s' %s over external memory: it needs %zu "
+                      "bytes, the memory%s%s%s holds %s", label,
+                      ws_tensor_typestr(&tmp, ty, sizeof ty), nbytes,
+                      mem->source ? " from '" : "", mem->source ? mem->source : "",
+                      mem->source ? "'" : "", ws_format_bytes(have, sizeof have, mem->nbytes));
+    }
+    ws_storage *s = ws_calloc(1, sizeof *s);
+    char *tname = name ? ws_strdup(name) : NULL;
+    char *sname = name ? ws_strdup(name) : NULL;
+    char *source = mem->source ? ws_strdup(mem->source) : NULL;
+    if (!s || (name && (!tname || !sname)) || (mem->source && !source)) {
+        free(s);
+        free(tname);
+        free(sname);
+        free(source);
+        return WS_ERR(WS_ERR_NOMEM, "out of memory creating tensor '%s' over external memory",
+                      label);
+    }
+    s->refcount = 1;
+    s->kind = WS_STORAGE_EXTERNAL;
+    s->device = s->owner = mem->device ? mem->device : ws_device_cpu();
+    s->data = mem->data ? mem->data : empty_data;
+    s->nbytes = mem->nbytes;
+    s->name = sname;
+    s->release = mem->release;
+    s->release_ctx = mem->release_ctx;
+    s->read_only = mem->read_only;
+    s->source = source;
+    t->storage = s;
+    t->dtype = dtype;
+    ws_layout_contiguous(&t->layout, ndim, shape);
+    t->name = tname;
+    return WS_OK;
+}
+
+int ws_tensor_is_read_only(const ws_tensor *t) { return t->storage && t->storage->read_only; }
 
 void ws_tensor_release(ws_tensor *t)
 {
@@ -354,6 +410,14 @@ ws_status ws_tensor_check_readable(const ws_tensor *t, const char *what)
 ws_status ws_tensor_check_writable(const ws_tensor *t, const char *what)
 {
     WS_TRY(ws_tensor_check_live(t, what));
+    if (t->storage->read_only) {
+        char lb[200];
+        return WS_ERR(WS_ERR_ARG,
+                      "%s: tensor %s is read-only (mapped from '%s'); copy it into a tensor of "
+                      "its own to change it",
+                      what ? what : "tensor", ws_tensor_label(t, lb, sizeof lb),
+                      t->storage->source ? t->storage->source : "external memory");
+    }
     return check_awake(t, what, "written");
 }
 
@@ -362,8 +426,8 @@ ws_status ws_tensor_access(const ws_tensor *t, int access, const char *what, voi
     *ptr = NULL;
     if (!(access & (WS_ACCESS_READ | WS_ACCESS_WRITE)))
         return WS_ERR(WS_ERR_ARG, "%s: no access asked for", what ? what : "tensor");
-    WS_TRY(access & WS_ACCESS_READ ? ws_tensor_check_readable(t, what)
-                                   : ws_tensor_check_writable(t, what));
+    if (access & WS_ACCESS_READ) WS_TRY(ws_tensor_check_readable(t, what));
+    if (access & WS_ACCESS_WRITE) WS_TRY(ws_tensor_check_writable(t, what));
     *ptr = (char *)t->storage->data + t->offset;
     return WS_OK;
 }

@@ -9,8 +9,8 @@
  * Contents validity: storage inside a pool knows which byte ranges hold data
  * written since the pool last discarded them (ws_pool_sleep). Every operation
  * gets a tensor's data pointer from ws_tensor_access, which refuses a sleeping
- * pool and, for a read, discarded bytes; every write then calls
- * ws_tensor_mark_written. Reading discarded bytes is WS_ERR_DISCARDED with a
+ * pool, a write to read-only memory and, for a read, discarded bytes; every
+ * write then calls ws_tensor_mark_written. Reading discarded bytes is WS_ERR_DISCARDED with a
  * message naming the tensor, the pool and the sleep that discarded it. */
 #ifndef WS_TENSOR_H
 #define WS_TENSOR_H
@@ -27,7 +27,8 @@ typedef struct ws_pool ws_pool;
 typedef enum ws_storage_kind {
     WS_STORAGE_DEVICE = 0, /* device->ops->alloc */
     WS_STORAGE_HOST_PINNED, /* owner->ops->host_alloc; lives on the cpu device */
-    WS_STORAGE_POOL        /* carved from a pool; freed with the pool */
+    WS_STORAGE_POOL,       /* carved from a pool; freed with the pool */
+    WS_STORAGE_EXTERNAL    /* memory someone else owns (a mapped file); see ws_tensor_external */
 } ws_storage_kind;
 
 typedef struct ws_range { size_t begin, end; } ws_range;
@@ -46,6 +47,13 @@ typedef struct ws_storage {
     ws_range *written;
     size_t n_written, cap_written;
     char *name;        /* name of the tensor that allocated it */
+    /* WS_STORAGE_EXTERNAL only: called once with release_ctx when the last
+     * reference goes; read_only refuses every write; source names where the
+     * bytes come from in messages ("model.safetensors"). */
+    void (*release)(void *release_ctx);
+    void *release_ctx;
+    int read_only;
+    char *source;
 } ws_storage;
 
 typedef struct ws_tensor {
@@ -67,6 +75,26 @@ typedef struct ws_tensor_opts {
 /* Allocates a new tensor. On failure *t stays released. */
 ws_status ws_tensor_empty(ws_tensor *t, ws_dtype dtype, int ndim, const int64_t *shape,
                           const ws_tensor_opts *opts);
+/* Memory the tensor does not allocate: `data` (nbytes long, on `device`,
+ * NULL: cpu) stays owned by whoever passed it, who learns through
+ * release(release_ctx) when the last tensor or view over it is gone. */
+typedef struct ws_external {
+    void *data;
+    size_t nbytes;
+    ws_device *device;
+    int read_only;      /* writes fail with WS_ERR_ARG naming the tensor and `source` */
+    const char *source; /* copied; may be NULL */
+    void (*release)(void *release_ctx); /* may be NULL */
+    void *release_ctx;
+} ws_external;
+
+/* A contiguous tensor of dtype and shape over mem->data, which must hold its
+ * bytes. On success the new storage owns the release; on failure *t stays
+ * released and release is not called (the caller still owns the memory). */
+ws_status ws_tensor_external(ws_tensor *t, const ws_external *mem, ws_dtype dtype, int ndim,
+                             const int64_t *shape, const char *name);
+/* Whether writes to t are refused (external read-only memory). */
+int ws_tensor_is_read_only(const ws_tensor *t);
 /* Drops the storage reference and the name and zeroes the struct; idempotent. */
 void ws_tensor_free(ws_tensor *t);
 /* Drops the storage reference but keeps the name, so later use reports
@@ -85,8 +113,8 @@ static inline ws_device *ws_tensor_device(const ws_tensor *t) { return t->storag
 /* How an operation uses a tensor's bytes (ws_tensor_access). */
 enum { WS_ACCESS_READ = 1, WS_ACCESS_WRITE = 2 };
 /* The only way to a tensor's data pointer: *ptr is set only once the tensor
- * passed the check for `access` (a bit set of WS_ACCESS_*): live and, in a
- * pool, the pool awake (its addresses have no memory behind them while it
+ * passed the check for `access` (a bit set of WS_ACCESS_*): live, for a
+ * write not read-only and, in a pool, the pool awake (its addresses have no memory behind them while it
  * sleeps); for a read, the bytes also hold data written since the last
  * discard. A caller that writes calls ws_tensor_mark_written afterwards.
  * Checking where the pointer is handed out means no path (a collective, a
@@ -141,7 +169,7 @@ ws_status ws_checksum_many(const ws_tensor *const *ts, size_t n, const uint64_t 
 ws_status ws_tensor_check_live(const ws_tensor *t, const char *what);
 ws_status ws_tensor_check_readable(const ws_tensor *t, const char *what);
 void ws_tensor_mark_written(const ws_tensor *t);
-/* Live, and not in a sleeping pool (whose memory is
+/* Live, not read-only, and not in a sleeping pool (whose memory is
  * unmapped). Every op that writes a tensor calls it first. */
 ws_status ws_tensor_check_writable(const ws_tensor *t, const char *what);
 /* Byte range [begin, end) of the storage that the view spans. */

@@ -1,0 +1,275 @@
+/* checkpoint.c: opening a checkpoint by path (one file, or shards named by an
+ * index) and looking tensors up by name across all of its files. */
+#include "checkpoint.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "fault.h"
+
+struct ws_ckpt {
+    char *path;
+    ws_st_index *index;  /* NULL: a single file */
+    ws_st_file **files;
+    size_t n_files;
+    char **file_names;
+    const ws_st_entry **entries; /* per tensor, in index (or file) order */
+    size_t *file_of;
+    size_t n;
+};
+
+void ws_ckpt_free(ws_ckpt *c)
+{
+    if (!c) return;
+    for (size_t j = 0; j < c->n_files; j++) {
+        ws_st_unref(c->files[j]);
+        free(c->file_names[j]);
+    }
+    free(c->files);
+    free(c->file_names);
+    free(c->entries);
+    free(c->file_of);
+    ws_st_index_free(c->index);
+    free(c->path);
+    free(c);
+}
+
+const char *ws_ckpt_path(const ws_ckpt *c) { return c->path; }
+size_t ws_ckpt_count(const ws_ckpt *c) { return c->n; }
+
+const char *ws_ckpt_name(const ws_ckpt *c, size_t i)
+{
+    return i < c->n ? c->entries[i]->name : NULL;
+}
+
+const ws_st_entry *ws_ckpt_entry(const ws_ckpt *c, size_t i, size_t *file)
+{
+    if (i >= c->n) return NULL;
+    if (file) *file = c->file_of[i];
+    return c->entries[i];
+}
+
+const ws_st_entry *ws_ckpt_find(const ws_ckpt *c, const char *name, size_t *file)
+{
+    if (c->index) {
+        size_t i;
+        return ws_st_index_find(c->index, name, &i) ? ws_ckpt_entry(c, i, file) : NULL;
+    }
+    if (file) *file = 0;
+    return c->n_files ? ws_st_find(c->files[0], name) : NULL;
+}
+
+size_t ws_ckpt_file_count(const ws_ckpt *c) { return c->n_files; }
+
+const char *ws_ckpt_file_name(const ws_ckpt *c, size_t j)
+{
+    return j < c->n_files ? c->file_names[j] : NULL;
+}
+
+ws_st_file *ws_ckpt_file(const ws_ckpt *c, size_t j) { return j < c->n_files ? c->files[j] : NULL; }
+
+size_t ws_ckpt_metadata_count(const ws_ckpt *c)
+{
+    return c->index ? ws_st_index_metadata_count(c->index) : ws_st_metadata_count(c->files[0]);
+}
+
+const char *ws_ckpt_metadata_key(const ws_ckpt *c, size_t i)
+{
+    return c->index ? ws_st_index_metadata_key(c->index, i) : ws_st_metadata_key(c->files[0], i);
+}
+
+const char *ws_ckpt_metadata_value(const ws_ckpt *c, size_t i)
+{
+    return c->index ? ws_st_index_metadata_value(c->index, i)
+                    : ws_st_metadata_value(c->files[0], i);
+}
+
+ws_status ws_ckpt_tensor(const ws_ckpt *c, const char *name, ws_tensor *out)
+{
+    memset(out, 0, sizeof *out);
+    size_t j;
+    const ws_st_entry *e = ws_ckpt_find(c, name, &j);
+    if (!e)
+        return WS_ERR(WS_ERR_ARG, "safetensors checkpoint '%s' has no tensor '%s'", c->path, name);
+    return ws_st_tensor(c->files[j], e, out);
+}
+
+/* ---- opening ------------------------------------------------------------------------ */
+
+static char *join(const char *dir, const char *name)
+{
+    size_t a = strlen(dir), b = strlen(name);
+    char *p = ws_malloc(a + b + 2);
+    if (p) snprintf(p, a + b + 2, "%s/%s", dir, name);
+    return p;
+}
+
+static int is_file(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+static ws_status alloc_tables(ws_ckpt *c, size_t n_files, size_t n)
+{
+    c->files = ws_calloc(n_files ? n_files : 1, sizeof *c->files);
+    c->file_names = ws_calloc(n_files ? n_files : 1, sizeof *c->file_names);
+    c->entries = ws_calloc(n ? n : 1, sizeof *c->entries);
+    c->file_of = ws_calloc(n ? n : 1, sizeof *c->file_of);
+    if (!c->files || !c->file_names || !c->entries || !c->file_of)
+        return WS_ERR(WS_ERR_NOMEM, "safetensors checkpoint '%s': out of memory", c->path);
+    return WS_OK;
+}
+
+static ws_status open_single(ws_ckpt *c, const char *file)
+{
+    ws_st_file *f;
+    WS_TRY(ws_st_open(file, &f));
+    ws_status rc = alloc_tables(c, 1, ws_st_count(f));
+    const char *slash = strrchr(file, '/');
+    char *base = rc == WS_OK ? ws_strdup(slash ? slash + 1 : file) : NULL;
+    if (rc == WS_OK && !base)
+        rc = WS_ERR(WS_ERR_NOMEM, "safetensors checkpoint '%s': out of memory", c->path);
+    if (rc != WS_OK) {
+        ws_st_unref(f);
+        return rc;
+    }
+    c->files[0] = f;
+    c->file_names[0] = base;
+    c->n_files = 1;
+    c->n = ws_st_count(f);
+    for (size_t i = 0; i < c->n; i++) c->entries[i] = ws_st_entry_at(f, i);
+    return WS_OK;
+}
+
+/* Reads a whole (bounded) file into memory of its own. */
+static ws_status read_text(const char *path, char **text, size_t *len)
+{
+    *text = NULL;
+    FILE *fp = fopen(path, "rb");
+    if (!fp)
+        return WS_ERR(WS_ERR_IO, "safetensors index '%s': cannot open: %s", path, strerror(errno));
+    struct stat st;
+    ws_status rc = WS_OK;
+    if (fstat(fileno(fp), &st) != 0)
+        rc = WS_ERR(WS_ERR_IO, "safetensors index '%s': cannot stat: %s", path, strerror(errno));
+    else if ((uint64_t)st.st_size > WS_CKPT_MAX_INDEX_BYTES)
+        rc = WS_ERR(WS_ERR_FORMAT, "safetensors index '%s': %lld bytes is above the limit of %zu",
+                    path, (long long)st.st_size, WS_CKPT_MAX_INDEX_BYTES);
+    else if (!(*text = ws_malloc((size_t)st.st_size + 1)))
+        rc = WS_ERR(WS_ERR_NOMEM, "safetensors index '%s': out of memory", path);
+    else if ((*len = fread(*text, 1, (size_t)st.st_size, fp)) != (size_t)st.st_size || ferror(fp))
+        rc = WS_ERR(WS_ERR_IO, "safetensors index '%s': read failed", path);
+    fclose(fp);
+    if (rc != WS_OK) {
+        free(*text);
+        *text = NULL;
+    }
+    return rc;
+}
+
+/* The first tensor the index lists in shard j, for messages. */
+static const char *first_in_shard(const ws_st_index *x, size_t j)
+{
+    for (size_t i = 0; i < ws_st_index_count(x); i++)
+        if (ws_st_index_file_of(x, i) == j) return ws_st_index_name(x, i);
+    return "?";
+}
+
+static ws_status open_index(ws_ckpt *c, const char *index_path, const char *dir)
+{
+    char *text;
+    size_t len = 0;
+    WS_TRY(read_text(index_path, &text, &len));
+    ws_status rc = ws_st_index_parse(text, len, index_path, &c->index);
+    free(text);
+    WS_TRY(rc);
+    const ws_st_index *x = c->index;
+    WS_TRY(alloc_tables(c, ws_st_index_file_count(x), ws_st_index_count(x)));
+    for (size_t j = 0; j < ws_st_index_file_count(x); j++) {
+        const char *name = ws_st_index_file(x, j);
+        char *path = join(dir, name);
+        if (!path || !(c->file_names[j] = ws_strdup(name))) {
+            free(path);
+            return WS_ERR(WS_ERR_NOMEM, "safetensors checkpoint '%s': out of memory", c->path);
+        }
+        rc = ws_st_open(path, &c->files[j]);
+        free(path);
+        c->n_files = j + 1; /* the name (and the file, once open) are freed with c */
+        if (rc != WS_OK) {
+            ws_errprefix("safetensors checkpoint '%s': shard '%s' (listed in the index for "
+                         "tensor '%s')", index_path, name, first_in_shard(x, j));
+            return rc;
+        }
+    }
+    for (size_t i = 0; i < ws_st_index_count(x); i++) {
+        size_t j = ws_st_index_file_of(x, i);
+        const char *name = ws_st_index_name(x, i);
+        const ws_st_entry *e = ws_st_find(c->files[j], name);
+        if (!e)
+            return WS_ERR(WS_ERR_FORMAT, "safetensors checkpoint '%s': tensor '%s' is listed "
+                          "in the index for shard '%s', which does not hold it", index_path,
+                          name, c->file_names[j]);
+        c->entries[i] = e;
+        c->file_of[i] = j;
+    }
+    c->n = ws_st_index_count(x);
+    return WS_OK;
+}
+
+static ws_status open_path(ws_ckpt *c, const char *path)
+{
+    struct stat st;
+    if (stat(path, &st) != 0)
+        return WS_ERR(WS_ERR_IO, "safetensors checkpoint '%s': cannot open: %s", path,
+                      strerror(errno));
+    if (!S_ISDIR(st.st_mode)) {
+        size_t n = strlen(path);
+        if (n >= 5 && strcmp(path + n - 5, ".json") == 0) {
+            const char *slash = strrchr(path, '/');
+            if (!slash) return open_index(c, path, ".");
+            char *dir = ws_strdup(path);
+            if (!dir) return WS_ERR(WS_ERR_NOMEM, "safetensors checkpoint '%s': out of memory", path);
+            dir[slash - path ? slash - path : 1] = '\0'; /* "/x.json" lives in "/" */
+            ws_status rc = open_index(c, path, dir);
+            free(dir);
+            return rc;
+        }
+        return open_single(c, path);
+    }
+    char *index = join(path, "model.safetensors.index.json");
+    char *single = join(path, "model.safetensors");
+    ws_status rc;
+    if (!index || !single)
+        rc = WS_ERR(WS_ERR_NOMEM, "safetensors checkpoint '%s': out of memory", path);
+    else if (is_file(index))
+        rc = open_index(c, index, path);
+    else if (is_file(single))
+        rc = open_single(c, single);
+    else
+        rc = WS_ERR(WS_ERR_IO, "safetensors checkpoint '%s': the directory holds neither "
+                    "model.safetensors.index.json nor model.safetensors", path);
+    free(index);
+    free(single);
+    return rc;
+}
+
+ws_status ws_ckpt_open(const char *path, ws_ckpt **out)
+{
+    *out = NULL;
+    ws_ckpt *c = ws_calloc(1, sizeof *c);
+    if (!c || !(c->path = ws_strdup(path))) {
+        free(c);
+        return WS_ERR(WS_ERR_NOMEM, "safetensors checkpoint '%s': out of memory", path);
+    }
+    ws_status rc = open_path(c, path);
+    if (rc != WS_OK) {
+        ws_ckpt_free(c);
+        return rc;
+    }
+    *out = c;
+    return WS_OK;
+}
