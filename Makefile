@@ -1,15 +1,17 @@
 # Two commands for a fresh Debian 12 machine (as root):
 #   make run    install what is missing, build, run the main job (pipelines/verl_lora.lua)
 #   make test   install what is missing, build, run every test (plus a sanitizer build)
-# Other targets: build, asan, tsan, lint, bench, clean.
+# Other targets: build, asan, tsan, lint, fuzz, bench, clean.
 
 BUILD ?= build
 ASAN_BUILD ?= build-asan
 TSAN_BUILD ?= build-tsan
+FUZZ_BUILD ?= build-fuzz
+FUZZ_SECONDS ?= 30
 JOBS ?= $(shell nproc)
 ARGS ?=
 
-.PHONY: all deps build run test test-asan asan test-tsan tsan lint bench clean
+.PHONY: all deps build run test test-asan asan test-tsan tsan lint fuzz bench clean
 
 all: build
 
@@ -28,6 +30,7 @@ run: build
 test: build
 	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
 	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory fuzz
 	$(MAKE) --no-print-directory test-asan
 	$(MAKE) --no-print-directory test-tsan
 
@@ -75,9 +78,18 @@ test-tsan: tsan
 lint: deps
 	scripts/cppcheck.sh
 
+# libFuzzer (clang, with ASan and UBSan) over the parsers of untrusted files,
+# the safetensors header and the checkpoint index: FUZZ_SECONDS per target from
+# tests/fuzz/corpus; any crash, leak or sanitizer report fails (scripts/fuzz.sh).
+fuzz: deps
+	cmake -S . -B $(FUZZ_BUILD) -G Ninja -DCMAKE_C_COMPILER=clang -DWS_FUZZ=ON \
+	      -DWS_WITH_CUDA=OFF -DWS_WITH_MPI=OFF -DWS_BUILD_LUA_MODULE=OFF
+	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz_safetensors fuzz_safetensors_index
+	scripts/fuzz.sh $(FUZZ_BUILD) $(FUZZ_SECONDS)
+
 bench: build
 	$(BUILD)/wshost bench/copy.lua
 	$(BUILD)/wshost bench/sync.lua
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(TSAN_BUILD) $(FUZZ_BUILD)

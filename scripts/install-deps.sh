@@ -5,7 +5,8 @@
 set -euo pipefail
 
 packages=(cmake ninja-build gcc make pkg-config liblua5.4-dev lua5.4 lua-busted
-          libopenmpi-dev openmpi-bin python3-torch gnuplot-nox cppcheck libcjson-dev)
+          libopenmpi-dev openmpi-bin python3-torch gnuplot-nox cppcheck libcjson-dev
+          clang libclang-rt-14-dev)
 
 missing=()
 for p in "${packages[@]}"; do
