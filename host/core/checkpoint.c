@@ -6,7 +6,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "fault.h"
 
@@ -273,4 +275,50 @@ ws_status ws_ckpt_open(const char *path, ws_ckpt **out)
     }
     *out = c;
     return WS_OK;
+}
+
+/* Asks the kernel to map [p, p + n) of a file mapping now. Advice only: a
+ * kernel without it still faults the pages in during the copy. */
+static void prefault(const void *p, size_t n)
+{
+    static long page;
+    if (n == 0) return;
+    if (!page) page = sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)p & ~((uintptr_t)page - 1), b = (uintptr_t)p + n;
+#ifdef MADV_POPULATE_READ
+    if (madvise((void *)a, b - a, MADV_POPULATE_READ) == 0) return;
+#endif
+    madvise((void *)a, b - a, MADV_WILLNEED);
+}
+
+ws_status ws_ckpt_read_rows(const ws_ckpt *c, size_t n, const char *const *names,
+                            const int64_t *first, ws_tensor *const *dsts)
+{
+    ws_tensor *srcs = ws_calloc(n ? n : 1, sizeof *srcs);
+    const ws_tensor **sp = ws_calloc(n ? n : 1, sizeof *sp);
+    ws_status rc = srcs && sp ? WS_OK
+                              : WS_ERR(WS_ERR_NOMEM, "checkpoint '%s': reading %zu tensors",
+                                       c->path, n);
+    for (size_t i = 0; i < n && rc == WS_OK; i++) {
+        ws_tensor full = {0}, flat = {0};
+        rc = ws_ckpt_tensor(c, names[i], &full);
+        int64_t numel = rc == WS_OK ? ws_tensor_numel(&full) : 0, want = ws_tensor_numel(dsts[i]);
+        if (rc == WS_OK && (first[i] < 0 || first[i] > numel || want > numel - first[i]))
+            rc = WS_ERR(WS_ERR_ARG, "checkpoint '%s': tensor '%s' has %lld elements; rows "
+                        "[%lld, %lld) are outside it", c->path, names[i], (long long)numel,
+                        (long long)first[i], (long long)(first[i] + want));
+        if (rc == WS_OK) rc = ws_tensor_reshape(&flat, &full, 1, &numel);
+        if (rc == WS_OK) rc = ws_tensor_narrow(&srcs[i], &flat, 0, first[i], want);
+        ws_tensor_free(&flat);
+        ws_tensor_free(&full);
+        void *p;
+        if (rc == WS_OK) rc = ws_tensor_access(&srcs[i], WS_ACCESS_READ, names[i], &p);
+        if (rc == WS_OK) prefault(p, ws_tensor_nbytes(&srcs[i]));
+        sp[i] = &srcs[i];
+    }
+    if (rc == WS_OK) rc = ws_copy_many(dsts, sp, n);
+    for (size_t i = 0; srcs && i < n; i++) ws_tensor_free(&srcs[i]);
+    free(srcs);
+    free(sp);
+    return rc;
 }

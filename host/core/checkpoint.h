@@ -46,4 +46,13 @@ const char *ws_ckpt_metadata_value(const ws_ckpt *c, size_t i);
  * and the checkpoint when it has no such tensor. */
 ws_status ws_ckpt_tensor(const ws_ckpt *c, const char *name, ws_tensor *out);
 
+/* Copies elements [first[i], first[i] + numel(dsts[i])) of the flattened
+ * tensor names[i] into dsts[i] (contiguous, any device and dtype: values are
+ * converted), for every i, in one batched copy: a trainer rank loading its
+ * FSDP rows. Only those rows of the mapping are touched; they are faulted in
+ * ahead with one madvise per range (MADV_POPULATE_READ where the kernel has
+ * it) rather than one page fault per 4 KiB. Errors name the tensor. */
+ws_status ws_ckpt_read_rows(const ws_ckpt *c, size_t n, const char *const *names,
+                            const int64_t *first, ws_tensor *const *dsts);
+
 #endif

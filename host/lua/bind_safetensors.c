@@ -109,6 +109,45 @@ static int c_tensor(lua_State *L)
     return 1;
 }
 
+/* ck:read_rows(dsts, names, firsts) -> ck: copies elements [firsts[i],
+ * firsts[i] + numel(dsts[i])) of the flattened tensor names[i] (0-based
+ * element index) into dsts[i], converting dtypes, all in one batched call. */
+static int c_read_rows(lua_State *L)
+{
+    ws_ckpt *c = check_ckpt(L, 1);
+    lua_settop(L, 4); /* [ck, dsts, names, firsts] */
+    size_t n;
+    ws_tensor **dsts = ws_lua_check_tensor_list(L, 2, &n); /* [.., keep] */
+    luaL_checktype(L, 3, LUA_TTABLE);
+    luaL_checktype(L, 4, LUA_TTABLE);
+    if ((size_t)lua_rawlen(L, 3) != n || (size_t)lua_rawlen(L, 4) != n)
+        return luaL_error(L, "read_rows: %d destinations, %d names and %d first elements; "
+                             "the lists pair up one to one",
+                          (int)n, (int)lua_rawlen(L, 3), (int)lua_rawlen(L, 4));
+    /* Userdata, so nothing leaks when a bad entry raises. */
+    const char **names = (const char **)lua_newuserdatauv(L, (n ? n : 1) * sizeof *names, 0);
+    int64_t *first = (int64_t *)lua_newuserdatauv(L, (n ? n : 1) * sizeof *first, 0);
+    for (size_t i = 0; i < n; i++) {
+        if (lua_rawgeti(L, 3, (lua_Integer)i + 1) != LUA_TSTRING)
+            return luaL_error(L, "read_rows: names[%d] must be a string, got %s", (int)i + 1,
+                              luaL_typename(L, -1));
+        names[i] = lua_tostring(L, -1); /* the names table keeps the string */
+        lua_pop(L, 1);
+        lua_rawgeti(L, 4, (lua_Integer)i + 1);
+        int ok;
+        lua_Integer v = lua_tointegerx(L, -1, &ok);
+        if (!ok || v < 0)
+            return luaL_error(L, "read_rows: firsts[%d] must be an integer >= 0, got %s",
+                              (int)i + 1, luaL_tolstring(L, -1, NULL));
+        first[i] = (int64_t)v;
+        lua_pop(L, 1);
+    }
+    ws_status rc = ws_ckpt_read_rows(c, n, names, first, dsts);
+    if (rc != WS_OK) return ws_lua_fail(L, rc, "read_rows");
+    lua_settop(L, 1);
+    return 1;
+}
+
 /* ck:metadata() -> {key = value} (strings) */
 static int c_metadata(lua_State *L)
 {
@@ -168,7 +207,8 @@ static int c_tostring(lua_State *L)
 static const luaL_Reg c_methods[] = {
     {"names", c_names},       {"count", c_count}, {"info", c_info},
     {"tensor", c_tensor},     {"metadata", c_metadata},
-    {"files", c_files},       {"path", c_path},   {"free", c_free},
+    {"files", c_files},       {"path", c_path},   {"read_rows", c_read_rows},
+    {"free", c_free},
     {NULL, NULL},
 };
 

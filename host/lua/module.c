@@ -7,6 +7,7 @@
  * `wshost -e ''` must stay fast. */
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,6 +67,43 @@ static int l_isatty(lua_State *L)
     lua_Integer fd = luaL_checkinteger(L, 1);
     luaL_argcheck(L, fd >= 0 && fd <= INT_MAX, 1, "file descriptor out of range");
     lua_pushboolean(L, isatty((int)fd) == 1);
+    return 1;
+}
+
+/* ws.reference_read(path [, buffer_bytes]) -> bytes: reads the whole file
+ * with read(2) through one reused buffer (default 16 MiB), the reference a
+ * checkpoint load is measured against (bench/load.lua). */
+static int l_reference_read(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    lua_Integer cap = luaL_optinteger(L, 2, (lua_Integer)16 << 20);
+    luaL_argcheck(L, cap > 0 && cap <= ((lua_Integer)1 << 30), 2, "buffer size out of range");
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "reference_read: cannot open '%s': %s", path, strerror(errno));
+        lua_pushstring(L, "io");
+        return 3;
+    }
+    char *buf = malloc((size_t)cap);
+    if (!buf) {
+        close(fd);
+        return luaL_error(L, "reference_read: out of memory for a %d-byte buffer", (int)cap);
+    }
+    lua_Integer total = 0;
+    for (;;) {
+        ssize_t got = read(fd, buf, (size_t)cap);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) {
+            int err = got < 0 ? errno : 0;
+            free(buf);
+            close(fd);
+            if (err) return luaL_error(L, "reference_read: '%s': %s", path, strerror(err));
+            break;
+        }
+        total += got;
+    }
+    lua_pushinteger(L, total);
     return 1;
 }
 
@@ -337,6 +375,7 @@ static const luaL_Reg ws_funcs[] = {
     {"reference_copy", l_reference_copy},
     {"isatty", l_isatty},
     {"mkdir", l_mkdir},
+    {"reference_read", l_reference_read},
     {"pid", l_pid},
     {NULL, NULL},
 };

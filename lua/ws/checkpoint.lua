@@ -85,21 +85,17 @@ function M.check_model(spec, ck)
 end
 
 -- Copies each entry's real shard elements out of the checkpoint (converting
--- to the shard's dtype). entries: trainer entries (name, first, real, view).
+-- to the shard's dtype), all in one C call. entries: trainer entries (name,
+-- first, real, view).
 function M.load_shards(ck, entries)
-    local dsts, srcs, keep = {}, {}, {}
+    local dsts, names, firsts = {}, {}, {}
     for _, e in ipairs(entries) do
         if e.real > 0 then
-            local t = ck:tensor(e.name)
-            local flat = t:flat()
-            local rows = flat:narrow(1, e.first + 1, e.real)
-            keep[#keep + 1], keep[#keep + 2] = t, flat
-            dsts[#dsts + 1], srcs[#srcs + 1] = e.view, rows
-            keep[#keep + 1] = rows
+            local k = #dsts + 1
+            dsts[k], names[k], firsts[k] = e.view, e.name, e.first
         end
     end
-    ws.copy_many(dsts, srcs)
-    for _, t in ipairs(keep) do t:free() end
+    must("load", ck:read_rows(dsts, names, firsts))
 end
 
 -- ------------------------------------------------------------------ PEFT
