@@ -85,6 +85,11 @@ else
     note "lua: no .deps/lua (run bench/prepare-gpu-deps.sh where Lua is installed and" \
          "carry .deps); relying on a system Lua"
 fi
+if [ -f "$root/.deps/cjson/include/cjson/cJSON.h" ]; then
+    cfg+=(-DWS_CJSON_INCLUDE_DIR="$root/.deps/cjson/include"
+          -DWS_CJSON_LIBRARY="$root/.deps/cjson/lib/libcjson.so.1")
+    note "cjson: carried .deps/cjson"
+fi
 if [ -x "$root/.deps/busted/busted" ]; then
     cfg+=(-DBUSTED="$root/.deps/busted/busted")
     note "busted: carried .deps/busted"

@@ -36,6 +36,22 @@ echo "prepare-gpu-deps: staged $(ls "$dest/include" | wc -l) headers and" \
      "$(du -h "$dest/liblua5.4.a" | cut -f1) liblua5.4.a in $dest"
 echo "prepare-gpu-deps: carry '.deps' to the GPU machine, then run bench/gpu-check.sh there"
 
+# cJSON (Debian ships no static library): the header and the shared library,
+# which the build tree's RPATH then finds (gpu-check.sh passes -DWS_CJSON_*).
+cdest=$root/.deps/cjson
+cjson_inc=${CJSON_INCLUDE_SRC:-/usr/include/cjson}
+cjson_lib=${CJSON_LIB_SRC:-/usr/lib/x86_64-linux-gnu/libcjson.so.1}
+if [ ! -f "$cjson_inc/cJSON.h" ] || [ ! -f "$cjson_lib" ]; then
+    echo "prepare-gpu-deps: cJSON not found ($cjson_inc/cJSON.h, $cjson_lib);" \
+         "install libcjson-dev first" >&2
+    exit 1
+fi
+rm -rf "$cdest"
+mkdir -p "$cdest/include/cjson" "$cdest/lib"
+cp -L "$cjson_inc/cJSON.h" "$cdest/include/cjson/"
+cp -L "$cjson_lib" "$cdest/lib/libcjson.so.1"
+echo "prepare-gpu-deps: staged cJSON in $cdest"
+
 # busted and its modules (pure Lua plus a few small C modules), so the Lua
 # specs run inside wshost on the GPU machine too: .deps/busted/busted is a
 # wrapper that CMake takes as BUSTED (gpu-check.sh passes -DBUSTED=...).
