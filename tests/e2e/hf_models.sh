@@ -151,19 +151,4 @@ expect "an unknown architecture" 2 "architecture 'GPT2LMHeadModel' is not suppor
 rm "$tmp/mistral/model-00002-of-00002.safetensors"
 expect "a missing shard" 1 "model-00002-of-00002.safetensors" model="$tmp/mistral" steps=1
 
-# Several ranks: each reads its own rows; the save gathers whole tensors.
-if [ "${WS_HAVE_MPI:-OFF}" = ON ] && command -v mpirun > /dev/null; then
-    for m in qwen3 moe; do
-        set +e
-        out=$(mpirun --allow-run-as-root --oversubscribe -n 2 "$WSHOST" pipelines/verl_lora.lua \
-              progress=off model="$tmp/$m" steps=2 lora_rank=4 save="$tmp/mpi_$m" \
-              save_shard_mb=0.05 2>&1)
-        rc=$?
-        set -e
-        check_rc "$m: mpirun -n 2" 0 "$rc"
-        check "$m: mpirun -n 2 verified every step" "verified 2 of 2" "$out"
-        check "$m: mpirun -n 2 save= gives the source back" "same:" \
-            "$(st compare "$tmp/$m" "$tmp/mpi_$m" 2>&1)"
-    done
-fi
 finish
