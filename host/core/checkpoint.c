@@ -233,7 +233,8 @@ static ws_status open_path(ws_ckpt *c, const char *path)
             if (!slash) return open_index(c, path, ".");
             char *dir = ws_strdup(path);
             if (!dir) return WS_ERR(WS_ERR_NOMEM, "safetensors checkpoint '%s': out of memory", path);
-            dir[slash - path ? slash - path : 1] = '\0'; /* "/x.json" lives in "/" */
+            size_t cut = slash == path ? 1 : (size_t)(slash - path); /* "/x.json": in "/" */
+            dir[cut] = '\0';
             ws_status rc = open_index(c, path, dir);
             free(dir);
             return rc;

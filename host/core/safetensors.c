@@ -301,12 +301,14 @@ static ws_status check_overlaps(const ws_st_file *f)
 /* Fills f from the parsed header `root` (an object). */
 static ws_status parse_header(ws_st_file *f, const cJSON *root)
 {
-    size_t count = 0, names_len = 0;
+    size_t count = 0, names_len = 0, n_metadata = 0;
     const cJSON *v;
     cJSON_ArrayForEach(v, root) {
         count++;
         names_len += strlen(v->string) + 1;
+        n_metadata += strcmp(v->string, "__metadata__") == 0;
     }
+    if (n_metadata > 1) return bad(f->label, NULL, "\"__metadata__\" appears twice");
     f->entries = ws_calloc(count ? count : 1, sizeof *f->entries);
     f->names = ws_malloc(names_len ? names_len : 1);
     if (!f->entries || !f->names)
@@ -314,11 +316,8 @@ static ws_status parse_header(ws_st_file *f, const cJSON *root)
                       count);
     WS_TRY(ws_strmap_init(&f->by_name, count));
     char *next = f->names;
-    int seen_metadata = 0;
     cJSON_ArrayForEach(v, root) {
         if (strcmp(v->string, "__metadata__") == 0) {
-            if (seen_metadata) return bad(f->label, NULL, "\"__metadata__\" appears twice");
-            seen_metadata = 1;
             WS_TRY(parse_metadata(f, v));
             continue;
         }

@@ -23,6 +23,7 @@
 #define WS_COMM_MT "ws.Comm"
 #define WS_REQUEST_MT "ws.Request"
 #define WS_PLAN_MT "ws.Plan"
+#define WS_CHECKPOINT_MT "ws.Checkpoint"
 
 /* The userdata of a tensor: the core struct, released when storage == NULL.
  * A view keeps its base's Lua object alive through user value 1. */
@@ -121,6 +122,7 @@ void ws_open_tensor(lua_State *L);
 void ws_open_pool(lua_State *L);
 void ws_open_comm(lua_State *L);
 void ws_open_plan(lua_State *L);
+void ws_open_safetensors(lua_State *L);
 
 int luaopen_ws(lua_State *L);
 

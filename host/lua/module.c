@@ -311,6 +311,7 @@ int luaopen_ws(lua_State *L)
     ws_open_pool(L);
     ws_open_comm(L);
     ws_open_plan(L);
+    ws_open_safetensors(L);
     luaL_setfuncs(L, ws_funcs, 0);
     lua_pushliteral(L, WSHOST_VERSION);
     lua_setfield(L, -2, "version");
