@@ -111,7 +111,9 @@ function M.read_adapter_config(dir)
     local text = f:read("a")
     f:close()
     local ok, c = pcall(json.decode, text)
-    if not ok or type(c) ~= "table" then fail("%s: not a JSON object", where) end
+    if not ok or type(c) ~= "table" or getmetatable(c) == json.array_mt then
+        fail("%s: not a JSON object", where)
+    end
     if c.peft_type ~= nil and c.peft_type ~= "LORA" then
         fail("%s: peft_type is '%s'; only LORA adapters are supported", where, tostring(c.peft_type))
     end

@@ -131,7 +131,7 @@ function M.get(name)
     end
     local where = dir .. "/config.json"
     local ok, cfg = pcall(json.decode, text)
-    if not ok or type(cfg) ~= "table" then
+    if not ok or type(cfg) ~= "table" or getmetatable(cfg) == json.array_mt then
         error(string.format("%s: not a JSON object (%s)", where,
                             tostring(ok and "got " .. type(cfg) or cfg):gsub("^[^:]*:%d+: ", "")), 0)
     end

@@ -42,7 +42,8 @@ local function reader(cfg, where)
             if default ~= nil then return default end
             error(string.format("%s: key '%s' is missing", where, key), 0)
         end
-        local i = math.tointeger(v)
+        -- A JSON string ("96") is not a number to transformers either.
+        local i = type(v) == "number" and math.tointeger(v) or nil
         if i == nil or i < (min or 1) then
             error(string.format("%s: key '%s' must be an integer >= %d, got %s", where, key,
                                 min or 1, tostring(v)), 0)
@@ -66,7 +67,7 @@ local function reader(cfg, where)
         end
         local out = {}
         for _, x in ipairs(v) do
-            local i = math.tointeger(x)
+            local i = type(x) == "number" and math.tointeger(x) or nil
             if i == nil or i < 0 then
                 error(string.format("%s: key '%s' holds %s, not a layer number", where, key,
                                     tostring(x)), 0)
@@ -134,7 +135,6 @@ function M.params(spec)
     add("model.embed_tokens.weight", { spec.vocab, h }, nil, nil, "embed_tokens")
     for l = 0, spec.layers - 1 do
         local p = "model.layers." .. l .. "."
-        add(p .. "input_layernorm.weight", { h }, l, nil, "input_layernorm")
         for _, m in ipairs(M.attn_modules) do
             local stem = p .. "self_attn." .. m
             add(stem .. ".weight", lin[m], l, "self_attn", m)
@@ -146,7 +146,6 @@ function M.params(spec)
             add(p .. "self_attn.q_norm.weight", { spec.head_dim }, l, "self_attn", "q_norm")
             add(p .. "self_attn.k_norm.weight", { spec.head_dim }, l, "self_attn", "k_norm")
         end
-        add(p .. "post_attention_layernorm.weight", { h }, l, nil, "post_attention_layernorm")
         if spec.sparse and spec.sparse[l] then
             local mi = spec.moe_intermediate
             add(p .. "mlp.gate.weight", { spec.experts, h }, l, "mlp", "gate")
@@ -162,6 +161,9 @@ function M.params(spec)
                 add(p .. "mlp." .. m .. ".weight", lin[m], l, "mlp", m)
             end
         end
+        -- The decoder layer registers its norms after self_attn and mlp.
+        add(p .. "input_layernorm.weight", { h }, l, nil, "input_layernorm")
+        add(p .. "post_attention_layernorm.weight", { h }, l, nil, "post_attention_layernorm")
     end
     add("model.norm.weight", { h }, nil, nil, "norm")
     if not spec.tied then add("lm_head.weight", { spec.vocab, h }, nil, nil, "lm_head") end

@@ -8,7 +8,8 @@ return require("ws.family.decoder").family{
     architectures = { "Qwen3MoeForCausalLM" },
     qk_norm = true,
     read = function(spec, r)
-        spec.experts = r.int("num_experts")
+        -- num_experts 0: every layer keeps a dense MLP, as in transformers.
+        spec.experts = r.int("num_experts", nil, 0)
         spec.moe_intermediate = r.int("moe_intermediate_size")
         spec.experts_per_token = r.int("num_experts_per_tok", 8)
         local step = r.int("decoder_sparse_step", 1)
@@ -16,7 +17,9 @@ return require("ws.family.decoder").family{
         for _, l in ipairs(r.int_list("mlp_only_layers")) do dense[l] = true end
         spec.sparse = {}
         for l = 0, spec.layers - 1 do
-            if not dense[l] and (l + 1) % step == 0 then spec.sparse[l] = true end
+            if spec.experts > 0 and not dense[l] and (l + 1) % step == 0 then
+                spec.sparse[l] = true
+            end
         end
     end,
 }
