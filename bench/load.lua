@@ -9,7 +9,8 @@
 -- sharded as save_pretrained does) is written to DIR on the first run and
 -- reused after (default: $TMPDIR/wshost-bench-load-<model>). Then, page cache
 -- warm:
---   read      every file read with read(2) through a 16 MiB buffer (rank 0);
+--   read      every file read with read(2) into one host buffer of the
+--             checkpoint's size (already touched, as the shards are);
 --   load      open the checkpoint (map, validate, check against config) and
 --             copy this rank's FSDP rows into existing trainer shards,
 --             converting to param_dtype: what the pipeline does at setup,
@@ -92,10 +93,23 @@ log("# wshost %s bench/load.lua: %s, %d files, %.2f GB of tensors, world %d, dev
     "param_dtype %s", ws.version, dir, #files, bytes / 1e9, world, tostring(device),
     cfg.param_dtype)
 
--- Reference: the files' bytes through read(2), page cache warm (one warm-up pass).
+-- Reference: the files' bytes through read(2) into memory, page cache warm
+-- (one warm-up pass, which also touches the buffer).
+local sizes, total_size = {}, 0
+for i, f in ipairs(files) do
+    local h = assert(io.open(dir .. "/" .. f, "rb"))
+    sizes[i] = h:seek("end")
+    h:close()
+    total_size = total_size + sizes[i]
+end
+local buffer = must("bench", ws.tensor{ shape = { total_size }, dtype = "u8", device = "cpu",
+                                  name = "read buffer" })
 local function read_all()
     local n = 0
-    for _, f in ipairs(files) do n = n + must("read", ws.reference_read(dir .. "/" .. f)) end
+    for i, f in ipairs(files) do
+        local part <close> = buffer:narrow(1, n + 1, sizes[i])
+        n = n + must("read", ws.reference_read(dir .. "/" .. f, part))
+    end
     return n
 end
 read_all()
@@ -105,6 +119,7 @@ for _ = 1, cfg.iters do
     read_all()
     read_ms = math.min(read_ms, ws.now_ms() - t0)
 end
+buffer:free()
 
 -- load: open + this rank's rows into existing shards.
 local tr = trainer_mod.new{ spec = spec, device = device, comm = comm, rank = rank, world = world,

@@ -29,6 +29,7 @@ struct ws_st_file {
     char *label;
     void *map; /* ws_st_open's mapping, unmapped with the last reference */
     size_t map_size;
+    int fd;    /* ws_st_open's file, for positioned reads; -1 for a parsed image */
     const unsigned char *data; /* the data region */
     size_t data_size;
     ws_st_entry *entries;
@@ -74,6 +75,7 @@ const char *ws_st_dtype_name(ws_dtype t)
 static void st_free(ws_st_file *f)
 {
     if (f->map) munmap(f->map, f->map_size);
+    if (f->fd >= 0) close(f->fd);
     for (size_t i = 0; i < 2 * f->n_meta; i++) free(f->meta[i]);
     free(f->meta);
     ws_strmap_free(&f->by_name);
@@ -102,6 +104,12 @@ const ws_st_entry *ws_st_find(const ws_st_file *f, const char *name)
 {
     size_t i;
     return ws_strmap_get(&f->by_name, name, &i) ? &f->entries[i] : NULL;
+}
+
+int ws_st_fd(const ws_st_file *f, uint64_t *data_offset)
+{
+    *data_offset = f->map ? (uint64_t)(f->data - (const unsigned char *)f->map) : 0;
+    return f->fd;
 }
 
 const void *ws_st_data(const ws_st_file *f, size_t *size)
@@ -385,6 +393,7 @@ ws_status ws_st_parse(const void *data, size_t size, const char *label, ws_st_fi
         return WS_ERR(WS_ERR_NOMEM, "safetensors '%s': out of memory", label);
     }
     f->refcount = 1;
+    f->fd = -1;
     f->label = copy;
     f->data = p + 8 + hlen;
     f->data_size = size - 8 - (size_t)hlen;
@@ -425,14 +434,15 @@ ws_status ws_st_open(const char *path, ws_st_file **out)
                           "safetensors '%s': cannot map %zu bytes: %s", path, size, strerror(err));
         }
     }
-    close(fd); /* the mapping stays */
     ws_status rc = ws_st_parse(map, size, path, out);
     if (rc != WS_OK) {
         if (map) munmap(map, size);
+        close(fd);
         return rc;
     }
     (*out)->map = map;
     (*out)->map_size = size;
+    (*out)->fd = fd; /* kept for ws_st_fd's positioned reads */
     return WS_OK;
 }
 

@@ -51,6 +51,10 @@ const ws_st_entry *ws_st_entry_at(const ws_st_file *f, size_t i); /* header orde
 const ws_st_entry *ws_st_find(const ws_st_file *f, const char *name); /* NULL: absent */
 /* The data region (the bytes the entries' offsets address). */
 const void *ws_st_data(const ws_st_file *f, size_t *size);
+/* The open file of ws_st_open (-1 for an image parsed from memory) and the
+ * file offset of the data region, for positioned reads (pread) that copy
+ * straight into a destination without mapping the source pages. */
+int ws_st_fd(const ws_st_file *f, uint64_t *data_offset);
 size_t ws_st_metadata_count(const ws_st_file *f);
 const char *ws_st_metadata_key(const ws_st_file *f, size_t i);
 const char *ws_st_metadata_value(const ws_st_file *f, size_t i);

@@ -70,14 +70,25 @@ static int l_isatty(lua_State *L)
     return 1;
 }
 
-/* ws.reference_read(path [, buffer_bytes]) -> bytes: reads the whole file
- * with read(2) through one reused buffer (default 16 MiB), the reference a
+/* ws.reference_read(path [, dst]) -> bytes: reads the whole file with
+ * read(2), into the cpu tensor dst (its bytes from the start; it must be large
+ * enough) or, without one, through a reused 16 MiB buffer: the reference a
  * checkpoint load is measured against (bench/load.lua). */
 static int l_reference_read(lua_State *L)
 {
     const char *path = luaL_checkstring(L, 1);
-    lua_Integer cap = luaL_optinteger(L, 2, (lua_Integer)16 << 20);
-    luaL_argcheck(L, cap > 0 && cap <= ((lua_Integer)1 << 30), 2, "buffer size out of range");
+    char *dst = NULL, *buf = NULL;
+    size_t cap = (size_t)16 << 20;
+    if (!lua_isnoneornil(L, 2)) {
+        ws_tensor *t = ws_lua_check_tensor(L, 2);
+        if (ws_tensor_device(t)->kind != WS_DEVICE_CPU || !ws_tensor_is_contiguous(t))
+            return luaL_argerror(L, 2, "a contiguous cpu tensor");
+        void *p;
+        if (ws_tensor_access(t, WS_ACCESS_WRITE, "reference_read", &p) != WS_OK)
+            return ws_lua_raise(L, NULL);
+        dst = p;
+        cap = ws_tensor_nbytes(t);
+    }
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         lua_pushnil(L);
@@ -85,25 +96,33 @@ static int l_reference_read(lua_State *L)
         lua_pushstring(L, "io");
         return 3;
     }
-    char *buf = malloc((size_t)cap);
-    if (!buf) {
+    if (!dst && !(buf = malloc(cap))) {
         close(fd);
-        return luaL_error(L, "reference_read: out of memory for a %d-byte buffer", (int)cap);
+        return luaL_error(L, "reference_read: out of memory for a buffer");
     }
-    lua_Integer total = 0;
+    size_t total = 0;
+    int err = 0;
     for (;;) {
-        ssize_t got = read(fd, buf, (size_t)cap);
-        if (got < 0 && errno == EINTR) continue;
-        if (got <= 0) {
-            int err = got < 0 ? errno : 0;
-            free(buf);
-            close(fd);
-            if (err) return luaL_error(L, "reference_read: '%s': %s", path, strerror(err));
+        char *at = dst ? dst + total : buf;
+        size_t room = dst ? cap - total : cap;
+        if (dst && room == 0) { /* full: the file must end here */
+            char probe;
+            ssize_t more = read(fd, &probe, 1);
+            if (more < 0 && errno == EINTR) continue;
+            err = more < 0 ? errno : more > 0 ? EFBIG : 0;
             break;
         }
-        total += got;
+        ssize_t got = read(fd, at, room);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) err = errno;
+        if (got <= 0) break;
+        total += (size_t)got;
     }
-    lua_pushinteger(L, total);
+    free(buf);
+    close(fd);
+    if (err) return luaL_error(L, "reference_read: '%s': %s", path, strerror(err));
+    if (dst) ws_tensor_mark_written(ws_lua_check_tensor(L, 2));
+    lua_pushinteger(L, (lua_Integer)total);
     return 1;
 }
 

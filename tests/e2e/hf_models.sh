@@ -134,7 +134,7 @@ expect "LoRA on experts" 2 "LoRA on the experts of a mixture-of-experts model is
 cp -r "$tmp/llama" "$tmp/llama_more"
 sed -i 's/"num_hidden_layers": 2/"num_hidden_layers": 3/' "$tmp/llama_more/config.json"
 expect "config.json with a layer the weights lack" 1 \
-    "implies tensor 'model.layers.2.input_layernorm.weight' [" model="$tmp/llama_more" steps=1
+    "implies tensor 'model.layers.2.self_attn.q_proj.weight' [" model="$tmp/llama_more" steps=1
 cp -r "$tmp/llama" "$tmp/llama_less"
 sed -i 's/"num_hidden_layers": 2/"num_hidden_layers": 1/' "$tmp/llama_less/config.json"
 expect "weights with a layer config.json lacks" 1 \
