@@ -3,6 +3,7 @@
 #include "checkpoint.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -152,13 +153,21 @@ static ws_status open_single(ws_ckpt *c, const char *file)
 static ws_status read_text(const char *path, char **text, size_t *len)
 {
     *text = NULL;
-    FILE *fp = fopen(path, "rb");
-    if (!fp)
-        return WS_ERR(WS_ERR_IO, "safetensors index '%s': cannot open: %s", path, strerror(errno));
+    /* O_NONBLOCK: a FIFO by that name must not hang the open; it is then
+     * refused as not a regular file. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    FILE *fp = fd >= 0 ? fdopen(fd, "rb") : NULL;
+    if (!fp) {
+        int err = errno;
+        if (fd >= 0) close(fd);
+        return WS_ERR(WS_ERR_IO, "safetensors index '%s': cannot open: %s", path, strerror(err));
+    }
     struct stat st;
     ws_status rc = WS_OK;
     if (fstat(fileno(fp), &st) != 0)
         rc = WS_ERR(WS_ERR_IO, "safetensors index '%s': cannot stat: %s", path, strerror(errno));
+    else if (!S_ISREG(st.st_mode))
+        rc = WS_ERR(WS_ERR_IO, "safetensors index '%s': not a regular file", path);
     else if ((uint64_t)st.st_size > WS_CKPT_MAX_INDEX_BYTES)
         rc = WS_ERR(WS_ERR_FORMAT, "safetensors index '%s': %lld bytes is above the limit of %zu",
                     path, (long long)st.st_size, WS_CKPT_MAX_INDEX_BYTES);
@@ -369,9 +378,9 @@ ws_status ws_ckpt_read_rows(const ws_ckpt *c, size_t n, const char *const *names
         rc = ws_ckpt_tensor(c, names[i], &full);
         int64_t numel = rc == WS_OK ? ws_tensor_numel(&full) : 0, want = ws_tensor_numel(dsts[i]);
         if (rc == WS_OK && (first[i] < 0 || first[i] > numel || want > numel - first[i]))
-            rc = WS_ERR(WS_ERR_ARG, "checkpoint '%s': tensor '%s' has %lld elements; rows "
-                        "[%lld, %lld) are outside it", c->path, names[i], (long long)numel,
-                        (long long)first[i], (long long)(first[i] + want));
+            rc = WS_ERR(WS_ERR_ARG, "checkpoint '%s': tensor '%s' has %lld elements; %lld "
+                        "elements from element %lld are outside it", c->path, names[i],
+                        (long long)numel, (long long)want, (long long)first[i]);
         if (rc == WS_OK) rc = ws_tensor_reshape(&flat, &full, 1, &numel);
         if (rc == WS_OK) rc = ws_tensor_narrow(&srcs[i], &flat, 0, first[i], want);
         ws_tensor_free(&flat);
@@ -410,7 +419,14 @@ ws_status ws_ckpt_read_rows(const ws_ckpt *c, size_t n, const char *const *names
     }
     if (rc == WS_OK && n_cp) {
         run_all(pf, n_cp);
-        rc = ws_copy_many(cd, cs, n_cp);
+        /* A batched copy runs on one device; the sources are host memory,
+         * so device destinations take a copy each (host to device). */
+        int on_cpu = 1;
+        for (size_t i = 0; i < n_cp; i++)
+            if (ws_tensor_device(cd[i])->kind != WS_DEVICE_CPU) on_cpu = 0;
+        if (on_cpu) rc = ws_copy_many(cd, cs, n_cp);
+        for (size_t i = 0; !on_cpu && i < n_cp && rc == WS_OK; i++)
+            rc = ws_tensor_copy(cd[i], cs[i]);
     }
     for (size_t i = 0; srcs && i < n; i++) ws_tensor_free(&srcs[i]);
     free(srcs);

@@ -328,6 +328,9 @@ ws_status ws_pool_sleep(ws_pool *p, int level, const char *note)
         return WS_ERR(WS_ERR_ARG, "pool '%s': sleep level must be 1 (keep contents in host "
                       "memory) or 2 (discard contents), got %d", p->tag, level);
     WS_TRY(check_unheld(p, "sleep"));
+    if (p->asleep && p->reserved)
+        return WS_ERR(WS_ERR_ARG, "pool '%s' was reserved without memory (a dry run) and has "
+                      "never been awake; wake it first", p->tag);
     if (p->asleep)
         return WS_ERR(WS_ERR_ARG, "pool '%s' is already asleep (sleep(level=%d) #%d); wake it "
                       "first", p->tag, p->last_level, p->sleeps);

@@ -410,7 +410,8 @@ ws_status ws_st_parse(const void *data, size_t size, const char *label, ws_st_fi
 ws_status ws_st_open(const char *path, ws_st_file **out)
 {
     *out = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: opening a FIFO must not hang; it is refused below. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
         return WS_ERR(WS_ERR_IO, "safetensors '%s': cannot open: %s", path, strerror(errno));
     struct stat st;

@@ -89,10 +89,14 @@ static int l_reference_read(lua_State *L)
         dst = p;
         cap = ws_tensor_nbytes(t);
     }
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        int err = fd < 0 ? errno : 0;
+        if (fd >= 0) close(fd);
         lua_pushnil(L);
-        lua_pushfstring(L, "reference_read: cannot open '%s': %s", path, strerror(errno));
+        lua_pushfstring(L, "reference_read: cannot read '%s': %s", path,
+                        err ? strerror(err) : "not a regular file");
         lua_pushstring(L, "io");
         return 3;
     }
@@ -120,7 +124,12 @@ static int l_reference_read(lua_State *L)
     }
     free(buf);
     close(fd);
-    if (err) return luaL_error(L, "reference_read: '%s': %s", path, strerror(err));
+    if (err) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "reference_read: '%s': %s", path, strerror(err));
+        lua_pushstring(L, "io");
+        return 3;
+    }
     if (dst) ws_tensor_mark_written(ws_lua_check_tensor(L, 2));
     lua_pushinteger(L, (lua_Integer)total);
     return 1;
@@ -143,7 +152,8 @@ static int l_mkdir(lua_State *L)
         if (mkdir(buf, 0777) != 0 && !(errno == EEXIST && stat(buf, &st) == 0 &&
                                        S_ISDIR(st.st_mode))) {
             lua_pushnil(L);
-            lua_pushfstring(L, "cannot create directory '%s': %s", buf, strerror(errno));
+            lua_pushfstring(L, "mkdir: cannot create directory '%s': %s", buf,
+                            errno == EEXIST ? "it exists and is not a directory" : strerror(errno));
             lua_pushstring(L, "io");
             return 3;
         }

@@ -175,8 +175,12 @@ end
 
 -- ------------------------------------------------------------------ writing
 
+-- Temporary names differ per process and per write, so two writers (or a
+-- nested one) never share a file.
+local writes = 0
 local function write_text(path, text)
-    local tmp = string.format("%s.tmp.%d", path, ws.pid())
+    writes = writes + 1
+    local tmp = string.format("%s.tmp.%d.%d", path, ws.pid(), writes)
     local f, msg = io.open(tmp, "wb")
     if not f then fail("cannot write %s: %s", path, tostring(msg)) end
     local ok, werr = f:write(text)
