@@ -32,7 +32,10 @@ describe("verl_lora need_base", function()
                     values[#values + 1] = (v:gsub("^%s+", ""):gsub("%s+$", ""):gsub("`", ""))
                 end
                 assert.are.equal(#names, #values, line)
-                for i, k in ipairs(names) do documented[k] = values[i] end
+                -- "(none)": an empty string default (a path not given).
+                for i, k in ipairs(names) do
+                    documented[k] = values[i] == "(none)" and "" or values[i]
+                end
             end
         end
         for key, spec in pairs(verl.schema) do
