@@ -130,8 +130,8 @@ local function run_worker()
     end
     local adapter_tensors = {}
     for _, e in ipairs(trainer.adapter_params) do
-        local _, _, _, ename = engine:destination(e.name)
-        adapter_tensors[ename] = true
+        local _, d = engine:destination(e.name)
+        adapter_tensors[d.name] = true
     end
     local cs_base, cs_adapter = 0, 0
     for _, name in ipairs(engine.order) do
@@ -144,10 +144,8 @@ local function run_worker()
         local function entries(list, scale)
             local out = {}
             for i, e in ipairs(list) do
-                local t, row_offset, _, ename = engine:destination(e.name)
-                local cols = t:numel() // t:shape()[1]
-                out[i] = { name = e.name, shape = e.shape, engine = ename,
-                           offset = (row_offset or 0) * cols,
+                local _, d = engine:destination(e.name)
+                out[i] = { name = e.name, shape = e.shape, engine = d.name, offset = d.offset,
                            seed = trainer_mod.seed_of(e.name, 0) ~ trainer.seed, scale = scale }
             end
             return out
