@@ -632,7 +632,8 @@ static ws_status join(const char *what, const char *dir, const char *name, char 
 {
     size_t k = strlen(dir), n = k + strlen(name) + 2;
     *out = ws_malloc(n);
-    if (!*out) return WS_ERR(WS_ERR_NOMEM, "%s: out of memory naming '%s' in '%s'", what, name, dir);
+    if (!*out)
+        return WS_ERR(WS_ERR_NOMEM, "%s: out of memory naming '%s' in '%s'", what, name, dir);
     snprintf(*out, n, "%s%s%s", dir, k && dir[k - 1] == '/' ? "" : "/", name);
     return WS_OK;
 }
@@ -766,7 +767,8 @@ ws_status ws_st_save_sharded(const char *dir, const char *prefix, size_t n,
     /* Shard of each tensor, and where each shard begins (shards are runs of
      * consecutive tensors). */
     size_t *shard_of = ws_malloc((n ? n : 1) * sizeof *shard_of);
-    size_t *first = ws_malloc((n + 1) * sizeof *first);
+    /* Where each shard begins: n shards at most (1 for n = 0), then the end. */
+    size_t *first = ws_malloc((n + 2) * sizeof *first);
     if (!shard_of || !first) {
         free(shard_of);
         free(first);
@@ -810,7 +812,8 @@ ws_status ws_st_save_sharded(const char *dir, const char *prefix, size_t n,
     if (rc == WS_OK && n_shards > 1) {
         ws_st_index_filename(file, sizeof file, prefix);
         rc = join(what, dir, file, &path);
-        if (rc == WS_OK) rc = write_index(what, path, prefix, n, names, shard_of, n_shards, sz.total);
+        if (rc == WS_OK)
+            rc = write_index(what, path, prefix, n, names, shard_of, n_shards, sz.total);
         free(path);
     }
     if (rc == WS_OK) rc = remove_stale(what, dir, prefix, n_shards);
