@@ -11,6 +11,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +26,19 @@
 
 /* Readers (the reference implementation among them) refuse larger headers. */
 #define ST_MAX_HEADER_BYTES 100000000u
+
+/* The longest file name (one path component) the file systems we write to take. */
+#ifdef NAME_MAX
+#define ST_NAME_MAX NAME_MAX
+#else
+#define ST_NAME_MAX 255
+#endif
+/* What the temporary name adds to a target's: "." before it, ".tmp.XXXXXX" after. */
+#define ST_TMP_EXTRA 12
+
+/* The start of a long string for messages: "pppp...pppp..." (40 bytes) */
+#define ST_ABBREV_FMT "%.*s%s"
+#define ST_ABBREV(s) (strlen(s) > 48 ? 40 : (int)strlen(s)), (s), (strlen(s) > 48 ? "..." : "")
 
 static const char *st_dtype_name(ws_dtype d)
 {
@@ -157,8 +172,8 @@ static ws_status check_args(const char *what, size_t n, const char *const *names
 typedef struct st_file {
     int fd;
     const char *path;
-    char tmp[4096];
-    char dir[4096];
+    char *tmp; /* "<dir>/.<name>.tmp.XXXXXX", allocated */
+    char *dir; /* allocated */
 } st_file;
 
 static ws_status io_error(const char *what, const char *path, const char *doing, const char *obj,
@@ -168,19 +183,59 @@ static ws_status io_error(const char *what, const char *path, const char *doing,
                   obj ? " '" : "", obj ? obj : "", obj ? "'" : "", strerror(err));
 }
 
-/* Splits `path` into its directory and the temporary name beside it. */
+/* The process's umask, read once. umask() can only be read by setting it,
+ * which races with any other thread creating a file meanwhile; Linux shows it
+ * in /proc/self/status (since 4.7), so the set-and-restore is a fallback. */
+static mode_t st_umask = 022;
+static pthread_once_t st_umask_once = PTHREAD_ONCE_INIT;
+
+static void read_umask(void)
+{
+    FILE *f = fopen("/proc/self/status", "re");
+    int found = 0;
+    if (f) {
+        char line[256];
+        unsigned m;
+        while (!found && fgets(line, sizeof line, f))
+            if (sscanf(line, "Umask: %o", &m) == 1) {
+                st_umask = (mode_t)(m & 0777);
+                found = 1;
+            }
+        fclose(f);
+    }
+    if (!found) {
+        mode_t m = umask(022);
+        umask(m);
+        st_umask = m;
+    }
+}
+
+/* Splits `path` into its directory and a unique temporary name beside it.
+ * The name is unique (mkostemp, O_EXCL) so two writers of one target, a
+ * nested save from a progress callback among them, never share an inode.
+ * A target name near the limit has its temporary's copy cut short. */
 static ws_status temp_name(st_file *f, const char *what, const char *path)
 {
     const char *slash = strrchr(path, '/');
     const char *base = slash ? slash + 1 : path;
     if (!*base || strcmp(base, ".") == 0 || strcmp(base, "..") == 0)
         return WS_ERR(WS_ERR_ARG, "%s: path '%s' names no file", what, path);
+    size_t blen = strlen(base);
+    if (blen > ST_NAME_MAX)
+        return WS_ERR(WS_ERR_ARG, "%s: file name '" ST_ABBREV_FMT "' is too long (%zu bytes, "
+                      "over the %d a file name may have); use a shorter name",
+                      what, ST_ABBREV(base), blen, ST_NAME_MAX);
     size_t dlen = slash ? (size_t)(slash - path) : 1;
     if (slash == path) dlen = 1; /* "/x": the root */
-    int k = snprintf(f->dir, sizeof f->dir, "%.*s", (int)dlen, slash ? path : ".");
-    int m = snprintf(f->tmp, sizeof f->tmp, "%s/.%s.tmp.%ld", f->dir, base, (long)getpid());
-    if (k < 0 || (size_t)k >= sizeof f->dir || m < 0 || (size_t)m >= sizeof f->tmp)
-        return WS_ERR(WS_ERR_ARG, "%s: path '%s' is too long", what, path);
+    size_t keep = blen < ST_NAME_MAX - ST_TMP_EXTRA ? blen : ST_NAME_MAX - ST_TMP_EXTRA;
+    f->dir = ws_malloc(dlen + 1);
+    f->tmp = ws_malloc(dlen + keep + ST_TMP_EXTRA + 2);
+    if (!f->dir || !f->tmp)
+        return WS_ERR(WS_ERR_NOMEM, "%s: writing '%s': out of memory", what, path);
+    memcpy(f->dir, slash ? path : ".", dlen);
+    f->dir[dlen] = '\0';
+    snprintf(f->tmp, dlen + keep + ST_TMP_EXTRA + 2, "%s/.%.*s.tmp.XXXXXX", f->dir, (int)keep,
+             base);
     return WS_OK;
 }
 
@@ -188,8 +243,9 @@ static ws_status file_open(st_file *f, const char *what, const char *path)
 {
     f->fd = -1;
     f->path = path;
+    f->tmp = f->dir = NULL;
     WS_TRY(temp_name(f, what, path));
-    f->fd = open(f->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0666);
+    f->fd = mkostemp(f->tmp, O_CLOEXEC);
     if (f->fd < 0) {
         int err = errno;
         struct stat st;
@@ -198,16 +254,30 @@ static ws_status file_open(st_file *f, const char *what, const char *path)
                           "create it first", what, path, f->dir, strerror(err));
         return io_error(what, path, "cannot create the temporary file", f->tmp, err);
     }
+    /* mkostemp creates 0600; the file gets the mode a plain create would give. */
+    pthread_once(&st_umask_once, read_umask);
+    if (fchmod(f->fd, 0666 & ~st_umask) != 0) {
+        int err = errno;
+        close(f->fd);
+        f->fd = -1;
+        unlink(f->tmp);
+        return io_error(what, path, "setting the mode of the temporary file", f->tmp, err);
+    }
     return WS_OK;
 }
 
-/* Removes what a failed write left; the target is untouched. */
+/* Removes what a failed write left (the target is untouched) and frees the
+ * names; after a commit only the names. */
 static void file_abort(st_file *f)
 {
-    if (f->fd < 0) return;
-    close(f->fd);
-    unlink(f->tmp);
-    f->fd = -1;
+    if (f->fd >= 0) {
+        close(f->fd);
+        unlink(f->tmp);
+        f->fd = -1;
+    }
+    free(f->tmp);
+    free(f->dir);
+    f->tmp = f->dir = NULL;
 }
 
 static ws_status file_write(st_file *f, const char *what, const void *buf, size_t len)
@@ -283,7 +353,7 @@ static int add_u64(cJSON *parent, const char *key, uint64_t v)
 
 /* The header JSON of tensors [0, n), with `format` (may be NULL) as a
  * "format" metadata entry the caller's metadata does not already give. */
-static char *header_json(size_t n, const char *const *names, const ws_tensor *const *tensors,
+static char *header_json(size_t n, const char *const *names, const ws_tensor *tensors,
                          size_t n_meta, const char *const *meta_kv, const char *format)
 {
     cJSON *root = cJSON_CreateObject();
@@ -299,7 +369,7 @@ static char *header_json(size_t n, const char *const *names, const ws_tensor *co
     }
     uint64_t offset = 0;
     for (size_t i = 0; ok && i < n; i++) {
-        const ws_tensor *t = tensors[i];
+        const ws_tensor *t = &tensors[i];
         cJSON *entry = cJSON_CreateObject(), *shape = NULL, *offsets = NULL;
         ok = add_item(root, names[i], entry) &&
              add_item(entry, "dtype", cJSON_CreateString(st_dtype_name(t->dtype))) &&
@@ -375,18 +445,38 @@ static ws_status write_device_chunk(st_writer *w, st_file *f, const ws_tensor *f
     return rc;
 }
 
-static ws_status write_tensor(st_writer *w, st_file *f, const char *name, const ws_tensor *t)
+/* A progress callback may free the caller's tensor, put its pool to sleep
+ * or discard its contents: the writer's own reference (`held`) keeps the
+ * memory, and this check before every chunk turns such a change into an
+ * error naming the tensor instead of a read of memory that is gone. */
+static ws_status check_still_readable(const st_writer *w, const st_file *f, const char *name,
+                                      const ws_tensor *t, const ws_tensor *held)
 {
-    size_t nbytes = ws_tensor_nbytes(t);
+    if (ws_tensor_is_released(t) || t->storage != held->storage)
+        return WS_ERR(WS_ERR_FREED, "%s: writing '%s': tensor '%s' was freed while it was being "
+                      "saved (by the progress callback?); keep the tensors alive until the save "
+                      "returns", w->what, f->path, name);
+    ws_status rc = ws_tensor_check_readable(t, w->what);
+    if (rc != WS_OK) ws_errprefix("writing '%s' (tensor '%s')", f->path, name);
+    return rc;
+}
+
+/* The caller's tensor t through the writer's own view `held` of it. */
+static ws_status write_tensor(st_writer *w, st_file *f, const char *name, const ws_tensor *t,
+                              const ws_tensor *held)
+{
+    size_t nbytes = ws_tensor_nbytes(held);
+    WS_TRY(check_still_readable(w, f, name, t, held));
     if (nbytes == 0) return report(w, f->path);
-    ws_device *dev = ws_tensor_device(t);
+    ws_device *dev = ws_tensor_device(held);
     ws_status rc = WS_OK;
     if (dev->kind == WS_DEVICE_CPU) {
-        void *p = NULL;
-        WS_TRY(ws_tensor_access(t, WS_ACCESS_READ, w->what, &p));
         for (size_t off = 0; off < nbytes && rc == WS_OK;) {
             size_t len = nbytes - off < w->staging_bytes ? nbytes - off : w->staging_bytes;
-            rc = file_write(f, w->what, (const char *)p + off, len);
+            void *p = NULL;
+            rc = check_still_readable(w, f, name, t, held);
+            if (rc == WS_OK) rc = ws_tensor_access(held, WS_ACCESS_READ, w->what, &p);
+            if (rc == WS_OK) rc = file_write(f, w->what, (const char *)p + off, len);
             off += len;
             w->done += rc == WS_OK ? len : 0;
             if (rc == WS_OK) rc = report(w, f->path);
@@ -395,27 +485,31 @@ static ws_status write_tensor(st_writer *w, st_file *f, const char *name, const 
     }
     ws_tensor flat = {0};
     rc = staging_alloc(w, dev);
-    if (rc == WS_OK) rc = ws_tensor_flat_bytes(&flat, t);
+    if (rc == WS_OK) rc = ws_tensor_flat_bytes(&flat, held);
     size_t chunk = ws_tensor_is_released(&w->staging) ? 0 : ws_tensor_nbytes(&w->staging);
     for (size_t off = 0; off < nbytes && rc == WS_OK;) {
         size_t len = nbytes - off < chunk ? nbytes - off : chunk;
-        rc = write_device_chunk(w, f, &flat, off, len);
+        rc = check_still_readable(w, f, name, t, held);
+        if (rc == WS_OK) rc = write_device_chunk(w, f, &flat, off, len);
         off += len;
         w->done += rc == WS_OK ? len : 0;
         if (rc == WS_OK) rc = report(w, f->path);
     }
     ws_tensor_free(&flat);
-    if (rc != WS_OK && rc != WS_ERR_IO && rc != WS_ERR_INTERRUPTED)
+    if (rc != WS_OK && rc != WS_ERR_IO && rc != WS_ERR_INTERRUPTED && rc != WS_ERR_FREED &&
+        rc != WS_ERR_DISCARDED)
         ws_errprefix("%s: tensor '%s' (%s)", w->what, name, dev->name);
     return rc;
 }
 
-/* One safetensors file of tensors [0, n): header, data, commit. */
+/* One safetensors file of tensors [0, n): header, data, commit. The final
+ * progress report comes before the commit, so a stop asked for there (or an
+ * error raised by a Lua callback) still publishes nothing. */
 static ws_status write_file(st_writer *w, const char *path, size_t n, const char *const *names,
-                            const ws_tensor *const *tensors, size_t n_meta,
-                            const char *const *meta_kv, const char *format)
+                            const ws_tensor *const *tensors, const ws_tensor *held,
+                            size_t n_meta, const char *const *meta_kv, const char *format)
 {
-    char *json = header_json(n, names, tensors, n_meta, meta_kv, format);
+    char *json = header_json(n, names, held, n_meta, meta_kv, format);
     if (!json) return WS_ERR(WS_ERR_NOMEM, "%s: out of memory building the header of '%s'",
                              w->what, path);
     size_t len = strlen(json), padded = (len + 7) / 8 * 8;
@@ -434,10 +528,34 @@ static ws_status write_file(st_writer *w, const char *path, size_t n, const char
     if (rc == WS_OK) rc = file_write(&f, w->what, json, len);
     if (rc == WS_OK) rc = file_write(&f, w->what, spaces, padded - len);
     free(json);
-    for (size_t i = 0; i < n && rc == WS_OK; i++) rc = write_tensor(w, &f, names[i], tensors[i]);
+    for (size_t i = 0; i < n && rc == WS_OK; i++)
+        rc = write_tensor(w, &f, names[i], tensors[i], &held[i]);
+    if (rc == WS_OK) rc = report(w, path);
     if (rc == WS_OK) rc = file_commit(&f, w->what);
     file_abort(&f);
     return rc;
+}
+
+/* The writer's own reference to each tensor for the length of the save:
+ * what the header describes and the bytes written stay as they were when
+ * the save began, whatever a progress callback does to the caller's structs. */
+static ws_status hold_tensors(const char *what, size_t n, const ws_tensor *const *tensors,
+                              ws_tensor **out)
+{
+    *out = ws_malloc((n ? n : 1) * sizeof **out);
+    if (!*out) return WS_ERR(WS_ERR_NOMEM, "%s: out of memory holding %zu tensors", what, n);
+    for (size_t i = 0; i < n; i++) {
+        (*out)[i] = *tensors[i];
+        (*out)[i].name = NULL;
+        ws_storage_retain((*out)[i].storage);
+    }
+    return WS_OK;
+}
+
+static void release_tensors(size_t n, ws_tensor *held)
+{
+    for (size_t i = 0; held && i < n; i++) ws_tensor_free(&held[i]);
+    free(held);
 }
 
 static void writer_init(st_writer *w, const char *what, size_t staging_bytes,
@@ -452,14 +570,6 @@ static void writer_init(st_writer *w, const char *what, size_t staging_bytes,
     w->progress_ctx = ctx;
 }
 
-/* The final report when no chunk carried it (nothing to write); the save
- * is complete by then, so a stop request changes nothing. */
-static void writer_finish(st_writer *w)
-{
-    if (w->progress && !w->final_sent) w->progress(w->done, w->total, w->progress_ctx);
-    ws_tensor_free(&w->staging);
-}
-
 ws_status ws_st_write(const char *path, size_t n, const char *const *names,
                       const ws_tensor *const *tensors, size_t n_meta, const char *const *meta_kv,
                       size_t staging_bytes, ws_st_progress_fn progress, void *progress_ctx)
@@ -468,11 +578,13 @@ ws_status ws_st_write(const char *path, size_t n, const char *const *names,
     if (!path) return WS_ERR(WS_ERR_ARG, "%s: no path given", what);
     st_sizes sz;
     WS_TRY(check_args(what, n, names, tensors, n_meta, meta_kv, &sz));
+    ws_tensor *held = NULL;
+    WS_TRY(hold_tensors(what, n, tensors, &held));
     st_writer w;
     writer_init(&w, what, staging_bytes, &sz, progress, progress_ctx);
-    ws_status rc = write_file(&w, path, n, names, tensors, n_meta, meta_kv, NULL);
-    if (rc == WS_OK) writer_finish(&w);
+    ws_status rc = write_file(&w, path, n, names, tensors, held, n_meta, meta_kv, NULL);
     ws_tensor_free(&w.staging);
+    release_tensors(n, held);
     return rc;
 }
 
@@ -513,21 +625,29 @@ static ws_status make_dirs(const char *what, const char *dir)
     return WS_OK;
 }
 
-/* dir/name, without doubling a slash the caller put at the end of dir. */
-static void join(char *buf, size_t n, const char *dir, const char *name)
+/* dir/name (allocated; the caller frees *out), without doubling a slash the
+ * caller put at the end of dir. Never cut short: a path too long for the
+ * system fails where it is used, naming it. */
+static ws_status join(const char *what, const char *dir, const char *name, char **out)
 {
-    size_t k = strlen(dir);
-    snprintf(buf, n, "%s%s%s", dir, k && dir[k - 1] == '/' ? "" : "/", name);
+    size_t k = strlen(dir), n = k + strlen(name) + 2;
+    *out = ws_malloc(n);
+    if (!*out)
+        return WS_ERR(WS_ERR_NOMEM, "%s: out of memory naming '%s' in '%s'", what, name, dir);
+    snprintf(*out, n, "%s%s%s", dir, k && dir[k - 1] == '/' ? "" : "/", name);
+    return WS_OK;
 }
 
 static ws_status remove_file(const char *what, const char *dir, const char *name)
 {
-    char path[8192];
-    join(path, sizeof path, dir, name);
+    char *path = NULL;
+    WS_TRY(join(what, dir, name, &path));
+    ws_status rc = WS_OK;
     if (unlink(path) != 0 && errno != ENOENT)
-        return WS_ERR(WS_ERR_IO, "%s: cannot remove the stale file '%s' of an earlier save: %s",
-                      what, path, strerror(errno));
-    return WS_OK;
+        rc = WS_ERR(WS_ERR_IO, "%s: cannot remove the stale file '%s' of an earlier save: %s",
+                    what, path, strerror(errno));
+    free(path);
+    return rc;
 }
 
 /* Reads at least 5 digits; returns the position after them or NULL. */
@@ -557,7 +677,7 @@ static int is_shard_name(const char *name, const char *prefix, unsigned long lon
 static ws_status remove_stale(const char *what, const char *dir, const char *prefix,
                               size_t n_shards)
 {
-    char name[4096];
+    char name[ST_NAME_MAX + 1]; /* its length was checked before the save began */
     if (n_shards > 1) {
         ws_st_shard_filename(name, sizeof name, prefix, 0, 1);
     } else {
@@ -587,7 +707,7 @@ static ws_status write_index(const char *what, const char *path, const char *pre
     int ok = root && add_item(root, "metadata", meta = cJSON_CreateObject()) &&
              add_u64(meta, "total_size", total) &&
              add_item(root, "weight_map", map = cJSON_CreateObject());
-    char file[4096];
+    char file[ST_NAME_MAX + 1]; /* its length was checked before the save began */
     for (size_t i = 0; ok && i < n; i++) {
         ws_st_shard_filename(file, sizeof file, prefix, shard_of[i], n_shards);
         ok = add_item(map, names[i], cJSON_CreateString(file));
@@ -604,6 +724,27 @@ static ws_status write_index(const char *what, const char *path, const char *pre
     ws_status rc = write_text_file(what, path, line);
     free(line);
     return rc;
+}
+
+/* Every name a save of n_shards under prefix writes or removes fits in a
+ * file name: the shards and the index (removed after a one-file save). A
+ * name over the limit is misuse, found before anything is written, never a
+ * name cut short into another one. */
+static ws_status check_file_names(const char *what, const char *prefix, size_t n_shards)
+{
+    char name[ST_NAME_MAX + 1], suffix[64];
+    for (int i = 0; i < 2; i++) {
+        int k = i ? ws_st_index_filename(name, sizeof name, prefix)
+                  : ws_st_shard_filename(name, sizeof name, prefix, 0, n_shards);
+        if (k >= 0 && k <= ST_NAME_MAX) continue;
+        if (i) ws_st_index_filename(suffix, sizeof suffix, "");
+        else ws_st_shard_filename(suffix, sizeof suffix, "", 0, n_shards);
+        return WS_ERR(WS_ERR_ARG, "%s: prefix '" ST_ABBREV_FMT "' is too long: the file name '"
+                      ST_ABBREV_FMT "%s' would be %d bytes, over the %d a file name may have; "
+                      "use a shorter prefix",
+                      what, ST_ABBREV(prefix), ST_ABBREV(prefix), suffix, k, ST_NAME_MAX);
+    }
+    return WS_OK;
 }
 
 ws_status ws_st_save_sharded(const char *dir, const char *prefix, size_t n,
@@ -626,7 +767,8 @@ ws_status ws_st_save_sharded(const char *dir, const char *prefix, size_t n,
     /* Shard of each tensor, and where each shard begins (shards are runs of
      * consecutive tensors). */
     size_t *shard_of = ws_malloc((n ? n : 1) * sizeof *shard_of);
-    size_t *first = ws_malloc((n + 1) * sizeof *first);
+    /* Where each shard begins: n shards at most (1 for n = 0), then the end. */
+    size_t *first = ws_malloc((n + 2) * sizeof *first);
     if (!shard_of || !first) {
         free(shard_of);
         free(first);
@@ -646,10 +788,13 @@ ws_status ws_st_save_sharded(const char *dir, const char *prefix, size_t n,
     }
     first[n_shards] = n;
 
-    char path[8192], file[4096];
+    char file[ST_NAME_MAX + 1], *path = NULL;
+    ws_tensor *held = NULL;
+    ws_status rc = check_file_names(what, prefix, n_shards);
+    if (rc == WS_OK) rc = hold_tensors(what, n, tensors, &held);
     st_writer w;
     writer_init(&w, what, staging_bytes, &sz, progress, progress_ctx);
-    ws_status rc = make_dirs(what, dir);
+    if (rc == WS_OK) rc = make_dirs(what, dir);
     if (rc == WS_OK && n_shards > 1) {
         /* The old index would name a mix of old and new shards while these are written. */
         ws_st_index_filename(file, sizeof file, prefix);
@@ -657,21 +802,24 @@ ws_status ws_st_save_sharded(const char *dir, const char *prefix, size_t n,
     }
     for (size_t s = 0; s < n_shards && rc == WS_OK; s++) {
         ws_st_shard_filename(file, sizeof file, prefix, s, n_shards);
-        join(path, sizeof path, dir, file);
-        rc = write_file(&w, path, first[s + 1] - first[s], names + first[s], tensors + first[s],
-                        n_meta, meta_kv, "pt");
+        rc = join(what, dir, file, &path);
+        if (rc == WS_OK)
+            rc = write_file(&w, path, first[s + 1] - first[s], names + first[s],
+                            tensors + first[s], held + first[s], n_meta, meta_kv, "pt");
+        free(path);
+        path = NULL;
     }
     if (rc == WS_OK && n_shards > 1) {
         ws_st_index_filename(file, sizeof file, prefix);
-        join(path, sizeof path, dir, file);
-        rc = write_index(what, path, prefix, n, names, shard_of, n_shards, sz.total);
+        rc = join(what, dir, file, &path);
+        if (rc == WS_OK)
+            rc = write_index(what, path, prefix, n, names, shard_of, n_shards, sz.total);
+        free(path);
     }
     if (rc == WS_OK) rc = remove_stale(what, dir, prefix, n_shards);
-    if (rc == WS_OK) {
-        writer_finish(&w);
-        if (n_shards_out) *n_shards_out = n_shards;
-    }
+    if (rc == WS_OK && n_shards_out) *n_shards_out = n_shards;
     ws_tensor_free(&w.staging);
+    release_tensors(n, held);
     free(shard_of);
     free(first);
     return rc;

@@ -14,12 +14,20 @@
  * their memory; device tensors go through one bounded host staging buffer
  * (pinned through their device), chunk by chunk, so a save never holds a host
  * copy of the model. Tensors must be contiguous and readable (not freed, not
- * discarded by a pool sleep).
+ * discarded by a pool sleep). The writer holds its own reference to each
+ * tensor for the whole save and checks the caller's tensor again before
+ * every chunk: a progress callback that frees one (ws_tensor_free or
+ * ws_tensor_release), puts its pool to sleep or discards it fails the save
+ * with WS_ERR_FREED / WS_ERR_DISCARDED naming it. The ws_tensor structs
+ * themselves, the names and the metadata must stay valid until the call
+ * returns.
  *
- * Every file is written atomically: to a hidden temporary name in the same
- * directory (".NAME.tmp.PID"), flushed with fsync, then renamed over the
- * target. A failed save removes its temporary file and never leaves a file
- * under the target name that looks complete but is not. */
+ * Every file is written atomically: to a hidden temporary file of a unique
+ * name in the same directory (".NAME.tmp.XXXXXX", mkostemp, so writers of
+ * one target, a nested save among them, never share a file), given the mode
+ * 0666 & ~umask a plain create has, flushed with fsync, then renamed over
+ * the target. A failed save removes its temporary file and never leaves a
+ * file under the target name that looks complete but is not. */
 #ifndef WS_SAFETENSORS_WRITE_H
 #define WS_SAFETENSORS_WRITE_H
 
@@ -36,9 +44,11 @@
 
 /* Progress of a save: tensor bytes written so far out of the total (over all
  * shards of a checkpoint). Called after each chunk of about the staging size
- * and once at the end with done == total. Return 0 to go on; any other value
- * stops the save, which then fails with WS_ERR_INTERRUPTED and leaves no
- * file of its own behind (shards already completed stay, without an index). */
+ * and once at the end with done == total, before the last file is renamed
+ * into place (with nothing to write, that is the only call). Return 0 to go
+ * on; any other value, the final call's included, stops the save, which then
+ * fails with WS_ERR_INTERRUPTED and leaves no file of its own behind (shards
+ * already completed stay, without an index). */
 typedef int (*ws_st_progress_fn)(uint64_t bytes_done, uint64_t bytes_total, void *ctx);
 
 /* Writes n tensors to one safetensors file at `path`, tensor i under
@@ -50,8 +60,9 @@ typedef int (*ws_st_progress_fn)(uint64_t bytes_done, uint64_t bytes_total, void
  * staging_bytes: size of the host staging buffer for device tensors (0: the
  * default). progress may be NULL.
  * Errors: WS_ERR_ARG for a bad argument (a non-contiguous tensor, a duplicate
- * name: the message names it), WS_ERR_FREED / WS_ERR_DISCARDED for a tensor
- * that cannot be read, WS_ERR_IO naming the path and the system's reason,
+ * name, a file name over NAME_MAX: the message names it), WS_ERR_FREED /
+ * WS_ERR_DISCARDED for a tensor that cannot be read (also when it becomes so
+ * during the save), WS_ERR_IO naming the path and the system's reason,
  * WS_ERR_NOMEM, WS_ERR_DEVICE, WS_ERR_INTERRUPTED (progress said stop).
  * Arguments are all checked before the file system is touched. */
 ws_status ws_st_write(const char *path, size_t n, const char *const *names,
@@ -76,7 +87,8 @@ ws_status ws_st_write(const char *path, size_t n, const char *const *names,
  * index; after it, the single file or shards of another count (the old
  * index and shards after a single-file save). *n_shards_out (may be NULL)
  * receives the number of shards; ws_st_shard_filename names them.
- * prefix NULL means "model". Errors as ws_st_write. */
+ * prefix NULL means "model"; one that makes a shard or index name longer
+ * than NAME_MAX is WS_ERR_ARG. Errors as ws_st_write. */
 ws_status ws_st_save_sharded(const char *dir, const char *prefix, size_t n,
                              const char *const *names, const ws_tensor *const *tensors,
                              uint64_t max_shard_bytes, size_t n_meta, const char *const *meta_kv,

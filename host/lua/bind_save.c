@@ -13,7 +13,15 @@
  * (default 5e9, Hugging Face's "5GB"). `files` lists the paths written,
  * dir .. "/" .. name: the shards in order, then the index when there is one.
  * Environment failures (io, nomem, device) return nil, msg, code; misuse
- * raises, and so does Ctrl-C (the save stops between chunks). */
+ * raises, and so does Ctrl-C (the save stops between chunks). An error raised
+ * by progress, at its final call too, fails the save: it is raised again and
+ * the file being written is removed (shards already complete stay, without
+ * an index). A tensor freed or put to sleep by progress raises, naming it.
+ * Strings with an embedded NUL (path, names, metadata, prefix) raise.
+ *
+ * The progress function may change the tables it was given: every string
+ * and tensor the core points into is anchored in a private table on the
+ * stack for the length of the call, so none is collected under it. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -21,6 +29,8 @@
 #include "safetensors_write.h"
 
 typedef struct save_args {
+    int anchor; /* stack index of the private table keeping strings and tensors alive */
+    lua_Integer n_anchored;
     size_t n;
     const char **names;
     ws_tensor **tensors;
@@ -35,23 +45,57 @@ static int cmp_pair(const void *a, const void *b)
     return strcmp(*(const char *const *)a, *(const char *const *)b);
 }
 
+/* Keeps the value on top of the stack alive for the call (pops it). */
+static void anchor(lua_State *L, save_args *a)
+{
+    lua_rawseti(L, a->anchor, ++a->n_anchored);
+}
+
+/* The string at idx, which must be one; NULL when it holds a NUL byte, which
+ * C would take for its end (saving "w\0x" as "w"). */
+static const char *whole_string(lua_State *L, int idx)
+{
+    size_t len;
+    const char *s = lua_tolstring(L, idx, &len);
+    return strlen(s) == len ? s : NULL;
+}
+
+/* A path argument (1: the file or directory), checked for a NUL byte. */
+static const char *check_path(lua_State *L, int idx, const char *fname, const char *what)
+{
+    luaL_checkstring(L, idx);
+    const char *s = whole_string(L, idx);
+    if (!s)
+        luaL_error(L, "%s: %s contains a NUL byte (after '%s'); remove it", fname, what,
+                   lua_tostring(L, idx));
+    return s;
+}
+
 /* Reads names (idx) and tensors (idx + 1): same length, strings and live
- * tensors. Arrays live in userdata left on the stack (no leak on a raise). */
+ * tensors. Arrays live in userdata left on the stack (no leak on a raise);
+ * the strings and tensors they point to are anchored. */
 static void read_lists(lua_State *L, int idx, const char *fname, save_args *a)
 {
     luaL_checktype(L, idx, LUA_TTABLE);
     a->tensors = ws_lua_check_tensor_list(L, idx + 1, &a->n); /* [..., tlist] */
+    for (size_t i = 0; i < a->n; i++) { /* the same userdata the list points into */
+        lua_rawgeti(L, idx + 1, (lua_Integer)i + 1);
+        anchor(L, a);
+    }
     size_t n_names = (size_t)lua_rawlen(L, idx);
     if (n_names != a->n)
         luaL_error(L, "%s: %d names for %d tensors; give one name per tensor", fname,
                    (int)n_names, (int)a->n);
     a->names = (const char **)lua_newuserdatauv(L, (a->n ? a->n : 1) * sizeof *a->names, 0);
-    for (size_t i = 0; i < a->n; i++) { /* the strings stay referenced by the names table */
+    for (size_t i = 0; i < a->n; i++) {
         if (lua_rawgeti(L, idx, (lua_Integer)i + 1) != LUA_TSTRING)
             luaL_error(L, "%s: names[%d] must be a string, got %s", fname, (int)i + 1,
                        luaL_typename(L, -1));
-        a->names[i] = lua_tostring(L, -1);
-        lua_pop(L, 1);
+        a->names[i] = whole_string(L, -1);
+        if (!a->names[i])
+            luaL_error(L, "%s: names[%d] contains a NUL byte (after '%s'); tensor names "
+                       "cannot hold one", fname, (int)i + 1, lua_tostring(L, -1));
+        anchor(L, a);
     }
 }
 
@@ -79,10 +123,19 @@ static void read_common_opts(lua_State *L, int opts, const char *fname, save_arg
             if (lua_type(L, -1) != LUA_TSTRING)
                 luaL_error(L, "%s: metadata['%s'] must be a string, got %s (use tostring)",
                            fname, lua_tostring(L, -2), luaL_typename(L, -1));
-            a->meta_kv[2 * a->n_meta] = lua_tostring(L, -2);
-            a->meta_kv[2 * a->n_meta + 1] = lua_tostring(L, -1);
+            const char *k = whole_string(L, -2), *v = whole_string(L, -1);
+            if (!k)
+                luaL_error(L, "%s: metadata key '%s' contains a NUL byte; remove it", fname,
+                           lua_tostring(L, -2));
+            if (!v)
+                luaL_error(L, "%s: metadata['%s'] contains a NUL byte (after '%s'); remove it",
+                           fname, k, lua_tostring(L, -1));
+            a->meta_kv[2 * a->n_meta] = k;
+            a->meta_kv[2 * a->n_meta + 1] = v;
             a->n_meta++;
-            lua_pop(L, 1);
+            anchor(L, a); /* the value; [..., meta, kv, key] */
+            lua_pushvalue(L, -1);
+            anchor(L, a); /* the key, kept for lua_next as well */
         }
         /* Sorted, so the same metadata gives the same bytes whatever Lua's table order. */
         qsort(a->meta_kv, a->n_meta, 2 * sizeof(char *), cmp_pair);
@@ -102,7 +155,7 @@ static void read_common_opts(lua_State *L, int opts, const char *fname, save_arg
         if (!lua_isfunction(L, -1))
             luaL_error(L, "%s: progress must be a function(bytes_done, bytes_total), got %s",
                        fname, luaL_typename(L, -1));
-        a->progress_idx = lua_gettop(L); /* stays on the stack */
+        a->progress_idx = lua_gettop(L); /* stays on the stack, out of the callback's reach */
     } else {
         lua_pop(L, 1);
     }
@@ -138,12 +191,14 @@ static int on_progress(uint64_t done, uint64_t total, void *p)
 }
 
 /* The core's status as Lua results: raises for a failed progress function,
- * Ctrl-C and misuse; nil, msg, code for the environment. 0: success. */
+ * Ctrl-C and misuse; nil, msg, code for the environment. 0: success. A
+ * failed progress function is raised whatever the status: the core stops at
+ * its failure, so the save did not complete. */
 static int finish(lua_State *L, ws_status rc, const progress_ctx *c, const char *fname)
 {
-    if (rc == WS_OK) return 0;
     if (c->failed) return lua_error(L); /* the progress function's own error */
     if (c->interrupted) return luaL_error(L, "%s: interrupted!", fname);
+    if (rc == WS_OK) return 0;
     return ws_lua_fail(L, rc, fname);
 }
 
@@ -159,18 +214,29 @@ static const char *const save_keys[] = {"metadata", "staging_mb", "progress", NU
 static const char *const checkpoint_keys[] = {"metadata", "staging_mb", "progress", "prefix",
                                               "max_shard_bytes", NULL};
 
+/* Pushes the anchor table and starts a; [..., anchor] */
+static void start_args(lua_State *L, save_args *a)
+{
+    lua_newtable(L);
+    a->anchor = lua_gettop(L);
+    a->n_anchored = 0;
+}
+
 static int l_save_safetensors(lua_State *L)
 {
     const char *fname = "save_safetensors";
-    const char *path = luaL_checkstring(L, 1);
+    const char *path = check_path(L, 1, fname, "path"); /* argument 1 stays on the stack */
     int opts = opts_index(L, 4, save_keys, fname);
+    lua_settop(L, 4);
     save_args a;
+    start_args(L, &a);
     read_lists(L, 2, fname, &a);
     read_common_opts(L, opts, fname, &a);
     progress_ctx c = {L, a.progress_idx, 0, 0};
     ws_status rc = ws_st_write(path, a.n, a.names, (const ws_tensor *const *)a.tensors, a.n_meta,
                                a.meta_kv, a.staging_bytes, on_progress, &c);
-    if (rc != WS_OK) return finish(L, rc, &c, fname);
+    int failed = finish(L, rc, &c, fname);
+    if (failed) return failed; /* nil, msg, code */
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -178,19 +244,27 @@ static int l_save_safetensors(lua_State *L)
 static int l_save_checkpoint(lua_State *L)
 {
     const char *fname = "save_checkpoint";
-    const char *dir = luaL_checkstring(L, 1);
+    const char *dir = check_path(L, 1, fname, "directory");
     int opts = opts_index(L, 4, checkpoint_keys, fname);
+    lua_settop(L, 4);
     save_args a;
+    start_args(L, &a);
     read_lists(L, 2, fname, &a);
     read_common_opts(L, opts, fname, &a);
     const char *prefix = "model";
     lua_Integer max_shard = 0;
     if (opts) {
-        if (lua_getfield(L, opts, "prefix") != LUA_TNIL) { /* stays: keeps the string */
+        if (lua_getfield(L, opts, "prefix") != LUA_TNIL) {
             if (lua_type(L, -1) != LUA_TSTRING)
                 return luaL_error(L, "%s: prefix must be a string, got %s", fname,
                                   luaL_typename(L, -1));
-            prefix = lua_tostring(L, -1);
+            prefix = whole_string(L, -1);
+            if (!prefix)
+                return luaL_error(L, "%s: prefix contains a NUL byte (after '%s'); remove it",
+                                  fname, lua_tostring(L, -1));
+            anchor(L, &a);
+        } else {
+            lua_pop(L, 1);
         }
         if (lua_getfield(L, opts, "max_shard_bytes") != LUA_TNIL) {
             int isint = 0;
@@ -207,10 +281,11 @@ static int l_save_checkpoint(lua_State *L)
                                       (const ws_tensor *const *)a.tensors, (uint64_t)max_shard,
                                       a.n_meta, a.meta_kv, a.staging_bytes, on_progress, &c,
                                       &n_shards);
-    if (rc != WS_OK) return finish(L, rc, &c, fname);
+    int failed = finish(L, rc, &c, fname);
+    if (failed) return failed; /* nil, msg, code */
     lua_pushboolean(L, 1);
     lua_createtable(L, (int)n_shards + (n_shards > 1), 0); /* [..., true, files] */
-    char file[4096];
+    char file[4096]; /* the core refused a prefix whose names would not fit a file name */
     const char *sep = dir[strlen(dir) - 1] == '/' ? "" : "/";
     for (size_t s = 0; s < n_shards; s++) {
         ws_st_shard_filename(file, sizeof file, prefix, s, n_shards);

@@ -14,6 +14,7 @@
 
 #include "check.h"
 #include "device.h"
+#include "pool.h"
 #include "safetensors_write.h"
 #include "tensor.h"
 
@@ -621,6 +622,181 @@ static void test_device_tensors(void)
     }
 }
 
+/* A progress callback that frees the tensor being saved, or puts its pool to
+ * sleep: the save fails naming the tensor, and publishes nothing. */
+typedef struct interfere {
+    ws_tensor *free_me;
+    ws_pool *sleep_me;
+    int calls;
+} interfere;
+
+static int on_progress_interfere(uint64_t done, uint64_t total, void *ctx)
+{
+    (void)done;
+    (void)total;
+    interfere *x = ctx;
+    if (x->calls++ == 0) {
+        if (x->free_me) ws_tensor_free(x->free_me);
+        if (x->sleep_me) CHECK_OK(ws_pool_sleep(x->sleep_me, 2, "mid-save"));
+    }
+    return 0;
+}
+
+static void test_tensor_gone_mid_save(void)
+{
+    const char *dir = case_dir("gone");
+    char path[1024];
+    snprintf(path, sizeof path, "%s/g.safetensors", dir);
+    const char *names[] = {"a", "layers.0.w"};
+    ws_tensor a, b;
+    int64_t sa[] = {10}, sb[] = {1 << 18}; /* 1 MiB: its own mapping, unmapped when freed */
+    CHECK_OK(make(&a, WS_U8, 1, sa, 1));
+    CHECK_OK(make(&b, WS_F32, 1, sb, 2));
+    const ws_tensor *tp[] = {&a, &b};
+    interfere x = {.free_me = &b};
+    CHECK_ERR(ws_st_write(path, 2, names, tp, 0, NULL, 4096, on_progress_interfere, &x),
+              WS_ERR_FREED, "'layers.0.w'");
+    CHECK(strstr(ws_errmsg(), "was freed") != NULL);
+    CHECK(count_entries(dir, 0) == 0);
+
+    /* The same through a pool put to sleep (its pages are gone). */
+    ws_pool *pool = NULL;
+    CHECK_OK(ws_pool_create(ws_device_cpu(), "save", 4 << 20, &pool));
+    if (!pool) return;
+    ws_tensor_opts in_pool = {.pool = pool};
+    CHECK_OK(ws_tensor_empty(&b, WS_F32, 1, sb, &in_pool));
+    CHECK_OK(ws_tensor_fill(&b, 1.0));
+    x = (interfere){.sleep_me = pool};
+    CHECK_ERR(ws_st_write(path, 2, names, tp, 0, NULL, 4096, on_progress_interfere, &x),
+              WS_ERR_DISCARDED, "'layers.0.w'");
+    CHECK(count_entries(dir, 0) == 0);
+    CHECK_OK(ws_pool_wake(pool));
+    ws_tensor_free(&b);
+    CHECK_OK(ws_pool_destroy(pool));
+    ws_tensor_free(&a);
+}
+
+/* A save started from the progress callback of another save to the same
+ * path: each writes its own temporary file, the outer one is published last
+ * and intact, with the mode a plain create under the umask would give. */
+typedef struct nested {
+    const char *path;
+    const ws_tensor *inner;
+    int calls;
+} nested;
+
+static int on_progress_nested(uint64_t done, uint64_t total, void *ctx)
+{
+    (void)done;
+    (void)total;
+    nested *x = ctx;
+    if (x->calls++ == 0) {
+        const char *names[] = {"inner"};
+        CHECK_OK(ws_st_write(x->path, 1, names, &x->inner, 0, NULL, 0, NULL, NULL));
+    }
+    return 0;
+}
+
+static void test_nested_save_same_path(void)
+{
+    const char *dir = case_dir("nested");
+    char path[1024];
+    snprintf(path, sizeof path, "%s/n.safetensors", dir);
+    ws_tensor outer, inner;
+    int64_t so[] = {4000}, si[] = {10};
+    CHECK_OK(make(&outer, WS_U8, 1, so, 1));
+    CHECK_OK(make(&inner, WS_U8, 1, si, 2));
+    const ws_tensor *tp[] = {&outer};
+    const char *names[] = {"outer"};
+    nested x = {.path = path, .inner = &inner};
+    CHECK_OK(ws_st_write(path, 1, names, tp, 0, NULL, 1000, on_progress_nested, &x));
+    CHECK(x.calls >= 2);
+    st_read r;
+    CHECK(st_load(&r, path));
+    uint64_t at = 0;
+    if (r.header) {
+        check_entry(&r, "outer", "U8", &outer, &at);
+        CHECK(cJSON_GetArraySize(r.header) == 1);
+        CHECK_EQ_U64(at, r.data_len);
+    }
+    st_unload(&r);
+    CHECK(count_entries(dir, 0) == 1);
+    mode_t mask = umask(022);
+    umask(mask);
+    struct stat st;
+    CHECK(stat(path, &st) == 0 && (st.st_mode & 0777) == (0666 & ~mask));
+    ws_tensor_free(&outer);
+    ws_tensor_free(&inner);
+}
+
+/* A stop asked for at the final progress call (the only one when there is
+ * nothing to write) fails the save like any other: no file is published. */
+static void test_stop_at_final_progress(void)
+{
+    const char *dir = case_dir("final_stop");
+    char path[1024];
+    snprintf(path, sizeof path, "%s/e.safetensors", dir);
+    progress_log stop = {.monotonic = 1, .stop_at = 1};
+    CHECK_ERR(ws_st_write(path, 0, NULL, NULL, 0, NULL, 0, on_progress, &stop),
+              WS_ERR_INTERRUPTED, "stopped by the progress callback");
+    CHECK(stop.calls == 1);
+    CHECK(count_entries(dir, 0) == 0);
+    stop = (progress_log){.monotonic = 1, .stop_at = 1};
+    CHECK_ERR(ws_st_save_sharded(dir, NULL, 0, NULL, NULL, 0, 0, NULL, 0, on_progress, &stop,
+                                 NULL),
+              WS_ERR_INTERRUPTED, "stopped by the progress callback");
+    CHECK(count_entries(dir, 0) == 0);
+    ws_tensor t;
+    int64_t s[] = {10};
+    CHECK_OK(make(&t, WS_U8, 1, s, 1));
+    const ws_tensor *tp[] = {&t};
+    const char *names[] = {"t"};
+    stop = (progress_log){.monotonic = 1, .stop_at = 1};
+    CHECK_ERR(ws_st_save_sharded(dir, NULL, 1, names, tp, 0, 0, NULL, 0, on_progress, &stop,
+                                 NULL),
+              WS_ERR_INTERRUPTED, "stopped by the progress callback");
+    CHECK(count_entries(dir, 0) == 0);
+    ws_tensor_free(&t);
+}
+
+/* Names too long for the file system are misuse, found before anything is
+ * written, never truncated into other names. */
+static void test_long_names(void)
+{
+    const char *dir = case_dir("long");
+    ws_tensor t;
+    int64_t s[] = {10};
+    CHECK_OK(make(&t, WS_U8, 1, s, 1));
+    const ws_tensor *tp[] = {&t, &t};
+    const char *names[] = {"a", "b"};
+    static char prefix[5001];
+    memset(prefix, 'p', 5000);
+    CHECK_ERR(ws_st_save_sharded(dir, prefix, 1, names, tp, 0, 0, NULL, 0, NULL, NULL, NULL),
+              WS_ERR_ARG, "too long");
+    prefix[300] = '\0';
+    CHECK_ERR(ws_st_save_sharded(dir, prefix, 1, names, tp, 0, 0, NULL, 0, NULL, NULL, NULL),
+              WS_ERR_ARG, "too long");
+    /* Short enough for one file but not for a shard or the index. */
+    prefix[240] = '\0';
+    CHECK_ERR(ws_st_save_sharded(dir, prefix, 2, names, tp, 10, 0, NULL, 0, NULL, NULL, NULL),
+              WS_ERR_ARG, "-00001-of-00002.safetensors");
+    CHECK(count_entries(dir, 0) == 0);
+    /* The longest prefix that fits: files are written under their full names. */
+    prefix[255 - strlen("-00001-of-00002.safetensors")] = '\0';
+    CHECK_OK(ws_st_save_sharded(dir, prefix, 2, names, tp, 10, 0, NULL, 0, NULL, NULL, NULL));
+    char file[300];
+    ws_st_shard_filename(file, sizeof file, prefix, 1, 2);
+    CHECK(exists(dir, file));
+    CHECK(count_entries(dir, 0) == 3);
+    /* A file name over the limit in a plain save. */
+    char path[1024], base[301];
+    memset(base, 'q', 300);
+    base[300] = '\0';
+    snprintf(path, sizeof path, "%s/%s", dir, base);
+    CHECK_ERR(ws_st_write(path, 1, names, tp, 0, NULL, 0, NULL, NULL), WS_ERR_ARG, "too long");
+    ws_tensor_free(&t);
+}
+
 int main(void)
 {
     const char *tmp = getenv("TMPDIR");
@@ -638,6 +814,10 @@ int main(void)
     RUN(test_replaces_earlier_save);
     RUN(test_sharded_interrupted);
     RUN(test_device_tensors);
+    RUN(test_tensor_gone_mid_save);
+    RUN(test_nested_save_same_path);
+    RUN(test_stop_at_final_progress);
+    RUN(test_long_names);
     remove_tree(root);
     return check_summary();
 }

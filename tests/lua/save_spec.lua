@@ -235,3 +235,123 @@ describe("ws.save_checkpoint", function()
     assert.matches("'" .. file .. "' exists and is not a directory", msg, 1, true)
   end)
 end)
+
+-- A progress function is Lua code running in the middle of a save: whatever it
+-- does to the tensors, the argument tables or the target, the save either
+-- writes what it was given or raises, and leaves no temporary file behind.
+describe("ws.save_* with a progress function that interferes", function()
+  local dir
+  before_each(function() dir = tmpdir() end)
+  after_each(function() rmtree(dir) end)
+
+  local function raises(pattern, ...)
+    local ok, err = pcall(...)
+    assert.is_false(ok)
+    assert.matches(pattern, tostring(err), 1, true)
+    return err
+  end
+
+  it("raises, naming the tensor, when the progress function frees it", function()
+    local t = ws.tensor{shape = {100000}, dtype = "f32"}
+    t:fill(3)
+    local path = dir .. "/f.safetensors"
+    local err = raises("was freed", ws.save_safetensors, path, {"model.w"}, {t},
+      {staging_mb = 4096 / 1048576, progress = function() t:free() end})
+    assert.matches("'model.w'", err, 1, true)
+    assert.are.same({}, listdir(dir))
+  end)
+
+  it("raises, naming the tensor, when the progress function puts its pool to sleep", function()
+    local pool <close> = assert(ws.pool{device = "cpu", tag = "save.sleep", bytes = 1024 * 1024})
+    local t = pool:tensor{shape = {100000}, dtype = "f32"}
+    t:fill(3)
+    local path = dir .. "/s.safetensors"
+    local err = raises("asleep", ws.save_safetensors, path, {"model.w"}, {t},
+      {staging_mb = 4096 / 1048576, progress = function() assert(pool:sleep(2)) end})
+    assert.matches("'model.w'", err, 1, true)
+    assert.are.same({}, listdir(dir))
+    assert(pool:wake())
+    t:free()
+  end)
+
+  it("keeps the names, tensors and metadata it was given when the tables change", function()
+    local names, ts = {}, {}
+    for i = 1, 2 do
+      -- long names are not interned: the collector frees them once unreferenced
+      names[i] = string.rep("model.layers." .. i .. ".", 8) .. "weight"
+      ts[i] = ws.tensor{shape = {64}, dtype = "u8"}
+      ts[i]:fill(i)
+    end
+    local want2 = names[2]:sub(1)
+    local meta = {[string.rep("key.", 12)] = string.rep("value.", 12)}
+    local calls = 0
+    local ok = ws.save_checkpoint(dir, names, ts, {max_shard_bytes = 64, metadata = meta,
+      progress = function()
+        calls = calls + 1
+        if calls == 1 then
+          names[2] = nil; ts[2] = nil
+          for k in pairs(meta) do meta[k] = nil end
+          collectgarbage(); collectgarbage()
+        end
+      end})
+    assert.is_true(ok)
+    local f = load(dir .. "/model-00002-of-00002.safetensors")
+    assert.are.equal(string.rep("\2", 64), bytes_of(f, want2))
+    assert.are.same({format = "pt", [string.rep("key.", 12)] = string.rep("value.", 12)},
+                    f.header.__metadata__)
+  end)
+
+  it("publishes an intact file when the progress function saves to the same path", function()
+    local outer = ws.tensor{shape = {4000}, dtype = "u8"}
+    outer:fill(1)
+    local inner = ws.tensor{shape = {10}, dtype = "u8"}
+    inner:fill(2)
+    local path = dir .. "/same.safetensors"
+    local nested = false
+    assert.is_true(ws.save_safetensors(path, {"outer"}, {outer}, {staging_mb = 1000 / 1048576,
+      progress = function()
+        if not nested then
+          nested = true
+          assert.is_true(ws.save_safetensors(path, {"inner"}, {inner}))
+        end
+      end}))
+    local f = load(path)
+    assert.is_nil(f.header.inner)
+    assert.are.equal(string.rep("\1", 4000), bytes_of(f, "outer"))
+    assert.are.same({"same.safetensors"}, listdir(dir))
+  end)
+
+  it("raises the progress function's error from its final call and publishes nothing", function()
+    local path = dir .. "/e.safetensors"
+    raises("boom", ws.save_safetensors, path, {}, {}, {progress = function() error("boom") end})
+    assert.are.same({}, listdir(dir))
+    local t = ws.tensor{shape = {10}, dtype = "u8"}
+    raises("boom", ws.save_safetensors, path, {"t"}, {t},
+           {progress = function(done, total) if done == total then error("boom") end end})
+    assert.are.same({}, listdir(dir))
+    raises("boom", ws.save_checkpoint, dir, {}, {}, {progress = function() error("boom") end})
+    assert.are.same({}, listdir(dir))
+  end)
+
+  it("raises for an embedded NUL in a name, the path, the metadata or the prefix", function()
+    local t = ws.tensor{shape = {2}, dtype = "f32"}
+    local p = dir .. "/n.safetensors"
+    raises("names[1] contains a NUL byte", ws.save_safetensors, p, {"w\0evil"}, {t})
+    raises("path contains a NUL byte", ws.save_safetensors, p .. "\0x", {"w"}, {t})
+    raises("metadata key 'k' contains a NUL byte", ws.save_safetensors, p, {"w"}, {t},
+           {metadata = {["k\0x"] = "v"}})
+    raises("metadata['k'] contains a NUL byte", ws.save_safetensors, p, {"w"}, {t},
+           {metadata = {k = "v\0x"}})
+    raises("directory contains a NUL byte", ws.save_checkpoint, dir .. "\0x", {"w"}, {t})
+    raises("prefix contains a NUL byte", ws.save_checkpoint, dir, {"w"}, {t},
+           {prefix = "m\0x"})
+    assert.are.same({}, listdir(dir))
+  end)
+
+  it("raises for a prefix that makes file names too long", function()
+    local t = ws.tensor{shape = {2}, dtype = "f32"}
+    raises("is too long", ws.save_checkpoint, dir, {"w"}, {t}, {prefix = string.rep("p", 300)})
+    raises("is too long", ws.save_checkpoint, dir, {"w"}, {t}, {prefix = string.rep("p", 5000)})
+    assert.are.same({}, listdir(dir))
+  end)
+end)
