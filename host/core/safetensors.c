@@ -132,9 +132,7 @@ const char *ws_st_metadata_value(const ws_st_file *f, size_t i)
 
 /* ---- validation --------------------------------------------------------------------- */
 
-/* One WS_ERR_FORMAT message: "safetensors 'FILE': [tensor 'NAME': ]what". */
-__attribute__((format(printf, 3, 4))) static ws_status bad(const char *label, const char *tensor,
-                                                           const char *fmt, ...)
+ws_status ws_st_bad(const char *kind, const char *label, const char *tensor, const char *fmt, ...)
 {
     char what[512];
     va_list ap;
@@ -142,9 +140,11 @@ __attribute__((format(printf, 3, 4))) static ws_status bad(const char *label, co
     vsnprintf(what, sizeof what, fmt, ap);
     va_end(ap);
     if (tensor)
-        return WS_ERR(WS_ERR_FORMAT, "safetensors '%s': tensor '%s': %s", label, tensor, what);
-    return WS_ERR(WS_ERR_FORMAT, "safetensors '%s': %s", label, what);
+        return WS_ERR(WS_ERR_FORMAT, "%s '%s': tensor '%s': %s", kind, label, tensor, what);
+    return WS_ERR(WS_ERR_FORMAT, "%s '%s': %s", kind, label, what);
 }
+
+#define bad(label, tensor, ...) ws_st_bad("safetensors", (label), (tensor), __VA_ARGS__)
 
 static const char *json_type(const cJSON *v)
 {

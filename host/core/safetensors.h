@@ -66,6 +66,12 @@ ws_status ws_st_tensor(ws_st_file *f, const ws_st_entry *e, ws_tensor *out);
 /* "F32" -> WS_F32, ...; -1 for a dtype this host does not handle. */
 int ws_st_dtype_parse(const char *name, ws_dtype *out);
 const char *ws_st_dtype_name(ws_dtype t); /* "BF16" */
+/* The one shape of a format error of these files, WS_ERR_FORMAT with
+ * "<kind> 'FILE': [tensor 'NAME': ]what" (kind: "safetensors", "safetensors
+ * index"); tensor may be NULL. */
+__attribute__((format(printf, 4, 5))) ws_status ws_st_bad(const char *kind, const char *label,
+                                                          const char *tensor, const char *fmt,
+                                                          ...);
 
 /* ---- index ------------------------------------------------------------------------ */
 

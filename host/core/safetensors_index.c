@@ -74,19 +74,7 @@ void ws_st_index_free(ws_st_index *x)
     free(x);
 }
 
-__attribute__((format(printf, 3, 4))) static ws_status bad(const char *label, const char *tensor,
-                                                           const char *fmt, ...)
-{
-    char what[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(what, sizeof what, fmt, ap);
-    va_end(ap);
-    if (tensor)
-        return WS_ERR(WS_ERR_FORMAT, "safetensors index '%s': tensor '%s': %s", label, tensor,
-                      what);
-    return WS_ERR(WS_ERR_FORMAT, "safetensors index '%s': %s", label, what);
-}
+#define bad(label, tensor, ...) ws_st_bad("safetensors index", (label), (tensor), __VA_ARGS__)
 
 static ws_status nomem(const ws_st_index *x)
 {

@@ -42,19 +42,24 @@ end
 
 local TRAINABLE_DTYPES = { f32 = true, bf16 = true, f16 = true }
 
+-- Returns ck once check(ck) passes; frees it and raises otherwise.
+local function checked(ck, check)
+    local ok, err = pcall(check, ck)
+    if not ok then
+        ck:free()
+        error(err, 0)
+    end
+    return ck
+end
+
 -- Opens the weights of a spec from a model directory (nil without weights)
 -- and checks them against the parameter list of its config.json: the same
 -- names, shapes and a floating dtype the trainer can start from. A tied
 -- model's checkpoint may still carry lm_head.weight; it is not read.
 function M.open_model(spec)
     if not spec.weights then return nil end
-    local ck = must("model " .. spec.dir, ws.safetensors(spec.weights))
-    local ok, err = pcall(M.check_model, spec, ck)
-    if not ok then
-        ck:free()
-        error(err, 0)
-    end
-    return ck
+    return checked(must("model " .. spec.dir, ws.safetensors(spec.weights)),
+                   function(ck) M.check_model(spec, ck) end)
 end
 
 function M.check_model(spec, ck)
@@ -140,8 +145,7 @@ end
 -- adapter's parameters with their shapes.
 function M.open_adapter(dir, adapter_params)
     local path = dir .. "/adapter_model.safetensors"
-    local ck = must("adapter " .. dir, ws.safetensors(path))
-    local ok, err = pcall(function()
+    return checked(must("adapter " .. dir, ws.safetensors(path)), function(ck)
         local want = {}
         for _, a in ipairs(adapter_params) do
             want[a.name] = true
@@ -166,11 +170,6 @@ function M.open_adapter(dir, adapter_params)
             end
         end
     end)
-    if not ok then
-        ck:free()
-        error(err, 0)
-    end
-    return ck
 end
 
 -- ------------------------------------------------------------------ writing
