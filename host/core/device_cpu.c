@@ -336,89 +336,130 @@ static ws_status cpu_random(ws_device *d, void *ptr, ws_dtype t, size_t count, u
 
 /* ---- checksum ------------------------------------------------------------------ */
 
+#define HASH_PIECE ((int64_t)1 << 16) /* elements of a row one work unit hashes */
+
+/* The hot loops of every verification, one per element size: each element's
+ * hash depends only on its own bits and index (the key steps by
+ * WS_HASH_KEY), so the loop vectorizes with no chain but the lane sums, and
+ * contiguous data is hashed straight from memory. Cloned for AVX2 and
+ * AVX-512 so hashing keeps up with memory. The loads go through memcpy: a
+ * view may start at any element of its storage. */
+#define HASH_LOOP(name, type, hash)                                           \
+    WS_CLONES_V3_V4                                                           \
+    static uint64_t name(const unsigned char *p, uint64_t first, int64_t n)   \
+    {                                                                         \
+        uint64_t acc = 0, key = first * WS_HASH_KEY;                          \
+        for (int64_t j = 0; j < n; j++) {                                     \
+            type v;                                                           \
+            memcpy(&v, p + j * (int64_t)sizeof v, sizeof v);                  \
+            acc += hash;                                                      \
+            key += WS_HASH_KEY;                                               \
+        }                                                                     \
+        return acc;                                                           \
+    }
+/* Up to 32 bits, the first xor-shift folds into the key (ws_hash_tail). */
+HASH_LOOP(hash_1, uint8_t, ws_hash_tail(v ^ key ^ (key >> 32)))
+HASH_LOOP(hash_2, uint16_t, ws_hash_tail(v ^ key ^ (key >> 32)))
+HASH_LOOP(hash_4, uint32_t, ws_hash_tail(v ^ key ^ (key >> 32)))
+HASH_LOOP(hash_8, uint64_t, ws_hash_mix(v ^ key))
+#undef HASH_LOOP
+
+/* Sum of the hashes of n contiguous elements of `size` bytes, the first with
+ * logical index `first`. */
+static uint64_t hash_values(const unsigned char *p, size_t size, uint64_t first, int64_t n)
+{
+    switch (size) {
+    case 1: return hash_1(p, first, n);
+    case 2: return hash_2(p, first, n);
+    case 4: return hash_4(p, first, n);
+    default: return hash_8(p, first, n);
+    }
+}
+
 typedef struct {
     const char *ptr;
     ws_dtype t, as;
-    const ws_layout *l;
-    int64_t inner;
+    ws_layout l;    /* collapsed: a contiguous view is one row */
+    int64_t pieces; /* work units per row */
     uint64_t first;
     uint64_t sum; /* added to atomically by each chunk */
 } sum_ctx;
 
-/* Zero-extended raw bits of k elements of `size` bytes (ws_load_bits, with
- * the dtype switch hoisted out of the loop). */
-static void load_bits_block(uint64_t *out, const unsigned char *p, size_t size, int64_t k)
+/* Elements [j0, j1) of one row (element stride `step`). Strided or converted
+ * elements go through small buffers first; the rest is hashed in place. */
+static uint64_t hash_segment(const sum_ctx *c, const unsigned char *row, int64_t step,
+                             uint64_t first, int64_t j0, int64_t j1)
 {
-    switch (size) {
-    case 1:
-        for (int64_t j = 0; j < k; j++) out[j] = p[j];
-        break;
-    case 2:
-        for (int64_t j = 0; j < k; j++) {
-            uint16_t v;
-            memcpy(&v, p + 2 * j, 2);
-            out[j] = v;
-        }
-        break;
-    case 4:
-        for (int64_t j = 0; j < k; j++) {
-            uint32_t v;
-            memcpy(&v, p + 4 * j, 4);
-            out[j] = v;
-        }
-        break;
-    default:
-        memcpy(out, p, (size_t)k * 8);
-        break;
-    }
-}
-
-/* The hot loop of every verification: cloned for AVX-512 (64-bit lane
- * multiplies) where the CPU has it, so hashing keeps up with memory. */
-WS_CLONES_V4
-static uint64_t hash_block(const uint64_t *bits, uint64_t first, int64_t k)
-{
+    size_t es = ws_dtype_size(c->t), as_size = ws_dtype_size(c->as);
+    if (step == 1 && c->as == c->t)
+        return hash_values(row + j0 * (int64_t)es, es, first + (uint64_t)j0, j1 - j0);
+    unsigned char gather[256 * 8], conv[256 * 8];
     uint64_t acc = 0;
-    for (int64_t j = 0; j < k; j++) acc += ws_hash_elem(first + (uint64_t)j, bits[j]);
+    for (int64_t j = j0; j < j1; j += 256) {
+        int64_t k = j1 - j < 256 ? j1 - j : 256;
+        const unsigned char *src = row + j * step * (int64_t)es;
+        if (step != 1) {
+            for (int64_t i = 0; i < k; i++)
+                memcpy(gather + i * (int64_t)es, src + i * step * (int64_t)es, es);
+            src = gather;
+        }
+        size_t vs = es;
+        if (c->as != c->t) {
+            ws_convert_host(conv, c->as, src, c->t, (size_t)k);
+            src = conv;
+            vs = as_size;
+        }
+        acc += hash_values(src, vs, first + (uint64_t)j, k);
+    }
     return acc;
 }
 
-static void checksum_rows(void *vctx, size_t r0, size_t r1, int worker)
+/* Work units u0..u1: piece u % pieces of row u / pieces. */
+static void checksum_units(void *vctx, size_t u0, size_t u1, int worker)
 {
     sum_ctx *c = vctx;
-    size_t es = ws_dtype_size(c->t), as_size = ws_dtype_size(c->as);
-    int last = c->l->ndim - 1;
-    int64_t step = last >= 0 ? c->l->strides[last] : 1;
-    unsigned char conv[256 * 8];
-    unsigned char gather[256 * 8];
+    size_t es = ws_dtype_size(c->t);
+    int last = c->l.ndim - 1;
+    int64_t inner = c->l.shape[last], step = c->l.strides[last];
+    size_t pieces = (size_t)c->pieces;
     uint64_t acc = 0;
     row_iter it;
-    row_iter_init(&it, c->l, NULL, r0);
-    for (size_t r = r0; r < r1; r++) {
-        const char *row = c->ptr + it.doff * (int64_t)es;
-        uint64_t base = c->first + (uint64_t)r * (uint64_t)c->inner;
-        for (int64_t j0 = 0; j0 < c->inner; j0 += 256) {
-            int64_t k = c->inner - j0 < 256 ? c->inner - j0 : 256;
-            const char *src = row + j0 * step * (int64_t)es;
-            if (step != 1) {
-                for (int64_t j = 0; j < k; j++)
-                    memcpy(gather + j * es, src + j * step * (int64_t)es, es);
-                src = (const char *)gather;
-            }
-            const unsigned char *vals = (const unsigned char *)src;
-            size_t vs = es;
-            if (c->as != c->t) {
-                ws_convert_host(conv, c->as, src, c->t, (size_t)k);
-                vals = conv;
-                vs = as_size;
-            }
-            uint64_t bits[256];
-            load_bits_block(bits, vals, vs, k);
-            acc += hash_block(bits, base + (uint64_t)j0, k);
-        }
-        row_iter_next(&it, c->l, NULL);
+    row_iter_init(&it, &c->l, NULL, u0 / pieces);
+    for (size_t u = u0; u < u1;) {
+        size_t r = u / pieces, row_end = (r + 1) * pieces, stop = u1 < row_end ? u1 : row_end;
+        int64_t j0 = (int64_t)(u - r * pieces) * HASH_PIECE;
+        int64_t j1 = stop == row_end ? inner : (int64_t)(stop - r * pieces) * HASH_PIECE;
+        const unsigned char *row = (const unsigned char *)c->ptr + it.doff * (int64_t)es;
+        acc += hash_segment(c, row, step, c->first + (uint64_t)r * (uint64_t)inner, j0, j1);
+        u = stop;
+        if (u < u1) row_iter_next(&it, &c->l, NULL);
     }
     __atomic_add_fetch(&c->sum, acc, __ATOMIC_RELAXED);
+}
+
+/* Merges dims that are contiguous with each other and drops size-1 dims, so
+ * the logical order is kept and a contiguous view becomes one long row that
+ * the workers split into pieces. */
+static void collapse_layout(ws_layout *out, const ws_layout *l)
+{
+    int n = 0;
+    for (int k = 0; k < l->ndim; k++) {
+        if (l->shape[k] == 1) continue;
+        if (n > 0 && out->strides[n - 1] == l->strides[k] * l->shape[k]) {
+            out->shape[n - 1] *= l->shape[k];
+            out->strides[n - 1] = l->strides[k];
+            continue;
+        }
+        out->shape[n] = l->shape[k];
+        out->strides[n] = l->strides[k];
+        n++;
+    }
+    if (n == 0) { /* a scalar, or every dim is 1 */
+        out->shape[0] = 1;
+        out->strides[0] = 1;
+        n = 1;
+    }
+    out->ndim = n;
 }
 
 static ws_status cpu_checksum(ws_device *d, const void *ptr, ws_dtype t, const ws_layout *l,
@@ -427,10 +468,13 @@ static ws_status cpu_checksum(ws_device *d, const void *ptr, ws_dtype t, const w
     int64_t numel = ws_layout_numel(l);
     *out = 0;
     if (numel == 0) return WS_OK;
-    sum_ctx c = {ptr, t, as, l, l->ndim ? l->shape[l->ndim - 1] : 1, first_index, 0};
-    size_t rows = (size_t)(numel / c.inner);
-    size_t row_bytes = (size_t)c.inner * ws_dtype_size(t);
-    ws_parallel_for(rows, PAR_BYTES / row_bytes + 1, checksum_rows, &c);
+    sum_ctx c = {.ptr = ptr, .t = t, .as = as, .first = first_index};
+    collapse_layout(&c.l, l);
+    int64_t inner = c.l.shape[c.l.ndim - 1];
+    c.pieces = (inner + HASH_PIECE - 1) / HASH_PIECE;
+    size_t units = (size_t)(numel / inner) * (size_t)c.pieces;
+    size_t unit_bytes = (size_t)(inner < HASH_PIECE ? inner : HASH_PIECE) * ws_dtype_size(t);
+    ws_parallel_for(units, PAR_BYTES / unit_bytes + 1, checksum_units, &c);
     *out = c.sum;
     return WS_OK;
 }

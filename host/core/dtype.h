@@ -42,7 +42,8 @@ void ws_convert_host(void *dst, ws_dtype dt, const void *src, ws_dtype st, size_
 /* Raw bits of one element, zero-extended: the value the checksum hashes. */
 uint64_t ws_load_bits(const void *p, ws_dtype t);
 
-/* A hot loop cloned for AVX-512 and dispatched at load time (an ifunc).
+/* A hot loop cloned for AVX-512 (WS_CLONES_V3_V4: and for AVX2) and
+ * dispatched at load time (an ifunc).
  * ThreadSanitizer builds keep only the default clone: the instrumented
  * resolver would run before the sanitizer's runtime is set up, and crash. */
 #if defined(__SANITIZE_THREAD__)
@@ -54,24 +55,52 @@ uint64_t ws_load_bits(const void *p, ws_dtype t);
 #endif
 #ifndef WS_CLONES_V4
 #define WS_CLONES_V4 __attribute__((target_clones("arch=x86-64-v4", "default")))
+#define WS_CLONES_V3_V4 \
+    __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define WS_CLONES_V3_V4
 #endif
 
-/* The two inline functions below also run in CUDA kernels (cuda_kernels.cu),
+/* The inline functions below also run in CUDA kernels (cuda_kernels.cu),
  * so the CPU and the GPU compute them from the same source (WS_HOST_DEVICE
  * comes from dtype_convert.h). */
 
 /* The per-element hash of the shard-composable checksum:
  * checksum = sum over elements of ws_hash_elem(global_index, bits) mod 2^64.
- * Any split of a tensor into shards sums to the same value. */
-static inline WS_HOST_DEVICE uint64_t ws_hash_elem(uint64_t index, uint64_t bits)
+ * Any split of a tensor into shards sums to the same value, in any order.
+ *
+ * x = bits ^ index * WS_HASH_KEY, then a murmur-style finalizer (xor-shift,
+ * multiply, xor-shift, multiply, xor-shift). Every step is a bijection of 64
+ * bits, so at a given index any change to one element changes its hash:
+ * one wrong element is always detected. Elements at different indices get
+ * different keys, so moved or swapped values change the sum too, and the two
+ * multiplies mix every input bit into every output bit (avalanche bias below
+ * 0.005), so several wrong elements cancel out with probability about 2^-64.
+ * It guards against corruption and wrong writes, not against an adversary.
+ * Each element is hashed on its own: loops over elements have no chain but
+ * the sum, and vectorize (cpu) or spread over threads (GPU). */
+#define WS_HASH_KEY 0x9E3779B97F4A7C15ull
+
+/* The finalizer after its first xor-shift. For elements of 32 bits or less,
+ * (bits ^ key) >> 32 == key >> 32, so the cpu's loops fold that shift into
+ * the key: ws_hash_tail(bits ^ key ^ (key >> 32)) == ws_hash_mix(bits ^ key). */
+static inline WS_HOST_DEVICE uint64_t ws_hash_tail(uint64_t x)
 {
-    uint64_t x = bits ^ (index * 0x9E3779B97F4A7C15ull);
-    x ^= x >> 32;
     x *= 0xD6E8FEB86659FD93ull;
     x ^= x >> 32;
     x *= 0xD6E8FEB86659FD93ull;
     x ^= x >> 32;
     return x;
+}
+
+static inline WS_HOST_DEVICE uint64_t ws_hash_mix(uint64_t x)
+{
+    return ws_hash_tail(x ^ (x >> 32));
+}
+
+static inline WS_HOST_DEVICE uint64_t ws_hash_elem(uint64_t index, uint64_t bits)
+{
+    return ws_hash_mix(bits ^ (index * WS_HASH_KEY));
 }
 
 /* Deterministic pseudo-random value for element `index` of a stream `seed`:

@@ -312,6 +312,54 @@ out:
     }
 }
 
+/* Any bit pattern (NaN payloads included), every dtype, a first index past
+ * 2^32 and enough elements for the cpu to split them across threads: the
+ * GPU's checksum is the cpu's, as a whole and as uneven shards. */
+static void test_checksum_raw_bits_match_cpu(void)
+{
+    NEED_GPU();
+    const int64_t n = ((int64_t)1 << 21) + 4097;
+    const uint64_t first = ((uint64_t)1 << 32) + 12345;
+    for (int t = 0; t < WS_DTYPE_COUNT; t++) {
+        size_t nb = (size_t)n * ws_dtype_size((ws_dtype)t);
+        unsigned char *h = malloc(nb);
+        void *dptr = NULL;
+        CHECK(h != NULL);
+        if (!h) return;
+        for (size_t i = 0; i < nb; i += 8) {
+            uint64_t r = rng();
+            memcpy(h + i, &r, nb - i < 8 ? nb - i : 8);
+        }
+        CHECK_OK(gpu->ops->alloc(gpu, nb, &dptr));
+        if (!dptr) {
+            free(h);
+            return;
+        }
+        CHECK_OK(gpu->ops->copy(gpu, dptr, h, nb));
+        ws_layout l;
+        ws_layout_contiguous(&l, 1, &n);
+        uint64_t g = 1, c = 2;
+        CHECK_OK(gpu->ops->checksum(gpu, dptr, (ws_dtype)t, &l, first, (ws_dtype)t, &g));
+        CHECK_OK(ws_cpu_ops()->checksum(ws_device_cpu(), h, (ws_dtype)t, &l, first, (ws_dtype)t,
+                                        &c));
+        CHECK_EQ_U64(g, c);
+        /* Shards on the GPU with their global first index sum to the cpu's whole. */
+        int64_t cut = n / 3 + 1;
+        ws_layout l1, l2;
+        int64_t n2 = n - cut;
+        ws_layout_contiguous(&l1, 1, &cut);
+        ws_layout_contiguous(&l2, 1, &n2);
+        uint64_t s1 = 0, s2 = 0;
+        size_t off = (size_t)cut * ws_dtype_size((ws_dtype)t);
+        CHECK_OK(gpu->ops->checksum(gpu, dptr, (ws_dtype)t, &l1, first, (ws_dtype)t, &s1));
+        CHECK_OK(gpu->ops->checksum(gpu, (char *)dptr + off, (ws_dtype)t, &l2,
+                                    first + (uint64_t)cut, (ws_dtype)t, &s2));
+        CHECK_EQ_U64(s1 + s2, c);
+        gpu->ops->free(gpu, dptr, nb);
+        free(h);
+    }
+}
+
 /* ---- random, fill, checksum through the tensor API ----------------------------- */
 
 static void test_random_fill_checksum_match_cpu(void)
@@ -666,6 +714,7 @@ int main(void)
     RUN(test_copies);
     RUN(test_conversions_bit_identical);
     RUN(test_random_fill_checksum_match_cpu);
+    RUN(test_checksum_raw_bits_match_cpu);
     RUN(test_copy_batch_10k);
     RUN(test_copy_batch_host_routes);
     RUN(test_strided_narrow);

@@ -515,6 +515,175 @@ static void test_checksum_composes_over_shards(void)
     ws_tensor_free(&t);
 }
 
+/* Deterministic raw bytes (any bit pattern, NaNs included: the checksum
+ * hashes bits, not values). */
+static void fill_bytes(void *p, size_t n, uint64_t seed)
+{
+    unsigned char *b = p;
+    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+    for (size_t i = 0; i < n; i++) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        b[i] = (unsigned char)(s >> 24);
+    }
+}
+
+static uint64_t checksum_of(const ws_tensor *t, uint64_t first, ws_dtype as)
+{
+    uint64_t s = 0;
+    CHECK_OK(ws_tensor_checksum(t, first, as, &s));
+    return s;
+}
+
+/* The definition, element by element: the vectorized, piecewise and parallel
+ * paths must all agree with it. */
+static uint64_t reference_of(const ws_tensor *t, uint64_t first)
+{
+    size_t es = ws_dtype_size(t->dtype);
+    const unsigned char *p = ws_tensor_data(t);
+    uint64_t s = 0;
+    for (int64_t i = 0; i < ws_tensor_numel(t); i++)
+        s += ws_hash_elem(first + (uint64_t)i, ws_load_bits(p + (size_t)i * es, t->dtype));
+    return s;
+}
+
+/* For every dtype: the sum of the definition over a tensor large enough to be
+ * split across threads and pieces; uneven shards with their global first
+ * index summing to the whole, whichever order the shards come in (as ranks
+ * holding different shards would); strided views equal to their copies. */
+static void test_checksum_composes_for_every_dtype(void)
+{
+    const int64_t n = ((int64_t)1 << 21) + 12345;
+    const int64_t cuts[] = {0, 1, 65535, 65537, 700001, 1048576, n};
+    const int ncuts = (int)(sizeof cuts / sizeof cuts[0]) - 1;
+    const uint64_t first = 1000003;
+    for (int dt = 0; dt < WS_DTYPE_COUNT; dt++) {
+        ws_tensor t;
+        CHECK_OK(make(&t, (ws_dtype)dt, 1, &n, "t"));
+        fill_bytes(ws_tensor_data(&t), ws_tensor_nbytes(&t), (uint64_t)dt + 1);
+        uint64_t full = checksum_of(&t, first, (ws_dtype)dt);
+        CHECK_EQ_U64(full, reference_of(&t, first));
+        ws_tensor shards[8];
+        const ws_tensor *list[8];
+        uint64_t firsts[8], sums[8], forward = 0, backward = 0;
+        for (int i = 0; i < ncuts; i++) {
+            CHECK_OK(ws_tensor_narrow(&shards[i], &t, 0, cuts[i], cuts[i + 1] - cuts[i]));
+            list[ncuts - 1 - i] = &shards[i];
+            firsts[ncuts - 1 - i] = first + (uint64_t)cuts[i];
+            forward += checksum_of(&shards[i], first + (uint64_t)cuts[i], (ws_dtype)dt);
+        }
+        /* The shards in the opposite order, as one batch. */
+        CHECK_OK(ws_checksum_many(list, (size_t)ncuts, firsts, WS_DTYPE_COUNT, sums));
+        for (int i = 0; i < ncuts; i++) backward += sums[i];
+        CHECK_EQ_U64(forward, full);
+        CHECK_EQ_U64(backward, full);
+        /* Shards hashed from index 0 are not the whole. */
+        CHECK(checksum_of(&shards[3], 0, (ws_dtype)dt) !=
+              checksum_of(&shards[3], first + (uint64_t)cuts[3], (ws_dtype)dt));
+        for (int i = 0; i < ncuts; i++) ws_tensor_free(&shards[i]);
+
+        /* Strided views (a column, and every other column of a block) hash as
+         * their contiguous copies, with the copy's logical order. */
+        int64_t s2[2] = {n / 7, 7}, s1[1] = {n / 7 * 7};
+        ws_tensor head, m, col, cols, cc, csc;
+        CHECK_OK(ws_tensor_narrow(&head, &t, 0, 0, s1[0]));
+        CHECK_OK(ws_tensor_reshape(&m, &head, 2, s2));
+        CHECK_OK(ws_tensor_narrow(&col, &m, 1, 3, 1));
+        CHECK_OK(ws_tensor_narrow(&cols, &m, 1, 2, 4));
+        int64_t c1[2] = {s2[0], 1}, c4[2] = {s2[0], 4};
+        CHECK_OK(make(&cc, (ws_dtype)dt, 2, c1, "cc"));
+        CHECK_OK(make(&csc, (ws_dtype)dt, 2, c4, "csc"));
+        CHECK_OK(ws_tensor_copy(&cc, &col));
+        CHECK_OK(ws_tensor_copy(&csc, &cols));
+        CHECK_EQ_U64(checksum_of(&col, 17, (ws_dtype)dt), checksum_of(&cc, 17, (ws_dtype)dt));
+        CHECK_EQ_U64(checksum_of(&cols, 5, (ws_dtype)dt), checksum_of(&csc, 5, (ws_dtype)dt));
+        CHECK_EQ_U64(checksum_of(&cc, 17, (ws_dtype)dt), reference_of(&cc, 17));
+        ws_tensor_free(&csc);
+        ws_tensor_free(&cc);
+        ws_tensor_free(&cols);
+        ws_tensor_free(&col);
+        ws_tensor_free(&m);
+        ws_tensor_free(&head);
+        ws_tensor_free(&t);
+    }
+}
+
+/* Hashing `as` another dtype hashes the bits of the converted values: the
+ * same sum as converting first, contiguous or strided, for every pair. */
+static void test_checksum_as_converted(void)
+{
+    int64_t n = 100003, s2[2] = {n / 3, 3}, c1[2] = {n / 3, 1}, head_n = n / 3 * 3;
+    ws_tensor f;
+    CHECK_OK(make(&f, WS_F32, 1, &n, "f"));
+    CHECK_OK(ws_tensor_random(&f, 21, 300.0f, 0));
+    for (int st = 0; st < WS_DTYPE_COUNT; st++) {
+        ws_tensor src;
+        CHECK_OK(make(&src, (ws_dtype)st, 1, &n, "src"));
+        CHECK_OK(ws_tensor_copy(&src, &f));
+        for (int as = 0; as < WS_DTYPE_COUNT; as++) {
+            ws_tensor conv;
+            CHECK_OK(make(&conv, (ws_dtype)as, 1, &n, "conv"));
+            CHECK_OK(ws_tensor_copy(&conv, &src));
+            CHECK_EQ_U64(checksum_of(&src, 9, (ws_dtype)as), checksum_of(&conv, 9, (ws_dtype)as));
+            ws_tensor head, m, col, cc;
+            CHECK_OK(ws_tensor_narrow(&head, &src, 0, 0, head_n));
+            CHECK_OK(ws_tensor_reshape(&m, &head, 2, s2));
+            CHECK_OK(ws_tensor_narrow(&col, &m, 1, 1, 1));
+            CHECK_OK(make(&cc, (ws_dtype)as, 2, c1, "cc"));
+            CHECK_OK(ws_tensor_copy(&cc, &col));
+            CHECK_EQ_U64(checksum_of(&col, 4, (ws_dtype)as), checksum_of(&cc, 4, (ws_dtype)as));
+            ws_tensor_free(&cc);
+            ws_tensor_free(&col);
+            ws_tensor_free(&m);
+            ws_tensor_free(&head);
+            ws_tensor_free(&conv);
+        }
+        ws_tensor_free(&src);
+    }
+    ws_tensor_free(&f);
+}
+
+/* Flipping any one bit of any element changes the checksum (the per-element
+ * hash is a bijection of the bits at each index), and so does swapping two
+ * different values (each index has its own key). */
+static void test_checksum_detects_flips_and_swaps(void)
+{
+    int64_t n = 67;
+    for (int dt = 0; dt < WS_DTYPE_COUNT; dt++) {
+        ws_tensor t;
+        CHECK_OK(make(&t, (ws_dtype)dt, 1, &n, "t"));
+        unsigned char *p = ws_tensor_data(&t);
+        size_t es = ws_dtype_size((ws_dtype)dt);
+        fill_bytes(p, ws_tensor_nbytes(&t), 40 + (uint64_t)dt);
+        uint64_t base = checksum_of(&t, 5, (ws_dtype)dt);
+        int missed = 0, swaps = 0;
+        for (int64_t i = 0; i < n; i++)
+            for (size_t bit = 0; bit < 8 * es; bit++) {
+                p[(size_t)i * es + bit / 8] ^= (unsigned char)(1u << (bit % 8));
+                missed += checksum_of(&t, 5, (ws_dtype)dt) == base;
+                p[(size_t)i * es + bit / 8] ^= (unsigned char)(1u << (bit % 8));
+            }
+        unsigned char tmp[8];
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t j = i + 1; j < n; j++) {
+                unsigned char *a = p + (size_t)i * es, *b = p + (size_t)j * es;
+                if (memcmp(a, b, es) == 0) continue;
+                memcpy(tmp, a, es);
+                memcpy(a, b, es);
+                memcpy(b, tmp, es);
+                missed += checksum_of(&t, 5, (ws_dtype)dt) == base;
+                swaps++;
+                memcpy(b, a, es);
+                memcpy(a, tmp, es);
+            }
+        CHECK(missed == 0);
+        CHECK(swaps > n * (n - 1) / 4);
+        CHECK_EQ_U64(checksum_of(&t, 5, (ws_dtype)dt), base);
+        ws_tensor_free(&t);
+    }
+}
+
 static void test_freed_tensor_errors_name_it(void)
 {
     ws_tensor a, b;
@@ -707,6 +876,9 @@ int main(void)
     RUN(test_large_strided_copy);
     RUN(test_random_determinism);
     RUN(test_checksum_composes_over_shards);
+    RUN(test_checksum_composes_for_every_dtype);
+    RUN(test_checksum_as_converted);
+    RUN(test_checksum_detects_flips_and_swaps);
     RUN(test_freed_tensor_errors_name_it);
     RUN(test_events_measure_time);
     RUN(test_parallel_after_fork);
