@@ -7,7 +7,9 @@
 -- (1) full sync throughput vs a plain memcpy of the same bytes (ws.reference_copy), target >= 0.8x;
 -- (2) LoRA-only sync time vs full sync time, against their byte ratio (target <= 1.5x);
 -- (3) per-tensor overhead of a plan with 100k tiny tensors (target <= 2 us);
--- (4) staging memory held during execution vs the bucket size.
+-- (4) staging memory held during execution vs the bucket size;
+-- (5) checksum of a bf16 tensor (checksum_mb, capped by free memory) vs a copy of the same
+--     bytes (t:copy_), target >= 0.8x of the copy's bandwidth.
 -- check=true makes the exit status fail when a target is missed.
 local ws = require("ws")
 local config = require("ws.config")
@@ -26,6 +28,7 @@ local schema = {
     bucket_mb = { default = ws.DEFAULT_BUCKET_BYTES // (1 << 20), type = "number", min = 0.001 },
     lora_rank = { default = 32, type = "integer", min = 1 },
     tiny_tensors = { default = 100000, type = "integer", min = 1 },
+    checksum_mb = { default = 1024, type = "integer", min = 1 },
     check = { default = false, type = "boolean" },
 }
 local ok, cfg, opts = pcall(config.parse, schema, arg)
@@ -185,6 +188,28 @@ end
 en2:free(); tr2:free()
 out("#   staging bound: 2 x (bucket + bucket/world)%s", #misses > 0 and "" or " held")
 
+-- (5) verification vs a copy of the same bytes: the checksum reads once and
+-- writes nothing, so it should keep up with a copy (on a GPU, the
+-- device-to-device copy). Half the free memory at most for the two tensors.
+local ck_bytes = math.min(cfg.checksum_mb * 1048576, device:memory().free // 4) // 2 * 2
+local ck_src = must("bench/sync.lua", ws.tensor{ shape = { ck_bytes // 2 }, dtype = "bf16",
+                                                  device = device })
+local ck_dst = must("bench/sync.lua", ws.tensor{ shape = { ck_bytes // 2 }, dtype = "bf16",
+                                                  device = device })
+ck_src:random_(5)
+local ck_copy_ms = best(function() ck_dst:copy_(ck_src); device:synchronize() end)
+local ck_sum
+local ck_ms = best(function() ck_sum = ck_src:checksum() end)
+assert(ck_sum == ck_dst:checksum(), "bench/sync.lua: the copy's checksum differs from its source's")
+ck_src:free(); ck_dst:free()
+local ck_ratio = ck_copy_ms / ck_ms
+out("#")
+out("# %-24s %12s %10s %10s", "what", "bytes", "time(ms)", "algbw(GB/s)")
+out("  %-24s %12d %10.2f %10.2f", "checksum bf16", ck_bytes, ck_ms, gbps(ck_bytes, ck_ms))
+out("  %-24s %12d %10.2f %10.2f", "copy_ bf16", ck_bytes, ck_copy_ms, gbps(ck_bytes, ck_copy_ms))
+target("(5) checksum vs copy", ck_ratio >= 0.8, "%.2fx of the copy's bandwidth (target 0.80x)",
+       ck_ratio)
+
 if opts.json and rank == 0 then
     local f = assert(io.open(opts.json, "w"))
     f:write(json.encode{ bench = "sync", version = ws.version, device = tostring(device), world = world,
@@ -195,7 +220,10 @@ if opts.json and rank == 0 then
                          h2d_pinned = h2d_ms and { bytes = full.bytes_moved, ms = h2d_ms } or nil,
                          ratio_vs_memcpy = bw_ratio, lora_time_over_byte_ratio = rel,
                          tiny = { tensors = n, ms = tiny_ms, us_per_tensor = us, add_ms = add_ms },
-                         staging = staging, targets = results }, "\n")
+                         staging = staging,
+                         checksum = { bytes = ck_bytes, ms = ck_ms, copy_ms = ck_copy_ms,
+                                      ratio_vs_copy = ck_ratio },
+                         targets = results }, "\n")
     f:close()
 end
 if cfg.check and #misses > 0 then
