@@ -599,6 +599,20 @@ static void test_checksum_composes_for_every_dtype(void)
         CHECK_EQ_U64(checksum_of(&col, 17, (ws_dtype)dt), checksum_of(&cc, 17, (ws_dtype)dt));
         CHECK_EQ_U64(checksum_of(&cols, 5, (ws_dtype)dt), checksum_of(&csc, 5, (ws_dtype)dt));
         CHECK_EQ_U64(checksum_of(&cc, 17, (ws_dtype)dt), reference_of(&cc, 17));
+        /* Rows longer than one work unit, split across threads mid-row. */
+        int64_t w16[2] = {16, n / 16}, b16[2] = {16, 70000};
+        ws_tensor head16, m16, block, bc;
+        CHECK_OK(ws_tensor_narrow(&head16, &t, 0, 0, 16 * (n / 16)));
+        CHECK_OK(ws_tensor_reshape(&m16, &head16, 2, w16));
+        CHECK_OK(ws_tensor_narrow(&block, &m16, 1, 1, b16[1]));
+        CHECK_OK(make(&bc, (ws_dtype)dt, 2, b16, "bc"));
+        CHECK_OK(ws_tensor_copy(&bc, &block));
+        CHECK_EQ_U64(checksum_of(&block, 3, (ws_dtype)dt), checksum_of(&bc, 3, (ws_dtype)dt));
+        CHECK_EQ_U64(checksum_of(&bc, 3, (ws_dtype)dt), reference_of(&bc, 3));
+        ws_tensor_free(&bc);
+        ws_tensor_free(&block);
+        ws_tensor_free(&m16);
+        ws_tensor_free(&head16);
         ws_tensor_free(&csc);
         ws_tensor_free(&cc);
         ws_tensor_free(&cols);
