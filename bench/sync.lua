@@ -1,7 +1,8 @@
 -- bench/sync.lua: how fast the sync plans move weights, against references
 -- measured in the same run.
 --
---   wshost bench/sync.lua [model=qwen3-0.6b] [iters=3] [bucket_mb=512] [check=true] [--json FILE]
+--   wshost bench/sync.lua [model=qwen3-0.6b] [iters=3] [bucket_mb=512] [checksum_mb=1024]
+--                         [check=true] [--json FILE]
 --   mpirun -n 2 wshost bench/sync.lua
 --
 -- (1) full sync throughput vs a plain memcpy of the same bytes (ws.reference_copy), target >= 0.8x;
