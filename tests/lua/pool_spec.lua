@@ -108,7 +108,7 @@ describe("ws.pool", function()
     p:free()
   end)
 
-  it("sleep(1) keeps the backup buffer between sleeps and still returns the pool's pages", function()
+  it("sleep(1) keeps its backup buffer and still returns the pool's pages", function()
     local bytes = 64 * MiB
     local p = new_pool(bytes, "kept")
     local t = p:tensor{shape = {bytes // 2}, dtype = "bf16", name = "kept.w"}
