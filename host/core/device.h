@@ -91,6 +91,10 @@ typedef struct ws_device_ops {
     ws_status (*vm_map)(ws_device *d, void *va, size_t bytes);   /* backs [va, va+bytes) */
     ws_status (*vm_unmap)(ws_device *d, void *va, size_t bytes); /* gives the memory back */
     void (*vm_release)(ws_device *d, void *va, size_t bytes);
+    /* Optional (may be NULL where vm_map backs memory at once, as on cuda):
+     * makes [va, va+bytes) of a mapped range resident before a copy fills
+     * it, instead of the copy faulting it in page by page. Best effort. */
+    void (*vm_populate)(ws_device *d, void *va, size_t bytes);
 
     /* Optional (may be NULL): the native queue that orders this device's
      * work (a cudaStream_t on cuda), so collectives (comm_nccl.c) can be

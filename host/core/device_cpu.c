@@ -6,8 +6,12 @@
  * fills, checksums) are split across the worker threads of parallel.c, since
  * one core cannot saturate memory bandwidth. Pools reserve address space with
  * mmap(PROT_NONE) and map/unmap it with mprotect + madvise(MADV_DONTNEED),
- * which really drops the pages (RSS falls) while addresses stay valid. */
+ * which really drops the pages (RSS falls) while addresses stay valid. Pool
+ * ranges and host (backup) blocks are aligned to 2 MiB and ask for
+ * transparent huge pages: a fresh page costs one fault per 2 MiB, not 512,
+ * which is what lets a pool wake (or a backup fill) at copy speed. */
 #include <errno.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +26,12 @@
 #define CPU_ALIGN 64
 #define CPU_MMAP_MIN ((size_t)1 << 20)  /* blocks this large get their own mapping */
 #define PAR_BYTES ((size_t)1 << 20)     /* below this, one thread is as fast */
+#define HUGE_BYTES ((size_t)2 << 20)    /* a transparent huge page (x86-64, arm64 with 4K pages) */
+
+/* Linux 5.14; older headers lack it, older kernels answer EINVAL. */
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
 
 struct ws_event {
     struct timespec ts;
@@ -45,6 +55,58 @@ static ws_status nomem(size_t bytes, int err)
                   "cpu: out of memory allocating %s (%zu bytes): %s; free tensors or use "
                   "smaller buckets",
                   h, bytes, strerror(err));
+}
+
+/* An anonymous mapping of `len` bytes (page aligned) starting on a 2 MiB
+ * boundary, so the kernel can back all of it with huge pages: the extra
+ * 2 MiB mapped to find the boundary are unmapped again at once, and the
+ * block is then exactly [result, result + len), as munmap expects. */
+static void *map_huge_aligned(size_t len, int prot)
+{
+    if (len < HUGE_BYTES) return mmap(NULL, len, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (len > SIZE_MAX - HUGE_BYTES) {
+        errno = ENOMEM;
+        return MAP_FAILED;
+    }
+    char *raw = mmap(NULL, len + HUGE_BYTES, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) return raw;
+    uintptr_t a = ((uintptr_t)raw + HUGE_BYTES - 1) & ~(uintptr_t)(HUGE_BYTES - 1);
+    size_t head = a - (uintptr_t)raw;
+    if (head) munmap(raw, head);
+    if (HUGE_BYTES - head) munmap((char *)a + len, HUGE_BYTES - head);
+#ifdef MADV_HUGEPAGE
+    /* Advice only: with THP off ("never") the pages stay 4 KiB. */
+    madvise((void *)a, len, MADV_HUGEPAGE);
+#endif
+    return (void *)a;
+}
+
+static int populate_missing; /* the kernel has no MADV_POPULATE_WRITE */
+
+typedef struct {
+    char *base;
+    size_t len;
+} populate_ctx;
+
+/* Huge-page units [begin, end) of the range. */
+static void populate_range(void *vctx, size_t begin, size_t end, int worker)
+{
+    const populate_ctx *c = vctx;
+    if (__atomic_load_n(&populate_missing, __ATOMIC_RELAXED)) return;
+    size_t b = begin * HUGE_BYTES, e = end * HUGE_BYTES < c->len ? end * HUGE_BYTES : c->len;
+    if (madvise(c->base + b, e - b, MADV_POPULATE_WRITE) != 0 && errno == EINVAL)
+        __atomic_store_n(&populate_missing, 1, __ATOMIC_RELAXED);
+}
+
+/* Makes [ptr, ptr + len) resident and writable now (ptr page aligned), the
+ * worker threads faulting in parallel, instead of one fault per page inside
+ * the copy that follows. Best effort: an old kernel (EINVAL) or a shortage
+ * (ENOMEM, which the copy would meet anyway) leaves the pages to the copy. */
+static void populate(void *ptr, size_t len)
+{
+    if (len < PAR_BYTES || __atomic_load_n(&populate_missing, __ATOMIC_RELAXED)) return;
+    populate_ctx c = {ptr, len};
+    ws_parallel_for((len + HUGE_BYTES - 1) / HUGE_BYTES, 4, populate_range, &c);
 }
 
 static ws_status cpu_alloc(ws_device *d, size_t bytes, void **out)
@@ -78,6 +140,25 @@ static void cpu_free(ws_device *d, void *ptr, size_t bytes)
         free(ptr);
     }
     ws_device_account(d, -(ptrdiff_t)bytes);
+}
+
+/* Host memory for pool backups (and pinned tensors): on a GPU this is pinned,
+ * resident from the start. Here it is made resident at once too, on huge
+ * pages, so the first level-1 sleep copies into it at copy speed rather than
+ * page-faulting through it. */
+static ws_status cpu_host_alloc(ws_device *d, size_t bytes, void **out)
+{
+    if (bytes < CPU_MMAP_MIN) return cpu_alloc(d, bytes, out);
+    *out = NULL;
+    size_t ps = page_size();
+    if (bytes > SIZE_MAX - ps) return nomem(bytes, ENOMEM);
+    size_t len = (bytes + ps - 1) & ~(ps - 1);
+    void *p = map_huge_aligned(len, PROT_READ | PROT_WRITE);
+    if (p == MAP_FAILED) return nomem(bytes, errno);
+    populate(p, len);
+    *out = p;
+    ws_device_account(d, (ptrdiff_t)bytes);
+    return WS_OK;
 }
 
 /* ---- copies ------------------------------------------------------------------ */
@@ -542,7 +623,7 @@ static size_t cpu_vm_granularity(ws_device *d) { return page_size(); }
 static ws_status cpu_vm_reserve(ws_device *d, size_t bytes, void **va)
 {
     *va = NULL;
-    void *p = mmap(NULL, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void *p = map_huge_aligned(bytes, PROT_NONE);
     if (p == MAP_FAILED) {
         char h[32];
         ws_format_bytes(h, sizeof h, bytes);
@@ -575,6 +656,8 @@ static ws_status cpu_vm_unmap(ws_device *d, void *va, size_t bytes)
     return WS_OK;
 }
 
+static void cpu_vm_populate(ws_device *d, void *va, size_t bytes) { populate(va, bytes); }
+
 static void cpu_vm_release(ws_device *d, void *va, size_t bytes)
 {
     if (va) munmap(va, bytes);
@@ -584,7 +667,7 @@ static const ws_device_ops cpu_ops = {
     .kind_name = "cpu",
     .alloc = cpu_alloc,
     .free = cpu_free,
-    .host_alloc = cpu_alloc,
+    .host_alloc = cpu_host_alloc,
     .host_free = cpu_free,
     .copy = cpu_copy,
     .copy_batch = cpu_copy_batch,
@@ -602,6 +685,7 @@ static const ws_device_ops cpu_ops = {
     .vm_reserve = cpu_vm_reserve,
     .vm_map = cpu_vm_map,
     .vm_unmap = cpu_vm_unmap,
+    .vm_populate = cpu_vm_populate,
     .vm_release = cpu_vm_release,
 };
 

@@ -6,7 +6,8 @@
  * from the device's host_alloc (pinned on cuda) and unmaps; sleep(2) unmaps
  * and forgets the contents: every storage carved from the pool has its
  * written ranges cleared, so a later read names the sleep that discarded it.
- * wake() maps the same addresses again and restores a level-1 backup. The
+ * wake() maps the same addresses again and restores a level-1 backup; the
+ * backup buffer is kept for the next level-1 sleep (see ws_pool_wake). The
  * pool tracks its storages in a pointer hash set so destroy can name a tensor
  * still alive and a discard can reach every storage, even with 100k tensors. */
 #include "pool.h"
@@ -31,7 +32,7 @@ struct ws_pool {
     ws_range *holes; /* freed blocks below top, sorted, merged */
     size_t n_holes, cap_holes;
     size_t mapped;
-    void *backup;        /* host memory for a level-1 backup (kept on GPUs, see below) */
+    void *backup;        /* host memory for a level-1 backup (kept between sleeps) */
     size_t backup_cap;   /* bytes allocated at `backup` */
     size_t backup_bytes; /* bytes of contents held there now; 0 when awake */
     int asleep, sleeps, last_level;
@@ -369,6 +370,12 @@ ws_status ws_pool_sleep(ws_pool *p, int level, const char *note)
     p->sleeps++;
     p->last_level = level;
     if (level == 2) {
+        /* Nothing is kept, and a level-2 sleep is asked for to free memory:
+         * the cached level-1 backup goes too (the next level-1 sleep
+         * allocates it again). */
+        if (p->backup) d->ops->host_free(d, p->backup, p->backup_cap);
+        p->backup = NULL;
+        p->backup_cap = 0;
         if (note && *note)
             snprintf(p->reason, sizeof p->reason, "sleep(level=2) #%d of pool '%s' (%s)",
                      p->sleeps, p->tag, note);
@@ -397,6 +404,9 @@ ws_status ws_pool_wake(ws_pool *p)
     p->reserved = 0;
     ws_device_account(d, (ptrdiff_t)p->capacity);
     if (p->backup_bytes) {
+        /* Fresh pages all at once (cpu: in parallel, huge pages), so the
+         * restore runs at copy speed rather than one fault per page. */
+        if (d->ops->vm_populate) d->ops->vm_populate(d, p->va, p->backup_bytes);
         rc = d->ops->copy(d, p->va, p->backup, p->backup_bytes);
         if (rc != WS_OK) {
             /* Keep the backup and go back to sleep so nothing is lost. */
@@ -408,16 +418,12 @@ ws_status ws_pool_wake(ws_pool *p)
         }
         rc = ws_device_synchronize(d);
         if (rc != WS_OK) return rc;
+        /* The backup stays allocated for the next sleep, on every device:
+         * pinned host memory costs seconds per 10 GB to allocate and free
+         * (PyTorch's caching host allocator keeps it for vLLM too), and on
+         * the cpu a fresh buffer costs a page fault per page on each sleep.
+         * The pool's own memory still goes back at every sleep. */
         p->backup_bytes = 0;
-        /* Pinned host memory costs seconds per 10 GB to allocate and free,
-         * so a GPU pool keeps it for the next sleep (as PyTorch's caching
-         * host allocator does for vLLM). On the cpu device the backup is
-         * ordinary memory, and returning it is the point of sleeping. */
-        if (d->kind == WS_DEVICE_CPU) {
-            d->ops->host_free(d, p->backup, p->backup_cap);
-            p->backup = NULL;
-            p->backup_cap = 0;
-        }
     }
     p->asleep = 0;
     return WS_OK;

@@ -108,6 +108,29 @@ describe("ws.pool", function()
     p:free()
   end)
 
+  it("sleep(1) keeps its backup buffer and still returns the pool's pages", function()
+    local bytes = 64 * MiB
+    local p = new_pool(bytes, "kept")
+    local t = p:tensor{shape = {bytes // 2}, dtype = "bf16", name = "kept.w"}
+    t:random_(9)
+    local sum = t:checksum()
+    assert.is_true(p:sleep(1))
+    assert.is_true(p:wake())
+    local st = p:stats()
+    assert.are.equal(bytes, st.backup_cached)
+    assert.are.equal(0, st.backup_bytes)
+    local rss_awake = ws.host_memory().rss
+    assert.is_true(p:sleep(1))
+    local rss_asleep = ws.host_memory().rss
+    assert.is_true(rss_awake - rss_asleep > 60 * MiB,
+      string.format("rss %d -> %d", rss_awake, rss_asleep))
+    assert.are.equal(0, p:stats().mapped)
+    assert.is_true(p:wake())
+    assert.are.equal(sum, t:checksum())
+    t:free()
+    p:free()
+  end)
+
   it("free refuses while tensors live and is idempotent after", function()
     local p = new_pool(MiB)
     local t = p:tensor{shape = {16}, name = "alive"}
