@@ -53,7 +53,9 @@ describe("ws.readable", function()
         local plain = assert(ws.tensor{ shape = { 8 }, device = cpu })
         assert.are.equal(3, ws.readable({ a, b, plain }))
         assert.are.equal(0, ws.readable({}))
-        assert.are.equal(1, ws.readable({ a:narrow(1, 3, 4) }))
+        local rows = a:narrow(1, 3, 4)
+        assert.are.equal(1, ws.readable({ rows }))
+        rows:free()
         -- A level-1 sleep keeps the contents: readable again once awake.
         assert(pool:sleep(1, "spec level 1"))
         local ok, err = pcall(ws.readable, { a })
@@ -161,7 +163,7 @@ describe("verify=", function()
         for _, mode in ipairs({ "sent", "all" }) do
             local err = failure(drop, { verify = mode, sleep_level = 1 })
             assert.matches("drop_sent: step 2 failed", err, 1, true)
-            assert.matches("verify (step 2 rollout): engine tensor '[^']*lora_[AB][^']*' does " ..
+            assert.matches("verify %(step 2 rollout%): engine tensor '[^']*lora_[AB][^']*' does " ..
                            "not hold trainer parameter '[^']*lora_[AB][^']*'", err)
         end
     end)
@@ -173,7 +175,7 @@ describe("verify=", function()
             ctx:rollout(step)
         end }
         local err = failure(forgetful, { verify = "sent", free_cache_engine = false })
-        assert.matches("verify (step 2 rollout): engine tensor '[^']*lora_", err)
+        assert.matches("verify %(step 2 rollout%): engine tensor '[^']*lora_", err)
         -- No trainer change, nothing sent: both plans only proven readable.
         local idle = P:with{ step = function(ctx, step)
             if step < 2 then return P.step(ctx, step) end
