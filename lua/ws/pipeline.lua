@@ -159,6 +159,8 @@ function Ctx:rollout(step)
     local rec, mode = self.rec, self.cfg.verify or "all"
     rec.engine_mapped_awake = mem.mapped
     self.engine:touch_kv_cache(step)
+    -- The checks alone, apart from the KV cache use the verify phase includes.
+    local t_check = ws.now_ms()
     if mode ~= "off" then
         local vctx = { comm = self.comm, world = self.world, trainer = self.trainer,
                        note = "step " .. step .. " rollout" }
@@ -174,6 +176,7 @@ function Ctx:rollout(step)
         end
         rec.verified, rec.verified_tensors, rec.readable_tensors = true, hashed, valid
     end
+    rec.verify_check_ms = ws.now_ms() - t_check
     rec.phase_ms.verify = rec.phase_ms.verify + ws.now_ms() - t0
     -- The engine as the last rollout left it: every rank writes its own.
     if step == self.cfg.steps and self.cfg.save_engine ~= "" then
