@@ -46,9 +46,6 @@ local function state_of(pairs)
     return st
 end
 
--- The trainer's checksums of a plan, summed over the ranks (one all_reduce of
--- an i64 tensor: sums wrap modulo 2^64, as the checksum does). Reused while
--- the trainer has not changed: frozen base weights are hashed once per load.
 -- The trainer's state the checksums of a plan depend on: frozen weights
 -- change only when reloaded, trainable ones at every generation. nil without
 -- a trainer (nothing is reused then).
@@ -57,6 +54,9 @@ local function trainer_key(st, ctx)
     return tr and (st.frozen and "loads " .. tr.loads or "gen " .. tr.generation)
 end
 
+-- The trainer's checksums of a plan, summed over the ranks (one all_reduce of
+-- an i64 tensor: sums wrap modulo 2^64, as the checksum does). Reused while
+-- the trainer has not changed: frozen base weights are hashed once per load.
 local function trainer_sums(st, ctx)
     local key = trainer_key(st, ctx)
     if key and st.trainer_key == key then return st.trainer_sums end
