@@ -651,6 +651,24 @@ static int l_checksums(lua_State *L)
     return 1;
 }
 
+/* ws.readable(tensors): that every tensor may be read now (live, its pool
+ * awake, its contents not discarded by a sleep since they were last
+ * written), from the bookkeeping alone: no byte is read, so it costs the
+ * same for a 1 GB tensor as for an empty one. Returns the number of tensors;
+ * raises the first failure, naming the tensor (and its pool and the sleep
+ * that discarded it). */
+static int l_readable(lua_State *L)
+{
+    lua_settop(L, 1); /* [tensors] */
+    size_t n;
+    ws_tensor **ts = ws_lua_check_tensor_list(L, 1, &n); /* [tensors, keep] */
+    for (size_t i = 0; i < n; i++)
+        if (ws_tensor_check_readable(ts[i], "readable") != WS_OK)
+            return ws_lua_raise(L, "readable");
+    lua_pushinteger(L, (lua_Integer)n);
+    return 1;
+}
+
 /* ---- registration ------------------------------------------------------------------ */
 
 static const luaL_Reg t_methods[] = {
@@ -685,6 +703,7 @@ static const luaL_Reg ws_funcs[] = {
     {"unpack", l_unpack},
     {"copy_many", l_copy_many},
     {"checksums", l_checksums},
+    {"readable", l_readable},
     {NULL, NULL},
 };
 

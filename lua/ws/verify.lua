@@ -8,6 +8,13 @@
 -- each destination view from index 0. The first mismatch raises an error
 -- naming both tensors. A destination whose contents a sleep discarded raises
 -- the pool's own error (tensor, pool, sleep) from the checksum call.
+--
+-- M.check_unsent proves less, for the plans a step did not send: that the
+-- engine's tensors are readable (not discarded by a sleep, not in a sleeping
+-- pool), from the pools' bookkeeping, without reading their bytes. It falls
+-- back to M.check when the trainer's side changed since these pairs were
+-- last proven (or they never were): then the engine must hold something it
+-- was not sent this step, and only its bytes can say whether it does.
 local ws = require("ws")
 local must = require("ws.errors").must
 
@@ -39,12 +46,19 @@ local function state_of(pairs)
     return st
 end
 
+-- The trainer's state the checksums of a plan depend on: frozen weights
+-- change only when reloaded, trainable ones at every generation. nil without
+-- a trainer (nothing is reused then).
+local function trainer_key(st, ctx)
+    local tr = ctx.trainer
+    return tr and (st.frozen and "loads " .. tr.loads or "gen " .. tr.generation)
+end
+
 -- The trainer's checksums of a plan, summed over the ranks (one all_reduce of
 -- an i64 tensor: sums wrap modulo 2^64, as the checksum does). Reused while
 -- the trainer has not changed: frozen base weights are hashed once per load.
 local function trainer_sums(st, ctx)
-    local tr = ctx.trainer
-    local key = tr and (st.frozen and "loads " .. tr.loads or "gen " .. tr.generation)
+    local key = trainer_key(st, ctx)
     if key and st.trainer_key == key then return st.trainer_sums end
     local sums = must("verify", ws.checksums(st.srcs, st.firsts, "bf16"))
     if (ctx.world or 1) > 1 and ctx.comm then
@@ -84,6 +98,7 @@ end
 -- number of tensors checked.
 function M.check(pairs, ctx)
     local st = state_of(pairs)
+    st.proven_key = nil -- until this check passes
     local want = trainer_sums(st, ctx)
     local where = ctx.note or "rollout"
     local ok, got, msg = pcall(ws.checksums, st.dsts, nil, "bf16")
@@ -103,7 +118,24 @@ function M.check(pairs, ctx)
         end
     end
     got:free()
+    st.proven_key = st.trainer_key
     return #pairs
+end
+
+-- For a plan not sent this step. ctx as for M.check. Proves the engine's
+-- tensors readable (one C call, no byte read) when the trainer's side is
+-- the one they were last proven against; otherwise M.check. Raises the
+-- pool's error naming the first unreadable tensor. Returns the number of
+-- tensors and whether their bytes were checksummed.
+function M.check_unsent(pairs, ctx)
+    local st = state_of(pairs)
+    local key = trainer_key(st, ctx)
+    if key == nil or st.proven_key ~= key then return M.check(pairs, ctx), true end
+    local ok, err = pcall(ws.readable, st.dsts)
+    if not ok then
+        error(string.format("verify (%s): %s", ctx.note or "rollout", tostring(err)), 0)
+    end
+    return #pairs, false
 end
 
 return M

@@ -32,6 +32,55 @@ else
     fail "skip_base after sleep(1)"; cat "$tmp/out"
 fi
 
+# verify=sent: the skipped base is caught by the readable check (no bytes
+# hashed), with the same tensor, pool and sleep named.
+"$WSHOST" tests/e2e/fixtures/skip_base.lua $tiny sleep_level=2 verify=sent >"$tmp/out" 2>&1
+rc=$?
+if [ $rc -ne 0 ] &&
+   grep -qF "verify (step 2 rollout): readable: tensor 'model.embed_tokens.weight' in pool 'weights'" "$tmp/out" &&
+   grep -q "sleep(level=2)" "$tmp/out" && grep -q "(step 1)" "$tmp/out"; then
+    pass "verify=sent: skip_base after sleep(2) fails with the stale-weights error"
+else
+    fail "verify=sent: skip_base after sleep(2) (rc=$rc)"; cat "$tmp/out"
+fi
+
+# A sent plan that leaves a tensor out (the engine keeps last step's adapter).
+for mode in all sent; do
+    "$WSHOST" tests/e2e/fixtures/drop_sent.lua $tiny verify=$mode >"$tmp/out" 2>&1
+    rc=$?
+    if [ $rc -ne 0 ] && grep -q "verify (step 2 rollout): engine tensor '.*lora_[AB].*' does not hold trainer parameter" "$tmp/out"; then
+        pass "verify=$mode: a sent plan that did not write a tensor fails naming it"
+    else
+        fail "verify=$mode: drop_sent (rc=$rc)"; cat "$tmp/out"
+    fi
+done
+
+# verify=sent passes the runs check_run checks, for both sleep levels.
+for level in 1 2; do
+    if "$WSHOST" pipelines/verl_lora.lua $tiny sleep_level=$level verify=sent \
+           --json "$tmp/sent.jsonl" >"$tmp/out" 2>&1 &&
+       "$WSHOST" tests/e2e/fixtures/check_run.lua "$tmp/sent.jsonl" $tiny sleep_level=$level \
+           free_cache_engine=true lora_rank=32 >>"$tmp/out" 2>&1 &&
+       [ "$(grep -c '"verify":"sent"' "$tmp/sent.jsonl")" -eq 3 ]; then
+        pass "verify=sent sleep_level=$level runs and verifies"
+    else
+        fail "verify=sent sleep_level=$level"; cat "$tmp/out"
+    fi
+done
+
+# verify=off: every step row says off under `verified`, the summary says
+# nothing was verified, every --json record carries verify="off".
+if "$WSHOST" pipelines/verl_lora.lua $tiny verify=off --json "$tmp/off.jsonl" >"$tmp/out" 2>&1 &&
+   [ "$(awk '/^#step /{for(i=1;i<=NF;i++) if($i=="verified") c=i; next}
+             /^ +[0-9]+ /{n++; if($c=="off") k++} END{print k "/" n}' "$tmp/out")" = "3/3" ] &&
+   grep -q "verify=off: nothing verified" "$tmp/out" &&
+   [ "$(grep -c '"verify":"off"' "$tmp/off.jsonl")" -eq 3 ] &&
+   [ "$(grep -c '"verified":false' "$tmp/off.jsonl")" -eq 3 ]; then
+    pass "verify=off says so on every row, in the summary and in every record"
+else
+    fail "verify=off"; cat "$tmp/out"
+fi
+
 check_usage() { # expected-message args...
     local want=$1; shift
     "$WSHOST" pipelines/verl_lora.lua "$@" >"$tmp/out" 2>&1
@@ -48,6 +97,7 @@ check_usage "verl_lora: config key 'free_cache_engine' expects a boolean (true/f
 check_usage "verl_lora: config key 'target_modules': unknown LoRA target module 'qkv'" target_modules=qkv $tiny
 check_usage "verl_lora: config key 'device': " device=tpu $tiny
 check_usage "verl_lora: config key 'steps' must be >= 0, got -1" steps=-1
+check_usage "verl_lora: config key 'verify' must be one of all, sent, off, got 'some'" verify=some
 check_usage "verl_lora: config key 'steps' expects an integer, got ''" steps=
 check_usage "verl_lora: config key 'bucket_mb' must be <= 1048576, got 1e+308" bucket_mb=1e308 $tiny
 check_usage "verl_lora: config key 'target_modules': unknown LoRA target module 'bogus'" "target_modules=q_proj, bogus" lora_rank=0 $tiny
