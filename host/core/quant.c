@@ -28,7 +28,7 @@ void ws_fp8_block_scale_shape(int ndim, const int64_t *shape, int64_t *out)
 
 /* ---- the cpu backend --------------------------------------------------------------- */
 
-static void load_f32(float *dst, const void *src, ws_dtype t, size_t n)
+static inline void load_f32(float *dst, const void *src, ws_dtype t, size_t n)
 {
     if (t == WS_F32) {
         memcpy(dst, src, n * sizeof *dst);
@@ -41,7 +41,9 @@ static void load_f32(float *dst, const void *src, ws_dtype t, size_t n)
     }
 }
 
-/* Block row `br` of matrix `b` of one descriptor. */
+/* Block row `br` of matrix `b` of one descriptor. Cloned for AVX-512 (its
+ * per-lane shifts vectorize the e4m3 rounding) where the CPU has it. */
+WS_CLONES_V4
 static void quantize_block_row(const ws_quant_desc *x, int64_t b, int64_t br)
 {
     float buf[SEG_COLS];

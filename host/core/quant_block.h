@@ -12,7 +12,8 @@
  *               1, so zeros dequantize to exact zeros;
  *   q         = e4m3(clamp(x / scale_inv, -448, 448)): the quotient in f32
  *               (correctly rounded), clamped so nothing overflows into the
- *               NaN code, then rounded to nearest even (ws_f32_to_fp8e4m3).
+ *               NaN code, then rounded to nearest even (ws_f32_to_fp8e4m3,
+ *               in its branch-free form for this range).
  *               NaN stays NaN (0x7F with the input's sign); +-inf
  *               saturates to +-448 (0x7E / 0xFE).
  * Only IEEE division and comparisons are used (no FMA, no reciprocal, no
@@ -32,7 +33,7 @@
 static inline WS_HOST_DEVICE uint32_t ws_fp8_abs_bits(float x)
 {
     uint32_t a = ws_f32_bits(x) & 0x7FFFFFFFu;
-    return a < 0x7F800000u ? a : 0u;
+    return a & (0u - ((a - 0x7F800000u) >> 31)); /* a when a < 0x7F800000; no branch */
 }
 
 static inline WS_HOST_DEVICE float ws_fp8_scale_inv(uint32_t amax_bits)
@@ -48,8 +49,9 @@ static inline WS_HOST_DEVICE uint8_t ws_fp8_quantize(float x, float scale_inv)
     uint32_t u = ws_f32_bits(x);
     float v = x / scale_inv;
     v = v > WS_FP8_MAX ? WS_FP8_MAX : v < -WS_FP8_MAX ? -WS_FP8_MAX : v;
-    uint8_t nan = (uint8_t)(((u >> 24) & 0x80u) | 0x7Fu);
-    return (u & 0x7FFFFFFFu) > 0x7F800000u ? nan : ws_f32_to_fp8e4m3(v);
+    uint32_t nan = ((u >> 24) & 0x80u) | 0x7Fu;
+    uint32_t is_nan = 0u - ((0x7F800000u - (u & 0x7FFFFFFFu)) >> 31); /* all ones for NaN */
+    return (uint8_t)((nan & is_nan) | (ws_f32_to_fp8e4m3_bounded(v) & ~is_nan));
 }
 
 #endif

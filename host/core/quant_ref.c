@@ -5,8 +5,8 @@
  * elements are read and scaled in double (double rounding is harmless for a
  * single division rounded to f32, since 53 >= 2 * 24 + 2), the amax is a
  * plain fabs loop, and e4m3 rounding is the textbook one (the nearest
- * multiple of the binade's ulp, ties to even, found with floor) instead of
- * dtype_convert.h's integer bit manipulation. One tile at a time, scalar;
+ * multiple of the binade's step, ties to even, in double arithmetic)
+ * instead of dtype_convert.h's integer shifts and carries. One tile at a time, scalar;
  * tiles are spread over the worker threads only to keep a large model's
  * verification within seconds. */
 #include <math.h>
@@ -31,36 +31,31 @@ static double ref_load(const void *p, ws_dtype t, size_t i)
     return f;
 }
 
-/* Ties to even without the FPU's rounding mode: x >= 0 and small (< 2^6). */
-static double round_half_even(double x)
-{
-    double f = floor(x), d = x - f;
-    if (d > 0.5) return f + 1;
-    if (d < 0.5) return f;
-    return fmod(f, 2.0) == 0.0 ? f : f + 1;
-}
-
-/* e4m3fn of v, |v| <= 448. Binades [2^e, 2^(e+1)) for e >= -6 hold 8 values
- * 2^(e-3) apart; below 2^-6 the subnormals are 2^-9 apart. */
+/* e4m3fn of vf, |vf| <= 448, not NaN, the textbook way: in the binade
+ * [2^e, 2^(e+1)) (e >= -6; below 2^-6 the subnormals share e = -6's step)
+ * the codes are 2^(e-3) apart, so the value is the nearest multiple of that
+ * step (ties to the even multiple: an even mantissa), and the code counts
+ * steps from the binade's start. Done in double, where every step here is
+ * exact; only the binade's exponent is read from vf's bits. */
 static uint8_t ref_e4m3(float vf)
 {
-    double v = vf;
-    uint8_t sign = signbit(v) ? 0x80 : 0;
-    double a = fabs(v);
-    int e = -6;
-    if (a >= ldexp(1.0, -6)) {
-        int fe;
-        (void)frexp(a, &fe); /* a = m * 2^fe, m in [0.5, 1) */
-        e = fe - 1;
-    }
-    double ulp = ldexp(1.0, e - 3);
-    double qv = round_half_even(a / ulp) * ulp;
-    if (qv < ldexp(1.0, -6)) return (uint8_t)(sign | (uint8_t)(qv / ldexp(1.0, -9)));
-    int fe;
-    double m = frexp(qv, &fe);               /* qv = m * 2^fe */
-    int exp_field = fe - 1 + 7;              /* bias 7 */
-    int mant = (int)(m * 16.0) - 8;          /* (2m - 1) * 8 */
-    return (uint8_t)(sign | (exp_field << 3) | mant);
+    static const double per_step[] = { /* 1 / the step of binades -6 .. 8 */
+        0x1p9, 0x1p8, 0x1p7, 0x1p6, 0x1p5, 0x1p4, 0x1p3, 0x1p2,
+        0x1p1, 0x1p0, 0x1p-1, 0x1p-2, 0x1p-3, 0x1p-4, 0x1p-5,
+    };
+    double a = fabs((double)vf);
+    uint32_t bits;
+    memcpy(&bits, &vf, 4);
+    int e = (int)((bits >> 23) & 0xFF) - 127;
+    if (e < -6) e = -6;
+    double x = a * per_step[e + 6]; /* in [0, 16]: exact (a power-of-two scaling) */
+    int64_t fl = (int64_t)x;        /* floor, x >= 0 */
+    double frac = x - (double)fl;
+    /* Without short-circuits: the rounding direction of random data is a
+     * coin toss, which a branch would mispredict half the time. */
+    int64_t r = fl + ((frac > 0.5) | ((frac == 0.5) & (int)(fl & 1)));
+    int code = ((e + 7) << 3) + (int)r - 8; /* r = 16 carries into the next binade */
+    return (uint8_t)((signbit(vf) ? 0x80 : 0) | code);
 }
 
 typedef struct {
