@@ -91,8 +91,7 @@ static void quantize_block_row(const ws_quant_desc *x, int64_t b, int64_t br)
 
 typedef struct {
     const ws_quant_desc *descs;
-    const size_t *unit_begin; /* n + 1 prefix sums of block rows over descriptors */
-    size_t n;
+    const size_t *unit_begin; /* prefix sums of block rows over the descriptors */
 } quant_ctx;
 
 static void quantize_units(void *vctx, size_t u0, size_t u1, int worker)
@@ -124,7 +123,7 @@ ws_status ws_cpu_quantize_fp8_block(ws_device *d, const ws_quant_desc *descs, si
         begin[i + 1] = begin[i] + (size_t)(x->batch * brows);
         bytes += (size_t)(x->batch * x->rows * x->cols) * ws_dtype_size(x->src_dtype);
     }
-    quant_ctx c = {descs, begin, n};
+    quant_ctx c = {descs, begin};
     size_t units = begin[n];
     /* About a megabyte of source per chunk; one thread for small work. */
     size_t per_unit = units ? bytes / units + 1 : 1;
