@@ -42,4 +42,15 @@ if "$WSHOST" pipelines/full_sync.lua $args param_dtype=f32 --json "$tmp/full.jso
 else
     fail "fp8_block: full_sync from f32 master weights"; cat "$tmp/log"
 fi
+# The engine's file holds the fp8 weights and their scales under vLLM's names.
+if "$WSHOST" pipelines/verl_lora.lua model=tiny steps=1 kv_cache_mb=1 progress=off lora_rank=0 \
+       engine_dtype=fp8_block save_engine="$tmp/eng" >"$tmp/log" 2>&1 &&
+   head -c 100000 "$tmp/eng/engine-rank-00000.safetensors" | grep -q '"F8_E4M3"' &&
+   head -c 100000 "$tmp/eng/engine-rank-00000.safetensors" |
+       grep -q 'model.layers.0.self_attn.qkv_proj.weight_scale_inv'; then
+    pass "fp8_block: save_engine writes F8_E4M3 weights and weight_scale_inv"
+else
+    fail "fp8_block: save_engine"; cat "$tmp/log"
+fi
+
 finish
