@@ -115,7 +115,16 @@ describe("engine_dtype=fp8_block", function()
         local sc = e.tensors[q.scale]
         sc:set(1, sc:get(1) * 2)
         assert.has_error(function() verify.check(s.pairs.base, ctx) end)
-        s:send("base")
+        -- Sent again unchanged: the reference is not computed again.
+        local calls, real = 0, ws.quantize_fp8_block_reference
+        ws.quantize_fp8_block_reference = function(...)
+            calls = calls + 1
+            return real(...)
+        end
+        local ok2, err2 = pcall(s.send, s, "base")
+        ws.quantize_fp8_block_reference = real
+        assert(ok2, err2)
+        assert.are.equal(0, calls)
         verify.check(s.pairs.base, ctx)
         -- The trainer moves on and only a linear weight changes (the bf16
         -- tensors are left alone so the staged check is what must notice).
@@ -127,6 +136,17 @@ describe("engine_dtype=fp8_block", function()
         assert.is_false(ok)
         assert.matches("was quantized from bf16 values of checksum", tostring(err), 1, true)
         assert.matches(p.src.name, tostring(err), 1, true)
+        -- Sent again: only the tensor that changed is quantized again by the reference.
+        calls = 0
+        ws.quantize_fp8_block_reference = function(...)
+            calls = calls + 1
+            return real(...)
+        end
+        ok2, err2 = pcall(s.send, s, "base")
+        ws.quantize_fp8_block_reference = real
+        assert(ok2, err2)
+        assert.are.equal(1, calls)
+        verify.check(s.pairs.base, ctx)
         free_all(tr, e, s)
     end)
 
