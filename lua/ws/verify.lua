@@ -143,13 +143,16 @@ function M.seal(pairs, ctx)
         sealed.staged[name] = v
     end
     sums:free()
+    -- A tensor staged from the same bf16 values as at its last seal (a
+    -- frozen base sent again after a level-2 sleep) has the same
+    -- quantization: its reference is kept, not computed again. The others'
+    -- references are dropped first, so a failure part way leaves none stale.
+    for _, q in ipairs(pairs.quant) do
+        if changed[q.name] then sealed.quant[q.name] = nil end
+    end
     local cpu = ws.device("cpu")
     for _, q in ipairs(pairs.quant) do
-        -- A tensor staged from the same bf16 values as at its last seal (a
-        -- frozen base sent again after a level-2 sleep) has the same
-        -- quantization: its reference is kept, not computed again.
-        if changed[q.name] or not sealed.quant[q.name] then
-            sealed.quant[q.name] = nil
+        if not sealed.quant[q.name] then
             seal_reference(ctx.engine.staged[q.name], q, sealed, where, cpu)
         end
     end
