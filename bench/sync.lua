@@ -13,7 +13,10 @@
 --     bytes (t:copy_), target >= 0.8x of the copy's bandwidth;
 -- (6) a pool's level-1 sleep + wake vs the two plain copies they amount to (out to the host
 --     backup and back; t:copy_ twice over the same bytes), target >= 0.5x on the cpu; the first
---     cycle (which allocates the backup) is shown apart from the steady state.
+--     cycle (which allocates the backup) is shown apart from the steady state;
+-- (7) engine_dtype=fp8_block vs bf16: bytes into the engine and time of a base sync (target:
+--     the quantized tensors <= 0.51x their bf16 bytes), and the quantization error on random
+--     weights.
 -- check=true makes the exit status fail when a target is missed.
 local ws = require("ws")
 local config = require("ws.config")
@@ -22,6 +25,7 @@ local lora = require("ws.lora")
 local trainer_mod = require("ws.trainer")
 local engine_mod = require("ws.engine")
 local sync_mod = require("ws.sync")
+local verify = require("ws.verify")
 local json = require("ws.json")
 local must = require("ws.errors").must
 
@@ -190,8 +194,64 @@ for _, mb in ipairs({ 1, 4, 16, 64, 256 }) do
     end
     s2:free()
 end
-en2:free(); tr2:free()
 out("#   staging bound: 2 x (bucket + bucket/world)%s", #misses > 0 and "" or " held")
+
+-- (7) engine_dtype=fp8_block vs bf16: the base sync of the model without
+-- LoRA into each engine, in the same run. fp8's time includes waking the
+-- staging pool, the batched quantization and the staging's level-2 sleep;
+-- verification's record (seal) is timed on its own.
+local en8 = engine_mod.new{ spec = spec, device = device, kv_cache_mb = 1,
+                            engine_dtype = "fp8_block" }
+local s16 = sync_mod.new{ trainer = tr2, engine = en2, comm = gcomm, device = device,
+                          bucket_mb = cfg.bucket_mb, progress = "off", rank = rank }
+local s8 = sync_mod.new{ trainer = tr2, engine = en8, comm = gcomm, device = device,
+                         bucket_mb = cfg.bucket_mb, progress = "off", rank = rank }
+local ms16, st16 = best(function() return s16:send("base") end)
+local ms8, st8 = best(function() return s8:send("base", { seal = false }) end)
+local sealed = s8:send("base")
+local t_ver = ws.now_ms()
+verify.check(s8.pairs.base, { comm = gcomm, world = world, trainer = tr2, engine = en8,
+                              note = "bench" })
+local check_ms = ws.now_ms() - t_ver
+out("#")
+-- copy(ms): the plan's writes (for fp8_block into the staging, mapped
+-- afresh at each sync, so on the cpu mostly first-touch page faults).
+out("# %-22s %12s %12s %10s %10s %10s %12s", "base sync", "sent(B)", "engine(B)", "time(ms)",
+    "copy(ms)", "quant(ms)", "weights(MB)")
+out("  %-22s %12d %12d %10.2f %10.2f %10s %12.1f", "bf16", st16.bytes_moved, st16.engine_bytes,
+    ms16, st16.copy_out_ms, "-", en2.weight_bytes / 1e6)
+out("  %-22s %12d %12d %10.2f %10.2f %10.2f %12.1f", "fp8_block", st8.bytes_moved,
+    st8.engine_bytes, ms8, st8.copy_out_ms, st8.quant_ms, en8.weight_bytes / 1e6)
+-- The quantized tensors alone go to half (plus 4 bytes per 128x128 block);
+-- what stays bf16 (embeddings, lm_head, norms) keeps the whole ratio above
+-- that, the more so the smaller the model.
+local lin16, lin8 = 0, 0
+for _, q in ipairs(en8.quantized) do
+    lin16 = lin16 + 2 * en8.tensors[q.name]:numel()
+    lin8 = lin8 + en8.tensors[q.name]:nbytes() + en8.tensors[q.scale]:nbytes()
+end
+local fp8_bytes = st8.engine_bytes / st16.engine_bytes
+target("(7) fp8_block vs bf16", lin8 / lin16 <= 0.51,
+       "linear weights %.4fx their bf16 bytes (target <= 0.51x); all weights %.3fx; " ..
+       "%.2fx the time; seal %.0f ms, rollout check %.0f ms", lin8 / lin16, fp8_bytes, ms8 / ms16,
+       sealed.seal_ms, check_ms)
+s8:free(); s16:free(); en8:free()
+en2:free(); tr2:free()
+
+-- (7b) quantization error on random weights (uniform in [-0.05, 0.05), a
+-- weight's typical range); 16/448 is the bound (half the step of e4m3's top
+-- binade, relative to 448).
+local qshape = { 1024, 4096 }
+local w = must("bench/sync.lua", ws.tensor{ shape = qshape, dtype = "f32", device = "cpu" })
+w:random_(1234, 0.05)
+local wq = must("bench/sync.lua", ws.tensor{ shape = qshape, dtype = "fp8", device = "cpu" })
+local ws_ = must("bench/sync.lua", ws.tensor{ shape = ws.fp8_block_scale_shape(qshape),
+                                             dtype = "f32", device = "cpu" })
+must("bench/sync.lua", ws.quantize_fp8_block({ w }, { wq }, { ws_ }))
+local qerr = ws.fp8_block_error(w, wq, ws_)
+out("#   %-28s max |dequantized - x| / amax(block) = %.4f on %dx%d uniform random f32 " ..
+    "(bound 16/448 = %.4f)", "(7b) fp8 block error", qerr, qshape[1], qshape[2], 16 / 448)
+w:free(); wq:free(); ws_:free()
 
 -- (5) verification vs a copy of the same bytes: the checksum reads once and
 -- writes nothing, so it should keep up with a copy (on a GPU, the
@@ -274,6 +334,10 @@ if opts.json and rank == 0 then
                                         first_ms = first_ms, first_sleep_ms = first.sleep_ms,
                                         first_wake_ms = first.wake_ms, ratio = sw_ratio,
                                         first_ratio = first_ratio, contents_kept = sw_ok },
+                         fp8_block = { bf16_bytes = st16.engine_bytes, fp8_bytes = st8.engine_bytes,
+                                       bf16_ms = ms16, fp8_ms = ms8, quant_ms = st8.quant_ms,
+                                       seal_ms = sealed.seal_ms, check_ms = check_ms,
+                                       max_rel_block_error = qerr },
                          targets = results }, "\n")
     f:close()
 end

@@ -41,6 +41,17 @@ typedef struct ws_copy_desc {
     ws_dtype src_dtype; /* equal dtypes: a plain byte copy of count*size bytes */
 } ws_copy_desc;
 
+/* One tensor of a block-scaled FP8 quantization (quant.h, quant_block.h):
+ * src [batch, rows, cols] contiguous -> q (fp8 e4m3, same shape) and
+ * scale_inv (f32 [batch, ceil(rows/128), ceil(cols/128)]). */
+typedef struct ws_quant_desc {
+    const void *src;
+    ws_dtype src_dtype; /* f32, bf16 or f16 */
+    void *q;
+    float *scale_inv;
+    int64_t batch, rows, cols;
+} ws_quant_desc;
+
 typedef struct ws_mem_info {
     size_t total;      /* device memory in bytes (host RAM for the cpu device) */
     size_t free;       /* as the OS or driver reports it now */
@@ -74,6 +85,10 @@ typedef struct ws_device_ops {
      * of the converted value are hashed. */
     ws_status (*checksum)(ws_device *d, const void *ptr, ws_dtype t, const ws_layout *l,
                           uint64_t first_index, ws_dtype as, uint64_t *out);
+
+    /* Block-scaled FP8 quantization of many tensors in one call, with the
+     * arithmetic of quant_block.h (both backends give the same bits). */
+    ws_status (*quantize_fp8_block)(ws_device *d, const ws_quant_desc *descs, size_t n);
 
     ws_status (*synchronize)(ws_device *d);
     ws_status (*mem_info)(ws_device *d, size_t *free_bytes, size_t *total_bytes);

@@ -22,6 +22,7 @@
 #include "device.h"
 #include "fault.h"
 #include "parallel.h"
+#include "quant.h"
 
 #define CPU_ALIGN 64
 #define CPU_MMAP_MIN ((size_t)1 << 20)  /* blocks this large get their own mapping */
@@ -675,6 +676,7 @@ static const ws_device_ops cpu_ops = {
     .fill = cpu_fill,
     .random = cpu_random,
     .checksum = cpu_checksum,
+    .quantize_fp8_block = ws_cpu_quantize_fp8_block,
     .synchronize = cpu_synchronize,
     .mem_info = cpu_mem_info,
     .event_create = cpu_event_create,

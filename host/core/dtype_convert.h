@@ -134,6 +134,28 @@ static inline WS_HOST_DEVICE uint8_t ws_f32_to_fp8e4m3(float f)
     return (uint8_t)(sign | m);
 }
 
+/* ws_f32_to_fp8e4m3 for |f| <= 448 (not NaN), without branches or
+ * comparisons (GCC's vectorizer gives up on the narrow booleans they make),
+ * so bulk loops such as the FP8 block quantizer vectorize. Normal results
+ * rebias the exponent and round the mantissa to 3 bits (a carry moves into
+ * the exponent); subnormal ones count units of 2^-9: sig * 2^(exp-141), the
+ * shift capped at 25, past which everything rounds to 0. (x - y) >> 31 is
+ * x < y for values below 2^31. tests/c/test_quant.c compares it with
+ * ws_f32_to_fp8e4m3 over every f32 in range. */
+static inline WS_HOST_DEVICE uint8_t ws_f32_to_fp8e4m3_bounded(float f)
+{
+    uint32_t u = ws_f32_bits(f);
+    uint32_t sign = (u >> 24) & 0x80u, a = u & 0x7FFFFFFFu;
+    uint32_t normal = (a - (120u << 23) + 0x7FFFFu + ((a >> 20) & 1u)) >> 20;
+    uint32_t t = 141u - (a >> 23);
+    uint32_t sh = t < 25u ? t : 25u;
+    uint32_t sig = (a & 0x7FFFFFu) | 0x800000u;
+    uint32_t q = sig >> sh, rem = sig & ((1u << sh) - 1u), half = 1u << (sh - 1u);
+    q += ((half - rem) >> 31) | ((((rem ^ half) - 1u) >> 31) & q & 1u);
+    uint32_t is_normal = 0u - ((0x3C7FFFFFu - a) >> 31); /* all ones when a >= 2^-6 */
+    return (uint8_t)(sign | (normal & is_normal) | (q & ~is_normal));
+}
+
 static inline WS_HOST_DEVICE float ws_fp8e4m3_to_f32(uint8_t v)
 {
     uint32_t sign = (uint32_t)(v & 0x80) << 24;

@@ -124,6 +124,7 @@ void ws_open_comm(lua_State *L);
 void ws_open_plan(lua_State *L);
 void ws_open_safetensors(lua_State *L);
 void ws_open_save(lua_State *L); /* functions only: save_safetensors, save_checkpoint */
+void ws_open_quant(lua_State *L); /* functions only: quantize_fp8_block & co */
 
 int luaopen_ws(lua_State *L);
 

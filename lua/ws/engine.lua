@@ -11,6 +11,14 @@
 -- discards the KV cache, level 2 discards both; wake_up maps memory again at
 -- the same addresses. Reading discarded contents raises in C, naming the
 -- tensor, the pool and the sleep.
+--
+-- engine_dtype=fp8_block: the tensors the family's rule names (`quantized`:
+-- linear layers' weights) are held as fp8 e4m3 plus `<name>_scale_inv`
+-- (f32, one per 128x128 block), as vLLM loads DeepSeek-V3 and Qwen3 FP8
+-- checkpoints. The sync writes their bf16 values into a staging copy (a
+-- third pool, tagged "staging", mapped only during a sync that writes it),
+-- then one batched call quantizes all of them; the staging pool then goes
+-- to a level-2 sleep, so its memory is returned.
 local ws = require("ws")
 local models = require("ws.models")
 local lora = require("ws.lora")
@@ -20,28 +28,57 @@ local M = {}
 local Engine = {}
 Engine.__index = Engine
 
+M.dtypes = { "bf16", "fp8_block" }
+
 -- opts: spec, lora (config or nil), device, kv_cache_mb, seed, dry_run
--- (address space only: tensors laid out, nothing mapped or written).
+-- (address space only: tensors laid out, nothing mapped or written),
+-- engine_dtype ("bf16", the default, or "fp8_block").
 function M.new(opts)
     local self = setmetatable({}, Engine)
     self.spec, self.lora, self.device = opts.spec, opts.lora, opts.device
-    self.tensors, self.order = {}, {}
+    self.tensors, self.order, self.dtypes = {}, {}, {}
     self.dry_run = opts.dry_run or false
     self.asleep = {}
-    -- The layout is the family's rule (ws.family.decoder.engine_layout).
-    local order, dest = models.family(self.spec).engine_layout(
+    self.engine_dtype = opts.engine_dtype or "bf16"
+    if self.engine_dtype ~= "bf16" and self.engine_dtype ~= "fp8_block" then
+        error("engine: engine_dtype must be bf16 or fp8_block, got " ..
+              tostring(self.engine_dtype), 2)
+    end
+    -- quantized: {name, scale (its scale tensor's name), shape}; staged:
+    -- name -> its bf16 staging tensor (filled by allocate).
+    self.quantized, self.staged = {}, {}
+    -- The layout is the family's rule (ws.family.decoder.engine_layout), and
+    -- so is the choice of what fp8_block quantizes (fam.quantized).
+    local fam = models.family(self.spec)
+    local order, dest = fam.engine_layout(
         self.spec, models.params(self.spec), self.lora,
         self.lora and lora.params(self.spec, self.lora) or nil)
-    local layout = {}
+    local layout, by_dtype = {}, { bf16 = {}, fp8 = {}, f32 = {} }
+    local function add(name, shape, dtype)
+        layout[name] = shape
+        self.order[#self.order + 1] = name
+        self.dtypes[name] = dtype
+        by_dtype[dtype][#by_dtype[dtype] + 1] = shape
+    end
     for _, t in ipairs(order) do
-        layout[t.name] = t.shape
-        self.order[#self.order + 1] = t.name
+        if self.engine_dtype == "fp8_block" and fam.quantized(t) then
+            add(t.name, t.shape, "fp8")
+            add(t.name .. "_scale_inv", ws.fp8_block_scale_shape(t.shape), "f32")
+            self.quantized[#self.quantized + 1] = { name = t.name, scale = t.name .. "_scale_inv",
+                                                    shape = t.shape }
+        else
+            add(t.name, t.shape, "bf16")
+        end
     end
     self.dest = dest
 
-    local shapes = {}
-    for i, name in ipairs(self.order) do shapes[i] = layout[name] end
-    self.weight_bytes = ws.pool_bytes(shapes, "bf16")
+    self.weight_bytes = 0
+    for dtype, shapes in pairs(by_dtype) do
+        if #shapes > 0 then self.weight_bytes = self.weight_bytes + ws.pool_bytes(shapes, dtype) end
+    end
+    local staged_shapes = {}
+    for i, q in ipairs(self.quantized) do staged_shapes[i] = q.shape end
+    self.staging_bytes = #staged_shapes > 0 and ws.pool_bytes(staged_shapes, "bf16") or 0
     self.kv_bytes = math.max(1, opts.kv_cache_mb or 64) * 1024 * 1024
     -- A pool that cannot be had (a KV cache too big) frees the one made before
     -- it. The error that stopped construction (out of memory, Ctrl-C) is what
@@ -64,16 +101,62 @@ function M.allocate(self, layout)
                                            bytes = ws.pool_bytes({ kv_shape }, "bf16"),
                                            reserve_only = dry })
     for i, name in ipairs(self.order) do
-        local t = must("engine", self.weights:tensor{ shape = layout[name], dtype = "bf16",
+        local dtype = self.dtypes[name]
+        local t = must("engine", self.weights:tensor{ shape = layout[name], dtype = dtype,
                                                       name = name })
         -- Kept before it is filled: an interrupted fill must still free it.
         self.tensors[name] = t
-        -- load_format=dummy: the engine starts from random weights, as in verl.
-        if not dry then t:random_(0x5EED0 + i, 1.0, 0) end
+        -- load_format=dummy: the engine starts from random weights, as in
+        -- verl (scales of 1 for the fp8 ones).
+        if not dry then
+            if dtype == "f32" then t:fill(1) else t:random_(0x5EED0 + i, 1.0, 0) end
+        end
     end
     self.kv_cache = must("engine", self.kv_pool:tensor{ shape = kv_shape,
                                                         dtype = "bf16", name = "kv_cache" })
     if not dry then self.kv_cache:fill(0) end
+    if #self.quantized == 0 then return end
+    self.staging_pool = must("engine", ws.pool{ device = self.device, tag = "staging",
+                                                bytes = self.staging_bytes, reserve_only = dry })
+    for _, q in ipairs(self.quantized) do
+        self.staged[q.name] = must("engine", self.staging_pool:tensor{
+            shape = q.shape, dtype = "bf16", name = q.name .. " (bf16 staging)" })
+    end
+    -- Mapped only while a sync writes it (Engine:stage_begin).
+    if not dry then
+        must("engine", self.staging_pool:sleep(2, "setup"))
+        self.asleep.staging = true
+    end
+end
+
+-- Whether the engine tensor `name` is quantized (written through staging).
+function Engine:is_staged(name) return self.staged[name] ~= nil end
+
+-- The staging pool around a sync that writes quantized tensors: mapped
+-- before the plan runs; after quantize_staged, back to a level-2 sleep so
+-- its memory is returned. `note` names the sync in discarded-read errors.
+function Engine:stage_begin()
+    if self.staging_pool and self.asleep.staging then
+        must("engine", self.staging_pool:wake())
+        self.asleep.staging = false
+    end
+end
+
+function Engine:stage_end(note)
+    if self.staging_pool and not self.asleep.staging then
+        must("engine", self.staging_pool:sleep(2, note))
+        self.asleep.staging = true
+    end
+end
+
+-- Quantizes staged bf16 weights into their fp8 tensors and scales in one
+-- call; `list` holds entries of self.quantized (nil: all of them).
+function Engine:quantize_staged(list)
+    local srcs, qs, scales = {}, {}, {}
+    for i, q in ipairs(list or self.quantized) do
+        srcs[i], qs[i], scales[i] = self.staged[q.name], self.tensors[q.name], self.tensors[q.scale]
+    end
+    must("engine", ws.quantize_fp8_block(srcs, qs, scales))
 end
 
 -- The engine tensor an HF (or PEFT) parameter is written into, and where in
@@ -81,7 +164,7 @@ end
 function Engine:destination(param_name)
     local d = self.dest[param_name]
     if not d then error("engine: no destination for parameter '" .. param_name .. "'", 2) end
-    return self.tensors[d.name], d
+    return self.staged[d.name] or self.tensors[d.name], d
 end
 
 local function pools_of(self, tags)
@@ -107,6 +190,8 @@ function Engine:sleep(level, note)
     self.asleep.weights = true
     must("engine", self.kv_pool:sleep(2, note))
     self.asleep.kv_cache = true
+    -- A sync that stopped part way may have left the staging mapped.
+    self:stage_end(note)
 end
 
 -- tags: {"weights"}, {"kv_cache"} or {} / nil for both. Pools that are awake are left alone.
@@ -125,8 +210,10 @@ function Engine:is_asleep(tag) return self.asleep[tag] == true end
 -- Memory the engine's pools hold now: mapped device bytes and host backup.
 function Engine:memory()
     local w, k = self.weights:stats(), self.kv_pool:stats()
-    return { weights_mapped = w.mapped, kv_mapped = k.mapped, mapped = w.mapped + k.mapped,
-             backup_bytes = w.backup_bytes + k.backup_bytes }
+    local s = self.staging_pool and self.staging_pool:stats() or { mapped = 0, backup_bytes = 0 }
+    return { weights_mapped = w.mapped, kv_mapped = k.mapped, staging_mapped = s.mapped,
+             mapped = w.mapped + k.mapped + s.mapped,
+             backup_bytes = w.backup_bytes + k.backup_bytes + s.backup_bytes }
 end
 
 -- The rollout's use of the KV cache: it writes it, so a KV cache that was not
@@ -146,11 +233,12 @@ function Engine:free()
     for _, name in ipairs(self.order) do
         if self.tensors[name] then release(self.tensors[name]) end
     end
-    for _, k in ipairs({ "kv_cache", "weights", "kv_pool" }) do
+    for _, t in pairs(self.staged) do release(t) end
+    for _, k in ipairs({ "kv_cache", "weights", "kv_pool", "staging_pool" }) do
         if self[k] then release(self[k]) end
         self[k] = nil
     end
-    self.tensors = {}
+    self.tensors, self.staged = {}, {}
     if first ~= nil then error(first, 0) end
 end
 

@@ -41,6 +41,9 @@ M.common = {
     sleep_level = { default = 1, type = "enum", values = { 1, 2 }, help = "engine sleep level" },
     param_dtype = { default = "bf16", type = "enum", values = { "bf16", "f32" },
                     help = "trainer weights (f32: master weights, bf16 on the wire)" },
+    engine_dtype = { default = "bf16", type = "enum", values = engine_mod.dtypes,
+                     help = "engine weights: bf16, or fp8_block (linear layers as fp8 e4m3 " ..
+                            "with one f32 scale per 128x128 block)" },
     param_offload = { default = false, type = "boolean",
                       help = "trainer params to pinned host memory after training" },
     seed = { default = 0, type = "integer", min = 0, help = "weight seed" },
@@ -137,11 +140,16 @@ function Ctx:send(kind)
         pm.adapter = pm.adapter + s.wall_ms
         rec.adapter_sent, rec.adapter_bytes = true, rec.adapter_bytes + s.bytes_moved
     else
-        pm.copy_out = pm.copy_out + s.copy_out_ms
-        pm.gather = pm.gather + math.max(0, s.wall_ms - s.copy_out_ms)
+        -- Quantization (fp8_block) writes the engine's weights: copy_out.
+        pm.copy_out = pm.copy_out + s.copy_out_ms + s.quant_ms
+        pm.gather = pm.gather + math.max(0, s.wall_ms - s.copy_out_ms - s.quant_ms)
         rec.base_sent, rec.base_bytes = true, rec.base_bytes + s.bytes_moved
         if kind == "full" and self.lora then rec.adapter_sent = true end
     end
+    -- The verification's record of a quantizing sync (ws.verify.seal).
+    pm.verify = pm.verify + s.seal_ms
+    rec.quant_ms, rec.seal_ms = rec.quant_ms + s.quant_ms, rec.seal_ms + s.seal_ms
+    rec.engine_bytes = rec.engine_bytes + s.engine_bytes
     rec.bytes_sent = rec.bytes_sent + s.bytes_moved
     rec.bytes_gathered = rec.bytes_gathered + s.bytes_gathered
     rec.staging_bytes = math.max(rec.staging_bytes, s.staging_bytes)
@@ -163,7 +171,7 @@ function Ctx:rollout(step)
     local t_check = ws.now_ms()
     if mode ~= "off" then
         local vctx = { comm = self.comm, world = self.world, trainer = self.trainer,
-                       note = "step " .. step .. " rollout" }
+                       engine = self.engine, note = "step " .. step .. " rollout" }
         local hashed, valid = 0, 0
         for _, kind in ipairs(self.verify_kinds) do
             local plist = self.sync.pairs[kind]
@@ -307,7 +315,8 @@ function M.setup_and_steps(p, cfg, built, report, env)
         built[k] = nil
     end
     built.engine = engine_mod.new{ spec = spec, lora = lcfg, device = device,
-                                   kv_cache_mb = cfg.kv_cache_mb, dry_run = cfg.dry_run }
+                                   kv_cache_mb = cfg.kv_cache_mb, dry_run = cfg.dry_run,
+                                   engine_dtype = cfg.engine_dtype }
     built.sync = sync_mod.new{ trainer = built.trainer, engine = built.engine,
                                comm = world > 1 and comm or nil, device = device,
                                bucket_mb = cfg.bucket_mb, progress = cfg.progress,
@@ -339,6 +348,11 @@ function M.setup_and_steps(p, cfg, built, report, env)
     log(string.format("# setup %.0f ms (trainer shards %.1f MB, engine weights %.1f MB, " ..
                       "KV cache %.1f MB)", ws.now_ms() - t_setup, trainer:shard_bytes() / 1e6,
                       engine.weight_bytes / 1e6, engine.kv_bytes / 1e6))
+    if #engine.quantized > 0 then
+        log(string.format("# engine_dtype=fp8_block: %d tensors as fp8 e4m3 with 128x128 block " ..
+                          "scales; their bf16 staging (%.1f MB) is mapped only during a base " ..
+                          "sync", #engine.quantized, engine.staging_bytes / 1e6))
+    end
 
     if cfg.dry_run then return M.dry_run_report(p, built, verify_kinds, build_ms, env) end
 

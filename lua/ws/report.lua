@@ -38,8 +38,8 @@ function Report:begin_step(step)
     if self.device.reset_peak then self.device:reset_peak() end
     local rec = { step = step, phase_ms = {}, base_sent = false, adapter_sent = false,
                   bytes_sent = 0, base_bytes = 0, adapter_bytes = 0, bytes_gathered = 0,
-                  staging_bytes = 0, verified = false,
-                  verify = self.cfg and self.cfg.verify or "all" }
+                  staging_bytes = 0, engine_bytes = 0, quant_ms = 0, seal_ms = 0,
+                  verified = false, verify = self.cfg and self.cfg.verify or "all" }
     for _, p in ipairs(M.phases) do rec.phase_ms[p] = 0 end
     rec.t0 = ws.now_ms()
     return rec
@@ -155,6 +155,13 @@ function Report:summary()
     local ba, bb = mean(r, 1, "bytes_sent"), mean(r, 2, "bytes_sent")
     line(string.format("  %-16s %12s %14s", "MB sent", fmt(ba and ba / 1e6, "MB"),
                        fmt(bb and bb / 1e6, "MB")))
+    -- What landed in the engine's weights, when it differs from what was
+    -- sent (engine_dtype=fp8_block: one byte per quantized element).
+    local ea, eb = mean(r, 1, "engine_bytes"), mean(r, 2, "engine_bytes")
+    if ea ~= ba then
+        line(string.format("  %-16s %12s %14s", "MB into engine", fmt(ea and ea / 1e6, "MB"),
+                           fmt(eb and eb / 1e6, "MB")))
+    end
     local base_steps, verified, peak_dev, peak_host = 0, 0, 0, 0
     for _, rec in ipairs(r) do
         if rec.base_sent then base_steps = base_steps + 1 end

@@ -9,6 +9,12 @@
 --   full    both in one plan (full-parameter sync).
 -- Each entry is also kept as a (trainer entry, engine view) pair so
 -- ws.verify can prove what the plan wrote.
+--
+-- With engine_dtype=fp8_block, a plan writes the quantized tensors' bf16
+-- values into the engine's staging pool; send() then wakes that pool
+-- first, quantizes everything the plan staged in one call, records what
+-- verification needs while the staging still holds the values (ws.verify
+-- seal) and puts the staging pool back to a level-2 sleep.
 local ws = require("ws")
 local must = require("ws.errors").must
 local verify = require("ws.verify")
@@ -27,6 +33,10 @@ function M.new(opts)
     self.progress = opts.progress or "auto"
     self.rank = opts.rank or 0
     self.plans, self.pairs, self.views, self.flats = {}, {}, {}, {}
+    -- What ws.verify.seal records at each quantizing sync, shared by the
+    -- plans (base and full stage the same tensors).
+    self.sealed = { staged = {}, quant = {} }
+    self.engine_bytes = {}
     return self
 end
 
@@ -67,11 +77,26 @@ end
 function Sync:build(kind)
     if self.plans[kind] then return self.plans[kind] end
     local srcs, dsts, numels, plist = {}, {}, {}, {}
+    local engine, touched, engine_bytes = self.engine, {}, 0
     for i, e in ipairs(entries_of(self, kind)) do
         local v, label = self:view_for(e)
+        local dname = engine.dest[e.name].name
+        local staged = engine:is_staged(dname)
         srcs[i], dsts[i], numels[i] = e.tensor, v, e.numel
-        plist[i] = { src = e, dst = v, dst_name = label }
+        plist[i] = { src = e, dst = v, dst_name = label, staged = staged }
+        -- What lands in the engine's weights: one byte per quantized element.
+        engine_bytes = engine_bytes + (staged and e.numel or v:nbytes())
+        touched[dname] = staged or nil
     end
+    local quant = {}
+    for _, q in ipairs(engine.quantized) do
+        if touched[q.name] then
+            quant[#quant + 1] = q
+            engine_bytes = engine_bytes + engine.tensors[q.scale]:nbytes()
+        end
+    end
+    if #quant > 0 then plist.quant, plist.sealed = quant, self.sealed end
+    self.engine_bytes[kind] = engine_bytes
     local plan = must("sync", ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm,
                                        device = self.device, name = kind })
     plan:add(srcs, dsts, numels)
@@ -101,12 +126,34 @@ function Sync:progress_fn(kind)
     end
 end
 
--- Executes the plan of `kind`; returns its stats plus wall_ms (measured here).
-function Sync:send(kind)
+-- Executes the plan of `kind`; returns its stats plus wall_ms (measured
+-- here), engine_bytes (written into the engine's weights: fp8 and scales for
+-- quantized tensors) and, when it quantizes, quant_ms (staging wake,
+-- quantization and staging sleep, inside wall_ms) and seal_ms (verification's
+-- record, outside wall_ms). `opts.seal = false` skips the record (benchmarks).
+function Sync:send(kind, opts)
     local plan = self:build(kind)
+    local plist = self.pairs[kind]
     local t0 = ws.now_ms()
+    if plist.quant then self.engine:stage_begin() end
+    local t1 = ws.now_ms()
     local stats = plan:execute(self:progress_fn(kind))
-    stats.wall_ms = ws.now_ms() - t0
+    stats.quant_ms, stats.seal_ms = 0, 0
+    if plist.quant then
+        local t2 = ws.now_ms()
+        self.engine:quantize_staged(plist.quant)
+        stats.quant_ms = t1 - t0 + ws.now_ms() - t2
+        if not (opts and opts.seal == false) then
+            local t3 = ws.now_ms()
+            verify.seal(plist, { engine = self.engine, note = "sync " .. kind })
+            stats.seal_ms = ws.now_ms() - t3
+        end
+        local t4 = ws.now_ms()
+        self.engine:stage_end("sync " .. kind)
+        stats.quant_ms = stats.quant_ms + ws.now_ms() - t4
+    end
+    stats.wall_ms = ws.now_ms() - t0 - stats.seal_ms
+    stats.engine_bytes = self.engine_bytes[kind]
     return stats
 end
 
@@ -124,6 +171,7 @@ function Sync:free()
     end
     for _, v in ipairs(self.views) do release(v) end
     self.plans, self.pairs, self.views, self.flats = {}, {}, {}, {}
+    self.sealed = { staged = {}, quant = {} }
     if first ~= nil then error(first, 0) end
 end
 

@@ -20,10 +20,13 @@ local must = require("ws.errors").must
 
 local M = {}
 
--- What verification keeps per list of pairs, built at its first check: the
+-- What verification keeps per list of pairs, built at its first check: per
+-- group of pairs ("live": destinations the engine holds and that are
+-- checksummed at each check; "staged": the bf16 staging of quantized tensors,
+-- whose checksums ws.verify.seal recorded while the staging held them), the
 -- lists handed to ws.checksums (the trainer's real shard elements, an empty
 -- view for a rank whose shard is all padding, with their global first index;
--- the engine destinations), the empty views it made, and the trainer's last
+-- the engine destinations), the pairs' positions, and the trainer's last
 -- checksums. Weak keys: a list that is dropped takes its state with it (the
 -- tensors then go to the GC); M.release frees it at once.
 local states = setmetatable({}, { __mode = "k" })
@@ -31,7 +34,8 @@ local states = setmetatable({}, { __mode = "k" })
 local function state_of(pairs)
     local st = states[pairs]
     if st then return st end
-    st = { srcs = {}, firsts = {}, dsts = {}, frozen = true, empty_views = {} }
+    local function group() return { srcs = {}, firsts = {}, dsts = {}, idx = {} } end
+    st = { live = group(), staged = group(), frozen = true, empty_views = {} }
     for i, p in ipairs(pairs) do
         local e = p.src
         local src = e.view
@@ -39,7 +43,9 @@ local function state_of(pairs)
             src = e.tensor:narrow(1, 1, 0)
             st.empty_views[#st.empty_views + 1] = src
         end
-        st.srcs[i], st.firsts[i], st.dsts[i] = src, e.first, p.dst
+        local g = p.staged and st.staged or st.live
+        local k = #g.srcs + 1
+        g.srcs[k], g.firsts[k], g.dsts[k], g.idx[k] = src, e.first, p.dst, i
         if e.trainable then st.frozen = false end
     end
     states[pairs] = st
@@ -54,13 +60,14 @@ local function trainer_key(st, ctx)
     return tr and (st.frozen and "loads " .. tr.loads or "gen " .. tr.generation)
 end
 
--- The trainer's checksums of a plan, summed over the ranks (one all_reduce of
--- an i64 tensor: sums wrap modulo 2^64, as the checksum does). Reused while
--- the trainer has not changed: frozen base weights are hashed once per load.
-local function trainer_sums(st, ctx)
+-- The trainer's checksums of a group, summed over the ranks (one all_reduce
+-- of an i64 tensor: sums wrap modulo 2^64, as the checksum does). Reused
+-- while the trainer has not changed: frozen base weights are hashed once per
+-- load.
+local function trainer_sums(st, g, ctx)
     local key = trainer_key(st, ctx)
-    if key and st.trainer_key == key then return st.trainer_sums end
-    local sums = must("verify", ws.checksums(st.srcs, st.firsts, "bf16"))
+    if key and g.trainer_key == key then return g.trainer_sums end
+    local sums = must("verify", ws.checksums(g.srcs, g.firsts, "bf16"))
     if (ctx.world or 1) > 1 and ctx.comm then
         local ok, err = pcall(ctx.comm.all_reduce, ctx.comm, sums, "sum")
         if not ok then
@@ -68,8 +75,8 @@ local function trainer_sums(st, ctx)
             error(err, 0)
         end
     end
-    if st.trainer_sums then st.trainer_sums:free() end
-    st.trainer_sums, st.trainer_key = sums, key
+    if g.trainer_sums then g.trainer_sums:free() end
+    g.trainer_sums, g.trainer_key = sums, key
     return sums
 end
 
@@ -86,52 +93,190 @@ function M.release(pairs)
         local ok, err = pcall(obj.free, obj)
         if not ok and first == nil then first = err end
     end
-    if st.trainer_sums then free(st.trainer_sums) end
+    for _, g in ipairs({ st.live, st.staged }) do
+        if g.trainer_sums then free(g.trainer_sums) end
+    end
     for _, v in ipairs(st.empty_views) do free(v) end
     if first ~= nil then error(first, 0) end
 end
 
--- pairs: list of {src = trainer entry (view, first, name, trainable), dst =
--- engine view, dst_name}. ctx: comm, world, note, trainer (optional: enables
--- reuse of the trainer's checksums). Two C calls per plan; Lua only walks the
--- list on a mismatch, to name it. Raises on the first mismatch; returns the
--- number of tensors checked.
-function M.check(pairs, ctx)
-    local st = state_of(pairs)
-    st.proven_key = nil -- until this check passes
-    local want = trainer_sums(st, ctx)
-    local where = ctx.note or "rollout"
-    local ok, got, msg = pcall(ws.checksums, st.dsts, nil, "bf16")
+local function checksums_or_raise(list, as, where)
+    local ok, got, msg = pcall(ws.checksums, list, nil, as)
     if ok and got == nil then ok, got = false, msg end
     if not ok then error(string.format("verify (%s): %s", where, tostring(got)), 0) end
+    return got
+end
+
+-- The reference quantization of one staged tensor, on the host; records
+-- its checksums in sealed.quant.
+local function seal_reference(staging, q, sealed, where, cpu)
+    local made = {}
+    local ok, err = pcall(function()
+        local host = staging
+        if staging:device().kind ~= "cpu" then
+            host = must("verify", staging:to(cpu))
+            made[#made + 1] = host
+        end
+        local rq = must("verify", ws.tensor{ shape = q.shape, dtype = "fp8", device = cpu,
+                                             name = q.name .. " (reference)" })
+        made[#made + 1] = rq
+        local rs = must("verify", ws.tensor{ shape = ws.fp8_block_scale_shape(q.shape),
+                                             dtype = "f32", device = cpu,
+                                             name = q.scale .. " (reference)" })
+        made[#made + 1] = rs
+        ws.quantize_fp8_block_reference(host, rq, rs)
+        sealed.quant[q.name] = { q = rq:checksum(), s = rs:checksum() }
+    end)
+    for _, t in ipairs(made) do t:free() end
+    if not ok then error(string.format("verify (%s): %s", where, tostring(err)), 0) end
+end
+
+-- ctx: engine (its staging), note. Records, right after a quantizing sync
+-- and while the staging pool still holds the bf16 values the plan wrote,
+-- what check() later compares:
+--   sealed.staged[parameter] = the staging's checksum of that parameter's
+--     slice (bf16), later compared with the trainer's checksum of it;
+--   sealed.quant[tensor] = checksums of an fp8 tensor and its scales as the
+--     reference quantizer (ws.quantize_fp8_block_reference: separate scalar
+--     code, on the host) computes them from the staging, later compared with
+--     the engine's own fp8 tensor and scales.
+-- Together: the engine holds Q(staging) and staging = trainer, so the engine
+-- holds Q(trainer). What is shared: the definition of Q (quant_block.h's
+-- comments), the staging itself and the checksum. What is not: the code that
+-- computes Q (the batched cpu loop or the CUDA kernel vs a scalar loop in
+-- double with its own e4m3 rounding), so a fault in either shows.
+function M.seal(pairs, ctx)
+    local st, sealed = state_of(pairs), pairs.sealed
+    local where = ctx.note or "sync"
+    local g, dest = st.staged, ctx.engine.dest
+    local sums = checksums_or_raise(g.dsts, "bf16", where)
+    local changed = {}
+    for k, i in ipairs(g.idx) do
+        local name, v = pairs[i].src.name, sums:get(k)
+        if sealed.staged[name] ~= v then changed[dest[name].name] = true end
+        sealed.staged[name] = v
+    end
+    sums:free()
+    -- A tensor staged from the same bf16 values as at its last seal (a
+    -- frozen base sent again after a level-2 sleep) has the same
+    -- quantization: its reference is kept, not computed again. The others'
+    -- references are dropped first, so a failure part way leaves none stale.
+    for _, q in ipairs(pairs.quant) do
+        if changed[q.name] then sealed.quant[q.name] = nil end
+    end
+    local cpu = ws.device("cpu")
+    for _, q in ipairs(pairs.quant) do
+        if not sealed.quant[q.name] then
+            seal_reference(ctx.engine.staged[q.name], q, sealed, where, cpu)
+        end
+    end
+end
+
+local function compare_live(pairs, st, ctx, where)
+    local g = st.live
+    local want = trainer_sums(st, g, ctx)
+    local got = checksums_or_raise(g.dsts, "bf16", where)
     if got:checksum() ~= want:checksum() then
-        for i, p in ipairs(pairs) do
-            local g, w = got:get(i), want:get(i)
-            if g ~= w then
+        for k, i in ipairs(g.idx) do
+            local gv, wv = got:get(k), want:get(k)
+            if gv ~= wv then
+                local p = pairs[i]
                 got:free()
                 error(string.format(
                     "verify (%s): engine tensor '%s' does not hold trainer parameter '%s': " ..
                     "checksum 0x%016x, trainer 0x%016x; the sync did not write it (check the " ..
                     "policy's send decisions and the plan's entries)",
-                    where, tostring(p.dst_name), p.src.name, g, w), 0)
+                    where, tostring(p.dst_name), p.src.name, gv, wv), 0)
             end
         end
     end
     got:free()
-    st.proven_key = st.trainer_key
+end
+
+-- The quantized tensors: the engine's fp8 tensors and scales (read now)
+-- against the reference quantization sealed at the last sync, and the
+-- staging checksums sealed then against the trainer's weights now.
+local function compare_quantized(pairs, st, ctx, where)
+    local sealed, qs, ss, tensors = pairs.sealed, {}, {}, ctx.engine.tensors
+    for k, q in ipairs(pairs.quant) do qs[k], ss[k] = tensors[q.name], tensors[q.scale] end
+    local got_q = checksums_or_raise(qs, nil, where)
+    local ok, got_s = pcall(checksums_or_raise, ss, nil, where)
+    if not ok then
+        got_q:free()
+        error(got_s, 0)
+    end
+    local bad
+    for k, q in ipairs(pairs.quant) do
+        local ref = sealed.quant[q.name]
+        if not ref then
+            bad = string.format("engine tensor '%s' was never quantized by a sync (send the " ..
+                                "base weights before rollout)", q.name)
+        elseif got_q:get(k) ~= ref.q or got_s:get(k) ~= ref.s then
+            bad = string.format(
+                "engine tensor '%s' (fp8 checksum 0x%016x, scales 0x%016x) is not the " ..
+                "quantization of the bf16 weights its last sync staged (reference 0x%016x, " ..
+                "0x%016x): the fp8 quantizer or a later write changed it", q.name, got_q:get(k),
+                got_s:get(k), ref.q, ref.s)
+        end
+        if bad then break end
+    end
+    got_q:free()
+    got_s:free()
+    if bad then error(string.format("verify (%s): %s", where, bad), 0) end
+    local g = st.staged
+    local want = trainer_sums(st, g, ctx)
+    for k, i in ipairs(g.idx) do
+        local p = pairs[i]
+        local s, w = sealed.staged[p.src.name], want:get(k)
+        if s ~= w then
+            error(string.format(
+                "verify (%s): engine tensor '%s' was quantized from %s, not from trainer " ..
+                "parameter '%s' as it is now (trainer checksum 0x%016x); the sync did not " ..
+                "write it (check the policy's send decisions and the plan's entries)", where,
+                tostring(p.dst_name), s and string.format("bf16 values of checksum 0x%016x", s)
+                or "no sync", p.src.name, w), 0)
+        end
+    end
+end
+
+-- pairs: list of {src = trainer entry (view, first, name, trainable), dst =
+-- engine view, dst_name, staged}, with `quant` and `sealed` (ws.sync) when
+-- some destinations are quantized. ctx: comm, world, note, trainer
+-- (optional: enables reuse of the trainer's checksums), engine (needed with
+-- quantized destinations). A few C calls per plan; Lua walks the list only on a
+-- mismatch, to name it, and over the quantized tensors. Raises on the first
+-- mismatch; returns the number of tensors checked.
+function M.check(pairs, ctx)
+    local st = state_of(pairs)
+    st.proven_key = nil -- until this check passes
+    local where = ctx.note or "rollout"
+    compare_live(pairs, st, ctx, where)
+    if pairs.quant then compare_quantized(pairs, st, ctx, where) end
+    st.proven_key = trainer_key(st, ctx)
     return #pairs
 end
 
 -- For a plan not sent this step. ctx as for M.check. Proves the engine's
--- tensors readable (one C call, no byte read) when the trainer's side is
--- the one they were last proven against; otherwise M.check. Raises the
--- pool's error naming the first unreadable tensor. Returns the number of
--- tensors and whether their bytes were checksummed.
+-- tensors readable (one C call, no byte read: the live destinations, and the
+-- fp8 tensors and scales of quantized ones, whose staging is asleep between
+-- syncs) when the trainer's side is the one they were last proven against;
+-- otherwise M.check. Raises the pool's error naming the first unreadable
+-- tensor. Returns the number of tensors and whether their bytes were
+-- checksummed.
 function M.check_unsent(pairs, ctx)
     local st = state_of(pairs)
     local key = trainer_key(st, ctx)
     if key == nil or st.proven_key ~= key then return M.check(pairs, ctx), true end
-    local ok, err = pcall(ws.readable, st.dsts)
+    local list = st.live.dsts
+    if pairs.quant then
+        list = {}
+        for k, t in ipairs(st.live.dsts) do list[k] = t end
+        for _, q in ipairs(pairs.quant) do
+            list[#list + 1] = ctx.engine.tensors[q.name]
+            list[#list + 1] = ctx.engine.tensors[q.scale]
+        end
+    end
+    local ok, err = pcall(ws.readable, list)
     if not ok then
         error(string.format("verify (%s): %s", ctx.note or "rollout", tostring(err)), 0)
     end

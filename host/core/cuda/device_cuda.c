@@ -28,6 +28,8 @@
 
 #include "dtype.h"
 #include "env.h"
+#include "quant_block.h"
+#include "quant_kernels.h"
 
 #define MAX_GPUS 64
 /* Freed memory the stream-ordered pool keeps for reuse past a synchronize;
@@ -771,6 +773,46 @@ static ws_status cuda_checksum(ws_device *d, const void *ptr, ws_dtype t, const 
     return WS_OK;
 }
 
+/* Block-scaled FP8 quantization: the descriptors go up once, one launch
+ * covers every tile of every tensor, and the call returns when it is done
+ * (it runs once per sync; the sync's timing includes it). */
+static ws_status cuda_quantize_fp8_block(ws_device *d, const ws_quant_desc *descs, size_t n)
+{
+    cuda_dev *c;
+    if (n == 0) return WS_OK;
+    WS_TRY(ws_cuda_prep(d, &c));
+    ws_cuda_quant *host = malloc(n * sizeof *host);
+    if (!host) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory for %zu quantization "
+                             "descriptors", d->name, n);
+    uint64_t tiles = 0;
+    for (size_t i = 0; i < n; i++) {
+        const ws_quant_desc *x = &descs[i];
+        if (locate(x->src) != LOC_DEVICE || locate(x->q) != LOC_DEVICE ||
+            locate(x->scale_inv) != LOC_DEVICE) {
+            free(host);
+            return WS_ERR(WS_ERR_ARG, "%s: quantize_fp8_block item %zu is not in device memory",
+                          d->name, i + 1);
+        }
+        host[i] = (ws_cuda_quant){.src = x->src, .q = x->q, .scale_inv = x->scale_inv,
+                                  .rows = x->rows, .cols = x->cols, .tile_begin = tiles,
+                                  .src_dtype = (int32_t)x->src_dtype};
+        tiles += (uint64_t)x->batch * (uint64_t)((x->rows + WS_FP8_BLOCK - 1) / WS_FP8_BLOCK) *
+                 (uint64_t)((x->cols + WS_FP8_BLOCK - 1) / WS_FP8_BLOCK);
+    }
+    ws_cuda_quant *dev = NULL;
+    cudaError_t e = dev_malloc(c, (void **)&dev, n * sizeof *dev);
+    if (e == cudaSuccess)
+        e = cudaMemcpyAsync(dev, host, n * sizeof *dev, cudaMemcpyHostToDevice, c->compute);
+    if (e == cudaSuccess) e = ws_cuda_quantize_fp8_block(dev, n, tiles, c->sm_count, c->compute);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(c->compute);
+    if (dev) dev_free(c, dev);
+    free(host);
+    if (e != cudaSuccess)
+        return ws_cuda_fail(d, e, __FILE__, __LINE__, "quantizing %zu tensors to fp8 (%llu tiles)",
+                            n, (unsigned long long)tiles);
+    return WS_OK;
+}
+
 /* ---- synchronization, memory info, events -------------------------------------- */
 
 static ws_status cuda_synchronize(ws_device *d)
@@ -853,6 +895,7 @@ static const ws_device_ops cuda_ops = {
     .fill = cuda_fill,
     .random = cuda_random,
     .checksum = cuda_checksum,
+    .quantize_fp8_block = cuda_quantize_fp8_block,
     .synchronize = cuda_synchronize,
     .mem_info = cuda_mem_info,
     .event_create = cuda_event_create,

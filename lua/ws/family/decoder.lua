@@ -179,13 +179,17 @@ end
 -- gate, up); under LoRA a wrapped module keeps `.base_layer.weight` (and
 -- `.base_layer.bias`); a mixture-of-experts layer holds its experts as
 -- FusedMoE does: w13_weight [E, 2*I, H] (each expert's gate rows, then its up
--- rows) and w2_weight [E, H, I]; the router stays unfused.
+-- rows) and w2_weight [E, H, I]; the router stays unfused. Each tensor entry
+-- says whether it is a linear layer's weight (`linear`): the fused
+-- attention and MLP weights (under LoRA their `.base_layer.weight`) and the
+-- experts; never embeddings, lm_head, norms, the router, biases or adapters.
 function M.engine_layout(spec, params, lcfg, lora_params)
     local order, shapes, dest = {}, {}, {}
-    local function declare(name, shape)
+    -- linear: a linear layer's weight (what engine_dtype=fp8_block may quantize).
+    local function declare(name, shape, linear)
         if not shapes[name] then
             shapes[name] = shape
-            order[#order + 1] = { name = name, shape = shape }
+            order[#order + 1] = { name = name, shape = shape, linear = linear or false }
         end
     end
     local lin = M.linear_shapes(spec)
@@ -203,12 +207,12 @@ function M.engine_layout(spec, params, lcfg, lora_params)
             local h, mi, e = spec.hidden, spec.moe_intermediate, p.expert
             if p.module == "down_proj" then
                 local name = stem .. "w2_weight"
-                declare(name, { spec.experts, h, mi })
+                declare(name, { spec.experts, h, mi }, true)
                 dest[p.name] = { name = name, offset = e * h * mi, numel = p.numel,
                                  label = string.format("%s[expert %d]", name, e) }
             else
                 local name = stem .. "w13_weight"
-                declare(name, { spec.experts, 2 * mi, h })
+                declare(name, { spec.experts, 2 * mi, h }, true)
                 local up = p.module == "up_proj" and 1 or 0
                 dest[p.name] = { name = name, offset = (2 * e + up) * mi * h, numel = p.numel,
                                  label = string.format("%s[expert %d %s]", name, e,
@@ -225,12 +229,12 @@ function M.engine_layout(spec, params, lcfg, lora_params)
                     rows = rows + lin[sub][1]
                 end
                 local cols = p.role == "weight" and p.shape[2] or 1
-                declare(name, p.role == "weight" and { rows, cols } or { rows })
+                declare(name, p.role == "weight" and { rows, cols } or { rows }, p.role == "weight")
                 dest[p.name] = { name = name, offset = offset * cols, numel = p.numel,
                                  label = string.format("%s[rows %d..%d]", name, offset + 1,
                                                        offset + p.shape[1]) }
             else
-                declare(name, p.shape)
+                declare(name, p.shape, p.role == "weight")
                 dest[p.name] = { name = name, offset = 0, numel = p.numel, label = name }
             end
         else
@@ -249,12 +253,21 @@ function M.engine_layout(spec, params, lcfg, lora_params)
     return order, dest
 end
 
+-- Which engine tensors engine_dtype=fp8_block stores as fp8 with 128x128
+-- block scales: the linear layers' weights. Norms, embeddings, lm_head, the
+-- router, biases and LoRA adapters stay bf16 (small, or sensitive: the
+-- router's logits pick the experts). A family may pass its own `quantized`.
+function M.quantized(entry)
+    return entry.linear == true
+end
+
 -- ------------------------------------------------------------ families
 
 -- def: name (the config's model_type and the file name), architectures
 -- (config.json `architectures` values), qk_norm, qkv_bias, read(spec,
 -- reader, cfg, where) for keys of its own, lora_modules (default: every
--- dense linear module). Returns the family table.
+-- dense linear module), quantized(entry) (default M.quantized). Returns the
+-- family table.
 function M.family(def)
     local fam = {}
     for k, v in pairs(def) do fam[k] = v end
@@ -263,6 +276,7 @@ function M.family(def)
     fam.params = def.params or M.params
     fam.linear_shapes = def.linear_shapes or M.linear_shapes
     fam.engine_layout = def.engine_layout or M.engine_layout
+    fam.quantized = def.quantized or M.quantized
     return fam
 end
 
