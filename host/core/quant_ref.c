@@ -140,9 +140,13 @@ static void err_tiles(void *vctx, size_t t0, size_t t1, int worker)
 }
 
 /* Checks the three cpu tensors and fills the shape part of the context. */
+/* Checks the three tensors, fills c (shape, and the data pointers: q and
+ * scale as outputs when write, else as the quantization to judge) and
+ * returns the number of 128x128 tiles in *tiles (0: nothing to do). */
 static ws_status host_args(const ws_tensor *src, const ws_tensor *q, const ws_tensor *scale,
-                           const char *what, ref_ctx *c)
+                           const char *what, int write, ref_ctx *c, size_t *tiles)
 {
+    *tiles = 0;
     char l1[200];
     const ws_tensor *all[3] = {src, q, scale};
     for (int k = 0; k < 3; k++) {
@@ -162,24 +166,31 @@ static ws_status host_args(const ws_tensor *src, const ws_tensor *q, const ws_te
     c->cols = x.cols;
     c->brows = (x.rows + WS_FP8_BLOCK - 1) / WS_FP8_BLOCK;
     c->bcols = (x.cols + WS_FP8_BLOCK - 1) / WS_FP8_BLOCK;
+    if (ws_tensor_numel(src) == 0) return WS_OK;
+    int access = write ? WS_ACCESS_WRITE : WS_ACCESS_READ;
+    void *sp, *qp, *cp;
+    WS_TRY(ws_tensor_access(src, WS_ACCESS_READ, what, &sp));
+    WS_TRY(ws_tensor_access(q, access, what, &qp));
+    WS_TRY(ws_tensor_access(scale, access, what, &cp));
+    c->src = sp;
+    if (write) {
+        c->q = qp;
+        c->scale = cp;
+    } else {
+        c->q_in = qp;
+        c->scale_in = cp;
+    }
+    int64_t batch = ws_tensor_numel(src) / (c->rows * c->cols);
+    *tiles = (size_t)(batch * c->brows * c->bcols);
     return WS_OK;
 }
 
 ws_status ws_quantize_fp8_block_reference(const ws_tensor *src, ws_tensor *q, ws_tensor *scale)
 {
-    const char *what = "quantize_fp8_block_reference";
     ref_ctx c;
-    WS_TRY(host_args(src, q, scale, what, &c));
-    if (ws_tensor_numel(src) == 0) return WS_OK;
-    int64_t batch = ws_tensor_numel(src) / (c.rows * c.cols);
-    size_t tiles = (size_t)(batch * c.brows * c.bcols);
-    void *sp, *qp, *cp;
-    WS_TRY(ws_tensor_access(src, WS_ACCESS_READ, what, &sp));
-    WS_TRY(ws_tensor_access(q, WS_ACCESS_WRITE, what, &qp));
-    WS_TRY(ws_tensor_access(scale, WS_ACCESS_WRITE, what, &cp));
-    c.src = sp;
-    c.q = qp;
-    c.scale = cp;
+    size_t tiles;
+    WS_TRY(host_args(src, q, scale, "quantize_fp8_block_reference", 1, &c, &tiles));
+    if (tiles == 0) return WS_OK;
     ws_parallel_for(tiles, 4, ref_tiles, &c);
     ws_tensor_mark_written(q);
     ws_tensor_mark_written(scale);
@@ -189,21 +200,12 @@ ws_status ws_quantize_fp8_block_reference(const ws_tensor *src, ws_tensor *q, ws
 ws_status ws_fp8_block_error(const ws_tensor *src, const ws_tensor *q, const ws_tensor *scale,
                              double *max_rel)
 {
-    const char *what = "fp8_block_error";
     ref_ctx c;
+    size_t tiles;
     *max_rel = 0;
-    WS_TRY(host_args(src, q, scale, what, &c));
-    if (ws_tensor_numel(src) == 0) return WS_OK;
-    int64_t batch = ws_tensor_numel(src) / (c.rows * c.cols);
-    size_t tiles = (size_t)(batch * c.brows * c.bcols);
-    void *sp, *qp, *cp;
-    WS_TRY(ws_tensor_access(src, WS_ACCESS_READ, what, &sp));
-    WS_TRY(ws_tensor_access(q, WS_ACCESS_READ, what, &qp));
-    WS_TRY(ws_tensor_access(scale, WS_ACCESS_READ, what, &cp));
+    WS_TRY(host_args(src, q, scale, "fp8_block_error", 0, &c, &tiles));
+    if (tiles == 0) return WS_OK;
     double worst[256] = {0};
-    c.src = sp;
-    c.q_in = qp;
-    c.scale_in = cp;
     c.worst = worst;
     ws_parallel_for(tiles, 4, err_tiles, &c);
     for (int k = 0; k < 256; k++) *max_rel = worst[k] > *max_rel ? worst[k] : *max_rel;
