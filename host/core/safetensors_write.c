@@ -747,6 +747,48 @@ static ws_status check_file_names(const char *what, const char *prefix, size_t n
     return WS_OK;
 }
 
+size_t ws_st_shard_split(size_t n, const uint64_t *bytes, uint64_t max_shard_bytes,
+                         size_t *shard_of)
+{
+    if (!max_shard_bytes) max_shard_bytes = WS_ST_DEFAULT_MAX_SHARD_BYTES;
+    size_t n_shards = 1, begin = 0;
+    uint64_t current = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (i > begin && current + bytes[i] > max_shard_bytes) {
+            begin = i;
+            n_shards++;
+            current = 0;
+        }
+        shard_of[i] = n_shards - 1;
+        current += bytes[i];
+    }
+    return n_shards;
+}
+
+ws_status ws_st_save_index(const char *dir, const char *prefix, size_t n,
+                           const char *const *names, const size_t *shard_of, size_t n_shards,
+                           uint64_t total_bytes)
+{
+    const char *what = "save_index";
+    if (!prefix) prefix = "model";
+    WS_TRY(check_file_names(what, prefix, n_shards));
+    for (size_t i = 0; i < n; i++)
+        if (shard_of[i] >= n_shards)
+            return WS_ERR(WS_ERR_ARG, "%s: tensor '%s' is in shard %zu of %zu", what, names[i],
+                          shard_of[i] + 1, n_shards);
+    char file[ST_NAME_MAX + 1], *path = NULL;
+    ws_st_index_filename(file, sizeof file, prefix);
+    WS_TRY(join(what, dir, file, &path));
+    ws_status rc = write_index(what, path, prefix, n, names, shard_of, n_shards, total_bytes);
+    free(path);
+    return rc;
+}
+
+ws_status ws_st_write_text(const char *path, const char *text)
+{
+    return write_text_file("write_text", path, text);
+}
+
 ws_status ws_st_save_sharded(const char *dir, const char *prefix, size_t n,
                              const char *const *names, const ws_tensor *const *tensors,
                              uint64_t max_shard_bytes, size_t n_meta, const char *const *meta_kv,
@@ -765,27 +807,22 @@ ws_status ws_st_save_sharded(const char *dir, const char *prefix, size_t n,
     WS_TRY(check_args(what, n, names, tensors, n_meta, meta_kv, &sz));
 
     /* Shard of each tensor, and where each shard begins (shards are runs of
-     * consecutive tensors). */
+     * consecutive tensors): n shards at most (1 for n = 0), then the end. */
     size_t *shard_of = ws_malloc((n ? n : 1) * sizeof *shard_of);
-    /* Where each shard begins: n shards at most (1 for n = 0), then the end. */
     size_t *first = ws_malloc((n + 2) * sizeof *first);
-    if (!shard_of || !first) {
+    uint64_t *bytes = ws_malloc((n ? n : 1) * sizeof *bytes);
+    if (!shard_of || !first || !bytes) {
         free(shard_of);
         free(first);
+        free(bytes);
         return WS_ERR(WS_ERR_NOMEM, "%s: out of memory planning shards of %zu tensors", what, n);
     }
-    size_t n_shards = 1;
-    uint64_t current = 0;
+    for (size_t i = 0; i < n; i++) bytes[i] = ws_tensor_nbytes(tensors[i]);
+    size_t n_shards = ws_st_shard_split(n, bytes, max_shard_bytes, shard_of);
+    free(bytes);
     first[0] = 0;
-    for (size_t i = 0; i < n; i++) {
-        uint64_t bytes = ws_tensor_nbytes(tensors[i]);
-        if (i > first[n_shards - 1] && current + bytes > max_shard_bytes) {
-            first[n_shards++] = i;
-            current = 0;
-        }
-        shard_of[i] = n_shards - 1;
-        current += bytes;
-    }
+    for (size_t i = 1; i < n; i++)
+        if (shard_of[i] != shard_of[i - 1]) first[shard_of[i]] = i;
     first[n_shards] = n;
 
     char file[ST_NAME_MAX + 1], *path = NULL;

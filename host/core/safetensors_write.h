@@ -95,6 +95,23 @@ ws_status ws_st_save_sharded(const char *dir, const char *prefix, size_t n,
                              size_t staging_bytes, ws_st_progress_fn progress, void *progress_ctx,
                              size_t *n_shards_out);
 
+/* save_pretrained's split (see ws_st_save_sharded) of tensors of bytes[i]
+ * bytes, in order: shard_of[i] receives tensor i's shard (0-based). Returns
+ * the number of shards (1 for n = 0). A caller that writes the shards itself
+ * (gathering one shard of whole tensors at a time over ranks) splits with it,
+ * writes each shard with ws_st_write under ws_st_shard_filename, then the
+ * index with ws_st_save_index. */
+size_t ws_st_shard_split(size_t n, const uint64_t *bytes, uint64_t max_shard_bytes,
+                         size_t *shard_of);
+/* Writes <dir>/<prefix>.safetensors.index.json for that split, atomically
+ * (total_bytes: the tensors' bytes). Errors as ws_st_write. */
+ws_status ws_st_save_index(const char *dir, const char *prefix, size_t n,
+                           const char *const *names, const size_t *shard_of, size_t n_shards,
+                           uint64_t total_bytes);
+/* Writes `text` to path atomically (a temporary of its own, synced, renamed):
+ * the config files a saved checkpoint or adapter carries. */
+ws_status ws_st_write_text(const char *path, const char *text);
+
 /* The file name (no directory) of shard `index` (0-based) of `n_shards`:
  * "<prefix>.safetensors" when n_shards is 1, else
  * "<prefix>-00001-of-00003.safetensors". Returns the length snprintf

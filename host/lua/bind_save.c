@@ -300,9 +300,122 @@ static int l_save_checkpoint(lua_State *L)
     return 2;
 }
 
+/* The prefix argument at idx (default "model"), checked for a NUL byte. */
+static const char *opt_prefix(lua_State *L, int idx, const char *fname)
+{
+    if (lua_isnoneornil(L, idx)) return "model";
+    luaL_checktype(L, idx, LUA_TSTRING);
+    const char *p = whole_string(L, idx);
+    if (!p) luaL_error(L, "%s: the prefix holds a NUL byte", fname);
+    return p;
+}
+
+/* Reads the list at idx of n non-negative integers (Lua's 1-based when
+ * one_based) into a userdata array pushed on the stack. */
+static size_t *read_counts(lua_State *L, int idx, size_t n, int one_based, const char *fname,
+                           const char *what)
+{
+    size_t *out = (size_t *)lua_newuserdatauv(L, (n ? n : 1) * sizeof *out, 0);
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, idx, (lua_Integer)i + 1);
+        int ok;
+        lua_Integer v = lua_tointegerx(L, -1, &ok);
+        if (!ok || v < one_based)
+            luaL_error(L, "%s: %s[%d] must be an integer >= %d, got %s", fname, what, (int)i + 1,
+                       one_based, luaL_tolstring(L, -1, NULL));
+        out[i] = (size_t)(v - one_based);
+        lua_pop(L, 1);
+    }
+    return out;
+}
+
+/* ws.shard_split(sizes, max_shard_bytes [, prefix]) -> shards, files:
+ * save_pretrained's split of tensors of sizes[i] bytes (ws_st_shard_split):
+ * shards[i] is tensor i's shard (1-based), files the shards' file names. */
+static int l_shard_split(lua_State *L)
+{
+    const char *fname = "shard_split";
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_Integer max = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, max > 0, 2, "max_shard_bytes must be > 0");
+    const char *prefix = opt_prefix(L, 3, fname);
+    size_t n = (size_t)lua_rawlen(L, 1);
+    size_t *bytes = read_counts(L, 1, n, 0, fname, "sizes"); /* [.., bytes] */
+    size_t *shard_of = (size_t *)lua_newuserdatauv(L, (n ? n : 1) * sizeof *shard_of, 0);
+    uint64_t *b64 = (uint64_t *)lua_newuserdatauv(L, (n ? n : 1) * sizeof *b64, 0);
+    for (size_t i = 0; i < n; i++) b64[i] = bytes[i];
+    size_t n_shards = ws_st_shard_split(n, b64, (uint64_t)max, shard_of);
+    lua_createtable(L, (int)n, 0);
+    for (size_t i = 0; i < n; i++) {
+        lua_pushinteger(L, (lua_Integer)shard_of[i] + 1);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    lua_createtable(L, (int)n_shards, 0);
+    for (size_t k = 0; k < n_shards; k++) {
+        int len = ws_st_shard_filename(NULL, 0, prefix, k, n_shards);
+        luaL_Buffer b;
+        char *name = luaL_buffinitsize(L, &b, (size_t)len + 1);
+        ws_st_shard_filename(name, (size_t)len + 1, prefix, k, n_shards);
+        luaL_pushresultsize(&b, (size_t)len);
+        lua_rawseti(L, -2, (lua_Integer)k + 1);
+    }
+    return 2;
+}
+
+/* ws.save_index(dir, names, shards, total_bytes [, prefix]) -> true | nil,
+ * msg, code: the index of a split made by ws.shard_split (shards 1-based). */
+static int l_save_index(lua_State *L)
+{
+    const char *fname = "save_index";
+    const char *dir = check_path(L, 1, fname, "directory");
+    luaL_checktype(L, 2, LUA_TTABLE);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    lua_Integer total = luaL_checkinteger(L, 4);
+    luaL_argcheck(L, total >= 0, 4, "total_bytes must be >= 0");
+    const char *prefix = opt_prefix(L, 5, fname);
+    lua_settop(L, 5);
+    size_t n = (size_t)lua_rawlen(L, 2);
+    if ((size_t)lua_rawlen(L, 3) != n)
+        return luaL_error(L, "%s: %d names but %d shard numbers", fname, (int)n,
+                          (int)lua_rawlen(L, 3));
+    const char **names = (const char **)lua_newuserdatauv(L, (n ? n : 1) * sizeof *names, 0);
+    size_t n_shards = 1;
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, 2, (lua_Integer)i + 1); /* the names table keeps the string */
+        if (lua_type(L, -1) != LUA_TSTRING || !(names[i] = whole_string(L, -1)))
+            return luaL_error(L, "%s: names[%d] must be a string without NUL bytes", fname,
+                              (int)i + 1);
+        lua_pop(L, 1);
+    }
+    size_t *shard_of = read_counts(L, 3, n, 1, fname, "shards");
+    for (size_t i = 0; i < n; i++)
+        if (shard_of[i] + 1 > n_shards) n_shards = shard_of[i] + 1;
+    ws_status rc = ws_st_save_index(dir, prefix, n, names, shard_of, n_shards, (uint64_t)total);
+    if (rc != WS_OK) return ws_lua_fail(L, rc, fname);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* ws.write_text(path, text) -> true | nil, msg, code: the file written
+ * atomically (a temporary of its own, synced, renamed). */
+static int l_write_text(lua_State *L)
+{
+    const char *path = check_path(L, 1, "write_text", "path");
+    luaL_checktype(L, 2, LUA_TSTRING);
+    const char *text = whole_string(L, 2);
+    if (!text) return luaL_error(L, "write_text: the text holds a NUL byte");
+    ws_status rc = ws_st_write_text(path, text);
+    if (rc != WS_OK) return ws_lua_fail(L, rc, "write_text");
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 static const luaL_Reg save_funcs[] = {
     {"save_safetensors", l_save_safetensors},
     {"save_checkpoint", l_save_checkpoint},
+    {"shard_split", l_shard_split},
+    {"save_index", l_save_index},
+    {"write_text", l_write_text},
     {NULL, NULL},
 };
 

@@ -174,43 +174,27 @@ end
 
 -- ------------------------------------------------------------------ writing
 
--- Temporary names differ per process and per write, so two writers (or a
--- nested one) never share a file.
-local writes = 0
-local function write_text(path, text)
-    writes = writes + 1
-    local tmp = string.format("%s.tmp.%d.%d", path, ws.pid(), writes)
-    local f, msg = io.open(tmp, "wb")
-    if not f then fail("cannot write %s: %s", path, tostring(msg)) end
-    local ok, werr = f:write(text)
-    local closed, cerr = f:close()
-    if not ok or not closed then
-        os.remove(tmp)
-        fail("cannot write %s: %s", path, tostring(werr or cerr))
-    end
-    local renamed, rerr = os.rename(tmp, path)
-    if not renamed then
-        os.remove(tmp)
-        fail("cannot write %s: %s", path, tostring(rerr))
-    end
-end
+-- Atomic (a temporary of its own, synced, renamed), as the shards are.
+local function write_text(path, text) must("save", ws.write_text(path, text)) end
 
 local function make_dir(dir) must("save", ws.mkdir(dir)) end
 
--- Splits entries into shards as save_pretrained does: in order, a new shard
--- when the next tensor would pass max_bytes and the current one is not
--- empty (so a tensor larger than the limit has a shard of its own).
-function M.split_shards(entries, esize, max_bytes)
-    local shards, cur, size = {}, {}, 0
-    for _, e in ipairs(entries) do
-        local bytes = e.numel * esize
-        if #cur > 0 and size + bytes > max_bytes then
-            shards[#shards + 1], cur, size = cur, {}, 0
-        end
-        cur[#cur + 1], size = e, size + bytes
+-- Splits entries into shards as save_pretrained does (the writer's own rule,
+-- ws.shard_split): in order, a new shard when the next tensor would pass
+-- max_bytes and the current one is not empty. Returns the shards (lists of
+-- entries), each entry's shard number and the shards' file names.
+function M.split_shards(entries, esize, max_bytes, prefix)
+    local sizes = {}
+    for i, e in ipairs(entries) do sizes[i] = e.numel * esize end
+    local shard_of, files = ws.shard_split(sizes, max_bytes, prefix)
+    local shards = {}
+    for i, e in ipairs(entries) do
+        local k = shard_of[i]
+        shards[k] = shards[k] or {}
+        table.insert(shards[k], e)
     end
-    if #cur > 0 then shards[#shards + 1] = cur end
-    return shards
+    if #entries == 0 then shards = {} end
+    return shards, shard_of, files
 end
 
 -- Full tensors (Hugging Face shapes) of trainer entries on every rank:
@@ -259,26 +243,21 @@ end
 -- rank 0 writes. Returns the files written.
 local function write_entries(tr, entries, dir, prefix, max_bytes, ctx, progress)
     local esize = tr.dtype == "f32" and 4 or 2
-    local shards = M.split_shards(entries, esize, max_bytes)
+    local shards, shard_of, names_of = M.split_shards(entries, esize, max_bytes, prefix)
     -- What a loader would read before the new files: an earlier save's
     -- single file (preferred by transformers) and index go first.
     if (ctx.rank or 0) == 0 then
         os.remove(dir .. "/" .. prefix .. ".safetensors")
         os.remove(dir .. "/" .. prefix .. ".safetensors.index.json")
     end
-    local files, weight_map, total = {}, {}, 0
+    local files = {}
     for k, shard in ipairs(shards) do
-        local file = #shards == 1 and (prefix .. ".safetensors")
-            or string.format("%s-%05d-of-%05d.safetensors", prefix, k, #shards)
+        local file = names_of[k]
         local tensors, free_all = full_tensors(tr, shard, ctx)
         local ok, err = pcall(function()
             if (ctx.rank or 0) == 0 then
                 local names = {}
-                for i, e in ipairs(shard) do
-                    names[i] = e.name
-                    weight_map[e.name] = file
-                    total = total + e.numel * esize
-                end
+                for i, e in ipairs(shard) do names[i] = e.name end
                 must("save", ws.save_safetensors(dir .. "/" .. file, names, tensors,
                                                  { metadata = { format = "pt" } }))
                 if progress then progress(k, #shards) end
@@ -289,10 +268,10 @@ local function write_entries(tr, entries, dir, prefix, max_bytes, ctx, progress)
         files[#files + 1] = file
     end
     if #shards > 1 and (ctx.rank or 0) == 0 then
-        local index = prefix .. ".safetensors.index.json"
-        write_text(dir .. "/" .. index, json.encode{ metadata = { total_size = total },
-                                                     weight_map = weight_map } .. "\n")
-        files[#files + 1] = index
+        local names, total = {}, 0
+        for i, e in ipairs(entries) do names[i], total = e.name, total + e.numel * esize end
+        must("save", ws.save_index(dir, names, shard_of, total, prefix))
+        files[#files + 1] = prefix .. ".safetensors.index.json"
     end
     return files
 end
