@@ -43,7 +43,8 @@ typedef struct plan_side {
 typedef struct plan_entry {
     plan_side src, dst;
     int64_t numel; /* full tensor */
-    int64_t shard; /* ceil(numel / world): elements of every rank's shard */
+    int64_t shard;     /* elements of every rank's shard (FSDP: ceil(numel / world)) */
+    int64_t src_numel; /* elements this rank's src holds: shard, or its real ones */
 } plan_entry;
 
 /* Elements [a, b) of an entry's shard placed at byte `off` of a segment. */
@@ -144,7 +145,7 @@ ws_status ws_plan_create(ws_comm *comm, ws_device *device, size_t bucket_bytes, 
 
 /* Checks one entry before anything is recorded (add is all or nothing). */
 static ws_status check_entry(const ws_plan *p, size_t index, const ws_tensor *src,
-                             const ws_tensor *dst, int64_t numel)
+                             const ws_tensor *dst, int64_t numel, int64_t shard)
 {
     char a[160], b[160];
     if (!src || !dst)
@@ -159,14 +160,24 @@ static ws_status check_entry(const ws_plan *p, size_t index, const ws_tensor *sr
     if (numel < 0)
         return WS_ERR(WS_ERR_ARG, "plan '%s': entry %zu: numel %lld is negative", p->name,
                       index, (long long)numel);
-    int64_t shard = numel / p->world + (numel % p->world != 0); /* ceil, without overflow */
-    int64_t sn = ws_tensor_numel(src), dn = ws_tensor_numel(dst);
-    if (sn != shard)
+    int64_t ceil_shard = numel / p->world + (numel % p->world != 0); /* without overflow */
+    if (shard == 0) shard = ceil_shard;
+    if (shard < ceil_shard)
         return WS_ERR(WS_ERR_ARG,
-                      "plan '%s': entry %zu: src %s has %lld elements, expected ceil(%lld/%d) "
-                      "= %lld (this rank's FSDP shard of the full tensor)",
+                      "plan '%s': entry %zu: src %s: a shard of %lld elements over %d ranks "
+                      "cannot hold the %lld elements of the full tensor",
+                      p->name, index, ws_tensor_label(src, a, sizeof a), (long long)shard,
+                      p->world, (long long)numel);
+    int64_t real = numel - (int64_t)p->rank * shard;
+    real = real < 0 ? 0 : real > shard ? shard : real;
+    int64_t sn = ws_tensor_numel(src), dn = ws_tensor_numel(dst);
+    if (sn != shard && sn != real)
+        return WS_ERR(WS_ERR_ARG,
+                      "plan '%s': entry %zu: src %s has %lld elements, expected %lld (rank %d's "
+                      "shard of the %lld-element tensor: %lld per rank%s)",
                       p->name, index, ws_tensor_label(src, a, sizeof a), (long long)sn,
-                      (long long)numel, p->world, (long long)shard);
+                      (long long)shard, p->rank, (long long)numel, (long long)shard,
+                      real != shard ? ", or its real elements without the padding" : "");
     if (dn != numel)
         return WS_ERR(WS_ERR_ARG,
                       "plan '%s': entry %zu: dst %s has %lld elements, expected %lld (the full "
@@ -234,9 +245,17 @@ static ws_status note_pool(ws_plan *p, const ws_tensor *t)
 ws_status ws_plan_add(ws_plan *p, const ws_tensor *const *srcs, const ws_tensor *const *dsts,
                       const int64_t *numel, size_t n)
 {
+    return ws_plan_add_sharded(p, srcs, dsts, numel, NULL, n);
+}
+
+ws_status ws_plan_add_sharded(ws_plan *p, const ws_tensor *const *srcs,
+                              const ws_tensor *const *dsts, const int64_t *numel,
+                              const int64_t *shard, size_t n)
+{
     size_t name_bytes = 0;
     for (size_t i = 0; i < n; i++) {
-        WS_TRY(check_entry(p, p->n_entries + i + 1, srcs[i], dsts[i], numel[i]));
+        WS_TRY(check_entry(p, p->n_entries + i + 1, srcs[i], dsts[i], numel[i],
+                           shard && shard[i] > 0 ? shard[i] : 0));
         if (srcs[i]->name) name_bytes += strlen(srcs[i]->name) + 1;
         if (dsts[i]->name) name_bytes += strlen(dsts[i]->name) + 1;
     }
@@ -253,7 +272,9 @@ ws_status ws_plan_add(ws_plan *p, const ws_tensor *const *srcs, const ws_tensor 
         record_side(p, &e->src, srcs[i]);
         record_side(p, &e->dst, dsts[i]);
         e->numel = numel[i];
-        e->shard = numel[i] / p->world + (numel[i] % p->world != 0);
+        e->shard = shard && shard[i] > 0 ? shard[i]
+                                         : numel[i] / p->world + (numel[i] % p->world != 0);
+        e->src_numel = ws_tensor_numel(srcs[i]);
         p->bytes_total += (size_t)numel[i] * ws_dtype_size(dsts[i]->dtype);
     }
     if (n) p->planned = 0;
@@ -504,7 +525,7 @@ static ws_status check_ready(ws_plan *p)
         plan_entry *e = &p->entries[i];
         ws_tensor v;
         void *ptr;
-        side_view(p, &e->src, e->shard, &v);
+        side_view(p, &e->src, e->src_numel, &v);
         ws_status rc = ws_tensor_access(&v, WS_ACCESS_READ, "src", &ptr);
         if (rc != WS_OK) {
             ws_errprefix("plan '%s': entry %zu", p->name, i + 1);

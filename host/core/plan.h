@@ -57,6 +57,15 @@ ws_status ws_plan_create(ws_comm *comm, ws_device *device, size_t bucket_bytes, 
  * contiguity, devices. */
 ws_status ws_plan_add(ws_plan *p, const ws_tensor *const *srcs, const ws_tensor *const *dsts,
                       const int64_t *numel, size_t n);
+/* The same with each entry's shard size given: shard[i] elements per rank
+ * (rank r holds flat elements [r * shard[i], (r + 1) * shard[i]) clipped to
+ * numel), e.g. FSDP2's dim-0 shards of a [rows, cols] tensor, ceil(rows /
+ * world) * cols; 0 (or shard NULL) is ceil(numel / world). A src may hold
+ * its whole shard or only its real elements (a last rank's shard without
+ * the padding). */
+ws_status ws_plan_add_sharded(ws_plan *p, const ws_tensor *const *srcs,
+                              const ws_tensor *const *dsts, const int64_t *numel,
+                              const int64_t *shard, size_t n);
 /* Runs the plan: every rank must call it with the same plan shape. */
 ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx);
 void ws_plan_get_stats(const ws_plan *p, ws_plan_stats *out);

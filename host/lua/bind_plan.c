@@ -155,12 +155,38 @@ static void keep_pools(lua_State *L, int idx)
     lua_pop(L, 1);
 }
 
-/* plan:add(srcs, dsts [, numels]) -> plan */
+/* Reads the optional list at idx of n integers into a new userdata (left
+ * on the stack); nil: `fill(i)` for each. */
+static int64_t *int_list(lua_State *L, int idx, size_t n, const char *what, ws_tensor **dsts)
+{
+    int64_t *v = (int64_t *)lua_newuserdatauv(L, (n ? n : 1) * sizeof *v, 0);
+    if (lua_isnoneornil(L, idx)) {
+        for (size_t i = 0; i < n; i++) v[i] = dsts ? ws_tensor_numel(dsts[i]) : 0;
+        return v;
+    }
+    luaL_checktype(L, idx, LUA_TTABLE);
+    if ((size_t)lua_rawlen(L, idx) != n)
+        luaL_error(L, "plan:add: %d %s for %d entries", (int)lua_rawlen(L, idx), what, (int)n);
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, idx, (lua_Integer)i + 1);
+        int ok;
+        lua_Integer x = lua_tointegerx(L, -1, &ok);
+        if (!ok)
+            luaL_error(L, "plan:add: %s[%d] must be an integer, got %s", what, (int)i + 1,
+                       luaL_typename(L, -1));
+        v[i] = (int64_t)x;
+        lua_pop(L, 1);
+    }
+    return v;
+}
+
+/* plan:add(srcs, dsts [, numels [, shards]]) -> plan. shards: elements of
+ * every rank's shard per entry (0 or nil: ceil(numel / world)). */
 static int l_add(lua_State *L)
 {
     ws_plan *p = check_plan(L, 1);
     check_idle(L, "plan:add");
-    lua_settop(L, 4); /* [plan, srcs, dsts, numels]: the lists' keepers go above */
+    lua_settop(L, 5); /* [plan, srcs, dsts, numels, shards]: the lists' keepers go above */
     size_t ns, nd;
     ws_tensor **srcs = ws_lua_check_tensor_list(L, 2, &ns); /* [..., srcs_keep] */
     ws_tensor **dsts = ws_lua_check_tensor_list(L, 3, &nd); /* [..., srcs_keep, dsts_keep] */
@@ -168,27 +194,10 @@ static int l_add(lua_State *L)
         return luaL_error(L, "plan:add: %d sources but %d destinations; the lists pair up "
                              "one to one",
                           (int)ns, (int)nd);
-    int64_t *numel = (int64_t *)lua_newuserdatauv(L, (ns ? ns : 1) * sizeof *numel, 0);
-    if (lua_isnoneornil(L, 4)) {
-        for (size_t i = 0; i < ns; i++) numel[i] = ws_tensor_numel(dsts[i]);
-    } else {
-        luaL_checktype(L, 4, LUA_TTABLE);
-        if ((size_t)lua_rawlen(L, 4) != ns)
-            return luaL_error(L, "plan:add: %d numels for %d entries", (int)lua_rawlen(L, 4),
-                              (int)ns);
-        for (size_t i = 0; i < ns; i++) {
-            lua_rawgeti(L, 4, (lua_Integer)i + 1);
-            int ok;
-            lua_Integer v = lua_tointegerx(L, -1, &ok);
-            if (!ok)
-                return luaL_error(L, "plan:add: numels[%d] must be an integer, got %s",
-                                  (int)i + 1, luaL_typename(L, -1));
-            numel[i] = (int64_t)v;
-            lua_pop(L, 1);
-        }
-    }
-    ws_status rc = ws_plan_add(p, (const ws_tensor *const *)srcs, (const ws_tensor *const *)dsts,
-                               numel, ns);
+    int64_t *numel = int_list(L, 4, ns, "numels", dsts);
+    int64_t *shard = int_list(L, 5, ns, "shards", NULL);
+    ws_status rc = ws_plan_add_sharded(p, (const ws_tensor *const *)srcs,
+                                       (const ws_tensor *const *)dsts, numel, shard, ns);
     if (rc != WS_OK) return ws_lua_raise(L, NULL);
     keep_pools(L, 2);
     keep_pools(L, 3);

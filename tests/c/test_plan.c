@@ -240,7 +240,11 @@ static void test_shape_errors(void)
     int64_t n[2] = {600, 1199};
     /* Entry 2 is wrong: nothing from this add is kept. */
     CHECK_ERR(ws_plan_add(p, s, d, n, 2), WS_ERR_ARG,
-              "plan 'base': entry 2: src 'x' has 600 elements, expected ceil(1199/1) = 1199");
+              "plan 'base': entry 2: src 'x' has 600 elements, expected 1199 (rank 0's shard");
+    /* A shard too small for the tensor over the world. */
+    CHECK_ERR(ws_plan_add_sharded(p, (const ws_tensor *[]){&a}, (const ws_tensor *[]){&b},
+                                  (int64_t[]){1199}, (int64_t[]){600}, 1),
+              WS_ERR_ARG, "a shard of 600 elements over 1 ranks cannot hold the 1199");
     ws_plan_stats st;
     ws_plan_get_stats(p, &st);
     CHECK(st.entries == 0);

@@ -164,6 +164,38 @@ for _, bucket in ipairs{ W * 256, W * 1024 + 256, 64 << 20 } do
     end
 end
 
+-- FSDP2 dim-0 shards: a [rows, cols] tensor split by rows, ceil(rows / W)
+-- rows per rank; the last ranks hold their real rows only (no padding), or
+-- nothing at all.
+do
+    local cases = { { rows = 7, cols = 5 }, { rows = W + 1, cols = 3 }, { rows = 1, cols = 4 } }
+    local rsrcs, rdsts, rnumels, rshards, rwants = {}, {}, {}, {}, {}
+    for i, c in ipairs(cases) do
+        local per = ceil_div(c.rows, W)
+        local mine = math.max(0, math.min(per, c.rows - rank * per))
+        local numel = c.rows * c.cols
+        rsrcs[i] = ws.tensor{ shape = { mine * c.cols }, dtype = "f32", device = cpu,
+                              name = string.format("rows%d.shard", i) }
+        if mine > 0 then rsrcs[i]:random_(2000 + i, 1, rank * per * c.cols) end
+        rdsts[i] = ws.tensor{ shape = { numel }, dtype = "bf16", device = cpu,
+                              name = string.format("engine.rows%d", i) }
+        rnumels[i], rshards[i] = numel, per * c.cols
+        local full = ws.tensor{ shape = { numel }, dtype = "f32", device = cpu }
+        full:random_(2000 + i, 1, 0)
+        rwants[i] = full:to(cpu, "bf16")
+    end
+    local plan <close> = ws.plan{ bucket_bytes = W * 256, comm = comm, device = cpu, name = "rows" }
+    plan:add(rsrcs, rdsts, rnumels, rshards)
+    plan:execute()
+    for i, d in ipairs(rdsts) do
+        check(d:checksum() == rwants[i]:checksum(), "row shards: entry %d (%s) differs", i,
+              tostring(d))
+    end
+    -- A shard size that cannot hold the tensor is refused.
+    local ok, err = pcall(plan.add, plan, { rsrcs[1] }, { rdsts[1] }, { rnumels[1] }, { 1 })
+    check(not ok and err:find("cannot hold", 1, true), "small shard: %s", tostring(err))
+end
+
 -- Shape errors name the entry and the tensors.
 do
     local plan <close> = ws.plan{ bucket_mb = 1, comm = comm, device = cpu, name = "base" }
@@ -171,8 +203,8 @@ do
     local bad = ws.tensor{ shape = { wrong }, device = cpu, name = "x" }
     local full = ws.tensor{ shape = { 1199 }, device = cpu, name = "y" }
     local ok, err = pcall(plan.add, plan, { srcs[1], bad }, { dsts[1], full }, { 1199, 1199 })
-    local want = string.format("plan 'base': entry 2: src 'x' has %d elements, expected "
-                               .. "ceil(1199/%d) = %d", wrong, W, ceil_div(1199, W))
+    local want = string.format("plan 'base': entry 2: src 'x' has %d elements, expected %d "
+                               .. "(rank %d's shard", wrong, ceil_div(1199, W), rank)
     check(not ok and err:find(want, 1, true) ~= nil, "shape error: %s", tostring(err))
     check(plan:stats().entries == 0, "a failed add must add nothing")
     plan:free()
