@@ -230,7 +230,19 @@ static int handle_script(lua_State *L, char **argv)
     int status = luaL_loadfile(L, fname);
     if (status == LUA_OK) {
         int n = pushargs(L);
-        status = docall(L, n, LUA_MULTRET);
+        status = docall(L, n, 1);
+    }
+    /* A pipeline file returns its pipeline (ws.pipeline.define); running the
+     * file runs it with the script's arguments. */
+    if (status == LUA_OK && lua_istable(L, -1) &&
+        luaL_getmetafield(L, -1, "__name") == LUA_TSTRING) {
+        int is_pipeline = strcmp(lua_tostring(L, -1), "ws.Pipeline") == 0;
+        lua_pop(L, 1);
+        if (is_pipeline) {
+            lua_getfield(L, -1, "main");
+            lua_getglobal(L, "arg");
+            status = docall(L, 1, 0);
+        }
     }
     return report(L, status);
 }

@@ -1,12 +1,25 @@
 -- ws.pipeline: the shared runner behind every pipelines/*.lua policy.
 --
--- A pipeline file returns `pipeline.define{name=, defaults=, plans=, step=}`
--- and ends with `return pipeline.main_or(P)`, which runs it when the file is
--- the main script (arg[0]) and otherwise only returns it, so a sweep can load
--- a pipeline and run it with other settings in the same process:
+-- A pipeline file builds its pipeline with `pipeline.define{name=,
+-- defaults=, plans=}`, gives it a `step(ctx, step)` method (and any rule
+-- methods a variant may override, such as verl_lora's `need_base`) and
+-- returns it. `wshost FILE key=value...` runs the pipeline a file returns;
+-- a sweep or a test loads it and runs it with other settings in the same
+-- process:
 --   local P = dofile("pipelines/verl_lora.lua"); P.run{steps = 3, sleep_level = 2}
--- The runner parses the configuration, builds the trainer, the engine and
--- the sync plans once, calls the policy's step(ctx, step) N times and reports.
+-- A variant overrides a method: `local V = P:with{name = "v"}; function
+-- V:need_base(ctx) ... end`.
+--
+-- The policy speaks in decisions only: the context's verbs (ctx:train,
+-- ctx:wake, ctx:send, ctx:rollout, ctx:sleep, ...) do the work, time
+-- themselves into the phase of their name and keep the state a policy
+-- decides on (ctx.state: whether the engine holds the base, what was
+-- written since the last discard). The report's columns are the phases a
+-- run used. The runner builds the trainer, the engine and the sync plans
+-- once, calls step N times and reports. Which trainer and engine it builds
+-- is the mode: simulated (ws.trainer and ws.engine, wshost's own stand-ins)
+-- or in-process (ws.session: the caller's tensors and callbacks), with the
+-- same policy file.
 local ws = require("ws")
 local config = require("ws.config")
 local errors = require("ws.errors")
@@ -19,7 +32,6 @@ local verify = require("ws.verify")
 local report_mod = require("ws.report")
 local checkpoint = require("ws.checkpoint")
 local must = errors.must
-
 local M = {}
 
 -- Configuration keys every pipeline has; a pipeline's `defaults` override or extend them.
@@ -68,17 +80,17 @@ M.common = {
 
 local Pipeline = {}
 Pipeline.__index = Pipeline
+-- wshost runs a script that returns a table of this name (host/lua/main.c).
+Pipeline.__name = "ws.Pipeline"
 
 -- def: name, description, defaults (schema entries: table, or a plain value
 -- to change a common key's default), plans (kinds to build: "base",
--- "adapter", "full"; "adapter" is skipped without LoRA), step(ctx, step).
--- Any other field (e.g. a rule function) is kept for the step to use.
+-- "adapter", "full"; "adapter" is skipped without LoRA), step (or a
+-- `function P:step(ctx, step)` given after define). Any other field (a rule
+-- method such as need_base) is kept for the step to call as a method.
 function M.define(def)
-    assert(type(def.step) == "function", "pipeline.define: step(ctx, step) is required")
     local p = setmetatable({}, Pipeline)
     for k, v in pairs(def) do p[k] = v end
-    -- The defining file, so main_or can tell whether it is the main script.
-    p.source = def.source or debug.getinfo(2, "S").source
     local schema = {}
     for k, v in pairs(M.common) do schema[k] = v end
     for k, v in pairs(def.defaults or {}) do
@@ -99,15 +111,17 @@ function M.define(def)
     return p
 end
 
--- A copy with some fields replaced (a policy variant, e.g. another rule).
+-- A copy with some fields replaced; override methods on the copy to make a
+-- policy variant (`function V:need_base(ctx) ... end`).
 function Pipeline:with(fields)
     local def = {}
     for k, v in pairs(self) do def[k] = v end
     def.schema, def.run, def.main = nil, nil, nil
-    for k, v in pairs(fields) do def[k] = v end
-    def.source = debug.getinfo(2, "S").source
+    for k, v in pairs(fields or {}) do def[k] = v end
     return M.define(def)
 end
+
+function M.is_pipeline(v) return getmetatable(v) == Pipeline end
 
 local function world_comm()
     if not ws.comm then return nil, 0, 1 end
@@ -120,56 +134,117 @@ local function world_comm()
     return c, get("rank"), get("size")
 end
 
--- The context a policy's step sees.
+-- The context a policy's step sees: the run's parts (cfg, trainer, engine,
+-- lora, comm, rank, world, log), ctx.step (the step running), ctx.state
+-- (kept by the verbs) and the verbs.
 local Ctx = {}
 Ctx.__index = Ctx
 
--- Runs fn(...) and adds its wall time to phase `name` of this step.
+-- Runs fn(...) and adds its wall time to phase `name` of this step; the
+-- report shows a column for every phase a run used.
 function Ctx:phase(name, fn, ...)
     local t0 = ws.now_ms()
     local r = fn(...)
-    self.rec.phase_ms[name] = (self.rec.phase_ms[name] or 0) + ws.now_ms() - t0
+    self:add_ms(name, ws.now_ms() - t0)
     return r
+end
+
+function Ctx:add_ms(name, ms) report_mod.add_ms(self.rec, name, ms) end
+
+-- The trainer's step (simulated: deterministic updates; in-process: the
+-- caller's "train" callback). Without LoRA every weight trains, so the
+-- engine no longer holds the current base.
+function Ctx:train()
+    self:phase("train", self.trainer.train_step, self.trainer, self.step)
+    if not self.lora then self.state.engine_has_base = false end
+end
+
+-- The trainer's weights to pinned host memory and back (param_offload).
+function Ctx:offload()
+    self:phase("offload", self.trainer.offload, self.trainer, "step " .. self.step)
+end
+
+function Ctx:load() self:phase("load", self.trainer.load, self.trainer) end
+
+-- Wakes the engine's memory of one tag ("weights" or "kv_cache"; nil:
+-- both) if it sleeps.
+function Ctx:wake(tag)
+    local engine = self.engine
+    self:phase("wake", function()
+        for _, t in ipairs(tag and { tag } or { "weights", "kv_cache" }) do
+            if engine:is_asleep(t) then engine:wake_up({ t }) end
+        end
+    end)
+end
+
+-- The engine sleeps (level: 1 backs the weights up, 2 discards them; nil:
+-- the sleep_level key). A level-2 sleep discards everything sent so far.
+function Ctx:sleep(level)
+    level = level or self.cfg.sleep_level
+    self:phase("sleep", self.engine.sleep, self.engine, level, "step " .. self.step)
+    if level == 2 then
+        local st = self.state
+        st.engine_has_base, st.written, st.discarded_at = false, {}, self.step
+    end
 end
 
 -- Sends one plan ("base", "adapter" or "full") and records bytes and times.
 function Ctx:send(kind)
     local s = self.sync:send(kind)
-    local rec, pm = self.rec, self.rec.phase_ms
+    local rec = self.rec
     if kind == "adapter" then
-        pm.adapter = pm.adapter + s.wall_ms
+        self:add_ms("adapter", s.wall_ms)
         rec.adapter_sent, rec.adapter_bytes = true, rec.adapter_bytes + s.bytes_moved
     else
         -- Quantization (fp8_block) writes the engine's weights: copy_out.
-        pm.copy_out = pm.copy_out + s.copy_out_ms + s.quant_ms
-        pm.gather = pm.gather + math.max(0, s.wall_ms - s.copy_out_ms - s.quant_ms)
+        self:add_ms("gather", math.max(0, s.wall_ms - s.copy_out_ms - s.quant_ms))
+        self:add_ms("copy_out", s.copy_out_ms + s.quant_ms)
         rec.base_sent, rec.base_bytes = true, rec.base_bytes + s.bytes_moved
         if kind == "full" and self.lora then rec.adapter_sent = true end
+        self.state.base_sync_done, self.state.engine_has_base = true, true
     end
     -- The verification's record of a quantizing sync (ws.verify.seal).
-    pm.verify = pm.verify + s.seal_ms
+    if s.seal_ms > 0 then self:add_ms("verify", s.seal_ms) end
     rec.quant_ms, rec.seal_ms = rec.quant_ms + s.quant_ms, rec.seal_ms + s.seal_ms
     rec.engine_bytes = rec.engine_bytes + s.engine_bytes
     rec.bytes_sent = rec.bytes_sent + s.bytes_moved
     rec.bytes_gathered = rec.bytes_gathered + s.bytes_gathered
     rec.staging_bytes = math.max(rec.staging_bytes, s.staging_bytes)
     self.sent[kind] = true
+    self.state.written[kind] = true
     return s
 end
 
--- The rollout stand-in: uses the KV cache and proves, from the engine's own
--- memory, that its weights (base and adapter) equal the trainer's. verify=
--- says how much: all (every plan by checksum), sent (the plans sent this
--- step by checksum, the others readable: verify.check_unsent), off.
-function Ctx:rollout(step)
+-- An engine that holds its own memory (in-process with callbacks) cannot
+-- say that a sleep discarded it: the runner remembers what a level-2 sleep
+-- discarded and what was sent since, and refuses a rollout on discarded
+-- weights, naming the first tensor of a plan not sent since.
+local function check_discarded(self)
+    local st = self.state
+    if not st.discarded_at or not self.engine.own_memory then return end
+    for _, kind in ipairs(self.verify_kinds) do
+        if not (st.written[kind] or st.written.full) then
+            local first = self.sync.pairs[kind][1]
+            error(string.format("verify: engine tensor '%s' was discarded by the level-2 sleep " ..
+                                "at step %d and the '%s' plan has not been sent since; the " ..
+                                "rollout would run on discarded weights",
+                                first and first.dst_name or "?", st.discarded_at, kind), 0)
+        end
+    end
+end
+
+-- Proves, from the engine's own memory, that its weights (base and adapter)
+-- equal the trainer's, then runs the engine's rollout (simulated: it writes
+-- the KV cache; in-process: the caller's "rollout" callback). verify= says
+-- how much is proven: all (every plan by checksum), sent (the plans sent
+-- this step by checksum, the others readable: verify.check_unsent), off.
+function Ctx:rollout()
     local t0 = ws.now_ms()
-    local mem = self.engine:memory()
+    local step = self.step
     local rec, mode = self.rec, self.cfg.verify or "all"
-    rec.engine_mapped_awake = mem.mapped
-    self.engine:touch_kv_cache(step)
-    -- The checks alone, apart from the KV cache use the verify phase includes.
-    local t_check = ws.now_ms()
+    rec.engine_mapped_awake = self.engine:memory().mapped
     if mode ~= "off" then
+        check_discarded(self)
         local vctx = { comm = self.comm, world = self.world, trainer = self.trainer,
                        engine = self.engine, note = "step " .. step .. " rollout" }
         local hashed, valid = 0, 0
@@ -184,8 +259,9 @@ function Ctx:rollout(step)
         end
         rec.verified, rec.verified_tensors, rec.readable_tensors = true, hashed, valid
     end
-    rec.verify_check_ms = ws.now_ms() - t_check
-    rec.phase_ms.verify = rec.phase_ms.verify + ws.now_ms() - t0
+    rec.verify_check_ms = ws.now_ms() - t0
+    self:add_ms("verify", rec.verify_check_ms)
+    self:phase("rollout", self.engine.rollout, self.engine, step)
     -- The engine as the last rollout left it: every rank writes its own.
     if step == self.cfg.steps and self.cfg.save_engine ~= "" then
         local files = checkpoint.save_engine(self.engine, self.cfg.save_engine, self)
@@ -236,7 +312,19 @@ local function lora_settings(cfg, explicit)
              use_rslora = a.use_rslora, adapter = a.path }
 end
 
-function M.run_config(p, cfg, opts)
+-- Starts a run: checks the configuration, builds the trainer, the engine
+-- and the plans (opts.parts: {trainer = fn(args), engine = fn(args)} make
+-- them; nil: wshost's stand-ins, ws.trainer and ws.engine), and returns the
+-- Run, whose step() runs the next step of the policy and finish() saves,
+-- reports and frees. On any error everything built is freed first.
+local Run = {}
+Run.__index = Run
+
+function M.start(p, cfg, opts)
+    opts = opts or {}
+    if type(p.step) ~= "function" then
+        config.raise("pipeline '%s' has no step(ctx, step) method", tostring(p.name))
+    end
     local comm, rank, world = world_comm()
     local log = opts.log or function(msg) if rank == 0 then ws.log("%s", msg) end end
     if opts.quiet then log = function() end end
@@ -269,54 +357,116 @@ function M.run_config(p, cfg, opts)
     local okr, report = pcall(report_mod.new, { title = p.name, cfg = cfg, device = device,
                                                 rank = rank, json = opts.json, log = log })
     if not okr then config.raise("--json: %s", tostring(report):gsub("^[^:]*:%d+: ", "")) end
-    -- Everything built goes in `built`, so a failure anywhere frees what exists.
-    local built, step_now = {}, nil
-    local ok, err = pcall(M.setup_and_steps, p, cfg, built, report, {
-        device = device, spec = spec, lcfg = lcfg, comm = comm, rank = rank, world = world,
-        log = log, on_step = function(step) step_now = step end })
-    report:close()
-    local summary = ok and report:summary() or nil
-    -- Free on failure too: a sweep keeps going in this process after a failed
-    -- point. Each part is freed even when another fails; the run's own error
-    -- wins over any the cleanup meets.
-    local freed, ferr = true, nil
-    for _, k in ipairs({ "sync", "engine", "trainer", "model_ck", "adapter_ck" }) do
-        if built[k] then
-            local okf, e = pcall(built[k].free, built[k])
-            if not okf and freed then freed, ferr = false, e end
-        end
-    end
-    if not ok then
-        if step_now then err = errors.context(err, "%s: step %d failed", p.name, step_now) end
-        error(err, 0)
-    end
-    if not freed then error(ferr, 0) end
-    return report.records, summary
+    local run = setmetatable({ p = p, cfg = cfg, report = report, built = {}, step_no = 0,
+                               env = { device = device, spec = spec, lcfg = lcfg, comm = comm,
+                                       rank = rank, world = world, log = log,
+                                       parts = opts.parts or {} } }, Run)
+    local ok, err = pcall(M.setup, p, cfg, run.built, report, run.env)
+    if not ok then run:fail(err) end
+    run.ctx = run.env.ctx
+    return run
 end
 
--- Builds the trainer, the engine and the plans into `built`, then runs the steps.
-function M.setup_and_steps(p, cfg, built, report, env)
+-- Runs the policy's next step; returns its record.
+function Run:step()
+    local ctx = self.ctx
+    if not ctx then error("pipeline: this run has no steps (dry_run, or it was finished)", 2) end
+    self.step_no = self.step_no + 1
+    local step = self.step_no
+    local ok, err = pcall(function()
+        ctx.step, ctx.rec, ctx.sent = step, self.report:begin_step(step), {}
+        self.p:step(ctx, step)
+        local engine = ctx.engine
+        local mem = engine:memory()
+        ctx.rec.engine_mapped_after = mem.mapped
+        ctx.rec.engine_backup_bytes = mem.backup_bytes
+        ctx.rec.engine_asleep = engine:is_asleep("weights")
+        self.report:end_step(ctx.rec)
+    end)
+    if not ok then self:fail(errors.context(err, "%s: step %d failed", self.p.name, step)) end
+    return ctx.rec
+end
+
+-- save=, save_adapter= (every rank), the summary, then frees everything.
+-- Returns the records and the summary.
+function Run:finish()
+    if self.ctx then
+        local env = self.env
+        local ok, err = pcall(M.save_outputs, self.cfg, self.ctx.trainer,
+                              { comm = env.world > 1 and env.comm or nil, rank = env.rank,
+                                world = env.world, log = env.log })
+        if not ok then self:fail(err) end
+    end
+    self.report:close()
+    local summary = self.report:summary()
+    local freed, ferr = self:free()
+    if not freed then error(ferr, 0) end
+    return self.report.records, summary
+end
+
+-- Frees every part (also those of a run that stopped part way); each is
+-- freed even when another fails. Returns ok, the first error.
+function Run:free()
+    local freed, ferr = true, nil
+    for _, k in ipairs({ "sync", "engine", "trainer", "model_ck", "adapter_ck" }) do
+        local part = self.built[k]
+        if part then
+            local okf, e = pcall(part.free, part)
+            if not okf and freed then freed, ferr = false, e end
+        end
+        self.built[k] = nil
+    end
+    self.ctx = nil
+    return freed, ferr
+end
+
+-- Frees a run that failed and raises its error: the run's own error wins
+-- over any the cleanup meets. A sweep keeps going in this process after a
+-- failed point, so nothing may stay allocated.
+function Run:fail(err)
+    self.report:close()
+    self:free()
+    error(err, 0)
+end
+
+-- overrides: table of config values (or strings). opts: json (path), log
+-- (function(msg)), quiet, parts (see M.start). Returns the records and the
+-- summary.
+function M.run_config(p, cfg, opts)
+    local run = M.start(p, cfg, opts)
+    for _ = 1, run.ctx and cfg.steps or 0 do run:step() end
+    return run:finish()
+end
+
+-- Builds the trainer, the engine and the plans into `built` (the parts'
+-- makers in env.parts, or wshost's stand-ins) and the context in env.ctx.
+function M.setup(p, cfg, built, report, env)
     local device, spec, lcfg, comm, world, log = env.device, env.spec, env.lcfg, env.comm,
                                                  env.world, env.log
     local t_setup = ws.now_ms()
-    -- The files are mapped, checked against config.json and the adapter's
-    -- config, read by the trainer (each rank its own rows) and closed.
-    built.model_ck = checkpoint.open_model(spec)
-    if lcfg and lcfg.adapter then
-        built.adapter_ck = checkpoint.open_adapter(lcfg.adapter, lora.params(spec, lcfg))
+    local targs = { spec = spec, lora = lcfg, device = device, comm = comm, rank = env.rank,
+                    world = world, dtype = cfg.param_dtype, seed = cfg.seed,
+                    dry_run = cfg.dry_run }
+    if env.parts.trainer then
+        built.trainer = env.parts.trainer(targs)
+    else
+        -- The files are mapped, checked against config.json and the
+        -- adapter's config, read by the trainer (each rank its own rows) and
+        -- closed.
+        built.model_ck = checkpoint.open_model(spec)
+        if lcfg and lcfg.adapter then
+            built.adapter_ck = checkpoint.open_adapter(lcfg.adapter, lora.params(spec, lcfg))
+        end
+        targs.checkpoint, targs.adapter_checkpoint = built.model_ck, built.adapter_ck
+        built.trainer = trainer_mod.new(targs)
+        for _, k in ipairs({ "model_ck", "adapter_ck" }) do
+            if built[k] then built[k]:free() end
+            built[k] = nil
+        end
     end
-    built.trainer = trainer_mod.new{ spec = spec, lora = lcfg, device = device, comm = comm,
-                                     rank = env.rank, world = world, dtype = cfg.param_dtype,
-                                     seed = cfg.seed, dry_run = cfg.dry_run,
-                                     checkpoint = built.model_ck,
-                                     adapter_checkpoint = built.adapter_ck }
-    for _, k in ipairs({ "model_ck", "adapter_ck" }) do
-        if built[k] then built[k]:free() end
-        built[k] = nil
-    end
-    built.engine = engine_mod.new{ spec = spec, lora = lcfg, device = device,
-                                   kv_cache_mb = cfg.kv_cache_mb, dry_run = cfg.dry_run,
-                                   engine_dtype = cfg.engine_dtype }
+    local eargs = { spec = spec, lora = lcfg, device = device, kv_cache_mb = cfg.kv_cache_mb,
+                    dry_run = cfg.dry_run, engine_dtype = cfg.engine_dtype }
+    built.engine = (env.parts.engine or engine_mod.new)(eargs)
     built.sync = sync_mod.new{ trainer = built.trainer, engine = built.engine,
                                comm = world > 1 and comm or nil, device = device,
                                bucket_mb = cfg.bucket_mb, progress = cfg.progress,
@@ -356,24 +506,12 @@ function M.setup_and_steps(p, cfg, built, report, env)
 
     if cfg.dry_run then return M.dry_run_report(p, built, verify_kinds, build_ms, env) end
 
-    local ctx = setmetatable({ cfg = cfg, pipeline = p, trainer = trainer, engine = engine,
-                               sync = sync, comm = comm, rank = env.rank, world = world,
-                               device = device, lora = lcfg, log = log,
-                               verify_kinds = verify_kinds,
-                               state = { base_sync_done = false } }, Ctx)
-    for step = 1, cfg.steps do
-        env.on_step(step)
-        ctx.rec, ctx.sent = report:begin_step(step), {}
-        p.step(ctx, step)
-        local mem = engine:memory()
-        ctx.rec.engine_mapped_after = mem.mapped
-        ctx.rec.engine_backup_bytes = mem.backup_bytes
-        ctx.rec.engine_asleep = engine:is_asleep("weights")
-        report:end_step(ctx.rec)
-    end
-    env.on_step(nil)
-    M.save_outputs(cfg, trainer, { comm = world > 1 and comm or nil, rank = env.rank,
-                                   world = world, log = log })
+    env.ctx = setmetatable({ cfg = cfg, pipeline = p, trainer = trainer, engine = engine,
+                             sync = sync, comm = comm, rank = env.rank, world = world,
+                             device = device, lora = lcfg, log = log,
+                             verify_kinds = verify_kinds,
+                             state = { base_sync_done = false, engine_has_base = false,
+                                       written = {} } }, Ctx)
 end
 
 -- save= and save_adapter= at the end of a run (every rank takes part).
@@ -443,17 +581,6 @@ function M.main(p, argv)
         end
         error(err, 0)
     end
-end
-
--- Runs p when the file that defined it is the main script; always returns p.
-function M.main_or(p)
-    local src = p.source or ""
-    local script = arg and arg[0]
-    if script and src:sub(1, 1) == "@" then
-        local a, b = src:sub(2):gsub("^%./", ""), script:gsub("^%./", "")
-        if a == b then M.main(p, arg) end
-    end
-    return p
 end
 
 return M

@@ -1,10 +1,13 @@
 -- ws.report: per-step records, the end-of-run summary and JSON lines.
 --
--- A record holds the wall time of each phase (ms), bytes moved, what was
--- sent, the verification result and memory figures. The summary prints the
--- mean of each phase over all steps and over steps 2..N (steady state, after
--- the first base sync), like the table in verl PR #5147. `--json FILE` gets
--- one JSON object per step, written as the step ends.
+-- A record holds the wall time of each phase (ms) the step used, bytes
+-- moved, what was sent, the verification result and memory figures. The
+-- columns are the phases the run used, in the order they first ran (a
+-- policy's own ctx:phase shows too); the header is printed again when a
+-- later step adds one. The summary prints the mean of each phase over all
+-- steps and over steps 2..N (steady state, after the first base sync), like
+-- the table in verl PR #5147. `--json FILE` gets one JSON object per step,
+-- written as the step ends.
 local ws = require("ws")
 local json = require("ws.json")
 
@@ -12,13 +15,21 @@ local M = {}
 local Report = {}
 Report.__index = Report
 
-M.phases = { "train", "offload", "load", "wake", "gather", "copy_out", "adapter", "verify", "sleep" }
-
 -- Step records are written with ws.json; reading a --json file back is
 -- json.load_jsonl, kept here under its documented name.
 M.load_jsonl = json.load_jsonl
 
 -- Report --------------------------------------------------------------------
+
+-- Adds ms to phase `name` of a record, noting the phase's first use.
+function M.add_ms(rec, name, ms)
+    local pm = rec.phase_ms
+    if pm[name] == nil then
+        pm[name] = 0
+        rec.phases[#rec.phases + 1] = name
+    end
+    pm[name] = pm[name] + ms
+end
 
 -- opts: title, cfg, device, rank, json (path or nil), log (function(msg)).
 function M.new(opts)
@@ -26,6 +37,8 @@ function M.new(opts)
     self.title, self.cfg, self.device = opts.title, opts.cfg, opts.device
     self.rank, self.log = opts.rank or 0, opts.log or function() end
     self.records = {}
+    -- The phases seen so far, in the order they first ran.
+    self.phases, self.phase_seen = {}, {}
     if opts.json and self.rank == 0 then
         local f, err = io.open(opts.json, "w")
         if not f then error("cannot write " .. tostring(err), 2) end
@@ -36,11 +49,10 @@ end
 
 function Report:begin_step(step)
     if self.device.reset_peak then self.device:reset_peak() end
-    local rec = { step = step, phase_ms = {}, base_sent = false, adapter_sent = false,
+    local rec = { step = step, phase_ms = {}, phases = {}, base_sent = false, adapter_sent = false,
                   bytes_sent = 0, base_bytes = 0, adapter_bytes = 0, bytes_gathered = 0,
                   staging_bytes = 0, engine_bytes = 0, quant_ms = 0, seal_ms = 0,
                   verified = false, verify = self.cfg and self.cfg.verify or "all" }
-    for _, p in ipairs(M.phases) do rec.phase_ms[p] = 0 end
     rec.t0 = ws.now_ms()
     return rec
 end
@@ -56,6 +68,13 @@ function Report:end_step(rec)
     rec.peak_host_bytes = host.peak_rss
     rec.rss_bytes = host.rss
     self.records[#self.records + 1] = rec
+    for _, name in ipairs(rec.phases) do
+        if not self.phase_seen[name] then
+            self.phase_seen[name] = true
+            self.phases[#self.phases + 1] = name
+            self.cols, self.header_done = nil, false
+        end
+    end
     if self.json_file then
         local ok, err = self.json_file:write(json.encode(rec), "\n")
         if ok then ok, err = self.json_file:flush() end
@@ -85,7 +104,7 @@ function Report:columns()
         { "step", "%5d", function(r) return r.step end },
         { "total_ms", "%8.1f", function(r) return r.step_ms end },
     }
-    for _, p in ipairs(M.phases) do
+    for _, p in ipairs(self.phases) do
         cols[#cols + 1] = { p, "%7.1f", function(r) return r.phase_ms[p] or 0 end }
     end
     local on_gpu = self.device.kind == "cuda"
@@ -145,7 +164,7 @@ function Report:summary()
     line(string.format("# %s: %d steps", self.title or "pipeline", #r))
     line(string.format("# %-16s %12s %14s", "phase (ms)", "mean 1..N", "mean 2..N"))
     local summary = { steps = #r, phase_ms = {}, phase_ms_steady = {} }
-    for _, p in ipairs(M.phases) do
+    for _, p in ipairs(self.phases) do
         local a, b = mean(r, 1, "phase_ms", p), mean(r, 2, "phase_ms", p)
         summary.phase_ms[p], summary.phase_ms_steady[p] = a, b
         line(string.format("  %-16s %12s %14s", p, fmt(a), fmt(b)))

@@ -89,7 +89,7 @@ describe("pipeline failures", function()
     it("free everything and name the step when a step fails", function()
         no_gc(function()
             local base = held()
-            local bad = P:with{ name = "bad_step", step = function(ctx, step)
+            local bad = P:with{ name = "bad_step", step = function(_, ctx, step)
                 ctx:send("base")
                 if step == 2 then error("policy broke", 0) end
             end }
@@ -98,7 +98,7 @@ describe("pipeline failures", function()
             assert.are.equal("bad_step: step 2 failed: policy broke", tostring(err))
             -- An adapter send with LoRA off says what to change.
             local adapter = P:with{ name = "adapter_only",
-                                    step = function(ctx) ctx:send("adapter") end }
+                                    step = function(_, ctx) ctx:send("adapter") end }
             ok, err = pcall(adapter.run, with{ lora_rank = 0 }, { quiet = true })
             assert.is_false(ok)
             assert.truthy(tostring(err):find("adapter_only: step 1 failed: .*set lora_rank > 0"),

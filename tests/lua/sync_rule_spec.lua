@@ -14,8 +14,9 @@ describe("verl_lora need_base", function()
         local done, free, level, want = table.unpack(row)
         it(string.format("base_sync_done=%s free_cache_engine=%s sleep_level=%d -> %s",
                          done, free, level, want), function()
-            assert.are.equal(want, verl.need_base({ base_sync_done = done },
-                                                  { free_cache_engine = free, sleep_level = level }))
+            local ctx = { state = { base_sync_done = done },
+                          cfg = { free_cache_engine = free, sleep_level = level } }
+            assert.are.equal(want, verl:need_base(ctx))
         end)
     end
 
@@ -49,9 +50,8 @@ describe("verl_lora need_base", function()
 
     it("the skip_base fixture differs from the rule only after a level-2 sleep", function()
         local skip = dofile("tests/e2e/fixtures/skip_base.lua")
-        assert.is_false(skip.need_base({ base_sync_done = true },
-                                       { free_cache_engine = true, sleep_level = 2 }))
-        assert.is_true(skip.need_base({ base_sync_done = false },
-                                      { free_cache_engine = true, sleep_level = 2 }))
+        local cfg = { free_cache_engine = true, sleep_level = 2 }
+        assert.is_false(skip:need_base({ state = { base_sync_done = true }, cfg = cfg }))
+        assert.is_true(skip:need_base({ state = { base_sync_done = false }, cfg = cfg }))
     end)
 end)

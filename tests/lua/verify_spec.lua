@@ -169,17 +169,17 @@ describe("verify=", function()
     end)
 
     it("sent: a plan the trainer changed but the step did not send is checksummed", function()
-        local forgetful = P:with{ step = function(ctx, step)
-            if step < 2 then return P.step(ctx, step) end
-            ctx.trainer:train_step(step) -- the adapter changes, nothing is sent
-            ctx:rollout(step)
+        local forgetful = P:with{ step = function(self, ctx, step)
+            if step < 2 then return P.step(self, ctx, step) end
+            ctx:train() -- the adapter changes, nothing is sent
+            ctx:rollout()
         end }
         local err = failure(forgetful, { verify = "sent", free_cache_engine = false })
         assert.matches("verify %(step 2 rollout%): engine tensor '[^']*lora_", err)
         -- No trainer change, nothing sent: both plans only proven readable.
-        local idle = P:with{ step = function(ctx, step)
-            if step < 2 then return P.step(ctx, step) end
-            ctx:rollout(step)
+        local idle = P:with{ step = function(self, ctx, step)
+            if step < 2 then return P.step(self, ctx, step) end
+            ctx:rollout()
         end }
         local recs = run(idle, { verify = "sent", free_cache_engine = false })
         assert.are.equal(0, recs[3].verified_tensors)
