@@ -210,24 +210,24 @@ local function full_tensors(tr, entries, ctx)
         if (ctx.world or 1) == 1 then
             for i, e in ipairs(entries) do
                 local t = e.view and e.view:reshape(e.shape)
-                    or must("save", ws.tensor{ shape = e.shape, dtype = tr.dtype,
+                    or must("save", ws.tensor{ shape = e.shape, dtype = e.dtype or tr.dtype,
                                                device = tr.device, name = e.name })
                 made[#made + 1], out[i] = t, t
             end
             return
         end
-        local srcs, dsts, numels = {}, {}, {}
+        local srcs, dsts, numels, shards = {}, {}, {}, {}
         for i, e in ipairs(entries) do
-            local t = must("save", ws.tensor{ shape = e.shape, dtype = tr.dtype,
+            local t = must("save", ws.tensor{ shape = e.shape, dtype = e.dtype or tr.dtype,
                                               device = tr.device, name = e.name })
             made[#made + 1], out[i] = t, t
             local flat = t:flat()
             made[#made + 1] = flat
-            srcs[i], dsts[i], numels[i] = e.tensor, flat, e.numel
+            srcs[i], dsts[i], numels[i], shards[i] = e.tensor, flat, e.numel, e.shard_numel
         end
         local plan <close> = must("save", ws.plan{ comm = ctx.comm, device = tr.device,
                                                    name = "save" })
-        plan:add(srcs, dsts, numels)
+        plan:add(srcs, dsts, numels, shards)
         plan:execute()
     end)
     if not ok then

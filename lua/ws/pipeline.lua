@@ -320,7 +320,9 @@ end
 local Run = {}
 Run.__index = Run
 
-function M.start(p, cfg, opts)
+-- Checks the configuration of a run without allocating anything; returns
+-- what setup needs (device, spec, lcfg, comm, rank, world, log).
+function M.prepare(p, cfg, opts)
     opts = opts or {}
     if type(p.step) ~= "function" then
         config.raise("pipeline '%s' has no step(ctx, step) method", tostring(p.name))
@@ -352,15 +354,22 @@ function M.start(p, cfg, opts)
         config.check("lora_rank", lora.check_rank, spec, lcfg)
         config.check("target_modules", lora.check_model, spec, lcfg)
     end
+    return { device = device, spec = spec, lcfg = lcfg, comm = comm, rank = rank,
+             world = world, log = log }
+end
+
+function M.start(p, cfg, opts)
+    opts = opts or {}
+    local env = opts.env or M.prepare(p, cfg, opts)
+    env.parts = opts.parts or {}
+    local log, rank, device = env.log, env.rank, env.device
     -- Opened first: an unwritable --json is a configuration mistake, found
     -- before anything is allocated.
     local okr, report = pcall(report_mod.new, { title = p.name, cfg = cfg, device = device,
                                                 rank = rank, json = opts.json, log = log })
     if not okr then config.raise("--json: %s", tostring(report):gsub("^[^:]*:%d+: ", "")) end
     local run = setmetatable({ p = p, cfg = cfg, report = report, built = {}, step_no = 0,
-                               env = { device = device, spec = spec, lcfg = lcfg, comm = comm,
-                                       rank = rank, world = world, log = log,
-                                       parts = opts.parts or {} } }, Run)
+                               env = env }, Run)
     local ok, err = pcall(M.setup, p, cfg, run.built, report, run.env)
     if not ok then run:fail(err) end
     run.ctx = run.env.ctx

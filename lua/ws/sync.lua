@@ -76,13 +76,13 @@ end
 -- Builds the plan of one kind (once); returns it.
 function Sync:build(kind)
     if self.plans[kind] then return self.plans[kind] end
-    local srcs, dsts, numels, plist = {}, {}, {}, {}
+    local srcs, dsts, numels, shards, plist = {}, {}, {}, {}, {}
     local engine, touched, engine_bytes = self.engine, {}, 0
     for i, e in ipairs(entries_of(self, kind)) do
         local v, label = self:view_for(e)
         local dname = engine.dest[e.name].name
         local staged = engine:is_staged(dname)
-        srcs[i], dsts[i], numels[i] = e.tensor, v, e.numel
+        srcs[i], dsts[i], numels[i], shards[i] = e.tensor, v, e.numel, e.shard_numel
         plist[i] = { src = e, dst = v, dst_name = label, staged = staged }
         -- What lands in the engine's weights: one byte per quantized element.
         engine_bytes = engine_bytes + (staged and e.numel or v:nbytes())
@@ -99,7 +99,7 @@ function Sync:build(kind)
     self.engine_bytes[kind] = engine_bytes
     local plan = must("sync", ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm,
                                        device = self.device, name = kind })
-    plan:add(srcs, dsts, numels)
+    plan:add(srcs, dsts, numels, shards)
     self.plans[kind], self.pairs[kind] = plan, plist
     return plan
 end

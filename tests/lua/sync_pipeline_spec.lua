@@ -86,6 +86,27 @@ describe("pipeline failures", function()
         end)
     end)
 
+    it("shows a policy's own phase in the table and the summary, and only phases used", function()
+        local scored = P:with{ name = "scored" }
+        function scored:step(ctx, step)
+            P.step(self, ctx, step)
+            ctx:phase("score", function() end)
+        end
+        local lines = {}
+        local recs, summary = scored.run(tiny, { log = function(msg)
+            for l in (msg .. "\n"):gmatch("(.-)\n") do lines[#lines + 1] = l end
+        end })
+        local header = lines[1]
+        for _, l in ipairs(lines) do if l:match("^#%s*step ") then header = l end end
+        assert.truthy(header:find(" score ", 1, true), header)
+        assert.falsy(header:find("offload", 1, true), header) -- param_offload=false: never ran
+        assert.is_number(recs[1].phase_ms.score)
+        assert.is_number(summary.phase_ms.score)
+        local in_summary = false
+        for _, l in ipairs(lines) do if l:match("^  score ") then in_summary = true end end
+        assert.is_true(in_summary)
+    end)
+
     it("free everything and name the step when a step fails", function()
         no_gc(function()
             local base = held()

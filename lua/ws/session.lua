@@ -1,0 +1,204 @@
+-- ws.session: a policy run driven by an embedding program, step by step,
+-- on the program's own tensors (the C API in host/ws.h and the Python
+-- module sit on this).
+--
+--   local S = require("ws.session").open("pipelines/verl_lora.lua", { model = "dir", sleep_level = 2 })
+--   for _, e in ipairs(S:expected("trainer")) do S:add("trainer", e.name, tensor_of[e.name]) end
+--   ... S:add("adapter", ...), S:add("engine", ...) or S:alloc(name, shape, "bf16")
+--   S:on("train", fn); S:on("rollout", fn); S:on("sleep", fn); S:on("wake", fn)
+--   local rec = S:step()      -- the first step builds the plans
+--   local summary = S:close()
+--
+-- The pipeline file is the same one `wshost FILE` runs: the session is one
+-- more way to make its trainer and engine (ws.inprocess), not a second
+-- runner. Registrations are checked as they come (a name the model does not
+-- have, a shape, a dtype); the first step checks that nothing is missing
+-- before any byte moves.
+local ws = require("ws")
+local config = require("ws.config")
+local pipeline = require("ws.pipeline")
+local inprocess = require("ws.inprocess")
+local must = require("ws.errors").must
+
+local M = {}
+local Session = {}
+Session.__index = Session
+
+M.events = { train = true, rollout = true, sleep = true, wake = true }
+
+-- source: a pipeline file's path or a pipeline; overrides: config keys
+-- (values or strings); opts: log (function(msg)), quiet, json (path).
+function M.open(source, overrides, opts)
+    local p = source
+    if type(source) == "string" then
+        local chunk, err = loadfile(source)
+        if not chunk then error("session: " .. tostring(err), 0) end
+        p = chunk()
+    end
+    if not pipeline.is_pipeline(p) then
+        error(string.format("session: %s does not return a pipeline (ws.pipeline.define)",
+                            type(source) == "string" and source or tostring(source)), 0)
+    end
+    opts = opts or {}
+    local cfg = config.resolve(p.schema, overrides or {})
+    if cfg.param_offload then
+        config.raise("config key 'param_offload': in-process, the trainer's memory is the " ..
+                     "caller's to offload")
+    end
+    if cfg.engine_dtype ~= "bf16" then
+        config.raise("config key 'engine_dtype': in-process engines hold bf16 weights " ..
+                     "(fp8_block runs with the simulated engine only)")
+    end
+    if cfg.dry_run then config.raise("config key 'dry_run': a session syncs real tensors") end
+    local explicit = {}
+    for k in pairs(overrides or {}) do explicit[k] = true end
+    local self = setmetatable({ p = p, cfg = cfg, reg = { trainer = {}, adapter = {}, engine = {} },
+                                callbacks = {}, allocated = {}, opts = opts }, Session)
+    local popts = { explicit = explicit, log = opts.log, quiet = opts.quiet, json = opts.json }
+    self.env = pipeline.prepare(p, cfg, popts)
+    self.popts = popts
+    self.wanted = {}
+    for _, role in ipairs({ "trainer", "adapter", "engine" }) do
+        local list, by = inprocess.expected(self.env.spec, self.env.lcfg, role, cfg.param_dtype), {}
+        for _, e in ipairs(list) do by[e.name] = e end
+        self.wanted[role] = { list = list, by = by }
+    end
+    return self
+end
+
+local function check_open(self, what)
+    if self.closed then error("session: " .. what .. " after close", 3) end
+end
+
+local function check_role(role)
+    if role ~= "trainer" and role ~= "adapter" and role ~= "engine" then
+        error(string.format("session: unknown role '%s' (trainer, adapter, engine)",
+                            tostring(role)), 3)
+    end
+end
+
+-- What the caller registers for `role`: {name, shape, dtype} in order.
+function Session:expected(role)
+    check_role(role)
+    return self.wanted[role].list
+end
+
+-- Registers `t` (a ws.Tensor over the caller's memory) as `name` of `role`;
+-- global: the full tensor's shape (trainer, adapter: t is this rank's dim-0
+-- shard; nil: t's own shape).
+function Session:add(role, name, t, global)
+    check_open(self, "add")
+    check_role(role)
+    if self.run then
+        error(string.format("session: %s tensor '%s' registered after the first step; register " ..
+                            "everything before it", role, tostring(name)), 2)
+    end
+    local want = self.wanted[role].by[name]
+    if not want then
+        local hint = role == "adapter" and not self.env.lcfg and " (LoRA is off: lora_rank=0)" or ""
+        error(string.format("%s tensor '%s' is not a %s parameter of model %s%s", role,
+                            tostring(name), role, self.env.spec.name, hint), 2)
+    end
+    if self.reg[role][name] then
+        error(string.format("%s tensor '%s' is registered twice", role, name), 2)
+    end
+    inprocess.check_registration(role, want, t, global, self.env.rank, self.env.world)
+    self.reg[role][name] = { tensor = t, global = global }
+end
+
+-- An engine tensor in wshost's memory: a sleepable pool tagged "weights",
+-- sized for the engine's whole layout at the first call. Registered as the
+-- engine tensor `name`; returns it (the caller views it, e.g. through DLPack).
+function Session:alloc(name, shape, dtype)
+    check_open(self, "alloc")
+    local want = self.wanted.engine.by[name]
+    if not want then
+        error(string.format("engine tensor '%s' is not in the engine layout of model %s",
+                            tostring(name), self.env.spec.name), 2)
+    end
+    if self.reg.engine[name] then
+        error(string.format("engine tensor '%s' is registered twice", name), 2)
+    end
+    if not self.pool then
+        local shapes = {}
+        for i, e in ipairs(self.wanted.engine.list) do shapes[i] = e.shape end
+        self.pool = must("session", ws.pool{ device = self.env.device, tag = "weights",
+                                             bytes = ws.pool_bytes(shapes, "bf16") })
+    end
+    local t = must("session", self.pool:tensor{ shape = shape, dtype = dtype or "bf16",
+                                                name = name })
+    local ok, err = pcall(inprocess.check_registration, "engine", want, t, nil, 0, 1)
+    if not ok then
+        t:free()
+        error(err, 0)
+    end
+    self.reg.engine[name] = { tensor = t, pooled = true }
+    self.allocated[#self.allocated + 1] = t
+    return t
+end
+
+-- fn is called for `event`: train(step), rollout(step), sleep(level),
+-- wake(tag). An error it raises fails the step.
+function Session:on(event, fn)
+    check_open(self, "on")
+    if not M.events[event] then
+        error(string.format("session: unknown event '%s' (train, rollout, sleep, wake)",
+                            tostring(event)), 2)
+    end
+    if fn ~= nil and type(fn) ~= "function" then
+        error("session:on: the callback must be a function, got " .. type(fn), 2)
+    end
+    self.callbacks[event] = fn
+end
+
+-- Runs the policy's next step (the first builds the trainer, engine and
+-- plans); returns the step's record.
+function Session:step()
+    check_open(self, "step")
+    if self.failed then
+        error("session: a step failed, so the run was freed; close the session (" ..
+              tostring(self.failed) .. ")", 2)
+    end
+    if not self.run then
+        local popts = {}
+        for k, v in pairs(self.popts) do popts[k] = v end
+        popts.env = self.env
+        popts.parts = {
+            trainer = function(args) return inprocess.trainer(args, self) end,
+            engine = function(args) return inprocess.engine(args, self) end,
+        }
+        self.run = pipeline.start(self.p, self.cfg, popts)
+    end
+    local ok, rec = pcall(self.run.step, self.run)
+    if not ok then
+        -- The run freed itself; the session can only be closed now.
+        self.failed = rec
+        self.run = false
+        error(rec, 0)
+    end
+    return rec
+end
+
+-- Finishes the run (save=, the summary), frees wshost's tensors and pool;
+-- returns the summary. Closing twice is allowed.
+function Session:close()
+    if self.closed then return self.summary end
+    self.closed = true
+    local ok, err, summary = true, nil, nil
+    if self.run then
+        local ok1, _, s = pcall(self.run.finish, self.run)
+        if ok1 then summary = s else ok, err = false, _ end
+    end
+    for i = #self.allocated, 1, -1 do pcall(self.allocated[i].free, self.allocated[i]) end
+    self.allocated, self.reg = {}, { trainer = {}, adapter = {}, engine = {} }
+    if self.pool then
+        local okp, perr = pcall(self.pool.free, self.pool)
+        if not okp and ok then ok, err = false, perr end
+        self.pool = nil
+    end
+    if not ok then error(err, 0) end
+    self.summary = summary or { steps = 0 }
+    return self.summary
+end
+
+return M
