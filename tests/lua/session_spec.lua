@@ -85,6 +85,23 @@ describe("ws.session", function()
         end
     end)
 
+    it("save= writes the caller's weights as a Hugging Face checkpoint", function()
+        local dir = os.tmpname()
+        os.remove(dir)
+        local S, mine = setup({ save = dir, save_adapter = dir .. "/adapter", steps = 1 })
+        S:step()
+        S:close()
+        local ck = ws.safetensors(dir)
+        local name = "model.layers.1.self_attn.k_proj.weight"
+        assert.are.equal(mine.trainer[name]:checksum(), ck:tensor(name):checksum())
+        ck:free()
+        local ad = assert(ws.safetensors(dir .. "/adapter/adapter_model.safetensors"))
+        local aname = "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
+        assert.are.equal(mine.adapter[aname]:checksum(), ad:tensor(aname):checksum())
+        ad:free()
+        os.execute("rm -rf '" .. dir .. "'")
+    end)
+
     it("proves the engine's bytes: a caller that changes an engine tensor is caught", function()
         local S, mine = setup({ free_cache_engine = false })
         S:step()
