@@ -621,14 +621,14 @@ int ws_host_close(ws_host *h, char **summary)
     if (summary) *summary = NULL;
     if (enter(h, "close", 1) != 0) return -1;
     h->closed = 1; /* also after a failed close: the session is in no state to go on */
-    int rc = call_json(h, "close", summary);
-    /* The alloc'd tensors go with the session's pools. */
+    /* The alloc'd tensors go with the session's pools: the host lets go of
+     * them first, so that the session can free the pools. */
     lua_rawgeti(h->L, LUA_REGISTRYINDEX, h->keep);
     lua_newtable(h->L);
     lua_setfield(h->L, -2, "allocs");
     lua_pop(h->L, 1);
     lua_gc(h->L, LUA_GCCOLLECT);
-    return rc;
+    return call_json(h, "close", summary);
 }
 
 /* ---- devices ------------------------------------------------------------------------------------ */
