@@ -423,21 +423,23 @@ static int describe(TensorObject *t, const ws_dl_tensor *d)
             at += (size_t)snprintf(strides + at, at < sizeof strides ? sizeof strides - at : 0,
                                    "%s%lld", k ? ", " : "", (long long)d->strides[k]);
     }
-    int64_t expect = 1, numel = 1;
-    for (int k = d->ndim - 1; k >= 0; k--) {
+    int64_t numel = 1;
+    for (int k = 0; k < d->ndim; k++) {
         if (d->shape[k] < 0) {
             PyErr_Format(WsError, "from_dlpack: negative size in shape [%s]", shape);
             return -1;
         }
-        /* A dimension of size 1 may carry any stride; an empty tensor has no bytes. */
-        if (d->strides && d->shape[k] != 1 && d->strides[k] != expect) {
-            numel = -1;
-            break;
-        }
-        expect *= d->shape[k];
         numel *= d->shape[k];
     }
-    if (numel < 0 && expect != 0) {
+    /* Dense row-major: each stride is the product of the sizes after it. A
+     * dimension of size 1 may carry any stride, and an empty tensor has no
+     * bytes to lay out. */
+    int dense = 1;
+    for (int64_t k = d->ndim - 1, expect = 1; k >= 0 && d->strides && numel > 0; k--) {
+        if (d->shape[k] != 1 && d->strides[k] != expect) dense = 0;
+        expect *= d->shape[k];
+    }
+    if (!dense) {
         PyErr_Format(WsError,
                      "from_dlpack: tensor of shape [%s] with strides [%s] is not contiguous; "
                      "wshost takes dense row-major memory only (pass t.contiguous(), which "
@@ -445,7 +447,6 @@ static int describe(TensorObject *t, const ws_dl_tensor *d)
                      shape, strides);
         return -1;
     }
-    if (numel < 0) numel = 0;
     t->mem.data = (char *)d->data + d->byte_offset;
     t->mem.nbytes = (size_t)numel * (d->dtype.bits / 8);
     t->mem.device_type = type == WS_DL_CUDA ? WS_HOST_CUDA : WS_HOST_CPU;
