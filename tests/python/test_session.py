@@ -90,7 +90,7 @@ class SessionTest(unittest.TestCase):
         self.assertIn(t.name, str(cm.exception))
         self.assertIn("nothing was freed", str(cm.exception))
         self.assertFalse(s.closed)
-        self.assertEqual(view.sum().item(), view.numel())  # still valid memory
+        self.assertTrue(bool((view == 1).all()))  # still valid memory
         del view
         gc.collect()
         s.close()
