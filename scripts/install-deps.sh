@@ -4,7 +4,7 @@
 # /usr/local/cuda), the CUDA backend is built; the binary still runs without a GPU.
 set -euo pipefail
 
-packages=(cmake ninja-build gcc make pkg-config liblua5.4-dev lua5.4 lua-busted
+packages=(cmake ninja-build gcc make pkg-config liblua5.4-dev lua5.4 lua-busted python3-dev
           libopenmpi-dev openmpi-bin python3-torch gnuplot-nox cppcheck libcjson-dev
           clang libclang-rt-14-dev)
 
