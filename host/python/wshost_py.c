@@ -688,6 +688,47 @@ static int read_shape(PyObject *seq, const char *what, int *ndim, int64_t *shape
     return 0;
 }
 
+/* If obj is a DTensor (it has to_local and placements), *local is its
+ * local tensor and *shape its global shape (new references); it must be
+ * sharded as FSDP2 shards: Shard(0) on a one-dimensional mesh. Otherwise
+ * both stay NULL. Returns -1 with an exception set on error. */
+static int dtensor_local(const char *name, PyObject *obj, PyObject **local, PyObject **shape)
+{
+    *local = *shape = NULL;
+    if (!PyObject_HasAttrString(obj, "to_local") || !PyObject_HasAttrString(obj, "placements"))
+        return 0;
+    PyObject *pl = PyObject_GetAttrString(obj, "placements");
+    if (!pl) return -1;
+    int ok = 0;
+    if (PySequence_Check(pl) && PySequence_Size(pl) == 1) {
+        PyObject *p0 = PySequence_GetItem(pl, 0);
+        PyObject *r = p0 ? PyObject_CallMethod(p0, "is_shard", "i", 0) : NULL;
+        ok = r && PyObject_IsTrue(r) == 1;
+        Py_XDECREF(r);
+        Py_XDECREF(p0);
+        PyErr_Clear();
+    }
+    if (!ok) {
+        PyObject *txt = PyObject_Repr(pl);
+        PyErr_Format(WsError, "register: DTensor '%s' is placed as %s; wshost takes FSDP2's "
+                     "dim-0 shards (Shard(0) on a one-dimensional mesh)", name,
+                     txt ? PyUnicode_AsUTF8(txt) : "?");
+        Py_XDECREF(txt);
+        Py_DECREF(pl);
+        return -1;
+    }
+    Py_DECREF(pl);
+    PyObject *sz = PyObject_GetAttrString(obj, "shape");
+    *shape = sz ? PySequence_Tuple(sz) : NULL;
+    Py_XDECREF(sz);
+    *local = *shape ? PyObject_CallMethod(obj, "to_local", NULL) : NULL;
+    if (!*local) {
+        Py_CLEAR(*shape);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *session_register(SessionObject *s, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"role", "name", "tensor", "global_shape", NULL};
@@ -697,16 +738,27 @@ static PyObject *session_register(SessionObject *s, PyObject *args, PyObject *kw
                                      &gshape))
         return NULL;
     if (session_usable(s, "register") != 0) return NULL;
+    /* A DTensor (torch 2.x, FSDP2's parameters): its local shard, with its
+     * global shape unless one is given. */
+    PyObject *local = NULL, *dshape = NULL;
+    if (dtensor_local(name, obj, &local, &dshape) != 0) return NULL;
+    if (local) {
+        obj = local;
+        if (gshape == Py_None) gshape = dshape;
+    }
     int64_t gs[WS_HOST_MAX_DIMS];
     int gndim = 0;
-    if (gshape != Py_None && read_shape(gshape, "global_shape", &gndim, gs) != 0) return NULL;
-    TensorObject *t;
+    TensorObject *t = NULL;
+    if (gshape != Py_None && read_shape(gshape, "global_shape", &gndim, gs) != 0) goto fail;
     if (Py_IS_TYPE(obj, &TensorType)) {
         t = (TensorObject *)obj;
         Py_INCREF(t);
     } else if (!(t = (TensorObject *)py_from_dlpack(NULL, obj))) {
-        return NULL;
+        goto fail;
     }
+    Py_XDECREF(local);
+    Py_XDECREF(dshape);
+    local = dshape = NULL;
     if (tensor_check_live(t, "register") != 0) {
         Py_DECREF(t);
         return NULL;
@@ -716,6 +768,10 @@ static PyObject *session_register(SessionObject *s, PyObject *args, PyObject *kw
     m.release_ctx = t; /* our reference goes to wshost, dropped by release_lent */
     if (ws_host_register(s->h, role, name, &m, gndim, gndim ? gs : NULL) != 0) return host_error(s);
     Py_RETURN_NONE;
+fail:
+    Py_XDECREF(local);
+    Py_XDECREF(dshape);
+    return NULL;
 }
 
 static PyObject *session_alloc(SessionObject *s, PyObject *args, PyObject *kw)

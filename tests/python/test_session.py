@@ -129,5 +129,42 @@ class SessionTest(unittest.TestCase):
         self.assertEqual(sys.getrefcount(t), before)
 
 
+class _Shard0:
+    """torch 2.x's Shard(0) placement, as far as register asks it."""
+    def is_shard(self, dim=None):
+        return dim in (None, 0)
+
+
+class _Replicate:
+    def is_shard(self, dim=None):
+        return False
+
+
+class _DTensorLike:
+    """The part of torch 2.x's DTensor that register reads (this torch has
+    none): the global shape, the placements and the local shard."""
+    def __init__(self, local, shape, placement):
+        self._local, self.shape, self.placements = local, torch.Size(shape), (placement,)
+
+    def to_local(self):
+        return self._local
+
+
+class DTensorTest(unittest.TestCase):
+    def test_dtensor_local_shard_and_placement(self):
+        with open_session(lora_rank=0) as s:
+            name, shape, _ = s.expected("trainer")[-1]
+            full = torch.zeros(shape, dtype=torch.bfloat16)
+            # World 1: the local shard is the whole tensor; the global shape
+            # comes from the DTensor.
+            s.register("trainer", name, _DTensorLike(full, shape, _Shard0()))
+            other, oshape, _ = s.expected("trainer")[-2]
+            with self.assertRaises(wshost.Error) as cm:
+                s.register("trainer", other, _DTensorLike(torch.zeros(oshape), oshape,
+                                                          _Replicate()))
+            self.assertIn("DTensor '%s' is placed as" % other, str(cm.exception))
+            self.assertIn("Shard(0)", str(cm.exception))
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
