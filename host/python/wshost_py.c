@@ -18,6 +18,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <signal.h>
+
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -894,16 +896,61 @@ static PyObject *json_to_dict(char *text)
     return r;
 }
 
+/* Ctrl-C while a step or close runs without the GIL: Python's own handler
+ * would only run at the next callback, so for the call's duration SIGINT
+ * stops the host at its next Lua step (ws_host_interrupt is safe in a
+ * signal handler) and the call then raises KeyboardInterrupt. Only on the
+ * main thread, and only where SIGINT is not ignored. */
+static ws_host *volatile sigint_host;
+static volatile sig_atomic_t sigint_seen;
+
+static void on_sigint(int sig)
+{
+    (void)sig;
+    sigint_seen = 1;
+    if (sigint_host) ws_host_interrupt(sigint_host);
+}
+
+static int sigint_begin(ws_host *h, struct sigaction *old)
+{
+    if (!_PyOS_IsMainThread()) return 0;
+    if (sigaction(SIGINT, NULL, old) != 0 || old->sa_handler == SIG_IGN) return 0;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sigint;
+    sigemptyset(&sa.sa_mask);
+    sigint_seen = 0;
+    sigint_host = h;
+    return sigaction(SIGINT, &sa, NULL) == 0;
+}
+
+/* Restores the handler; 1 when Ctrl-C came during the call. */
+static int sigint_end(int installed, const struct sigaction *old)
+{
+    if (!installed) return 0;
+    sigaction(SIGINT, old, NULL);
+    sigint_host = NULL;
+    return sigint_seen != 0;
+}
+
 static PyObject *session_step(SessionObject *s, PyObject *unused)
 {
     if (session_usable(s, "step") != 0) return NULL;
     char *rec = NULL;
     int rc;
     s->in_call = 1;
+    struct sigaction old_int;
+    int installed = sigint_begin(s->h, &old_int);
     Py_BEGIN_ALLOW_THREADS
     rc = ws_host_step(s->h, &rec);
     Py_END_ALLOW_THREADS
+    int interrupted = sigint_end(installed, &old_int);
     s->in_call = 0;
+    if (rc != 0 && interrupted) {
+        free(rec);
+        PyErr_SetString(PyExc_KeyboardInterrupt, ws_host_error(s->h));
+        return NULL;
+    }
     if (rc != 0) return host_error(s);
     Py_CLEAR(s->callback_error);
     return json_to_dict(rec);

@@ -129,6 +129,26 @@ class SessionTest(unittest.TestCase):
         self.assertEqual(sys.getrefcount(t), before)
 
 
+class InterruptTest(unittest.TestCase):
+    def test_ctrl_c_during_a_step_raises_keyboard_interrupt(self):
+        import signal
+        import threading
+        import time
+        keep = []
+        s = open_session(lora_rank=0)
+        register_all(s, keep)
+        s.on("rollout", lambda step: time.sleep(0.5))
+        timer = threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        with self.assertRaises(KeyboardInterrupt) as cm:
+            s.step()
+        timer.join()
+        self.assertIn("interrupted", str(cm.exception))
+        # Python's own handler is back once the step has returned.
+        self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+        s.close()
+
+
 class _Shard0:
     """torch 2.x's Shard(0) placement, as far as register asks it."""
     def is_shard(self, dim=None):
