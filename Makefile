@@ -43,7 +43,8 @@ asan: deps
 	cmake --build $(ASAN_BUILD) -j $(JOBS)
 
 # The sanitizer build runs every suite but the tests that load the
-# instrumented ws.so into an uninstrumented stock lua5.4 or python. Open MPI
+# instrumented ws.so or libwshost.so into an uninstrumented stock lua5.4,
+# python or C program (lua_module, peer, install, torch, the python label). Open MPI
 # keeps process-lifetime allocations, suppressed by library name in
 # tests/lsan-openmpi.supp; naming them needs full stacks (the libraries have
 # no frame pointers), so the MPI tests run apart with the slow unwinder.
@@ -53,11 +54,11 @@ asan: deps
 ASAN_ENV = ASAN_OPTIONS=detect_leaks=1:protect_shadow_gap=0
 test-asan: asan
 	$(ASAN_ENV) ctest --test-dir $(ASAN_BUILD) --output-on-failure -j $(JOBS) \
-	      -L 'c|lua|e2e' -E 'mpi|lua_module|peer'
+	      -L 'c|lua|e2e' -E 'mpi|lua_module|peer|install|torch'
 	$(ASAN_ENV):fast_unwind_on_malloc=0 \
 	LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan-openmpi.supp:print_suppressions=0 \
 	ctest --test-dir $(ASAN_BUILD) --output-on-failure -j $(JOBS) -R 'mpi' \
-	      -E 'lua_module|peer|mpi_large|mpi_kill'
+	      -E 'lua_module|peer|install|torch|mpi_large|mpi_kill'
 
 # ThreadSanitizer over the C core's threaded paths: the cpu backend's copy,
 # convert, fill and checksum workers (parallel.c, device_cpu.c). The C unit
