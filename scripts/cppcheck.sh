@@ -11,6 +11,8 @@ cppcheck --std=c11 --enable=warning,style,performance,portability \
     --suppressions-list=scripts/cppcheck.supp \
     -D__GNUC__ -D_GNU_SOURCE -DWS_HAVE_MPI=1 -DWS_HAVE_CUDA=1 -DWS_FAULT_INJECTION=1 \
     -DWSHOST_VERSION='"0"' -I host \
+    -D'Py_RETURN_NONE=return Py_None' -D'Py_RETURN_FALSE=return Py_False' \
+    -D'Py_BEGIN_ALLOW_THREADS={' -D'Py_END_ALLOW_THREADS=}' \
     --template='{file}:{line}: {severity} ({id}): {message}' \
     host/
 echo "cppcheck: host/ clean"

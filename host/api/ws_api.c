@@ -502,6 +502,7 @@ int ws_host_alloc(ws_host *h, const char *name, int ndim, const int64_t *shape, 
  * its ud (light userdata). */
 static int call_callback(lua_State *L)
 {
+    // cppcheck-suppress unreadVariable ; read in the call below
     const char *event = lua_tostring(L, lua_upvalueindex(1));
     ws_host_callback fn = *(ws_host_callback *)lua_touserdata(L, lua_upvalueindex(2));
     void *ud = lua_touserdata(L, lua_upvalueindex(3));

@@ -110,7 +110,7 @@ static PyObject *tensor_new_raw(void)
     return (PyObject *)t;
 }
 
-static void session_forget_alloc(SessionObject *s, TensorObject *t)
+static void session_forget_alloc(SessionObject *s, const TensorObject *t)
 {
     for (size_t i = 0; i < s->n_allocs; i++)
         if (s->allocs[i] == t) {
