@@ -321,10 +321,20 @@ ws_status ws_copy_many(ws_tensor *const *dsts, const ws_tensor *const *srcs, siz
 ws_status ws_checksum_many(const ws_tensor *const *ts, size_t n, const uint64_t *first,
                            ws_dtype as, uint64_t *out)
 {
+    return ws_checksum_many_rows(ts, n, first, NULL, NULL, as, out);
+}
+
+ws_status ws_checksum_many_rows(const ws_tensor *const *ts, size_t n, const uint64_t *first,
+                                const int64_t *cols, const int64_t *pitch, ws_dtype as,
+                                uint64_t *out)
+{
     for (size_t i = 0; i < n; i++) {
         /* A NULL item keeps `as` and fails in ws_tensor_checksum's check. */
         ws_dtype a = as == WS_DTYPE_COUNT && ts[i] ? ts[i]->dtype : as;
-        ws_status rc = ws_tensor_checksum(ts[i], first ? first[i] : 0, a, &out[i]);
+        uint64_t f = first ? first[i] : 0;
+        ws_status rc = cols && cols[i] ? ws_tensor_checksum_rows(ts[i], f, cols[i], pitch[i], a,
+                                                                 &out[i])
+                                       : ws_tensor_checksum(ts[i], f, a, &out[i]);
         if (rc != WS_OK) {
             ws_errprefix("checksums: item %zu", i + 1);
             return rc;

@@ -85,6 +85,13 @@ typedef struct ws_device_ops {
      * of the converted value are hashed. */
     ws_status (*checksum)(ws_device *d, const void *ptr, ws_dtype t, const ws_layout *l,
                           uint64_t first_index, ws_dtype as, uint64_t *out);
+    /* Optional (may be NULL: ws_tensor_checksum_rows then calls checksum
+     * once per row): the same over `rows` x `cols` contiguous elements,
+     * element j of row i hashed with index first_index + i * pitch + j, so
+     * a block of a larger tensor sums with its global indices. */
+    ws_status (*checksum_rows)(ws_device *d, const void *ptr, ws_dtype t, int64_t rows,
+                               int64_t cols, uint64_t first_index, uint64_t pitch, ws_dtype as,
+                               uint64_t *out);
 
     /* Block-scaled FP8 quantization of many tensors in one call, with the
      * arithmetic of quant_block.h (both backends give the same bits). */

@@ -464,6 +464,7 @@ typedef struct {
     ws_layout l;    /* collapsed: a contiguous view is one row */
     int64_t pieces; /* work units per row */
     uint64_t first;
+    uint64_t pitch; /* index step from one row to the next */
     uint64_t sum; /* added to atomically by each chunk */
 } sum_ctx;
 
@@ -512,7 +513,7 @@ static void checksum_units(void *vctx, size_t u0, size_t u1, int worker)
         int64_t j0 = (int64_t)(u - r * pieces) * HASH_PIECE;
         int64_t j1 = stop == row_end ? inner : (int64_t)(stop - r * pieces) * HASH_PIECE;
         const unsigned char *row = (const unsigned char *)c->ptr + it.doff * (int64_t)es;
-        acc += hash_segment(c, row, step, c->first + (uint64_t)r * (uint64_t)inner, j0, j1);
+        acc += hash_segment(c, row, step, c->first + (uint64_t)r * c->pitch, j0, j1);
         u = stop;
         if (u < u1) row_iter_next(&it, &c->l, NULL);
     }
@@ -553,9 +554,32 @@ static ws_status cpu_checksum(ws_device *d, const void *ptr, ws_dtype t, const w
     sum_ctx c = {.ptr = ptr, .t = t, .as = as, .first = first_index};
     collapse_layout(&c.l, l);
     int64_t inner = c.l.shape[c.l.ndim - 1];
+    c.pitch = (uint64_t)inner;
     c.pieces = (inner + HASH_PIECE - 1) / HASH_PIECE;
     size_t units = (size_t)(numel / inner) * (size_t)c.pieces;
     size_t unit_bytes = (size_t)(inner < HASH_PIECE ? inner : HASH_PIECE) * ws_dtype_size(t);
+    ws_parallel_for(units, PAR_BYTES / unit_bytes + 1, checksum_units, &c);
+    *out = c.sum;
+    return WS_OK;
+}
+
+static ws_status cpu_checksum_rows(ws_device *d, const void *ptr, ws_dtype t, int64_t rows,
+                                   int64_t cols, uint64_t first_index, uint64_t pitch,
+                                   ws_dtype as, uint64_t *out)
+{
+    (void)d;
+    *out = 0;
+    if (rows <= 0 || cols <= 0) return WS_OK;
+    /* Not collapsed: the rows keep their own first indices. */
+    sum_ctx c = {.ptr = ptr, .t = t, .as = as, .first = first_index, .pitch = pitch};
+    c.l.ndim = 2;
+    c.l.shape[0] = rows;
+    c.l.shape[1] = cols;
+    c.l.strides[0] = cols;
+    c.l.strides[1] = 1;
+    c.pieces = (cols + HASH_PIECE - 1) / HASH_PIECE;
+    size_t units = (size_t)rows * (size_t)c.pieces;
+    size_t unit_bytes = (size_t)(cols < HASH_PIECE ? cols : HASH_PIECE) * ws_dtype_size(t);
     ws_parallel_for(units, PAR_BYTES / unit_bytes + 1, checksum_units, &c);
     *out = c.sum;
     return WS_OK;
@@ -676,6 +700,7 @@ static const ws_device_ops cpu_ops = {
     .fill = cpu_fill,
     .random = cpu_random,
     .checksum = cpu_checksum,
+    .checksum_rows = cpu_checksum_rows,
     .quantize_fp8_block = ws_cpu_quantize_fp8_block,
     .synchronize = cpu_synchronize,
     .mem_info = cpu_mem_info,

@@ -45,7 +45,22 @@ typedef struct plan_entry {
     int64_t numel; /* full tensor */
     int64_t shard;     /* elements of every rank's shard (FSDP: ceil(numel / world)) */
     int64_t src_numel; /* elements this rank's src holds: shard, or its real ones */
+    ws_plan_block block; /* cols == 0: the whole tensor */
+    int64_t dst_numel;   /* numel, or the block's elements */
 } plan_entry;
+
+/* Elements of the entry's destination block with a flat index below x (the
+ * whole tensor: x itself). */
+static int64_t block_below(const plan_entry *e, int64_t x)
+{
+    const ws_plan_block *b = &e->block;
+    if (b->cols == 0) return x;
+    int64_t i = x / b->cols, j = x % b->cols, w = b->col_end - b->col_begin;
+    if (i < b->row_begin) return 0;
+    if (i >= b->row_end) return (b->row_end - b->row_begin) * w;
+    int64_t in_row = j < b->col_begin ? 0 : j > b->col_end ? w : j - b->col_begin;
+    return (i - b->row_begin) * w + in_row;
+}
 
 /* Elements [a, b) of an entry's shard placed at byte `off` of a segment. */
 typedef struct plan_piece {
@@ -145,7 +160,8 @@ ws_status ws_plan_create(ws_comm *comm, ws_device *device, size_t bucket_bytes, 
 
 /* Checks one entry before anything is recorded (add is all or nothing). */
 static ws_status check_entry(const ws_plan *p, size_t index, const ws_tensor *src,
-                             const ws_tensor *dst, int64_t numel, int64_t shard)
+                             const ws_tensor *dst, int64_t numel, int64_t shard,
+                             const ws_plan_block *block)
 {
     char a[160], b[160];
     if (!src || !dst)
@@ -170,7 +186,22 @@ static ws_status check_entry(const ws_plan *p, size_t index, const ws_tensor *sr
                       p->world, (long long)numel);
     int64_t real = numel - (int64_t)p->rank * shard;
     real = real < 0 ? 0 : real > shard ? shard : real;
-    int64_t sn = ws_tensor_numel(src), dn = ws_tensor_numel(dst);
+    int64_t sn = ws_tensor_numel(src), dn = ws_tensor_numel(dst), want = numel;
+    if (block && block->cols != 0) {
+        const ws_plan_block *bl = block;
+        int64_t rows = bl->cols > 0 ? numel / bl->cols : 0;
+        if (bl->cols < 0 || numel % bl->cols != 0 || bl->row_begin < 0 || bl->row_begin > bl->row_end ||
+            bl->row_end > rows || bl->col_begin < 0 || bl->col_begin > bl->col_end ||
+            bl->col_end > bl->cols)
+            return WS_ERR(WS_ERR_ARG,
+                          "plan '%s': entry %zu: dst %s: block rows [%lld, %lld) x cols [%lld, "
+                          "%lld) does not fit the %lld-element tensor seen as %lld columns",
+                          p->name, index, ws_tensor_label(dst, a, sizeof a),
+                          (long long)bl->row_begin, (long long)bl->row_end,
+                          (long long)bl->col_begin, (long long)bl->col_end, (long long)numel,
+                          (long long)bl->cols);
+        want = (bl->row_end - bl->row_begin) * (bl->col_end - bl->col_begin);
+    }
     if (sn != shard && sn != real)
         return WS_ERR(WS_ERR_ARG,
                       "plan '%s': entry %zu: src %s has %lld elements, expected %lld (rank %d's "
@@ -178,12 +209,13 @@ static ws_status check_entry(const ws_plan *p, size_t index, const ws_tensor *sr
                       p->name, index, ws_tensor_label(src, a, sizeof a), (long long)sn,
                       (long long)shard, p->rank, (long long)numel, (long long)shard,
                       real != shard ? ", or its real elements without the padding" : "");
-    if (dn != numel)
+    if (dn != want)
         return WS_ERR(WS_ERR_ARG,
-                      "plan '%s': entry %zu: dst %s has %lld elements, expected %lld (the full "
-                      "tensor of src %s)",
+                      "plan '%s': entry %zu: dst %s has %lld elements, expected %lld (%s of src "
+                      "%s)",
                       p->name, index, ws_tensor_label(dst, a, sizeof a), (long long)dn,
-                      (long long)numel, ws_tensor_label(src, b, sizeof b));
+                      (long long)want, want == numel ? "the full tensor" : "its block",
+                      ws_tensor_label(src, b, sizeof b));
     const ws_tensor *t = !ws_tensor_is_contiguous(src) ? src : !ws_tensor_is_contiguous(dst) ? dst : NULL;
     if (t)
         return WS_ERR(WS_ERR_ARG,
@@ -252,10 +284,17 @@ ws_status ws_plan_add_sharded(ws_plan *p, const ws_tensor *const *srcs,
                               const ws_tensor *const *dsts, const int64_t *numel,
                               const int64_t *shard, size_t n)
 {
+    return ws_plan_add_blocks(p, srcs, dsts, numel, shard, NULL, n);
+}
+
+ws_status ws_plan_add_blocks(ws_plan *p, const ws_tensor *const *srcs,
+                             const ws_tensor *const *dsts, const int64_t *numel,
+                             const int64_t *shard, const ws_plan_block *blocks, size_t n)
+{
     size_t name_bytes = 0;
     for (size_t i = 0; i < n; i++) {
         WS_TRY(check_entry(p, p->n_entries + i + 1, srcs[i], dsts[i], numel[i],
-                           shard && shard[i] > 0 ? shard[i] : 0));
+                           shard && shard[i] > 0 ? shard[i] : 0, blocks ? &blocks[i] : NULL));
         if (srcs[i]->name) name_bytes += strlen(srcs[i]->name) + 1;
         if (dsts[i]->name) name_bytes += strlen(dsts[i]->name) + 1;
     }
@@ -275,7 +314,10 @@ ws_status ws_plan_add_sharded(ws_plan *p, const ws_tensor *const *srcs,
         e->shard = shard && shard[i] > 0 ? shard[i]
                                          : numel[i] / p->world + (numel[i] % p->world != 0);
         e->src_numel = ws_tensor_numel(srcs[i]);
-        p->bytes_total += (size_t)numel[i] * ws_dtype_size(dsts[i]->dtype);
+        memset(&e->block, 0, sizeof e->block);
+        if (blocks && blocks[i].cols != 0) e->block = blocks[i];
+        e->dst_numel = ws_tensor_numel(dsts[i]);
+        p->bytes_total += (size_t)e->dst_numel * ws_dtype_size(dsts[i]->dtype);
     }
     if (n) p->planned = 0;
     p->n_entries += n;
@@ -347,7 +389,7 @@ static ws_status lay_out(ws_plan *p, size_t cap, size_t align, vec *pieces, vec 
             for (int r = 0; r < p->world; r++) {
                 int64_t lo = r * e->shard + a, hi = r * e->shard + a + take;
                 if (hi > e->numel) hi = e->numel;
-                if (hi > lo) bytes_done += (size_t)(hi - lo) * es;
+                if (hi > lo) bytes_done += (size_t)(block_below(e, hi) - block_below(e, lo)) * es;
             }
             a += take;
         }
@@ -393,6 +435,39 @@ static ws_status ensure_staging(ws_plan *p, int pairs, size_t seg_bytes)
     return WS_OK;
 }
 
+/* Appends the copies of flat elements [lo, end) of an entry's full tensor,
+ * read from `src` (element lo first), into its destination: all of them, or
+ * their part in its block, row by row. */
+static ws_status emit_out(vec *out, const plan_entry *e, int64_t lo, int64_t end, const char *src,
+                          ws_dtype st)
+{
+    ws_dtype dt = e->dst.dtype;
+    size_t ss = ws_dtype_size(st);
+    const ws_plan_block *b = &e->block;
+    if (b->cols == 0) return emit_copy(out, side_ptr(&e->dst, lo), dt, src, st, (size_t)(end - lo));
+    int64_t C = b->cols, w = b->col_end - b->col_begin;
+    if (w == 0 || b->row_end == b->row_begin) return WS_OK;
+    if (b->col_begin == 0 && b->col_end == C) { /* whole rows: one range */
+        int64_t x0 = lo > b->row_begin * C ? lo : b->row_begin * C;
+        int64_t x1 = end < b->row_end * C ? end : b->row_end * C;
+        if (x1 <= x0) return WS_OK;
+        return emit_copy(out, side_ptr(&e->dst, x0 - b->row_begin * C), dt,
+                         src + (size_t)(x0 - lo) * ss, st, (size_t)(x1 - x0));
+    }
+    int64_t i0 = lo / C, i1 = (end - 1) / C + 1;
+    if (i0 < b->row_begin) i0 = b->row_begin;
+    if (i1 > b->row_end) i1 = b->row_end;
+    for (int64_t i = i0; i < i1; i++) {
+        int64_t x0 = i * C + b->col_begin, x1 = i * C + b->col_end;
+        if (x0 < lo) x0 = lo;
+        if (x1 > end) x1 = end;
+        if (x1 <= x0) continue;
+        WS_TRY(emit_copy(out, side_ptr(&e->dst, (i - b->row_begin) * w + x0 - i * C - b->col_begin),
+                         dt, src + (size_t)(x0 - lo) * ss, st, (size_t)(x1 - x0)));
+    }
+    return WS_OK;
+}
+
 /* Turns the pieces of each bucket into pack and unpack (or direct) copies. */
 static ws_status build_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *bk, size_t nb,
                              vec *pack, vec *out)
@@ -412,8 +487,7 @@ static ws_status build_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *
             const plan_entry *e = &p->entries[pc->entry];
             ws_dtype dt = e->dst.dtype, st = e->src.dtype;
             if (p->world == 1) {
-                WS_TRY(emit_copy(out, side_ptr(&e->dst, pc->a), dt, side_ptr(&e->src, pc->a), st,
-                                 (size_t)(pc->b - pc->a)));
+                WS_TRY(emit_out(out, e, pc->a, pc->b, side_ptr(&e->src, pc->a), st));
                 continue;
             }
             /* Pack only this rank's real elements; the padding of the last
@@ -427,9 +501,8 @@ static ws_status build_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *
                 int64_t lo = r * e->shard + pc->a, end = r * e->shard + pc->b;
                 if (end > e->numel) end = e->numel;
                 if (end <= lo) continue;
-                WS_TRY(emit_copy(out, side_ptr(&e->dst, lo), dt,
-                                 (char *)recv + (size_t)r * b->seg_used + pc->off, dt,
-                                 (size_t)(end - lo)));
+                WS_TRY(emit_out(out, e, lo, end, (char *)recv + (size_t)r * b->seg_used + pc->off,
+                                dt));
             }
         }
         b->pack_end = pack->n;
@@ -532,7 +605,7 @@ static ws_status check_ready(ws_plan *p)
             return rc;
         }
         e->src.base = ptr;
-        side_view(p, &e->dst, e->numel, &v);
+        side_view(p, &e->dst, e->dst_numel, &v);
         rc = ws_tensor_access(&v, WS_ACCESS_WRITE, "dst", &ptr);
         e->dst.base = ptr;
         if (rc != WS_OK) {
@@ -592,7 +665,7 @@ static void mark_entries(const ws_plan *p, size_t from, size_t to)
 {
     for (size_t i = from; i < to; i++) {
         ws_tensor v;
-        side_view(p, &p->entries[i].dst, p->entries[i].numel, &v);
+        side_view(p, &p->entries[i].dst, p->entries[i].dst_numel, &v);
         ws_tensor_mark_written(&v);
     }
 }

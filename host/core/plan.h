@@ -8,7 +8,13 @@
  *     clipped to numel; the padding is never copied out);
  *   - dst: a contiguous engine view of exactly numel elements (a whole engine
  *     tensor or a slice of a fused one such as qkv_proj), any dtype; values
- *     are converted (round to nearest even) on the way.
+ *     are converted (round to nearest even) on the way. Or, with a block,
+ *     only a sub-block of the full tensor: rows [r0, r1) x cols [c0, c1) of
+ *     the tensor seen as [numel / cols, cols], packed row by row into a
+ *     contiguous dst of (r1 - r0) * (c1 - c0) elements: a tensor-parallel
+ *     engine rank's shard (rows of a column-parallel layer, columns of a
+ *     row-parallel one), possibly empty. Every rank still gathers the whole
+ *     tensor; only the copy-out is restricted.
  * Execution, per bucket: pack the shards (converted to the destination dtype,
  * so f32 master weights travel as bf16) into a send buffer, all_gather it
  * over the comm, then copy every rank's piece out into the destinations.
@@ -32,7 +38,7 @@ typedef struct ws_plan ws_plan;
 typedef struct ws_plan_stats {
     size_t entries;
     size_t buckets;          /* buckets per execution */
-    size_t bytes_moved;      /* bytes written into destinations (full tensors, dst dtype) */
+    size_t bytes_moved;      /* bytes written into destinations (their blocks, dst dtype) */
     size_t bytes_gathered;   /* bytes through the collective (world * per-rank segments) */
     size_t staging_bytes;    /* staging memory held during execution */
     double pack_ms, gather_ms, copy_out_ms, total_ms; /* last execution */
@@ -66,6 +72,20 @@ ws_status ws_plan_add(ws_plan *p, const ws_tensor *const *srcs, const ws_tensor 
 ws_status ws_plan_add_sharded(ws_plan *p, const ws_tensor *const *srcs,
                               const ws_tensor *const *dsts, const int64_t *numel,
                               const int64_t *shard, size_t n);
+/* A destination block (see above): rows [row_begin, row_end) x columns
+ * [col_begin, col_end) of the full tensor seen as [numel / cols, cols].
+ * cols == 0: no block, the whole tensor. */
+typedef struct ws_plan_block {
+    int64_t cols;
+    int64_t row_begin, row_end, col_begin, col_end;
+} ws_plan_block;
+
+/* ws_plan_add_sharded with each entry's destination block (blocks NULL: all
+ * whole). A block's dst holds exactly its (row_end - row_begin) * (col_end -
+ * col_begin) elements. */
+ws_status ws_plan_add_blocks(ws_plan *p, const ws_tensor *const *srcs,
+                             const ws_tensor *const *dsts, const int64_t *numel,
+                             const int64_t *shard, const ws_plan_block *blocks, size_t n);
 /* Runs the plan: every rank must call it with the same plan shape. */
 ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx);
 void ws_plan_get_stats(const ws_plan *p, ws_plan_stats *out);

@@ -728,6 +728,43 @@ ws_status ws_tensor_checksum(const ws_tensor *t, uint64_t first_index, ws_dtype 
     return rc;
 }
 
+ws_status ws_tensor_checksum_rows(const ws_tensor *t, uint64_t first_index, int64_t cols,
+                                  int64_t pitch, ws_dtype as, uint64_t *out)
+{
+    if (cols == 0) return ws_tensor_checksum(t, first_index, as, out);
+    *out = 0;
+    char lb[200];
+    void *ptr;
+    WS_TRY(ws_tensor_access(t, WS_ACCESS_READ, "checksum", &ptr));
+    if ((unsigned)as >= WS_DTYPE_COUNT)
+        return WS_ERR(WS_ERR_ARG, "checksum: unknown dtype %d", (int)as);
+    int64_t n = ws_tensor_numel(t);
+    if (cols < 0 || pitch < cols || n % cols != 0 || !ws_tensor_is_contiguous(t))
+        return WS_ERR(WS_ERR_ARG,
+                      "checksum %s: rows of %lld elements every %lld need a contiguous tensor "
+                      "whose %lld elements are whole rows, and pitch >= cols",
+                      ws_tensor_label(t, lb, sizeof lb), (long long)cols, (long long)pitch,
+                      (long long)n);
+    ws_device *d = ws_tensor_device(t);
+    int64_t rows = n / cols;
+    ws_status rc = WS_OK;
+    if (d->ops->checksum_rows) {
+        rc = d->ops->checksum_rows(d, ptr, t->dtype, rows, cols, first_index, (uint64_t)pitch, as,
+                                   out);
+    } else {
+        ws_layout row = {.ndim = 1, .shape = {cols}, .strides = {1}};
+        size_t es = ws_dtype_size(t->dtype);
+        for (int64_t i = 0; i < rows && rc == WS_OK; i++) {
+            uint64_t s = 0;
+            rc = d->ops->checksum(d, (char *)ptr + (size_t)(i * cols) * es, t->dtype, &row,
+                                  first_index + (uint64_t)i * (uint64_t)pitch, as, &s);
+            *out += s;
+        }
+    }
+    if (rc != WS_OK) ws_errprefix("checksum %s", ws_tensor_label(t, lb, sizeof lb));
+    return rc;
+}
+
 /* Byte offset (from the view's data pointer) of row-major element `flat`. */
 static ws_status element_offset(const ws_tensor *t, int64_t flat, const char *what,
                                 int64_t *byte_off)

@@ -141,6 +141,13 @@ ws_status ws_tensor_copy(ws_tensor *dst, const ws_tensor *src); /* shapes equal,
 ws_status ws_tensor_fill(ws_tensor *t, double value);
 ws_status ws_tensor_random(ws_tensor *t, uint64_t seed, float scale, uint64_t first_index);
 ws_status ws_tensor_checksum(const ws_tensor *t, uint64_t first_index, ws_dtype as, uint64_t *out);
+/* The checksum of a contiguous t seen as rows of `cols` elements, element j
+ * of row i hashed with index first_index + i * pitch + j: a block of a larger
+ * tensor of `pitch` columns (a tensor-parallel shard of a row-parallel
+ * layer) with its global indices, so the blocks of a tensor sum to its
+ * checksum. cols == 0: ws_tensor_checksum. */
+ws_status ws_tensor_checksum_rows(const ws_tensor *t, uint64_t first_index, int64_t cols,
+                                  int64_t pitch, ws_dtype as, uint64_t *out);
 /* Flat index (row-major over the view); synchronizes. */
 ws_status ws_tensor_get(const ws_tensor *t, int64_t flat_index, double *out);
 ws_status ws_tensor_set(ws_tensor *t, int64_t flat_index, double value);
@@ -164,6 +171,11 @@ ws_status ws_copy_many(ws_tensor *const *dsts, const ws_tensor *const *srcs, siz
  * dtype). The verification of a whole model in one call. */
 ws_status ws_checksum_many(const ws_tensor *const *ts, size_t n, const uint64_t *first,
                            ws_dtype as, uint64_t *out);
+/* The same with rows (ws_tensor_checksum_rows): cols[i] and pitch[i] per
+ * tensor (cols NULL, or cols[i] == 0: plain). */
+ws_status ws_checksum_many_rows(const ws_tensor *const *ts, size_t n, const uint64_t *first,
+                                const int64_t *cols, const int64_t *pitch, ws_dtype as,
+                                uint64_t *out);
 
 /* Validity checks used by every op (and by the comm and transfer layers). */
 ws_status ws_tensor_check_live(const ws_tensor *t, const char *what);

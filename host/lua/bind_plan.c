@@ -180,13 +180,51 @@ static int64_t *int_list(lua_State *L, int idx, size_t n, const char *what, ws_t
     return v;
 }
 
-/* plan:add(srcs, dsts [, numels [, shards]]) -> plan. shards: elements of
- * every rank's shard per entry (0 or nil: ceil(numel / world)). */
+/* Reads the optional list of destination blocks at idx (per entry false, or
+ * {cols, row_begin, row_end, col_begin, col_end}, 0-based, half open) into a
+ * new userdata left on the stack; NULL when idx is nil. */
+static ws_plan_block *block_list(lua_State *L, int idx, size_t n)
+{
+    if (lua_isnoneornil(L, idx)) return NULL;
+    luaL_checktype(L, idx, LUA_TTABLE);
+    if ((size_t)lua_rawlen(L, idx) != n)
+        luaL_error(L, "plan:add: %d blocks for %d entries", (int)lua_rawlen(L, idx), (int)n);
+    ws_plan_block *v = (ws_plan_block *)lua_newuserdatauv(L, (n ? n : 1) * sizeof *v, 0);
+    for (size_t i = 0; i < n; i++) {
+        memset(&v[i], 0, sizeof v[i]);
+        int t = lua_rawgeti(L, idx, (lua_Integer)i + 1); /* [.., b] */
+        if (t == LUA_TTABLE) {
+            int64_t f[5];
+            for (int k = 0; k < 5; k++) {
+                lua_rawgeti(L, -1, k + 1);
+                int ok;
+                lua_Integer x = lua_tointegerx(L, -1, &ok);
+                if (!ok)
+                    luaL_error(L, "plan:add: blocks[%d] must be {cols, row_begin, row_end, "
+                                  "col_begin, col_end}, integers",
+                               (int)i + 1);
+                f[k] = (int64_t)x;
+                lua_pop(L, 1);
+            }
+            v[i] = (ws_plan_block){f[0], f[1], f[2], f[3], f[4]};
+        } else if (t != LUA_TNIL && !(t == LUA_TBOOLEAN && !lua_toboolean(L, -1))) {
+            luaL_error(L, "plan:add: blocks[%d] must be a table or false, got %s", (int)i + 1,
+                       luaL_typename(L, -1));
+        }
+        lua_pop(L, 1);
+    }
+    return v;
+}
+
+/* plan:add(srcs, dsts [, numels [, shards [, blocks]]]) -> plan. shards:
+ * elements of every rank's shard per entry (0 or nil: ceil(numel / world));
+ * blocks: per entry false (the whole tensor) or {cols, row_begin, row_end,
+ * col_begin, col_end} (0-based, half open; plan.h). */
 static int l_add(lua_State *L)
 {
     ws_plan *p = check_plan(L, 1);
     check_idle(L, "plan:add");
-    lua_settop(L, 5); /* [plan, srcs, dsts, numels, shards]: the lists' keepers go above */
+    lua_settop(L, 6); /* [plan, srcs, dsts, numels, shards, blocks]: keepers go above */
     size_t ns, nd;
     ws_tensor **srcs = ws_lua_check_tensor_list(L, 2, &ns); /* [..., srcs_keep] */
     ws_tensor **dsts = ws_lua_check_tensor_list(L, 3, &nd); /* [..., srcs_keep, dsts_keep] */
@@ -196,8 +234,9 @@ static int l_add(lua_State *L)
                           (int)ns, (int)nd);
     int64_t *numel = int_list(L, 4, ns, "numels", dsts);
     int64_t *shard = int_list(L, 5, ns, "shards", NULL);
-    ws_status rc = ws_plan_add_sharded(p, (const ws_tensor *const *)srcs,
-                                       (const ws_tensor *const *)dsts, numel, shard, ns);
+    ws_plan_block *blocks = block_list(L, 6, ns);
+    ws_status rc = ws_plan_add_blocks(p, (const ws_tensor *const *)srcs,
+                                      (const ws_tensor *const *)dsts, numel, shard, blocks, ns);
     if (rc != WS_OK) return ws_lua_raise(L, NULL);
     keep_pools(L, 2);
     keep_pools(L, 3);

@@ -609,13 +609,50 @@ static int l_copy_many(lua_State *L)
     return 1;
 }
 
-/* ws.checksums(tensors [, first_indices] [, as_dtype]): the checksum of every
- * tensor, in one call, as a cpu i64 tensor (one element per tensor, exact
- * 64-bit values: the shape a verification all-reduces and compares), or nil,
- * msg, code when that tensor cannot be allocated. */
+/* Reads rows (a list of {cols, pitch} or false per tensor) at idx into two
+ * arrays in a new userdata (left on the stack); NULL when idx is nil. */
+static int64_t *rows_list(lua_State *L, int idx, size_t n, int64_t **pitch)
+{
+    *pitch = NULL;
+    if (lua_isnil(L, idx)) return NULL;
+    luaL_checktype(L, idx, LUA_TTABLE);
+    if (lua_rawlen(L, idx) != n)
+        luaL_error(L, "checksums: %d tensors but %d rows entries", (int)n,
+                   (int)lua_rawlen(L, idx));
+    int64_t *v = lua_newuserdatauv(L, (n ? 2 * n : 1) * sizeof *v, 0);
+    *pitch = v + n;
+    for (size_t i = 0; i < n; i++) {
+        v[i] = (*pitch)[i] = 0;
+        if (lua_rawgeti(L, idx, (lua_Integer)i + 1) == LUA_TTABLE) { /* [.., r] */
+            lua_rawgeti(L, -1, 1);
+            lua_rawgeti(L, -2, 2); /* [.., r, cols, pitch] */
+            int ok1, ok2;
+            lua_Integer c = lua_tointegerx(L, -2, &ok1), p = lua_tointegerx(L, -1, &ok2);
+            if (!ok1 || !ok2 || c < 0 || p < c)
+                luaL_error(L, "checksums: rows entry %d must be {cols, pitch} with "
+                              "0 <= cols <= pitch",
+                           (int)i + 1);
+            v[i] = (int64_t)c;
+            (*pitch)[i] = (int64_t)p;
+            lua_pop(L, 2);
+        } else if (!lua_isnil(L, -1) && !(lua_isboolean(L, -1) && !lua_toboolean(L, -1))) {
+            luaL_error(L, "checksums: rows entry %d must be {cols, pitch} or false, got %s",
+                       (int)i + 1, luaL_typename(L, -1));
+        }
+        lua_pop(L, 1);
+    }
+    return v;
+}
+
+/* ws.checksums(tensors [, first_indices] [, as_dtype] [, rows]): the checksum
+ * of every tensor, in one call, as a cpu i64 tensor (one element per tensor,
+ * exact 64-bit values: the shape a verification all-reduces and compares),
+ * or nil, msg, code when that tensor cannot be allocated. rows: per tensor
+ * {cols, pitch} (ws_tensor_checksum_rows: a block of a larger tensor, with
+ * its global indices) or false. */
 static int l_checksums(lua_State *L)
 {
-    lua_settop(L, 3); /* [tensors, firsts, as] */
+    lua_settop(L, 4); /* [tensors, firsts, as, rows] */
     size_t n;
     ws_tensor **ts = ws_lua_check_tensor_list(L, 1, &n); /* [.., keep] */
     ws_dtype as = lua_isnil(L, 3) ? WS_DTYPE_COUNT : ws_lua_check_dtype(L, 3, "checksums");
@@ -637,6 +674,7 @@ static int l_checksums(lua_State *L)
             lua_pop(L, 1);
         }
     }
+    int64_t *pitch, *cols = rows_list(L, 4, n, &pitch); /* [.., rows] */
     int64_t shape = (int64_t)n;
     ws_ltensor *out = ws_lua_new_tensor(L); /* [.., out] */
     ws_tensor_opts o = {.device = ws_device_cpu(), .name = "checksums"};
@@ -645,7 +683,8 @@ static int l_checksums(lua_State *L)
     void *sums = NULL;
     if (n && ws_tensor_access(&out->t, WS_ACCESS_WRITE, "checksums", &sums) != WS_OK)
         return ws_lua_raise(L, "checksums");
-    if (ws_checksum_many((const ws_tensor *const *)ts, n, first, as, sums) != WS_OK)
+    if (ws_checksum_many_rows((const ws_tensor *const *)ts, n, first, cols, pitch, as, sums) !=
+        WS_OK)
         return ws_lua_raise(L, "checksums");
     ws_tensor_mark_written(&out->t);
     return 1;

@@ -223,6 +223,99 @@ static void test_tiny_buckets(void)
     }
 }
 
+/* Tensor-parallel destinations: blocks of a [R, C] tensor (whole rows, a
+ * column range, one column, an empty block) through buckets small enough to
+ * split rows, each compared element by element with the block cut here; the
+ * blocks' row checksums with global indices sum to the full tensor's. */
+static void test_blocks(void)
+{
+    enum { R = 37, C = 29, NB = 5 };
+    const ws_plan_block blocks[NB] = {
+        {C, 5, 17, 0, C},    /* rows: a column-parallel shard */
+        {C, 0, R, 7, 20},    /* columns: a row-parallel shard */
+        {C, 3, 30, 11, 12},  /* one column */
+        {C, 20, 20, 0, C},   /* empty: a vocabulary shard past the end */
+        {C, 0, R, 0, C},     /* the whole tensor as a block */
+    };
+    ws_tensor src = {0}, dst[NB];
+    memset(dst, 0, sizeof dst);
+    int64_t numel[NB], n = R * C;
+    CHECK_OK(make(&src, WS_F32, n, "w"));
+    CHECK_OK(ws_tensor_random(&src, 11, 1.0f, 0));
+    const ws_tensor *s[NB], *d[NB];
+    size_t bytes = 0;
+    for (int b = 0; b < NB; b++) {
+        int64_t m = (blocks[b].row_end - blocks[b].row_begin) *
+                    (blocks[b].col_end - blocks[b].col_begin);
+        CHECK_OK(make(&dst[b], WS_BF16, m, "w.block"));
+        if (m) CHECK_OK(ws_tensor_fill(&dst[b], -3));
+        s[b] = &src;
+        d[b] = &dst[b];
+        numel[b] = n;
+        bytes += (size_t)m * 2;
+    }
+    ws_plan *p = NULL;
+    CHECK_OK(ws_plan_create(NULL, ws_device_cpu(), 256, "blocks", &p));
+    CHECK_OK(ws_plan_add_blocks(p, s, d, numel, NULL, blocks, NB));
+    CHECK_OK(ws_plan_execute(p, NULL, NULL));
+    const float *f = ws_tensor_data(&src);
+    size_t bad = 0;
+    for (int b = 0; b < NB; b++) {
+        const ws_plan_block *k = &blocks[b];
+        const uint16_t *got = ws_tensor_data(&dst[b]);
+        int64_t w = k->col_end - k->col_begin, at = 0;
+        for (int64_t i = k->row_begin; i < k->row_end; i++)
+            for (int64_t j = k->col_begin; j < k->col_end; j++)
+                bad += got[at++] != ws_f32_to_bf16(f[i * C + j]);
+        CHECK(at == (k->row_end - k->row_begin) * w);
+    }
+    CHECK(bad == 0);
+    ws_plan_stats st;
+    ws_plan_get_stats(p, &st);
+    CHECK(st.bytes_moved == bytes);
+
+    /* Column shards of two "ranks" checksum to the full tensor. */
+    uint64_t full = 0, left = 0, right = 0;
+    CHECK_OK(ws_tensor_checksum(&dst[4], 0, WS_BF16, &full));
+    ws_tensor a = {0}, bb = {0};
+    int64_t half = 13;
+    CHECK_OK(make(&a, WS_BF16, R * half, "left"));
+    CHECK_OK(make(&bb, WS_BF16, R * (C - half), "right"));
+    const ws_plan_block lr[2] = {{C, 0, R, 0, half}, {C, 0, R, half, C}};
+    const ws_tensor *s2[2] = {&src, &src}, *d2[2] = {&a, &bb};
+    int64_t n2[2] = {n, n};
+    ws_plan *q = NULL;
+    CHECK_OK(ws_plan_create(NULL, ws_device_cpu(), 1 << 20, "halves", &q));
+    CHECK_OK(ws_plan_add_blocks(q, s2, d2, n2, NULL, lr, 2));
+    CHECK_OK(ws_plan_execute(q, NULL, NULL));
+    CHECK_OK(ws_tensor_checksum_rows(&a, 0, half, C, WS_BF16, &left));
+    CHECK_OK(ws_tensor_checksum_rows(&bb, (uint64_t)half, C - half, C, WS_BF16, &right));
+    CHECK_EQ_U64(left + right, full);
+    /* Plain indices would not compose. */
+    uint64_t plain = 0;
+    CHECK_OK(ws_tensor_checksum(&bb, (uint64_t)half, WS_BF16, &plain));
+    CHECK(left + plain != full);
+    /* Rows of the block: the same through the batched call. */
+    const ws_tensor *ts[2] = {&a, &bb};
+    uint64_t firsts[2] = {0, (uint64_t)half}, sums[2] = {0, 0};
+    int64_t cols[2] = {half, C - half}, pitch[2] = {C, C};
+    CHECK_OK(ws_checksum_many_rows(ts, 2, firsts, cols, pitch, WS_BF16, sums));
+    CHECK_EQ_U64(sums[0], left);
+    CHECK_EQ_U64(sums[1], right);
+
+    /* A block that does not fit, or a dst of the wrong size, is refused. */
+    const ws_plan_block wide = {C, 0, R, 20, C + 1};
+    CHECK_ERR(ws_plan_add_blocks(q, s2, d2, n2, NULL, &wide, 1), WS_ERR_ARG, "does not fit");
+    const ws_plan_block other = {C, 0, R, 0, half + 1};
+    CHECK_ERR(ws_plan_add_blocks(q, s2, d2, n2, NULL, &other, 1), WS_ERR_ARG, "its block");
+    ws_plan_destroy(q);
+    ws_plan_destroy(p);
+    ws_tensor_free(&a);
+    ws_tensor_free(&bb);
+    for (int b = 0; b < NB; b++) ws_tensor_free(&dst[b]);
+    ws_tensor_free(&src);
+}
+
 static void test_shape_errors(void)
 {
     ws_tensor a = {0}, b = {0}, m = {0}, col = {0}, gone = {0};
@@ -554,6 +647,7 @@ int main(void)
     RUN(test_fused_slices);
     RUN(test_larger_than_bucket);
     RUN(test_tiny_buckets);
+    RUN(test_blocks);
     RUN(test_shape_errors);
     RUN(test_discarded_source);
     RUN(test_many_small);
