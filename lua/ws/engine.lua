@@ -32,10 +32,12 @@ M.dtypes = { "bf16", "fp8_block" }
 
 -- opts: spec, lora (config or nil), device, kv_cache_mb, seed, dry_run
 -- (address space only: tensors laid out, nothing mapped or written),
--- engine_dtype ("bf16", the default, or "fp8_block").
+-- engine_dtype ("bf16", the default, or "fp8_block"), parallel (ws.parallel:
+-- this rank holds its tensor- and expert-parallel shard; nil: everything).
 function M.new(opts)
     local self = setmetatable({}, Engine)
     self.spec, self.lora, self.device = opts.spec, opts.lora, opts.device
+    self.parallel = opts.parallel
     self.tensors, self.order, self.dtypes = {}, {}, {}
     self.dry_run = opts.dry_run or false
     self.asleep = {}
@@ -52,7 +54,7 @@ function M.new(opts)
     local fam = models.family(self.spec)
     local order, dest = fam.engine_layout(
         self.spec, models.params(self.spec), self.lora,
-        self.lora and lora.params(self.spec, self.lora) or nil)
+        self.lora and lora.params(self.spec, self.lora) or nil, self.parallel)
     local layout, by_dtype = {}, { bf16 = {}, fp8 = {}, f32 = {} }
     local function add(name, shape, dtype)
         layout[name] = shape

@@ -31,6 +31,7 @@ local sync_mod = require("ws.sync")
 local verify = require("ws.verify")
 local report_mod = require("ws.report")
 local checkpoint = require("ws.checkpoint")
+local parallel = require("ws.parallel")
 local must = errors.must
 local M = {}
 
@@ -56,6 +57,12 @@ M.common = {
     engine_dtype = { default = "bf16", type = "enum", values = engine_mod.dtypes,
                      help = "engine weights: bf16, or fp8_block (linear layers as fp8 e4m3 " ..
                             "with one f32 scale per 128x128 block)" },
+    engine_tp = { default = 1, type = "integer", min = 1, max = 65536,
+                  help = "engine tensor parallelism: groups of this many consecutive ranks, each " ..
+                         "rank holding vLLM's TP shard" },
+    engine_ep = { default = 1, type = "integer", min = 1, max = 65536,
+                  help = "engine expert parallelism: each layer's experts placed contiguously " ..
+                         "over groups of this many consecutive ranks" },
     param_offload = { default = false, type = "boolean",
                       help = "trainer params to pinned host memory after training" },
     seed = { default = 0, type = "integer", min = 0, help = "weight seed" },
@@ -354,6 +361,7 @@ function M.prepare(p, cfg, opts)
         config.check("lora_rank", lora.check_rank, spec, lcfg)
         config.check("target_modules", lora.check_model, spec, lcfg)
     end
+    parallel.check(cfg, spec, world)
     return { device = device, spec = spec, lcfg = lcfg, comm = comm, rank = rank,
              world = world, log = log }
 end
@@ -417,7 +425,7 @@ end
 -- freed even when another fails. Returns ok, the first error.
 function Run:free()
     local freed, ferr = true, nil
-    for _, k in ipairs({ "sync", "engine", "trainer", "model_ck", "adapter_ck" }) do
+    for _, k in ipairs({ "sync", "engine", "trainer", "model_ck", "adapter_ck", "parallel" }) do
         local part = self.built[k]
         if part then
             local okf, e = pcall(part.free, part)
@@ -473,8 +481,14 @@ function M.setup(p, cfg, built, report, env)
             built[k] = nil
         end
     end
+    if env.parts.engine and ((cfg.engine_tp or 1) > 1 or (cfg.engine_ep or 1) > 1) then
+        config.raise("config keys 'engine_tp' and 'engine_ep': in-process engines hold the " ..
+                     "whole model here; use 1")
+    end
+    built.parallel = parallel.new(cfg, comm, env.rank, world)
     local eargs = { spec = spec, lora = lcfg, device = device, kv_cache_mb = cfg.kv_cache_mb,
-                    dry_run = cfg.dry_run, engine_dtype = cfg.engine_dtype }
+                    dry_run = cfg.dry_run, engine_dtype = cfg.engine_dtype,
+                    parallel = built.parallel }
     built.engine = (env.parts.engine or engine_mod.new)(eargs)
     built.sync = sync_mod.new{ trainer = built.trainer, engine = built.engine,
                                comm = world > 1 and comm or nil, device = device,
@@ -496,6 +510,10 @@ function M.setup(p, cfg, built, report, env)
                                              lora.param_count(spec, lcfg) * 2 / 1e6) or "",
                       world, tostring(device)))
     log("# config: " .. config.describe(cfg))
+    if built.parallel then
+        log(string.format("# engine: %s; rank 0 holds %.1f MB of engine weights",
+                          parallel.describe(built.parallel), engine.weight_bytes / 1e6))
+    end
     if lcfg and spec.sparse and next(spec.sparse) ~= nil then
         log("# LoRA: mixture-of-experts layers take no adapter on their experts or router " ..
             "(not supported); " .. (lcfg.all_linear and "all-linear wraps attention and dense MLPs"

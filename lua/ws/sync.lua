@@ -54,6 +54,8 @@ function Sync:view_for(e)
         self.views[#self.views + 1] = v
     end
     if d.offset > 0 or d.numel < v:numel() then
+        -- An empty one (an expert on another rank, a vocabulary shard past
+        -- the end) still takes part in the gather.
         v = v:narrow(1, d.offset + 1, d.numel)
         self.views[#self.views + 1] = v
     end
@@ -76,14 +78,18 @@ end
 -- Builds the plan of one kind (once); returns it.
 function Sync:build(kind)
     if self.plans[kind] then return self.plans[kind] end
-    local srcs, dsts, numels, shards, plist = {}, {}, {}, {}, {}
+    local srcs, dsts, numels, shards, blocks, plist = {}, {}, {}, {}, {}, {}
     local engine, touched, engine_bytes = self.engine, {}, 0
     for i, e in ipairs(entries_of(self, kind)) do
         local v, label = self:view_for(e)
-        local dname = engine.dest[e.name].name
+        local d = engine.dest[e.name]
+        local dname = d.name
         local staged = engine:is_staged(dname)
         srcs[i], dsts[i], numels[i], shards[i] = e.tensor, v, e.numel, e.shard_numel
-        plist[i] = { src = e, dst = v, dst_name = label, staged = staged }
+        -- A tensor-parallel shard: only its block of the gathered tensor.
+        blocks[i] = d.block or false
+        plist[i] = { src = e, dst = v, dst_name = label, staged = staged, block = d.block,
+                     group = d.group, replicas = d.replicas }
         -- What lands in the engine's weights: one byte per quantized element.
         engine_bytes = engine_bytes + (staged and e.numel or v:nbytes())
         touched[dname] = staged or nil
@@ -99,7 +105,7 @@ function Sync:build(kind)
     self.engine_bytes[kind] = engine_bytes
     local plan = must("sync", ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm,
                                        device = self.device, name = kind })
-    plan:add(srcs, dsts, numels, shards)
+    plan:add(srcs, dsts, numels, shards, blocks)
     self.plans[kind], self.pairs[kind] = plan, plist
     return plan
 end

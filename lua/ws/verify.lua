@@ -6,7 +6,16 @@
 -- elements as bf16 (what the engine stores, so f32 master weights compare
 -- too) and sums over ranks with one all_reduce; the engine side checksums
 -- each destination view from index 0. The first mismatch raises an error
--- naming both tensors. A destination whose contents a sleep discarded raises
+-- naming both tensors.
+--
+-- A tensor- or expert-parallel engine (ws.parallel) holds blocks of the
+-- parameters: each rank checksums its block with the indices its elements
+-- have in the full parameter (ws.checksums rows: a column block is not one
+-- range), and the blocks' checksums are summed over the group that
+-- partitions the parameter (one all_reduce per group). Where each element is
+-- held by several ranks of the group (norms, replicated KV heads, the whole
+-- lora_A of a column-parallel layer) the sum is that many times the
+-- trainer's checksum, mod 2^64. A destination whose contents a sleep discarded raises
 -- the pool's own error (tensor, pool, sleep) from the checksum call.
 --
 -- M.check_unsent proves less, for the plans a step did not send: that the
@@ -17,6 +26,7 @@
 -- was not sent this step, and only its bytes can say whether it does.
 local ws = require("ws")
 local must = require("ws.errors").must
+local parallel = require("ws.parallel")
 
 local M = {}
 
@@ -34,8 +44,11 @@ local states = setmetatable({}, { __mode = "k" })
 local function state_of(pairs)
     local st = states[pairs]
     if st then return st end
-    local function group() return { srcs = {}, firsts = {}, dsts = {}, idx = {} } end
-    st = { live = group(), staged = group(), frozen = true, empty_views = {} }
+    local function group()
+        return { srcs = {}, firsts = {}, dsts = {}, idx = {}, efirsts = {}, erows = {},
+                 groups = {}, replicas = {} }
+    end
+    st = { live = group(), staged = group(), frozen = true, empty_views = {}, split = false }
     for i, p in ipairs(pairs) do
         local e = p.src
         local src = e.view
@@ -46,6 +59,16 @@ local function state_of(pairs)
         local g = p.staged and st.staged or st.live
         local k = #g.srcs + 1
         g.srcs[k], g.firsts[k], g.dsts[k], g.idx[k] = src, e.first, p.dst, i
+        -- The engine's block: its first element's index in the parameter,
+        -- and {cols, pitch} when its rows are not whole rows.
+        local b = p.block
+        g.efirsts[k], g.erows[k] = 0, false
+        if b and b[3] > b[2] and b[5] > b[4] then
+            g.efirsts[k] = b[2] * b[1] + b[4]
+            if b[4] ~= 0 or b[5] ~= b[1] then g.erows[k] = { b[5] - b[4], b[1] } end
+        end
+        g.groups[k], g.replicas[k] = p.group or "tp", p.replicas or 1
+        if b or g.replicas[k] > 1 or g.groups[k] == "ep" then st.split = true end
         if e.trainable then st.frozen = false end
     end
     states[pairs] = st
@@ -100,8 +123,8 @@ function M.release(pairs)
     if first ~= nil then error(first, 0) end
 end
 
-local function checksums_or_raise(list, as, where)
-    local ok, got, msg = pcall(ws.checksums, list, nil, as)
+local function checksums_or_raise(list, as, where, firsts, rows)
+    local ok, got, msg = pcall(ws.checksums, list, firsts, as, rows)
     if ok and got == nil then ok, got = false, msg end
     if not ok then error(string.format("verify (%s): %s", where, tostring(got)), 0) end
     return got
@@ -172,7 +195,58 @@ function M.seal(pairs, ctx)
     end
 end
 
+-- The engine's checksums of a group of split destinations, each summed
+-- over the ranks of its group (tp or ep): Lua integers, one per pair.
+local function group_sums(g, got, ctx)
+    local par = ctx.engine and ctx.engine.parallel
+    local n, totals = #g.idx, {}
+    for k = 1, n do totals[k] = got:get(k) end
+    for _, group in ipairs({ "tp", "ep" }) do
+        local comm = parallel.group_comm(par, group)
+        if comm and n > 0 then
+            local t = must("verify", ws.tensor{ shape = { n }, dtype = "i64",
+                                                device = ws.device("cpu"),
+                                                name = "verify " .. group .. " sums" })
+            local ok, err = pcall(function()
+                for k = 1, n do t:set(k, g.groups[k] == group and totals[k] or 0) end
+                comm:all_reduce(t, "sum")
+                for k = 1, n do
+                    if g.groups[k] == group then totals[k] = t:get(k) end
+                end
+            end)
+            t:free()
+            if not ok then error(err, 0) end
+        end
+    end
+    return totals
+end
+
+-- Split destinations: every pair's group sum against its replicas times
+-- the trainer's checksum.
+local function compare_split(pairs, st, ctx, where)
+    local g = st.live
+    local want = trainer_sums(st, g, ctx)
+    local got = checksums_or_raise(g.dsts, "bf16", where, g.efirsts, g.erows)
+    local ok, totals = pcall(group_sums, g, got, ctx)
+    got:free()
+    if not ok then error(totals, 0) end
+    for k, i in ipairs(g.idx) do
+        local wv = g.replicas[k] * want:get(k)
+        if totals[k] ~= wv then
+            local p = pairs[i]
+            error(string.format(
+                "verify (%s): engine tensor '%s' does not hold trainer parameter '%s': " ..
+                "checksum 0x%016x summed over the %s group, expected 0x%016x (%d x the " ..
+                "trainer's); the sync did not write this shard on some rank of the group (check " ..
+                "the policy's send decisions and the plan's entries)",
+                where, tostring(p.dst_name), p.src.name, totals[k], g.groups[k], wv,
+                g.replicas[k]), 0)
+        end
+    end
+end
+
 local function compare_live(pairs, st, ctx, where)
+    if st.split then return compare_split(pairs, st, ctx, where) end
     local g = st.live
     local want = trainer_sums(st, g, ctx)
     local got = checksums_or_raise(g.dsts, "bf16", where)

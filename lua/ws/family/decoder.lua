@@ -183,8 +183,34 @@ end
 -- says whether it is a linear layer's weight (`linear`): the fused
 -- attention and MLP weights (under LoRA their `.base_layer.weight`) and the
 -- experts; never embeddings, lm_head, norms, the router, biases or adapters.
-function M.engine_layout(spec, params, lcfg, lora_params)
+--
+-- `par` (ws.parallel: tp, tp_rank, ep, ep_rank; nil: one rank holds all)
+-- gives this rank's shard, as vLLM's parallel layers hold it:
+--   QKVParallelLinear: q heads [t*H/T, (t+1)*H/T); KV heads likewise when
+--     KV >= T, else KV head t // (T/KV), each held by T/KV ranks; fused per
+--     rank as [q_t; k_t; v_t] (biases follow their rows);
+--   MergedColumnParallelLinear (gate_up_proj): [gate rows t-th 1/T; up rows];
+--   RowParallelLinear (o_proj, down_proj): columns [t*in/T, (t+1)*in/T); an
+--     o_proj bias is held whole by every rank;
+--   VocabParallelEmbedding / ParallelLMHead: the vocabulary padded to a
+--     multiple of 64, then rows [t*Vp/T, (t+1)*Vp/T); the padding rows
+--     receive nothing;
+--   FusedMoE: without EP each expert's intermediate split as gate_up and
+--     down are; with EP (ep > 1) rank e holds experts [first, first + count)
+--     (ws.parallel.expert_range) whole, and none of the others;
+--   LoRA: column-parallel bases (qkv, gate_up) take lora_A whole and lora_B
+--     split like their rows; row-parallel ones (o_proj, down_proj) lora_A
+--     split like their columns and lora_B whole;
+--   norms, q/k norms and the router: whole on every rank.
+-- A split destination also says which block of the parameter it holds
+-- (`block` = {cols, row_begin, row_end, col_begin, col_end}, 0-based, the
+-- parameter seen as [numel / cols, cols]), over which group of ranks its
+-- blocks partition the parameter (`group`: "tp" or "ep") and how many ranks
+-- of that group hold each element (`replicas`).
+function M.engine_layout(spec, params, lcfg, lora_params, par)
     local order, shapes, dest = {}, {}, {}
+    local T, t = par and par.tp or 1, par and par.tp_rank or 0
+    local E, er = par and par.ep or 1, par and par.ep_rank or 0
     -- linear: a linear layer's weight (what engine_dtype=fp8_block may quantize).
     local function declare(name, shape, linear)
         if not shapes[name] then
@@ -200,46 +226,122 @@ function M.engine_layout(spec, params, lcfg, lora_params)
         end
         return false
     end
+    local D = spec.head_dim
+    -- The output rows of a column-parallel module this rank holds, and how
+    -- many TP ranks hold each of them.
+    local function out_rows(module)
+        local full = lin[module][1]
+        if T == 1 then return 0, full, 1 end
+        if module == "k_proj" or module == "v_proj" then
+            if spec.kv_heads >= T then
+                local n = spec.kv_heads // T * D
+                return t * n, (t + 1) * n, 1
+            end
+            local rep = T // spec.kv_heads
+            local h = t // rep
+            return h * D, (h + 1) * D, rep
+        end
+        local n = full // T
+        return t * n, (t + 1) * n, 1
+    end
+    -- The input columns of a row-parallel module this rank holds.
+    local function in_cols(module)
+        local n = lin[module][2] // T
+        return t * n, (t + 1) * n
+    end
+    local function rows_block(cols, r0, r1) return T > 1 and { cols, r0, r1, 0, cols } or nil end
+    local function cols_block(rows, cols, c0, c1)
+        return T > 1 and { cols, 0, rows, c0, c1 } or nil
+    end
+    -- A destination; `block` nil: the whole parameter, held by `replicas` ranks.
+    local split = T > 1 or E > 1
+    local function put(pname, d, block, group, replicas)
+        if split then d.block, d.group, d.replicas = block, group or "tp", replicas or 1 end
+        dest[pname] = d
+    end
+    local row_parallel = { o_proj = true, down_proj = true }
+    local first_expert, n_experts = 0, spec.experts
+    if E > 1 then first_expert, n_experts = require("ws.parallel").expert_range(spec.experts, E, er) end
     for _, p in ipairs(params) do
         local f = M.fused[p.module]
         if p.expert then
             local stem = p.name:gsub("experts%.%d+%." .. p.module .. "%.weight$", "experts.")
             local h, mi, e = spec.hidden, spec.moe_intermediate, p.expert
-            if p.module == "down_proj" then
-                local name = stem .. "w2_weight"
-                declare(name, { spec.experts, h, mi }, true)
-                dest[p.name] = { name = name, offset = e * h * mi, numel = p.numel,
-                                 label = string.format("%s[expert %d]", name, e) }
-            else
-                local name = stem .. "w13_weight"
-                declare(name, { spec.experts, 2 * mi, h }, true)
+            if E > 1 then
+                -- Whole experts, this rank's range only; the others land nowhere.
+                local here, le = e >= first_expert and e < first_expert + n_experts, e - first_expert
+                local name = stem .. (p.module == "down_proj" and "w2_weight" or "w13_weight")
                 local up = p.module == "up_proj" and 1 or 0
-                dest[p.name] = { name = name, offset = (2 * e + up) * mi * h, numel = p.numel,
-                                 label = string.format("%s[expert %d %s]", name, e,
-                                                       up == 1 and "up" or "gate") }
+                if p.module == "down_proj" then
+                    declare(name, { n_experts, h, mi }, true)
+                else
+                    declare(name, { n_experts, 2 * mi, h }, true)
+                end
+                if here then
+                    local offset = p.module == "down_proj" and le * h * mi or (2 * le + up) * mi * h
+                    put(p.name, { name = name, offset = offset, numel = p.numel,
+                                  label = string.format("%s[expert %d]", name, e) }, nil, "ep")
+                else
+                    put(p.name, { name = name, offset = 0, numel = 0,
+                                  label = string.format("%s[expert %d: on another rank]", name, e) },
+                        { p.shape[2], 0, 0, 0, p.shape[2] }, "ep")
+                end
+            elseif p.module == "down_proj" then
+                local ml = mi // T
+                local name = stem .. "w2_weight"
+                declare(name, { spec.experts, h, ml }, true)
+                put(p.name, { name = name, offset = e * h * ml, numel = h * ml,
+                              label = string.format("%s[expert %d]", name, e) },
+                    cols_block(h, mi, t * ml, (t + 1) * ml))
+            else
+                local ml = mi // T
+                local name = stem .. "w13_weight"
+                declare(name, { spec.experts, 2 * ml, h }, true)
+                local up = p.module == "up_proj" and 1 or 0
+                put(p.name, { name = name, offset = (2 * e + up) * ml * h, numel = ml * h,
+                              label = string.format("%s[expert %d %s]", name, e,
+                                                    up == 1 and "up" or "gate") },
+                    rows_block(h, t * ml, (t + 1) * ml))
             end
         elseif p.block and lin[p.module] then
             local emod = f and f[1] or p.module
             local stem = p.name:gsub(p.module .. "%." .. p.role .. "$", emod)
             local name = stem .. (wrapped(emod) and ".base_layer." or ".") .. p.role
+            local weight = p.role == "weight"
+            local cols = weight and p.shape[2] or 1
             if f then
                 local rows, offset = 0, 0
                 for i, sub in ipairs(M.parts[emod]) do
-                    if i < f[2] then offset = offset + lin[sub][1] end
-                    rows = rows + lin[sub][1]
+                    local r0, r1 = out_rows(sub)
+                    if i < f[2] then offset = offset + (r1 - r0) end
+                    rows = rows + (r1 - r0)
                 end
-                local cols = p.role == "weight" and p.shape[2] or 1
-                declare(name, p.role == "weight" and { rows, cols } or { rows }, p.role == "weight")
-                dest[p.name] = { name = name, offset = offset * cols, numel = p.numel,
-                                 label = string.format("%s[rows %d..%d]", name, offset + 1,
-                                                       offset + p.shape[1]) }
+                declare(name, weight and { rows, cols } or { rows }, weight)
+                local r0, r1, rep = out_rows(p.module)
+                put(p.name, { name = name, offset = offset * cols, numel = (r1 - r0) * cols,
+                              label = string.format("%s[rows %d..%d]", name, offset + 1,
+                                                    offset + r1 - r0) },
+                    rows_block(cols, r0, r1), "tp", rep)
+            elseif row_parallel[p.module] and weight then
+                local c0, c1 = in_cols(p.module)
+                declare(name, { p.shape[1], c1 - c0 }, true)
+                put(p.name, { name = name, offset = 0, numel = p.shape[1] * (c1 - c0), label = name },
+                    cols_block(p.shape[1], p.shape[2], c0, c1))
             else
-                declare(name, p.shape, p.role == "weight")
-                dest[p.name] = { name = name, offset = 0, numel = p.numel, label = name }
+                declare(name, p.shape, weight)
+                put(p.name, { name = name, offset = 0, numel = p.numel, label = name }, nil, "tp", T)
             end
+        elseif T > 1 and (p.module == "embed_tokens" or p.module == "lm_head") then
+            local per = require("ws.parallel").padded_vocab(spec.vocab) // T
+            local r0, r1 = math.min(t * per, spec.vocab), math.min((t + 1) * per, spec.vocab)
+            local h = p.shape[2]
+            declare(p.name, { per, h })
+            put(p.name, { name = p.name, offset = 0, numel = (r1 - r0) * h,
+                          label = string.format("%s[vocab rows %d..%d]", p.name, r0 + 1, r1) },
+                rows_block(h, r0, r1))
         else
             declare(p.name, p.shape)
-            dest[p.name] = { name = p.name, offset = 0, numel = p.numel, label = p.name }
+            put(p.name, { name = p.name, offset = 0, numel = p.numel, label = p.name }, nil, "tp", T)
         end
     end
     for _, a in ipairs(lora_params or {}) do
@@ -247,8 +349,23 @@ function M.engine_layout(spec, params, lcfg, lora_params)
         local emod = f and f[1] or a.module
         local stem = a.base:gsub(a.module .. "%.weight$", emod)
         local name = stem .. ".lora_" .. a.which .. (f and ("." .. a.module .. ".weight") or ".weight")
-        declare(name, a.shape)
-        dest[a.name] = { name = name, offset = 0, numel = a.numel, label = name }
+        local r = lcfg.r
+        local split = T > 1 and ((row_parallel[a.module] and a.which == "A") or
+                                 (not row_parallel[a.module] and a.which == "B"))
+        if not split then
+            declare(name, a.shape)
+            put(a.name, { name = name, offset = 0, numel = a.numel, label = name }, nil, "tp", T)
+        elseif a.which == "B" then
+            local r0, r1, rep = out_rows(a.module)
+            declare(name, { r1 - r0, r })
+            put(a.name, { name = name, offset = 0, numel = (r1 - r0) * r, label = name },
+                rows_block(r, r0, r1), "tp", rep)
+        else
+            local c0, c1 = in_cols(a.module)
+            declare(name, { r, c1 - c0 })
+            put(a.name, { name = name, offset = 0, numel = r * (c1 - c0), label = name },
+                cols_block(r, a.shape[2], c0, c1))
+        end
     end
     return order, dest
 end
