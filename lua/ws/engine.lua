@@ -90,7 +90,26 @@ function M.new(opts)
         pcall(self.free, self)
         error(err, 0)
     end
+    -- Vocabulary shards past the end (tensor parallelism): {real, rows} per tensor.
+    self.padding = {}
+    for _, d in pairs(dest) do
+        if d.pad_rows then self.padding[d.name] = d.pad_rows end
+    end
     return self
+end
+
+-- Zeroes the padding rows of the named tensors (those with any), as vLLM's
+-- VocabParallelEmbedding loader does each time it loads the weights.
+function Engine:zero_padding(names)
+    for _, name in ipairs(names) do
+        local pad = self.padding[name]
+        if pad then
+            local v = self.tensors[name]:narrow(1, pad[1] + 1, pad[2] - pad[1])
+            local ok, err = pcall(v.fill, v, 0)
+            v:free()
+            if not ok then error(err, 0) end
+        end
+    end
 end
 
 -- Makes the two pools and every tensor in them (`layout`: name -> shape).

@@ -79,7 +79,7 @@ end
 function Sync:build(kind)
     if self.plans[kind] then return self.plans[kind] end
     local srcs, dsts, numels, shards, blocks, plist = {}, {}, {}, {}, {}, {}
-    local engine, touched, engine_bytes = self.engine, {}, 0
+    local engine, touched, engine_bytes, padded_set = self.engine, {}, 0, {}
     for i, e in ipairs(entries_of(self, kind)) do
         local v, label = self:view_for(e)
         local d = engine.dest[e.name]
@@ -93,6 +93,7 @@ function Sync:build(kind)
         -- What lands in the engine's weights: one byte per quantized element.
         engine_bytes = engine_bytes + (staged and e.numel or v:nbytes())
         touched[dname] = staged or nil
+        if engine.padding and engine.padding[dname] then padded_set[dname] = true end
     end
     local quant = {}
     for _, q in ipairs(engine.quantized) do
@@ -102,6 +103,10 @@ function Sync:build(kind)
         end
     end
     if #quant > 0 then plist.quant, plist.sealed = quant, self.sealed end
+    -- Vocabulary shards with padding rows, zeroed after each execution.
+    local padded = {}
+    for dname in pairs(padded_set) do padded[#padded + 1] = dname end
+    if #padded > 0 then plist.padded = padded end
     self.engine_bytes[kind] = engine_bytes
     local plan = must("sync", ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm,
                                        device = self.device, name = kind })
@@ -144,6 +149,7 @@ function Sync:send(kind, opts)
     if plist.quant then self.engine:stage_begin() end
     local t1 = ws.now_ms()
     local stats = plan:execute(self:progress_fn(kind))
+    if plist.padded then self.engine:zero_padding(plist.padded) end
     stats.quant_ms, stats.seal_ms = 0, 0
     if plist.quant then
         local t2 = ws.now_ms()

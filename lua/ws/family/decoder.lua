@@ -193,8 +193,9 @@ end
 --   RowParallelLinear (o_proj, down_proj): columns [t*in/T, (t+1)*in/T); an
 --     o_proj bias is held whole by every rank;
 --   VocabParallelEmbedding / ParallelLMHead: the vocabulary padded to a
---     multiple of 64, then rows [t*Vp/T, (t+1)*Vp/T); the padding rows
---     receive nothing;
+--     multiple of 64, then rows [t*Vp/T, (t+1)*Vp/T); the padding rows are
+--     zeroed by each sync that writes the tensor (`pad_rows`: {real, rows}),
+--     as vLLM's weight loader zeroes them;
 --   FusedMoE: without EP each expert's intermediate split as gate_up and
 --     down are; with EP (ep > 1) rank e holds experts [first, first + count)
 --     (ws.parallel.expert_range) whole, and none of the others;
@@ -336,8 +337,10 @@ function M.engine_layout(spec, params, lcfg, lora_params, par)
             local r0, r1 = math.min(t * per, spec.vocab), math.min((t + 1) * per, spec.vocab)
             local h = p.shape[2]
             declare(p.name, { per, h })
+            -- pad_rows: the rows past the vocabulary, which vLLM's loader zeroes.
             put(p.name, { name = p.name, offset = 0, numel = (r1 - r0) * h,
-                          label = string.format("%s[vocab rows %d..%d]", p.name, r0 + 1, r1) },
+                          label = string.format("%s[vocab rows %d..%d]", p.name, r0 + 1, r1),
+                          pad_rows = r1 - r0 < per and { r1 - r0, per } or nil },
                 rows_block(h, r0, r1))
         else
             declare(p.name, p.shape)
