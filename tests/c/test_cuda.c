@@ -355,6 +355,14 @@ static void test_checksum_raw_bits_match_cpu(void)
         CHECK_OK(gpu->ops->checksum(gpu, (char *)dptr + off, (ws_dtype)t, &l2,
                                     first + (uint64_t)cut, (ws_dtype)t, &s2));
         CHECK_EQ_U64(s1 + s2, c);
+        /* Rows of a block with their global indices: the cpu's sum. */
+        int64_t cols = n / 7 + 1, rows = n / cols;
+        uint64_t pitch = (uint64_t)cols * 3 + 5, gr = 1, cr = 2;
+        CHECK_OK(gpu->ops->checksum_rows(gpu, dptr, (ws_dtype)t, rows, cols, first, pitch,
+                                         (ws_dtype)t, &gr));
+        CHECK_OK(ws_cpu_ops()->checksum_rows(ws_device_cpu(), h, (ws_dtype)t, rows, cols, first,
+                                             pitch, (ws_dtype)t, &cr));
+        CHECK_EQ_U64(gr, cr);
         gpu->ops->free(gpu, dptr, nb);
         free(h);
     }

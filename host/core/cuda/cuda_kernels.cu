@@ -297,6 +297,7 @@ struct checksum_args {
     int nd;
     int contiguous;
     int64_t shape[WS_MAX_DIMS], stride[WS_MAX_DIMS];
+    uint64_t cols, pitch; /* cols != 0: element i's index is (i / cols) * pitch + i % cols */
 };
 
 __global__ void checksum_kernel(const void *p, int t, checksum_args a, uint64_t n,
@@ -316,7 +317,8 @@ __global__ void checksum_kernel(const void *p, int t, checksum_args a, uint64_t 
             convert_elem(&conv, as, e, t);
             bits = load_bits(&conv, as);
         }
-        acc += ws_hash_elem(first + i, bits);
+        uint64_t index = a.cols ? (i / a.cols) * a.pitch + i % a.cols : i;
+        acc += ws_hash_elem(first + index, bits);
     }
     /* Unsigned adds wrap mod 2^64 in any order: the CPU sum exactly. */
     for (int o = 16; o > 0; o /= 2) acc += __shfl_down_sync(0xFFFFFFFFu, acc, o);
@@ -462,6 +464,28 @@ extern "C" cudaError_t ws_cuda_random(void *ptr, ws_dtype t, size_t count, uint6
     if (count == 0) return cudaSuccess;
     random_kernel<<<grid_for(count, sm_count, kThreads * 4), kThreads, 0, stream>>>(
         ptr, t, count, seed, first_index, scale);
+    return cudaGetLastError();
+}
+
+extern "C" cudaError_t ws_cuda_checksum_rows(const void *ptr, ws_dtype t, int64_t rows,
+                                             int64_t cols, uint64_t first_index, uint64_t pitch,
+                                             ws_dtype as, unsigned long long *sum, int sm_count,
+                                             cudaStream_t stream)
+{
+    cudaError_t e = cudaMemsetAsync(sum, 0, sizeof *sum, stream);
+    if (e != cudaSuccess) return e;
+    uint64_t n = (uint64_t)(rows * cols);
+    if (n == 0) return cudaSuccess;
+    checksum_args a;
+    memset(&a, 0, sizeof a);
+    a.nd = 1;
+    a.contiguous = 1;
+    a.shape[0] = (int64_t)n;
+    a.stride[0] = 1;
+    a.cols = (uint64_t)cols;
+    a.pitch = pitch;
+    checksum_kernel<<<grid_for(n, sm_count, kThreads * 8), kThreads, 0, stream>>>(
+        ptr, t, a, n, first_index, as, sum);
     return cudaGetLastError();
 }
 

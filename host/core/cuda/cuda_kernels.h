@@ -74,6 +74,12 @@ cudaError_t ws_cuda_checksum(const void *ptr, ws_dtype t, const ws_layout *l,
                              uint64_t first_index, ws_dtype as, unsigned long long *sum,
                              int sm_count, cudaStream_t stream);
 
+/* The same over rows x cols contiguous elements, element j of row i hashed
+ * with index first_index + i * pitch + j (a block of a larger tensor). */
+cudaError_t ws_cuda_checksum_rows(const void *ptr, ws_dtype t, int64_t rows, int64_t cols,
+                                  uint64_t first_index, uint64_t pitch, ws_dtype as,
+                                  unsigned long long *sum, int sm_count, cudaStream_t stream);
+
 /* Converts n contiguous elements on the GPU (the contiguous case of the
  * strided copy; same result as ws_convert_host). */
 cudaError_t ws_cuda_convert(void *dst, ws_dtype dt, const void *src, ws_dtype st, size_t n,

@@ -773,6 +773,35 @@ static ws_status cuda_checksum(ws_device *d, const void *ptr, ws_dtype t, const 
     return WS_OK;
 }
 
+static ws_status cuda_checksum_rows(ws_device *d, const void *ptr, ws_dtype t, int64_t rows,
+                                    int64_t cols, uint64_t first_index, uint64_t pitch,
+                                    ws_dtype as, uint64_t *out)
+{
+    cuda_dev *c;
+    *out = 0;
+    if ((unsigned)t >= WS_DTYPE_COUNT || (unsigned)as >= WS_DTYPE_COUNT)
+        return WS_ERR(WS_ERR_ARG, "%s: checksum with an invalid dtype", d->name);
+    if (rows <= 0 || cols <= 0) return WS_OK;
+    WS_TRY(ws_cuda_prep(d, &c));
+    if (locate(ptr) != LOC_DEVICE)
+        return ws_cpu_ops()->checksum_rows(ws_device_cpu(), ptr, t, rows, cols, first_index,
+                                           pitch, as, out);
+    pthread_mutex_lock(&c->lock);
+    cudaError_t e = ws_cuda_checksum_rows(ptr, t, rows, cols, first_index, pitch, as, c->dev_sum,
+                                          c->sm_count, c->compute);
+    if (e == cudaSuccess)
+        e = cudaMemcpyAsync(c->host_sum, c->dev_sum, sizeof *c->host_sum, cudaMemcpyDeviceToHost,
+                            c->compute);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(c->compute);
+    uint64_t sum = *c->host_sum;
+    pthread_mutex_unlock(&c->lock);
+    if (e != cudaSuccess)
+        return ws_cuda_fail(d, e, __FILE__, __LINE__, "checksum of %lld rows of %lld elements",
+                            (long long)rows, (long long)cols);
+    *out = sum;
+    return WS_OK;
+}
+
 /* Block-scaled FP8 quantization: the descriptors go up once, one launch
  * covers every tile of every tensor, and the call returns when it is done
  * (it runs once per sync; the sync's timing includes it). */
@@ -895,6 +924,7 @@ static const ws_device_ops cuda_ops = {
     .fill = cuda_fill,
     .random = cuda_random,
     .checksum = cuda_checksum,
+    .checksum_rows = cuda_checksum_rows,
     .quantize_fp8_block = cuda_quantize_fp8_block,
     .synchronize = cuda_synchronize,
     .mem_info = cuda_mem_info,
