@@ -82,6 +82,8 @@ struct ws_plan {
     char name[PLAN_NAME_CAP];
     ws_comm *comm;
     int world, rank;
+    ws_plan_role role;
+    ws_comm *relay; /* the broadcast to engine ranks (disaggregated); NULL: none here */
     ws_device *device;
     size_t bucket_bytes, seg_bytes;
 
@@ -158,17 +160,54 @@ ws_status ws_plan_create(ws_comm *comm, ws_device *device, size_t bucket_bytes, 
     return WS_OK;
 }
 
+ws_status ws_plan_set_relay(ws_plan *p, ws_plan_role role, ws_comm *relay, int gather_world)
+{
+    if (p->n_entries)
+        return WS_ERR(WS_ERR_ARG, "plan '%s': set the relay before adding entries", p->name);
+    if (role != WS_PLAN_SENDER && role != WS_PLAN_RECEIVER)
+        return WS_ERR(WS_ERR_ARG, "plan '%s': relay role %d is neither sender nor receiver",
+                      p->name, (int)role);
+    if (role == WS_PLAN_RECEIVER && (!relay || ws_comm_rank(relay) == 0))
+        return WS_ERR(WS_ERR_ARG, "plan '%s': a receiver needs the relay comm, where rank 0 is "
+                                  "the sender", p->name);
+    if (role == WS_PLAN_SENDER && relay && ws_comm_rank(relay) != 0)
+        return WS_ERR(WS_ERR_ARG, "plan '%s': the sender must be rank 0 of the relay comm",
+                      p->name);
+    if (role == WS_PLAN_SENDER && gather_world != p->world)
+        return WS_ERR(WS_ERR_ARG, "plan '%s': the sender gathers over its comm of %d ranks, "
+                                  "not %d", p->name, p->world, gather_world);
+    if (gather_world < 1 || p->bucket_bytes < (size_t)gather_world * PLAN_ALIGN)
+        return WS_ERR(WS_ERR_ARG, "plan '%s': bucket of %zu bytes is too small for %d trainer "
+                                  "ranks", p->name, p->bucket_bytes, gather_world);
+    p->role = role;
+    p->relay = relay;
+    if (role == WS_PLAN_RECEIVER) {
+        p->comm = NULL;
+        p->world = gather_world;
+        p->rank = -1; /* holds no shard */
+    }
+    p->seg_bytes = p->bucket_bytes / (size_t)p->world / PLAN_ALIGN * PLAN_ALIGN;
+    return WS_OK;
+}
+
+/* Whether execution goes through staging buffers: a gather, or a relay. */
+static int staged(const ws_plan *p) { return p->world > 1 || p->role != WS_PLAN_COLOCATED; }
+
 /* Checks one entry before anything is recorded (add is all or nothing). */
 static ws_status check_entry(const ws_plan *p, size_t index, const ws_tensor *src,
                              const ws_tensor *dst, int64_t numel, int64_t shard,
                              const ws_plan_block *block)
 {
     char a[160], b[160];
-    if (!src || !dst)
+    /* A relay's sender has no destinations, its receivers no sources. */
+    int need_src = p->role != WS_PLAN_RECEIVER, need_dst = p->role != WS_PLAN_SENDER;
+    if ((need_src && !src) || (need_dst && !dst))
         return WS_ERR(WS_ERR_ARG, "plan '%s': entry %zu: %s is NULL", p->name, index,
-                      src ? "dst" : "src");
-    ws_status rc = ws_tensor_check_live(src, "src");
-    if (rc == WS_OK) rc = ws_tensor_check_live(dst, "dst");
+                      need_src && !src ? "src" : "dst");
+    if (!need_src) src = NULL;
+    if (!need_dst) dst = NULL;
+    ws_status rc = src ? ws_tensor_check_live(src, "src") : WS_OK;
+    if (rc == WS_OK && dst) rc = ws_tensor_check_live(dst, "dst");
     if (rc != WS_OK) {
         ws_errprefix("plan '%s': entry %zu", p->name, index);
         return rc;
@@ -186,7 +225,8 @@ static ws_status check_entry(const ws_plan *p, size_t index, const ws_tensor *sr
                       p->world, (long long)numel);
     int64_t real = numel - (int64_t)p->rank * shard;
     real = real < 0 ? 0 : real > shard ? shard : real;
-    int64_t sn = ws_tensor_numel(src), dn = ws_tensor_numel(dst), want = numel;
+    int64_t sn = src ? ws_tensor_numel(src) : shard, dn = 0, want = numel;
+    if (dst) dn = ws_tensor_numel(dst);
     if (block && block->cols != 0) {
         const ws_plan_block *bl = block;
         int64_t rows = bl->cols > 0 ? numel / bl->cols : 0;
@@ -196,7 +236,7 @@ static ws_status check_entry(const ws_plan *p, size_t index, const ws_tensor *sr
             return WS_ERR(WS_ERR_ARG,
                           "plan '%s': entry %zu: dst %s: block rows [%lld, %lld) x cols [%lld, "
                           "%lld) does not fit the %lld-element tensor seen as %lld columns",
-                          p->name, index, ws_tensor_label(dst, a, sizeof a),
+                          p->name, index, dst ? ws_tensor_label(dst, a, sizeof a) : "-",
                           (long long)bl->row_begin, (long long)bl->row_end,
                           (long long)bl->col_begin, (long long)bl->col_end, (long long)numel,
                           (long long)bl->cols);
@@ -209,20 +249,24 @@ static ws_status check_entry(const ws_plan *p, size_t index, const ws_tensor *sr
                       p->name, index, ws_tensor_label(src, a, sizeof a), (long long)sn,
                       (long long)shard, p->rank, (long long)numel, (long long)shard,
                       real != shard ? ", or its real elements without the padding" : "");
-    if (dn != want)
+    if (dst && dn != want)
         return WS_ERR(WS_ERR_ARG,
                       "plan '%s': entry %zu: dst %s has %lld elements, expected %lld (%s of src "
                       "%s)",
                       p->name, index, ws_tensor_label(dst, a, sizeof a), (long long)dn,
                       (long long)want, want == numel ? "the full tensor" : "its block",
-                      ws_tensor_label(src, b, sizeof b));
-    const ws_tensor *t = !ws_tensor_is_contiguous(src) ? src : !ws_tensor_is_contiguous(dst) ? dst : NULL;
+                      src ? ws_tensor_label(src, b, sizeof b) : "(gathered)");
+    const ws_tensor *t = src && !ws_tensor_is_contiguous(src)   ? src
+                         : dst && !ws_tensor_is_contiguous(dst) ? dst
+                                                                : NULL;
     if (t)
         return WS_ERR(WS_ERR_ARG,
                       "plan '%s': entry %zu: %s %s is not contiguous; pass a contiguous view "
                       "(narrow along the first dimension, or copy it)",
                       p->name, index, t == src ? "src" : "dst", ws_tensor_label(t, a, sizeof a));
-    t = ws_tensor_device(src) != p->device ? src : ws_tensor_device(dst) != p->device ? dst : NULL;
+    t = src && ws_tensor_device(src) != p->device   ? src
+        : dst && ws_tensor_device(dst) != p->device ? dst
+                                                    : NULL;
     if (t)
         return WS_ERR(WS_ERR_ARG,
                       "plan '%s': entry %zu: %s %s is on %s but the plan runs on %s; create the "
@@ -244,8 +288,14 @@ static ws_status grow(void **arr, size_t *cap, size_t need, size_t elem, const c
     return WS_OK;
 }
 
-static void record_side(ws_plan *p, plan_side *s, const ws_tensor *t)
+static void record_side(ws_plan *p, plan_side *s, const ws_tensor *t, ws_dtype wire)
 {
+    if (!t) { /* the side a relay's rank does not have */
+        memset(s, 0, sizeof *s);
+        s->name = NO_NAME;
+        s->dtype = wire;
+        return;
+    }
     ws_storage_retain(t->storage);
     s->storage = t->storage;
     s->offset = t->offset;
@@ -264,7 +314,7 @@ static void record_side(ws_plan *p, plan_side *s, const ws_tensor *t)
 /* Adds t's pool to p->pools unless it is there (plans touch a few pools). */
 static ws_status note_pool(ws_plan *p, const ws_tensor *t)
 {
-    if (t->storage->kind != WS_STORAGE_POOL) return WS_OK;
+    if (!t || t->storage->kind != WS_STORAGE_POOL) return WS_OK;
     ws_pool *pool = t->storage->pool;
     for (size_t i = p->n_pools; i-- > 0;)
         if (p->pools[i] == pool) return WS_OK;
@@ -284,40 +334,53 @@ ws_status ws_plan_add_sharded(ws_plan *p, const ws_tensor *const *srcs,
                               const ws_tensor *const *dsts, const int64_t *numel,
                               const int64_t *shard, size_t n)
 {
-    return ws_plan_add_blocks(p, srcs, dsts, numel, shard, NULL, n);
+    return ws_plan_add_blocks(p, srcs, dsts, numel, shard, NULL, NULL, n);
 }
 
 ws_status ws_plan_add_blocks(ws_plan *p, const ws_tensor *const *srcs,
                              const ws_tensor *const *dsts, const int64_t *numel,
-                             const int64_t *shard, const ws_plan_block *blocks, size_t n)
+                             const int64_t *shard, const ws_plan_block *blocks,
+                             const ws_dtype *wire, size_t n)
 {
     size_t name_bytes = 0;
+    /* Only the sides this rank has: a relay's sender no dsts, receivers no srcs. */
+    if (p->role == WS_PLAN_SENDER) dsts = NULL;
+    if (p->role == WS_PLAN_RECEIVER) srcs = NULL;
+    if (!dsts && !wire)
+        return WS_ERR(WS_ERR_ARG, "plan '%s': a sender's entries need their wire dtypes",
+                      p->name);
     for (size_t i = 0; i < n; i++) {
-        WS_TRY(check_entry(p, p->n_entries + i + 1, srcs[i], dsts[i], numel[i],
+        const ws_tensor *src = srcs ? srcs[i] : NULL, *dst = dsts ? dsts[i] : NULL;
+        WS_TRY(check_entry(p, p->n_entries + i + 1, src, dst, numel[i],
                            shard && shard[i] > 0 ? shard[i] : 0, blocks ? &blocks[i] : NULL));
-        if (srcs[i]->name) name_bytes += strlen(srcs[i]->name) + 1;
-        if (dsts[i]->name) name_bytes += strlen(dsts[i]->name) + 1;
+        if (!dst && (unsigned)wire[i] >= WS_DTYPE_COUNT)
+            return WS_ERR(WS_ERR_ARG, "plan '%s': entry %zu: unknown wire dtype %d", p->name,
+                          p->n_entries + i + 1, (int)wire[i]);
+        if (src && src->name) name_bytes += strlen(src->name) + 1;
+        if (dst && dst->name) name_bytes += strlen(dst->name) + 1;
     }
     /* A pool noted for an add that then fails is only held needlessly. */
     for (size_t i = 0; i < n; i++) {
-        WS_TRY(note_pool(p, srcs[i]));
-        WS_TRY(note_pool(p, dsts[i]));
+        WS_TRY(note_pool(p, srcs ? srcs[i] : NULL));
+        WS_TRY(note_pool(p, dsts ? dsts[i] : NULL));
     }
     WS_TRY(grow((void **)&p->entries, &p->cap_entries, p->n_entries + n, sizeof *p->entries,
                 "plan add"));
     WS_TRY(grow((void **)&p->names, &p->names_cap, p->names_len + name_bytes, 1, "plan add"));
     for (size_t i = 0; i < n; i++) {
         plan_entry *e = &p->entries[p->n_entries + i];
-        record_side(p, &e->src, srcs[i]);
-        record_side(p, &e->dst, dsts[i]);
+        const ws_tensor *dst = dsts ? dsts[i] : NULL;
+        ws_dtype wt = dst ? dst->dtype : wire[i];
+        record_side(p, &e->src, srcs ? srcs[i] : NULL, wt);
+        record_side(p, &e->dst, dst, wt);
         e->numel = numel[i];
         e->shard = shard && shard[i] > 0 ? shard[i]
                                          : numel[i] / p->world + (numel[i] % p->world != 0);
-        e->src_numel = ws_tensor_numel(srcs[i]);
+        e->src_numel = srcs ? ws_tensor_numel(srcs[i]) : 0;
         memset(&e->block, 0, sizeof e->block);
         if (blocks && blocks[i].cols != 0) e->block = blocks[i];
-        e->dst_numel = ws_tensor_numel(dsts[i]);
-        p->bytes_total += (size_t)e->dst_numel * ws_dtype_size(dsts[i]->dtype);
+        e->dst_numel = dst ? ws_tensor_numel(dst) : 0;
+        p->bytes_total += (size_t)e->dst_numel * ws_dtype_size(wt);
     }
     if (n) p->planned = 0;
     p->n_entries += n;
@@ -476,17 +539,19 @@ static ws_status build_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *
         plan_bucket *b = &bk[k];
         b->pack_begin = pack->n;
         b->out_begin = out->n;
-        if (p->world > 1) b->seg_used = align_up(b->seg_used, PLAN_ALIGN);
+        if (staged(p)) b->seg_used = align_up(b->seg_used, PLAN_ALIGN);
         void *send = NULL, *recv = NULL;
-        if (p->world > 1) {
+        if (staged(p)) {
             WS_TRY(ws_tensor_access(&p->send[k % 2], WS_ACCESS_WRITE, "send", &send));
             WS_TRY(ws_tensor_access(&p->recv[k % 2], WS_ACCESS_WRITE, "recv", &recv));
+            /* A sender with no one to gather with packs straight into its segment. */
+            if (p->world == 1) send = recv;
         }
         for (size_t i = b->piece_begin; i < b->piece_end; i++) {
             const plan_piece *pc = &pieces[i];
             const plan_entry *e = &p->entries[pc->entry];
             ws_dtype dt = e->dst.dtype, st = e->src.dtype;
-            if (p->world == 1) {
+            if (!staged(p)) {
                 WS_TRY(emit_out(out, e, pc->a, pc->b, side_ptr(&e->src, pc->a), st));
                 continue;
             }
@@ -494,10 +559,10 @@ static ws_status build_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *
              * shards is never read back. */
             int64_t valid = e->numel - (int64_t)p->rank * e->shard;
             int64_t hi = pc->b < valid ? pc->b : valid;
-            if (hi > pc->a)
+            if (hi > pc->a && p->role != WS_PLAN_RECEIVER)
                 WS_TRY(emit_copy(pack, (char *)send + pc->off, dt, side_ptr(&e->src, pc->a), st,
                                  (size_t)(hi - pc->a)));
-            for (int r = 0; r < p->world; r++) {
+            for (int r = 0; r < p->world && p->role != WS_PLAN_SENDER; r++) {
                 int64_t lo = r * e->shard + pc->a, end = r * e->shard + pc->b;
                 if (end > e->numel) end = e->numel;
                 if (end <= lo) continue;
@@ -526,9 +591,9 @@ static ws_status plan_buckets(ws_plan *p)
 {
     vec pieces = {0}, buckets = {0}, pack = {0}, out = {0};
     drop_plan(p);
-    ws_status rc = p->world > 1 ? lay_out(p, p->seg_bytes, PLAN_ALIGN, &pieces, &buckets)
-                                : lay_out(p, p->bucket_bytes, 1, &pieces, &buckets);
-    if (rc == WS_OK && p->world > 1) {
+    ws_status rc = staged(p) ? lay_out(p, p->seg_bytes, PLAN_ALIGN, &pieces, &buckets)
+                             : lay_out(p, p->bucket_bytes, 1, &pieces, &buckets);
+    if (rc == WS_OK && staged(p)) {
         size_t seg = 0;
         const plan_bucket *bk = buckets.data;
         for (size_t k = 0; k < buckets.n; k++)
@@ -551,19 +616,23 @@ static ws_status plan_buckets(ws_plan *p)
     p->out = out.data;
     p->n_out = out.n;
     p->planned = 1;
-    size_t gathered = 0;
-    for (size_t k = 0; k < p->n_buckets && p->world > 1; k++)
-        gathered += p->buckets[k].seg_used * (size_t)p->world;
+    size_t gathered = 0, relayed = 0;
+    for (size_t k = 0; k < p->n_buckets; k++) {
+        size_t all = p->buckets[k].seg_used * (size_t)p->world;
+        if (p->world > 1 && p->role != WS_PLAN_RECEIVER) gathered += all;
+        if (p->relay) relayed += all;
+    }
     p->stats.buckets = p->n_buckets;
     p->stats.bytes_gathered = gathered;
+    p->stats.bytes_relayed = relayed;
     return WS_OK;
 }
 
 ws_status ws_plan_estimate(ws_plan *p, ws_plan_stats *out)
 {
     vec pieces = {0}, buckets = {0};
-    ws_status rc = p->world > 1 ? lay_out(p, p->seg_bytes, PLAN_ALIGN, &pieces, &buckets)
-                                : lay_out(p, p->bucket_bytes, 1, &pieces, &buckets);
+    ws_status rc = staged(p) ? lay_out(p, p->seg_bytes, PLAN_ALIGN, &pieces, &buckets)
+                             : lay_out(p, p->bucket_bytes, 1, &pieces, &buckets);
     if (rc != WS_OK) {
         free(pieces.data);
         free(buckets.data);
@@ -571,18 +640,20 @@ ws_status ws_plan_estimate(ws_plan *p, ws_plan_stats *out)
         return rc;
     }
     ws_plan_get_stats(p, out);
-    size_t seg = 0, gathered = 0;
+    size_t seg = 0, gathered = 0, relayed = 0;
     const plan_bucket *bk = buckets.data;
-    for (size_t k = 0; k < buckets.n && p->world > 1; k++) {
+    for (size_t k = 0; k < buckets.n && staged(p); k++) {
         size_t used = align_up(bk[k].seg_used, PLAN_ALIGN);
         if (used > seg) seg = used;
-        gathered += used * (size_t)p->world;
+        if (p->world > 1 && p->role != WS_PLAN_RECEIVER) gathered += used * (size_t)p->world;
+        if (p->relay) relayed += used * (size_t)p->world;
     }
     /* What ensure_staging would hold: one or two send/recv pairs. */
     size_t pairs = buckets.n > 1 ? 2 : buckets.n;
     out->buckets = buckets.n;
     out->bytes_gathered = gathered;
-    out->staging_bytes = p->world > 1 ? pairs * (seg + seg * (size_t)p->world) : 0;
+    out->bytes_relayed = relayed;
+    out->staging_bytes = staged(p) ? pairs * (seg + seg * (size_t)p->world) : 0;
     free(pieces.data);
     free(buckets.data);
     return WS_OK;
@@ -598,13 +669,17 @@ static ws_status check_ready(ws_plan *p)
         plan_entry *e = &p->entries[i];
         ws_tensor v;
         void *ptr;
-        side_view(p, &e->src, e->src_numel, &v);
-        ws_status rc = ws_tensor_access(&v, WS_ACCESS_READ, "src", &ptr);
-        if (rc != WS_OK) {
-            ws_errprefix("plan '%s': entry %zu", p->name, i + 1);
-            return rc;
+        ws_status rc = WS_OK;
+        if (e->src.storage) {
+            side_view(p, &e->src, e->src_numel, &v);
+            rc = ws_tensor_access(&v, WS_ACCESS_READ, "src", &ptr);
+            if (rc != WS_OK) {
+                ws_errprefix("plan '%s': entry %zu", p->name, i + 1);
+                return rc;
+            }
+            e->src.base = ptr;
         }
-        e->src.base = ptr;
+        if (!e->dst.storage) continue;
         side_view(p, &e->dst, e->dst_numel, &v);
         rc = ws_tensor_access(&v, WS_ACCESS_WRITE, "dst", &ptr);
         e->dst.base = ptr;
@@ -634,11 +709,11 @@ static int64_t layout_of(const ws_plan *p)
 /* All ranks learn whether every rank is ready and has the same plan shape,
  * so a local failure ends the sync everywhere instead of hanging a gather.
  * One round trip of the comm's host backend: max of v and of -v. */
-static ws_status agree(ws_plan *p, ws_status local)
+static ws_status agree_over(ws_plan *p, ws_comm *comm, ws_status local)
 {
     int64_t k = (int64_t)p->n_buckets, n = (int64_t)p->n_entries, fp = layout_of(p);
     int64_t g[7] = {local != WS_OK, k, -k, n, -n, fp, -fp};
-    WS_TRY(ws_comm_max_i64(p->comm, g, 7));
+    WS_TRY(ws_comm_max_i64(comm, g, 7));
     if (local != WS_OK) return local;
     if (g[0] > 0)
         return WS_ERR(WS_ERR_COMM,
@@ -661,9 +736,20 @@ static ws_status agree(ws_plan *p, ws_status local)
     return WS_OK;
 }
 
+/* Over the gather's comm; a relay's sender first over the relay, so what
+ * any engine rank finds reaches every trainer rank before its gather. */
+static ws_status agree(ws_plan *p, ws_status local)
+{
+    ws_status rc = local;
+    if (p->relay) rc = agree_over(p, p->relay, rc);
+    if (p->comm) rc = agree_over(p, p->comm, rc);
+    return rc;
+}
+
 static void mark_entries(const ws_plan *p, size_t from, size_t to)
 {
     for (size_t i = from; i < to; i++) {
+        if (!p->entries[i].dst.storage) continue;
         ws_tensor v;
         side_view(p, &p->entries[i].dst, p->entries[i].dst_numel, &v);
         ws_tensor_mark_written(&v);
@@ -754,6 +840,126 @@ static ws_status run_gathered(ws_plan *p, ws_plan_progress_fn progress, void *ct
     return rc;
 }
 
+/* The gathered bucket k (pair k % 2) as one tensor: the relay's payload. */
+static ws_status start_relay(ws_plan *p, size_t k, ws_comm_request **req)
+{
+    const plan_bucket *b = &p->buckets[k];
+    ws_tensor all = {0};
+    ws_status rc = ws_tensor_narrow(&all, &p->recv[k % 2], 0, 0,
+                                    (int64_t)(b->seg_used * (size_t)p->world));
+    if (rc == WS_OK) rc = ws_comm_broadcast(p->relay, &all, 0, req);
+    ws_tensor_free(&all);
+    if (rc != WS_OK)
+        ws_errprefix("plan '%s': relay of bucket %zu of %zu to the engine ranks", p->name, k + 1,
+                     p->n_buckets);
+    return rc;
+}
+
+static ws_status stopped(ws_plan *p, size_t k, size_t K, size_t done)
+{
+    return WS_ERR(WS_ERR_INTERRUPTED,
+                  "plan '%s': stopped by the progress callback after bucket %zu of %zu (%zu of "
+                  "%zu bytes written)",
+                  p->name, k + 1, K, done, p->bytes_total);
+}
+
+/* A relay's sender: pack, gather over the trainer ranks, then (the first
+ * trainer rank) broadcast to the engine ranks; the broadcast of bucket k
+ * runs while bucket k+1 is packed and gathered, in the other pair. */
+static ws_status run_sender(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
+{
+    ws_comm_request *req[2] = {NULL, NULL};
+    size_t K = p->n_buckets;
+    ws_status rc = WS_OK;
+    for (size_t k = 0; k < K && rc == WS_OK; k++) {
+        const plan_bucket *b = &p->buckets[k];
+        int j = (int)(k % 2);
+        double t = now_ms();
+        if (req[j]) { /* bucket k-2 left this pair */
+            ws_comm_request *r = req[j];
+            req[j] = NULL;
+            rc = ws_comm_wait(r);
+            if (rc != WS_OK) {
+                ws_errprefix("plan '%s': relay of bucket %zu of %zu", p->name, k - 1, K);
+                break;
+            }
+        }
+        p->stats.gather_ms += now_ms() - t;
+        t = now_ms();
+        rc = copy_range(p, p->pack, b->pack_begin, b->pack_end, "pack", k);
+        p->stats.pack_ms += now_ms() - t;
+        if (rc != WS_OK) break;
+        t = now_ms();
+        if (p->world > 1) {
+            ws_comm_request *g = NULL;
+            rc = start_gather(p, k, &g);
+            if (rc == WS_OK) rc = ws_comm_wait(g);
+            if (rc != WS_OK) {
+                ws_errprefix("plan '%s': all_gather of bucket %zu of %zu", p->name, k + 1, K);
+                break;
+            }
+        }
+        if (p->relay) rc = start_relay(p, k, &req[j]);
+        p->stats.gather_ms += now_ms() - t;
+        if (rc == WS_OK && progress && progress(ctx, k + 1, K, b->bytes_done, p->bytes_total))
+            rc = stopped(p, k, K, b->bytes_done);
+    }
+    char first[512];
+    snprintf(first, sizeof first, "%s", rc == WS_OK ? "" : ws_errmsg());
+    for (int j = 0; j < 2; j++) {
+        if (!req[j]) continue;
+        ws_status w = ws_comm_wait(req[j]);
+        if (rc == WS_OK && w != WS_OK) {
+            ws_errprefix("plan '%s': relay to the engine ranks", p->name);
+            rc = w;
+        }
+    }
+    if (first[0]) WS_ERR(rc, "%s", first);
+    return rc;
+}
+
+/* A relay's receiver: each bucket arrives by broadcast into one pair while
+ * the previous one is copied out of the other. */
+static ws_status run_receiver(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
+{
+    ws_comm_request *req[2] = {NULL, NULL};
+    size_t K = p->n_buckets, marked = 0;
+    ws_status rc = K ? start_relay(p, 0, &req[0]) : WS_OK;
+    for (size_t k = 0; k < K && rc == WS_OK; k++) {
+        const plan_bucket *b = &p->buckets[k];
+        if (k + 1 < K) {
+            rc = start_relay(p, k + 1, &req[(k + 1) % 2]);
+            if (rc != WS_OK) break;
+        }
+        double t = now_ms();
+        ws_comm_request *r = req[k % 2];
+        req[k % 2] = NULL;
+        rc = ws_comm_wait(r);
+        p->stats.gather_ms += now_ms() - t;
+        if (rc != WS_OK) {
+            ws_errprefix("plan '%s': relay of bucket %zu of %zu", p->name, k + 1, K);
+            break;
+        }
+        t = now_ms();
+        rc = copy_range(p, p->out, b->out_begin, b->out_end, "copy-out", k);
+        p->stats.copy_out_ms += now_ms() - t;
+        if (rc != WS_OK) break;
+        mark_entries(p, marked, b->entries_done);
+        marked = b->entries_done;
+        if (progress && progress(ctx, k + 1, K, b->bytes_done, p->bytes_total))
+            rc = stopped(p, k, K, b->bytes_done);
+    }
+    if (req[0] || req[1]) {
+        char first[512];
+        snprintf(first, sizeof first, "%s", ws_errmsg());
+        for (int j = 0; j < 2; j++)
+            if (req[j]) (void)ws_comm_wait(req[j]);
+        WS_ERR(rc, "%s", first);
+    }
+    if (rc == WS_OK) mark_entries(p, marked, p->n_entries);
+    return rc;
+}
+
 static ws_status run_direct(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
 {
     size_t K = p->n_buckets, marked = 0;
@@ -781,11 +987,15 @@ ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
     p->stats.pack_ms = p->stats.gather_ms = p->stats.copy_out_ms = p->stats.total_ms = 0;
     ws_status rc = check_ready(p);
     if (rc == WS_OK && !p->planned) rc = plan_buckets(p);
-    if (p->world > 1) rc = agree(p, rc);
+    if (p->comm || p->relay) rc = agree(p, rc);
     char holder[PLAN_NAME_CAP + 32];
     snprintf(holder, sizeof holder, "plan '%s' (executing)", p->name);
     for (size_t i = 0; i < p->n_pools; i++) ws_pool_hold(p->pools[i], holder);
-    if (rc == WS_OK) rc = p->world > 1 ? run_gathered(p, progress, ctx) : run_direct(p, progress, ctx);
+    if (rc == WS_OK)
+        rc = p->role == WS_PLAN_SENDER     ? run_sender(p, progress, ctx)
+             : p->role == WS_PLAN_RECEIVER ? run_receiver(p, progress, ctx)
+             : p->world > 1                ? run_gathered(p, progress, ctx)
+                                           : run_direct(p, progress, ctx);
     /* Device-side copies may still be queued; the stats and the caller's
      * next read both need them finished, and the pools stay held until then. */
     ws_status sync = ws_device_synchronize(p->device);
@@ -804,8 +1014,8 @@ void ws_plan_destroy(ws_plan *p)
 {
     if (!p) return;
     for (size_t i = 0; i < p->n_entries; i++) {
-        ws_storage_release(p->entries[i].src.storage);
-        ws_storage_release(p->entries[i].dst.storage);
+        if (p->entries[i].src.storage) ws_storage_release(p->entries[i].src.storage);
+        if (p->entries[i].dst.storage) ws_storage_release(p->entries[i].dst.storage);
     }
     for (int j = 0; j < p->pairs; j++) {
         ws_tensor_free(&p->send[j]);

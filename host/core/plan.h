@@ -40,6 +40,7 @@ typedef struct ws_plan_stats {
     size_t buckets;          /* buckets per execution */
     size_t bytes_moved;      /* bytes written into destinations (their blocks, dst dtype) */
     size_t bytes_gathered;   /* bytes through the collective (world * per-rank segments) */
+    size_t bytes_relayed;    /* a relay's broadcast: bytes sent (sender) or received */
     size_t staging_bytes;    /* staging memory held during execution */
     double pack_ms, gather_ms, copy_out_ms, total_ms; /* last execution */
 } ws_plan_stats;
@@ -72,6 +73,22 @@ ws_status ws_plan_add(ws_plan *p, const ws_tensor *const *srcs, const ws_tensor 
 ws_status ws_plan_add_sharded(ws_plan *p, const ws_tensor *const *srcs,
                               const ws_tensor *const *dsts, const int64_t *numel,
                               const int64_t *shard, size_t n);
+/* Disaggregated placement: trainer and engine on different ranks. The
+ * trainer ranks gather each bucket over their own comm (the plan's, FSDP over
+ * `gather_world` ranks) as a colocated plan does; the first of them then
+ * broadcasts the gathered bucket over `relay` (its rank 0 there) to the
+ * engine ranks (its other ranks), which copy their blocks out of it. The
+ * broadcast of bucket k overlaps the pack and gather of bucket k+1 on the
+ * sender and the copy-out of bucket k-1 on the receivers.
+ *   WS_PLAN_SENDER: a trainer rank; entries have srcs, no dsts, and give
+ *     their wire dtype; `relay` only on the first trainer rank (NULL on
+ *     the others); the plan's comm is the trainer ranks' comm (NULL for one).
+ *   WS_PLAN_RECEIVER: an engine rank; entries have dsts, no srcs; the
+ *     plan's comm is NULL; `gather_world` is the trainer ranks' count.
+ * Call before any add. */
+typedef enum ws_plan_role { WS_PLAN_COLOCATED = 0, WS_PLAN_SENDER, WS_PLAN_RECEIVER } ws_plan_role;
+ws_status ws_plan_set_relay(ws_plan *p, ws_plan_role role, ws_comm *relay, int gather_world);
+
 /* A destination block (see above): rows [row_begin, row_end) x columns
  * [col_begin, col_end) of the full tensor seen as [numel / cols, cols].
  * cols == 0: no block, the whole tensor. */
@@ -82,10 +99,12 @@ typedef struct ws_plan_block {
 
 /* ws_plan_add_sharded with each entry's destination block (blocks NULL: all
  * whole). A block's dst holds exactly its (row_end - row_begin) * (col_end -
- * col_begin) elements. */
+ * col_begin) elements. wire: per entry the dtype the bucket carries, needed
+ * where there are no dsts (a relay's sender; NULL: each dst's dtype). */
 ws_status ws_plan_add_blocks(ws_plan *p, const ws_tensor *const *srcs,
                              const ws_tensor *const *dsts, const int64_t *numel,
-                             const int64_t *shard, const ws_plan_block *blocks, size_t n);
+                             const int64_t *shard, const ws_plan_block *blocks,
+                             const ws_dtype *wire, size_t n);
 /* Runs the plan: every rank must call it with the same plan shape. */
 ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx);
 void ws_plan_get_stats(const ws_plan *p, ws_plan_stats *out);

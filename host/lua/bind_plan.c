@@ -39,7 +39,7 @@ static ws_plan *check_plan(lua_State *L, int idx)
 }
 
 static const char *const plan_options[] = {"bucket_mb", "bucket_bytes", "comm", "device", "name",
-                                           NULL};
+                                           "relay", "role", "gather_world", NULL};
 
 static size_t bucket_option(lua_State *L, int idx)
 {
@@ -108,7 +108,8 @@ static int l_plan(lua_State *L)
     }
 
     /* Released first, then acquired: a failure leaves a consistent object. */
-    ws_lplan *lp = (ws_lplan *)lua_newuserdatauv(L, sizeof *lp, 2); /* [..., plan] */
+    ws_lplan *lp = (ws_lplan *)lua_newuserdatauv(L, sizeof *lp, 3); /* [..., plan] */
+    int plan_idx = lua_gettop(L);
     memset(lp, 0, sizeof *lp);
     luaL_setmetatable(L, WS_PLAN_MT);
     lua_pushvalue(L, comm_idx);
@@ -120,6 +121,31 @@ static int l_plan(lua_State *L)
     ws_status rc = ws_plan_create(comm, dev, bucket, name, &lp->p);
     if (rc != WS_OK) return ws_lua_fail(L, rc, "ws.plan");
     lp->world = comm ? ws_comm_size(comm) : 1;
+    /* Disaggregated: role = "sender" (a trainer rank) or "receiver" (an engine
+     * rank), relay = the broadcast comm (nil on trainer ranks but the first),
+     * gather_world = the trainer ranks' count. [.., plan, role] */
+    if (lua_getfield(L, 1, "role") != LUA_TNIL) {
+        static const char *const roles[] = {"sender", "receiver", NULL};
+        int role = luaL_checkoption(L, -1, NULL, roles);
+        ws_comm *relay = NULL;
+        if (lua_getfield(L, 1, "relay") != LUA_TNIL) { /* [.., plan, role, relay] */
+            if (!luaL_testudata(L, -1, WS_COMM_MT))
+                luaL_error(L, "ws.plan: relay must be a ws.Comm, got %s", luaL_typename(L, -1));
+            relay = ws_lua_comm_live(L, lua_gettop(L));
+            if (!relay) luaL_error(L, "ws.plan: option relay: the comm was freed");
+            lua_pushvalue(L, -1);
+            lua_setiuservalue(L, plan_idx, 3); /* kept alive with the plan */
+        }
+        lua_pop(L, 1); /* [.., plan, role] */
+        lua_getfield(L, 1, "gather_world");
+        int gw = (int)luaL_optinteger(L, -1, lp->world);
+        lua_pop(L, 2); /* [.., plan] */
+        rc = ws_plan_set_relay(lp->p, role == 0 ? WS_PLAN_SENDER : WS_PLAN_RECEIVER, relay, gw);
+        if (rc != WS_OK) return ws_lua_raise(L, "ws.plan");
+        lp->world = gw;
+    } else {
+        lua_pop(L, 1);
+    }
     lp->bucket_bytes = bucket;
     lp->device = dev->name;
     return 1;
@@ -216,18 +242,28 @@ static ws_plan_block *block_list(lua_State *L, int idx, size_t n)
     return v;
 }
 
-/* plan:add(srcs, dsts [, numels [, shards [, blocks]]]) -> plan. shards:
- * elements of every rank's shard per entry (0 or nil: ceil(numel / world));
- * blocks: per entry false (the whole tensor) or {cols, row_begin, row_end,
- * col_begin, col_end} (0-based, half open; plan.h). */
+/* plan:add(srcs, dsts [, numels [, shards [, blocks [, wire]]]]) -> plan.
+ * shards: elements of every rank's shard per entry (0 or nil: ceil(numel /
+ * world)); blocks: per entry false (the whole tensor) or {cols, row_begin,
+ * row_end, col_begin, col_end} (0-based, half open; plan.h). A relay's
+ * sender passes nil dsts and wire (dtype names per entry), its receivers
+ * nil srcs; both then give numels. */
 static int l_add(lua_State *L)
 {
     ws_plan *p = check_plan(L, 1);
     check_idle(L, "plan:add");
-    lua_settop(L, 6); /* [plan, srcs, dsts, numels, shards, blocks]: keepers go above */
-    size_t ns, nd;
-    ws_tensor **srcs = ws_lua_check_tensor_list(L, 2, &ns); /* [..., srcs_keep] */
-    ws_tensor **dsts = ws_lua_check_tensor_list(L, 3, &nd); /* [..., srcs_keep, dsts_keep] */
+    lua_settop(L, 7); /* [plan, srcs, dsts, numels, shards, blocks, wire]: keepers go above */
+    int has_src = !lua_isnil(L, 2), has_dst = !lua_isnil(L, 3);
+    if (!has_src && !has_dst) return luaL_error(L, "plan:add: no sources and no destinations");
+    if ((!has_src || !has_dst) && lua_isnil(L, 4))
+        return luaL_error(L, "plan:add: without %s, give the numels",
+                          has_src ? "destinations" : "sources");
+    size_t ns = 0, nd = 0;
+    ws_tensor **srcs = NULL, **dsts = NULL;
+    if (has_src) srcs = ws_lua_check_tensor_list(L, 2, &ns); /* [..., srcs_keep] */
+    if (has_dst) dsts = ws_lua_check_tensor_list(L, 3, &nd); /* [..., dsts_keep] */
+    if (!has_src) ns = nd;
+    if (!has_dst) nd = ns;
     if (ns != nd)
         return luaL_error(L, "plan:add: %d sources but %d destinations; the lists pair up "
                              "one to one",
@@ -235,11 +271,25 @@ static int l_add(lua_State *L)
     int64_t *numel = int_list(L, 4, ns, "numels", dsts);
     int64_t *shard = int_list(L, 5, ns, "shards", NULL);
     ws_plan_block *blocks = block_list(L, 6, ns);
+    ws_dtype *wire = NULL;
+    if (!lua_isnil(L, 7)) {
+        luaL_checktype(L, 7, LUA_TTABLE);
+        if ((size_t)lua_rawlen(L, 7) != ns)
+            return luaL_error(L, "plan:add: %d wire dtypes for %d entries", (int)lua_rawlen(L, 7),
+                              (int)ns);
+        wire = (ws_dtype *)lua_newuserdatauv(L, (ns ? ns : 1) * sizeof *wire, 0);
+        for (size_t i = 0; i < ns; i++) {
+            lua_rawgeti(L, 7, (lua_Integer)i + 1);
+            wire[i] = ws_lua_check_dtype(L, lua_gettop(L), "plan:add wire");
+            lua_pop(L, 1);
+        }
+    }
     ws_status rc = ws_plan_add_blocks(p, (const ws_tensor *const *)srcs,
-                                      (const ws_tensor *const *)dsts, numel, shard, blocks, ns);
+                                      (const ws_tensor *const *)dsts, numel, shard, blocks, wire,
+                                      ns);
     if (rc != WS_OK) return ws_lua_raise(L, NULL);
-    keep_pools(L, 2);
-    keep_pools(L, 3);
+    if (has_src) keep_pools(L, 2);
+    if (has_dst) keep_pools(L, 3);
     lua_settop(L, 1);
     return 1;
 }
@@ -250,8 +300,9 @@ static void push_stats(lua_State *L, const ws_plan_stats *s)
                                  {"buckets", (lua_Integer)s->buckets},
                                  {"bytes_moved", (lua_Integer)s->bytes_moved},
                                  {"bytes_gathered", (lua_Integer)s->bytes_gathered},
-                                 {"staging_bytes", (lua_Integer)s->staging_bytes}};
-    ws_lua_push_int_fields(L, fields, 5, 4);
+                                 {"staging_bytes", (lua_Integer)s->staging_bytes},
+                                 {"bytes_relayed", (lua_Integer)s->bytes_relayed}};
+    ws_lua_push_int_fields(L, fields, 6, 4);
     lua_pushnumber(L, s->pack_ms);
     lua_setfield(L, -2, "pack_ms");
     lua_pushnumber(L, s->gather_ms);
@@ -306,12 +357,19 @@ static int l_execute(lua_State *L)
                              "open while the plan lives",
                           lp->name, ws_lua_comm_name(L, 3));
     lua_settop(L, 3);
+    int has_relay = lua_getiuservalue(L, 1, 3) != LUA_TNIL; /* [plan, fn, comm, relay] */
+    if (has_relay && !ws_lua_comm_live(L, 4))
+        return luaL_error(L, "plan:execute: plan '%s': its relay comm was freed; keep it open "
+                             "while the plan lives",
+                          lp->name);
     if (has_comm) ws_lua_comm_hold(L, 3, 1);
+    if (has_relay) ws_lua_comm_hold(L, 4, 1);
     lp->executing = 1;
     progress_ctx pc = {L, 0};
     ws_status rc = ws_plan_execute(p, has_fn ? call_progress : NULL, &pc);
     lp->executing = 0;
     if (has_comm) ws_lua_comm_hold(L, 3, -1);
+    if (has_relay) ws_lua_comm_hold(L, 4, -1);
     if (pc.failed) return lua_error(L); /* the callback's own error */
     if (rc != WS_OK) return ws_lua_raise(L, NULL);
     ws_plan_stats s;
@@ -351,6 +409,8 @@ static int l_free(lua_State *L)
     lua_setiuservalue(L, 1, 1);
     lua_pushnil(L);
     lua_setiuservalue(L, 1, 2);
+    lua_pushnil(L);
+    lua_setiuservalue(L, 1, 3);
     return 0;
 }
 

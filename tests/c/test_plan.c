@@ -256,7 +256,7 @@ static void test_blocks(void)
     }
     ws_plan *p = NULL;
     CHECK_OK(ws_plan_create(NULL, ws_device_cpu(), 256, "blocks", &p));
-    CHECK_OK(ws_plan_add_blocks(p, s, d, numel, NULL, blocks, NB));
+    CHECK_OK(ws_plan_add_blocks(p, s, d, numel, NULL, blocks, NULL, NB));
     CHECK_OK(ws_plan_execute(p, NULL, NULL));
     const float *f = ws_tensor_data(&src);
     size_t bad = 0;
@@ -286,7 +286,7 @@ static void test_blocks(void)
     int64_t n2[2] = {n, n};
     ws_plan *q = NULL;
     CHECK_OK(ws_plan_create(NULL, ws_device_cpu(), 1 << 20, "halves", &q));
-    CHECK_OK(ws_plan_add_blocks(q, s2, d2, n2, NULL, lr, 2));
+    CHECK_OK(ws_plan_add_blocks(q, s2, d2, n2, NULL, lr, NULL, 2));
     CHECK_OK(ws_plan_execute(q, NULL, NULL));
     CHECK_OK(ws_tensor_checksum_rows(&a, 0, half, C, WS_BF16, &left));
     CHECK_OK(ws_tensor_checksum_rows(&bb, (uint64_t)half, C - half, C, WS_BF16, &right));
@@ -305,9 +305,9 @@ static void test_blocks(void)
 
     /* A block that does not fit, or a dst of the wrong size, is refused. */
     const ws_plan_block wide = {C, 0, R, 20, C + 1};
-    CHECK_ERR(ws_plan_add_blocks(q, s2, d2, n2, NULL, &wide, 1), WS_ERR_ARG, "does not fit");
+    CHECK_ERR(ws_plan_add_blocks(q, s2, d2, n2, NULL, &wide, NULL, 1), WS_ERR_ARG, "does not fit");
     const ws_plan_block other = {C, 0, R, 0, half + 1};
-    CHECK_ERR(ws_plan_add_blocks(q, s2, d2, n2, NULL, &other, 1), WS_ERR_ARG, "its block");
+    CHECK_ERR(ws_plan_add_blocks(q, s2, d2, n2, NULL, &other, NULL, 1), WS_ERR_ARG, "its block");
     ws_plan_destroy(q);
     ws_plan_destroy(p);
     ws_tensor_free(&a);
