@@ -19,6 +19,7 @@ typedef struct ws_lplan {
     int executing; /* inside execute (its progress callback may call back in) */
     char name[64];
     int world;
+    int role; /* ws_plan_role: a relay's sender has no dsts, its receivers no srcs */
     size_t bucket_bytes;
     const char *device; /* device names live for the whole process */
 } ws_lplan;
@@ -143,6 +144,7 @@ static int l_plan(lua_State *L)
         rc = ws_plan_set_relay(lp->p, role == 0 ? WS_PLAN_SENDER : WS_PLAN_RECEIVER, relay, gw);
         if (rc != WS_OK) return ws_lua_raise(L, "ws.plan");
         lp->world = gw;
+        lp->role = role == 0 ? WS_PLAN_SENDER : WS_PLAN_RECEIVER;
     } else {
         lua_pop(L, 1);
     }
@@ -252,9 +254,11 @@ static int l_add(lua_State *L)
 {
     ws_plan *p = check_plan(L, 1);
     check_idle(L, "plan:add");
+    int role = check_lplan(L, 1)->role;
     lua_settop(L, 7); /* [plan, srcs, dsts, numels, shards, blocks, wire]: keepers go above */
-    int has_src = !lua_isnil(L, 2), has_dst = !lua_isnil(L, 3);
-    if (!has_src && !has_dst) return luaL_error(L, "plan:add: no sources and no destinations");
+    /* Only a relay leaves a side out; elsewhere nil is a wrong argument. */
+    int has_src = !lua_isnil(L, 2) || role != WS_PLAN_RECEIVER;
+    int has_dst = !lua_isnil(L, 3) || role != WS_PLAN_SENDER;
     if ((!has_src || !has_dst) && lua_isnil(L, 4))
         return luaL_error(L, "plan:add: without %s, give the numels",
                           has_src ? "destinations" : "sources");
