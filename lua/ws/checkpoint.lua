@@ -319,14 +319,18 @@ function M.save_adapter(tr, dir, ctx)
 end
 
 -- save_engine=DIR: what this rank's engine holds, in its own names, as
--- DIR/engine-rank-<rank>.safetensors (every rank writes its own).
+-- DIR/engine-rank-<rank>.safetensors (every rank writes its own; with
+-- placement=disaggregated the engine ranks only, numbered from 0 among
+-- themselves, and a trainer rank writes nothing).
 function M.save_engine(engine, dir, ctx)
+    if engine.holds_nothing then return { "engine-rank-*.safetensors (on the engine ranks)" } end
     make_dir(dir)
     local names, tensors = {}, {}
     for i, name in ipairs(engine.order) do
         names[i], tensors[i] = name, engine.tensors[name]
     end
-    local file = string.format("engine-rank-%05d.safetensors", ctx.rank or 0)
+    local index = engine.save_index or ctx.rank or 0
+    local file = string.format("engine-rank-%05d.safetensors", index)
     must("save_engine", ws.save_safetensors(dir .. "/" .. file, names, tensors,
                                             { metadata = { format = "pt" } }))
     return { file }

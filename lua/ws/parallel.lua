@@ -36,15 +36,16 @@ end
 local function has_experts(spec) return spec.sparse ~= nil and next(spec.sparse) ~= nil end
 
 -- Raises a configuration error unless the model splits over engine_tp and
--- engine_ep as vLLM splits it (its `divide` asserts the same).
+-- engine_ep as vLLM splits it (its `divide` asserts the same); `world` is
+-- the number of engine ranks.
 function M.check(cfg, spec, world)
     local T, E = cfg.engine_tp or 1, cfg.engine_ep or 1
     if T == 1 and E == 1 then return end
     local function need(ok, key, fmt, ...)
         if not ok then config.raise("config key '%s': " .. fmt, key, ...) end
     end
-    need(world % T == 0, "engine_tp", "%d does not divide the world size %d", T, world)
-    need(world % E == 0, "engine_ep", "%d does not divide the world size %d", E, world)
+    need(world % T == 0, "engine_tp", "%d does not divide the %d engine ranks", T, world)
+    need(world % E == 0, "engine_ep", "%d does not divide the %d engine ranks", E, world)
     need(cfg.engine_dtype == "bf16", "engine_dtype",
          "fp8_block with engine_tp or engine_ep > 1 is not supported; use bf16")
     if T > 1 then
@@ -76,14 +77,19 @@ end
 -- The engine's parallel layout on this rank: {tp, tp_rank, ep, ep_rank,
 -- tp_comm, ep_comm} (comms only for groups of more than one rank, over a
 -- world of more than one; every rank must call this, as comm:split needs).
--- nil when the engine is not split.
-function M.new(cfg, comm, rank, world)
+-- The engine ranks are [first, world) (first: 0, or the trainer ranks'
+-- count when disaggregated; ranks before it get no comms). nil when the
+-- engine is not split.
+function M.new(cfg, comm, rank, world, first)
     local T, E = cfg.engine_tp or 1, cfg.engine_ep or 1
     if T == 1 and E == 1 then return nil end
-    local par = { tp = T, tp_rank = rank % T, ep = E, ep_rank = rank % E }
+    first = first or 0
+    local i = rank - first
+    local par = { tp = T, tp_rank = i % T, ep = E, ep_rank = i % E }
     if comm and world > 1 then
-        if T > 1 then par.tp_comm = comm:split(rank // T, rank) end
-        if E > 1 then par.ep_comm = comm:split(rank // E, rank) end
+        local engine = i >= 0
+        if T > 1 then par.tp_comm = comm:split(engine and i // T or -1, rank) end
+        if E > 1 then par.ep_comm = comm:split(engine and i // E or -1, rank) end
     end
     par.free = function(self)
         for _, k in ipairs({ "tp_comm", "ep_comm" }) do

@@ -32,6 +32,7 @@ local verify = require("ws.verify")
 local report_mod = require("ws.report")
 local checkpoint = require("ws.checkpoint")
 local parallel = require("ws.parallel")
+local placement = require("ws.placement")
 local must = errors.must
 local M = {}
 
@@ -60,6 +61,11 @@ M.common = {
     engine_tp = { default = 1, type = "integer", min = 1, max = 65536,
                   help = "engine tensor parallelism: groups of this many consecutive ranks, each " ..
                          "rank holding vLLM's TP shard" },
+    placement = { default = "colocated", type = "enum", values = placement.placements,
+                  help = "colocated: every rank trains and holds an engine; disaggregated: " ..
+                         "the first trainer_ranks ranks train, the others hold the engine" },
+    trainer_ranks = { default = 0, type = "integer", min = 0, max = 1000000,
+                      help = "placement=disaggregated: how many ranks train (0: half)" },
     engine_ep = { default = 1, type = "integer", min = 1, max = 65536,
                   help = "engine expert parallelism: each layer's experts placed contiguously " ..
                          "over groups of this many consecutive ranks" },
@@ -361,7 +367,8 @@ function M.prepare(p, cfg, opts)
         config.check("lora_rank", lora.check_rank, spec, lcfg)
         config.check("target_modules", lora.check_model, spec, lcfg)
     end
-    parallel.check(cfg, spec, world)
+    placement.check(cfg, world)
+    parallel.check(cfg, spec, placement.engine_world(cfg, world))
     return { device = device, spec = spec, lcfg = lcfg, comm = comm, rank = rank,
              world = world, log = log }
 end
@@ -408,10 +415,16 @@ end
 -- Returns the records and the summary.
 function Run:finish()
     if self.ctx then
-        local env = self.env
-        local ok, err = pcall(M.save_outputs, self.cfg, self.ctx.trainer,
-                              { comm = env.world > 1 and env.comm or nil, rank = env.rank,
-                                world = env.world, log = env.log })
+        local env, place = self.env, self.built.placement
+        local sctx = { comm = env.world > 1 and env.comm or nil, rank = env.rank,
+                       world = env.world, log = env.log }
+        -- Disaggregated: the trainer ranks save, among themselves.
+        if place then
+            sctx = place.trainer and { comm = place.trainer_comm, rank = place.index,
+                                       world = place.n, log = env.log } or nil
+        end
+        local ok, err = true, nil
+        if sctx then ok, err = pcall(M.save_outputs, self.cfg, self.ctx.trainer, sctx) end
         if not ok then self:fail(err) end
     end
     self.report:close()
@@ -425,7 +438,8 @@ end
 -- freed even when another fails. Returns ok, the first error.
 function Run:free()
     local freed, ferr = true, nil
-    for _, k in ipairs({ "sync", "engine", "trainer", "model_ck", "adapter_ck", "parallel" }) do
+    for _, k in ipairs({ "sync", "engine", "trainer", "model_ck", "adapter_ck", "parallel",
+                         "placement" }) do
         local part = self.built[k]
         if part then
             local okf, e = pcall(part.free, part)
@@ -464,7 +478,17 @@ function M.setup(p, cfg, built, report, env)
     local targs = { spec = spec, lora = lcfg, device = device, comm = comm, rank = env.rank,
                     world = world, dtype = cfg.param_dtype, seed = cfg.seed,
                     dry_run = cfg.dry_run }
-    if env.parts.trainer then
+    -- Disaggregated: trainer ranks train over their own comm, engine ranks hold
+    -- a trainer of sizes only (ws.placement).
+    if placement.is_disaggregated(cfg) and (env.parts.trainer or env.parts.engine) then
+        config.raise("config key 'placement': in-process runs are colocated")
+    end
+    local place = placement.new(cfg, comm, env.rank, world)
+    built.placement = place
+    if place then targs.comm, targs.world = place.trainer_comm, place.n end
+    if place and not place.trainer then
+        built.trainer = placement.trainer_stub(spec, lcfg, place.n)
+    elseif env.parts.trainer then
         built.trainer = env.parts.trainer(targs)
     else
         -- The files are mapped, checked against config.json and the
@@ -485,15 +509,23 @@ function M.setup(p, cfg, built, report, env)
         config.raise("config keys 'engine_tp' and 'engine_ep': in-process engines hold the " ..
                      "whole model here; use 1")
     end
-    built.parallel = parallel.new(cfg, comm, env.rank, world)
+    built.parallel = parallel.new(cfg, comm, env.rank, world, place and place.n or 0)
     local eargs = { spec = spec, lora = lcfg, device = device, kv_cache_mb = cfg.kv_cache_mb,
                     dry_run = cfg.dry_run, engine_dtype = cfg.engine_dtype,
                     parallel = built.parallel }
-    built.engine = (env.parts.engine or engine_mod.new)(eargs)
+    if place and place.trainer then
+        built.engine = placement.engine_stub()
+    else
+        built.engine = (env.parts.engine or engine_mod.new)(eargs)
+        -- save_engine numbers the engine ranks from 0 among themselves.
+        if place then built.engine.save_index = place.index end
+    end
+    local sync_comm = world > 1 and comm or nil
+    if place then sync_comm = place.trainer_comm end
     built.sync = sync_mod.new{ trainer = built.trainer, engine = built.engine,
-                               comm = world > 1 and comm or nil, device = device,
+                               comm = sync_comm, device = device,
                                bucket_mb = cfg.bucket_mb, progress = cfg.progress,
-                               rank = env.rank }
+                               rank = env.rank, relay = place and placement.relay_of(place) }
     local trainer, engine, sync = built.trainer, built.engine, built.sync
     local verify_kinds, build_ms = {}, {}
     for _, kind in ipairs(p.plans) do
@@ -510,7 +542,8 @@ function M.setup(p, cfg, built, report, env)
                                              lora.param_count(spec, lcfg) * 2 / 1e6) or "",
                       world, tostring(device)))
     log("# config: " .. config.describe(cfg))
-    if built.parallel then
+    if place then log("# placement " .. placement.describe(place, world)) end
+    if built.parallel and not place then
         log(string.format("# engine: %s; rank 0 holds %.1f MB of engine weights",
                           parallel.describe(built.parallel), engine.weight_bytes / 1e6))
     end

@@ -25,10 +25,13 @@ Sync.__index = Sync
 
 -- opts: trainer, engine, comm (nil: world of one), device, bucket_mb (nil:
 -- ws.DEFAULT_BUCKET_BYTES), progress ("auto"/"on"/"off"), log (function(msg)
--- for rank-0 output).
+-- for rank-0 output), relay (disaggregated, ws.placement.relay_of: role
+-- "sender" on trainer ranks, which gather over their own comm (opts.comm)
+-- and, rank 0, broadcast over relay.comm; "receiver" on engine ranks).
 function M.new(opts)
     local self = setmetatable({}, Sync)
     self.trainer, self.engine, self.comm = opts.trainer, opts.engine, opts.comm
+    self.relay = opts.relay
     self.device, self.bucket_mb = opts.device, opts.bucket_mb
     self.progress = opts.progress or "auto"
     self.rank = opts.rank or 0
@@ -75,9 +78,29 @@ local function entries_of(self, kind)
     error("sync: unknown plan kind '" .. tostring(kind) .. "' (base, adapter, full)", 3)
 end
 
+-- A trainer rank's plan of one kind, disaggregated: its shards, gathered
+-- over the trainer ranks and relayed (rank 0) to the engine ranks as bf16.
+local function build_sender(self, kind)
+    local srcs, numels, shards, wire, plist = {}, {}, {}, {}, {}
+    for i, e in ipairs(entries_of(self, kind)) do
+        srcs[i], numels[i], shards[i], wire[i] = e.tensor, e.numel, e.shard_numel, "bf16"
+        plist[i] = { src = e }
+    end
+    local r = self.relay
+    plist.relay = r
+    local plan = must("sync", ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm,
+                                       device = self.device, name = kind, role = "sender",
+                                       relay = r.comm, gather_world = r.n })
+    plan:add(srcs, nil, numels, shards, nil, wire)
+    self.engine_bytes[kind] = 0
+    self.plans[kind], self.pairs[kind] = plan, plist
+    return plan
+end
+
 -- Builds the plan of one kind (once); returns it.
 function Sync:build(kind)
     if self.plans[kind] then return self.plans[kind] end
+    if self.relay and self.relay.role == "sender" then return build_sender(self, kind) end
     local srcs, dsts, numels, shards, blocks, plist = {}, {}, {}, {}, {}, {}
     local engine, touched, engine_bytes, padded_set = self.engine, {}, 0, {}
     for i, e in ipairs(entries_of(self, kind)) do
@@ -108,9 +131,19 @@ function Sync:build(kind)
     for dname in pairs(padded_set) do padded[#padded + 1] = dname end
     if #padded > 0 then plist.padded = padded end
     self.engine_bytes[kind] = engine_bytes
-    local plan = must("sync", ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm,
-                                       device = self.device, name = kind })
-    plan:add(srcs, dsts, numels, shards, blocks)
+    local plan
+    if self.relay then
+        -- An engine rank: every bucket comes by the relay's broadcast.
+        plist.relay = self.relay
+        plan = must("sync", ws.plan{ bucket_mb = self.bucket_mb, device = self.device,
+                                     name = kind, role = "receiver", relay = self.relay.comm,
+                                     gather_world = self.relay.n })
+        plan:add(nil, dsts, numels, shards, blocks)
+    else
+        plan = must("sync", ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm,
+                                     device = self.device, name = kind })
+        plan:add(srcs, dsts, numels, shards, blocks)
+    end
     self.plans[kind], self.pairs[kind] = plan, plist
     return plan
 end
@@ -166,6 +199,8 @@ function Sync:send(kind, opts)
     end
     stats.wall_ms = ws.now_ms() - t0 - stats.seal_ms
     stats.engine_bytes = self.engine_bytes[kind]
+    -- A trainer rank writes no engine weights: what it sent is what it relayed.
+    if self.relay and self.relay.role == "sender" then stats.bytes_moved = stats.bytes_relayed end
     return stats
 end
 

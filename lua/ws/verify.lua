@@ -40,6 +40,8 @@ local M = {}
 -- checksums. Weak keys: a list that is dropped takes its state with it (the
 -- tensors then go to the GC); M.release frees it at once.
 local states = setmetatable({}, { __mode = "k" })
+-- The same for disaggregated lists (check_relay).
+local relay_states = setmetatable({}, { __mode = "k" })
 
 local function state_of(pairs)
     local st = states[pairs]
@@ -108,6 +110,11 @@ end
 -- later check builds it again. Frees all it can before raising the first
 -- error it met.
 function M.release(pairs)
+    local rs = relay_states[pairs]
+    if rs then
+        relay_states[pairs] = nil
+        for _, v in ipairs(rs.empty_views) do v:free() end
+    end
     local st = states[pairs]
     if not st then return end
     states[pairs] = nil
@@ -245,6 +252,78 @@ local function compare_split(pairs, st, ctx, where)
     end
 end
 
+-- Disaggregated (pairs.relay, ws.placement): the trainer ranks sum their
+-- shards' checksums over their own comm, trainer rank 0 broadcasts the sums
+-- over the relay, and each engine rank compares its shards' checksums,
+-- summed over its TP or EP group, with them.
+local function check_relay(pairs, ctx, where)
+    local r, n = pairs.relay, #pairs
+    if n == 0 then return end
+    local st = relay_states[pairs]
+    if not st then
+        st = { srcs = {}, firsts = {}, dsts = {}, idx = {}, efirsts = {}, erows = {},
+               groups = {}, replicas = {}, empty_views = {} }
+        for i, p in ipairs(pairs) do
+            if r.role == "sender" then
+                local e = p.src
+                local src = e.view
+                if not src then
+                    src = e.tensor:narrow(1, 1, 0)
+                    st.empty_views[#st.empty_views + 1] = src
+                end
+                st.srcs[i], st.firsts[i] = src, e.first
+            else
+                local b = p.block
+                st.dsts[i], st.idx[i], st.efirsts[i], st.erows[i] = p.dst, i, 0, false
+                if b and b[3] > b[2] and b[5] > b[4] then
+                    st.efirsts[i] = b[2] * b[1] + b[4]
+                    if b[4] ~= 0 or b[5] ~= b[1] then st.erows[i] = { b[5] - b[4], b[1] } end
+                end
+                st.groups[i], st.replicas[i] = p.group or "tp", p.replicas or 1
+            end
+        end
+        relay_states[pairs] = st
+    end
+    if r.role == "sender" then
+        local sums = must("verify", ws.checksums(st.srcs, st.firsts, "bf16"))
+        local ok, err = pcall(function()
+            if r.trainer_comm then r.trainer_comm:all_reduce(sums, "sum") end
+            if r.comm then r.comm:broadcast(sums, 0) end
+        end)
+        sums:free()
+        if not ok then error(err, 0) end
+        return
+    end
+    local want = must("verify", ws.tensor{ shape = { n }, dtype = "i64", device = ws.device("cpu"),
+                                           name = "verify trainer sums" })
+    local ok, err = pcall(r.comm.broadcast, r.comm, want, 0)
+    if not ok then
+        want:free()
+        error(err, 0)
+    end
+    local got = checksums_or_raise(st.dsts, "bf16", where, st.efirsts, st.erows)
+    local okg, totals = pcall(group_sums, st, got, ctx)
+    got:free()
+    if not okg then
+        want:free()
+        error(totals, 0)
+    end
+    for k = 1, n do
+        local wv = st.replicas[k] * want:get(k)
+        if totals[k] ~= wv then
+            want:free()
+            local p = pairs[k]
+            error(string.format(
+                "verify (%s): engine tensor '%s' does not hold trainer parameter '%s': " ..
+                "checksum 0x%016x summed over the %s group, expected 0x%016x (%d x the " ..
+                "trainer ranks'); the relay did not write this shard on some engine rank",
+                where, tostring(p.dst_name), p.src.name, totals[k], st.groups[k], wv,
+                st.replicas[k]), 0)
+        end
+    end
+    want:free()
+end
+
 local function compare_live(pairs, st, ctx, where)
     if st.split then return compare_split(pairs, st, ctx, where) end
     local g = st.live
@@ -321,6 +400,10 @@ end
 -- mismatch, to name it, and over the quantized tensors. Raises on the first
 -- mismatch; returns the number of tensors checked.
 function M.check(pairs, ctx)
+    if pairs.relay then
+        check_relay(pairs, ctx, ctx.note or "rollout")
+        return #pairs
+    end
     local st = state_of(pairs)
     st.proven_key = nil -- until this check passes
     local where = ctx.note or "rollout"
@@ -338,6 +421,7 @@ end
 -- tensor. Returns the number of tensors and whether their bytes were
 -- checksummed.
 function M.check_unsent(pairs, ctx)
+    if pairs.relay then return M.check(pairs, ctx), true end
     local st = state_of(pairs)
     local key = trainer_key(st, ctx)
     if key == nil or st.proven_key ~= key then return M.check(pairs, ctx), true end

@@ -103,7 +103,7 @@ out=$(mpi4 pipelines/verl_lora.lua progress=off model="$tmp/qwen3" steps=1 engin
 rc=$?
 set -e
 check_rc "engine_tp=3 on 4 ranks" 2 "$rc"
-check "engine_tp=3 on 4 ranks: says why" "'engine_tp': 3 does not divide the world size 4" "$out"
+check "engine_tp=3 on 4 ranks: says why" "'engine_tp': 3 does not divide the 4 engine ranks" "$out"
 set +e
 out=$(mpi4 pipelines/verl_lora.lua progress=off model=tiny steps=1 engine_tp=2 2>&1)
 rc=$?
