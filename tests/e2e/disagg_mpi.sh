@@ -29,7 +29,8 @@ for argv in (f"{t}/qwen3 --family qwen3 --intermediate 156 --shards 2 --seed 3",
     hf_tiny.main(argv.split())
 PY
 
-mpi4() { mpirun --allow-run-as-root --oversubscribe -n 4 "$WSHOST" "$@"; }
+# A hang fails its case after 120 s instead of the whole test.
+mpi4() { timeout 120 mpirun --allow-run-as-root --oversubscribe -n 4 "$WSHOST" "$@"; }
 
 # case NAME MODEL TRAINERS TP EP LORA [key=value...]
 case_() {

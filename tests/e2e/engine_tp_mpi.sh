@@ -34,8 +34,9 @@ for argv in (f"{t}/qwen3 --family qwen3 --intermediate 156 --shards 2 --seed 3",
     hf_tiny.main(argv.split())
 EOF
 
+# A hang fails its case after 120 s instead of the whole test.
 mpi4() {
-    mpirun --allow-run-as-root --oversubscribe -n 4 "$WSHOST" "$@"
+    timeout 120 mpirun --allow-run-as-root --oversubscribe -n 4 "$WSHOST" "$@"
 }
 
 # case NAME MODEL TP EP LORA [key=value...]: run, then check every rank's file.
