@@ -80,6 +80,9 @@ fi
 if [ -f "$root/.deps/lua/include/lua.h" ] && [ -f "$root/.deps/lua/liblua5.4.a" ]; then
     cfg+=(-DLUA_INCLUDE_DIR="$root/.deps/lua/include"
           -DLUA_STATIC_LIBRARY="$root/.deps/lua/liblua5.4.a")
+    if [ -f "$root/.deps/lua/liblua5.4.so.0" ]; then
+        cfg+=(-DLUA_SHARED_LIBRARY="$root/.deps/lua/liblua5.4.so.0")
+    fi
     note "lua: carried .deps/lua"
 else
     note "lua: no .deps/lua (run bench/prepare-gpu-deps.sh where Lua is installed and" \
