@@ -281,8 +281,8 @@ def init_full(cfg, lora_rank, seed=0, lora_b_std=0.0):
     for name, shape in hf_param_shapes(cfg):
         if len(shape) == 1:  # norms: near 1, distinct per tensor
             val = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        elif name.endswith("embed_tokens.weight"):
-            val = torch.randn(shape, generator=g)
+        elif name.endswith("embed_tokens.weight"):  # also the tied head: logits of a few units
+            val = 0.5 * torch.randn(shape, generator=g)
         else:
             val = torch.randn(shape, generator=g) / math.sqrt(shape[1])
         out[name] = val.to(DTYPE)
