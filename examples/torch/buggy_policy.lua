@@ -5,10 +5,11 @@
 -- the engine's copy. With verify=all (or sent) wshost stops before the rollout
 -- naming the discarded engine tensor; with verify=off the rollout runs on
 -- discarded weights and the engine's logits come out wrong.
-local here = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
-local verl_lora = dofile(here .. "/../../pipelines/verl_lora.lua")
+local here = debug.getinfo(1, "S").source:match("^@(.-)[^/]*$") or "./"
+local verl_lora = dofile(here .. "../../pipelines/verl_lora.lua")
 
-return verl_lora:with{
-    name = "verl_lora_buggy",
-    need_base = function(self, ctx) return not ctx.state.base_synced_once end,
-}
+local P = verl_lora:with{ name = "verl_lora_buggy" }
+
+function P:need_base(ctx) return not ctx.state.base_sync_done end
+
+return P
