@@ -35,6 +35,7 @@ import argparse
 import gc
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -163,6 +164,23 @@ def fmt_diff(d):
     return "nan" if math.isnan(d) else "%.6g" % d
 
 
+def write_model_dir(cfg, world):
+    """A directory holding config.json. wshost checks that every rank got the same
+    model= value, so at world > 1 the path is the launcher's (every rank writes the
+    same bytes, each through a rename)."""
+    if world == 1:
+        base = tempfile.mkdtemp(prefix="wshost-tiny-qwen3-")
+    else:
+        base = os.path.join(tempfile.gettempdir(), "wshost-tiny-qwen3-%d" % os.getppid())
+    model_dir = os.path.join(base, "model")
+    staged = os.path.join(base, "staged-%d" % os.getpid())
+    tq.write_config(cfg, staged)
+    os.makedirs(model_dir, exist_ok=True)
+    os.replace(os.path.join(staged, "config.json"), os.path.join(model_dir, "config.json"))
+    os.rmdir(staged)
+    return model_dir
+
+
 def register_all(s, run, memory):
     trainer = run.trainer
     for name, p in trainer.base_params().items():
@@ -183,9 +201,7 @@ def main(argv=None):
         torch.set_num_threads(1)
         init_gloo(world, rank, args.master_port)
     run = Run(args, world, rank)
-    tmp = tempfile.TemporaryDirectory(prefix="wshost-tiny-qwen3-")
-    model_dir = os.path.join(tmp.name, "model")
-    tq.write_config(run.cfg, model_dir)
+    model_dir = write_model_dir(run.cfg, world)
     policy = POLICIES[args.policy]
 
     try:
@@ -249,9 +265,11 @@ def main(argv=None):
     except Exception as e:
         print("inprocess: close failed: %s" % e, file=sys.stderr)
         status = status or 1
-    tmp.cleanup()
     if world > 1:
+        dist.barrier()  # every rank has read config.json
         dist.destroy_process_group()
+    if rank == 0:
+        shutil.rmtree(os.path.dirname(model_dir), ignore_errors=True)
     if status == 0 and rank == 0:
         worst = max(run.checked.values(), key=lambda d: math.inf if math.isnan(d) else d)
         print("inprocess: %d steps, max |logit diff| %s over all rollouts%s"
