@@ -84,7 +84,8 @@ def make_tensors(cfg):
         t.uniform_(-0.05, 0.05, generator=g)
         trainer[name] = t
     shapes, dest = tq.engine_layout(cfg, 0)
-    engine = {name: torch.empty(shape, dtype=torch.bfloat16) for name, shape in shapes}
+    # Touched once, as an engine that loaded weights: step 1 is not first-touch page faults.
+    engine = {name: torch.zeros(shape, dtype=torch.bfloat16) for name, shape in shapes}
     return trainer, engine, dest
 
 
