@@ -422,7 +422,8 @@ static int p_register(lua_State *L)
         push_shape(L, a->global_ndim, a->global_shape);
     else
         lua_pushnil(L);
-    lua_call(L, 5, 0);
+    lua_pushboolean(L, 1); /* the session frees this wrapper at close */
+    lua_call(L, 6, 0);
     return 0;
 }
 
