@@ -143,6 +143,9 @@ static int enter(ws_host *h, const char *what, int need_session)
         set_error(h, "%s: the session was closed", what);
         return -1;
     }
+    /* An interrupt that came while no call ran belongs to none: it must not
+     * fail this one. */
+    if (h->L) lua_sethook(h->L, NULL, 0, 0);
     return 0;
 }
 
@@ -203,6 +206,13 @@ ws_host *ws_host_new(void)
 void ws_host_free(ws_host *h)
 {
     if (!h) return;
+    /* From inside one of its own callbacks the state is in use: refused (the
+     * host stays valid; free it after the call returns). */
+    if (h->busy) {
+        set_error(h, "free: called from inside a callback of the same host; free it after the "
+                     "call returns");
+        return;
+    }
     if (h->L) lua_close(h->L); /* __gc releases tensors, pools and lent memory */
     clear_error(h);
     free(h);
@@ -514,8 +524,11 @@ static int call_callback(lua_State *L)
     else if (lua_type(L, 1) == LUA_TSTRING)
         sarg = lua_tostring(L, 1);
     char err[1024] = "";
-    if (fn(ud, event, arg, sarg, err, sizeof err) != 0)
-        return luaL_error(L, "%s callback failed: %s", event, err[0] ? err : "(no message)");
+    if (fn(ud, event, arg, sarg, err, sizeof err) != 0) {
+        /* No file position: the message is the caller's, about its callback. */
+        lua_pushfstring(L, "%s callback failed: %s", event, err[0] ? err : "(no message)");
+        return lua_error(L);
+    }
     return 0;
 }
 
