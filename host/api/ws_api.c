@@ -567,8 +567,9 @@ int ws_host_on(ws_host *h, const char *event, ws_host_callback fn, void *ud)
 
 /* ---- step and close --------------------------------------------------------------------------- */
 
-/* Waits for wshost's work on every GPU: a step returns with its copies done,
- * so the caller may read or free what it lent. */
+/* Waits for wshost's work on the GPUs it has used: a step returns with its
+ * copies done, so the caller may read or free what it lent. A GPU wshost
+ * never touched is left alone (no context is made on it). */
 static int sync_devices(lua_State *L)
 {
     int n = ws_device_cuda_count();
@@ -576,7 +577,8 @@ static int sync_devices(lua_State *L)
         char name[32];
         ws_device *d;
         snprintf(name, sizeof name, "cuda:%d", i);
-        if (ws_device_get(name, &d) == WS_OK && ws_device_synchronize(d) != WS_OK)
+        if (ws_device_get(name, &d) == WS_OK && ws_device_in_use(d) &&
+            ws_device_synchronize(d) != WS_OK)
             return luaL_error(L, "%s", ws_errmsg());
     }
     return 0;

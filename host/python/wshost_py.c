@@ -93,6 +93,7 @@ struct SessionObject {
     size_t n_allocs, cap_allocs;
     PyObject *callback_error; /* the exception a callback raised, for __cause__ */
     int reraise;              /* callback_error is KeyboardInterrupt or SystemExit: raised as is */
+    int cuda;                 /* a CUDA tensor was registered or allocated */
 };
 
 static PyTypeObject SessionType;
@@ -825,6 +826,7 @@ static PyObject *session_register(SessionObject *s, PyObject *args, PyObject *kw
         return NULL;
     }
     ws_host_memory m = t->mem;
+    if (m.device_type == WS_HOST_CUDA) s->cuda = 1;
     m.release = release_lent;
     m.release_ctx = t; /* our reference goes to wshost, dropped by release_lent */
     if (ws_host_register(s->h, role, name, &m, gndim, gndim ? gs : NULL) != 0) return host_error(s);
@@ -869,6 +871,7 @@ static PyObject *session_alloc(SessionObject *s, PyObject *args, PyObject *kw)
         Py_DECREF(t);
         return host_error(s);
     }
+    if (t->mem.device_type == WS_HOST_CUDA) s->cuda = 1;
     Py_INCREF(name);
     Py_SETREF(t->name, name);
     Py_INCREF(s);
@@ -942,6 +945,33 @@ static int sigint_python_during_callback(int enter)
     return 0;
 }
 
+/* torch.cuda.synchronize() when torch is loaded and its CUDA initialized;
+ * returns r, or NULL (r dropped) with the exception set. */
+static PyObject *sync_torch_cuda(PyObject *r)
+{
+    PyObject *name = PyUnicode_FromString("torch");
+    PyObject *torch = name ? PyImport_GetModule(name) : NULL;
+    Py_XDECREF(name);
+    if (!torch) {
+        PyErr_Clear();
+        return r;
+    }
+    PyObject *cuda = PyObject_GetAttrString(torch, "cuda");
+    Py_DECREF(torch);
+    PyObject *ready = cuda ? PyObject_CallMethod(cuda, "is_initialized", NULL) : NULL;
+    if (!ready) PyErr_Clear(); /* no torch.cuda: nothing of torch's runs on a GPU */
+    PyObject *done = ready && PyObject_IsTrue(ready) == 1
+                         ? PyObject_CallMethod(cuda, "synchronize", NULL) : Py_NewRef(Py_None);
+    Py_XDECREF(ready);
+    Py_XDECREF(cuda);
+    if (!done) {
+        Py_DECREF(r);
+        return NULL;
+    }
+    Py_DECREF(done);
+    return r;
+}
+
 static int call_python(void *ud, const char *event, long long arg, const char *sarg, char *err,
                        size_t errlen)
 {
@@ -953,6 +983,10 @@ static int call_python(void *ud, const char *event, long long arg, const char *s
     PyObject *r = sarg ? PyObject_CallFunction(c->fn, "s", sarg)
                        : PyObject_CallFunction(c->fn, "L", arg);
     if (ours) sigint_python_during_callback(0);
+    /* What the callback queued on the caller's own CUDA streams (an optimizer
+     * step) must be done before wshost's streams read it: DLPack's stream
+     * handshake covers the export, not later writes. */
+    if (r && c->s->cuda) r = sync_torch_cuda(r);
     int rc = 0;
     if (!r) {
         PyObject *type, *value, *tb;
