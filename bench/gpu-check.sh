@@ -80,6 +80,9 @@ fi
 if [ -f "$root/.deps/lua/include/lua.h" ] && [ -f "$root/.deps/lua/liblua5.4.a" ]; then
     cfg+=(-DLUA_INCLUDE_DIR="$root/.deps/lua/include"
           -DLUA_STATIC_LIBRARY="$root/.deps/lua/liblua5.4.a")
+    if [ -f "$root/.deps/lua/liblua5.4.so.0" ]; then
+        cfg+=(-DLUA_SHARED_LIBRARY="$root/.deps/lua/liblua5.4.so.0")
+    fi
     note "lua: carried .deps/lua"
 else
     note "lua: no .deps/lua (run bench/prepare-gpu-deps.sh where Lua is installed and" \
@@ -161,6 +164,21 @@ if [ "$configure_rc" -eq 0 ] && [ -x "$build/wshost" ]; then
     e2e_rc=$step_rc
 fi
 
+# ---- the Python module on the GPU: DLPack with CUDA tensors, an in-process
+# session on CUDA and the torch_sync benchmark; needs a python3 with torch and
+# the module built for it (python3-dev headers at configure time).
+python_rc=skipped
+if [ "$configure_rc" -eq 0 ] && ls "$build"/python/wshost*.so >/dev/null 2>&1 && \
+   python3 -c 'import torch' >/dev/null 2>&1; then
+    step python-cuda 120 env PYTHONPATH="$build/python" python3 tests/python/test_cuda.py
+    python_rc=$step_rc
+    step python-session 120 env PYTHONPATH="$build/python" WSHOST_DEVICE=cpu \
+        python3 tests/python/test_session.py
+    [ "$step_rc" -ne 0 ] && python_rc=$step_rc
+else
+    note "python skipped: no wshost module in $build/python or no python3 with torch"
+fi
+
 # ---- the main job on the GPU: the verl LoRA loop with 8B shapes -------------------------
 main_rc=skipped
 if [ -x "$build/wshost" ]; then
@@ -208,7 +226,7 @@ elapsed=$(($(date +%s) - start))
 export GC_GPU="$gpu_name" GC_DRIVER="$driver" GC_CONFIGURE="$configure_rc" GC_BUILD="$build_rc" \
     GC_CTEST="$ctest_rc" GC_TOTAL="$tests_total" GC_PASSED="$tests_passed" \
     GC_FAILED="$tests_failed" GC_BENCH="$bench_rc" GC_ELAPSED="$elapsed" GC_LOG="$log" \
-    GC_OUT="$out" GC_STEPS="$(printf '%s\n' "${steps[@]}")" GC_LUA="$lua_rc" GC_E2E="$e2e_rc" \
+    GC_OUT="$out" GC_STEPS="$(printf '%s\n' "${steps[@]}")" GC_LUA="$lua_rc" GC_E2E="$e2e_rc" GC_PY="$python_rc" \
     GC_MAIN="$main_rc" GC_SYNC="$sync_rc" GC_COMPARE="$compare_rc"
 if command -v python3 >/dev/null 2>&1; then
     python3 - <<'PY' >>"$log" 2>&1
@@ -243,7 +261,7 @@ summary = {
               "failed": num(e["GC_FAILED"]), "results": results},
     "copy_bench_rc": num(e["GC_BENCH"]), "copy_bench": copy,
     "figures": figures, "benches": benches,
-    "lua_specs_rc": num(e["GC_LUA"]), "e2e_rc": num(e["GC_E2E"]),
+    "lua_specs_rc": num(e["GC_LUA"]), "e2e_rc": num(e["GC_E2E"]), "python_rc": num(e["GC_PY"]),
     "main_job_rc": num(e["GC_MAIN"]), "sync_bench_rc": num(e["GC_SYNC"]),
     "compare_rc": num(e["GC_COMPARE"]),
     "steps": [dict(zip(("name", "rc", "seconds"), map(num, s.split())))

@@ -32,6 +32,13 @@ if grep -q 'lua5.4-deb-multiarch.h' "$dest/include/luaconf.h"; then
     cp -L "$multiarch" "$dest/include/"
 fi
 cp -L "$lib_src" "$dest/liblua5.4.a"
+# The shared library too: libwshost.so and the Python module link it.
+so_src=${LUA_SO_SRC:-/usr/lib/x86_64-linux-gnu/liblua5.4.so.0}
+if [ -f "$so_src" ]; then
+    cp -L "$so_src" "$dest/liblua5.4.so.0"
+else
+    echo "prepare-gpu-deps: no $so_src; the GPU check will build without libwshost" >&2
+fi
 echo "prepare-gpu-deps: staged $(ls "$dest/include" | wc -l) headers and" \
      "$(du -h "$dest/liblua5.4.a" | cut -f1) liblua5.4.a in $dest"
 echo "prepare-gpu-deps: carry '.deps' to the GPU machine, then run bench/gpu-check.sh there"

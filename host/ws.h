@@ -89,7 +89,8 @@ typedef struct ws_host_param {
 WS_HOST_API ws_host *ws_host_new(void);
 /* Frees the host, its session (without closing it) and everything wshost
  * allocated; memory lent to it is released (the release callbacks run
- * here at the latest). NULL is a no-op. */
+ * here at the latest). NULL is a no-op; from inside one of its own callbacks
+ * it is refused (ws_host_error says so) and the host stays valid. */
 WS_HOST_API void ws_host_free(ws_host *h);
 /* The message of the last failed call, "" after a successful one. Valid until
  * the next call on h. */

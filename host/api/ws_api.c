@@ -143,6 +143,9 @@ static int enter(ws_host *h, const char *what, int need_session)
         set_error(h, "%s: the session was closed", what);
         return -1;
     }
+    /* An interrupt that came while no call ran belongs to none: it must not
+     * fail this one. */
+    if (h->L) lua_sethook(h->L, NULL, 0, 0);
     return 0;
 }
 
@@ -203,6 +206,13 @@ ws_host *ws_host_new(void)
 void ws_host_free(ws_host *h)
 {
     if (!h) return;
+    /* From inside one of its own callbacks the state is in use: refused (the
+     * host stays valid; free it after the call returns). */
+    if (h->busy) {
+        set_error(h, "free: called from inside a callback of the same host; free it after the "
+                     "call returns");
+        return;
+    }
     if (h->L) lua_close(h->L); /* __gc releases tensors, pools and lent memory */
     clear_error(h);
     free(h);
@@ -422,7 +432,8 @@ static int p_register(lua_State *L)
         push_shape(L, a->global_ndim, a->global_shape);
     else
         lua_pushnil(L);
-    lua_call(L, 5, 0);
+    lua_pushboolean(L, 1); /* the session frees this wrapper at close */
+    lua_call(L, 6, 0);
     return 0;
 }
 
@@ -513,8 +524,11 @@ static int call_callback(lua_State *L)
     else if (lua_type(L, 1) == LUA_TSTRING)
         sarg = lua_tostring(L, 1);
     char err[1024] = "";
-    if (fn(ud, event, arg, sarg, err, sizeof err) != 0)
-        return luaL_error(L, "%s callback failed: %s", event, err[0] ? err : "(no message)");
+    if (fn(ud, event, arg, sarg, err, sizeof err) != 0) {
+        /* No file position: the message is the caller's, about its callback. */
+        lua_pushfstring(L, "%s callback failed: %s", event, err[0] ? err : "(no message)");
+        return lua_error(L);
+    }
     return 0;
 }
 
@@ -553,8 +567,9 @@ int ws_host_on(ws_host *h, const char *event, ws_host_callback fn, void *ud)
 
 /* ---- step and close --------------------------------------------------------------------------- */
 
-/* Waits for wshost's work on every GPU: a step returns with its copies done,
- * so the caller may read or free what it lent. */
+/* Waits for wshost's work on the GPUs it has used: a step returns with its
+ * copies done, so the caller may read or free what it lent. A GPU wshost
+ * never touched is left alone (no context is made on it). */
 static int sync_devices(lua_State *L)
 {
     int n = ws_device_cuda_count();
@@ -562,7 +577,8 @@ static int sync_devices(lua_State *L)
         char name[32];
         ws_device *d;
         snprintf(name, sizeof name, "cuda:%d", i);
-        if (ws_device_get(name, &d) == WS_OK && ws_device_synchronize(d) != WS_OK)
+        if (ws_device_get(name, &d) == WS_OK && ws_device_in_use(d) &&
+            ws_device_synchronize(d) != WS_OK)
             return luaL_error(L, "%s", ws_errmsg());
     }
     return 0;

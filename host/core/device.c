@@ -183,6 +183,8 @@ ws_status ws_device_mem_info(ws_device *d, ws_mem_info *out)
 
 ws_status ws_device_synchronize(ws_device *d) { return d->ops->synchronize(d); }
 
+int ws_device_in_use(const ws_device *d) { return d->ops->in_use ? d->ops->in_use(d) : 1; }
+
 int64_t ws_layout_numel(const ws_layout *l)
 {
     int64_t n = 1;

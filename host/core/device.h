@@ -98,6 +98,9 @@ typedef struct ws_device_ops {
     ws_status (*quantize_fp8_block)(ws_device *d, const ws_quant_desc *descs, size_t n);
 
     ws_status (*synchronize)(ws_device *d);
+    /* Optional: whether the device has been set up for use (a GPU wshost has
+     * not touched yet has no streams or context); NULL: always. */
+    int (*in_use)(const ws_device *d);
     ws_status (*mem_info)(ws_device *d, size_t *free_bytes, size_t *total_bytes);
 
     /* Timing events (cpu: wall clock). */
@@ -153,6 +156,8 @@ void ws_device_account(ws_device *d, ptrdiff_t delta_bytes);
 void ws_device_reset_peak(ws_device *d);
 ws_status ws_device_mem_info(ws_device *d, ws_mem_info *out);
 ws_status ws_device_synchronize(ws_device *d);
+/* Whether wshost has used the device yet (so a wait on it means something). */
+int ws_device_in_use(const ws_device *d);
 
 /* Backends register themselves (called from device.c). */
 const ws_device_ops *ws_cpu_ops(void);

@@ -217,6 +217,12 @@ static ws_status check_entry(const ws_plan *p, size_t index, const ws_tensor *sr
                       index, (long long)numel);
     int64_t ceil_shard = numel / p->world + (numel % p->world != 0); /* without overflow */
     if (shard == 0) shard = ceil_shard;
+    if (shard > ceil_shard && shard > numel)
+        return WS_ERR(WS_ERR_ARG,
+                      "plan '%s': entry %zu: src %s: a shard of %lld elements is larger than the "
+                      "%lld-element tensor",
+                      p->name, index, ws_tensor_label(src, a, sizeof a), (long long)shard,
+                      (long long)numel);
     if (shard < ceil_shard)
         return WS_ERR(WS_ERR_ARG,
                       "plan '%s': entry %zu: src %s: a shard of %lld elements over %d ranks "

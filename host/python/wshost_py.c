@@ -92,6 +92,8 @@ struct SessionObject {
     TensorObject **allocs;    /* borrowed: each alloc'd Tensor holds us */
     size_t n_allocs, cap_allocs;
     PyObject *callback_error; /* the exception a callback raised, for __cause__ */
+    int reraise;              /* callback_error is KeyboardInterrupt or SystemExit: raised as is */
+    int cuda;                 /* a CUDA tensor was registered or allocated */
 };
 
 static PyTypeObject SessionType;
@@ -494,6 +496,16 @@ static PyObject *py_from_dlpack(PyObject *mod, PyObject *obj)
 
 static PyObject *host_error(SessionObject *s)
 {
+    if (s->callback_error && s->reraise) {
+        /* Ctrl-C or sys.exit() inside a callback: the same exception, so the
+         * program stops as it would have without wshost in between. */
+        PyObject *v = s->callback_error;
+        s->callback_error = NULL;
+        s->reraise = 0;
+        PyErr_SetObject((PyObject *)Py_TYPE(v), v);
+        Py_DECREF(v);
+        return NULL;
+    }
     PyErr_SetString(WsError, ws_host_error(s->h));
     if (s->callback_error) {
         PyObject *type, *value, *tb;
@@ -612,15 +624,35 @@ static void session_dealloc(SessionObject *s)
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
+/* One registration of on(): ud of the C callback. Kept in s->callbacks
+ * (as a capsule) so it lives as long as the session. */
+typedef struct callback_ctx {
+    SessionObject *s; /* borrowed: the host, which calls us, dies with the session */
+    PyObject *fn;
+} callback_ctx;
+
 static int session_traverse(SessionObject *s, visitproc visit, void *arg)
 {
     Py_VISIT(s->callbacks);
+    /* The callbacks sit in capsules, which the collector cannot see into: a
+     * callback that refers back to the session (a bound method of an object
+     * holding it) would otherwise keep both alive forever. */
+    if (s->callbacks) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(s->callbacks); i++) {
+            const callback_ctx *c =
+                PyCapsule_GetPointer(PyList_GET_ITEM(s->callbacks, i), "wshost.callback");
+            if (c) Py_VISIT(c->fn);
+            else PyErr_Clear();
+        }
+    }
+    Py_VISIT(s->callback_error);
     return 0;
 }
 
 static int session_clear(SessionObject *s)
 {
     Py_CLEAR(s->callbacks);
+    Py_CLEAR(s->callback_error);
     return 0;
 }
 
@@ -754,9 +786,37 @@ static PyObject *session_register(SessionObject *s, PyObject *args, PyObject *kw
     if (gshape != Py_None && read_shape(gshape, "global_shape", &gndim, gs) != 0) goto fail;
     if (Py_IS_TYPE(obj, &TensorType)) {
         t = (TensorObject *)obj;
+        if (t->session && t->session != s) {
+            PyErr_Format(WsError, "register: %s tensor '%s' is memory another session allocated "
+                         "(Session.alloc), which its close frees; allocate it in this session",
+                         role, name);
+            goto fail;
+        }
         Py_INCREF(t);
-    } else if (!(t = (TensorObject *)py_from_dlpack(NULL, obj))) {
-        goto fail;
+    } else {
+        /* A parameter that needs gradients cannot be exported as it is; its
+         * detached view is the same memory. */
+        PyObject *rg = PyObject_GetAttrString(obj, "requires_grad");
+        int needs = rg && PyObject_IsTrue(rg) == 1;
+        Py_XDECREF(rg);
+        PyErr_Clear();
+        PyObject *plain = needs ? PyObject_CallMethod(obj, "detach", NULL) : NULL;
+        if (needs && !plain) goto fail;
+        t = (TensorObject *)py_from_dlpack(NULL, plain ? plain : obj);
+        Py_XDECREF(plain);
+        if (!t) {
+            /* The producer's refusal, with the tensor it is about. */
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyObject *txt = value ? PyObject_Str(value) : NULL;
+            PyErr_Format(WsError, "register: %s tensor '%s': %s", role, name,
+                         txt ? PyUnicode_AsUTF8(txt) : "not a DLPack tensor");
+            Py_XDECREF(txt);
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+            goto fail;
+        }
     }
     Py_XDECREF(local);
     Py_XDECREF(dshape);
@@ -766,6 +826,7 @@ static PyObject *session_register(SessionObject *s, PyObject *args, PyObject *kw
         return NULL;
     }
     ws_host_memory m = t->mem;
+    if (m.device_type == WS_HOST_CUDA) s->cuda = 1;
     m.release = release_lent;
     m.release_ctx = t; /* our reference goes to wshost, dropped by release_lent */
     if (ws_host_register(s->h, role, name, &m, gndim, gndim ? gs : NULL) != 0) return host_error(s);
@@ -810,6 +871,7 @@ static PyObject *session_alloc(SessionObject *s, PyObject *args, PyObject *kw)
         Py_DECREF(t);
         return host_error(s);
     }
+    if (t->mem.device_type == WS_HOST_CUDA) s->cuda = 1;
     Py_INCREF(name);
     Py_SETREF(t->name, name);
     Py_INCREF(s);
@@ -818,12 +880,6 @@ static PyObject *session_alloc(SessionObject *s, PyObject *args, PyObject *kw)
     return (PyObject *)t;
 }
 
-/* One registration of on(): ud of the C callback. Kept in s->callbacks
- * (as a capsule) so it lives as long as the session. */
-typedef struct callback_ctx {
-    SessionObject *s; /* borrowed: the host, which calls us, dies with the session */
-    PyObject *fn;
-} callback_ctx;
 
 static void callback_ctx_free(PyObject *cap)
 {
@@ -833,18 +889,111 @@ static void callback_ctx_free(PyObject *cap)
     PyMem_Free(c);
 }
 
+/* Ctrl-C while a step or close runs without the GIL: Python's own handler
+ * would only run at the next callback, so for the call's duration SIGINT
+ * stops the host at its next Lua step (ws_host_interrupt is safe in a
+ * signal handler) and the call then raises KeyboardInterrupt. Only on the
+ * main thread, and only where SIGINT is not ignored. */
+static ws_host *volatile sigint_host;
+static volatile sig_atomic_t sigint_seen;
+static struct sigaction sigint_saved; /* Python's, while ours is installed */
+static int sigint_installed;
+
+static void on_sigint(int sig)
+{
+    (void)sig;
+    sigint_seen = 1;
+    if (sigint_host) ws_host_interrupt(sigint_host);
+}
+
+static int sigint_begin(ws_host *h, struct sigaction *old)
+{
+    if (!_PyOS_IsMainThread()) return 0;
+    if (sigaction(SIGINT, NULL, old) != 0 || old->sa_handler == SIG_IGN) return 0;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sigint;
+    sigemptyset(&sa.sa_mask);
+    sigint_seen = 0;
+    sigint_host = h;
+    sigint_saved = *old;
+    sigint_installed = sigaction(SIGINT, &sa, NULL) == 0;
+    return sigint_installed;
+}
+
+/* Restores the handler; 1 when Ctrl-C came during the call. */
+static int sigint_end(int installed, const struct sigaction *old)
+{
+    if (!installed) return 0;
+    sigaction(SIGINT, old, NULL);
+    sigint_host = NULL;
+    sigint_installed = 0;
+    return sigint_seen != 0;
+}
+
+/* enter: while our handler is installed (a step runs), puts Python's back
+ * for a callback and returns 1; leave (enter 0): ours again. */
+static int sigint_python_during_callback(int enter)
+{
+    if (!sigint_installed || !_PyOS_IsMainThread()) return 0;
+    if (enter) return sigaction(SIGINT, &sigint_saved, NULL) == 0;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sigint;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    return 0;
+}
+
+/* torch.cuda.synchronize() when torch is loaded and its CUDA initialized;
+ * returns r, or NULL (r dropped) with the exception set. */
+static PyObject *sync_torch_cuda(PyObject *r)
+{
+    PyObject *name = PyUnicode_FromString("torch");
+    PyObject *torch = name ? PyImport_GetModule(name) : NULL;
+    Py_XDECREF(name);
+    if (!torch) {
+        PyErr_Clear();
+        return r;
+    }
+    PyObject *cuda = PyObject_GetAttrString(torch, "cuda");
+    Py_DECREF(torch);
+    PyObject *ready = cuda ? PyObject_CallMethod(cuda, "is_initialized", NULL) : NULL;
+    if (!ready) PyErr_Clear(); /* no torch.cuda: nothing of torch's runs on a GPU */
+    PyObject *done = ready && PyObject_IsTrue(ready) == 1
+                         ? PyObject_CallMethod(cuda, "synchronize", NULL) : Py_NewRef(Py_None);
+    Py_XDECREF(ready);
+    Py_XDECREF(cuda);
+    if (!done) {
+        Py_DECREF(r);
+        return NULL;
+    }
+    Py_DECREF(done);
+    return r;
+}
+
 static int call_python(void *ud, const char *event, long long arg, const char *sarg, char *err,
                        size_t errlen)
 {
     callback_ctx *c = ud;
     PyGILState_STATE g = PyGILState_Ensure();
+    /* Python code runs: Python's own Ctrl-C handling, so a callback that
+     * waits (a collective, a sleep) can be interrupted. */
+    int ours = sigint_python_during_callback(1);
     PyObject *r = sarg ? PyObject_CallFunction(c->fn, "s", sarg)
                        : PyObject_CallFunction(c->fn, "L", arg);
+    if (ours) sigint_python_during_callback(0);
+    /* What the callback queued on the caller's own CUDA streams (an optimizer
+     * step) must be done before wshost's streams read it: DLPack's stream
+     * handshake covers the export, not later writes. */
+    if (r && c->s->cuda) r = sync_torch_cuda(r);
     int rc = 0;
     if (!r) {
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
         PyErr_NormalizeException(&type, &value, &tb);
+        c->s->reraise = type && (PyErr_GivenExceptionMatches(type, PyExc_KeyboardInterrupt) ||
+                                 PyErr_GivenExceptionMatches(type, PyExc_SystemExit));
         if (tb && value) PyException_SetTraceback(value, tb);
         PyObject *text = value ? PyObject_Str(value) : NULL;
         const char *msg = text ? PyUnicode_AsUTF8(text) : NULL;
@@ -896,43 +1045,6 @@ static PyObject *json_to_dict(char *text)
     return r;
 }
 
-/* Ctrl-C while a step or close runs without the GIL: Python's own handler
- * would only run at the next callback, so for the call's duration SIGINT
- * stops the host at its next Lua step (ws_host_interrupt is safe in a
- * signal handler) and the call then raises KeyboardInterrupt. Only on the
- * main thread, and only where SIGINT is not ignored. */
-static ws_host *volatile sigint_host;
-static volatile sig_atomic_t sigint_seen;
-
-static void on_sigint(int sig)
-{
-    (void)sig;
-    sigint_seen = 1;
-    if (sigint_host) ws_host_interrupt(sigint_host);
-}
-
-static int sigint_begin(ws_host *h, struct sigaction *old)
-{
-    if (!_PyOS_IsMainThread()) return 0;
-    if (sigaction(SIGINT, NULL, old) != 0 || old->sa_handler == SIG_IGN) return 0;
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_sigint;
-    sigemptyset(&sa.sa_mask);
-    sigint_seen = 0;
-    sigint_host = h;
-    return sigaction(SIGINT, &sa, NULL) == 0;
-}
-
-/* Restores the handler; 1 when Ctrl-C came during the call. */
-static int sigint_end(int installed, const struct sigaction *old)
-{
-    if (!installed) return 0;
-    sigaction(SIGINT, old, NULL);
-    sigint_host = NULL;
-    return sigint_seen != 0;
-}
-
 static PyObject *session_step(SessionObject *s, PyObject *unused)
 {
     if (session_usable(s, "step") != 0) return NULL;
@@ -946,9 +1058,10 @@ static PyObject *session_step(SessionObject *s, PyObject *unused)
     Py_END_ALLOW_THREADS
     int interrupted = sigint_end(installed, &old_int);
     s->in_call = 0;
-    if (rc != 0 && interrupted) {
+    if (interrupted) {
+        /* Ctrl-C at any moment of the call, even one that then completed. */
         free(rec);
-        PyErr_SetString(PyExc_KeyboardInterrupt, ws_host_error(s->h));
+        PyErr_SetString(PyExc_KeyboardInterrupt, rc != 0 ? ws_host_error(s->h) : "interrupted!");
         return NULL;
     }
     if (rc != 0) return host_error(s);

@@ -82,6 +82,13 @@ function M.row_shard(shape, rank, world)
     return per, first, math.max(0, math.min(per, rows - first))
 end
 
+-- `shape` with its first dimension replaced by `rows`.
+function M.rows_shape(shape, rows)
+    local out = { rows }
+    for d = 2, #shape do out[d] = shape[d] end
+    return out
+end
+
 -- Checks one registration against the expected entry `want`; raises naming
 -- the tensor. global: the full shape the caller gave (nil: the model's; a
 -- trainer tensor is then this rank's shard of it).
@@ -117,11 +124,19 @@ function M.check_registration(role, want, t, global, rank, world)
             error(string.format("%s tensor '%s' has shape %s, the model's is %s", role, name,
                                 shape_str(shape), shape_str(want.shape)), 0)
         end
-    elseif n ~= mine * cols and n ~= per * cols then
-        error(string.format("%s tensor '%s': rank %d of %d holds rows [%d, %d) of the %s " ..
-                            "tensor (%d elements, or %d with the padding), but the tensor " ..
-                            "given has shape %s", role, name, rank, world, first, first + mine,
-                            shape_str(want.shape), mine * cols, per * cols, shape_str(shape)), 0)
+    else
+        -- This rank's rows, with or without the padding of a short shard:
+        -- [mine or per, the model's other dims].
+        local fits = #shape == math.max(1, #want.shape) and (shape[1] == mine or shape[1] == per)
+        for d = 2, #want.shape do fits = fits and shape[d] == want.shape[d] end
+        if not fits then
+            error(string.format("%s tensor '%s': rank %d of %d holds rows [%d, %d) of the %s " ..
+                                "tensor (shape %s, or %s with the padding), but the tensor " ..
+                                "given has shape %s", role, name, rank, world, first,
+                                first + mine, shape_str(want.shape),
+                                shape_str(M.rows_shape(want.shape, mine)),
+                                shape_str(M.rows_shape(want.shape, per)), shape_str(shape)), 0)
+        end
     end
 end
 
@@ -201,13 +216,19 @@ end
 
 -- The caller's optimizer step ("train" callback); the runner's checksums of
 -- trainable weights are taken again after it.
+--
+-- The memory is the caller's, so wshost cannot know which weights its step
+-- changed: frozen ones too may change (PEFT's modules_to_save, a caller's own
+-- update), so the checksums verification keeps of them are taken again
+-- (`loads` counts as a reload). A policy that skips the base then fails its
+-- rollout if the base did change, instead of proving a stale copy.
 function Trainer:train_step(step)
     local cb = self.session.callbacks.train
     if cb then cb(step) end
     for _, e in ipairs(self.params) do
         if e.trainable then e.version = e.version + 1 end
     end
-    self.generation = self.generation + 1
+    self.generation, self.loads = self.generation + 1, self.loads + 1
 end
 
 -- The caller's memory is the caller's to offload (the session refuses
@@ -292,8 +313,10 @@ function Engine:sleep(level, note)
     if level ~= 1 and level ~= 2 then
         error("engine:sleep: level must be 1 or 2, got " .. tostring(level), 2)
     end
-    if self.pool and not self.asleep.weights then must("engine", self.pool:sleep(level, note)) end
+    -- The caller's callback first, while wshost's pool is still mapped (views
+    -- of alloc'd tensors must not be read while it sleeps).
     call(self, "sleep", level)
+    if self.pool and not self.asleep.weights then must("engine", self.pool:sleep(level, note)) end
     self.asleep.weights, self.asleep.kv_cache = true, true
 end
 

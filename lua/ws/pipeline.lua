@@ -275,8 +275,9 @@ function Ctx:rollout()
     rec.verify_check_ms = ws.now_ms() - t0
     self:add_ms("verify", rec.verify_check_ms)
     self:phase("rollout", self.engine.rollout, self.engine, step)
-    -- The engine as the last rollout left it: every rank writes its own.
-    if step == self.cfg.steps and self.cfg.save_engine ~= "" then
+    -- The engine as the last rollout left it: every rank writes its own. A
+    -- session has no last step known in advance: it writes at close.
+    if step == self.cfg.steps and self.cfg.save_engine ~= "" and not self.session then
         local files = checkpoint.save_engine(self.engine, self.cfg.save_engine, self)
         self.log(string.format("# save_engine: wrote %s in %s", files[1], self.cfg.save_engine))
     end
@@ -569,7 +570,7 @@ function M.setup(p, cfg, built, report, env)
     env.ctx = setmetatable({ cfg = cfg, pipeline = p, trainer = trainer, engine = engine,
                              sync = sync, comm = comm, rank = env.rank, world = world,
                              device = device, lora = lcfg, log = log,
-                             verify_kinds = verify_kinds,
+                             verify_kinds = verify_kinds, session = env.session,
                              state = { base_sync_done = false, engine_has_base = false,
                                        written = {} } }, Ctx)
 end

@@ -18,6 +18,7 @@ local ws = require("ws")
 local config = require("ws.config")
 local pipeline = require("ws.pipeline")
 local inprocess = require("ws.inprocess")
+local checkpoint = require("ws.checkpoint")
 local must = require("ws.errors").must
 
 local M = {}
@@ -85,8 +86,10 @@ end
 
 -- Registers `t` (a ws.Tensor over the caller's memory) as `name` of `role`;
 -- global: the full tensor's shape (trainer, adapter: t is this rank's dim-0
--- shard; nil: t's own shape).
-function Session:add(role, name, t, global)
+-- shard; nil: t's own shape). owned: the tensor is a wrapper the session may
+-- free at close (the C API's over the caller's memory), so the caller learns
+-- through its release callback that wshost let the memory go.
+function Session:add(role, name, t, global, owned)
     check_open(self, "add")
     check_role(role)
     if self.run then
@@ -103,7 +106,7 @@ function Session:add(role, name, t, global)
         error(string.format("%s tensor '%s' is registered twice", role, name), 2)
     end
     inprocess.check_registration(role, want, t, global, self.env.rank, self.env.world)
-    self.reg[role][name] = { tensor = t, global = global }
+    self.reg[role][name] = { tensor = t, global = global, owned = owned == true }
 end
 
 -- An engine tensor in wshost's memory: a sleepable pool tagged "weights",
@@ -125,13 +128,17 @@ function Session:alloc(name, shape, dtype)
         self.pool = must("session", ws.pool{ device = self.env.device, tag = "weights",
                                              bytes = ws.pool_bytes(shapes, "bf16") })
     end
-    local t = must("session", self.pool:tensor{ shape = shape, dtype = dtype or "bf16",
-                                                name = name })
-    local ok, err = pcall(inprocess.check_registration, "engine", want, t, nil, 0, 1)
-    if not ok then
-        t:free()
-        error(err, 0)
+    dtype = dtype or "bf16"
+    if dtype ~= "bf16" then
+        error(string.format("engine tensor '%s' is %s; the engine's weights must be bf16 " ..
+                            "(engine_dtype=bf16)", name, tostring(dtype)), 2)
     end
+    local given = inprocess.shape_str(shape)
+    if given ~= inprocess.shape_str(want.shape) then
+        error(string.format("engine tensor '%s' has shape %s, the engine's layout needs %s",
+                            name, given, inprocess.shape_str(want.shape)), 2)
+    end
+    local t = must("session", self.pool:tensor{ shape = shape, dtype = dtype, name = name })
     self.reg.engine[name] = { tensor = t, pooled = true }
     self.allocated[#self.allocated + 1] = t
     return t
@@ -163,6 +170,7 @@ function Session:step()
         local popts = {}
         for k, v in pairs(self.popts) do popts[k] = v end
         popts.env = self.env
+        self.env.session = true
         popts.parts = {
             trainer = function(args) return inprocess.trainer(args, self) end,
             engine = function(args) return inprocess.engine(args, self) end,
@@ -185,11 +193,30 @@ function Session:close()
     if self.closed then return self.summary end
     self.closed = true
     local ok, err, summary = true, nil, nil
+    -- save_engine=: the engine as the last step's rollout left it.
+    local run = self.run
+    if run and run.ctx and run.step_no > 0 and self.cfg.save_engine ~= "" then
+        local okw, files = pcall(checkpoint.save_engine, run.ctx.engine, self.cfg.save_engine,
+                                 run.ctx)
+        if okw then
+            run.ctx.log(string.format("# save_engine: wrote %s in %s", files[1],
+                                      self.cfg.save_engine))
+        else
+            ok, err = false, files
+        end
+    end
     if self.run then
         local ok1, _, s = pcall(self.run.finish, self.run)
-        if ok1 then summary = s else ok, err = false, _ end
+        if ok1 then summary = s elseif ok then ok, err = false, _ end
     end
     for i = #self.allocated, 1, -1 do pcall(self.allocated[i].free, self.allocated[i]) end
+    -- wshost's references to the caller's memory go now, not at the next
+    -- garbage collection: the caller learns through its release callbacks.
+    for _, role in ipairs({ "trainer", "adapter", "engine" }) do
+        for _, r in pairs(self.reg[role]) do
+            if r.owned then pcall(r.tensor.free, r.tensor) end
+        end
+    end
     self.allocated, self.reg = {}, { trainer = {}, adapter = {}, engine = {} }
     if self.pool then
         local okp, perr = pcall(self.pool.free, self.pool)

@@ -204,11 +204,37 @@ static void test_callback_failure_fails_the_step(void)
     CHECK(released == lent);
 }
 
+/* ws_host_free from inside a callback is refused (the host stays usable). */
+static int free_in_train(void *ud, const char *event, long long arg, const char *sarg, char *err,
+                         size_t errlen)
+{
+    ws_host *h = ud;
+    ws_host_free(h);
+    CHECK(strstr(ws_host_error(h), "inside a callback") != NULL);
+    return 0;
+}
+
+static void test_reentry_and_stale_interrupt(void)
+{
+    released = lent = 0;
+    ws_host *h = open_host();
+    register_all(h);
+    CHECK(ws_host_on(h, "train", free_in_train, h) == 0);
+    CHECK(ws_host_step(h, NULL) == 0);
+    /* An interrupt while no call runs fails no later call. */
+    ws_host_interrupt(h);
+    CHECK(ws_host_step(h, NULL) == 0);
+    CHECK(!strcmp(ws_host_error(h), ""));
+    ws_host_free(h);
+    CHECK(released == lent);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1) pipeline = argv[1];
     RUN(test_steps);
     RUN(test_errors_name_the_culprit);
     RUN(test_callback_failure_fails_the_step);
+    RUN(test_reentry_and_stale_interrupt);
     return check_summary();
 }

@@ -338,6 +338,9 @@ static void test_shape_errors(void)
     CHECK_ERR(ws_plan_add_sharded(p, (const ws_tensor *[]){&a}, (const ws_tensor *[]){&b},
                                   (int64_t[]){1199}, (int64_t[]){600}, 1),
               WS_ERR_ARG, "a shard of 600 elements over 1 ranks cannot hold the 1199");
+    CHECK_ERR(ws_plan_add_sharded(p, (const ws_tensor *[]){&b}, (const ws_tensor *[]){&b},
+                                  (int64_t[]){1199}, (int64_t[]){1000000}, 1),
+              WS_ERR_ARG, "a shard of 1000000 elements is larger than the 1199-element tensor");
     ws_plan_stats st;
     ws_plan_get_stats(p, &st);
     CHECK(st.entries == 0);

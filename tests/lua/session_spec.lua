@@ -114,6 +114,31 @@ describe("ws.session", function()
         S:close()
     end)
 
+    it("catches a frozen base weight the caller changed but the policy did not send", function()
+        local S, mine = setup({ free_cache_engine = false })
+        S:step()
+        local name = "model.embed_tokens.weight"
+        S:on("train", function() mine.trainer[name]:fill(0.5) end) -- e.g. modules_to_save
+        local err = err_of(S.step, S)
+        assert.matches("step 2 failed", err, 1, true)
+        assert.matches("trainer parameter '" .. name:gsub("%.", "%%.") .. "'", err)
+        S:close()
+    end)
+
+    it("save_engine= writes the engine as the last step left it, at close", function()
+        local dir = os.tmpname()
+        os.remove(dir)
+        local S, mine = setup({ save_engine = dir, free_cache_engine = false })
+        S:step()
+        S:step() -- fewer than the steps key's 3: the session decides when it ends
+        S:close()
+        local ck = assert(ws.safetensors(dir .. "/engine-rank-00000.safetensors"))
+        local name = "model.layers.0.mlp.down_proj.base_layer.weight"
+        assert.are.equal(mine.engine[name]:checksum(), ck:tensor(name):checksum())
+        ck:free()
+        os.execute("rm -rf '" .. dir .. "'")
+    end)
+
     it("names every mismatch before any byte moves", function()
         local S = session.open("pipelines/verl_lora.lua", with(), { quiet = true })
         local t = ws.tensor{ shape = { 3, 3 }, dtype = "bf16" }

@@ -91,4 +91,15 @@ local wrong = ws.tensor{ shape = e.shape, dtype = "bf16" }
 local ok, err = pcall(S2.add, S2, "trainer", e.name, wrong, e.shape)
 assert(not ok and tostring(err):find(string.format("rank %d of %d holds rows", rank, W), 1, true),
        tostring(err))
+-- The right number of elements in the wrong shape (columns instead of
+-- rows) is refused too: a shard is this rank's rows.
+local q
+for _, x in ipairs(S2:expected("trainer")) do
+    if x.name == "model.layers.0.self_attn.q_proj.weight" then q = x end
+end
+local per = inprocess.row_shard(q.shape, rank, W)
+local cols = ws.tensor{ shape = { q.shape[2], per }, dtype = "bf16" }
+ok, err = pcall(S2.add, S2, "trainer", q.name, cols, q.shape)
+assert(not ok and tostring(err):find("holds rows", 1, true) and
+       tostring(err):find("but the tensor given has shape", 1, true), tostring(err))
 S2:close()

@@ -854,6 +854,12 @@ static ws_status cuda_synchronize(ws_device *d)
     return WS_OK;
 }
 
+static int cuda_in_use(const ws_device *d)
+{
+    cuda_dev *c = d->impl;
+    return atomic_load(&c->ready) != 0;
+}
+
 static ws_status cuda_mem_info(ws_device *d, size_t *free_bytes, size_t *total_bytes)
 {
     cuda_dev *c;
@@ -927,6 +933,7 @@ static const ws_device_ops cuda_ops = {
     .checksum_rows = cuda_checksum_rows,
     .quantize_fp8_block = cuda_quantize_fp8_block,
     .synchronize = cuda_synchronize,
+    .in_use = cuda_in_use,
     .mem_info = cuda_mem_info,
     .event_create = cuda_event_create,
     .event_record = cuda_event_record,
