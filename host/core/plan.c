@@ -217,17 +217,18 @@ static ws_status check_entry(const ws_plan *p, size_t index, const ws_tensor *sr
                       index, (long long)numel);
     int64_t ceil_shard = numel / p->world + (numel % p->world != 0); /* without overflow */
     if (shard == 0) shard = ceil_shard;
+    /* A relay's receiver has no src: its shards are the trainer ranks'. */
+    const char *slabel = src ? ws_tensor_label(src, a, sizeof a) : "(on the trainer ranks)";
     if (shard > ceil_shard && shard > numel)
         return WS_ERR(WS_ERR_ARG,
                       "plan '%s': entry %zu: src %s: a shard of %lld elements is larger than the "
                       "%lld-element tensor",
-                      p->name, index, ws_tensor_label(src, a, sizeof a), (long long)shard,
-                      (long long)numel);
+                      p->name, index, slabel, (long long)shard, (long long)numel);
     if (shard < ceil_shard)
         return WS_ERR(WS_ERR_ARG,
                       "plan '%s': entry %zu: src %s: a shard of %lld elements over %d ranks "
                       "cannot hold the %lld elements of the full tensor",
-                      p->name, index, ws_tensor_label(src, a, sizeof a), (long long)shard,
+                      p->name, index, slabel, (long long)shard,
                       p->world, (long long)numel);
     int64_t real = numel - (int64_t)p->rank * shard;
     real = real < 0 ? 0 : real > shard ? shard : real;
