@@ -124,7 +124,7 @@ function M.relay_of(place)
              trainer_comm = place.trainer_comm, n = place.n }
 end
 
--- The JSON-less word for a report: "2 trainer + 2 engine ranks".
+-- One line for the run's header: "disaggregated: 2 trainer + 2 engine ranks (...)".
 function M.describe(place, world)
     return string.format("disaggregated: %d trainer + %d engine ranks (this rank: %s %d)",
                          place.n, world - place.n, place.trainer and "trainer" or "engine",
