@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
+#include <sys/mman.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
@@ -21,6 +22,7 @@
 #include "chan.h"
 #include "check.h"
 #include "remote.h"
+#include "remote_wire.h"
 #include "shm.h"
 #include "tensor.h"
 
@@ -37,6 +39,30 @@ static int count_dir(const char *path)
 }
 
 static int count_fds(void) { return count_dir("/proc/self/fd") - 1; /* the DIR's own */ }
+
+/* Entries of /dev/shm whose name holds "wshost" (other programs on the
+ * machine come and go there; none of ours may). */
+static int count_wshost_shm(void)
+{
+    DIR *d = opendir("/dev/shm");
+    if (!d) return 0;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));) n += strstr(e->d_name, "wshost") != NULL;
+    closedir(d);
+    return n;
+}
+
+/* Mappings of this process whose line in /proc/self/maps holds `needle`. */
+static int count_maps(const char *needle)
+{
+    FILE *f = fopen("/proc/self/maps", "r");
+    if (!f) return -1;
+    char line[512];
+    int n = 0;
+    while (fgets(line, sizeof line, f)) n += strstr(line, needle) != NULL;
+    fclose(f);
+    return n;
+}
 
 static const char *chan_name(void)
 {
@@ -174,6 +200,12 @@ static ws_status sync_model(ws_sender *s, ws_tensor *src, uint64_t version, int 
 
 /* ---- the channel alone ------------------------------------------------------------ */
 
+static int always(void *ctx)
+{
+    (void)ctx;
+    return 1;
+}
+
 static void test_channel_messages(void)
 {
     const char *name = chan_name();
@@ -193,6 +225,9 @@ static void test_channel_messages(void)
         CHECK_OK(ws_chan_send(c, 7, "hi", 2, &p[0], 1, 1000, "a small message"));
         CHECK_OK(ws_chan_send(c, 8, big, sizeof big, NULL, 0, 5000, "a large message"));
         CHECK_OK(ws_chan_send(c, 9, NULL, 0, NULL, 0, 1000, "an empty message"));
+        ws_chan_msg go;
+        CHECK_OK(ws_chan_recv(c, 5000, &go, "waiting to be let go"));
+        ws_chan_msg_free(&go);
         ws_chan_close(c);
         CHILD_EXIT();
     }
@@ -216,6 +251,17 @@ static void test_channel_messages(void)
     CHECK_OK(ws_chan_recv(c, 2000, &m, "an empty message"));
     CHECK(m.type == 9 && m.len == 0);
     ws_chan_msg_free(&m);
+    /* Alive but silent: the caller's timeout, naming the peer. */
+    double t0 = ws_chan_now_ms();
+    CHECK_ERR(ws_chan_recv(c, 300, &m, "a silent wait"), WS_ERR_TIMEOUT,
+              "did not answer within 300 ms during a silent wait");
+    CHECK(strstr(ws_errmsg(), want));
+    CHECK(ws_chan_now_ms() - t0 < 1000);
+    /* A wait stops when the caller's interrupt check says so (Ctrl-C). */
+    ws_chan_set_interrupt(c, always, NULL);
+    CHECK_ERR(ws_chan_recv(c, -1, &m, "an interrupted wait"), WS_ERR_INTERRUPTED, "interrupted");
+    ws_chan_set_interrupt(c, NULL, NULL);
+    CHECK_OK(ws_chan_send(c, 1, "go", 2, NULL, 0, 1000, "letting the child go"));
     CHECK(wait_child(child) == 0);
     /* The peer is gone: said at once, with its pid. */
     CHECK_ERR(ws_chan_recv(c, 2000, &m, "the next request"), WS_ERR_COMM, want);
@@ -223,7 +269,7 @@ static void test_channel_messages(void)
     ws_chan_close(c);
     ws_chan_listener_close(l);
     /* Nobody listening: the client gives up at its deadline. */
-    double t0 = ws_chan_now_ms();
+    t0 = ws_chan_now_ms();
     CHECK_ERR(ws_chan_connect(name, 150, &c), WS_ERR_TIMEOUT, "no process accepted");
     CHECK(ws_chan_now_ms() - t0 < 1000);
 }
@@ -506,6 +552,9 @@ static void test_sender_killed(void)
         buckets += ev.kind == WS_RECV_BUCKET;
     CHECK_OK(rc);
     CHECK(ws_receiver_state(r, NULL) == WS_WEIGHTS_SYNCING);
+    /* The slots are memfds: mapped here, named nowhere in /dev/shm. */
+    CHECK(count_maps("/memfd:wshost-slot") == 2);
+    CHECK(count_maps("/dev/shm/") == 0);
     double t0 = ws_chan_now_ms();
     kill(child, SIGKILL);
     rc = ws_receiver_next(r, -1, &ev);
@@ -575,10 +624,164 @@ static void test_checksum_mismatch(void)
     free_tensors(dst);
 }
 
+/* A sender that breaks the protocol, written by hand: the receiver checks
+ * what it is sent and refuses it, naming the sender, before copying a byte. */
+static ws_status fake_send(ws_chan *c, uint32_t type, ws_wbuf *w, const int *fds, int nfds)
+{
+    ws_status rc = ws_chan_send(c, type, w->data, w->len, fds, nfds, 2000, "a fake sender");
+    ws_wbuf_free(w);
+    return rc;
+}
+
+static ws_status fake_reply(ws_chan *c, uint32_t type, const char *needle)
+{
+    ws_chan_msg m;
+    WS_TRY(ws_chan_recv(c, 2000, &m, "a fake sender"));
+    int ok = m.type == type &&
+             (!needle || (m.len && memmem(m.payload, m.len, needle, strlen(needle))));
+    if (!ok) fprintf(stderr, "fake sender: got %s: %.*s\n", ws_remote_msg_name(m.type),
+                     (int)m.len, (const char *)m.payload);
+    ws_chan_msg_free(&m);
+    return ok ? WS_OK : WS_ERR(WS_ERR_FORMAT, "unexpected reply");
+}
+
+/* One connection: hello, manifest, slots (sealed or not), and with sealed
+ * slots one bucket whose piece runs past the end of 'model.norm.weight'. */
+static void fake_sender(const char *name, int sealed)
+{
+    ws_chan *c;
+    CHECK_OK(ws_chan_connect(name, 2000, &c));
+    ws_wbuf w = {0};
+    ws_wbuf_u32(&w, WS_REMOTE_PROTOCOL);
+    ws_wbuf_u32(&w, (uint32_t)getpid());
+    ws_wbuf_str(&w, "trainer");
+    CHECK_OK(fake_send(c, WS_MSG_HELLO, &w, NULL, 0));
+    CHECK_OK(fake_reply(c, WS_MSG_HELLO, NULL));
+    ws_wire_tensor t[NT];
+    wire_spec(t);
+    ws_wbuf_u64(&w, 9);
+    ws_wbuf_u32(&w, 0);
+    ws_wbuf_u32(&w, NT);
+    for (int i = 0; i < NT; i++) {
+        ws_wbuf_str(&w, t[i].name);
+        ws_wbuf_u8(&w, (uint8_t)t[i].dtype);
+        ws_wbuf_u8(&w, (uint8_t)t[i].ndim);
+        for (int d = 0; d < t[i].ndim; d++) ws_wbuf_u64(&w, (uint64_t)t[i].shape[d]);
+    }
+    CHECK_OK(fake_send(c, WS_MSG_MANIFEST, &w, NULL, 0));
+    CHECK_OK(fake_reply(c, WS_MSG_ACK, NULL));
+    ws_shm slots[2];
+    int fds[2];
+    for (int i = 0; i < 2; i++) {
+        if (sealed) {
+            CHECK_OK(ws_shm_create(&slots[i], 4096, "fake slot"));
+            fds[i] = slots[i].fd;
+        } else {
+            slots[i] = (ws_shm)WS_SHM_INIT;
+            fds[i] = memfd_create("unsealed", MFD_CLOEXEC);
+            CHECK(ftruncate(fds[i], 4096) == 0);
+        }
+    }
+    ws_wbuf_u32(&w, 2);
+    ws_wbuf_u64(&w, 4096);
+    ws_wbuf_u64(&w, 4096);
+    CHECK_OK(fake_send(c, WS_MSG_SLOTS, &w, fds, 2));
+    if (!sealed) {
+        CHECK_OK(fake_reply(c, WS_MSG_ERROR, "not sealed"));
+        close(fds[0]);
+        close(fds[1]);
+    } else {
+        CHECK_OK(fake_reply(c, WS_MSG_ACK, NULL));
+        ws_wbuf_u64(&w, 0);
+        ws_wbuf_u32(&w, 0);
+        ws_wbuf_u32(&w, 1);
+        ws_wbuf_u32(&w, 3);   /* model.norm.weight, 64 elements */
+        ws_wbuf_u64(&w, 60);  /* elements 60..69 */
+        ws_wbuf_u64(&w, 10);
+        ws_wbuf_u64(&w, 0);
+        CHECK_OK(fake_send(c, WS_MSG_BUCKET, &w, NULL, 0));
+        CHECK_OK(fake_reply(c, WS_MSG_ERROR, "out of range"));
+        ws_shm_free(&slots[0]);
+        ws_shm_free(&slots[1]);
+    }
+    ws_chan_close(c);
+}
+
+static void test_protocol_errors(void)
+{
+    const char *name = chan_name();
+    ws_tensor dst[NT];
+    make_tensors(dst, 0);
+    ws_receiver *r;
+    CHECK_OK(ws_receiver_create(name, NULL, &r));
+    CHECK_OK(add_all(r, dst));
+    pid_t child = fork_child();
+    if (child == 0) {
+        fake_sender(name, 0);
+        fake_sender(name, 1);
+        CHILD_EXIT();
+    }
+    char who[64];
+    snprintf(who, sizeof who, "trainer process (pid %d)", (int)child);
+    ws_receiver_event ev;
+    ws_status rc;
+    while ((rc = ws_receiver_next(r, 3000, &ev)) == WS_OK) {}
+    CHECK_ERR(rc, WS_ERR_FORMAT, "size is not sealed");
+    CHECK(ws_receiver_state(r, NULL) == WS_WEIGHTS_INVALID);
+    while ((rc = ws_receiver_next(r, 3000, &ev)) == WS_OK) {}
+    CHECK_ERR(rc, WS_ERR_FORMAT, "'model.norm.weight' out of range: elements [60, +10) of 64");
+    CHECK(strstr(ws_errmsg(), who));
+    CHECK(ws_receiver_state(r, NULL) == WS_WEIGHTS_INVALID);
+    CHECK(wait_child(child) == 0);
+    ws_receiver_free(r);
+    free_tensors(dst);
+}
+
+/* A sync of some tensors (adapters only) leaves the others as they were. */
+static void test_partial_sync(void)
+{
+    const char *name = chan_name();
+    ws_tensor dst[NT], want[NT];
+    make_tensors(dst, 0);
+    ws_receiver *r;
+    CHECK_OK(ws_receiver_create(name, NULL, &r));
+    CHECK_OK(add_all(r, dst));
+    pid_t child = fork_child();
+    if (child == 0) {
+        ws_sender *s;
+        CHECK_OK(ws_sender_connect(name, NULL, &s));
+        ws_tensor src[NT];
+        make_tensors(src, 4);
+        int buckets;
+        CHECK_OK(sync_model(s, src, 4, &buckets));
+        /* Version 5 changes tensor 3 only. */
+        CHECK_OK(ws_tensor_fill(&src[3], 2.5));
+        ws_wire_tensor w[NT];
+        wire_spec(w);
+        CHECK_OK(ws_sender_begin(s, &w[3], 1, 5, WS_MANIFEST_PARTIAL));
+        ws_sender_piece p = {0, 0, &src[3]};
+        CHECK_OK(ws_sender_bucket(s, &p, 1));
+        CHECK_OK(ws_sender_finish(s));
+        ws_sender_close(s);
+        free_tensors(src);
+        CHILD_EXIT();
+    }
+    CHECK_OK(ws_receiver_serve(r, 3000));
+    CHECK(wait_child(child) == 0);
+    uint64_t version;
+    CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_VALID && version == 5);
+    make_tensors(want, 4);
+    CHECK_OK(ws_tensor_fill(&want[3], 2.5));
+    for (int i = 0; i < NT; i++) CHECK(same_bytes(&dst[i], &want[i]));
+    ws_receiver_free(r);
+    free_tensors(dst);
+    free_tensors(want);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_DFL); /* a SIGPIPE would kill the test: none may be raised */
-    int fds = count_fds(), shm = count_dir("/dev/shm");
+    int fds = count_fds();
     RUN(test_channel_messages);
     RUN(test_shm_slots);
     RUN(test_round_trip);
@@ -587,12 +790,16 @@ int main(void)
     RUN(test_receiver_killed_socket_held);
     RUN(test_sender_killed);
     RUN(test_checksum_mismatch);
-    /* Nothing left behind: every descriptor closed, nothing named in /dev/shm. */
+    RUN(test_protocol_errors);
+    RUN(test_partial_sync);
+    /* Nothing left behind: every descriptor closed, every slot unmapped,
+     * nothing named in /dev/shm. */
     check_case_ = "leftovers";
-    int fds_after = count_fds(), shm_after = count_dir("/dev/shm");
-    if (fds_after != fds || shm_after != shm) {
-        fprintf(stderr, "leftovers: %d descriptors before, %d after; /dev/shm: %d entries "
-                "before, %d after\n", fds, fds_after, shm, shm_after);
+    int fds_after = count_fds(), maps = count_maps("/memfd:wshost-slot");
+    int shm = count_wshost_shm();
+    if (fds_after != fds || maps != 0 || shm != 0) {
+        fprintf(stderr, "leftovers: %d descriptors before, %d after; %d slots still mapped; "
+                "%d wshost entries in /dev/shm\n", fds, fds_after, maps, shm);
         check_failed_++;
     }
     return check_summary();
