@@ -288,7 +288,7 @@ ws_status ws_chan_send(ws_chan *c, uint32_t type, const void *payload, size_t le
         if (n > WS_CHAN_FRAME_BYTES) n = WS_CHAN_FRAME_BYTES;
         frame_header h = {WS_CHAN_MAGIC, WS_CHAN_VERSION, (uint16_t)type,
                           done + n < len ? FLAG_MORE : 0u, (uint32_t)n, (uint64_t)len};
-        struct iovec iov[2] = {{&h, sizeof h}, {(char *)payload + done, n}};
+        struct iovec iov[2] = {{&h, sizeof h}, {n ? (char *)payload + done : NULL, n}};
         union {
             struct cmsghdr align;
             char buf[CMSG_SPACE(sizeof(int) * WS_CHAN_MAX_FDS)];

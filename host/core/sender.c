@@ -293,7 +293,9 @@ ws_status ws_sender_begin(ws_sender *s, const ws_wire_tensor *tensors, size_t n,
         rc = wait_reply(s, WS_MSG_MANIFEST, what, NULL, &refused);
         if (rc != WS_OK && !refused) fail(s, rc);
     }
-    if (rc == WS_OK && !s->slots_sent) rc = create_slots(s, what);
+    /* The receiver accepted the manifest and waits for this sync: from here
+     * any failure leaves the two sides out of step. */
+    if (rc == WS_OK && !s->slots_sent) rc = fail(s, create_slots(s, what));
     if (rc != WS_OK) {
         free_sync(s);
         return rc;
@@ -301,6 +303,7 @@ ws_status ws_sender_begin(ws_sender *s, const ws_wire_tensor *tensors, size_t n,
     s->version = weight_version;
     s->syncing = 1;
     s->next_seq = s->next_ack_seq = 0;
+    s->next_slot = 0; /* both slots were acknowledged by the last finish */
     return WS_OK;
 }
 
@@ -321,12 +324,13 @@ static ws_status await_slot(ws_sender *s, int slot, const char *what)
         memcpy(&acked_slot, m.payload + 4, 4);
         memcpy(&seq, m.payload + 8, 8);
         ws_chan_msg_free(&m);
-        int k = (int)(seq % WS_REMOTE_SLOTS);
-        if (seq != s->next_ack_seq || acked_slot >= WS_REMOTE_SLOTS || !s->busy[acked_slot] ||
-            s->busy_seq[acked_slot] != seq || (int)acked_slot != k) {
+        /* Bucket k of a sync went to slot k % 2 (ws_sender_begin starts at 0). */
+        int k = (int)(s->next_ack_seq % WS_REMOTE_SLOTS);
+        if (seq != s->next_ack_seq || acked_slot != (uint32_t)k || !s->busy[k] ||
+            s->busy_seq[k] != seq) {
             rc = WS_ERR(WS_ERR_FORMAT, "%s: %s acknowledged bucket %" PRIu64 " in slot %u, "
-                        "expected bucket %" PRIu64, step, ws_chan_peer_label(s->chan), seq + 1,
-                        acked_slot, s->next_ack_seq + 1);
+                        "expected bucket %" PRIu64 " in slot %d", step,
+                        ws_chan_peer_label(s->chan), seq + 1, acked_slot, s->next_ack_seq + 1, k);
             break;
         }
         s->busy[acked_slot] = 0;
