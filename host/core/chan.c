@@ -33,6 +33,8 @@ typedef struct frame_header {
 struct ws_chan_listener {
     int fd;
     char name[WS_CHAN_NAME_MAX + 1];
+    int (*interrupted)(void *ctx);
+    void *interrupt_ctx;
 };
 
 struct ws_chan {
@@ -144,10 +146,10 @@ void ws_chan_close(ws_chan *c)
 /* ---- waiting ---------------------------------------------------------------------- */
 
 /* Waits until fd is ready for `events` (or hung up: the next call then reports
- * it), the deadline passes (deadline < 0: none), or the peer (c may be NULL)
- * is found dead. */
+ * it), the deadline passes (deadline < 0: none), the peer (c may be NULL) is
+ * found dead, or `interrupted` says stop. */
 static ws_status wait_fd(ws_chan *c, int fd, short events, double deadline, int timeout_ms,
-                         const char *what)
+                         const char *what, int (*interrupted)(void *), void *ictx)
 {
     for (;;) {
         int slice = WS_CHAN_LIVENESS_MS;
@@ -166,9 +168,9 @@ static ws_status wait_fd(ws_chan *c, int fd, short events, double deadline, int 
         if (n > 0) return WS_OK;
         if (n < 0 && errno != EINTR)
             return WS_ERR(WS_ERR_COMM, "%s: poll failed: %s", what, strerror(errno));
-        if (c && c->interrupted && c->interrupted(c->interrupt_ctx))
+        if (interrupted && interrupted(ictx))
             return WS_ERR(WS_ERR_INTERRUPTED, "%s: interrupted while waiting for %s", what,
-                          c->label);
+                          c ? c->label : "a connection");
         if (c && !pid_alive(c->peer_pid))
             return WS_ERR(WS_ERR_COMM, "%s exited during %s (its end of the connection is "
                           "still open, held by another process)", c->label, what);
@@ -225,6 +227,13 @@ ws_status ws_chan_listen(const char *name, ws_chan_listener **out)
 
 const char *ws_chan_listener_name(const ws_chan_listener *l) { return l->name; }
 
+void ws_chan_listener_set_interrupt(ws_chan_listener *l, int (*interrupted)(void *ctx),
+                                    void *ctx)
+{
+    l->interrupted = interrupted;
+    l->interrupt_ctx = ctx;
+}
+
 void ws_chan_listener_close(ws_chan_listener *l)
 {
     if (!l) return;
@@ -239,7 +248,8 @@ ws_status ws_chan_accept(ws_chan_listener *l, int timeout_ms, ws_chan **out)
     snprintf(what, sizeof what, "channel '%s': waiting for a connection", l->name);
     double deadline = deadline_of(timeout_ms);
     for (;;) {
-        WS_TRY(wait_fd(NULL, l->fd, POLLIN, deadline, timeout_ms, what));
+        WS_TRY(wait_fd(NULL, l->fd, POLLIN, deadline, timeout_ms, what, l->interrupted,
+                       l->interrupt_ctx));
         int fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
         if (fd >= 0) return new_chan(fd, out);
         if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED)
@@ -247,7 +257,8 @@ ws_status ws_chan_accept(ws_chan_listener *l, int timeout_ms, ws_chan **out)
     }
 }
 
-ws_status ws_chan_connect(const char *name, int timeout_ms, ws_chan **out)
+ws_status ws_chan_connect(const char *name, int timeout_ms, int (*interrupted)(void *ctx),
+                          void *ctx, ws_chan **out)
 {
     *out = NULL;
     struct sockaddr_un a;
@@ -257,12 +268,19 @@ ws_status ws_chan_connect(const char *name, int timeout_ms, ws_chan **out)
     for (;;) {
         int fd = open_socket();
         if (fd < 0) return WS_ERR(WS_ERR_COMM, "channel '%s': socket: %s", name, strerror(errno));
-        if (connect(fd, (struct sockaddr *)&a, alen) == 0) return new_chan(fd, out);
+        if (connect(fd, (struct sockaddr *)&a, alen) == 0) {
+            WS_TRY(new_chan(fd, out));
+            ws_chan_set_interrupt(*out, interrupted, ctx);
+            return WS_OK;
+        }
         int e = errno;
         close(fd);
         /* Nobody listens yet (refused) or the backlog is full (again). */
         if (e != ECONNREFUSED && e != EAGAIN && e != EINTR && e != ENOENT)
             return WS_ERR(WS_ERR_COMM, "channel '%s': connect: %s", name, strerror(e));
+        if (interrupted && interrupted(ctx))
+            return WS_ERR(WS_ERR_INTERRUPTED, "channel '%s': interrupted while connecting",
+                          name);
         if (deadline >= 0 && ws_chan_now_ms() >= deadline)
             return WS_ERR(WS_ERR_TIMEOUT, "channel '%s': no process accepted a connection "
                           "within %d ms; is the receiving process started and listening on "
@@ -307,7 +325,8 @@ ws_status ws_chan_send(ws_chan *c, uint32_t type, const void *payload, size_t le
         ssize_t sent = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (sent < 0) {
             if (errno == EAGAIN || errno == EINTR) {
-                WS_TRY(wait_fd(c, c->fd, POLLOUT, deadline, timeout_ms, what));
+                WS_TRY(wait_fd(c, c->fd, POLLOUT, deadline, timeout_ms, what, c->interrupted,
+                               c->interrupt_ctx));
                 continue; /* the same frame again */
             }
             if (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN)
@@ -380,7 +399,8 @@ static ws_status recv_frame(ws_chan *c, double deadline, int timeout_ms, ws_chan
             }
             if (errno == ECONNRESET || (reset && errno == EAGAIN)) return peer_closed(c, what);
             if (errno == EAGAIN || errno == EINTR) {
-                WS_TRY(wait_fd(c, c->fd, POLLIN, deadline, timeout_ms, what));
+                WS_TRY(wait_fd(c, c->fd, POLLIN, deadline, timeout_ms, what, c->interrupted,
+                               c->interrupt_ctx));
                 continue;
             }
             return WS_ERR(WS_ERR_COMM, "%s: receiving from %s: %s", what, c->label,

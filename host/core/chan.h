@@ -61,8 +61,10 @@ void ws_chan_listener_close(ws_chan_listener *l); /* NULL is fine */
 const char *ws_chan_listener_name(const ws_chan_listener *l);
 
 /* Connects to `name`, retrying while nobody listens yet, until timeout_ms
- * has passed (the server may still be starting). */
-ws_status ws_chan_connect(const char *name, int timeout_ms, ws_chan **out);
+ * has passed (the server may still be starting) or `interrupted` (may be
+ * NULL) returns non-zero; the channel keeps that check for its waits. */
+ws_status ws_chan_connect(const char *name, int timeout_ms, int (*interrupted)(void *ctx),
+                          void *ctx, ws_chan **out);
 void ws_chan_close(ws_chan *c); /* NULL is fine */
 
 /* The peer's pid (SO_PEERCRED) and how messages name it. The role defaults
@@ -76,6 +78,8 @@ int ws_chan_peer_alive(const ws_chan *c);
 /* Called on every liveness tick and when a wait is interrupted by a signal;
  * a non-zero return stops the wait with WS_ERR_INTERRUPTED (Ctrl-C). */
 void ws_chan_set_interrupt(ws_chan *c, int (*interrupted)(void *ctx), void *ctx);
+void ws_chan_listener_set_interrupt(ws_chan_listener *l, int (*interrupted)(void *ctx),
+                                    void *ctx);
 
 /* Sends one message; fds (may be NULL) travel with it and stay open here.
  * Waits up to timeout_ms (-1: forever) while the peer's buffer is full.

@@ -89,6 +89,7 @@ ws_status ws_receiver_create(const char *name, const ws_receiver_opts *opts, ws_
         ws_errprefix("receiver");
         return rc;
     }
+    ws_chan_listener_set_interrupt(r->listener, r->opts.interrupted, r->opts.ctx);
     *out = r;
     return WS_OK;
 }
@@ -537,6 +538,7 @@ ws_status ws_receiver_accept(ws_receiver *r, int timeout_ms)
 {
     if (r->chan) return WS_OK;
     WS_TRY(ws_chan_accept(r->listener, timeout_ms, &r->chan));
+    ws_chan_set_interrupt(r->chan, r->opts.interrupted, r->opts.ctx);
     ws_chan_msg m;
     ws_status rc = ws_chan_recv(r->chan, r->opts.timeout_ms, &m, "the greeting");
     if (rc == WS_OK && m.type != WS_MSG_HELLO)

@@ -96,6 +96,10 @@ typedef struct ws_receiver_opts {
     ws_status (*on_wake)(void *ctx, const char *tag);
     ws_status (*on_sleep)(void *ctx, int level);
     void *ctx;
+    /* Checked at least every WS_CHAN_LIVENESS_MS while waiting and when a
+     * signal interrupts a wait: non-zero stops it with WS_ERR_INTERRUPTED
+     * (a Python caller checks for Ctrl-C here). NULL: never. */
+    int (*interrupted)(void *ctx);
 } ws_receiver_opts;
 
 typedef enum ws_weights_state {
@@ -156,6 +160,8 @@ typedef struct ws_sender_opts {
     int timeout_ms;         /* longest wait for a reply; 0: 30000 */
     int connect_timeout_ms; /* 0: 10000 */
     size_t slot_bytes;      /* each of the two slots; 0: 64 MiB */
+    int (*interrupted)(void *ctx); /* as in ws_receiver_opts; NULL: never */
+    void *ctx;
 } ws_sender_opts;
 
 /* One piece of a bucket: src (contiguous, the manifest tensor's dtype, any
@@ -169,8 +175,8 @@ typedef struct ws_sender_piece {
 
 typedef struct ws_sender_stats {
     uint64_t buckets, bytes;
-    double pack_ms;    /* copying pieces into slots and checksumming them */
-    double wait_ms;    /* waiting for acknowledgements (the receiver's copies and the round trips) */
+    double pack_ms; /* copying pieces into slots and checksumming them */
+    double wait_ms; /* waiting for acknowledgements: the receiver's copies and round trips */
 } ws_sender_stats;
 
 /* Connects to the receiver listening on `name` (retrying until

@@ -77,10 +77,18 @@ static inline int ws_rbuf_get(ws_rbuf *r, void *p, size_t n)
     return 1;
 }
 
-static inline uint8_t ws_rbuf_u8(ws_rbuf *r) { uint8_t v; ws_rbuf_get(r, &v, sizeof v); return v; }
-static inline uint16_t ws_rbuf_u16(ws_rbuf *r) { uint16_t v; ws_rbuf_get(r, &v, sizeof v); return v; }
-static inline uint32_t ws_rbuf_u32(ws_rbuf *r) { uint32_t v; ws_rbuf_get(r, &v, sizeof v); return v; }
-static inline uint64_t ws_rbuf_u64(ws_rbuf *r) { uint64_t v; ws_rbuf_get(r, &v, sizeof v); return v; }
+#define WS_RBUF_INT(bits)                                                                  \
+    static inline uint##bits##_t ws_rbuf_u##bits(ws_rbuf *r)                              \
+    {                                                                                      \
+        uint##bits##_t v;                                                                  \
+        ws_rbuf_get(r, &v, sizeof v);                                                      \
+        return v;                                                                          \
+    }
+WS_RBUF_INT(8)
+WS_RBUF_INT(16)
+WS_RBUF_INT(32)
+WS_RBUF_INT(64)
+#undef WS_RBUF_INT
 /* A string written by ws_wbuf_str, pointing into the payload; "" on overrun. */
 static inline const char *ws_rbuf_str(ws_rbuf *r)
 {

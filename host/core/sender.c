@@ -135,7 +135,8 @@ ws_status ws_sender_connect(const char *name, const ws_sender_opts *opts, ws_sen
     snprintf(s->role, sizeof s->role, "%s", s->opts.role ? s->opts.role : "trainer");
     s->opts.role = s->role;
     for (int i = 0; i < WS_REMOTE_SLOTS; i++) s->shm[i] = (ws_shm)WS_SHM_INIT;
-    ws_status rc = ws_chan_connect(name, s->opts.connect_timeout_ms, &s->chan);
+    ws_status rc = ws_chan_connect(name, s->opts.connect_timeout_ms, s->opts.interrupted,
+                                   s->opts.ctx, &s->chan);
     ws_wbuf w = {0};
     ws_chan_msg m = {0};
     if (rc == WS_OK) {
@@ -340,7 +341,10 @@ static ws_status await_slot(ws_sender *s, int slot, const char *what)
     return fail(s, rc);
 }
 
-static size_t align_up(size_t x) { return (x + WS_REMOTE_ALIGN - 1) / WS_REMOTE_ALIGN * WS_REMOTE_ALIGN; }
+static size_t align_up(size_t x)
+{
+    return (x + WS_REMOTE_ALIGN - 1) / WS_REMOTE_ALIGN * WS_REMOTE_ALIGN;
+}
 
 ws_status ws_sender_bucket(ws_sender *s, const ws_sender_piece *pieces, size_t n)
 {
@@ -493,7 +497,8 @@ ws_status ws_sender_wake(ws_sender *s, const char *tag)
 {
     char what[96];
     snprintf(what, sizeof what, "wake(%s)", tag ? tag : "");
-    if (!tag || strlen(tag) > 255) return WS_ERR(WS_ERR_ARG, "%s: a tag of 1 to 255 characters", what);
+    if (!tag || !*tag || strlen(tag) > 255)
+        return WS_ERR(WS_ERR_ARG, "%s: a tag of 1 to 255 characters", what);
     ws_wbuf w = {0};
     ws_wbuf_str(&w, tag);
     ws_status rc = request(s, WS_MSG_WAKE, &w, what);

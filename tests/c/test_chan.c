@@ -218,7 +218,7 @@ static void test_channel_messages(void)
     pid_t child = fork_child();
     if (child == 0) {
         ws_chan *c;
-        CHECK_OK(ws_chan_connect(name, 2000, &c));
+        CHECK_OK(ws_chan_connect(name, 2000, NULL, NULL, &c));
         int p[2];
         CHECK(pipe(p) == 0);
         CHECK(write(p[1], "fd!", 3) == 3);
@@ -270,8 +270,30 @@ static void test_channel_messages(void)
     ws_chan_listener_close(l);
     /* Nobody listening: the client gives up at its deadline. */
     t0 = ws_chan_now_ms();
-    CHECK_ERR(ws_chan_connect(name, 150, &c), WS_ERR_TIMEOUT, "no process accepted");
+    CHECK_ERR(ws_chan_connect(name, 150, NULL, NULL, &c), WS_ERR_TIMEOUT, "no process accepted");
     CHECK(ws_chan_now_ms() - t0 < 1000);
+}
+
+static int after_three(void *ctx)
+{
+    return ++*(int *)ctx > 3;
+}
+
+/* Ctrl-C reaches every wait: for a sender to connect, for a receiver. */
+static void test_interrupt(void)
+{
+    int calls = 0;
+    ws_receiver_opts o = {.interrupted = after_three, .ctx = &calls};
+    ws_receiver *r;
+    CHECK_OK(ws_receiver_create(chan_name(), &o, &r));
+    double t0 = ws_chan_now_ms();
+    CHECK_ERR(ws_receiver_accept(r, -1), WS_ERR_INTERRUPTED, "interrupted");
+    CHECK(ws_chan_now_ms() - t0 < 2000);
+    ws_receiver_free(r);
+    calls = 0;
+    ws_sender_opts so = {.interrupted = after_three, .ctx = &calls};
+    ws_sender *s;
+    CHECK_ERR(ws_sender_connect(chan_name(), &so, &s), WS_ERR_INTERRUPTED, "interrupted");
 }
 
 static void test_shm_slots(void)
@@ -650,7 +672,7 @@ static ws_status fake_reply(ws_chan *c, uint32_t type, const char *needle)
 static void fake_sender(const char *name, int sealed)
 {
     ws_chan *c;
-    CHECK_OK(ws_chan_connect(name, 2000, &c));
+    CHECK_OK(ws_chan_connect(name, 2000, NULL, NULL, &c));
     ws_wbuf w = {0};
     ws_wbuf_u32(&w, WS_REMOTE_PROTOCOL);
     ws_wbuf_u32(&w, (uint32_t)getpid());
@@ -786,6 +808,7 @@ int main(void)
     signal(SIGPIPE, SIG_DFL); /* a SIGPIPE would kill the test: none may be raised */
     int fds = count_fds();
     RUN(test_channel_messages);
+    RUN(test_interrupt);
     RUN(test_shm_slots);
     RUN(test_round_trip);
     RUN(test_manifest_mismatch);
