@@ -330,6 +330,8 @@ static ws_status on_manifest(ws_receiver *r, ws_chan_msg *m, ws_receiver_event *
     }
     free(seen);
     if (rc != WS_OK) {
+        /* Nothing changed here: the sender hears why and may try again. */
+        r->refused = rc != WS_ERR_FORMAT; /* a malformed one ends the connection */
         free(param);
         free(received);
         ws_errprefix("sync of weight version %" PRIu64 " refused before any byte moved",
@@ -530,7 +532,10 @@ static ws_status on_wake_sleep(ws_receiver *r, const ws_chan_msg *m, ws_receiver
         if (rc != WS_OK) ws_errprefix("sleep(level=%d) in the %s", (int)level, r->role);
         ev->kind = WS_RECV_SLEEP;
     }
-    if (rc != WS_OK) return rc;
+    if (rc != WS_OK) {
+        r->refused = 1; /* the callback's failure is the sender's to handle */
+        return rc;
+    }
     return send_ack(r, m->type, WS_ACK_NO_SLOT, 0, "acknowledging a wake or sleep");
 }
 
@@ -590,14 +595,10 @@ ws_status ws_receiver_next(ws_receiver *r, int timeout_ms, ws_receiver_event *ev
             rc = WS_ERR(WS_ERR_FORMAT, "receiver: %s sent an unexpected %s (type %u)",
                         ws_chan_peer_label(r->chan), ws_remote_msg_name(m.type), m.type);
         }
-        /* A refused manifest or a failed callback leaves the connection usable. */
-        if (rc != WS_OK && (m.type != WS_MSG_MANIFEST || syncing) && m.type != WS_MSG_WAKE &&
-            m.type != WS_MSG_SLEEP)
-            fatal = 1;
-        if (rc != WS_OK && !fatal) {
-            send_error(r);
-            r->refused = 1;
-        }
+        /* A refused manifest or a failed callback leaves the connection
+         * usable; any other error ends it. */
+        if (rc != WS_OK && !r->refused) fatal = 1;
+        if (rc != WS_OK && r->refused) send_error(r);
     }
     ws_chan_msg_free(&m);
     if (rc != WS_OK && fatal) {

@@ -72,6 +72,8 @@ static const char *chan_name(void)
     return name;
 }
 
+static int in_child_;
+
 static pid_t fork_child(void)
 {
     fflush(stdout);
@@ -80,6 +82,10 @@ static pid_t fork_child(void)
     if (pid < 0) {
         perror("fork");
         abort();
+    }
+    if (pid == 0) {
+        in_child_ = 1;
+        alarm(20); /* never outlives a parent that gave up on it for long */
     }
     return pid;
 }
@@ -93,6 +99,18 @@ static int wait_child(pid_t pid)
 }
 
 #define CHILD_EXIT() _exit(check_case_failed_)
+
+/* Setup that the rest of a case needs: on failure the case ends (a child
+ * exits), as when the allocation fault sweep makes it fail. */
+#define REQUIRE_OK(expr)                                                                 \
+    do {                                                                                 \
+        ws_status require_rc_ = (expr);                                                  \
+        if (require_rc_ != WS_OK) {                                                      \
+            CHECK_OK(require_rc_);                                                       \
+            if (in_child_) _exit(1);                                                     \
+            return;                                                                      \
+        }                                                                                \
+    } while (0)
 
 /* The model both sides agree on. */
 #define NT 6
@@ -118,14 +136,20 @@ static void wire_spec(ws_wire_tensor *w)
     }
 }
 
-static void make_tensors(ws_tensor *ts, uint64_t seed)
+static ws_status make_tensors(ws_tensor *ts, uint64_t seed)
 {
-    for (int i = 0; i < NT; i++) {
+    memset(ts, 0, NT * sizeof *ts);
+    ws_status rc = WS_OK;
+    for (int i = 0; i < NT && rc == WS_OK; i++) {
         ws_tensor_opts o = {.name = SPEC[i].name};
-        CHECK_OK(ws_tensor_empty(&ts[i], SPEC[i].dtype, SPEC[i].ndim, SPEC[i].shape, &o));
-        if (seed) CHECK_OK(ws_tensor_random(&ts[i], seed * 100 + (uint64_t)i, 50.0f, 0));
-        else CHECK_OK(ws_tensor_fill(&ts[i], 0));
+        rc = ws_tensor_empty(&ts[i], SPEC[i].dtype, SPEC[i].ndim, SPEC[i].shape, &o);
+        if (rc == WS_OK)
+            rc = seed ? ws_tensor_random(&ts[i], seed * 100 + (uint64_t)i, 50.0f, 0)
+                      : ws_tensor_fill(&ts[i], 0);
     }
+    if (rc != WS_OK)
+        for (int i = 0; i < NT; i++) ws_tensor_free(&ts[i]);
+    return rc;
 }
 
 static void free_tensors(ws_tensor *ts)
@@ -210,7 +234,7 @@ static void test_channel_messages(void)
 {
     const char *name = chan_name();
     ws_chan_listener *l;
-    CHECK_OK(ws_chan_listen(name, &l));
+    REQUIRE_OK(ws_chan_listen(name, &l));
     ws_chan_listener *again;
     CHECK_ERR(ws_chan_listen(name, &again), WS_ERR_COMM, "in use");
     static unsigned char big[300000];
@@ -218,7 +242,7 @@ static void test_channel_messages(void)
     pid_t child = fork_child();
     if (child == 0) {
         ws_chan *c;
-        CHECK_OK(ws_chan_connect(name, 2000, NULL, NULL, &c));
+        REQUIRE_OK(ws_chan_connect(name, 2000, NULL, NULL, &c));
         int p[2];
         CHECK(pipe(p) == 0);
         CHECK(write(p[1], "fd!", 3) == 3);
@@ -232,8 +256,7 @@ static void test_channel_messages(void)
         CHILD_EXIT();
     }
     ws_chan *c = NULL;
-    CHECK_OK(ws_chan_accept(l, 2000, &c));
-    if (!c) return;
+    REQUIRE_OK(ws_chan_accept(l, 2000, &c));
     CHECK(ws_chan_peer_pid(c) == child);
     ws_chan_set_peer_role(c, "engine");
     char want[64];
@@ -285,7 +308,7 @@ static void test_interrupt(void)
     int calls = 0;
     ws_receiver_opts o = {.interrupted = after_three, .ctx = &calls};
     ws_receiver *r;
-    CHECK_OK(ws_receiver_create(chan_name(), &o, &r));
+    REQUIRE_OK(ws_receiver_create(chan_name(), &o, &r));
     double t0 = ws_chan_now_ms();
     CHECK_ERR(ws_receiver_accept(r, -1), WS_ERR_INTERRUPTED, "interrupted");
     CHECK(ws_chan_now_ms() - t0 < 2000);
@@ -344,17 +367,17 @@ static void test_round_trip(void)
     if (child == 0) {
         /* The engine: its own tensors, zeroed, filled only by the syncs. */
         ws_tensor dst[NT], want[NT];
-        make_tensors(dst, 0);
+        REQUIRE_OK(make_tensors(dst, 0));
         callbacks cb = {0};
         ws_receiver_opts o = {.on_wake = on_wake, .on_sleep = on_sleep, .ctx = &cb};
         ws_receiver *r;
-        CHECK_OK(ws_receiver_create(name, &o, &r));
-        CHECK_OK(add_all(r, dst));
+        REQUIRE_OK(ws_receiver_create(name, &o, &r));
+        REQUIRE_OK(add_all(r, dst));
         CHECK(ws_receiver_state(r, NULL) == WS_WEIGHTS_NONE);
         CHECK_OK(ws_receiver_serve(r, 5000));
         uint64_t version = 0;
         CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_VALID && version == 2);
-        make_tensors(want, 2);
+        REQUIRE_OK(make_tensors(want, 2));
         for (int i = 0; i < NT; i++) CHECK(same_bytes(&dst[i], &want[i]));
         CHECK(cb.wakes == 4 && strcmp(cb.last_tag, "kv_cache") == 0);
         CHECK(cb.sleeps == 1 && cb.last_level == 2);
@@ -365,14 +388,13 @@ static void test_round_trip(void)
     }
     ws_sender_opts so = {.slot_bytes = 4096, .connect_timeout_ms = 3000, .timeout_ms = 3000};
     ws_sender *s = NULL;
-    CHECK_OK(ws_sender_connect(name, &so, &s));
-    if (!s) return;
+    REQUIRE_OK(ws_sender_connect(name, &so, &s));
     CHECK(ws_sender_peer_pid(s) == child);
     ws_tensor src[NT];
     int buckets = 0;
     double t0 = ws_chan_now_ms();
     for (uint64_t v = 1; v <= 2; v++) {
-        make_tensors(src, v);
+        REQUIRE_OK(make_tensors(src, v));
         CHECK_OK(ws_sender_wake(s, "weights"));
         CHECK_OK(sync_model(s, src, v, &buckets));
         free_tensors(src);
@@ -399,11 +421,11 @@ static void test_manifest_mismatch(void)
     pid_t child = fork_child();
     if (child == 0) {
         ws_tensor dst[NT];
-        make_tensors(dst, 0);
+        REQUIRE_OK(make_tensors(dst, 0));
         CHECK_OK(ws_tensor_fill(&dst[1], 7));
         ws_receiver *r;
-        CHECK_OK(ws_receiver_create(name, NULL, &r));
-        CHECK_OK(add_all(r, dst));
+        REQUIRE_OK(ws_receiver_create(name, NULL, &r));
+        REQUIRE_OK(add_all(r, dst));
         ws_receiver_event ev;
         CHECK_OK(ws_receiver_next(r, 3000, &ev));
         CHECK(ev.kind == WS_RECV_CONNECTED);
@@ -429,8 +451,7 @@ static void test_manifest_mismatch(void)
     }
     ws_sender_opts so = {.slot_bytes = 8192, .timeout_ms = 3000};
     ws_sender *s = NULL;
-    CHECK_OK(ws_sender_connect(name, &so, &s));
-    if (!s) return;
+    REQUIRE_OK(ws_sender_connect(name, &so, &s));
     int fds_before = count_fds();
     ws_wire_tensor w[NT + 1];
     wire_spec(w);
@@ -446,7 +467,7 @@ static void test_manifest_mismatch(void)
     /* No slot was made for a refused sync. */
     CHECK(count_fds() == fds_before);
     ws_tensor src[NT];
-    make_tensors(src, 3);
+    REQUIRE_OK(make_tensors(src, 3));
     int buckets;
     CHECK_OK(sync_model(s, src, 1, &buckets));
     free_tensors(src);
@@ -465,10 +486,10 @@ static void receiver_killed(int grandchild)
     if (child == 0) {
         close(gp[0]);
         ws_tensor dst[NT];
-        make_tensors(dst, 0);
+        REQUIRE_OK(make_tensors(dst, 0));
         ws_receiver *r;
-        CHECK_OK(ws_receiver_create(name, NULL, &r));
-        CHECK_OK(add_all(r, dst));
+        REQUIRE_OK(ws_receiver_create(name, NULL, &r));
+        REQUIRE_OK(add_all(r, dst));
         ws_receiver_event ev;
         int buckets = 0;
         while (buckets < 3 && ws_receiver_next(r, 3000, &ev) == WS_OK)
@@ -486,10 +507,9 @@ static void receiver_killed(int grandchild)
     close(gp[1]);
     ws_sender_opts so = {.slot_bytes = 4096, .timeout_ms = 20000};
     ws_sender *s = NULL;
-    CHECK_OK(ws_sender_connect(name, &so, &s));
-    if (!s) return;
+    REQUIRE_OK(ws_sender_connect(name, &so, &s));
     ws_tensor src[NT];
-    make_tensors(src, 1);
+    REQUIRE_OK(make_tensors(src, 1));
     ws_wire_tensor w[NT];
     wire_spec(w);
     CHECK_OK(ws_sender_begin(s, w, NT, 1, 0));
@@ -532,9 +552,9 @@ static void run_sender_child(const char *name, uint64_t version, int stop_after)
 {
     ws_sender_opts so = {.slot_bytes = 4096, .timeout_ms = 3000};
     ws_sender *s;
-    CHECK_OK(ws_sender_connect(name, &so, &s));
+    REQUIRE_OK(ws_sender_connect(name, &so, &s));
     ws_tensor src[NT];
-    make_tensors(src, version);
+    REQUIRE_OK(make_tensors(src, version));
     int buckets;
     if (stop_after) {
         ws_wire_tensor w[NT];
@@ -553,10 +573,10 @@ static void test_sender_killed(void)
 {
     const char *name = chan_name();
     ws_tensor dst[NT], want[NT];
-    make_tensors(dst, 0);
+    REQUIRE_OK(make_tensors(dst, 0));
     ws_receiver *r;
-    CHECK_OK(ws_receiver_create(name, NULL, &r));
-    CHECK_OK(add_all(r, dst));
+    REQUIRE_OK(ws_receiver_create(name, NULL, &r));
+    REQUIRE_OK(add_all(r, dst));
     /* Version 1 arrives whole. */
     pid_t child = fork_child();
     if (child == 0) run_sender_child(name, 1, 0);
@@ -599,7 +619,7 @@ static void test_sender_killed(void)
     CHECK_OK(ws_receiver_serve(r, 3000));
     CHECK(wait_child(child) == 0);
     CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_VALID && version == 3);
-    make_tensors(want, 3);
+    REQUIRE_OK(make_tensors(want, 3));
     for (int i = 0; i < NT; i++) CHECK(same_bytes(&dst[i], &want[i]));
     ws_receiver_free(r);
     free_tensors(dst);
@@ -611,17 +631,17 @@ static void test_checksum_mismatch(void)
 {
     const char *name = chan_name();
     ws_tensor dst[NT];
-    make_tensors(dst, 0);
+    REQUIRE_OK(make_tensors(dst, 0));
     ws_receiver *r;
-    CHECK_OK(ws_receiver_create(name, NULL, &r));
-    CHECK_OK(add_all(r, dst));
+    REQUIRE_OK(ws_receiver_create(name, NULL, &r));
+    REQUIRE_OK(add_all(r, dst));
     pid_t child = fork_child();
     if (child == 0) {
         ws_sender_opts so = {.slot_bytes = 1 << 20, .timeout_ms = 3000};
         ws_sender *s;
-        CHECK_OK(ws_sender_connect(name, &so, &s));
+        REQUIRE_OK(ws_sender_connect(name, &so, &s));
         ws_tensor src[NT];
-        make_tensors(src, 5);
+        REQUIRE_OK(make_tensors(src, 5));
         ws_wire_tensor w[NT];
         wire_spec(w);
         int buckets;
@@ -672,7 +692,7 @@ static ws_status fake_reply(ws_chan *c, uint32_t type, const char *needle)
 static void fake_sender(const char *name, int sealed)
 {
     ws_chan *c;
-    CHECK_OK(ws_chan_connect(name, 2000, NULL, NULL, &c));
+    REQUIRE_OK(ws_chan_connect(name, 2000, NULL, NULL, &c));
     ws_wbuf w = {0};
     ws_wbuf_u32(&w, WS_REMOTE_PROTOCOL);
     ws_wbuf_u32(&w, (uint32_t)getpid());
@@ -733,10 +753,10 @@ static void test_protocol_errors(void)
 {
     const char *name = chan_name();
     ws_tensor dst[NT];
-    make_tensors(dst, 0);
+    REQUIRE_OK(make_tensors(dst, 0));
     ws_receiver *r;
-    CHECK_OK(ws_receiver_create(name, NULL, &r));
-    CHECK_OK(add_all(r, dst));
+    REQUIRE_OK(ws_receiver_create(name, NULL, &r));
+    REQUIRE_OK(add_all(r, dst));
     pid_t child = fork_child();
     if (child == 0) {
         fake_sender(name, 0);
@@ -764,16 +784,16 @@ static void test_partial_sync(void)
 {
     const char *name = chan_name();
     ws_tensor dst[NT], want[NT];
-    make_tensors(dst, 0);
+    REQUIRE_OK(make_tensors(dst, 0));
     ws_receiver *r;
-    CHECK_OK(ws_receiver_create(name, NULL, &r));
-    CHECK_OK(add_all(r, dst));
+    REQUIRE_OK(ws_receiver_create(name, NULL, &r));
+    REQUIRE_OK(add_all(r, dst));
     pid_t child = fork_child();
     if (child == 0) {
         ws_sender *s;
-        CHECK_OK(ws_sender_connect(name, NULL, &s));
+        REQUIRE_OK(ws_sender_connect(name, NULL, &s));
         ws_tensor src[NT];
-        make_tensors(src, 4);
+        REQUIRE_OK(make_tensors(src, 4));
         int buckets;
         CHECK_OK(sync_model(s, src, 4, &buckets));
         /* Versions 5 and 6 change tensor 3 only, in one bucket each (an odd
@@ -795,7 +815,7 @@ static void test_partial_sync(void)
     CHECK(wait_child(child) == 0);
     uint64_t version;
     CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_VALID && version == 6);
-    make_tensors(want, 4);
+    REQUIRE_OK(make_tensors(want, 4));
     CHECK_OK(ws_tensor_fill(&want[3], 3.0));
     for (int i = 0; i < NT; i++) CHECK(same_bytes(&dst[i], &want[i]));
     ws_receiver_free(r);
