@@ -143,7 +143,7 @@ ws_status ws_sender_connect(const char *name, const ws_sender_opts *opts, ws_sen
         ws_wbuf_u32(&w, WS_REMOTE_PROTOCOL);
         ws_wbuf_u32(&w, (uint32_t)getpid());
         ws_wbuf_str(&w, s->role);
-        rc = w.oom ? WS_ERR(WS_ERR_NOMEM, "sender: out of memory")
+        rc = w.oom ? WS_ERR(WS_ERR_NOMEM, "out of memory for the greeting")
                    : ws_chan_send(s->chan, WS_MSG_HELLO, w.data, w.len, NULL, 0,
                                   s->opts.timeout_ms, "the greeting");
     }
