@@ -1,0 +1,630 @@
+/* receiver.c: the engine side of remote.h.
+ *
+ * The receiver owns the channel and the mapped slots, and writes into the
+ * parameters registered with it. It trusts nothing the sender says: every
+ * index, offset and length of a bucket is checked against the manifest and
+ * the slot before a byte is copied, and the manifest against the receiver's
+ * own parameters before a sync begins. The tensors a sync names are invalid
+ * from its manifest until its checksums are verified. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "chan.h"
+#include "fault.h"
+#include "remote.h"
+#include "remote_wire.h"
+#include "shm.h"
+#include "strmap.h"
+
+#define DEFAULT_TIMEOUT_MS 30000
+#define ERROR_SEND_MS 1000 /* telling a sender why is best effort */
+
+typedef struct recv_param {
+    char *name;
+    ws_tensor t; /* a view that keeps the destination alive */
+    int valid;
+} recv_param;
+
+struct ws_receiver {
+    ws_receiver_opts opts;
+    char role[32];
+    ws_chan_listener *listener;
+    ws_chan *chan;
+    recv_param *params;
+    size_t n_params, cap_params;
+    ws_strmap index; /* name -> params index */
+    size_t index_keys;
+    int ever_synced;
+    /* The sync under way: its manifest (names point into the payload). */
+    int syncing;
+    uint64_t version, valid_version;
+    ws_chan_msg manifest;
+    size_t n_sync;
+    size_t *sync_param;
+    uint64_t *sync_received; /* elements written per manifest entry */
+    /* The sender's slots, mapped read-only. */
+    ws_shm shm[WS_REMOTE_SLOTS];
+    ws_tensor slot[WS_REMOTE_SLOTS];
+    int n_slots;
+    uint64_t next_seq;
+    int refused; /* the last error was told to the sender; the connection lives on */
+};
+
+const char *ws_weights_state_name(ws_weights_state s)
+{
+    switch (s) {
+    case WS_WEIGHTS_NONE: return "none";
+    case WS_WEIGHTS_SYNCING: return "syncing";
+    case WS_WEIGHTS_VALID: return "valid";
+    case WS_WEIGHTS_INVALID: return "invalid";
+    }
+    return "?";
+}
+
+const char *ws_remote_msg_name(uint32_t type)
+{
+    static const char *const names[] = {"?",      "HELLO", "MANIFEST", "SLOTS", "BUCKET", "ACK",
+                                        "FINISH", "WAKE",  "SLEEP",    "ERROR", "CLOSE"};
+    return type < sizeof names / sizeof *names ? names[type] : "?";
+}
+
+/* ---- registration ----------------------------------------------------------------- */
+
+ws_status ws_receiver_create(const char *name, const ws_receiver_opts *opts, ws_receiver **out)
+{
+    *out = NULL;
+    ws_receiver *r = ws_calloc(1, sizeof *r);
+    if (!r) return WS_ERR(WS_ERR_NOMEM, "receiver: out of memory");
+    if (opts) r->opts = *opts;
+    if (r->opts.timeout_ms <= 0) r->opts.timeout_ms = DEFAULT_TIMEOUT_MS;
+    snprintf(r->role, sizeof r->role, "%s", r->opts.role ? r->opts.role : "engine");
+    r->opts.role = r->role;
+    for (int i = 0; i < WS_REMOTE_SLOTS; i++) r->shm[i] = (ws_shm)WS_SHM_INIT;
+    ws_status rc = ws_chan_listen(name, &r->listener);
+    if (rc != WS_OK) {
+        free(r);
+        ws_errprefix("receiver");
+        return rc;
+    }
+    ws_chan_listener_set_interrupt(r->listener, r->opts.interrupted, r->opts.ctx);
+    *out = r;
+    return WS_OK;
+}
+
+static void unmap_slots(ws_receiver *r)
+{
+    for (int i = 0; i < WS_REMOTE_SLOTS; i++) {
+        ws_tensor_free(&r->slot[i]);
+        ws_shm_free(&r->shm[i]);
+    }
+    r->n_slots = 0;
+}
+
+/* Ends the sync under way; `ok` marks its tensors valid, else they stay invalid. */
+static void end_sync(ws_receiver *r, int ok)
+{
+    if (r->syncing && ok) {
+        for (size_t i = 0; i < r->n_sync; i++) r->params[r->sync_param[i]].valid = 1;
+        r->valid_version = r->version;
+    }
+    r->syncing = 0;
+    r->n_sync = 0;
+    r->next_seq = 0;
+    ws_chan_msg_free(&r->manifest);
+    free(r->sync_param);
+    free(r->sync_received);
+    r->sync_param = NULL;
+    r->sync_received = NULL;
+}
+
+static void drop_connection(ws_receiver *r)
+{
+    end_sync(r, 0);
+    unmap_slots(r);
+    ws_chan_close(r->chan);
+    r->chan = NULL;
+}
+
+void ws_receiver_free(ws_receiver *r)
+{
+    if (!r) return;
+    drop_connection(r);
+    ws_chan_listener_close(r->listener);
+    for (size_t i = 0; i < r->n_params; i++) {
+        free(r->params[i].name);
+        ws_tensor_free(&r->params[i].t);
+    }
+    free(r->params);
+    ws_strmap_free(&r->index);
+    free(r);
+}
+
+static ws_status rebuild_index(ws_receiver *r, size_t keys)
+{
+    ws_strmap m;
+    WS_TRY(ws_strmap_init(&m, keys));
+    for (size_t i = 0; i < r->n_params; i++) ws_strmap_put(&m, r->params[i].name, i, NULL);
+    ws_strmap_free(&r->index);
+    r->index = m;
+    r->index_keys = keys;
+    return WS_OK;
+}
+
+ws_status ws_receiver_add(ws_receiver *r, const char *name, const ws_tensor *t)
+{
+    if (!name || !*name) return WS_ERR(WS_ERR_ARG, "receiver: a tensor needs a name");
+    char what[300];
+    snprintf(what, sizeof what, "receiver: registering '%s'", name);
+    WS_TRY(ws_tensor_check_writable(t, what));
+    if (!ws_tensor_is_contiguous(t))
+        return WS_ERR(WS_ERR_ARG, "%s: the tensor is not contiguous; pieces are written as "
+                      "element ranges of a contiguous tensor", what);
+    if (r->syncing)
+        return WS_ERR(WS_ERR_ARG, "%s: a sync is under way", what);
+    size_t found;
+    if (r->n_params && ws_strmap_get(&r->index, name, &found))
+        return WS_ERR(WS_ERR_ARG, "%s: the name is registered already", what);
+    if (r->n_params + 1 > r->index_keys)
+        WS_TRY(rebuild_index(r, r->index_keys ? 2 * r->index_keys : 64));
+    if (r->n_params == r->cap_params) {
+        size_t cap = r->cap_params ? 2 * r->cap_params : 16;
+        recv_param *p = ws_realloc(r->params, cap * sizeof *p);
+        if (!p) return WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what);
+        r->params = p;
+        r->cap_params = cap;
+    }
+    recv_param *p = &r->params[r->n_params];
+    memset(p, 0, sizeof *p);
+    ws_status rc = ws_tensor_reshape(&p->t, t, t->layout.ndim, t->layout.shape);
+    if (rc == WS_OK) rc = ws_tensor_set_name(&p->t, name);
+    if (rc == WS_OK && !(p->name = ws_strdup(name)))
+        rc = WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what);
+    if (rc != WS_OK) {
+        ws_tensor_free(&p->t);
+        return rc;
+    }
+    ws_strmap_put(&r->index, p->name, r->n_params, NULL);
+    r->n_params++;
+    return WS_OK;
+}
+
+ws_weights_state ws_receiver_state(const ws_receiver *r, uint64_t *weight_version)
+{
+    if (weight_version) *weight_version = r->valid_version;
+    if (r->syncing) return WS_WEIGHTS_SYNCING;
+    if (!r->ever_synced) return WS_WEIGHTS_NONE;
+    for (size_t i = 0; i < r->n_params; i++)
+        if (!r->params[i].valid) return WS_WEIGHTS_INVALID;
+    return WS_WEIGHTS_VALID;
+}
+
+int ws_receiver_tensor_valid(const ws_receiver *r, const char *name)
+{
+    size_t i;
+    if (!r->n_params || !ws_strmap_get(&r->index, name, &i)) return -1;
+    return r->params[i].valid;
+}
+
+pid_t ws_receiver_peer_pid(const ws_receiver *r) { return r->chan ? ws_chan_peer_pid(r->chan) : 0; }
+
+/* ---- replies ---------------------------------------------------------------------- */
+
+static ws_status send_ack(ws_receiver *r, uint32_t type, uint32_t slot, uint64_t seq,
+                          const char *what)
+{
+    unsigned char buf[16];
+    memcpy(buf, &type, 4);
+    memcpy(buf + 4, &slot, 4);
+    memcpy(buf + 8, &seq, 8);
+    return ws_chan_send(r->chan, WS_MSG_ACK, buf, sizeof buf, NULL, 0, r->opts.timeout_ms, what);
+}
+
+/* Tells the sender why (best effort: it may be the one that died), keeping
+ * this thread's error as it was. */
+static void send_error(ws_receiver *r)
+{
+    if (!r->chan || !ws_chan_peer_alive(r->chan)) return;
+    char msg[1024], loc[128];
+    ws_status code = ws_errcode();
+    snprintf(msg, sizeof msg, "%s", ws_errmsg());
+    snprintf(loc, sizeof loc, "%s", ws_errloc());
+    (void)ws_chan_send(r->chan, WS_MSG_ERROR, msg, strlen(msg), NULL, 0, ERROR_SEND_MS,
+                       "reporting an error");
+    ws_seterr(code, loc[0] ? loc : NULL, 0, "%s", msg);
+}
+
+/* ---- messages --------------------------------------------------------------------- */
+
+static ws_status on_hello(ws_receiver *r, const ws_chan_msg *m)
+{
+    ws_rbuf rb = {m->payload, m->len, 0, 0};
+    uint32_t proto = ws_rbuf_u32(&rb);
+    (void)ws_rbuf_u32(&rb); /* pid: SO_PEERCRED already told */
+    const char *role = ws_rbuf_str(&rb);
+    if (rb.bad)
+        return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a malformed HELLO",
+                      ws_chan_peer_label(r->chan));
+    ws_chan_set_peer_role(r->chan, role);
+    if (proto != WS_REMOTE_PROTOCOL)
+        return WS_ERR(WS_ERR_FORMAT, "receiver: %s speaks protocol %u, this %s speaks %u; run "
+                      "the same wshost on both sides", ws_chan_peer_label(r->chan), proto,
+                      r->role, WS_REMOTE_PROTOCOL);
+    ws_wbuf w = {0};
+    ws_wbuf_u32(&w, WS_REMOTE_PROTOCOL);
+    ws_wbuf_u32(&w, (uint32_t)getpid());
+    ws_wbuf_str(&w, r->role);
+    ws_status rc = w.oom ? WS_ERR(WS_ERR_NOMEM, "receiver: out of memory")
+                         : ws_chan_send(r->chan, WS_MSG_HELLO, w.data, w.len, NULL, 0,
+                                        r->opts.timeout_ms, "the greeting");
+    ws_wbuf_free(&w);
+    return rc;
+}
+
+static ws_status check_entry(ws_receiver *r, size_t i, const char *name, uint8_t dtype,
+                             uint8_t ndim, const int64_t *shape, size_t *param)
+{
+    if (!ws_strmap_get(&r->index, name, param))
+        return WS_ERR(WS_ERR_ARG, "manifest: tensor '%s' (entry %zu) is not a parameter of "
+                      "this %s", name, i + 1, r->role);
+    const ws_tensor *t = &r->params[*param].t;
+    int same = dtype == t->dtype && ndim == t->layout.ndim;
+    for (int d = 0; same && d < ndim; d++) same = shape[d] == t->layout.shape[d];
+    if (same) return WS_OK;
+    char want[160], got[160];
+    ws_tensor tmp = {.dtype = dtype < WS_DTYPE_COUNT ? (ws_dtype)dtype : WS_U8};
+    ws_layout_contiguous(&tmp.layout, ndim, shape);
+    if (dtype >= WS_DTYPE_COUNT) snprintf(got, sizeof got, "dtype #%u", dtype);
+    else ws_tensor_typestr(&tmp, got, sizeof got);
+    return WS_ERR(WS_ERR_ARG, "manifest: tensor '%s' is %s on the sender but %s in this %s",
+                  name, got, ws_tensor_typestr(t, want, sizeof want), r->role);
+}
+
+/* Decodes and checks a manifest; on success the sync begins. */
+static ws_status on_manifest(ws_receiver *r, ws_chan_msg *m, ws_receiver_event *ev)
+{
+    if (r->syncing)
+        return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a MANIFEST inside a sync",
+                      ws_chan_peer_label(r->chan));
+    ws_rbuf rb = {m->payload, m->len, 0, 0};
+    uint64_t version = ws_rbuf_u64(&rb);
+    uint32_t flags = ws_rbuf_u32(&rb);
+    uint32_t n = ws_rbuf_u32(&rb);
+    if (rb.bad || n > m->len)
+        return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a malformed MANIFEST",
+                      ws_chan_peer_label(r->chan));
+    size_t *param = ws_calloc(n ? n : 1, sizeof *param);
+    uint64_t *received = ws_calloc(n ? n : 1, sizeof *received);
+    unsigned char *seen = ws_calloc(r->n_params ? r->n_params : 1, 1);
+    ws_status rc = WS_OK;
+    if (!param || !received || !seen)
+        rc = WS_ERR(WS_ERR_NOMEM, "receiver: out of memory for a manifest of %u tensors", n);
+    if (rc == WS_OK && r->n_params == 0 && n > 0)
+        rc = WS_ERR(WS_ERR_ARG, "manifest: this %s has no parameters registered", r->role);
+    for (uint32_t i = 0; rc == WS_OK && i < n; i++) {
+        const char *name = ws_rbuf_str(&rb);
+        uint8_t dtype = ws_rbuf_u8(&rb), ndim = ws_rbuf_u8(&rb);
+        int64_t shape[WS_MAX_DIMS];
+        if (ndim > WS_MAX_DIMS) rb.bad = 1;
+        for (int d = 0; !rb.bad && d < ndim; d++) shape[d] = (int64_t)ws_rbuf_u64(&rb);
+        if (rb.bad) {
+            rc = WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a malformed MANIFEST (entry %u)",
+                        ws_chan_peer_label(r->chan), i + 1);
+            break;
+        }
+        rc = check_entry(r, i, name, dtype, ndim, shape, &param[i]);
+        if (rc == WS_OK && seen[param[i]])
+            rc = WS_ERR(WS_ERR_ARG, "manifest: tensor '%s' appears twice", name);
+        if (rc == WS_OK) seen[param[i]] = 1;
+    }
+    if (rc == WS_OK && !(flags & WS_MANIFEST_PARTIAL)) {
+        for (size_t p = 0; p < r->n_params; p++) {
+            if (seen[p]) continue;
+            rc = WS_ERR(WS_ERR_ARG, "manifest: this %s's tensor '%s' is not in it (a full sync "
+                        "names every tensor: the sender names %u, this %s holds %zu)", r->role,
+                        r->params[p].name, n, r->role, r->n_params);
+            break;
+        }
+    }
+    free(seen);
+    if (rc != WS_OK) {
+        /* Nothing changed here: the sender hears why and may try again. */
+        r->refused = rc != WS_ERR_FORMAT; /* a malformed one ends the connection */
+        free(param);
+        free(received);
+        ws_errprefix("sync of weight version %" PRIu64 " refused before any byte moved",
+                     version);
+        return rc;
+    }
+    /* From here the named tensors are not to be trusted until FINISH. */
+    for (uint32_t i = 0; i < n; i++) r->params[param[i]].valid = 0;
+    r->manifest = *m;
+    *m = (ws_chan_msg){0};
+    r->sync_param = param;
+    r->sync_received = received;
+    r->n_sync = n;
+    r->syncing = 1;
+    r->ever_synced = 1;
+    r->version = version;
+    ev->kind = WS_RECV_MANIFEST;
+    ev->weight_version = version;
+    return send_ack(r, WS_MSG_MANIFEST, WS_ACK_NO_SLOT, 0, "acknowledging the manifest");
+}
+
+static ws_status on_slots(ws_receiver *r, ws_chan_msg *m, ws_receiver_event *ev)
+{
+    ws_rbuf rb = {m->payload, m->len, 0, 0};
+    uint32_t n = ws_rbuf_u32(&rb);
+    uint64_t bytes[WS_REMOTE_SLOTS] = {0};
+    for (uint32_t i = 0; i < n && i < WS_REMOTE_SLOTS; i++) bytes[i] = ws_rbuf_u64(&rb);
+    if (rb.bad || n != WS_REMOTE_SLOTS || m->nfds != (int)n || r->n_slots)
+        return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a malformed SLOTS message (%u slots, "
+                      "%d fds%s)", ws_chan_peer_label(r->chan), n, m->nfds,
+                      r->n_slots ? ", slots already mapped" : "");
+    for (int i = 0; i < WS_REMOTE_SLOTS; i++) {
+        char what[96];
+        snprintf(what, sizeof what, "receiver: slot %d from %s", i, ws_chan_peer_label(r->chan));
+        int fd = m->fds[i];
+        m->fds[i] = -1;
+        ws_status rc = bytes[i] > SIZE_MAX ? WS_ERR(WS_ERR_FORMAT, "%s: too large", what)
+                                           : ws_shm_map(&r->shm[i], fd, (size_t)bytes[i], what);
+        if (rc == WS_OK) {
+            ws_external mem = {.data = r->shm[i].data, .nbytes = r->shm[i].nbytes,
+                               .read_only = 1, .source = "a shared slot of the sender"};
+            int64_t len = (int64_t)r->shm[i].nbytes;
+            snprintf(what, sizeof what, "slot %d", i);
+            rc = ws_tensor_external(&r->slot[i], &mem, WS_U8, 1, &len, what);
+        }
+        if (rc != WS_OK) {
+            if (bytes[i] > SIZE_MAX) close(fd);
+            unmap_slots(r);
+            return rc;
+        }
+    }
+    r->n_slots = WS_REMOTE_SLOTS;
+    ev->kind = WS_RECV_SLOTS;
+    return send_ack(r, WS_MSG_SLOTS, WS_ACK_NO_SLOT, 0, "acknowledging the slots");
+}
+
+/* Elements [off, off+count) of param t, as a stack view (no reference). */
+static ws_tensor element_range(const ws_tensor *t, uint64_t off, uint64_t count)
+{
+    ws_tensor v = *t;
+    v.offset = t->offset + (size_t)off * ws_dtype_size(t->dtype);
+    int64_t n = (int64_t)count;
+    ws_layout_contiguous(&v.layout, 1, &n);
+    return v;
+}
+
+static ws_status on_bucket(ws_receiver *r, const ws_chan_msg *m, ws_receiver_event *ev)
+{
+    const char *peer = ws_chan_peer_label(r->chan);
+    ws_rbuf rb = {m->payload, m->len, 0, 0};
+    uint64_t seq = ws_rbuf_u64(&rb);
+    uint32_t slot = ws_rbuf_u32(&rb), n = ws_rbuf_u32(&rb);
+    if (rb.bad || (size_t)n * 28 != m->len - rb.pos)
+        return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a malformed BUCKET", peer);
+    if (!r->syncing || !r->n_slots || slot >= WS_REMOTE_SLOTS || seq != r->next_seq)
+        return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent bucket %" PRIu64 " for slot %u %s",
+                      peer, seq + 1, slot,
+                      !r->syncing ? "outside a sync" : !r->n_slots ? "before its slots"
+                      : slot >= WS_REMOTE_SLOTS ? "(no such slot)" : "out of order");
+    ws_tensor *views = ws_calloc(n ? n : 1, sizeof *views);
+    ws_tensor **dsts = ws_calloc(n ? n : 1, sizeof *dsts);
+    size_t *offsets = ws_calloc(n ? n : 1, sizeof *offsets);
+    ws_status rc = WS_OK;
+    if (!views || !dsts || !offsets)
+        rc = WS_ERR(WS_ERR_NOMEM, "receiver: out of memory for a bucket of %u pieces", n);
+    const ws_tensor *sl = &r->slot[slot];
+    size_t slot_bytes = r->shm[slot].nbytes, bytes = 0;
+    int all_on_host = 1;
+    for (uint32_t i = 0; rc == WS_OK && i < n; i++) {
+        uint32_t ti = ws_rbuf_u32(&rb);
+        uint64_t off = ws_rbuf_u64(&rb), count = ws_rbuf_u64(&rb), at = ws_rbuf_u64(&rb);
+        if (ti >= r->n_sync) {
+            rc = WS_ERR(WS_ERR_FORMAT, "receiver: %s sent piece %u of bucket %" PRIu64 " for "
+                        "tensor #%u; the manifest has %zu", peer, i + 1, seq + 1, ti, r->n_sync);
+            break;
+        }
+        const ws_tensor *t = &r->params[r->sync_param[ti]].t;
+        uint64_t numel = (uint64_t)ws_tensor_numel(t), esize = ws_dtype_size(t->dtype);
+        if (off > numel || count > numel - off || at > slot_bytes ||
+            count > (slot_bytes - at) / esize) {
+            rc = WS_ERR(WS_ERR_FORMAT, "receiver: %s sent piece %u of bucket %" PRIu64 " for "
+                        "'%s' out of range: elements [%" PRIu64 ", +%" PRIu64 ") of %" PRIu64
+                        " at byte %" PRIu64 " of a slot of %zu", peer, i + 1, seq + 1,
+                        r->params[r->sync_param[ti]].name, off, count, numel, at, slot_bytes);
+            break;
+        }
+        views[i] = element_range(t, off, count);
+        dsts[i] = &views[i];
+        offsets[i] = (size_t)at;
+        bytes += (size_t)(count * esize);
+        r->sync_received[ti] += count;
+        if (ws_tensor_device(t)->kind != WS_DEVICE_CPU) all_on_host = 0;
+    }
+    if (rc == WS_OK) {
+        if (all_on_host) {
+            rc = ws_unpack(sl, dsts, n, offsets);
+        } else {
+            /* Another device: one copy per piece from a typed view of the slot.
+             * A copy that reads host memory has finished when it returns
+             * (device.h), so the slot may be reused after the ACK. */
+            for (uint32_t i = 0; rc == WS_OK && i < n; i++) {
+                ws_tensor src = *sl;
+                src.dtype = views[i].dtype;
+                src.offset = sl->offset + offsets[i];
+                src.layout = views[i].layout;
+                rc = ws_tensor_copy(&views[i], &src);
+            }
+        }
+        if (rc != WS_OK) ws_errprefix("receiver: bucket %" PRIu64, seq + 1);
+    }
+    free(views);
+    free(dsts);
+    free(offsets);
+    if (rc != WS_OK) return rc;
+    r->next_seq++;
+    ev->kind = WS_RECV_BUCKET;
+    ev->pieces = n;
+    ev->bytes = bytes;
+    return send_ack(r, WS_MSG_BUCKET, slot, seq, "acknowledging a bucket");
+}
+
+static ws_status on_finish(ws_receiver *r, const ws_chan_msg *m, ws_receiver_event *ev)
+{
+    const char *peer = ws_chan_peer_label(r->chan);
+    ws_rbuf rb = {m->payload, m->len, 0, 0};
+    uint64_t version = ws_rbuf_u64(&rb);
+    uint32_t n = ws_rbuf_u32(&rb);
+    if (rb.bad || !r->syncing || n != r->n_sync || (size_t)n * 8 != m->len - rb.pos ||
+        version != r->version)
+        return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a FINISH that does not match its "
+                      "manifest (%u checksums for %zu tensors, weight version %" PRIu64
+                      " for %" PRIu64 ")", peer, n, r->n_sync, version, r->version);
+    for (size_t i = 0; i < n; i++) {
+        const recv_param *p = &r->params[r->sync_param[i]];
+        uint64_t numel = (uint64_t)ws_tensor_numel(&p->t);
+        if (r->sync_received[i] != numel)
+            return WS_ERR(WS_ERR_ARG, "sync of weight version %" PRIu64 ": tensor '%s' "
+                          "received %" PRIu64 " of its %" PRIu64 " elements", version, p->name,
+                          r->sync_received[i], numel);
+    }
+    const ws_tensor **ts = ws_calloc(n ? n : 1, sizeof *ts);
+    uint64_t *sums = ws_calloc(n ? n : 1, sizeof *sums);
+    ws_status rc = WS_OK;
+    if (!ts || !sums) rc = WS_ERR(WS_ERR_NOMEM, "receiver: out of memory for %u checksums", n);
+    for (size_t i = 0; rc == WS_OK && i < n; i++) ts[i] = &r->params[r->sync_param[i]].t;
+    if (rc == WS_OK) rc = ws_checksum_many(ts, n, NULL, WS_DTYPE_COUNT, sums);
+    for (size_t i = 0; rc == WS_OK && i < n; i++) {
+        uint64_t want = ws_rbuf_u64(&rb);
+        if (sums[i] != want)
+            rc = WS_ERR(WS_ERR_ARG, "sync of weight version %" PRIu64 ": tensor '%s' holds "
+                        "checksum 0x%016" PRIx64 ", the sender sent 0x%016" PRIx64 ": the bytes "
+                        "received are not the bytes sent", version,
+                        r->params[r->sync_param[i]].name, sums[i], want);
+    }
+    free(ts);
+    free(sums);
+    if (rc != WS_OK) return rc;
+    end_sync(r, 1);
+    ev->kind = WS_RECV_SYNCED;
+    ev->weight_version = version;
+    return send_ack(r, WS_MSG_FINISH, WS_ACK_NO_SLOT, 0, "acknowledging the checksums");
+}
+
+static ws_status on_wake_sleep(ws_receiver *r, const ws_chan_msg *m, ws_receiver_event *ev)
+{
+    ws_rbuf rb = {m->payload, m->len, 0, 0};
+    ws_status rc = WS_OK;
+    if (m->type == WS_MSG_WAKE) {
+        const char *tag = ws_rbuf_str(&rb);
+        if (rb.bad) return WS_ERR(WS_ERR_FORMAT, "receiver: malformed WAKE");
+        if (r->opts.on_wake) rc = r->opts.on_wake(r->opts.ctx, tag);
+        if (rc != WS_OK) ws_errprefix("wake(%s) in the %s", tag, r->role);
+        ev->kind = WS_RECV_WAKE;
+    } else {
+        int32_t level = (int32_t)ws_rbuf_u32(&rb);
+        if (rb.bad) return WS_ERR(WS_ERR_FORMAT, "receiver: malformed SLEEP");
+        if (r->opts.on_sleep) rc = r->opts.on_sleep(r->opts.ctx, level);
+        if (rc != WS_OK) ws_errprefix("sleep(level=%d) in the %s", (int)level, r->role);
+        ev->kind = WS_RECV_SLEEP;
+    }
+    if (rc != WS_OK) {
+        r->refused = 1; /* the callback's failure is the sender's to handle */
+        return rc;
+    }
+    return send_ack(r, m->type, WS_ACK_NO_SLOT, 0, "acknowledging a wake or sleep");
+}
+
+ws_status ws_receiver_accept(ws_receiver *r, int timeout_ms)
+{
+    if (r->chan) return WS_OK;
+    WS_TRY(ws_chan_accept(r->listener, timeout_ms, &r->chan));
+    ws_chan_set_interrupt(r->chan, r->opts.interrupted, r->opts.ctx);
+    ws_chan_msg m;
+    ws_status rc = ws_chan_recv(r->chan, r->opts.timeout_ms, &m, "the greeting");
+    if (rc == WS_OK && m.type != WS_MSG_HELLO)
+        rc = WS_ERR(WS_ERR_FORMAT, "receiver: %s began with %s, not HELLO",
+                    ws_chan_peer_label(r->chan), ws_remote_msg_name(m.type));
+    if (rc == WS_OK) rc = on_hello(r, &m);
+    ws_chan_msg_free(&m);
+    if (rc != WS_OK) drop_connection(r);
+    return rc;
+}
+
+ws_status ws_receiver_next(ws_receiver *r, int timeout_ms, ws_receiver_event *ev)
+{
+    memset(ev, 0, sizeof *ev);
+    r->refused = 0;
+    if (!r->chan) {
+        WS_TRY(ws_receiver_accept(r, timeout_ms));
+        ev->kind = WS_RECV_CONNECTED;
+        return WS_OK;
+    }
+    int syncing = r->syncing;
+    uint64_t version = r->version;
+    if (syncing && (timeout_ms < 0 || timeout_ms > r->opts.timeout_ms))
+        timeout_ms = r->opts.timeout_ms;
+    char what[96];
+    if (syncing)
+        snprintf(what, sizeof what, "the sync of weight version %" PRIu64, version);
+    else
+        snprintf(what, sizeof what, "a wait for the next request");
+    ws_chan_msg m;
+    ws_status rc = ws_chan_recv(r->chan, timeout_ms, &m, what);
+    int fatal = rc != WS_OK && (rc != WS_ERR_TIMEOUT || syncing);
+    if (rc == WS_OK) {
+        switch (m.type) {
+        case WS_MSG_MANIFEST: rc = on_manifest(r, &m, ev); break;
+        case WS_MSG_SLOTS: rc = on_slots(r, &m, ev); break;
+        case WS_MSG_BUCKET: rc = on_bucket(r, &m, ev); break;
+        case WS_MSG_FINISH: rc = on_finish(r, &m, ev); break;
+        case WS_MSG_WAKE:
+        case WS_MSG_SLEEP: rc = on_wake_sleep(r, &m, ev); break;
+        case WS_MSG_CLOSE:
+            if (syncing)
+                rc = WS_ERR(WS_ERR_COMM, "%s left in the middle of the sync of weight version "
+                            "%" PRIu64, ws_chan_peer_label(r->chan), version);
+            ev->kind = WS_RECV_CLOSED;
+            fatal = 1;
+            break;
+        default:
+            rc = WS_ERR(WS_ERR_FORMAT, "receiver: %s sent an unexpected %s (type %u)",
+                        ws_chan_peer_label(r->chan), ws_remote_msg_name(m.type), m.type);
+        }
+        /* A refused manifest or a failed callback leaves the connection
+         * usable; any other error ends it. */
+        if (rc != WS_OK && !r->refused) fatal = 1;
+        if (rc != WS_OK && r->refused) send_error(r);
+    }
+    ws_chan_msg_free(&m);
+    if (rc != WS_OK && fatal) {
+        if (r->syncing) {
+            send_error(r);
+            char msg[1024];
+            snprintf(msg, sizeof msg, "%s; the tensors of that sync are marked invalid",
+                     ws_errmsg());
+            WS_ERR(rc, "%s", msg);
+        } else if (m.type != WS_MSG_CLOSE) {
+            send_error(r);
+        }
+        drop_connection(r);
+    } else if (fatal) {
+        drop_connection(r); /* a clean CLOSE */
+    }
+    return rc;
+}
+
+ws_status ws_receiver_serve(ws_receiver *r, int timeout_ms)
+{
+    for (;;) {
+        ws_receiver_event ev;
+        ws_status rc = ws_receiver_next(r, timeout_ms, &ev);
+        /* A refused request is the sender's error to handle; it was told. */
+        if (rc != WS_OK && !r->refused) return rc;
+        if (rc == WS_OK && ev.kind == WS_RECV_CLOSED) return WS_OK;
+    }
+}

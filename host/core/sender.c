@@ -1,0 +1,518 @@
+/* sender.c: the trainer side of remote.h.
+ *
+ * Two slots alternate: ws_sender_bucket packs into the slot whose previous
+ * bucket was acknowledged longest ago, sends, and returns, so the caller
+ * gathers and packs the next bucket while the receiver copies this one.
+ * Checksums are summed per tensor while packing (the checksum composes over
+ * element ranges), so FINISH costs no second pass over the weights.
+ *
+ * An error that leaves the two sides out of step (the receiver died, stopped
+ * answering, or refused a bucket) breaks the sender: every later call says
+ * so, and only ws_sender_close remains. A refused manifest or a failed wake
+ * or sleep leaves it usable. */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "chan.h"
+#include "fault.h"
+#include "remote.h"
+#include "remote_wire.h"
+#include "shm.h"
+
+#define DEFAULT_TIMEOUT_MS 30000
+#define DEFAULT_CONNECT_MS 10000
+#define DEFAULT_SLOT_BYTES ((size_t)64 << 20)
+#define CLOSE_SEND_MS 1000
+
+struct ws_sender {
+    ws_sender_opts opts;
+    char role[32];
+    ws_chan *chan;
+    int broken;
+    char broken_why[512];
+    ws_shm shm[WS_REMOTE_SLOTS];
+    ws_tensor slot[WS_REMOTE_SLOTS];
+    int slots_sent;
+    int busy[WS_REMOTE_SLOTS];
+    uint64_t busy_seq[WS_REMOTE_SLOTS];
+    int next_slot;
+    uint64_t next_seq, next_ack_seq;
+    /* The sync under way. */
+    int syncing;
+    uint64_t version;
+    size_t n;
+    char **names;
+    ws_dtype *dtypes;
+    uint64_t *numels;
+    uint64_t *sums;
+    ws_sender_stats stats;
+};
+
+static ws_status check_usable(ws_sender *s, const char *what)
+{
+    if (s->broken)
+        return WS_ERR(WS_ERR_COMM, "%s: the connection to %s ended after an earlier error (%s); "
+                      "close the sender and connect again", what, ws_chan_peer_label(s->chan),
+                      s->broken_why);
+    return WS_OK;
+}
+
+/* Marks the sender broken by the current error, and returns it. */
+static ws_status fail(ws_sender *s, ws_status rc)
+{
+    if (rc != WS_OK && !s->broken) {
+        s->broken = 1;
+        snprintf(s->broken_why, sizeof s->broken_why, "%s", ws_errmsg());
+    }
+    return rc;
+}
+
+static void free_sync(ws_sender *s)
+{
+    for (size_t i = 0; s->names && i < s->n; i++) free(s->names[i]);
+    free(s->names);
+    free(s->dtypes);
+    free(s->numels);
+    free(s->sums);
+    s->names = NULL;
+    s->dtypes = NULL;
+    s->numels = NULL;
+    s->sums = NULL;
+    s->n = 0;
+    s->syncing = 0;
+}
+
+pid_t ws_sender_peer_pid(const ws_sender *s) { return ws_chan_peer_pid(s->chan); }
+
+size_t ws_sender_slot_bytes(const ws_sender *s) { return s->opts.slot_bytes; }
+
+ws_sender_stats ws_sender_get_stats(const ws_sender *s) { return s->stats; }
+
+/* Waits for the reply to a request of `type`: ACK of that type, or ERROR
+ * (then *refused, when given, is set: the receiver answered and said no). */
+static ws_status wait_reply(ws_sender *s, uint32_t type, const char *what, ws_chan_msg *reply,
+                            int *refused)
+{
+    ws_chan_msg m;
+    if (refused) *refused = 0;
+    WS_TRY(ws_chan_recv(s->chan, s->opts.timeout_ms, &m, what));
+    ws_status rc = WS_OK;
+    if (m.type == WS_MSG_ERROR) {
+        if (refused) *refused = 1;
+        rc = WS_ERR(WS_ERR_COMM, "%s: %s refused: %.*s", what, ws_chan_peer_label(s->chan),
+                    (int)(m.len > 900 ? 900 : m.len), (const char *)m.payload);
+    } else if (m.type != (type == WS_MSG_HELLO ? WS_MSG_HELLO : WS_MSG_ACK)) {
+        rc = WS_ERR(WS_ERR_FORMAT, "%s: %s answered with an unexpected %s", what,
+                    ws_chan_peer_label(s->chan), ws_remote_msg_name(m.type));
+    } else if (type != WS_MSG_HELLO) {
+        uint32_t acked = 0;
+        if (m.len >= 4) memcpy(&acked, m.payload, 4);
+        if (m.len != 16 || acked != type)
+            rc = WS_ERR(WS_ERR_FORMAT, "%s: %s acknowledged %s, not %s", what,
+                        ws_chan_peer_label(s->chan), ws_remote_msg_name(acked),
+                        ws_remote_msg_name(type));
+    }
+    if (rc == WS_OK && reply) {
+        *reply = m;
+        return WS_OK;
+    }
+    ws_chan_msg_free(&m);
+    return rc;
+}
+
+ws_status ws_sender_connect(const char *name, const ws_sender_opts *opts, ws_sender **out)
+{
+    *out = NULL;
+    ws_sender *s = ws_calloc(1, sizeof *s);
+    if (!s) return WS_ERR(WS_ERR_NOMEM, "sender: out of memory");
+    if (opts) s->opts = *opts;
+    if (s->opts.timeout_ms <= 0) s->opts.timeout_ms = DEFAULT_TIMEOUT_MS;
+    if (s->opts.connect_timeout_ms <= 0) s->opts.connect_timeout_ms = DEFAULT_CONNECT_MS;
+    if (!s->opts.slot_bytes) s->opts.slot_bytes = DEFAULT_SLOT_BYTES;
+    snprintf(s->role, sizeof s->role, "%s", s->opts.role ? s->opts.role : "trainer");
+    s->opts.role = s->role;
+    for (int i = 0; i < WS_REMOTE_SLOTS; i++) s->shm[i] = (ws_shm)WS_SHM_INIT;
+    ws_status rc = ws_chan_connect(name, s->opts.connect_timeout_ms, s->opts.interrupted,
+                                   s->opts.ctx, &s->chan);
+    ws_wbuf w = {0};
+    ws_chan_msg m = {0};
+    if (rc == WS_OK) {
+        ws_wbuf_u32(&w, WS_REMOTE_PROTOCOL);
+        ws_wbuf_u32(&w, (uint32_t)getpid());
+        ws_wbuf_str(&w, s->role);
+        rc = w.oom ? WS_ERR(WS_ERR_NOMEM, "out of memory for the greeting")
+                   : ws_chan_send(s->chan, WS_MSG_HELLO, w.data, w.len, NULL, 0,
+                                  s->opts.timeout_ms, "the greeting");
+    }
+    if (rc == WS_OK) rc = wait_reply(s, WS_MSG_HELLO, "the greeting", &m, NULL);
+    if (rc == WS_OK) {
+        ws_rbuf rb = {m.payload, m.len, 0, 0};
+        uint32_t proto = ws_rbuf_u32(&rb);
+        (void)ws_rbuf_u32(&rb);
+        const char *role = ws_rbuf_str(&rb);
+        if (!rb.bad) ws_chan_set_peer_role(s->chan, role);
+        if (rb.bad || proto != WS_REMOTE_PROTOCOL)
+            rc = WS_ERR(WS_ERR_FORMAT, "sender: %s speaks protocol %u, this %s speaks %u; run "
+                        "the same wshost on both sides", ws_chan_peer_label(s->chan), proto,
+                        s->role, WS_REMOTE_PROTOCOL);
+    }
+    ws_chan_msg_free(&m);
+    ws_wbuf_free(&w);
+    if (rc != WS_OK) {
+        ws_errprefix("sender: connecting to '%s'", name);
+        ws_chan_close(s->chan);
+        free(s);
+        return rc;
+    }
+    *out = s;
+    return WS_OK;
+}
+
+void ws_sender_close(ws_sender *s)
+{
+    if (!s) return;
+    /* Leaving in the middle of a sync is not a clean CLOSE: the receiver sees
+     * the connection end and keeps that sync's tensors invalid. */
+    if (s->chan && !s->broken && !s->syncing) {
+        char msg[1024];
+        ws_status code = ws_errcode();
+        snprintf(msg, sizeof msg, "%s", ws_errmsg());
+        (void)ws_chan_send(s->chan, WS_MSG_CLOSE, NULL, 0, NULL, 0, CLOSE_SEND_MS, "leaving");
+        if (code != WS_OK) WS_ERR(code, "%s", msg);
+    }
+    ws_chan_close(s->chan);
+    for (int i = 0; i < WS_REMOTE_SLOTS; i++) {
+        ws_tensor_free(&s->slot[i]);
+        ws_shm_free(&s->shm[i]);
+    }
+    free_sync(s);
+    free(s);
+}
+
+static ws_status create_slots(ws_sender *s, const char *what)
+{
+    ws_status rc = WS_OK;
+    for (int i = 0; rc == WS_OK && i < WS_REMOTE_SLOTS; i++) {
+        rc = ws_shm_create(&s->shm[i], s->opts.slot_bytes, what);
+        if (rc == WS_OK) {
+            ws_external mem = {.data = s->shm[i].data, .nbytes = s->shm[i].nbytes};
+            int64_t len = (int64_t)s->shm[i].nbytes;
+            char name[32];
+            snprintf(name, sizeof name, "slot %d", i);
+            rc = ws_tensor_external(&s->slot[i], &mem, WS_U8, 1, &len, name);
+        }
+    }
+    ws_wbuf w = {0};
+    int fds[WS_REMOTE_SLOTS];
+    if (rc == WS_OK) {
+        ws_wbuf_u32(&w, WS_REMOTE_SLOTS);
+        for (int i = 0; i < WS_REMOTE_SLOTS; i++) {
+            ws_wbuf_u64(&w, s->shm[i].nbytes);
+            fds[i] = s->shm[i].fd;
+        }
+        rc = w.oom ? WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what)
+                   : fail(s, ws_chan_send(s->chan, WS_MSG_SLOTS, w.data, w.len, fds,
+                                          WS_REMOTE_SLOTS, s->opts.timeout_ms, what));
+    }
+    ws_wbuf_free(&w);
+    /* The receiver holds its own descriptors now; the mappings are enough here. */
+    for (int i = 0; i < WS_REMOTE_SLOTS; i++) ws_shm_close_fd(&s->shm[i]);
+    if (rc == WS_OK) rc = fail(s, wait_reply(s, WS_MSG_SLOTS, what, NULL, NULL));
+    if (rc != WS_OK) {
+        for (int i = 0; i < WS_REMOTE_SLOTS; i++) {
+            ws_tensor_free(&s->slot[i]);
+            ws_shm_free(&s->shm[i]);
+        }
+        return rc;
+    }
+    s->slots_sent = 1;
+    return WS_OK;
+}
+
+static ws_status copy_manifest(ws_sender *s, const ws_wire_tensor *ts, size_t n, ws_wbuf *w)
+{
+    s->names = ws_calloc(n ? n : 1, sizeof *s->names);
+    s->dtypes = ws_calloc(n ? n : 1, sizeof *s->dtypes);
+    s->numels = ws_calloc(n ? n : 1, sizeof *s->numels);
+    s->sums = ws_calloc(n ? n : 1, sizeof *s->sums);
+    if (!s->names || !s->dtypes || !s->numels || !s->sums)
+        return WS_ERR(WS_ERR_NOMEM, "out of memory for a manifest of %zu tensors", n);
+    s->n = n;
+    for (size_t i = 0; i < n; i++) {
+        const ws_wire_tensor *t = &ts[i];
+        size_t len = t->name ? strlen(t->name) : 0;
+        if (len == 0 || len > UINT16_MAX || (unsigned)t->dtype >= WS_DTYPE_COUNT ||
+            t->ndim < 0 || t->ndim > WS_MAX_DIMS)
+            return WS_ERR(WS_ERR_ARG, "manifest entry %zu ('%s'): needs a name of 1 to %d "
+                          "characters, a known dtype and 0 to %d dimensions", i + 1,
+                          t->name ? t->name : "(null)", UINT16_MAX, WS_MAX_DIMS);
+        uint64_t numel = 1;
+        for (int d = 0; d < t->ndim; d++) {
+            if (t->shape[d] < 0 || (t->shape[d] && numel > UINT64_MAX / (uint64_t)t->shape[d]))
+                return WS_ERR(WS_ERR_ARG, "manifest entry %zu ('%s'): bad shape", i + 1,
+                              t->name);
+            numel *= (uint64_t)t->shape[d];
+        }
+        if (!(s->names[i] = ws_strdup(t->name)))
+            return WS_ERR(WS_ERR_NOMEM, "out of memory for a manifest of %zu tensors", n);
+        s->dtypes[i] = t->dtype;
+        s->numels[i] = numel;
+        ws_wbuf_str(w, t->name);
+        ws_wbuf_u8(w, (uint8_t)t->dtype);
+        ws_wbuf_u8(w, (uint8_t)t->ndim);
+        for (int d = 0; d < t->ndim; d++) ws_wbuf_u64(w, (uint64_t)t->shape[d]);
+    }
+    return w->oom ? WS_ERR(WS_ERR_NOMEM, "out of memory for a manifest of %zu tensors", n) : WS_OK;
+}
+
+ws_status ws_sender_begin(ws_sender *s, const ws_wire_tensor *tensors, size_t n,
+                          uint64_t weight_version, unsigned flags)
+{
+    char what[96];
+    snprintf(what, sizeof what, "sync of weight version %" PRIu64, weight_version);
+    WS_TRY(check_usable(s, what));
+    if (s->syncing)
+        return WS_ERR(WS_ERR_ARG, "%s: the sync of weight version %" PRIu64 " is not finished",
+                      what, s->version);
+    if (n > UINT32_MAX) return WS_ERR(WS_ERR_ARG, "%s: %zu tensors is too many", what, n);
+    ws_wbuf w = {0};
+    ws_wbuf_u64(&w, weight_version);
+    ws_wbuf_u32(&w, flags);
+    ws_wbuf_u32(&w, (uint32_t)n);
+    ws_status rc = copy_manifest(s, tensors, n, &w);
+    if (rc != WS_OK) ws_errprefix("%s", what);
+    if (rc == WS_OK)
+        rc = fail(s, ws_chan_send(s->chan, WS_MSG_MANIFEST, w.data, w.len, NULL, 0,
+                                  s->opts.timeout_ms, what));
+    ws_wbuf_free(&w);
+    /* A refusal is an ERROR reply on a healthy connection; anything else breaks it. */
+    if (rc == WS_OK) {
+        int refused;
+        rc = wait_reply(s, WS_MSG_MANIFEST, what, NULL, &refused);
+        if (rc != WS_OK && !refused) fail(s, rc);
+    }
+    /* The receiver accepted the manifest and waits for this sync: from here
+     * any failure leaves the two sides out of step. */
+    if (rc == WS_OK && !s->slots_sent) rc = fail(s, create_slots(s, what));
+    if (rc != WS_OK) {
+        free_sync(s);
+        return rc;
+    }
+    s->version = weight_version;
+    s->syncing = 1;
+    s->next_seq = s->next_ack_seq = 0;
+    s->next_slot = 0; /* both slots were acknowledged by the last finish */
+    return WS_OK;
+}
+
+/* Waits until `slot`'s bucket is acknowledged (acknowledgements come in order). */
+static ws_status await_slot(ws_sender *s, int slot, const char *what)
+{
+    double t0 = ws_chan_now_ms();
+    ws_status rc = WS_OK;
+    while (rc == WS_OK && s->busy[slot]) {
+        char step[160];
+        snprintf(step, sizeof step, "%s: waiting for the acknowledgement of bucket %" PRIu64,
+                 what, s->next_ack_seq + 1);
+        ws_chan_msg m;
+        rc = wait_reply(s, WS_MSG_BUCKET, step, &m, NULL);
+        if (rc != WS_OK) break;
+        uint32_t acked_slot;
+        uint64_t seq;
+        memcpy(&acked_slot, m.payload + 4, 4);
+        memcpy(&seq, m.payload + 8, 8);
+        ws_chan_msg_free(&m);
+        /* Bucket k of a sync went to slot k % 2 (ws_sender_begin starts at 0). */
+        int k = (int)(s->next_ack_seq % WS_REMOTE_SLOTS);
+        if (seq != s->next_ack_seq || acked_slot != (uint32_t)k || !s->busy[k] ||
+            s->busy_seq[k] != seq) {
+            rc = WS_ERR(WS_ERR_FORMAT, "%s: %s acknowledged bucket %" PRIu64 " in slot %u, "
+                        "expected bucket %" PRIu64 " in slot %d", step,
+                        ws_chan_peer_label(s->chan), seq + 1, acked_slot, s->next_ack_seq + 1, k);
+            break;
+        }
+        s->busy[acked_slot] = 0;
+        s->next_ack_seq++;
+    }
+    s->stats.wait_ms += ws_chan_now_ms() - t0;
+    return fail(s, rc);
+}
+
+static size_t align_up(size_t x)
+{
+    return (x + WS_REMOTE_ALIGN - 1) / WS_REMOTE_ALIGN * WS_REMOTE_ALIGN;
+}
+
+ws_status ws_sender_bucket(ws_sender *s, const ws_sender_piece *pieces, size_t n)
+{
+    char what[96];
+    snprintf(what, sizeof what, "sync of weight version %" PRIu64 ": bucket %" PRIu64,
+             s->version, s->next_seq + 1);
+    WS_TRY(check_usable(s, what));
+    if (!s->syncing) return WS_ERR(WS_ERR_ARG, "%s: no sync begun (ws_sender_begin)", what);
+    if (n > UINT32_MAX / 2) return WS_ERR(WS_ERR_ARG, "%s: too many pieces", what);
+    size_t *offsets = ws_calloc(n ? n : 1, sizeof *offsets);
+    const ws_tensor **srcs = ws_calloc(n ? n : 1, sizeof *srcs);
+    ws_wbuf w = {0};
+    ws_status rc = WS_OK;
+    if (!offsets || !srcs) rc = WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what);
+    /* Check every piece and lay the slot out before touching it. */
+    size_t at = 0;
+    int all_on_host = 1;
+    ws_wbuf_u64(&w, s->next_seq);
+    ws_wbuf_u32(&w, (uint32_t)s->next_slot);
+    ws_wbuf_u32(&w, (uint32_t)n);
+    for (size_t i = 0; rc == WS_OK && i < n; i++) {
+        const ws_sender_piece *p = &pieces[i];
+        char ctx[160];
+        snprintf(ctx, sizeof ctx, "%s: piece %zu", what, i + 1);
+        if (p->tensor >= s->n) {
+            rc = WS_ERR(WS_ERR_ARG, "%s names tensor #%u; the manifest has %zu", ctx, p->tensor,
+                        s->n);
+            break;
+        }
+        rc = p->src ? ws_tensor_check_readable(p->src, ctx)
+                    : WS_ERR(WS_ERR_ARG, "%s has no source tensor", ctx);
+        if (rc != WS_OK) break;
+        uint64_t count = (uint64_t)ws_tensor_numel(p->src), numel = s->numels[p->tensor];
+        char lb[200], ty[160];
+        if (p->src->dtype != s->dtypes[p->tensor] || !ws_tensor_is_contiguous(p->src) ||
+            p->elem_offset > numel || count > numel - p->elem_offset) {
+            rc = WS_ERR(WS_ERR_ARG, "%s: %s %s does not fit '%s' (%s, %" PRIu64 " elements) at "
+                        "element %" PRIu64 "; pieces are contiguous, of the manifest's dtype, "
+                        "inside the tensor", ctx, ws_tensor_label(p->src, lb, sizeof lb),
+                        ws_tensor_typestr(p->src, ty, sizeof ty), s->names[p->tensor],
+                        ws_dtype_name(s->dtypes[p->tensor]), numel, p->elem_offset);
+            break;
+        }
+        size_t bytes = ws_tensor_nbytes(p->src);
+        if (bytes > s->opts.slot_bytes || at > s->opts.slot_bytes - bytes) {
+            char have[32], need[32];
+            rc = WS_ERR(WS_ERR_ARG, "%s: the pieces need more than a slot holds (%s); split "
+                        "them over more buckets (a slot has %s)", ctx,
+                        ws_format_bytes(need, sizeof need, at + bytes),
+                        ws_format_bytes(have, sizeof have, s->opts.slot_bytes));
+            break;
+        }
+        offsets[i] = at;
+        srcs[i] = p->src;
+        if (ws_tensor_device(p->src)->kind != WS_DEVICE_CPU) all_on_host = 0;
+        ws_wbuf_u32(&w, p->tensor);
+        ws_wbuf_u64(&w, p->elem_offset);
+        ws_wbuf_u64(&w, count);
+        ws_wbuf_u64(&w, at);
+        at = align_up(at + bytes);
+        if (at > s->opts.slot_bytes) at = s->opts.slot_bytes;
+    }
+    if (rc == WS_OK && w.oom) rc = WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what);
+    /* Past this point a failure leaves the sync unfinishable (a slot or the
+     * checksums half done, or the receiver out of step). */
+    int checked = rc == WS_OK;
+    int slot = s->next_slot;
+    if (rc == WS_OK) rc = await_slot(s, slot, what);
+    double t0 = ws_chan_now_ms();
+    if (rc == WS_OK) {
+        ws_tensor *sl = &s->slot[slot];
+        if (all_on_host) {
+            rc = ws_pack(sl, srcs, n, offsets);
+        } else {
+            for (size_t i = 0; rc == WS_OK && i < n; i++) {
+                ws_tensor dst = *sl;
+                dst.dtype = srcs[i]->dtype;
+                dst.offset = sl->offset + offsets[i];
+                dst.layout = srcs[i]->layout;
+                rc = ws_tensor_copy(&dst, srcs[i]);
+            }
+        }
+        for (size_t i = 0; rc == WS_OK && i < n; i++) {
+            uint64_t sum;
+            rc = ws_tensor_checksum(srcs[i], pieces[i].elem_offset, srcs[i]->dtype, &sum);
+            s->sums[pieces[i].tensor] += sum;
+        }
+        if (rc != WS_OK) ws_errprefix("%s: packing", what);
+    }
+    s->stats.pack_ms += ws_chan_now_ms() - t0;
+    if (rc == WS_OK) {
+        rc = fail(s, ws_chan_send(s->chan, WS_MSG_BUCKET, w.data, w.len, NULL, 0,
+                                  s->opts.timeout_ms, what));
+    }
+    if (rc == WS_OK) {
+        s->busy[slot] = 1;
+        s->busy_seq[slot] = s->next_seq++;
+        s->next_slot = (slot + 1) % WS_REMOTE_SLOTS;
+        s->stats.buckets++;
+        for (size_t i = 0; i < n; i++) s->stats.bytes += ws_tensor_nbytes(srcs[i]);
+    } else if (checked) {
+        fail(s, rc);
+    }
+    ws_wbuf_free(&w);
+    free(offsets);
+    free(srcs);
+    return rc;
+}
+
+ws_status ws_sender_finish(ws_sender *s)
+{
+    char what[96];
+    snprintf(what, sizeof what, "sync of weight version %" PRIu64 ": finish", s->version);
+    WS_TRY(check_usable(s, what));
+    if (!s->syncing) return WS_ERR(WS_ERR_ARG, "%s: no sync begun (ws_sender_begin)", what);
+    ws_status rc = WS_OK;
+    for (int i = 0; rc == WS_OK && i < WS_REMOTE_SLOTS; i++)
+        rc = await_slot(s, (s->next_slot + i) % WS_REMOTE_SLOTS, what);
+    ws_wbuf w = {0};
+    ws_wbuf_u64(&w, s->version);
+    ws_wbuf_u32(&w, (uint32_t)s->n);
+    for (size_t i = 0; i < s->n; i++) ws_wbuf_u64(&w, s->sums[i]);
+    if (rc == WS_OK && w.oom) rc = fail(s, WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what));
+    if (rc == WS_OK)
+        rc = fail(s, ws_chan_send(s->chan, WS_MSG_FINISH, w.data, w.len, NULL, 0,
+                                  s->opts.timeout_ms, what));
+    ws_wbuf_free(&w);
+    if (rc == WS_OK) rc = fail(s, wait_reply(s, WS_MSG_FINISH, what, NULL, NULL));
+    if (rc == WS_OK) free_sync(s);
+    return rc;
+}
+
+static ws_status request(ws_sender *s, uint32_t type, const ws_wbuf *w, const char *what)
+{
+    WS_TRY(check_usable(s, what));
+    if (s->syncing)
+        return WS_ERR(WS_ERR_ARG, "%s: the sync of weight version %" PRIu64 " is not finished",
+                      what, s->version);
+    if (w->oom) return WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what);
+    WS_TRY(fail(s, ws_chan_send(s->chan, type, w->data, w->len, NULL, 0, s->opts.timeout_ms,
+                                what)));
+    int refused;
+    ws_status rc = wait_reply(s, type, what, NULL, &refused);
+    /* The receiver's callback failing leaves the connection as it was. */
+    if (rc != WS_OK && !refused) fail(s, rc);
+    return rc;
+}
+
+ws_status ws_sender_wake(ws_sender *s, const char *tag)
+{
+    char what[96];
+    snprintf(what, sizeof what, "wake(%s)", tag ? tag : "");
+    if (!tag || !*tag || strlen(tag) > 255)
+        return WS_ERR(WS_ERR_ARG, "%s: a tag of 1 to 255 characters", what);
+    ws_wbuf w = {0};
+    ws_wbuf_str(&w, tag);
+    ws_status rc = request(s, WS_MSG_WAKE, &w, what);
+    ws_wbuf_free(&w);
+    return rc;
+}
+
+ws_status ws_sender_sleep(ws_sender *s, int level)
+{
+    char what[64];
+    snprintf(what, sizeof what, "sleep(level=%d)", level);
+    ws_wbuf w = {0};
+    ws_wbuf_u32(&w, (uint32_t)level);
+    ws_status rc = request(s, WS_MSG_SLEEP, &w, what);
+    ws_wbuf_free(&w);
+    return rc;
+}

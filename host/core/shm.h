@@ -1,0 +1,36 @@
+/* shm.h: shared-memory slots for handing bytes to another process.
+ *
+ * A slot is a memfd (memfd_create, MFD_CLOEXEC): anonymous memory with a file
+ * descriptor, so it has no name in /dev/shm or anywhere else and is gone once
+ * the last mapping and fd are. The creator sizes it, seals its size (so the
+ * other side may trust the length and never takes SIGBUS from a file that
+ * shrank), maps it read-write and passes the fd over a channel (chan.h); the
+ * receiver maps it read-only and closes the fd. */
+#ifndef WS_SHM_H
+#define WS_SHM_H
+
+#include <stddef.h>
+
+#include "status.h"
+
+typedef struct ws_shm {
+    int fd;          /* -1 once closed or passed on */
+    void *data;      /* NULL: not mapped */
+    size_t nbytes;
+    int writable;
+} ws_shm;
+
+#define WS_SHM_INIT {-1, NULL, 0, 0}
+
+/* Creates and maps a slot of nbytes (> 0). `what` names it for messages. */
+ws_status ws_shm_create(ws_shm *s, size_t nbytes, const char *what);
+/* Maps a slot received from another process, read-only. Takes fd: it is
+ * closed on success and on failure. The fd must hold at least nbytes and
+ * its size must be sealed. */
+ws_status ws_shm_map(ws_shm *s, int fd, size_t nbytes, const char *what);
+/* Closes the fd (once passed on, the mapping is all that is needed). */
+void ws_shm_close_fd(ws_shm *s);
+/* Unmaps and closes; idempotent. */
+void ws_shm_free(ws_shm *s);
+
+#endif
