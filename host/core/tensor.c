@@ -739,7 +739,7 @@ ws_status ws_tensor_checksum_rows(const ws_tensor *t, uint64_t first_index, int6
     if ((unsigned)as >= WS_DTYPE_COUNT)
         return WS_ERR(WS_ERR_ARG, "checksum: unknown dtype %d", (int)as);
     int64_t n = ws_tensor_numel(t);
-    if (cols < 0 || pitch < cols || n % cols != 0 || !ws_tensor_is_contiguous(t))
+    if (cols <= 0 || pitch < cols || n % cols != 0 || !ws_tensor_is_contiguous(t))
         return WS_ERR(WS_ERR_ARG,
                       "checksum %s: rows of %lld elements every %lld need a contiguous tensor "
                       "whose %lld elements are whole rows, and pitch >= cols",
