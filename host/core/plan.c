@@ -237,7 +237,7 @@ static ws_status check_entry(const ws_plan *p, size_t index, const ws_tensor *sr
     if (block && block->cols != 0) {
         const ws_plan_block *bl = block;
         int64_t rows = bl->cols > 0 ? numel / bl->cols : 0;
-        if (bl->cols < 0 || numel % bl->cols != 0 || bl->row_begin < 0 || bl->row_begin > bl->row_end ||
+        if (bl->cols <= 0 || numel % bl->cols != 0 || bl->row_begin < 0 || bl->row_begin > bl->row_end ||
             bl->row_end > rows || bl->col_begin < 0 || bl->col_begin > bl->col_end ||
             bl->col_end > bl->cols)
             return WS_ERR(WS_ERR_ARG,
