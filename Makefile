@@ -49,8 +49,8 @@ asan: deps
 # tests/lsan-openmpi.supp; naming them needs full stacks (the libraries have
 # no frame pointers), so the MPI tests run apart with the slow unwinder.
 # Left to the main build: mpi_large (its 2^31-element part takes over ten
-# minutes instrumented) and mpi_kill (a timing test whose ranks die by signal,
-# so LeakSanitizer never runs in them).
+# minutes instrumented), mpi_kill and disagg_kill_mpi (timing tests whose ranks
+# die by signal, so LeakSanitizer never runs in them).
 ASAN_ENV = ASAN_OPTIONS=detect_leaks=1:protect_shadow_gap=0
 test-asan: asan
 	$(ASAN_ENV) ctest --test-dir $(ASAN_BUILD) --output-on-failure -j $(JOBS) \
@@ -58,7 +58,7 @@ test-asan: asan
 	$(ASAN_ENV):fast_unwind_on_malloc=0 \
 	LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan-openmpi.supp:print_suppressions=0 \
 	ctest --test-dir $(ASAN_BUILD) --output-on-failure -j $(JOBS) -R 'mpi' \
-	      -E 'lua_module|peer|install|torch|mpi_large|mpi_kill'
+	      -E 'lua_module|peer|install|torch|mpi_large|mpi_kill|disagg_kill'
 
 # ThreadSanitizer over the C core's threaded paths: the cpu backend's copy,
 # convert, fill and checksum workers (parallel.c, device_cpu.c). The C unit
