@@ -788,6 +788,57 @@ static ws_status start_gather(ws_plan *p, size_t k, ws_comm_request **req)
     return rc;
 }
 
+static ws_status stopped(ws_plan *p, size_t k, size_t K, size_t done)
+{
+    return WS_ERR(WS_ERR_INTERRUPTED,
+                  "plan '%s': stopped by the progress callback after bucket %zu of %zu (%zu of "
+                  "%zu bytes written)",
+                  p->name, k + 1, K, done, p->bytes_total);
+}
+
+/* The second half of a double-buffered bucket k: waits for its collective
+ * (req[k % 2]; `what` names it in errors), copies the bucket out, marks the
+ * entries it completes and reports progress. */
+static ws_status land_bucket(ws_plan *p, size_t k, ws_comm_request **req, const char *what,
+                             size_t *marked, ws_plan_progress_fn progress, void *ctx)
+{
+    const plan_bucket *b = &p->buckets[k];
+    size_t K = p->n_buckets;
+    double t = now_ms();
+    ws_comm_request *r = req[k % 2];
+    req[k % 2] = NULL;
+    ws_status rc = ws_comm_wait(r);
+    p->stats.gather_ms += now_ms() - t;
+    if (rc != WS_OK) {
+        ws_errprefix("plan '%s': %s of bucket %zu of %zu", p->name, what, k + 1, K);
+        return rc;
+    }
+    t = now_ms();
+    rc = copy_range(p, p->out, b->out_begin, b->out_end, "copy-out", k);
+    p->stats.copy_out_ms += now_ms() - t;
+    if (rc != WS_OK) return rc;
+    mark_entries(p, *marked, b->entries_done);
+    *marked = b->entries_done;
+    if (progress && progress(ctx, k + 1, K, b->bytes_done, p->bytes_total))
+        return stopped(p, k, K, b->bytes_done);
+    return WS_OK;
+}
+
+/* Never leaves a collective running on buffers the caller may free; keeps
+ * the first error's message, which says what went wrong. */
+static ws_status drain(ws_plan *p, ws_comm_request **req, ws_status rc, size_t marked)
+{
+    if (req[0] || req[1]) {
+        char first[512];
+        snprintf(first, sizeof first, "%s", ws_errmsg());
+        for (int j = 0; j < 2; j++)
+            if (req[j]) (void)ws_comm_wait(req[j]);
+        WS_ERR(rc, "%s", first);
+    }
+    if (rc == WS_OK) mark_entries(p, marked, p->n_entries);
+    return rc;
+}
+
 static ws_status run_gathered(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
 {
     ws_comm_request *req[2] = {NULL, NULL};
@@ -801,7 +852,6 @@ static ws_status run_gathered(ws_plan *p, ws_plan_progress_fn progress, void *ct
         if (rc == WS_OK) rc = start_gather(p, 0, &req[0]);
     }
     for (size_t k = 0; k < K && rc == WS_OK; k++) {
-        const plan_bucket *b = &p->buckets[k];
         if (k + 1 < K) {
             /* The pair of bucket k+1 was last used by bucket k-1, whose gather
              * and copy-out are done: start the next gather before copying out. */
@@ -812,39 +862,9 @@ static ws_status run_gathered(ws_plan *p, ws_plan_progress_fn progress, void *ct
             if (rc == WS_OK) rc = start_gather(p, k + 1, &req[(k + 1) % 2]);
             if (rc != WS_OK) break;
         }
-        t = now_ms();
-        ws_comm_request *r = req[k % 2];
-        req[k % 2] = NULL;
-        rc = ws_comm_wait(r);
-        p->stats.gather_ms += now_ms() - t;
-        if (rc != WS_OK) {
-            ws_errprefix("plan '%s': all_gather of bucket %zu of %zu", p->name, k + 1, K);
-            break;
-        }
-        t = now_ms();
-        rc = copy_range(p, p->out, b->out_begin, b->out_end, "copy-out", k);
-        p->stats.copy_out_ms += now_ms() - t;
-        if (rc != WS_OK) break;
-        mark_entries(p, marked, b->entries_done);
-        marked = b->entries_done;
-        if (progress && progress(ctx, k + 1, K, b->bytes_done, p->bytes_total)) {
-            rc = WS_ERR(WS_ERR_INTERRUPTED,
-                        "plan '%s': stopped by the progress callback after bucket %zu of %zu "
-                        "(%zu of %zu bytes written)",
-                        p->name, k + 1, K, b->bytes_done, p->bytes_total);
-        }
+        rc = land_bucket(p, k, req, "all_gather", &marked, progress, ctx);
     }
-    /* Never leave a collective running on buffers the caller may free; keep
-     * the first error's message, which says what went wrong. */
-    if (req[0] || req[1]) {
-        char first[512];
-        snprintf(first, sizeof first, "%s", ws_errmsg());
-        for (int j = 0; j < 2; j++)
-            if (req[j]) (void)ws_comm_wait(req[j]);
-        WS_ERR(rc, "%s", first);
-    }
-    if (rc == WS_OK) mark_entries(p, marked, p->n_entries);
-    return rc;
+    return drain(p, req, rc, marked);
 }
 
 /* The gathered bucket k (pair k % 2) as one tensor: the relay's payload. */
@@ -862,13 +882,6 @@ static ws_status start_relay(ws_plan *p, size_t k, ws_comm_request **req)
     return rc;
 }
 
-static ws_status stopped(ws_plan *p, size_t k, size_t K, size_t done)
-{
-    return WS_ERR(WS_ERR_INTERRUPTED,
-                  "plan '%s': stopped by the progress callback after bucket %zu of %zu (%zu of "
-                  "%zu bytes written)",
-                  p->name, k + 1, K, done, p->bytes_total);
-}
 
 /* A relay's sender: pack, gather over the trainer ranks, then (the first
  * trainer rank) broadcast to the engine ranks; the broadcast of bucket k
@@ -933,38 +946,13 @@ static ws_status run_receiver(ws_plan *p, ws_plan_progress_fn progress, void *ct
     size_t K = p->n_buckets, marked = 0;
     ws_status rc = K ? start_relay(p, 0, &req[0]) : WS_OK;
     for (size_t k = 0; k < K && rc == WS_OK; k++) {
-        const plan_bucket *b = &p->buckets[k];
         if (k + 1 < K) {
             rc = start_relay(p, k + 1, &req[(k + 1) % 2]);
             if (rc != WS_OK) break;
         }
-        double t = now_ms();
-        ws_comm_request *r = req[k % 2];
-        req[k % 2] = NULL;
-        rc = ws_comm_wait(r);
-        p->stats.gather_ms += now_ms() - t;
-        if (rc != WS_OK) {
-            ws_errprefix("plan '%s': relay of bucket %zu of %zu", p->name, k + 1, K);
-            break;
-        }
-        t = now_ms();
-        rc = copy_range(p, p->out, b->out_begin, b->out_end, "copy-out", k);
-        p->stats.copy_out_ms += now_ms() - t;
-        if (rc != WS_OK) break;
-        mark_entries(p, marked, b->entries_done);
-        marked = b->entries_done;
-        if (progress && progress(ctx, k + 1, K, b->bytes_done, p->bytes_total))
-            rc = stopped(p, k, K, b->bytes_done);
+        rc = land_bucket(p, k, req, "relay", &marked, progress, ctx);
     }
-    if (req[0] || req[1]) {
-        char first[512];
-        snprintf(first, sizeof first, "%s", ws_errmsg());
-        for (int j = 0; j < 2; j++)
-            if (req[j]) (void)ws_comm_wait(req[j]);
-        WS_ERR(rc, "%s", first);
-    }
-    if (rc == WS_OK) mark_entries(p, marked, p->n_entries);
-    return rc;
+    return drain(p, req, rc, marked);
 }
 
 static ws_status run_direct(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
