@@ -175,6 +175,16 @@ if [ "$configure_rc" -eq 0 ] && ls "$build"/python/wshost*.so >/dev/null 2>&1 &&
     step python-session 120 env PYTHONPATH="$build/python" WSHOST_DEVICE=cpu \
         python3 tests/python/test_session.py
     [ "$step_rc" -ne 0 ] && python_rc=$step_rc
+    # The in-process example on CUDA: logits equal after every sync, for both
+    # kinds of engine memory; and verl #3149's policy must be stopped.
+    for mem in callbacks wshost; do
+        step "example-cuda-$mem" 120 env PYTHONPATH="$build/python" python3 \
+            examples/torch/inprocess.py --device cuda --memory "$mem" --steps 4 --sleep-level 2
+        [ "$step_rc" -ne 0 ] && python_rc=$step_rc
+    done
+    step example-cuda-buggy 120 bash -c "! PYTHONPATH='$build/python' python3 \
+        examples/torch/inprocess.py --device cuda --policy buggy --steps 3 --sleep-level 2"
+    [ "$step_rc" -ne 0 ] && python_rc=$step_rc
 else
     note "python skipped: no wshost module in $build/python or no python3 with torch"
 fi

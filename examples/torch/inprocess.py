@@ -4,6 +4,7 @@
   PYTHONPATH=build/python /usr/bin/python3 examples/torch/inprocess.py --steps 4 \\
       --free-cache-engine 1 --sleep-level 2 --lora-rank 4
   mpirun -n 2 /usr/bin/python3 examples/torch/inprocess.py --steps 4
+  PYTHONPATH=build/python python3 examples/torch/inprocess.py --device cuda   # on a GPU
 
 The trainer (tiny_qwen3.TrainerModel, Hugging Face names, this rank's FSDP row
 shards) takes an AdamW step on every step; the engine (tiny_qwen3.EngineModel,
@@ -87,6 +88,9 @@ def parse_args(argv):
     ap.add_argument("--atol", type=float, default=0.0, help="largest |logit difference| accepted")
     ap.add_argument("--check-logits", choices=("raise", "report"), default="raise",
                     help="report: print a mismatch and go on (exit 0)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where both models and wshost's plans run (cuda: this rank's GPU, "
+                         "rank %% GPU count)")
     ap.add_argument("--master-port", type=int, default=None,
                     help="gloo's port at world > 1 (default: MASTER_PORT, else derived from the launcher)")
     args = ap.parse_args(argv)
@@ -114,16 +118,29 @@ def init_gloo(world, rank, port):
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def device_of(args, rank):
+    """The torch device of this rank: the cpu, or GPU rank % count."""
+    if args.device == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise SystemExit("inprocess: --device cuda, but torch sees no GPU")
+    index = rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return "cuda:%d" % index
+
+
 class Run:
     """The trainer, the engine and what the events need to compare them."""
 
     def __init__(self, args, world, rank):
         self.args, self.world, self.rank = args, world, rank
         self.cfg = tq.tiny_config(tied=bool(args.tied))
+        self.device = device_of(args, rank)
         self.trainer = tq.TrainerModel(self.cfg, args.lora_rank, args.lora_alpha, seed=0,
-                                       world=world, rank=rank)
-        self.train_tokens = tq.fixed_tokens(self.cfg, seed=100 + rank)  # each rank its own batch
-        self.eval_tokens = tq.fixed_tokens(self.cfg, seed=7)           # the same on every rank
+                                       world=world, rank=rank, device=self.device)
+        # each rank its own training batch; the same evaluation tokens on every rank
+        self.train_tokens = tq.fixed_tokens(self.cfg, seed=100 + rank).to(self.device)
+        self.eval_tokens = tq.fixed_tokens(self.cfg, seed=7).to(self.device)
         self.engine = None
         self.want = None  # the trainer's logits after its latest step
         self.loss = None
@@ -205,7 +222,8 @@ def main(argv=None):
     policy = POLICIES[args.policy]
 
     try:
-        s = wshost.Session(policy, model=model_dir, free_cache_engine=bool(args.free_cache_engine),
+        s = wshost.Session(policy, model=model_dir, device=run.device,
+                           free_cache_engine=bool(args.free_cache_engine),
                            sleep_level=args.sleep_level, lora_rank=args.lora_rank,
                            lora_alpha=args.lora_alpha, steps=args.steps, verify=args.verify)
     except Exception as e:  # wshost's message names the key or the file
@@ -215,9 +233,10 @@ def main(argv=None):
     if args.memory == "wshost":
         def alloc(name, shape, dtype):
             return torch.from_dlpack(s.alloc(name, list(shape), "bf16"))
-        run.engine = tq.EngineModel(run.cfg, args.lora_rank, args.lora_alpha, alloc=alloc, own_memory=False)
+        run.engine = tq.EngineModel(run.cfg, args.lora_rank, args.lora_alpha, alloc=alloc,
+                                    own_memory=False, device=run.device)
     else:
-        run.engine = tq.EngineModel(run.cfg, args.lora_rank, args.lora_alpha)
+        run.engine = tq.EngineModel(run.cfg, args.lora_rank, args.lora_alpha, device=run.device)
 
     status = 0
     try:

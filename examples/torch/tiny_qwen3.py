@@ -199,11 +199,11 @@ def gather_rows(shard, global_shape, world, group=None):
     per = -(-rows // world)
     rest = tuple(global_shape[1:])
     # gloo gathers float32 on every torch version; bf16 round-trips through it exactly.
-    padded = torch.zeros((per,) + rest, dtype=torch.float32)
+    padded = torch.zeros((per,) + rest, dtype=torch.float32)  # on the CPU, for gloo
     padded[: shard.shape[0]].copy_(shard)
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)
-    return torch.cat(parts)[:rows].to(shard.dtype)
+    return torch.cat(parts)[:rows].to(device=shard.device, dtype=shard.dtype)
 
 
 # ------------------------------------------------------------------ shared math
@@ -215,10 +215,11 @@ def rms_norm(x, weight, eps):
     return weight * xf.to(x.dtype)
 
 
-def rope_tables(cfg, length, dtype=DTYPE):
+def rope_tables(cfg, length, dtype=DTYPE, device=None):
     hd = cfg["head_dim"]
-    inv_freq = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-    freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    inv_freq = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32,
+                                                         device=device) / hd))
+    freqs = torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -254,7 +255,7 @@ def attend(q, k, v, cfg):
     v = v.repeat_interleave(rep, dim=1)
     t = q.shape[2]
     scores = torch.matmul(q, k.transpose(-1, -2)) * (cfg["head_dim"] ** -0.5)
-    causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
     scores = scores.masked_fill(causal, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, v)
@@ -300,7 +301,7 @@ class TrainerModel(nn.Module):
     without the `base_model.model.` prefix), each this rank's row shard."""
 
     def __init__(self, cfg, lora_rank=0, lora_alpha=16.0, seed=0, world=1, rank=0,
-                 group=None, lora_b_std=0.0, lr=2e-3):
+                 group=None, lora_b_std=0.0, lr=2e-3, device=None):
         super().__init__()
         self.cfg, self.lora_rank, self.world, self.rank, self.group = cfg, lora_rank, world, rank, group
         self.scaling = lora_alpha / lora_rank if lora_rank > 0 else 0.0
@@ -308,7 +309,8 @@ class TrainerModel(nn.Module):
         for name, full in init_full(cfg, lora_rank, seed, lora_b_std).items():
             self.global_shapes[name] = tuple(full.shape)
             trainable = ".lora_" in name or lora_rank == 0
-            self._register(name, nn.Parameter(row_shard(full, world, rank), requires_grad=trainable))
+            self._register(name, nn.Parameter(row_shard(full, world, rank).to(device),
+                                              requires_grad=trainable))
         self.optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad],
                                            lr=lr, weight_decay=0.0)
 
@@ -364,11 +366,11 @@ class TrainerModel(nn.Module):
             for name, p in self.named_parameters():
                 if not p.requires_grad:
                     continue
-                g = weights[name].grad.float()
+                g = weights[name].grad.float().cpu()  # gloo reduces on the CPU
                 dist.all_reduce(g, group=self.group)
                 g /= self.world
                 start, stop = shard_rows(g.shape[0], self.world, self.rank)
-                p.grad = g[start:stop].to(p.dtype).contiguous()
+                p.grad = g[start:stop].to(device=p.device, dtype=p.dtype).contiguous()
         self.optimizer.step()
         return float(loss.detach())
 
@@ -382,7 +384,7 @@ def hf_forward(w, cfg, tokens, scaling=None):
         return y
 
     eps = cfg["rms_norm_eps"]
-    cos, sin = rope_tables(cfg, tokens.shape[1])
+    cos, sin = rope_tables(cfg, tokens.shape[1], device=tokens.device)
     h = F.embedding(tokens, w["model.embed_tokens.weight"])
     for layer in range(cfg["num_hidden_layers"]):
         p = "model.layers.%d." % layer
@@ -401,8 +403,8 @@ def hf_forward(w, cfg, tokens, scaling=None):
 
 # ------------------------------------------------------------------ engine
 
-def _torch_alloc(name, shape, dtype):
-    return torch.empty(shape, dtype=dtype)
+def _torch_alloc(name, shape, dtype, device=None):
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 class EngineModel:
@@ -415,11 +417,12 @@ class EngineModel:
     the KV cache is dropped at sleep and made again at wake."""
 
     def __init__(self, cfg, lora_rank=0, lora_alpha=16.0, alloc=None, own_memory=True,
-                 kv_batch=2, kv_len=16):
+                 kv_batch=2, kv_len=16, device=None):
         self.cfg, self.lora_rank = cfg, lora_rank
         self.scaling = lora_alpha / lora_rank if lora_rank > 0 else None
         self.shapes, self.dest = engine_layout(cfg, lora_rank)
-        alloc = alloc or _torch_alloc
+        self.device = device
+        alloc = alloc or (lambda name, shape, dtype: _torch_alloc(name, shape, dtype, device))
         self.weights = OrderedDict()
         for name, shape in self.shapes:
             t = alloc(name, shape, DTYPE)
@@ -430,7 +433,7 @@ class EngineModel:
         self.own_memory = own_memory
         self.kv_shape = (cfg["num_hidden_layers"], 2, kv_batch, cfg["num_key_value_heads"],
                          kv_len, cfg["head_dim"])
-        self.kv_cache = torch.zeros(self.kv_shape, dtype=DTYPE)
+        self.kv_cache = torch.zeros(self.kv_shape, dtype=DTYPE, device=self.device)
         self.backup = None
         self.asleep_level = 0
 
@@ -453,7 +456,7 @@ class EngineModel:
                 t.copy_(self.backup[n])
             self.backup = None
         if "kv_cache" in tags and self.kv_cache is None:
-            self.kv_cache = torch.zeros(self.kv_shape, dtype=DTYPE)
+            self.kv_cache = torch.zeros(self.kv_shape, dtype=DTYPE, device=self.device)
         if "weights" in tags:
             self.asleep_level = 0
 
@@ -471,7 +474,7 @@ class EngineModel:
         b, t = tokens.shape
         if b > self.kv_shape[2] or t > self.kv_shape[4]:
             raise ValueError("engine: tokens %s exceed the KV cache %s" % (tuple(tokens.shape), self.kv_shape))
-        cos, sin = rope_tables(cfg, t)
+        cos, sin = rope_tables(cfg, t, device=tokens.device)
 
         def fused(x, stem, parts):
             out = F.linear(x, w[stem + base]).split([lin[m][0] for m in parts], dim=-1)
