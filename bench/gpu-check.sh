@@ -182,6 +182,15 @@ if [ "$configure_rc" -eq 0 ] && ls "$build"/python/wshost*.so >/dev/null 2>&1 &&
             examples/torch/inprocess.py --device cuda --memory "$mem" --steps 4 --sleep-level 2
         [ "$step_rc" -ne 0 ] && python_rc=$step_rc
     done
+    # FSDP2 (torch >= 2.4): fully_shard's DTensor parameters registered as they are.
+    if python3 -c 'import torch.distributed.fsdp as f; f.fully_shard' >/dev/null 2>&1 ||
+       python3 -c 'import torch.distributed._composable.fsdp as f; f.fully_shard' >/dev/null 2>&1; then
+        step example-cuda-fsdp2 120 env PYTHONPATH="$build/python" python3 \
+            examples/torch/inprocess.py --device cuda --trainer fsdp2 --steps 4 --sleep-level 2
+        [ "$step_rc" -ne 0 ] && python_rc=$step_rc
+    else
+        note "example-cuda-fsdp2 skipped: this torch has no fully_shard"
+    fi
     step example-cuda-buggy 120 bash -c "! PYTHONPATH='$build/python' python3 \
         examples/torch/inprocess.py --device cuda --policy buggy --steps 3 --sleep-level 2"
     [ "$step_rc" -ne 0 ] && python_rc=$step_rc

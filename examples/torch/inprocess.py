@@ -5,6 +5,7 @@
       --free-cache-engine 1 --sleep-level 2 --lora-rank 4
   mpirun -n 2 /usr/bin/python3 examples/torch/inprocess.py --steps 4
   PYTHONPATH=build/python python3 examples/torch/inprocess.py --device cuda   # on a GPU
+  PYTHONPATH=build/python python3 examples/torch/inprocess.py --device cuda --trainer fsdp2
 
 The trainer (tiny_qwen3.TrainerModel, Hugging Face names, this rank's FSDP row
 shards) takes an AdamW step on every step; the engine (tiny_qwen3.EngineModel,
@@ -88,6 +89,9 @@ def parse_args(argv):
     ap.add_argument("--atol", type=float, default=0.0, help="largest |logit difference| accepted")
     ap.add_argument("--check-logits", choices=("raise", "report"), default="raise",
                     help="report: print a mismatch and go on (exit 0)")
+    ap.add_argument("--trainer", choices=("rows", "fsdp2"), default="rows",
+                    help="rows: this script's own dim-0 row shards (any torch); fsdp2: torch's "
+                         "fully_shard, its DTensor parameters registered as they are (torch >= 2.4)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where both models and wshost's plans run (cuda: this rank's GPU, "
                          "rank %% GPU count)")
@@ -108,14 +112,25 @@ def world_and_rank():
     return 1, 0
 
 
-def init_gloo(world, rank, port):
+def fully_shard_fn():
+    """torch's FSDP2 entry point, or None on a torch without it (older ones may even
+    fail to import their FSDP package)."""
+    for module in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp"):
+        try:
+            return getattr(__import__(module, fromlist=["fully_shard"]), "fully_shard")
+        except Exception:  # noqa: BLE001 - ImportError, AttributeError, or a broken import
+            continue
+    return None
+
+
+def init_gloo(world, rank, port, backend="gloo"):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if port is None:
         # Every rank must pick the same port without talking: mpirun's pid is the
         # parent of all of its local ranks.
         port = int(os.environ.get("MASTER_PORT", 20000 + os.getppid() % 20000))
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(backend, rank=rank, world_size=world)
 
 
 def device_of(args, rank):
@@ -136,8 +151,19 @@ class Run:
         self.args, self.world, self.rank = args, world, rank
         self.cfg = tq.tiny_config(tied=bool(args.tied))
         self.device = device_of(args, rank)
-        self.trainer = tq.TrainerModel(self.cfg, args.lora_rank, args.lora_alpha, seed=0,
-                                       world=world, rank=rank, device=self.device)
+        self.fsdp2 = args.trainer == "fsdp2"
+        if self.fsdp2:
+            # Whole parameters, then torch shards them (Shard(0) DTensors over
+            # the world); its own hooks gather them for each forward.
+            self.trainer = tq.TrainerModel(self.cfg, args.lora_rank, args.lora_alpha, seed=0,
+                                           device=self.device)
+            fully_shard_fn()(self.trainer)
+            self.optimizer = torch.optim.AdamW(
+                [p for p in self.trainer.parameters() if p.requires_grad], lr=2e-3,
+                weight_decay=0.0)
+        else:
+            self.trainer = tq.TrainerModel(self.cfg, args.lora_rank, args.lora_alpha, seed=0,
+                                           world=world, rank=rank, device=self.device)
         # each rank its own training batch; the same evaluation tokens on every rank
         self.train_tokens = tq.fixed_tokens(self.cfg, seed=100 + rank).to(self.device)
         self.eval_tokens = tq.fixed_tokens(self.cfg, seed=7).to(self.device)
@@ -149,7 +175,14 @@ class Run:
 
     # -- events (wshost calls these from step())
     def on_train(self, step):
-        self.loss = self.trainer.train_step(self.train_tokens)
+        if self.fsdp2:
+            loss = tq.next_token_loss(self.trainer(self.train_tokens), self.train_tokens)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.loss = float(loss.detach())
+        else:
+            self.loss = self.trainer.train_step(self.train_tokens)
         with torch.no_grad():
             self.want = self.trainer(self.eval_tokens)  # gathers the shards: every rank calls it
         self.events.append("train")
@@ -200,10 +233,12 @@ def write_model_dir(cfg, world):
 
 def register_all(s, run, memory):
     trainer = run.trainer
-    for name, p in trainer.base_params().items():
-        s.register("trainer", name, p.detach(), global_shape=list(trainer.global_shape(name)))
-    for name, p in trainer.adapter_params().items():
-        s.register("adapter", name, p.detach(), global_shape=list(trainer.global_shape(name)))
+    for role, params in (("trainer", trainer.base_params()), ("adapter", trainer.adapter_params())):
+        for name, p in params.items():
+            if run.fsdp2:
+                s.register(role, name, p)  # a DTensor: wshost takes its local shard and shape
+            else:
+                s.register(role, name, p.detach(), global_shape=list(trainer.global_shape(name)))
     if memory == "callbacks":
         for name, t in run.engine.weights.items():
             s.register("engine", name, t)
@@ -214,9 +249,14 @@ def main(argv=None):
     args = parse_args(argv)
     world, rank = world_and_rank()
     wshost = import_wshost()
-    if world > 1:
+    if args.trainer == "fsdp2" and fully_shard_fn() is None:
+        print("inprocess: --trainer fsdp2 needs torch >= 2.4 (fully_shard); this is torch %s"
+              % torch.__version__, file=sys.stderr)
+        return 2
+    if world > 1 or args.trainer == "fsdp2":
         torch.set_num_threads(1)
-        init_gloo(world, rank, args.master_port)
+        init_gloo(world, rank, args.master_port,
+                  "nccl" if args.device == "cuda" and args.trainer == "fsdp2" else "gloo")
     run = Run(args, world, rank)
     model_dir = write_model_dir(run.cfg, world)
     policy = POLICIES[args.policy]
