@@ -67,14 +67,14 @@ local function run(name, pcfg)
     local tr, en, sy
     local okr, err = pcall(function()
         if place and not place.trainer then
-            tr = placement.trainer_stub(spec, nil, place.n)
+            tr = placement.trainer_layout(spec, nil, place.n)
         else
             tr = trainer_mod.new{ spec = spec, device = device,
                                   rank = place and place.index or rank,
                                   world = place and place.n or world }
         end
         if place and place.trainer then
-            en = placement.engine_stub()
+            en = placement.engine_absent()
         else
             en = engine_mod.new{ spec = spec, device = device, kv_cache_mb = 1, parallel = par }
         end

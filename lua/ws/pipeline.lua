@@ -488,7 +488,7 @@ function M.setup(p, cfg, built, report, env)
     built.placement = place
     if place then targs.comm, targs.world = place.trainer_comm, place.n end
     if place and not place.trainer then
-        built.trainer = placement.trainer_stub(spec, lcfg, place.n)
+        built.trainer = placement.trainer_layout(spec, lcfg, place.n)
     elseif env.parts.trainer then
         built.trainer = env.parts.trainer(targs)
     else
@@ -515,7 +515,7 @@ function M.setup(p, cfg, built, report, env)
                     dry_run = cfg.dry_run, engine_dtype = cfg.engine_dtype,
                     parallel = built.parallel }
     if place and place.trainer then
-        built.engine = placement.engine_stub()
+        built.engine = placement.engine_absent()
     else
         built.engine = (env.parts.engine or engine_mod.new)(eargs)
         -- save_engine numbers the engine ranks from 0 among themselves.

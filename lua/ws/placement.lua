@@ -76,9 +76,10 @@ function M.new(cfg, comm, rank, world)
     return place
 end
 
--- An engine rank's trainer: the parameters' sizes and FSDP shards over the
--- n trainer ranks, no memory.
-function M.trainer_stub(spec, lcfg, n)
+-- What an engine rank knows of the trainer, which runs on other ranks: the
+-- parameters' sizes and FSDP shards over the n trainer ranks (the relay plan
+-- and verification are laid out from them), no memory of its own.
+function M.trainer_layout(spec, lcfg, n)
     local tr = { spec = spec, lora = lcfg, rank = -1, world = n, dtype = "bf16",
                  generation = 0, loads = 0, offloaded = false,
                  params = {}, base_params = {}, adapter_params = {}, holds_nothing = true }
@@ -101,8 +102,9 @@ function M.trainer_stub(spec, lcfg, n)
     return tr
 end
 
--- A trainer rank's engine: holds nothing, sleeps and wakes nothing.
-function M.engine_stub()
+-- A trainer rank's engine part: the engine runs on other ranks, so this rank
+-- holds no engine memory and has nothing to sleep, wake or roll out.
+function M.engine_absent()
     local e = { order = {}, tensors = {}, dest = {}, quantized = {}, staged = {}, padding = {},
                 weight_bytes = 0, kv_bytes = 0, staging_bytes = 0, holds_nothing = true }
     function e.is_staged() return false end

@@ -228,6 +228,15 @@ local function group_sums(g, got, ctx)
     return totals
 end
 
+-- The error of a shard whose checksum, summed over its group, is not the
+-- trainer's times the number of ranks holding each element; `why` ends it.
+local function group_mismatch(where, p, total, group, want, replicas, why)
+    error(string.format("verify (%s): engine tensor '%s' does not hold trainer parameter '%s': " ..
+                        "checksum 0x%016x summed over the %s group, expected 0x%016x (%d x the " ..
+                        "%s", where, tostring(p.dst_name), p.src.name, total, group, want,
+                        replicas, why), 0)
+end
+
 -- Split destinations: every pair's group sum against its replicas times
 -- the trainer's checksum.
 local function compare_split(pairs, st, ctx, where)
@@ -240,14 +249,9 @@ local function compare_split(pairs, st, ctx, where)
     for k, i in ipairs(g.idx) do
         local wv = g.replicas[k] * want:get(k)
         if totals[k] ~= wv then
-            local p = pairs[i]
-            error(string.format(
-                "verify (%s): engine tensor '%s' does not hold trainer parameter '%s': " ..
-                "checksum 0x%016x summed over the %s group, expected 0x%016x (%d x the " ..
-                "trainer's); the sync did not write this shard on some rank of the group (check " ..
-                "the policy's send decisions and the plan's entries)",
-                where, tostring(p.dst_name), p.src.name, totals[k], g.groups[k], wv,
-                g.replicas[k]), 0)
+            group_mismatch(where, pairs[i], totals[k], g.groups[k], wv, g.replicas[k],
+                           "trainer's); the sync did not write this shard on some rank of the " ..
+                           "group (check the policy's send decisions and the plan's entries)")
         end
     end
 end
@@ -312,13 +316,9 @@ local function check_relay(pairs, ctx, where)
         local wv = st.replicas[k] * want:get(k)
         if totals[k] ~= wv then
             want:free()
-            local p = pairs[k]
-            error(string.format(
-                "verify (%s): engine tensor '%s' does not hold trainer parameter '%s': " ..
-                "checksum 0x%016x summed over the %s group, expected 0x%016x (%d x the " ..
-                "trainer ranks'); the relay did not write this shard on some engine rank",
-                where, tostring(p.dst_name), p.src.name, totals[k], st.groups[k], wv,
-                st.replicas[k]), 0)
+            group_mismatch(where, pairs[k], totals[k], st.groups[k], wv, st.replicas[k],
+                           "trainer ranks'); the relay did not write this shard on some " ..
+                           "engine rank")
         end
     end
     want:free()
