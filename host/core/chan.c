@@ -202,7 +202,7 @@ ws_status ws_chan_listen(const char *name, ws_chan_listener **out)
 {
     *out = NULL;
     struct sockaddr_un a;
-    socklen_t alen;
+    socklen_t alen = 0;
     WS_TRY(make_addr(name, &a, &alen));
     ws_chan_listener *l = ws_calloc(1, sizeof *l);
     if (!l) return WS_ERR(WS_ERR_NOMEM, "channel '%s': out of memory", name);
@@ -262,7 +262,7 @@ ws_status ws_chan_connect(const char *name, int timeout_ms, int (*interrupted)(v
 {
     *out = NULL;
     struct sockaddr_un a;
-    socklen_t alen;
+    socklen_t alen = 0;
     WS_TRY(make_addr(name, &a, &alen));
     double deadline = deadline_of(timeout_ms);
     for (;;) {

@@ -5,8 +5,15 @@
  * index, offset and length of a bucket is checked against the manifest and
  * the slot before a byte is copied, and the manifest against the receiver's
  * own parameters before a sync begins. The tensors a sync names are invalid
- * from its manifest until its checksums are verified. */
+ * from its manifest until its checksums are verified.
+ *
+ * Verifying costs no second pass over the weights: each piece is checksummed
+ * right after it is copied, chunk by chunk while the bytes are still in the
+ * cache, into a per-tensor landed sum, and FINISH compares those sums with
+ * the sums of the sender's proofs. Only a mismatch reads tensors again, to
+ * name the range that differs. */
 #include <inttypes.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,11 +28,16 @@
 
 #define DEFAULT_TIMEOUT_MS 30000
 #define ERROR_SEND_MS 1000 /* telling a sender why is best effort */
+/* Bytes copied, then checksummed, at a time on the host: small enough that
+ * the checksum reads them back from the cache. */
+#define LAND_CHUNK_BYTES ((size_t)512 << 10)
+#define WHY_BYTES 320
 
 typedef struct recv_param {
     char *name;
     ws_tensor t; /* a view that keeps the destination alive */
     int valid;
+    char why[WHY_BYTES]; /* why not valid */
 } recv_param;
 
 struct ws_receiver {
@@ -43,8 +55,10 @@ struct ws_receiver {
     uint64_t version, valid_version;
     ws_chan_msg manifest;
     size_t n_sync;
+    uint32_t sync_flags;
     size_t *sync_param;
     uint64_t *sync_received; /* elements written per manifest entry */
+    uint64_t *sync_landed;   /* checksum of the elements written, per manifest entry */
     /* The sender's slots, mapped read-only. */
     ws_shm shm[WS_REMOTE_SLOTS];
     ws_tensor slot[WS_REMOTE_SLOTS];
@@ -67,7 +81,8 @@ const char *ws_weights_state_name(ws_weights_state s)
 const char *ws_remote_msg_name(uint32_t type)
 {
     static const char *const names[] = {"?",      "HELLO", "MANIFEST", "SLOTS", "BUCKET", "ACK",
-                                        "FINISH", "WAKE",  "SLEEP",    "ERROR", "CLOSE"};
+                                        "FINISH", "WAKE",  "SLEEP",    "ERROR", "CLOSE",
+                                        "VERIFY"};
     return type < sizeof names / sizeof *names ? names[type] : "?";
 }
 
@@ -103,6 +118,15 @@ static void unmap_slots(ws_receiver *r)
     r->n_slots = 0;
 }
 
+static void set_why(recv_param *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void set_why(recv_param *p, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(p->why, sizeof p->why, fmt, ap);
+    va_end(ap);
+}
+
 /* Ends the sync under way; `ok` marks its tensors valid, else they stay invalid. */
 static void end_sync(ws_receiver *r, int ok)
 {
@@ -116,8 +140,21 @@ static void end_sync(ws_receiver *r, int ok)
     ws_chan_msg_free(&r->manifest);
     free(r->sync_param);
     free(r->sync_received);
+    free(r->sync_landed);
     r->sync_param = NULL;
     r->sync_received = NULL;
+    r->sync_landed = NULL;
+}
+
+/* Ends the sync under way with its tensors invalid, saying why (`why` is
+ * the error that ended it). */
+static void fail_sync(ws_receiver *r, const char *why)
+{
+    for (size_t i = 0; r->syncing && i < r->n_sync; i++) {
+        set_why(&r->params[r->sync_param[i]], "the sync of weight version %" PRIu64
+                " failed: %s", r->version, why);
+    }
+    end_sync(r, 0);
 }
 
 static void drop_connection(ws_receiver *r)
@@ -178,6 +215,7 @@ ws_status ws_receiver_add(ws_receiver *r, const char *name, const ws_tensor *t)
     }
     recv_param *p = &r->params[r->n_params];
     memset(p, 0, sizeof *p);
+    set_why(p, "not written by any sync yet");
     ws_status rc = ws_tensor_reshape(&p->t, t, t->layout.ndim, t->layout.shape);
     if (rc == WS_OK) rc = ws_tensor_set_name(&p->t, name);
     if (rc == WS_OK && !(p->name = ws_strdup(name)))
@@ -203,9 +241,23 @@ ws_weights_state ws_receiver_state(const ws_receiver *r, uint64_t *weight_versio
 
 int ws_receiver_tensor_valid(const ws_receiver *r, const char *name)
 {
+    return ws_receiver_tensor_state(r, name, NULL);
+}
+
+int ws_receiver_tensor_state(const ws_receiver *r, const char *name, const char **why)
+{
     size_t i;
-    if (!r->n_params || !ws_strmap_get(&r->index, name, &i)) return -1;
+    if (why) *why = NULL;
+    if (!name || !r->n_params || !ws_strmap_get(&r->index, name, &i)) return -1;
+    if (!r->params[i].valid && why) *why = r->params[i].why;
     return r->params[i].valid;
+}
+
+size_t ws_receiver_count(const ws_receiver *r) { return r->n_params; }
+
+const char *ws_receiver_name(const ws_receiver *r, size_t i)
+{
+    return i < r->n_params ? r->params[i].name : NULL;
 }
 
 pid_t ws_receiver_peer_pid(const ws_receiver *r) { return r->chan ? ws_chan_peer_pid(r->chan) : 0; }
@@ -297,9 +349,10 @@ static ws_status on_manifest(ws_receiver *r, ws_chan_msg *m, ws_receiver_event *
                       ws_chan_peer_label(r->chan));
     size_t *param = ws_calloc(n ? n : 1, sizeof *param);
     uint64_t *received = ws_calloc(n ? n : 1, sizeof *received);
+    uint64_t *landed = ws_calloc(n ? n : 1, sizeof *landed);
     unsigned char *seen = ws_calloc(r->n_params ? r->n_params : 1, 1);
     ws_status rc = WS_OK;
-    if (!param || !received || !seen)
+    if (!param || !received || !landed || !seen)
         rc = WS_ERR(WS_ERR_NOMEM, "receiver: out of memory for a manifest of %u tensors", n);
     if (rc == WS_OK && r->n_params == 0 && n > 0)
         rc = WS_ERR(WS_ERR_ARG, "manifest: this %s has no parameters registered", r->role);
@@ -334,16 +387,23 @@ static ws_status on_manifest(ws_receiver *r, ws_chan_msg *m, ws_receiver_event *
         r->refused = rc != WS_ERR_FORMAT; /* a malformed one ends the connection */
         free(param);
         free(received);
+        free(landed);
         ws_errprefix("sync of weight version %" PRIu64 " refused before any byte moved",
                      version);
         return rc;
     }
     /* From here the named tensors are not to be trusted until FINISH. */
-    for (uint32_t i = 0; i < n; i++) r->params[param[i]].valid = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        r->params[param[i]].valid = 0;
+        set_why(&r->params[param[i]], "the sync of weight version %" PRIu64 " is under way",
+                version);
+    }
     r->manifest = *m;
     *m = (ws_chan_msg){0};
     r->sync_param = param;
     r->sync_received = received;
+    r->sync_landed = landed;
+    r->sync_flags = flags;
     r->n_sync = n;
     r->syncing = 1;
     r->ever_synced = 1;
@@ -398,6 +458,62 @@ static ws_tensor element_range(const ws_tensor *t, uint64_t off, uint64_t count)
     return v;
 }
 
+/* One piece of a bucket, or a chunk of one: elements [first, +count) of
+ * manifest entry `entry`, at byte `at` of the slot. */
+typedef struct landing {
+    ws_tensor view;
+    uint32_t entry;
+    uint64_t first;
+    size_t at, bytes;
+} landing;
+
+/* Copies the landings out of slot `sl` into their tensors and, with `sum`,
+ * adds each one's checksum to its tensor's landed sum. On the host the
+ * landings are chunks of at most LAND_CHUNK_BYTES, copied a cache-sized
+ * group at a time and checksummed right after. */
+static ws_status land(ws_receiver *r, const ws_tensor *sl, landing *ls, size_t n, int on_host,
+                      int sum)
+{
+    ws_status rc = WS_OK;
+    if (on_host) {
+        ws_tensor *dsts[64];
+        size_t offsets[64];
+        for (size_t g = 0; rc == WS_OK && g < n;) {
+            size_t k = 0, bytes = 0;
+            while (g + k < n && k < 64 && (k == 0 || bytes + ls[g + k].bytes <= LAND_CHUNK_BYTES)) {
+                dsts[k] = &ls[g + k].view;
+                offsets[k] = ls[g + k].at;
+                bytes += ls[g + k].bytes;
+                k++;
+            }
+            rc = ws_unpack(sl, dsts, k, offsets);
+            for (size_t i = 0; rc == WS_OK && sum && i < k; i++) {
+                uint64_t c;
+                rc = ws_tensor_checksum(dsts[i], ls[g + i].first, dsts[i]->dtype, &c);
+                r->sync_landed[ls[g + i].entry] += c;
+            }
+            g += k;
+        }
+        return rc;
+    }
+    /* Another device: one copy per piece from a typed view of the slot. A
+     * copy that reads host memory has finished when it returns (device.h),
+     * so the slot may be reused after the ACK. */
+    for (size_t i = 0; rc == WS_OK && i < n; i++) {
+        ws_tensor src = *sl;
+        src.dtype = ls[i].view.dtype;
+        src.offset = sl->offset + ls[i].at;
+        src.layout = ls[i].view.layout;
+        rc = ws_tensor_copy(&ls[i].view, &src);
+        uint64_t c;
+        if (rc == WS_OK && sum) {
+            rc = ws_tensor_checksum(&ls[i].view, ls[i].first, ls[i].view.dtype, &c);
+            r->sync_landed[ls[i].entry] += c;
+        }
+    }
+    return rc;
+}
+
 static ws_status on_bucket(ws_receiver *r, const ws_chan_msg *m, ws_receiver_event *ev)
 {
     const char *peer = ws_chan_peer_label(r->chan);
@@ -411,61 +527,56 @@ static ws_status on_bucket(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
                       peer, seq + 1, slot,
                       !r->syncing ? "outside a sync" : !r->n_slots ? "before its slots"
                       : slot >= WS_REMOTE_SLOTS ? "(no such slot)" : "out of order");
-    ws_tensor *views = ws_calloc(n ? n : 1, sizeof *views);
-    ws_tensor **dsts = ws_calloc(n ? n : 1, sizeof *dsts);
-    size_t *offsets = ws_calloc(n ? n : 1, sizeof *offsets);
-    ws_status rc = WS_OK;
-    if (!views || !dsts || !offsets)
-        rc = WS_ERR(WS_ERR_NOMEM, "receiver: out of memory for a bucket of %u pieces", n);
     const ws_tensor *sl = &r->slot[slot];
     size_t slot_bytes = r->shm[slot].nbytes, bytes = 0;
-    int all_on_host = 1;
-    for (uint32_t i = 0; rc == WS_OK && i < n; i++) {
-        uint32_t ti = ws_rbuf_u32(&rb);
-        uint64_t off = ws_rbuf_u64(&rb), count = ws_rbuf_u64(&rb), at = ws_rbuf_u64(&rb);
-        if (ti >= r->n_sync) {
-            rc = WS_ERR(WS_ERR_FORMAT, "receiver: %s sent piece %u of bucket %" PRIu64 " for "
-                        "tensor #%u; the manifest has %zu", peer, i + 1, seq + 1, ti, r->n_sync);
-            break;
-        }
+    int on_host = 1, sum = !(r->sync_flags & WS_MANIFEST_UNPROVEN);
+    /* Check every piece before a byte is copied; count the chunks. */
+    size_t n_land = 0;
+    ws_rbuf check = rb;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t ti = ws_rbuf_u32(&check);
+        uint64_t off = ws_rbuf_u64(&check), count = ws_rbuf_u64(&check);
+        uint64_t at = ws_rbuf_u64(&check);
+        if (ti >= r->n_sync)
+            return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent piece %u of bucket %" PRIu64 " for "
+                          "tensor #%u; the manifest has %zu", peer, i + 1, seq + 1, ti,
+                          r->n_sync);
         const ws_tensor *t = &r->params[r->sync_param[ti]].t;
         uint64_t numel = (uint64_t)ws_tensor_numel(t), esize = ws_dtype_size(t->dtype);
         if (off > numel || count > numel - off || at > slot_bytes ||
-            count > (slot_bytes - at) / esize) {
-            rc = WS_ERR(WS_ERR_FORMAT, "receiver: %s sent piece %u of bucket %" PRIu64 " for "
-                        "'%s' out of range: elements [%" PRIu64 ", +%" PRIu64 ") of %" PRIu64
-                        " at byte %" PRIu64 " of a slot of %zu", peer, i + 1, seq + 1,
-                        r->params[r->sync_param[ti]].name, off, count, numel, at, slot_bytes);
-            break;
+            count > (slot_bytes - at) / esize)
+            return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent piece %u of bucket %" PRIu64 " for "
+                          "'%s' out of range: elements [%" PRIu64 ", +%" PRIu64 ") of %" PRIu64
+                          " at byte %" PRIu64 " of a slot of %zu", peer, i + 1, seq + 1,
+                          r->params[r->sync_param[ti]].name, off, count, numel, at, slot_bytes);
+        if (ws_tensor_device(t)->kind != WS_DEVICE_CPU) on_host = 0;
+        n_land += (size_t)(count * esize / LAND_CHUNK_BYTES) + 1;
+    }
+    if (!on_host) n_land = n;
+    landing *ls = ws_calloc(n_land ? n_land : 1, sizeof *ls);
+    if (!ls) return WS_ERR(WS_ERR_NOMEM, "receiver: out of memory for a bucket of %u pieces", n);
+    size_t k = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t ti = ws_rbuf_u32(&rb);
+        uint64_t off = ws_rbuf_u64(&rb), count = ws_rbuf_u64(&rb), at = ws_rbuf_u64(&rb);
+        const ws_tensor *t = &r->params[r->sync_param[ti]].t;
+        uint64_t esize = ws_dtype_size(t->dtype);
+        uint64_t step = on_host ? LAND_CHUNK_BYTES / esize : count;
+        for (uint64_t done = 0; done < count || (count == 0 && done == 0); done += step) {
+            uint64_t c = count - done < step ? count - done : step;
+            ls[k++] = (landing){element_range(t, off + done, c), ti, off + done,
+                                (size_t)(at + done * esize), (size_t)(c * esize)};
+            if (count == 0) break;
         }
-        views[i] = element_range(t, off, count);
-        dsts[i] = &views[i];
-        offsets[i] = (size_t)at;
         bytes += (size_t)(count * esize);
         r->sync_received[ti] += count;
-        if (ws_tensor_device(t)->kind != WS_DEVICE_CPU) all_on_host = 0;
     }
-    if (rc == WS_OK) {
-        if (all_on_host) {
-            rc = ws_unpack(sl, dsts, n, offsets);
-        } else {
-            /* Another device: one copy per piece from a typed view of the slot.
-             * A copy that reads host memory has finished when it returns
-             * (device.h), so the slot may be reused after the ACK. */
-            for (uint32_t i = 0; rc == WS_OK && i < n; i++) {
-                ws_tensor src = *sl;
-                src.dtype = views[i].dtype;
-                src.offset = sl->offset + offsets[i];
-                src.layout = views[i].layout;
-                rc = ws_tensor_copy(&views[i], &src);
-            }
-        }
-        if (rc != WS_OK) ws_errprefix("receiver: bucket %" PRIu64, seq + 1);
+    ws_status rc = land(r, sl, ls, k, on_host, sum);
+    free(ls);
+    if (rc != WS_OK) {
+        ws_errprefix("receiver: bucket %" PRIu64, seq + 1);
+        return rc;
     }
-    free(views);
-    free(dsts);
-    free(offsets);
-    if (rc != WS_OK) return rc;
     r->next_seq++;
     ev->kind = WS_RECV_BUCKET;
     ev->pieces = n;
@@ -473,46 +584,242 @@ static ws_status on_bucket(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
     return send_ack(r, WS_MSG_BUCKET, slot, seq, "acknowledging a bucket");
 }
 
+/* " (from 'label')", or "" without a label. */
+static const char *label_part(char *buf, size_t n, const char *label)
+{
+    if (!label) return "";
+    snprintf(buf, n, " (from '%s')", label);
+    return buf;
+}
+
+/* Checks a FINISH's proofs against the landed sums. On a mismatch,
+ * checksums the ranges afresh to name the first that differs. */
+static ws_status check_proofs(ws_receiver *r, ws_rbuf *rb, uint32_t n)
+{
+    const char *peer = ws_chan_peer_label(r->chan);
+    size_t *entry_of = ws_malloc((r->n_params ? r->n_params : 1) * sizeof *entry_of);
+    ws_proof *proofs = ws_calloc(n ? n : 1, sizeof *proofs);
+    size_t *entries = ws_calloc(n ? n : 1, sizeof *entries);
+    uint64_t *covered = ws_calloc(r->n_sync ? r->n_sync : 1, sizeof *covered);
+    uint64_t *proven = ws_calloc(r->n_sync ? r->n_sync : 1, sizeof *proven);
+    ws_status rc = WS_OK;
+    if (!entry_of || !proofs || !entries || !covered || !proven)
+        rc = WS_ERR(WS_ERR_NOMEM, "receiver: out of memory for %u proofs", n);
+    for (size_t p = 0; rc == WS_OK && p < r->n_params; p++) entry_of[p] = SIZE_MAX;
+    for (size_t i = 0; rc == WS_OK && i < r->n_sync; i++) entry_of[r->sync_param[i]] = i;
+    char lb[WHY_BYTES];
+    for (uint32_t i = 0; rc == WS_OK && i < n; i++) {
+        ws_proof pf = proofs[i] = ws_rbuf_proof(rb);
+        size_t param;
+        if (rb->bad) {
+            rc = WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a malformed FINISH (proof %u)", peer,
+                        i + 1);
+            break;
+        }
+        if (!ws_strmap_get(&r->index, pf.tensor, &param) || entry_of[param] == SIZE_MAX) {
+            rc = WS_ERR(WS_ERR_ARG, "proof %u names tensor '%s'%s, which is not in the "
+                        "manifest of this sync", i + 1, pf.tensor,
+                        label_part(lb, sizeof lb, pf.label));
+            break;
+        }
+        size_t e = entries[i] = entry_of[param];
+        uint64_t numel = (uint64_t)ws_tensor_numel(&r->params[param].t);
+        if (pf.elem_offset > numel || pf.elem_count > numel - pf.elem_offset ||
+            pf.elem_count > numel - covered[e]) {
+            rc = WS_ERR(WS_ERR_ARG, "the proofs of tensor '%s' cover more than its %" PRIu64
+                        " elements (proof %u%s: elements [%" PRIu64 ", +%" PRIu64 ")); they "
+                        "must cover each tensor exactly once", pf.tensor, numel, i + 1,
+                        label_part(lb, sizeof lb, pf.label), pf.elem_offset, pf.elem_count);
+            break;
+        }
+        covered[e] += pf.elem_count;
+        proven[e] += pf.checksum;
+    }
+    if (rc == WS_OK && rb->pos != rb->len)
+        rc = WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a FINISH with %zu bytes after its proofs",
+                    peer, rb->len - rb->pos);
+    for (size_t e = 0; rc == WS_OK && e < r->n_sync; e++) {
+        const recv_param *p = &r->params[r->sync_param[e]];
+        uint64_t numel = (uint64_t)ws_tensor_numel(&p->t);
+        if (covered[e] != numel)
+            rc = WS_ERR(WS_ERR_ARG, "the proofs cover %" PRIu64 " of the %" PRIu64 " elements "
+                        "of tensor '%s'; they must cover each tensor exactly once", covered[e],
+                        numel, p->name);
+    }
+    for (size_t e = 0; rc == WS_OK && e < r->n_sync; e++) {
+        if (proven[e] == r->sync_landed[e]) continue;
+        /* Find the range that differs, reading the tensor again. */
+        recv_param *p = &r->params[r->sync_param[e]];
+        for (uint32_t i = 0; rc == WS_OK && i < n; i++) {
+            if (entries[i] != e) continue;
+            ws_tensor v = element_range(&p->t, proofs[i].elem_offset, proofs[i].elem_count);
+            uint64_t got;
+            rc = ws_tensor_checksum(&v, proofs[i].elem_offset, v.dtype, &got);
+            if (rc == WS_OK && got != proofs[i].checksum)
+                rc = WS_ERR(WS_ERR_ARG, "tensor '%s'%s, elements [%" PRIu64 ", +%" PRIu64 "), "
+                            "holds checksum 0x%016" PRIx64 ", the proof says 0x%016" PRIx64
+                            ": the bytes received are not the bytes sent", p->name,
+                            label_part(lb, sizeof lb, proofs[i].label), proofs[i].elem_offset,
+                            proofs[i].elem_count, got, proofs[i].checksum);
+        }
+        /* Every range matches now: the bytes changed after they landed. */
+        if (rc == WS_OK)
+            rc = WS_ERR(WS_ERR_ARG, "tensor '%s' received bytes whose checksum 0x%016" PRIx64
+                        " is not the sum of its proofs, 0x%016" PRIx64 "; it was written "
+                        "while the sync ran", p->name, r->sync_landed[e], proven[e]);
+    }
+    free(entry_of);
+    free(proofs);
+    free(entries);
+    free(covered);
+    free(proven);
+    return rc;
+}
+
 static ws_status on_finish(ws_receiver *r, const ws_chan_msg *m, ws_receiver_event *ev)
 {
     const char *peer = ws_chan_peer_label(r->chan);
     ws_rbuf rb = {m->payload, m->len, 0, 0};
     uint64_t version = ws_rbuf_u64(&rb);
-    uint32_t n = ws_rbuf_u32(&rb);
-    if (rb.bad || !r->syncing || n != r->n_sync || (size_t)n * 8 != m->len - rb.pos ||
-        version != r->version)
-        return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a FINISH that does not match its "
-                      "manifest (%u checksums for %zu tensors, weight version %" PRIu64
-                      " for %" PRIu64 ")", peer, n, r->n_sync, version, r->version);
-    for (size_t i = 0; i < n; i++) {
+    uint32_t n = ws_rbuf_proof_count(&rb);
+    if (rb.bad || !r->syncing || version != r->version)
+        return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a malformed FINISH, or one that does "
+                      "not match its manifest (weight version %" PRIu64 " for %" PRIu64 ")",
+                      peer, version, r->version);
+    ws_status rc = WS_OK;
+    for (size_t i = 0; rc == WS_OK && i < r->n_sync; i++) {
         const recv_param *p = &r->params[r->sync_param[i]];
         uint64_t numel = (uint64_t)ws_tensor_numel(&p->t);
         if (r->sync_received[i] != numel)
-            return WS_ERR(WS_ERR_ARG, "sync of weight version %" PRIu64 ": tensor '%s' "
-                          "received %" PRIu64 " of its %" PRIu64 " elements", version, p->name,
-                          r->sync_received[i], numel);
+            rc = WS_ERR(WS_ERR_ARG, "tensor '%s' received %" PRIu64 " of its %" PRIu64
+                        " elements", p->name, r->sync_received[i], numel);
     }
-    const ws_tensor **ts = ws_calloc(n ? n : 1, sizeof *ts);
-    uint64_t *sums = ws_calloc(n ? n : 1, sizeof *sums);
-    ws_status rc = WS_OK;
-    if (!ts || !sums) rc = WS_ERR(WS_ERR_NOMEM, "receiver: out of memory for %u checksums", n);
-    for (size_t i = 0; rc == WS_OK && i < n; i++) ts[i] = &r->params[r->sync_param[i]].t;
-    if (rc == WS_OK) rc = ws_checksum_many(ts, n, NULL, WS_DTYPE_COUNT, sums);
-    for (size_t i = 0; rc == WS_OK && i < n; i++) {
-        uint64_t want = ws_rbuf_u64(&rb);
-        if (sums[i] != want)
-            rc = WS_ERR(WS_ERR_ARG, "sync of weight version %" PRIu64 ": tensor '%s' holds "
-                        "checksum 0x%016" PRIx64 ", the sender sent 0x%016" PRIx64 ": the bytes "
-                        "received are not the bytes sent", version,
-                        r->params[r->sync_param[i]].name, sums[i], want);
+    if (rc == WS_OK && n && (r->sync_flags & WS_MANIFEST_UNPROVEN))
+        rc = WS_ERR(WS_ERR_ARG, "%u proofs came for a sync whose manifest said none would "
+                    "(WS_MANIFEST_UNPROVEN): nothing was checksummed as it landed", n);
+    if (rc == WS_OK && n) rc = check_proofs(r, &rb, n);
+    if (rc != WS_OK) {
+        /* A well-formed FINISH that fails ends the sync; the sender hears why
+         * and the connection lives on. */
+        if (rc == WS_ERR_FORMAT) return rc;
+        ws_errprefix("sync of weight version %" PRIu64, version);
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", ws_errmsg());
+        fail_sync(r, msg);
+        WS_ERR(rc, "%s; the tensors of that sync are marked invalid", msg);
+        r->refused = 1;
+        return rc;
     }
-    free(ts);
-    free(sums);
-    if (rc != WS_OK) return rc;
     end_sync(r, 1);
     ev->kind = WS_RECV_SYNCED;
     ev->weight_version = version;
     return send_ack(r, WS_MSG_FINISH, WS_ACK_NO_SLOT, 0, "acknowledging the checksums");
+}
+
+/* Checks that the named tensors are valid and, unless only validity is
+ * asked, that their ranges' checksums equal the proofs'. A range that
+ * differs marks its tensor invalid. */
+static ws_status on_verify(ws_receiver *r, const ws_chan_msg *m, ws_receiver_event *ev)
+{
+    const char *peer = ws_chan_peer_label(r->chan);
+    ws_rbuf rb = {m->payload, m->len, 0, 0};
+    uint32_t flags = ws_rbuf_u32(&rb);
+    uint32_t n = ws_rbuf_proof_count(&rb);
+    if (rb.bad || r->syncing)
+        return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a malformed VERIFY%s", peer,
+                      r->syncing ? " (inside a sync)" : "");
+    ws_proof *proofs = ws_calloc(n ? n : 1, sizeof *proofs);
+    size_t *params = ws_calloc(n ? n : 1, sizeof *params);
+    ws_tensor *views = ws_calloc(n ? n : 1, sizeof *views);
+    const ws_tensor **ts = ws_calloc(n ? n : 1, sizeof *ts);
+    uint64_t *first = ws_calloc(n ? n : 1, sizeof *first);
+    uint64_t *got = ws_calloc(n ? n : 1, sizeof *got);
+    ws_status rc = WS_OK;
+    if (!proofs || !params || !views || !ts || !first || !got)
+        rc = WS_ERR(WS_ERR_NOMEM, "receiver: out of memory for a VERIFY of %u ranges", n);
+    /* The first proof that names an unknown or invalid tensor, or a range
+     * outside it: `bad`, its error kept in `bad_msg`. */
+    uint32_t bad = n;
+    ws_status bad_rc = WS_OK;
+    char bad_msg[1024] = "", lb[WHY_BYTES];
+    for (uint32_t i = 0; rc == WS_OK && i < n; i++) {
+        proofs[i] = ws_rbuf_proof(&rb);
+        if (rb.bad) {
+            rc = WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a malformed VERIFY (proof %u)", peer,
+                        i + 1);
+            break;
+        }
+        if (bad < n) continue;
+        const ws_proof *pf = &proofs[i];
+        if (!r->n_params || !ws_strmap_get(&r->index, pf->tensor, &params[i])) {
+            bad_rc = WS_ERR(WS_ERR_ARG, "%s tensor '%s'%s: no such tensor in this %s",
+                            r->role, pf->tensor, label_part(lb, sizeof lb, pf->label),
+                            r->role);
+        } else {
+            const recv_param *p = &r->params[params[i]];
+            uint64_t numel = (uint64_t)ws_tensor_numel(&p->t);
+            if (!p->valid)
+                bad_rc = WS_ERR(WS_ERR_ARG, "%s tensor '%s'%s is not valid: %s", r->role,
+                                p->name, label_part(lb, sizeof lb, pf->label), p->why);
+            else if (!(flags & WS_VERIFY_VALIDITY) &&
+                     (pf->elem_offset > numel || pf->elem_count > numel - pf->elem_offset))
+                bad_rc = WS_ERR(WS_ERR_ARG, "%s tensor '%s'%s: elements [%" PRIu64 ", +%"
+                                PRIu64 ") are outside its %" PRIu64, r->role, p->name,
+                                label_part(lb, sizeof lb, pf->label), pf->elem_offset,
+                                pf->elem_count, numel);
+            else {
+                views[i] = element_range(&p->t, pf->elem_offset, pf->elem_count);
+                ts[i] = &views[i];
+                first[i] = pf->elem_offset;
+            }
+        }
+        if (bad_rc != WS_OK) {
+            bad = i;
+            snprintf(bad_msg, sizeof bad_msg, "%s", ws_errmsg());
+        }
+    }
+    if (rc == WS_OK && !rb.bad && rb.pos != rb.len)
+        rc = WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a VERIFY with %zu bytes after its proofs",
+                    peer, rb.len - rb.pos);
+    /* Checksums of the ranges before the first bad proof; every range that
+     * differs makes its tensor invalid, the first one is the answer. */
+    if (rc == WS_OK && !(flags & WS_VERIFY_VALIDITY) && bad > 0)
+        rc = ws_checksum_many(ts, bad, first, WS_DTYPE_COUNT, got);
+    uint32_t differs = n;
+    for (uint32_t i = 0; rc == WS_OK && !(flags & WS_VERIFY_VALIDITY) && i < bad; i++) {
+        if (got[i] == proofs[i].checksum) continue;
+        recv_param *p = &r->params[params[i]];
+        if (differs == n) differs = i;
+        if (!p->valid) continue; /* named by an earlier range already */
+        p->valid = 0;
+        set_why(p, "elements [%" PRIu64 ", +%" PRIu64 ")%s held checksum 0x%016" PRIx64
+                ", not 0x%016" PRIx64 ", when verified after weight version %" PRIu64,
+                proofs[i].elem_offset, proofs[i].elem_count,
+                label_part(lb, sizeof lb, proofs[i].label), got[i], proofs[i].checksum,
+                r->valid_version);
+    }
+    if (rc == WS_OK && differs < n) {
+        const ws_proof *pf = &proofs[differs];
+        rc = WS_ERR(WS_ERR_ARG, "%s tensor '%s'%s, elements [%" PRIu64 ", +%" PRIu64 "), "
+                    "holds checksum 0x%016" PRIx64 ", expected 0x%016" PRIx64 "; it is marked "
+                    "invalid", r->role, pf->tensor, label_part(lb, sizeof lb, pf->label),
+                    pf->elem_offset, pf->elem_count, got[differs], pf->checksum);
+    } else if (rc == WS_OK && bad < n) {
+        rc = WS_ERR(bad_rc, "%s", bad_msg);
+    }
+    free(proofs);
+    free(params);
+    free(views);
+    free(ts);
+    free(first);
+    free(got);
+    if (rc != WS_OK) {
+        if (rc != WS_ERR_FORMAT) r->refused = 1;
+        ws_errprefix("verify");
+        return rc;
+    }
+    ev->kind = WS_RECV_VERIFIED;
+    return send_ack(r, WS_MSG_VERIFY, WS_ACK_NO_SLOT, 0, "acknowledging a verify");
 }
 
 static ws_status on_wake_sleep(ws_receiver *r, const ws_chan_msg *m, ws_receiver_event *ev)
@@ -530,6 +837,12 @@ static ws_status on_wake_sleep(ws_receiver *r, const ws_chan_msg *m, ws_receiver
         if (rb.bad) return WS_ERR(WS_ERR_FORMAT, "receiver: malformed SLEEP");
         if (r->opts.on_sleep) rc = r->opts.on_sleep(r->opts.ctx, level);
         if (rc != WS_OK) ws_errprefix("sleep(level=%d) in the %s", (int)level, r->role);
+        /* Level 2 discards the weights: none holds verified bytes until written again. */
+        for (size_t i = 0; rc == WS_OK && level >= 2 && i < r->n_params; i++) {
+            r->params[i].valid = 0;
+            set_why(&r->params[i], "discarded by the level-%d sleep after weight version %"
+                    PRIu64, (int)level, r->valid_version);
+        }
         ev->kind = WS_RECV_SLEEP;
     }
     if (rc != WS_OK) {
@@ -582,6 +895,7 @@ ws_status ws_receiver_next(ws_receiver *r, int timeout_ms, ws_receiver_event *ev
         case WS_MSG_SLOTS: rc = on_slots(r, &m, ev); break;
         case WS_MSG_BUCKET: rc = on_bucket(r, &m, ev); break;
         case WS_MSG_FINISH: rc = on_finish(r, &m, ev); break;
+        case WS_MSG_VERIFY: rc = on_verify(r, &m, ev); break;
         case WS_MSG_WAKE:
         case WS_MSG_SLEEP: rc = on_wake_sleep(r, &m, ev); break;
         case WS_MSG_CLOSE:
@@ -605,9 +919,9 @@ ws_status ws_receiver_next(ws_receiver *r, int timeout_ms, ws_receiver_event *ev
         if (r->syncing) {
             send_error(r);
             char msg[1024];
-            snprintf(msg, sizeof msg, "%s; the tensors of that sync are marked invalid",
-                     ws_errmsg());
-            WS_ERR(rc, "%s", msg);
+            snprintf(msg, sizeof msg, "%s", ws_errmsg());
+            fail_sync(r, msg);
+            WS_ERR(rc, "%s; the tensors of that sync are marked invalid", msg);
         } else if (m.type != WS_MSG_CLOSE) {
             send_error(r);
         }

@@ -7,8 +7,9 @@
  * and a slot is packed again only after the receiver acknowledged it.
  *
  * The protocol (version WS_REMOTE_PROTOCOL). Every message is one channel
- * message of the type below; integers in host byte order, no padding; a
- * string is u16 length, its bytes, then a NUL.
+ * message of the type below (the channel splits a long one into frames and
+ * joins them again); integers in host byte order, no padding; a string is u16
+ * length, its bytes, then a NUL.
  *
  *   HELLO    u32 protocol, i32 pid, str role        both ways, sender first
  *   MANIFEST u64 weight_version, u32 flags, u32 n,
@@ -25,17 +26,35 @@
  *            n x {u32 tensor, u64 elem_offset, u64 elem_count, u64 byte_offset}
  *            `tensor` indexes the manifest; elements are counted in the
  *            tensor's row-major order, so a row shard is one piece. The
- *            receiver copies each piece from the slot into its parameter and
- *            answers ACK(BUCKET, slot, seq) once the copy is complete.
- *   FINISH   u64 weight_version, u32 n, u64 checksum[n] (manifest order)
- *            The checksum is ws_tensor_checksum of the whole tensor (dtype.h:
- *            a sum over elements, so the sender adds up its pieces). The
- *            receiver checks that every element arrived, checksums what it
- *            holds, and only then marks the tensors valid; it answers ACK or
- *            ERROR naming the first tensor that differs.
+ *            receiver copies each piece from the slot into its parameter,
+ *            adds the checksum of the elements just written to that
+ *            tensor's landed sum (unless the manifest has
+ *            WS_MANIFEST_UNPROVEN), and answers ACK(BUCKET, slot, seq) once
+ *            the copy is complete.
+ *   FINISH   u64 weight_version, proofs
+ *            The receiver checks that every element arrived; then, with
+ *            proofs, that they name manifest tensors and cover each exactly
+ *            (counts summing to its element count), and that per tensor the
+ *            proofs' checksums sum to its landed sum. Only then are the
+ *            tensors valid: ACK, or ERROR naming the first tensor (and the
+ *            proof's label and elements) that differs, found by
+ *            checksumming the ranges afresh. A refused FINISH ends the sync
+ *            with its tensors invalid; the connection lives on. No proofs:
+ *            every element arrived is enough.
+ *   VERIFY   u32 flags, proofs                     sender -> receiver, outside a sync
+ *            The receiver checks each named tensor exists and is valid, and
+ *            (unless flags has WS_VERIFY_VALIDITY) that the checksum of its
+ *            range, computed afresh, equals the proof's; a tensor that
+ *            differs is marked invalid. ACK, or ERROR naming the first.
+ *   proofs   u32 n, n x {str tensor, str label ("" for none),
+ *                        u64 elem_offset, u64 elem_count, u64 checksum}
+ *            The checksum is ws_tensor_checksum of the range in the tensor's
+ *            own dtype with first index elem_offset (dtype.h: a sum over
+ *            elements, so ranges add up to the whole tensor's).
  *   WAKE     str tag ("weights", "kv_cache")      sender -> receiver
  *   SLEEP    i32 level                            sender -> receiver
- *            The receiver runs its callback and answers ACK or ERROR.
+ *            The receiver runs its callback and answers ACK or ERROR. After
+ *            a level-2 sleep every tensor is invalid (its bytes discarded).
  *   ACK      u32 type acknowledged, u32 slot (WS_ACK_NO_SLOT), u64 seq
  *   ERROR    the message text (no NUL)            receiver -> sender
  *   CLOSE    empty: the sender leaves on purpose  sender -> receiver
@@ -55,7 +74,7 @@
 #include "status.h"
 #include "tensor.h"
 
-#define WS_REMOTE_PROTOCOL 1u
+#define WS_REMOTE_PROTOCOL 2u
 #define WS_REMOTE_SLOTS 2
 #define WS_REMOTE_ALIGN 64 /* byte offset of every piece in a slot */
 #define WS_ACK_NO_SLOT 0xFFFFFFFFu
@@ -70,11 +89,17 @@ enum ws_remote_msg {
     WS_MSG_WAKE,
     WS_MSG_SLEEP,
     WS_MSG_ERROR,
-    WS_MSG_CLOSE
+    WS_MSG_CLOSE,
+    WS_MSG_VERIFY
 };
 const char *ws_remote_msg_name(uint32_t type); /* "BUCKET" */
 
-enum { WS_MANIFEST_PARTIAL = 1u }; /* a sync of some tensors (adapters only) */
+enum {
+    WS_MANIFEST_PARTIAL = 1u, /* a sync of some tensors (adapters only) */
+    /* The sync ends with ws_sender_finish_proven(s, NULL, 0): the receiver
+     * skips checksumming what lands, and refuses proofs at FINISH. */
+    WS_MANIFEST_UNPROVEN = 2u
+};
 
 /* One tensor of a manifest: the receiver's tensor, whole. */
 typedef struct ws_wire_tensor {
@@ -83,6 +108,26 @@ typedef struct ws_wire_tensor {
     int ndim;
     int64_t shape[WS_MAX_DIMS];
 } ws_wire_tensor;
+
+/* A piece already in a slot, as BUCKET carries it. */
+typedef struct ws_wire_piece {
+    uint32_t tensor;
+    uint64_t elem_offset, elem_count, byte_offset;
+} ws_wire_piece;
+
+/* What the receiver must hold: elements [elem_offset, elem_offset +
+ * elem_count) of its tensor `tensor` (by name), whose checksum
+ * (ws_tensor_checksum of that range, as the tensor's own dtype, with first
+ * index elem_offset, i.e. each element's index in the whole tensor) is
+ * `checksum`. `label` names the range in errors (the trainer parameter it
+ * came from); NULL: none. */
+typedef struct ws_proof {
+    const char *tensor;
+    const char *label;
+    uint64_t elem_offset, elem_count, checksum;
+} ws_proof;
+
+enum { WS_VERIFY_VALIDITY = 1u }; /* ws_sender_verify: only that the tensors are valid, no checksums */
 
 /* ---- receiver (engine side) ------------------------------------------------------- */
 
@@ -118,7 +163,8 @@ typedef enum ws_receiver_event_kind {
     WS_RECV_SYNCED,        /* a sync finished and was verified */
     WS_RECV_WAKE,
     WS_RECV_SLEEP,
-    WS_RECV_CLOSED         /* the sender left (CLOSE) */
+    WS_RECV_CLOSED,        /* the sender left (CLOSE) */
+    WS_RECV_VERIFIED       /* a VERIFY was answered with ACK */
 } ws_receiver_event_kind;
 
 typedef struct ws_receiver_event {
@@ -136,6 +182,9 @@ void ws_receiver_free(ws_receiver *r);
 ws_status ws_receiver_add(ws_receiver *r, const char *name, const ws_tensor *t);
 /* Waits up to timeout_ms (-1: forever) for a sender and its HELLO. */
 ws_status ws_receiver_accept(ws_receiver *r, int timeout_ms);
+/* A receiver keeps no global state: ws_receiver_next and ws_receiver_serve
+ * may run on any one thread at a time (a Python caller releases the GIL
+ * around them; the callbacks run on that thread). */
 /* Handles one message, waiting up to timeout_ms (-1: forever; inside a sync
  * at most opts.timeout_ms). Accepts a sender first when none is connected.
  * On an error that ends the connection (the sender died, left mid-sync, or
@@ -149,6 +198,14 @@ ws_status ws_receiver_serve(ws_receiver *r, int timeout_ms);
 ws_weights_state ws_receiver_state(const ws_receiver *r, uint64_t *weight_version);
 /* 1 when the named tensor holds verified bytes, 0 when not, -1 unknown name. */
 int ws_receiver_tensor_valid(const ws_receiver *r, const char *name);
+/* The same, and when 0 *why (may be NULL) says why it is not valid ("not
+ * written by any sync yet", "discarded by the level-2 sleep after weight
+ * version 3", the error that ended its sync); the text lives until the
+ * tensor's state changes. */
+int ws_receiver_tensor_state(const ws_receiver *r, const char *name, const char **why);
+/* The registered tensors, in the order of ws_receiver_add. */
+size_t ws_receiver_count(const ws_receiver *r);
+const char *ws_receiver_name(const ws_receiver *r, size_t i); /* NULL past the end */
 pid_t ws_receiver_peer_pid(const ws_receiver *r); /* 0: no sender connected */
 
 /* ---- sender (trainer side) -------------------------------------------------------- */
@@ -193,9 +250,33 @@ ws_status ws_sender_begin(ws_sender *s, const ws_wire_tensor *tensors, size_t n,
  * acknowledgement, so the caller packs the next one meanwhile. Pieces must
  * fit one slot (their bytes, each rounded up to WS_REMOTE_ALIGN). */
 ws_status ws_sender_bucket(ws_sender *s, const ws_sender_piece *pieces, size_t n);
-/* Waits for every acknowledgement, sends the checksums and waits for the
- * receiver's verdict. */
+/* After ws_sender_begin: waits until `slot` (0 or 1) is free (its last
+ * bucket acknowledged) and returns its writable mapping, so a caller packs
+ * in place (no copy inside the sender). */
+ws_status ws_sender_slot(ws_sender *s, int slot, void **base, size_t *bytes);
+/* Sends a BUCKET whose bytes the caller already put in `slot`; no copy, no
+ * checksum. Checks every piece against the manifest and the slot (aligned
+ * to WS_REMOTE_ALIGN, in range) before sending; a piece refused here sends
+ * nothing and leaves the sync as it was. The slot is busy until its
+ * acknowledgement (ws_sender_slot waits for it). */
+ws_status ws_sender_submit(ws_sender *s, int slot, const ws_wire_piece *pieces, size_t n);
+/* Waits for every acknowledgement, sends the checksums the sender summed
+ * while packing (one whole-tensor proof per manifest tensor) and waits for
+ * the receiver's verdict. Refused when a bucket of the sync was submitted
+ * (ws_sender_submit: no sums here); use ws_sender_finish_proven then. */
 ws_status ws_sender_finish(ws_sender *s);
+/* Like ws_sender_finish, with the caller's proofs instead of the sender's
+ * own packing sums. n == 0: no proof; the receiver marks the tensors valid
+ * once every element arrived (verify=off). A refusal (elements missing,
+ * proofs that do not cover the tensors, a checksum that differs) ends the
+ * sync with the receiver's tensors invalid and leaves the sender usable. */
+ws_status ws_sender_finish_proven(ws_sender *s, const ws_proof *proofs, size_t n);
+/* Outside a sync: asks the receiver to prove it holds these ranges
+ * (checksums computed fresh from its tensors), or with WS_VERIFY_VALIDITY
+ * only that each named tensor is valid. Answer: ACK, or ERROR naming the
+ * first tensor (and label) that is unknown, invalid (and why) or differs;
+ * a refusal leaves the sender usable. */
+ws_status ws_sender_verify(ws_sender *s, const ws_proof *proofs, size_t n, unsigned flags);
 ws_status ws_sender_wake(ws_sender *s, const char *tag);
 ws_status ws_sender_sleep(ws_sender *s, int level);
 pid_t ws_sender_peer_pid(const ws_sender *s);

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "fault.h"
+#include "remote.h"
 
 typedef struct ws_wbuf {
     unsigned char *data;
@@ -101,6 +102,46 @@ static inline const char *ws_rbuf_str(ws_rbuf *r)
     const char *s = (const char *)r->data + r->pos;
     r->pos += n + 1;
     return s;
+}
+
+/* ---- proofs (FINISH and VERIFY) ---------------------------------------------------- */
+
+/* Smallest encoded proof: two empty strings and three u64. */
+#define WS_WIRE_PROOF_MIN (2 * 3 + 3 * 8)
+
+/* u32 n, then per proof {str tensor, str label ("" for none), u64 elem_offset,
+ * u64 elem_count, u64 checksum}. The caller checked the strings' lengths. */
+static inline void ws_wbuf_proofs(ws_wbuf *w, const ws_proof *p, size_t n)
+{
+    ws_wbuf_u32(w, (uint32_t)n);
+    for (size_t i = 0; i < n; i++) {
+        ws_wbuf_str(w, p[i].tensor);
+        ws_wbuf_str(w, p[i].label ? p[i].label : "");
+        ws_wbuf_u64(w, p[i].elem_offset);
+        ws_wbuf_u64(w, p[i].elem_count);
+        ws_wbuf_u64(w, p[i].checksum);
+    }
+}
+
+/* The count of proofs that follow, or sets r->bad when they cannot fit. */
+static inline uint32_t ws_rbuf_proof_count(ws_rbuf *r)
+{
+    uint32_t n = ws_rbuf_u32(r);
+    if (!r->bad && (size_t)n > (r->len - r->pos) / WS_WIRE_PROOF_MIN) r->bad = 1;
+    return r->bad ? 0 : n;
+}
+
+/* One proof; its strings point into the payload, a label "" becomes NULL. */
+static inline ws_proof ws_rbuf_proof(ws_rbuf *r)
+{
+    ws_proof p;
+    p.tensor = ws_rbuf_str(r);
+    p.label = ws_rbuf_str(r);
+    if (!*p.label) p.label = NULL;
+    p.elem_offset = ws_rbuf_u64(r);
+    p.elem_count = ws_rbuf_u64(r);
+    p.checksum = ws_rbuf_u64(r);
+    return p;
 }
 
 #endif

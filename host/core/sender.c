@@ -6,6 +6,10 @@
  * Checksums are summed per tensor while packing (the checksum composes over
  * element ranges), so FINISH costs no second pass over the weights.
  *
+ * A caller that packs by itself takes a slot's mapping (ws_sender_slot),
+ * writes into it and hands the laid-out pieces over (ws_sender_submit); it
+ * then brings its own proofs to ws_sender_finish_proven.
+ *
  * An error that leaves the two sides out of step (the receiver died, stopped
  * answering, or refused a bucket) breaks the sender: every later call says
  * so, and only ws_sender_close remains. A refused manifest or a failed wake
@@ -48,6 +52,7 @@ struct ws_sender {
     ws_dtype *dtypes;
     uint64_t *numels;
     uint64_t *sums;
+    int submitted; /* a bucket of this sync came through ws_sender_submit: sums incomplete */
     ws_sender_stats stats;
 };
 
@@ -83,6 +88,7 @@ static void free_sync(ws_sender *s)
     s->sums = NULL;
     s->n = 0;
     s->syncing = 0;
+    s->submitted = 0;
 }
 
 pid_t ws_sender_peer_pid(const ws_sender *s) { return ws_chan_peer_pid(s->chan); }
@@ -308,7 +314,8 @@ ws_status ws_sender_begin(ws_sender *s, const ws_wire_tensor *tensors, size_t n,
     return WS_OK;
 }
 
-/* Waits until `slot`'s bucket is acknowledged (acknowledgements come in order). */
+/* Waits until `slot`'s bucket is acknowledged. Acknowledgements come in the
+ * order the buckets were sent, whichever slot each went to. */
 static ws_status await_slot(ws_sender *s, int slot, const char *what)
 {
     double t0 = ws_chan_now_ms();
@@ -325,16 +332,16 @@ static ws_status await_slot(ws_sender *s, int slot, const char *what)
         memcpy(&acked_slot, m.payload + 4, 4);
         memcpy(&seq, m.payload + 8, 8);
         ws_chan_msg_free(&m);
-        /* Bucket k of a sync went to slot k % 2 (ws_sender_begin starts at 0). */
-        int k = (int)(s->next_ack_seq % WS_REMOTE_SLOTS);
-        if (seq != s->next_ack_seq || acked_slot != (uint32_t)k || !s->busy[k] ||
-            s->busy_seq[k] != seq) {
+        int k = -1;
+        for (int i = 0; i < WS_REMOTE_SLOTS; i++)
+            if (s->busy[i] && s->busy_seq[i] == s->next_ack_seq) k = i;
+        if (seq != s->next_ack_seq || k < 0 || acked_slot != (uint32_t)k) {
             rc = WS_ERR(WS_ERR_FORMAT, "%s: %s acknowledged bucket %" PRIu64 " in slot %u, "
                         "expected bucket %" PRIu64 " in slot %d", step,
                         ws_chan_peer_label(s->chan), seq + 1, acked_slot, s->next_ack_seq + 1, k);
             break;
         }
-        s->busy[acked_slot] = 0;
+        s->busy[k] = 0;
         s->next_ack_seq++;
     }
     s->stats.wait_ms += ws_chan_now_ms() - t0;
@@ -454,27 +461,152 @@ ws_status ws_sender_bucket(ws_sender *s, const ws_sender_piece *pieces, size_t n
     return rc;
 }
 
+ws_status ws_sender_slot(ws_sender *s, int slot, void **base, size_t *bytes)
+{
+    *base = NULL;
+    *bytes = 0;
+    char what[96];
+    snprintf(what, sizeof what, "sync of weight version %" PRIu64 ": taking slot %d",
+             s->version, slot);
+    WS_TRY(check_usable(s, what));
+    if (!s->slots_sent)
+        return WS_ERR(WS_ERR_ARG, "%s: no slots yet; they are made by the first "
+                      "ws_sender_begin", what);
+    if (slot < 0 || slot >= WS_REMOTE_SLOTS)
+        return WS_ERR(WS_ERR_ARG, "%s: the slots are 0 to %d", what, WS_REMOTE_SLOTS - 1);
+    WS_TRY(await_slot(s, slot, what));
+    *base = s->shm[slot].data;
+    *bytes = s->shm[slot].nbytes;
+    return WS_OK;
+}
+
+ws_status ws_sender_submit(ws_sender *s, int slot, const ws_wire_piece *pieces, size_t n)
+{
+    char what[128];
+    snprintf(what, sizeof what, "sync of weight version %" PRIu64 ": bucket %" PRIu64
+             " (slot %d)", s->version, s->next_seq + 1, slot);
+    WS_TRY(check_usable(s, what));
+    if (!s->syncing) return WS_ERR(WS_ERR_ARG, "%s: no sync begun (ws_sender_begin)", what);
+    if (slot < 0 || slot >= WS_REMOTE_SLOTS)
+        return WS_ERR(WS_ERR_ARG, "%s: the slots are 0 to %d", what, WS_REMOTE_SLOTS - 1);
+    if (s->busy[slot])
+        return WS_ERR(WS_ERR_ARG, "%s: the slot still holds bucket %" PRIu64 ", not yet "
+                      "acknowledged; take it with ws_sender_slot before writing into it",
+                      what, s->busy_seq[slot] + 1);
+    if (n > UINT32_MAX / 2) return WS_ERR(WS_ERR_ARG, "%s: too many pieces", what);
+    size_t slot_bytes = s->shm[slot].nbytes;
+    uint64_t bytes = 0;
+    ws_wbuf w = {0};
+    ws_wbuf_u64(&w, s->next_seq);
+    ws_wbuf_u32(&w, (uint32_t)slot);
+    ws_wbuf_u32(&w, (uint32_t)n);
+    ws_status rc = WS_OK;
+    for (size_t i = 0; i < n; i++) {
+        const ws_wire_piece *p = &pieces[i];
+        if (p->tensor >= s->n) {
+            rc = WS_ERR(WS_ERR_ARG, "%s: piece %zu names tensor #%u; the manifest has %zu",
+                        what, i + 1, p->tensor, s->n);
+            break;
+        }
+        uint64_t numel = s->numels[p->tensor], esize = ws_dtype_size(s->dtypes[p->tensor]);
+        if (p->elem_offset > numel || p->elem_count > numel - p->elem_offset) {
+            rc = WS_ERR(WS_ERR_ARG, "%s: piece %zu, elements [%" PRIu64 ", +%" PRIu64 "), is "
+                        "not inside '%s' (%" PRIu64 " elements)", what, i + 1, p->elem_offset,
+                        p->elem_count, s->names[p->tensor], numel);
+            break;
+        }
+        if (p->byte_offset % WS_REMOTE_ALIGN || p->byte_offset > slot_bytes ||
+            p->elem_count > (slot_bytes - p->byte_offset) / esize) {
+            rc = WS_ERR(WS_ERR_ARG, "%s: piece %zu ('%s', %" PRIu64 " elements of %" PRIu64
+                        " bytes) at byte %" PRIu64 " does not fit a slot of %zu bytes at a "
+                        "multiple of %d", what, i + 1, s->names[p->tensor], p->elem_count,
+                        esize, p->byte_offset, slot_bytes, WS_REMOTE_ALIGN);
+            break;
+        }
+        bytes += p->elem_count * esize;
+        ws_wbuf_u32(&w, p->tensor);
+        ws_wbuf_u64(&w, p->elem_offset);
+        ws_wbuf_u64(&w, p->elem_count);
+        ws_wbuf_u64(&w, p->byte_offset);
+    }
+    if (rc == WS_OK && w.oom) rc = WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what);
+    if (rc == WS_OK)
+        rc = fail(s, ws_chan_send(s->chan, WS_MSG_BUCKET, w.data, w.len, NULL, 0,
+                                  s->opts.timeout_ms, what));
+    ws_wbuf_free(&w);
+    if (rc != WS_OK) return rc;
+    s->busy[slot] = 1;
+    s->busy_seq[slot] = s->next_seq++;
+    s->next_slot = (slot + 1) % WS_REMOTE_SLOTS;
+    s->submitted = 1;
+    s->stats.buckets++;
+    s->stats.bytes += bytes;
+    return WS_OK;
+}
+
+/* Names and labels must fit the wire's strings. */
+static ws_status check_proofs(const ws_proof *proofs, size_t n, const char *what)
+{
+    if (n > UINT32_MAX) return WS_ERR(WS_ERR_ARG, "%s: %zu proofs is too many", what, n);
+    for (size_t i = 0; i < n; i++) {
+        const ws_proof *p = &proofs[i];
+        size_t len = p->tensor ? strlen(p->tensor) : 0;
+        if (len == 0 || len > UINT16_MAX || (p->label && strlen(p->label) > UINT16_MAX))
+            return WS_ERR(WS_ERR_ARG, "%s: proof %zu needs a tensor name of 1 to %d "
+                          "characters (and a label of at most that)", what, i + 1, UINT16_MAX);
+    }
+    return WS_OK;
+}
+
+static ws_status finish(ws_sender *s, const ws_proof *proofs, size_t n, const char *what)
+{
+    ws_status rc = WS_OK;
+    for (int i = 0; rc == WS_OK && i < WS_REMOTE_SLOTS; i++)
+        rc = await_slot(s, (s->next_slot + i) % WS_REMOTE_SLOTS, what);
+    ws_wbuf w = {0};
+    ws_wbuf_u64(&w, s->version);
+    ws_wbuf_proofs(&w, proofs, n);
+    if (rc == WS_OK && w.oom) rc = fail(s, WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what));
+    if (rc == WS_OK)
+        rc = fail(s, ws_chan_send(s->chan, WS_MSG_FINISH, w.data, w.len, NULL, 0,
+                                  s->opts.timeout_ms, what));
+    ws_wbuf_free(&w);
+    if (rc == WS_OK) {
+        /* A refusal ends the sync on both sides; the connection lives on. */
+        int refused;
+        rc = wait_reply(s, WS_MSG_FINISH, what, NULL, &refused);
+        if (rc != WS_OK && !refused) return fail(s, rc);
+        free_sync(s);
+    }
+    return rc;
+}
+
 ws_status ws_sender_finish(ws_sender *s)
 {
     char what[96];
     snprintf(what, sizeof what, "sync of weight version %" PRIu64 ": finish", s->version);
     WS_TRY(check_usable(s, what));
     if (!s->syncing) return WS_ERR(WS_ERR_ARG, "%s: no sync begun (ws_sender_begin)", what);
-    ws_status rc = WS_OK;
-    for (int i = 0; rc == WS_OK && i < WS_REMOTE_SLOTS; i++)
-        rc = await_slot(s, (s->next_slot + i) % WS_REMOTE_SLOTS, what);
-    ws_wbuf w = {0};
-    ws_wbuf_u64(&w, s->version);
-    ws_wbuf_u32(&w, (uint32_t)s->n);
-    for (size_t i = 0; i < s->n; i++) ws_wbuf_u64(&w, s->sums[i]);
-    if (rc == WS_OK && w.oom) rc = fail(s, WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what));
-    if (rc == WS_OK)
-        rc = fail(s, ws_chan_send(s->chan, WS_MSG_FINISH, w.data, w.len, NULL, 0,
-                                  s->opts.timeout_ms, what));
-    ws_wbuf_free(&w);
-    if (rc == WS_OK) rc = fail(s, wait_reply(s, WS_MSG_FINISH, what, NULL, NULL));
-    if (rc == WS_OK) free_sync(s);
+    if (s->submitted)
+        return WS_ERR(WS_ERR_ARG, "%s: buckets submitted with ws_sender_submit carry no "
+                      "checksums here; finish with ws_sender_finish_proven", what);
+    ws_proof *proofs = ws_calloc(s->n ? s->n : 1, sizeof *proofs);
+    if (!proofs) return fail(s, WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what));
+    for (size_t i = 0; i < s->n; i++)
+        proofs[i] = (ws_proof){s->names[i], NULL, 0, s->numels[i], s->sums[i]};
+    ws_status rc = finish(s, proofs, s->n, what);
+    free(proofs);
     return rc;
+}
+
+ws_status ws_sender_finish_proven(ws_sender *s, const ws_proof *proofs, size_t n)
+{
+    char what[96];
+    snprintf(what, sizeof what, "sync of weight version %" PRIu64 ": finish", s->version);
+    WS_TRY(check_usable(s, what));
+    if (!s->syncing) return WS_ERR(WS_ERR_ARG, "%s: no sync begun (ws_sender_begin)", what);
+    WS_TRY(check_proofs(proofs, n, what));
+    return finish(s, proofs, n, what);
 }
 
 static ws_status request(ws_sender *s, uint32_t type, const ws_wbuf *w, const char *what)
@@ -513,6 +645,20 @@ ws_status ws_sender_sleep(ws_sender *s, int level)
     ws_wbuf w = {0};
     ws_wbuf_u32(&w, (uint32_t)level);
     ws_status rc = request(s, WS_MSG_SLEEP, &w, what);
+    ws_wbuf_free(&w);
+    return rc;
+}
+
+ws_status ws_sender_verify(ws_sender *s, const ws_proof *proofs, size_t n, unsigned flags)
+{
+    char what[96];
+    snprintf(what, sizeof what, "verify(%zu %s)", n,
+             flags & WS_VERIFY_VALIDITY ? "tensors valid" : "checksums");
+    WS_TRY(check_proofs(proofs, n, what));
+    ws_wbuf w = {0};
+    ws_wbuf_u32(&w, flags);
+    ws_wbuf_proofs(&w, proofs, n);
+    ws_status rc = request(s, WS_MSG_VERIFY, &w, what);
     ws_wbuf_free(&w);
     return rc;
 }

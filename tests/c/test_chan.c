@@ -6,9 +6,12 @@
  * which disagrees is refused before any byte moves; that either side's death
  * mid-sync is reported by the other within 2 s naming its pid (also when the
  * dead process's socket lives on in a child of it), with the receiver's
- * weights marked invalid; that a wrong byte fails the checksums; and that no
- * descriptor or /dev/shm entry is left behind. A child's checks end up in
- * its exit status. */
+ * weights marked invalid; that a wrong byte fails the checksums; that a
+ * caller packing slots in place (ws_sender_slot, ws_sender_submit) proves
+ * what it sent with labelled proofs (more than one channel frame of them),
+ * and that VERIFY and the level-2 sleep say which tensor is not to be
+ * trusted and why; and that no descriptor or /dev/shm entry is left behind.
+ * A child's checks end up in its exit status. */
 #include <dirent.h>
 #include <errno.h>
 #include <signal.h>
@@ -375,8 +378,12 @@ static void test_round_trip(void)
         REQUIRE_OK(add_all(r, dst));
         CHECK(ws_receiver_state(r, NULL) == WS_WEIGHTS_NONE);
         CHECK_OK(ws_receiver_serve(r, 5000));
+        /* The level-2 sleep at the end discarded what version 2 wrote. */
         uint64_t version = 0;
-        CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_VALID && version == 2);
+        CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_INVALID && version == 2);
+        const char *why = NULL;
+        CHECK(ws_receiver_tensor_state(r, SPEC[1].name, &why) == 0 && why &&
+              strcmp(why, "discarded by the level-2 sleep after weight version 2") == 0);
         REQUIRE_OK(make_tensors(want, 2));
         for (int i = 0; i < NT; i++) CHECK(same_bytes(&dst[i], &want[i]));
         CHECK(cb.wakes == 4 && strcmp(cb.last_tag, "kv_cache") == 0);
@@ -611,6 +618,9 @@ static void test_sender_killed(void)
     /* Half-written, not trusted: the version stays the last verified one. */
     CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_INVALID && version == 1);
     CHECK(ws_receiver_tensor_valid(r, SPEC[0].name) == 0);
+    const char *why = NULL;
+    CHECK(ws_receiver_tensor_state(r, SPEC[0].name, &why) == 0 && why &&
+          strstr(why, "the sync of weight version 2 failed: ") && strstr(why, want_pid));
     CHECK(ws_receiver_tensor_valid(r, "no.such.tensor") == -1);
     CHECK(ws_receiver_peer_pid(r) == 0);
     /* The engine keeps running: the next trainer makes it whole again. */
@@ -626,7 +636,24 @@ static void test_sender_killed(void)
     free_tensors(want);
 }
 
-/* A byte changed between the copy and the check: the checksums catch it. */
+/* One proof per tensor: its whole checksum, no label. */
+static ws_status whole_proofs(ws_tensor *src, ws_proof *proofs)
+{
+    for (int i = 0; i < NT; i++) {
+        proofs[i] = (ws_proof){SPEC[i].name, NULL, 0, (uint64_t)ws_tensor_numel(&src[i]), 0};
+        WS_TRY(ws_tensor_checksum(&src[i], 0, SPEC[i].dtype, &proofs[i].checksum));
+    }
+    return WS_OK;
+}
+
+static size_t align_up(size_t x)
+{
+    return (x + WS_REMOTE_ALIGN - 1) / WS_REMOTE_ALIGN * WS_REMOTE_ALIGN;
+}
+
+/* Wrong bytes are caught both ways: a slot changed after the sender packed
+ * and summed it fails FINISH (the landed sums differ from the packing sums),
+ * and a tensor changed on the engine after its sync fails a VERIFY. */
 static void test_checksum_mismatch(void)
 {
     const char *name = chan_name();
@@ -635,8 +662,11 @@ static void test_checksum_mismatch(void)
     ws_receiver *r;
     REQUIRE_OK(ws_receiver_create(name, NULL, &r));
     REQUIRE_OK(add_all(r, dst));
+    int go[2];
+    CHECK(pipe(go) == 0);
     pid_t child = fork_child();
     if (child == 0) {
+        close(go[0]);
         ws_sender_opts so = {.slot_bytes = 1 << 20, .timeout_ms = 3000};
         ws_sender *s;
         REQUIRE_OK(ws_sender_connect(name, &so, &s));
@@ -646,22 +676,310 @@ static void test_checksum_mismatch(void)
         wire_spec(w);
         int buckets;
         CHECK_OK(ws_sender_begin(s, w, NT, 5, 0));
+        void *base;
+        size_t bytes;
+        CHECK_OK(ws_sender_slot(s, 0, &base, &bytes)); /* where the one bucket goes */
         CHECK_OK(send_model(s, src, 1 << 20, 0, &buckets)); /* one piece per tensor */
         CHECK(buckets == 1);
+        /* Tensor 2 lies after tensors 0 and 1 in the slot. */
+        size_t at = align_up(align_up(ws_tensor_nbytes(&src[0])) + ws_tensor_nbytes(&src[1]));
+        ((unsigned char *)base)[at + 10] ^= 0x40;
+        CHECK(write(go[1], "k", 1) == 1);
         CHECK_ERR(ws_sender_finish(s), WS_ERR_COMM, "are not the bytes sent");
+        /* Refused, not broken: the next sync goes through on this connection. */
+        CHECK_OK(sync_model(s, src, 6, &buckets));
+        ws_proof proofs[NT];
+        CHECK_OK(whole_proofs(src, proofs));
+        CHECK_ERR(ws_sender_verify(s, proofs, NT, 0), WS_ERR_COMM,
+                  "engine tensor 'model.norm.weight', elements [0, +64), holds checksum");
+        CHECK(strstr(ws_errmsg(), "; it is marked invalid"));
+        CHECK_ERR(ws_sender_verify(s, proofs, NT, WS_VERIFY_VALIDITY), WS_ERR_COMM,
+                  "engine tensor 'model.norm.weight' is not valid: elements [0, +64) held "
+                  "checksum");
         ws_sender_close(s);
         free_tensors(src);
         CHILD_EXIT();
     }
+    close(go[1]);
     ws_receiver_event ev = {0};
     ws_status rc = WS_OK;
-    while (ev.kind != WS_RECV_BUCKET && (rc = ws_receiver_next(r, 3000, &ev)) == WS_OK) {}
+    while (ev.kind != WS_RECV_SLOTS && (rc = ws_receiver_next(r, 3000, &ev)) == WS_OK) {}
     CHECK_OK(rc);
-    CHECK_OK(ws_tensor_set(&dst[2], 100, 1.5)); /* the one bucket holds it all */
+    char k;
+    CHECK(read(go[0], &k, 1) == 1); /* the slot is changed: take the bucket */
+    close(go[0]);
+    CHECK_OK(ws_receiver_next(r, 3000, &ev));
+    CHECK(ev.kind == WS_RECV_BUCKET);
     CHECK_ERR(ws_receiver_next(r, 3000, &ev), WS_ERR_ARG,
-              "tensor 'model.layers.0.mlp.down_proj.weight' holds checksum");
+              "tensor 'model.layers.0.mlp.down_proj.weight', elements [0, +2193), holds "
+              "checksum 0x");
+    CHECK(strstr(ws_errmsg(), "the tensors of that sync are marked invalid"));
     CHECK(ws_receiver_state(r, NULL) == WS_WEIGHTS_INVALID);
+    const char *why = NULL;
+    CHECK(ws_receiver_tensor_state(r, SPEC[0].name, &why) == 0 && why &&
+          strstr(why, "the sync of weight version 5 failed: sync of weight version 5: tensor "
+                 "'model.layers.0.mlp.down_proj.weight'"));
+    /* Version 6 arrives whole; then a byte changes here, and VERIFY sees it. */
+    while (ev.kind != WS_RECV_SYNCED && (rc = ws_receiver_next(r, 3000, &ev)) == WS_OK) {}
+    CHECK_OK(rc);
+    CHECK(ws_receiver_state(r, NULL) == WS_WEIGHTS_VALID);
+    CHECK_OK(ws_tensor_set(&dst[3], 5, 1234.5));
+    CHECK_ERR(ws_receiver_next(r, 3000, &ev), WS_ERR_ARG, "'model.norm.weight'");
+    CHECK(ws_receiver_tensor_valid(r, SPEC[3].name) == 0);
+    CHECK(ws_receiver_tensor_valid(r, SPEC[2].name) == 1);
+    CHECK(ws_receiver_state(r, NULL) == WS_WEIGHTS_INVALID);
+    CHECK_OK(ws_receiver_serve(r, 3000));
     CHECK(wait_child(child) == 0);
+    ws_receiver_free(r);
+    free_tensors(dst);
+}
+
+/* ---- packing in place: slot, submit, proofs, verify ------------------------------- */
+
+#define CHUNK 64 /* elements per piece and per proof: about 1100 proofs, > one frame */
+#define MAX_PROOFS 2048
+
+typedef struct proof_set {
+    ws_proof p[MAX_PROOFS];
+    char label[MAX_PROOFS][128];
+    size_t n;
+} proof_set;
+
+/* Sends `src` the way a plan that packs by itself does: takes a free slot,
+ * writes the pieces into it at aligned offsets, submits them, and keeps a
+ * labelled proof per piece (its checksum taken from the source). */
+static ws_status submit_model(ws_sender *s, ws_tensor *src, proof_set *ps)
+{
+    int slot = 0;
+    unsigned char *base = NULL;
+    size_t bytes = 0, used = 0, n = 0;
+    ws_wire_piece pieces[64];
+    ps->n = 0;
+    for (int i = 0; i <= NT; i++) {
+        int64_t numel = i < NT ? ws_tensor_numel(&src[i]) : 0;
+        for (int64_t off = 0; off < numel || i == NT; off += CHUNK) {
+            int64_t count = i < NT ? (numel - off < CHUNK ? numel - off : CHUNK) : 0;
+            size_t esize = i < NT ? ws_dtype_size(SPEC[i].dtype) : 0, nb = (size_t)count * esize;
+            if (n > 0 && (i == NT || align_up(used) + nb > bytes || n == 64)) {
+                WS_TRY(ws_sender_submit(s, slot, pieces, n));
+                slot = 1 - slot;
+                n = 0;
+                base = NULL;
+            }
+            if (i == NT) break;
+            if (!base) {
+                void *b;
+                WS_TRY(ws_sender_slot(s, slot, &b, &bytes));
+                base = b;
+                used = 0;
+            }
+            used = align_up(used);
+            memcpy(base + used, (const char *)ws_tensor_data(&src[i]) + (size_t)off * esize, nb);
+            pieces[n++] = (ws_wire_piece){(uint32_t)i, (uint64_t)off, (uint64_t)count, used};
+            used += nb;
+            /* Its proof: the range's checksum with its indices in the whole tensor. */
+            ws_tensor flat = {0}, view = {0};
+            int64_t all = numel;
+            ws_proof *p = &ps->p[ps->n];
+            snprintf(ps->label[ps->n], sizeof ps->label[ps->n],
+                     "trainer.layers.%d.some_rather_long_parameter_name.weight[%lld:%lld]", i,
+                     (long long)off, (long long)(off + count));
+            *p = (ws_proof){SPEC[i].name, ps->label[ps->n], (uint64_t)off, (uint64_t)count, 0};
+            ws_status rc = ws_tensor_reshape(&flat, &src[i], 1, &all);
+            if (rc == WS_OK) rc = ws_tensor_narrow(&view, &flat, 0, off, count);
+            if (rc == WS_OK) rc = ws_tensor_checksum(&view, (uint64_t)off, SPEC[i].dtype,
+                                                     &p->checksum);
+            ws_tensor_free(&view);
+            ws_tensor_free(&flat);
+            WS_TRY(rc);
+            if (++ps->n == MAX_PROOFS) return WS_ERR(WS_ERR_ARG, "test: too many proofs");
+        }
+    }
+    return WS_OK;
+}
+
+static ws_status on_sleep_ok(void *ctx, int level)
+{
+    (void)ctx;
+    (void)level;
+    return WS_OK;
+}
+
+static void test_submit_and_verify(void)
+{
+    const char *name = chan_name();
+    pid_t child = fork_child();
+    if (child == 0) {
+        ws_tensor dst[NT], want[NT];
+        REQUIRE_OK(make_tensors(dst, 0));
+        ws_receiver_opts o = {.on_sleep = on_sleep_ok};
+        ws_receiver *r;
+        REQUIRE_OK(ws_receiver_create(name, &o, &r));
+        REQUIRE_OK(add_all(r, dst));
+        CHECK(ws_receiver_count(r) == NT && strcmp(ws_receiver_name(r, 2), SPEC[2].name) == 0 &&
+              ws_receiver_name(r, NT) == NULL);
+        const char *why = NULL;
+        CHECK(ws_receiver_tensor_state(r, SPEC[0].name, &why) == 0 && why &&
+              strcmp(why, "not written by any sync yet") == 0);
+        CHECK(ws_receiver_tensor_state(r, "no.such.tensor", &why) == -1 && why == NULL);
+        CHECK_OK(ws_receiver_serve(r, 5000));
+        /* Version 2 came without proofs; a level-2 sleep discarded it. */
+        REQUIRE_OK(make_tensors(want, 2));
+        for (int i = 0; i < NT; i++) CHECK(same_bytes(&dst[i], &want[i]));
+        uint64_t version;
+        CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_INVALID && version == 2);
+        ws_receiver_free(r);
+        free_tensors(dst);
+        free_tensors(want);
+        CHILD_EXIT();
+    }
+    ws_sender_opts so = {.slot_bytes = 16384, .timeout_ms = 3000};
+    ws_sender *s = NULL;
+    REQUIRE_OK(ws_sender_connect(name, &so, &s));
+    ws_tensor src[NT];
+    REQUIRE_OK(make_tensors(src, 1));
+    proof_set *ps = calloc(1, sizeof *ps);
+    REQUIRE_OK(ps ? WS_OK : WS_ERR(WS_ERR_NOMEM, "test: out of memory"));
+    ws_wire_tensor w[NT];
+    wire_spec(w);
+    void *base;
+    size_t bytes;
+    CHECK_ERR(ws_sender_slot(s, 0, &base, &bytes), WS_ERR_ARG, "no slots yet");
+    CHECK_OK(ws_sender_begin(s, w, NT, 1, 0));
+    /* Pieces that do not fit are refused before anything is sent. */
+    ws_wire_piece bad = {3, 0, 64, 32};
+    CHECK_ERR(ws_sender_submit(s, 0, &bad, 1), WS_ERR_ARG, "at a multiple of 64");
+    bad = (ws_wire_piece){3, 10, 64, 0};
+    CHECK_ERR(ws_sender_submit(s, 0, &bad, 1), WS_ERR_ARG,
+              "elements [10, +64), is not inside 'model.norm.weight' (64 elements)");
+    bad = (ws_wire_piece){0, 0, 10000, 0}; /* 20000 bytes */
+    CHECK_ERR(ws_sender_submit(s, 0, &bad, 1), WS_ERR_ARG, "does not fit a slot of 16384");
+    CHECK_OK(submit_model(s, src, ps));
+    CHECK(ps->n > 1000);
+    CHECK_ERR(ws_sender_finish(s), WS_ERR_ARG, "finish with ws_sender_finish_proven");
+    CHECK_OK(ws_sender_finish_proven(s, ps->p, ps->n));
+    ws_sender_stats st = ws_sender_get_stats(s);
+    CHECK(st.buckets > 10);
+    /* VERIFY: the same proofs hold, checksums computed afresh. */
+    CHECK_OK(ws_sender_verify(s, ps->p, ps->n, 0));
+    CHECK_OK(ws_sender_verify(s, ps->p, ps->n, WS_VERIFY_VALIDITY));
+    ws_proof unknown = {"model.layers.7.mlp.gate_proj.weight", "trainer.gate", 0, 1, 0};
+    CHECK_ERR(ws_sender_verify(s, &unknown, 1, WS_VERIFY_VALIDITY), WS_ERR_COMM,
+              "engine tensor 'model.layers.7.mlp.gate_proj.weight' (from 'trainer.gate'): no "
+              "such tensor");
+    /* A proof that says otherwise: named, and that tensor is no longer trusted. */
+    size_t k = ps->n - 2; /* a range of 'model.layers.0.position_ids' */
+    ps->p[k].checksum ^= 1;
+    CHECK_ERR(ws_sender_verify(s, ps->p, ps->n, 0), WS_ERR_COMM,
+              "engine tensor 'model.layers.0.position_ids' (from "
+              "'trainer.layers.4.some_rather_long_parameter_name.weight[0:7]'), elements "
+              "[0, +7), holds checksum");
+    ps->p[k].checksum ^= 1;
+    CHECK_ERR(ws_sender_verify(s, ps->p, ps->n, WS_VERIFY_VALIDITY), WS_ERR_COMM,
+              "engine tensor 'model.layers.0.position_ids' (from 'trainer.layers.4.");
+    CHECK(strstr(ws_errmsg(), "is not valid: elements [0, +7) (from 'trainer.layers.4."));
+    CHECK(strstr(ws_errmsg(), "when verified after weight version 1"));
+    /* Version 2 without proofs (verify off): every element arrived is enough. */
+    free_tensors(src);
+    REQUIRE_OK(make_tensors(src, 2));
+    CHECK_OK(ws_sender_begin(s, w, NT, 2, WS_MANIFEST_UNPROVEN));
+    CHECK_OK(submit_model(s, src, ps));
+    CHECK_OK(ws_sender_finish_proven(s, NULL, 0));
+    CHECK_OK(ws_sender_verify(s, ps->p, ps->n, 0));
+    /* A level-1 sleep keeps the weights; a level-2 one discards them. */
+    CHECK_OK(ws_sender_sleep(s, 1));
+    CHECK_OK(ws_sender_verify(s, ps->p, ps->n, WS_VERIFY_VALIDITY));
+    CHECK_OK(ws_sender_sleep(s, 2));
+    CHECK_ERR(ws_sender_verify(s, ps->p, ps->n, WS_VERIFY_VALIDITY), WS_ERR_COMM,
+              "engine tensor 'model.embed_tokens.weight' (from 'trainer.layers.0.some_rather_"
+              "long_parameter_name.weight[0:64]') is not valid: discarded by the level-2 sleep "
+              "after weight version 2");
+    ws_sender_close(s);
+    free(ps);
+    free_tensors(src);
+    CHECK(wait_child(child) == 0);
+}
+
+/* Proofs that disagree or do not cover the tensors end the sync with its
+ * tensors invalid, and the connection lives on. */
+static void test_proof_refusals(void)
+{
+    const char *name = chan_name();
+    ws_tensor dst[NT];
+    REQUIRE_OK(make_tensors(dst, 0));
+    ws_receiver *r;
+    REQUIRE_OK(ws_receiver_create(name, NULL, &r));
+    REQUIRE_OK(add_all(r, dst));
+    pid_t child = fork_child();
+    if (child == 0) {
+        ws_sender_opts so = {.slot_bytes = 16384, .timeout_ms = 3000};
+        ws_sender *s;
+        REQUIRE_OK(ws_sender_connect(name, &so, &s));
+        ws_tensor src[NT];
+        REQUIRE_OK(make_tensors(src, 7));
+        proof_set *ps = calloc(1, sizeof *ps);
+        REQUIRE_OK(ps ? WS_OK : WS_ERR(WS_ERR_NOMEM, "test: out of memory"));
+        ws_wire_tensor w[NT];
+        wire_spec(w);
+        /* A wrong checksum in one proof. */
+        CHECK_OK(ws_sender_begin(s, w, NT, 7, 0));
+        CHECK_OK(submit_model(s, src, ps));
+        ps->p[40].checksum += 1; /* model.embed_tokens.weight, elements [2560, +64) */
+        CHECK_ERR(ws_sender_finish_proven(s, ps->p, ps->n), WS_ERR_COMM,
+                  "tensor 'model.embed_tokens.weight' (from 'trainer.layers.0.some_rather_long_"
+                  "parameter_name.weight[2560:2624]'), elements [2560, +64), holds checksum 0x");
+        /* A proof missing: its tensor is not covered. */
+        ps->p[40].checksum -= 1;
+        CHECK_OK(ws_sender_begin(s, w, NT, 8, 0));
+        CHECK_OK(submit_model(s, src, ps));
+        ps->p[ps->n - 3] = ps->p[ps->n - 1]; /* drops one of 'model.norm.weight' */
+        CHECK_ERR(ws_sender_finish_proven(s, ps->p, ps->n - 2), WS_ERR_COMM,
+                  "the proofs cover 0 of the 64 elements of tensor 'model.norm.weight'");
+        /* A proof for a tensor outside the manifest. */
+        CHECK_OK(ws_sender_begin(s, &w[3], 1, 9, WS_MANIFEST_PARTIAL));
+        ws_wire_piece piece = {0, 0, 64, 0};
+        void *base;
+        size_t bytes;
+        CHECK_OK(ws_sender_slot(s, 1, &base, &bytes));
+        memcpy(base, ws_tensor_data(&src[3]), 64 * 4);
+        CHECK_OK(ws_sender_submit(s, 1, &piece, 1));
+        ws_proof p[2];
+        CHECK_OK(whole_proofs(src, p)); /* tensors 0 and 1: only 3 is in this sync */
+        CHECK_ERR(ws_sender_finish_proven(s, p, 1), WS_ERR_COMM,
+                  "proof 1 names tensor 'model.embed_tokens.weight', which is not in the "
+                  "manifest");
+        /* Still usable: a sync that proves itself goes through. */
+        CHECK_OK(ws_sender_begin(s, w, NT, 10, 0));
+        CHECK_OK(submit_model(s, src, ps));
+        CHECK_OK(ws_sender_finish_proven(s, ps->p, ps->n));
+        ws_sender_close(s);
+        free(ps);
+        free_tensors(src);
+        CHILD_EXIT();
+    }
+    ws_receiver_event ev;
+    ws_status rc;
+    while ((rc = ws_receiver_next(r, 3000, &ev)) == WS_OK) {}
+    CHECK_ERR(rc, WS_ERR_ARG, "(from 'trainer.layers.0.some_rather_long_parameter_name.weight"
+              "[2560:2624]'), elements [2560, +64), holds checksum 0x");
+    const char *why = NULL;
+    CHECK(ws_receiver_tensor_state(r, SPEC[0].name, &why) == 0 && why &&
+          strstr(why, "the sync of weight version 7 failed: "));
+    CHECK(ws_receiver_state(r, NULL) == WS_WEIGHTS_INVALID);
+    CHECK(ws_receiver_peer_pid(r) == child); /* the connection lives on */
+    while ((rc = ws_receiver_next(r, 3000, &ev)) == WS_OK) {}
+    CHECK_ERR(rc, WS_ERR_ARG, "cover 0 of the 64 elements");
+    while ((rc = ws_receiver_next(r, 3000, &ev)) == WS_OK) {}
+    CHECK_ERR(rc, WS_ERR_ARG, "not in the manifest");
+    CHECK(ws_receiver_tensor_valid(r, SPEC[3].name) == 0);
+    CHECK_OK(ws_receiver_serve(r, 3000));
+    uint64_t version;
+    CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_VALID && version == 10);
+    CHECK(wait_child(child) == 0);
+    ws_tensor want[NT];
+    REQUIRE_OK(make_tensors(want, 7));
+    for (int i = 0; i < NT; i++) CHECK(same_bytes(&dst[i], &want[i]));
+    free_tensors(want);
     ws_receiver_free(r);
     free_tensors(dst);
 }
@@ -838,6 +1156,8 @@ int main(void)
     RUN(test_checksum_mismatch);
     RUN(test_protocol_errors);
     RUN(test_partial_sync);
+    RUN(test_submit_and_verify);
+    RUN(test_proof_refusals);
     /* Nothing left behind: every descriptor closed, every slot unmapped,
      * nothing named in /dev/shm. */
     check_case_ = "leftovers";
