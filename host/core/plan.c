@@ -20,6 +20,7 @@
 #include <time.h>
 
 #include "fault.h"
+#include "remote.h"
 
 /* Pieces in a gathered segment start on this boundary so every piece is
  * aligned for the widest vector loads of either backend. */
@@ -47,6 +48,8 @@ typedef struct plan_entry {
     int64_t src_numel; /* elements this rank's src holds: shard, or its real ones */
     ws_plan_block block; /* cols == 0: the whole tensor */
     int64_t dst_numel;   /* numel, or the block's elements */
+    uint32_t target;     /* server mode: manifest index of the engine tensor */
+    int64_t target_offset; /* server mode: its element where the parameter starts */
 } plan_entry;
 
 /* Elements of the entry's destination block with a flat index below x (the
@@ -73,6 +76,7 @@ typedef struct plan_bucket {
     size_t piece_begin, piece_end; /* planning only */
     size_t pack_begin, pack_end;   /* into p->pack */
     size_t out_begin, out_end;     /* into p->out: unpack, or direct copies */
+    size_t wire_begin, wire_end;   /* into p->wire: server mode's pieces */
     size_t seg_used;               /* bytes per rank gathered for this bucket */
     size_t entries_done;           /* entries complete once this bucket is out */
     size_t bytes_done;             /* destination bytes written up to this bucket */
@@ -100,6 +104,11 @@ struct ws_plan {
     size_t n_buckets;
     ws_copy_desc *pack, *out;
     size_t n_pack, n_out;
+    ws_sender *sender;     /* server mode: the engine process's connection */
+    void *slot_base[2];    /* its slots' mappings when planned (the descriptors' addresses) */
+    size_t slot_bytes;
+    ws_wire_piece *wire;   /* server mode: every bucket's pieces, as BUCKET carries them */
+    size_t n_wire, wire_bytes;
     ws_tensor send[2], recv[2]; /* staging pairs, kept between executions */
     size_t staged_seg;          /* bytes per rank in each staging pair */
     int pairs;
@@ -190,6 +199,42 @@ ws_status ws_plan_set_relay(ws_plan *p, ws_plan_role role, ws_comm *relay, int g
     return WS_OK;
 }
 
+ws_status ws_plan_set_remote(ws_plan *p, ws_sender *sender)
+{
+    if (p->n_entries)
+        return WS_ERR(WS_ERR_ARG, "plan '%s': set the engine process before adding entries",
+                      p->name);
+    if (!sender) return WS_ERR(WS_ERR_ARG, "plan '%s': no sender given", p->name);
+    if (p->device->kind != WS_DEVICE_CPU)
+        return WS_ERR(WS_ERR_ARG,
+                      "plan '%s': server mode moves buckets through host shared memory, so the "
+                      "plan runs on the cpu, not %s (slots in GPU memory, CUDA IPC, are not "
+                      "built)",
+                      p->name, p->device->name);
+    p->role = WS_PLAN_REMOTE;
+    p->sender = sender;
+    return WS_OK;
+}
+
+ws_status ws_plan_set_targets(ws_plan *p, const uint32_t *tensor, const int64_t *offset, size_t n)
+{
+    if (p->role != WS_PLAN_REMOTE)
+        return WS_ERR(WS_ERR_ARG, "plan '%s': targets are for server mode (ws_plan_set_remote)",
+                      p->name);
+    if (n != p->n_entries)
+        return WS_ERR(WS_ERR_ARG, "plan '%s': %zu targets for %zu entries", p->name, n,
+                      p->n_entries);
+    for (size_t i = 0; i < n; i++) {
+        if (offset[i] < 0)
+            return WS_ERR(WS_ERR_ARG, "plan '%s': entry %zu: target offset %lld is negative",
+                          p->name, i + 1, (long long)offset[i]);
+        p->entries[i].target = tensor[i];
+        p->entries[i].target_offset = offset[i];
+    }
+    p->planned = 0;
+    return WS_OK;
+}
+
 /* Whether execution goes through staging buffers: a gather, or a relay. */
 static int staged(const ws_plan *p) { return p->world > 1 || p->role != WS_PLAN_COLOCATED; }
 
@@ -200,7 +245,8 @@ static ws_status check_entry(const ws_plan *p, size_t index, const ws_tensor *sr
 {
     char a[160], b[160];
     /* A relay's sender has no destinations, its receivers no sources. */
-    int need_src = p->role != WS_PLAN_RECEIVER, need_dst = p->role != WS_PLAN_SENDER;
+    int need_src = p->role != WS_PLAN_RECEIVER;
+    int need_dst = p->role != WS_PLAN_SENDER && p->role != WS_PLAN_REMOTE;
     if ((need_src && !src) || (need_dst && !dst))
         return WS_ERR(WS_ERR_ARG, "plan '%s': entry %zu: %s is NULL", p->name, index,
                       need_src && !src ? "src" : "dst");
@@ -351,7 +397,7 @@ ws_status ws_plan_add_blocks(ws_plan *p, const ws_tensor *const *srcs,
 {
     size_t name_bytes = 0;
     /* Only the sides this rank has: a relay's sender no dsts, receivers no srcs. */
-    if (p->role == WS_PLAN_SENDER) dsts = NULL;
+    if (p->role == WS_PLAN_SENDER || p->role == WS_PLAN_REMOTE) dsts = NULL;
     if (p->role == WS_PLAN_RECEIVER) srcs = NULL;
     if (!dsts && !wire)
         return WS_ERR(WS_ERR_ARG, "plan '%s': a sender's entries need their wire dtypes",
@@ -387,7 +433,11 @@ ws_status ws_plan_add_blocks(ws_plan *p, const ws_tensor *const *srcs,
         memset(&e->block, 0, sizeof e->block);
         if (blocks && blocks[i].cols != 0) e->block = blocks[i];
         e->dst_numel = dst ? ws_tensor_numel(dst) : 0;
-        p->bytes_total += (size_t)e->dst_numel * ws_dtype_size(wt);
+        e->target = 0;
+        e->target_offset = 0;
+        /* Server mode: what the engine process receives. */
+        int64_t lands = p->role == WS_PLAN_REMOTE ? e->numel : e->dst_numel;
+        p->bytes_total += (size_t)lands * ws_dtype_size(wt);
     }
     if (n) p->planned = 0;
     p->n_entries += n;
@@ -505,6 +555,51 @@ static ws_status ensure_staging(ws_plan *p, int pairs, size_t seg_bytes)
     return WS_OK;
 }
 
+static void release_slot(void *ctx) { (void)ctx; }
+
+/* Server mode: every rank's gathered bucket lands in a sender's slot, so the
+ * receive side of each staging pair is a view of that slot (the engine
+ * process copies out of it); the send side exists only to gather from. */
+static ws_status remote_staging(ws_plan *p, int pairs, size_t seg_bytes)
+{
+    for (int j = 0; j < p->pairs; j++) {
+        ws_tensor_free(&p->send[j]);
+        ws_tensor_free(&p->recv[j]);
+    }
+    p->pairs = 0;
+    p->stats.staging_bytes = 0;
+    size_t all = seg_bytes * (size_t)p->world;
+    if (all > p->slot_bytes)
+        return WS_ERR(WS_ERR_ARG,
+                      "plan '%s': a bucket of %zu bytes (%d x %zu) does not fit the engine "
+                      "process's shared-memory slot of %zu bytes; use a smaller bucket_mb or "
+                      "larger slots",
+                      p->name, all, p->world, seg_bytes, p->slot_bytes);
+    p->staged_seg = seg_bytes;
+    ws_tensor_opts opts = {.device = p->device};
+    for (int j = 0; j < pairs; j++) {
+        char nm[PLAN_NAME_CAP + 32];
+        snprintf(nm, sizeof nm, "plan '%s' slot %d", p->name, j);
+        ws_external mem = {.data = p->slot_base[j], .nbytes = p->slot_bytes, .device = p->device,
+                           .source = "the engine's shared-memory slot", .release = release_slot};
+        int64_t n = (int64_t)all;
+        WS_TRY(ws_tensor_external(&p->recv[j], &mem, WS_U8, 1, &n, nm));
+        if (p->world > 1) {
+            int64_t seg = (int64_t)seg_bytes;
+            snprintf(nm, sizeof nm, "plan '%s' send %d", p->name, j);
+            opts.name = nm;
+            ws_status rc = ws_tensor_empty(&p->send[j], WS_U8, 1, &seg, &opts);
+            if (rc != WS_OK) {
+                ws_tensor_free(&p->recv[j]);
+                return rc;
+            }
+            p->stats.staging_bytes += seg_bytes;
+        }
+        p->pairs = j + 1;
+    }
+    return WS_OK;
+}
+
 /* Appends the copies of flat elements [lo, end) of an entry's full tensor,
  * read from `src` (element lo first), into its destination: all of them, or
  * their part in its block, row by row. */
@@ -540,19 +635,23 @@ static ws_status emit_out(vec *out, const plan_entry *e, int64_t lo, int64_t end
 
 /* Turns the pieces of each bucket into pack and unpack (or direct) copies. */
 static ws_status build_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *bk, size_t nb,
-                             vec *pack, vec *out)
+                             vec *pack, vec *out, vec *wire)
 {
     for (size_t k = 0; k < nb; k++) {
         plan_bucket *b = &bk[k];
         b->pack_begin = pack->n;
         b->out_begin = out->n;
+        b->wire_begin = wire->n;
         if (staged(p)) b->seg_used = align_up(b->seg_used, PLAN_ALIGN);
         void *send = NULL, *recv = NULL;
         if (staged(p)) {
-            WS_TRY(ws_tensor_access(&p->send[k % 2], WS_ACCESS_WRITE, "send", &send));
             WS_TRY(ws_tensor_access(&p->recv[k % 2], WS_ACCESS_WRITE, "recv", &recv));
-            /* A sender with no one to gather with packs straight into its segment. */
-            if (p->world == 1) send = recv;
+            /* A sender with no one to gather with packs straight into its
+             * segment (server mode: into the slot; it has no send side). */
+            if (p->world == 1)
+                send = recv;
+            else
+                WS_TRY(ws_tensor_access(&p->send[k % 2], WS_ACCESS_WRITE, "send", &send));
         }
         for (size_t i = b->piece_begin; i < b->piece_end; i++) {
             const plan_piece *pc = &pieces[i];
@@ -569,7 +668,20 @@ static ws_status build_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *
             if (hi > pc->a && p->role != WS_PLAN_RECEIVER)
                 WS_TRY(emit_copy(pack, (char *)send + pc->off, dt, side_ptr(&e->src, pc->a), st,
                                  (size_t)(hi - pc->a)));
-            for (int r = 0; r < p->world && p->role != WS_PLAN_SENDER; r++) {
+            /* Server mode: every rank's part of the piece, as the engine
+             * process reads it out of the slot. */
+            for (int r = 0; r < p->world && p->role == WS_PLAN_REMOTE; r++) {
+                int64_t lo = r * e->shard + pc->a, end = r * e->shard + pc->b;
+                if (end > e->numel) end = e->numel;
+                if (end <= lo) continue;
+                ws_wire_piece w = {e->target, (uint64_t)(e->target_offset + lo),
+                                   (uint64_t)(end - lo), (size_t)r * b->seg_used + pc->off};
+                WS_TRY(vec_push(wire, &w, sizeof w));
+                p->wire_bytes += (size_t)(end - lo) * ws_dtype_size(dt);
+            }
+            for (int r = 0; r < p->world && p->role != WS_PLAN_SENDER &&
+                            p->role != WS_PLAN_REMOTE;
+                 r++) {
                 int64_t lo = r * e->shard + pc->a, end = r * e->shard + pc->b;
                 if (end > e->numel) end = e->numel;
                 if (end <= lo) continue;
@@ -579,6 +691,7 @@ static ws_status build_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *
         }
         b->pack_end = pack->n;
         b->out_end = out->n;
+        b->wire_end = wire->n;
     }
     return WS_OK;
 }
@@ -588,15 +701,17 @@ static void drop_plan(ws_plan *p)
     free(p->buckets);
     free(p->pack);
     free(p->out);
+    free(p->wire);
     p->buckets = NULL;
     p->pack = p->out = NULL;
-    p->n_buckets = p->n_pack = p->n_out = 0;
+    p->wire = NULL;
+    p->n_buckets = p->n_pack = p->n_out = p->n_wire = p->wire_bytes = 0;
     p->planned = 0;
 }
 
 static ws_status plan_buckets(ws_plan *p)
 {
-    vec pieces = {0}, buckets = {0}, pack = {0}, out = {0};
+    vec pieces = {0}, buckets = {0}, pack = {0}, out = {0}, wire = {0};
     drop_plan(p);
     ws_status rc = staged(p) ? lay_out(p, p->seg_bytes, PLAN_ALIGN, &pieces, &buckets)
                              : lay_out(p, p->bucket_bytes, 1, &pieces, &buckets);
@@ -605,14 +720,18 @@ static ws_status plan_buckets(ws_plan *p)
         const plan_bucket *bk = buckets.data;
         for (size_t k = 0; k < buckets.n; k++)
             if (align_up(bk[k].seg_used, PLAN_ALIGN) > seg) seg = align_up(bk[k].seg_used, PLAN_ALIGN);
-        rc = ensure_staging(p, buckets.n > 1 ? 2 : buckets.n ? 1 : 0, seg);
+        int pairs = buckets.n > 1 ? 2 : buckets.n ? 1 : 0;
+        rc = p->role == WS_PLAN_REMOTE ? remote_staging(p, pairs, seg)
+                                       : ensure_staging(p, pairs, seg);
     }
-    if (rc == WS_OK) rc = build_descs(p, pieces.data, buckets.data, buckets.n, &pack, &out);
+    if (rc == WS_OK)
+        rc = build_descs(p, pieces.data, buckets.data, buckets.n, &pack, &out, &wire);
     free(pieces.data);
     if (rc != WS_OK) {
         free(buckets.data);
         free(pack.data);
         free(out.data);
+        free(wire.data);
         ws_errprefix("plan '%s': planning %zu entries", p->name, p->n_entries);
         return rc;
     }
@@ -622,6 +741,8 @@ static ws_status plan_buckets(ws_plan *p)
     p->n_pack = pack.n;
     p->out = out.data;
     p->n_out = out.n;
+    p->wire = wire.data;
+    p->n_wire = wire.n;
     p->planned = 1;
     size_t gathered = 0, relayed = 0;
     for (size_t k = 0; k < p->n_buckets; k++) {
@@ -629,6 +750,7 @@ static ws_status plan_buckets(ws_plan *p)
         if (p->world > 1 && p->role != WS_PLAN_RECEIVER) gathered += all;
         if (p->relay) relayed += all;
     }
+    relayed += p->wire_bytes;
     p->stats.buckets = p->n_buckets;
     p->stats.bytes_gathered = gathered;
     p->stats.bytes_relayed = relayed;
@@ -955,6 +1077,74 @@ static ws_status run_receiver(ws_plan *p, ws_plan_progress_fn progress, void *ct
     return drain(p, req, rc, marked);
 }
 
+/* Server mode: the slots' mappings. They stay put for a connection; a plan
+ * first executed (or executed again after a new connection) plans with them,
+ * since its descriptors hold their addresses. Both slots are free between
+ * syncs, so asking does not wait. */
+static ws_status remote_slots(ws_plan *p)
+{
+    for (int j = 0; j < 2; j++) {
+        void *base = NULL;
+        size_t bytes = 0;
+        ws_status rc = ws_sender_slot(p->sender, j, &base, &bytes);
+        if (rc != WS_OK) {
+            ws_errprefix("plan '%s': the engine process's slot %d", p->name, j);
+            return rc;
+        }
+        if (base != p->slot_base[j] || bytes != p->slot_bytes) p->planned = 0;
+        p->slot_base[j] = base;
+        p->slot_bytes = bytes;
+    }
+    return WS_OK;
+}
+
+/* Server mode: per bucket, wait until its slot's previous bucket was copied
+ * out by the engine process, pack (and gather) into the slot, hand it over;
+ * the engine copies bucket k out while bucket k+1 is packed. The last
+ * acknowledgements are the finish's to wait for. */
+static ws_status run_remote(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
+{
+    size_t K = p->n_buckets;
+    for (size_t k = 0; k < K; k++) {
+        const plan_bucket *b = &p->buckets[k];
+        int j = (int)(k % 2);
+        double t = now_ms();
+        void *base = NULL;
+        size_t bytes = 0;
+        ws_status rc = ws_sender_slot(p->sender, j, &base, &bytes);
+        p->stats.copy_out_ms += now_ms() - t;
+        if (rc == WS_OK && base != p->slot_base[j])
+            rc = WS_ERR(WS_ERR_COMM, "the engine process's slot %d moved during the sync", j);
+        if (rc != WS_OK) {
+            ws_errprefix("plan '%s': bucket %zu of %zu", p->name, k + 1, K);
+            return rc;
+        }
+        t = now_ms();
+        rc = copy_range(p, p->pack, b->pack_begin, b->pack_end, "pack", k);
+        p->stats.pack_ms += now_ms() - t;
+        if (rc != WS_OK) return rc;
+        t = now_ms();
+        if (p->world > 1) {
+            ws_comm_request *g = NULL;
+            rc = start_gather(p, k, &g);
+            if (rc == WS_OK) rc = ws_comm_wait(g);
+            if (rc != WS_OK) {
+                ws_errprefix("plan '%s': all_gather of bucket %zu of %zu", p->name, k + 1, K);
+                return rc;
+            }
+        }
+        p->stats.gather_ms += now_ms() - t;
+        rc = ws_sender_submit(p->sender, j, p->wire + b->wire_begin, b->wire_end - b->wire_begin);
+        if (rc != WS_OK) {
+            ws_errprefix("plan '%s': bucket %zu of %zu", p->name, k + 1, K);
+            return rc;
+        }
+        if (progress && progress(ctx, k + 1, K, b->bytes_done, p->bytes_total))
+            return stopped(p, k, K, b->bytes_done);
+    }
+    return WS_OK;
+}
+
 static ws_status run_direct(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
 {
     size_t K = p->n_buckets, marked = 0;
@@ -981,6 +1171,7 @@ ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
     double t0 = now_ms();
     p->stats.pack_ms = p->stats.gather_ms = p->stats.copy_out_ms = p->stats.total_ms = 0;
     ws_status rc = check_ready(p);
+    if (rc == WS_OK && p->role == WS_PLAN_REMOTE) rc = remote_slots(p);
     if (rc == WS_OK && !p->planned) rc = plan_buckets(p);
     if (p->comm || p->relay) rc = agree(p, rc);
     char holder[PLAN_NAME_CAP + 32];
@@ -989,6 +1180,7 @@ ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
     if (rc == WS_OK)
         rc = p->role == WS_PLAN_SENDER     ? run_sender(p, progress, ctx)
              : p->role == WS_PLAN_RECEIVER ? run_receiver(p, progress, ctx)
+             : p->role == WS_PLAN_REMOTE   ? run_remote(p, progress, ctx)
              : p->world > 1                ? run_gathered(p, progress, ctx)
                                            : run_direct(p, progress, ctx);
     /* Device-side copies may still be queued; the stats and the caller's

@@ -86,8 +86,30 @@ ws_status ws_plan_add_sharded(ws_plan *p, const ws_tensor *const *srcs,
  *   WS_PLAN_RECEIVER: an engine rank; entries have dsts, no srcs; the
  *     plan's comm is NULL; `gather_world` is the trainer ranks' count.
  * Call before any add. */
-typedef enum ws_plan_role { WS_PLAN_COLOCATED = 0, WS_PLAN_SENDER, WS_PLAN_RECEIVER } ws_plan_role;
+typedef enum ws_plan_role {
+    WS_PLAN_COLOCATED = 0,
+    WS_PLAN_SENDER,
+    WS_PLAN_RECEIVER,
+    WS_PLAN_REMOTE /* ws_plan_set_remote */
+} ws_plan_role;
 ws_status ws_plan_set_relay(ws_plan *p, ws_plan_role role, ws_comm *relay, int gather_world);
+
+/* Server mode: the engine is another process (remote.h). Entries have srcs
+ * and no dsts, and give their wire dtype; ws_plan_set_targets then says
+ * where each lands: the index of its engine tensor in the manifest of the
+ * sync this plan sends, and the element at which the parameter starts in it
+ * (a slice of a fused qkv_proj). Each bucket is packed (a world of one) or
+ * gathered (world > 1) straight into one of the sender's two shared-memory
+ * slots and handed over with ws_sender_submit, so the engine process copies
+ * bucket k out while bucket k+1 is packed into the other slot. Every
+ * execution must run inside a sync of the plan's manifest (between
+ * ws_sender_begin and ws_sender_finish*); the plan runs on the host (the
+ * slots are host memory) and each bucket (world x its segment) must fit a
+ * slot. Call before any add. */
+typedef struct ws_sender ws_sender;
+ws_status ws_plan_set_remote(ws_plan *p, ws_sender *sender);
+ws_status ws_plan_set_targets(ws_plan *p, const uint32_t *tensor, const int64_t *offset,
+                              size_t n);
 
 /* A destination block (see above): rows [row_begin, row_end) x columns
  * [col_begin, col_end) of the full tensor seen as [numel / cols, cols].

@@ -125,6 +125,13 @@ void ws_open_plan(lua_State *L);
 void ws_open_safetensors(lua_State *L);
 void ws_open_save(lua_State *L); /* functions only: save_safetensors, save_checkpoint */
 void ws_open_quant(lua_State *L); /* functions only: quantize_fp8_block & co */
+void ws_open_sender(lua_State *L); /* ws.sender, ws.proofs (server mode) */
+
+/* Server mode: the core sender of the ws.Sender at idx (NULL once closed),
+ * and its count of plans that send through it (close refuses while > 0). */
+struct ws_sender;
+struct ws_sender *ws_lua_sender_live(lua_State *L, int idx);
+void ws_lua_sender_hold(lua_State *L, int idx, int delta);
 
 int luaopen_ws(lua_State *L);
 

@@ -5,12 +5,14 @@
  * its name so a freed plan can still be named; user value 1 keeps the comm's
  * Lua object alive for as long as the plan may gather over it, user value 2
  * the pools of its tensors (the plan holds their storage, which lives in the
- * pool's memory, even after the tensors themselves are freed). */
+ * pool's memory, even after the tensors themselves are freed), user value 3
+ * a relay's comm or, in server mode, the ws.Sender it packs into. */
 #include <stdio.h>
 #include <string.h>
 
 #include "bind.h"
 #include "plan.h"
+#include "remote.h"
 
 #define MAX_BUCKET_BYTES ((lua_Integer)1 << 62)
 
@@ -40,7 +42,7 @@ static ws_plan *check_plan(lua_State *L, int idx)
 }
 
 static const char *const plan_options[] = {"bucket_mb", "bucket_bytes", "comm", "device", "name",
-                                           "relay", "role", "gather_world", NULL};
+                                           "relay", "role", "gather_world", "sender", NULL};
 
 static size_t bucket_option(lua_State *L, int idx)
 {
@@ -126,8 +128,23 @@ static int l_plan(lua_State *L)
      * rank), relay = the broadcast comm (nil on trainer ranks but the first),
      * gather_world = the trainer ranks' count. [.., plan, role] */
     if (lua_getfield(L, 1, "role") != LUA_TNIL) {
-        static const char *const roles[] = {"sender", "receiver", NULL};
+        static const char *const roles[] = {"sender", "receiver", "remote", NULL};
         int role = luaL_checkoption(L, -1, NULL, roles);
+        if (role == 2) { /* server mode: sender = the engine process's ws.Sender */
+            if (lua_getfield(L, 1, "sender") == LUA_TNIL || !luaL_testudata(L, -1, "ws.Sender"))
+                luaL_error(L, "ws.plan: role 'remote' needs sender = a ws.Sender, got %s",
+                           luaL_typename(L, -1));
+            ws_sender *s = ws_lua_sender_live(L, lua_gettop(L));
+            if (!s) luaL_error(L, "ws.plan: option sender: the sender was closed");
+            rc = ws_plan_set_remote(lp->p, s);
+            if (rc != WS_OK) return ws_lua_raise(L, "ws.plan");
+            lua_setiuservalue(L, plan_idx, 3); /* kept alive with the plan */
+            lua_pop(L, 1);
+            lp->role = WS_PLAN_REMOTE;
+            lp->bucket_bytes = bucket;
+            lp->device = dev->name;
+            return 1;
+        }
         ws_comm *relay = NULL;
         if (lua_getfield(L, 1, "relay") != LUA_TNIL) { /* [.., plan, role, relay] */
             if (!luaL_testudata(L, -1, WS_COMM_MT))
@@ -258,7 +275,7 @@ static int l_add(lua_State *L)
     lua_settop(L, 7); /* [plan, srcs, dsts, numels, shards, blocks, wire]: keepers go above */
     /* Only a relay leaves a side out; elsewhere nil is a wrong argument. */
     int has_src = !lua_isnil(L, 2) || role != WS_PLAN_RECEIVER;
-    int has_dst = !lua_isnil(L, 3) || role != WS_PLAN_SENDER;
+    int has_dst = !lua_isnil(L, 3) || (role != WS_PLAN_SENDER && role != WS_PLAN_REMOTE);
     if ((!has_src || !has_dst) && lua_isnil(L, 4))
         return luaL_error(L, "plan:add: without %s, give the numels",
                           has_src ? "destinations" : "sources");
@@ -362,23 +379,54 @@ static int l_execute(lua_State *L)
                           lp->name, ws_lua_comm_name(L, 3));
     lua_settop(L, 3);
     int has_relay = lua_getiuservalue(L, 1, 3) != LUA_TNIL; /* [plan, fn, comm, relay] */
+    int remote = lp->role == WS_PLAN_REMOTE;
+    if (remote) has_relay = 0;
     if (has_relay && !ws_lua_comm_live(L, 4))
         return luaL_error(L, "plan:execute: plan '%s': its relay comm was freed; keep it open "
                              "while the plan lives",
                           lp->name);
+    if (remote && !ws_lua_sender_live(L, 4))
+        return luaL_error(L, "plan:execute: plan '%s': its sender was closed; keep it open "
+                             "while the plan lives",
+                          lp->name);
     if (has_comm) ws_lua_comm_hold(L, 3, 1);
     if (has_relay) ws_lua_comm_hold(L, 4, 1);
+    if (remote) ws_lua_sender_hold(L, 4, 1);
     lp->executing = 1;
     progress_ctx pc = {L, 0};
     ws_status rc = ws_plan_execute(p, has_fn ? call_progress : NULL, &pc);
     lp->executing = 0;
     if (has_comm) ws_lua_comm_hold(L, 3, -1);
     if (has_relay) ws_lua_comm_hold(L, 4, -1);
+    if (remote) ws_lua_sender_hold(L, 4, -1);
     if (pc.failed) return lua_error(L); /* the callback's own error */
     if (rc != WS_OK) return ws_lua_raise(L, NULL);
     ws_plan_stats s;
     ws_plan_get_stats(p, &s);
     push_stats(L, &s);
+    return 1;
+}
+
+/* plan:targets(tensors, offsets): server mode, per entry the 0-based index
+ * of its engine tensor in the sync's manifest and the element where it
+ * starts there (plan.h, ws_plan_set_targets). */
+static int l_targets(lua_State *L)
+{
+    ws_plan *p = check_plan(L, 1);
+    check_idle(L, "plan:targets");
+    luaL_checktype(L, 2, LUA_TTABLE);
+    size_t n = (size_t)lua_rawlen(L, 2);
+    int64_t *idx = int_list(L, 2, n, "tensors", NULL);
+    int64_t *off = int_list(L, 3, n, "offsets", NULL);
+    uint32_t *t = (uint32_t *)lua_newuserdatauv(L, (n ? n : 1) * sizeof *t, 0);
+    for (size_t i = 0; i < n; i++) {
+        if (idx[i] < 0 || idx[i] > (int64_t)UINT32_MAX)
+            return luaL_error(L, "plan:targets: tensors[%d] = %d is not a manifest index",
+                              (int)i + 1, (int)idx[i]);
+        t[i] = (uint32_t)idx[i];
+    }
+    if (ws_plan_set_targets(p, t, off, n) != WS_OK) return ws_lua_raise(L, NULL);
+    lua_settop(L, 1);
     return 1;
 }
 
@@ -433,7 +481,7 @@ static int l_tostring(lua_State *L)
 }
 
 static const luaL_Reg plan_methods[] = {
-    {"add", l_add},   {"execute", l_execute}, {"stats", l_stats},
+    {"add", l_add},   {"execute", l_execute}, {"stats", l_stats}, {"targets", l_targets},
     {"estimate", l_estimate}, {"free", l_free}, {NULL, NULL},
 };
 

@@ -420,6 +420,7 @@ int luaopen_ws(lua_State *L)
     ws_open_safetensors(L);
     ws_open_save(L);
     ws_open_quant(L);
+    ws_open_sender(L);
     luaL_setfuncs(L, ws_funcs, 0);
     lua_pushliteral(L, WSHOST_VERSION);
     lua_setfield(L, -2, "version");
