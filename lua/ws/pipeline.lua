@@ -29,6 +29,7 @@ local trainer_mod = require("ws.trainer")
 local engine_mod = require("ws.engine")
 local sync_mod = require("ws.sync")
 local verify = require("ws.verify")
+local remote_mod = require("ws.remote")
 local report_mod = require("ws.report")
 local checkpoint = require("ws.checkpoint")
 local parallel = require("ws.parallel")
@@ -86,6 +87,11 @@ M.common = {
                 help = "build trainer, engine and plans in address space only, report, exit" },
     progress = { default = "auto", type = "enum", values = { "auto", "on", "off" },
                  per_rank = true, help = "sync progress on stderr" },
+    engine_address = { default = "", type = "string",
+                       help = "server mode: the engine is another process, whose " ..
+                              "wshost.Receiver listens on NAME-<rank>; empty: in this process" },
+    engine_timeout_ms = { default = 30000, type = "integer", min = 1, max = 86400000,
+                          help = "server mode: longest wait for the engine process's answer" },
     verify = { default = "all", type = "enum", values = { "all", "sent", "off" },
                help = "each rollout proves: all engine tensors by checksum; sent: the plans " ..
                       "sent this step by checksum, the rest readable; off: nothing (benchmarks)" },
@@ -513,11 +519,20 @@ function M.setup(p, cfg, built, report, env)
     built.parallel = parallel.new(cfg, comm, env.rank, world, place and place.n or 0)
     local eargs = { spec = spec, lora = lcfg, device = device, kv_cache_mb = cfg.kv_cache_mb,
                     dry_run = cfg.dry_run, engine_dtype = cfg.engine_dtype,
-                    parallel = built.parallel }
+                    parallel = built.parallel, bucket_mb = cfg.bucket_mb }
+    local make_engine = env.parts.engine or engine_mod.new
+    if cfg.engine_address ~= "" then
+        remote_mod.check_config(cfg)
+        make_engine = function(a)
+            return remote_mod.engine(a, { address = cfg.engine_address, rank = env.rank,
+                                          callbacks = env.parts.callbacks,
+                                          timeout_ms = cfg.engine_timeout_ms })
+        end
+    end
     if place and place.trainer then
         built.engine = placement.engine_absent()
     else
-        built.engine = (env.parts.engine or engine_mod.new)(eargs)
+        built.engine = make_engine(eargs)
         -- save_engine numbers the engine ranks from 0 among themselves.
         if place then built.engine.save_index = place.index end
     end
@@ -526,6 +541,7 @@ function M.setup(p, cfg, built, report, env)
     built.sync = sync_mod.new{ trainer = built.trainer, engine = built.engine,
                                comm = sync_comm, device = device,
                                bucket_mb = cfg.bucket_mb, progress = cfg.progress,
+                               verify = cfg.verify,
                                rank = env.rank, relay = place and placement.relay_of(place) }
     local trainer, engine, sync = built.trainer, built.engine, built.sync
     local verify_kinds, build_ms = {}, {}

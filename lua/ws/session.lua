@@ -71,6 +71,15 @@ local function check_open(self, what)
     if self.closed then error("session: " .. what .. " after close", 3) end
 end
 
+-- Server mode: the engine's tensors are the engine process's.
+local function check_local_engine(self, name)
+    if self.cfg.engine_address ~= "" then
+        error(string.format("engine tensor '%s': the engine runs in another process " ..
+                            "(engine_address=%s); register its tensors there, with " ..
+                            "wshost.Receiver", tostring(name), self.cfg.engine_address), 3)
+    end
+end
+
 local function check_role(role)
     if role ~= "trainer" and role ~= "adapter" and role ~= "engine" then
         error(string.format("session: unknown role '%s' (trainer, adapter, engine)",
@@ -105,6 +114,7 @@ function Session:add(role, name, t, global, owned)
     if self.reg[role][name] then
         error(string.format("%s tensor '%s' is registered twice", role, name), 2)
     end
+    if role == "engine" then check_local_engine(self, name) end
     inprocess.check_registration(role, want, t, global, self.env.rank, self.env.world)
     self.reg[role][name] = { tensor = t, global = global, owned = owned == true }
 end
@@ -114,6 +124,7 @@ end
 -- engine tensor `name`; returns it (the caller views it, e.g. through DLPack).
 function Session:alloc(name, shape, dtype)
     check_open(self, "alloc")
+    check_local_engine(self, name)
     local want = self.wanted.engine.by[name]
     if not want then
         error(string.format("engine tensor '%s' is not in the engine layout of model %s",
@@ -174,6 +185,8 @@ function Session:step()
         popts.parts = {
             trainer = function(args) return inprocess.trainer(args, self) end,
             engine = function(args) return inprocess.engine(args, self) end,
+            -- Server mode's engine runs the caller's rollout.
+            callbacks = self.callbacks,
         }
         self.run = pipeline.start(self.p, self.cfg, popts)
     end

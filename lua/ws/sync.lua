@@ -10,6 +10,11 @@
 -- Each entry is also kept as a (trainer entry, engine view) pair so
 -- ws.verify can prove what the plan wrote.
 --
+-- Server mode (engine.remote, ws.remote): a plan packs its buckets into
+-- the engine process's shared-memory slots; each send is one sync there
+-- (MANIFEST of the plan's engine tensors, the buckets, FINISH with the
+-- proofs ws.verify computes from the trainer's tensors unless verify=off).
+--
 -- With engine_dtype=fp8_block, a plan writes the quantized tensors' bf16
 -- values into the engine's staging pool; send() then wakes that pool
 -- first, quantizes everything the plan staged in one call, records what
@@ -27,9 +32,11 @@ Sync.__index = Sync
 -- ws.DEFAULT_BUCKET_BYTES), progress ("auto"/"on"/"off"), log (function(msg)
 -- for rank-0 output), relay (disaggregated, ws.placement.relay_of: role
 -- "sender" on trainer ranks, which gather over their own comm (opts.comm)
--- and, rank 0, broadcast over relay.comm; "receiver" on engine ranks).
+-- and, rank 0, broadcast over relay.comm; "receiver" on engine ranks),
+-- verify (the key: server mode proves each sync at its finish unless "off").
 function M.new(opts)
     local self = setmetatable({}, Sync)
+    self.verify = opts.verify or "all"
     self.trainer, self.engine, self.comm = opts.trainer, opts.engine, opts.comm
     self.relay = opts.relay
     self.device, self.bucket_mb = opts.device, opts.bucket_mb
@@ -97,10 +104,74 @@ local function build_sender(self, kind)
     return plan
 end
 
+-- Server mode: the plan of one kind packs into the engine process's slots;
+-- its manifest is the engine tensors its entries land in, in entry order,
+-- and its proofs one range per parameter (its slice of a fused tensor).
+local function build_remote(self, kind)
+    local engine = self.engine
+    local srcs, numels, shards, wire, plist = {}, {}, {}, {}, {}
+    local tensors, offsets, manifest, index, proofs = {}, {}, {}, {}, {}
+    local bytes = 0
+    for i, e in ipairs(entries_of(self, kind)) do
+        local d = engine.dest[e.name]
+        local k = index[d.name]
+        if not k then
+            manifest[#manifest + 1] = engine:manifest_entry(d.name)
+            k = #manifest
+            index[d.name] = k
+        end
+        srcs[i], numels[i], shards[i], wire[i] = e.tensor, e.numel, e.shard_numel, "bf16"
+        tensors[i], offsets[i] = k - 1, d.offset
+        plist[i] = { src = e, dst_name = d.label, dst_tensor = d.name, dst_offset = d.offset }
+        proofs[i] = { tensor = d.name, label = e.name, offset = d.offset, count = e.numel }
+        bytes = bytes + 2 * e.numel
+    end
+    plist.remote = { manifest = manifest, proofs = ws.proofs(proofs), engine = engine }
+    local plan = must("sync", ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm,
+                                       device = self.device, name = kind, role = "remote",
+                                       sender = engine.sender })
+    plan:add(srcs, nil, numels, shards, nil, wire)
+    plan:targets(tensors, offsets)
+    self.engine_bytes[kind] = bytes
+    self.plans[kind], self.pairs[kind] = plan, plist
+    return plan
+end
+
+-- Server mode's send: one sync in the engine process. The proofs' checksums
+-- (the trainer's, reused while it has not changed) are verification's time
+-- (seal_ms); waiting for the engine's last copies and its verdict is
+-- copy_out's.
+local function send_remote(self, kind, plan, plist)
+    local t0 = ws.now_ms()
+    self.engine:begin(plist.remote.manifest)
+    local stats = plan:execute(self:progress_fn(kind))
+    local sums, seal_ms = nil, 0
+    if self.verify ~= "off" then
+        local t1 = ws.now_ms()
+        sums = verify.remote_sums(plist, { comm = self.comm, trainer = self.trainer,
+                                           world = self.comm and self.comm:size() or 1 })
+        seal_ms = ws.now_ms() - t1
+    end
+    local t2 = ws.now_ms()
+    if sums then
+        self.engine.sender:finish(plist.remote.proofs, sums)
+    else
+        self.engine.sender:finish()
+    end
+    verify.remote_proven(plist, self.engine)
+    stats.copy_out_ms = stats.copy_out_ms + ws.now_ms() - t2
+    stats.quant_ms, stats.seal_ms = 0, seal_ms
+    stats.wall_ms = ws.now_ms() - t0 - seal_ms
+    stats.engine_bytes = self.engine_bytes[kind]
+    stats.bytes_moved = stats.bytes_relayed
+    return stats
+end
+
 -- Builds the plan of one kind (once); returns it.
 function Sync:build(kind)
     if self.plans[kind] then return self.plans[kind] end
     if self.relay and self.relay.role == "sender" then return build_sender(self, kind) end
+    if self.engine.remote then return build_remote(self, kind) end
     local srcs, dsts, numels, shards, blocks, plist = {}, {}, {}, {}, {}, {}
     local engine, touched, engine_bytes, padded_set = self.engine, {}, 0, {}
     for i, e in ipairs(entries_of(self, kind)) do
@@ -178,6 +249,7 @@ end
 function Sync:send(kind, opts)
     local plan = self:build(kind)
     local plist = self.pairs[kind]
+    if plist.remote then return send_remote(self, kind, plan, plist) end
     local t0 = ws.now_ms()
     if plist.quant then self.engine:stage_begin() end
     local t1 = ws.now_ms()

@@ -42,6 +42,8 @@ local M = {}
 local states = setmetatable({}, { __mode = "k" })
 -- The same for disaggregated lists (check_relay).
 local relay_states = setmetatable({}, { __mode = "k" })
+-- The same for server mode's lists (pairs.remote).
+local remote_states = setmetatable({}, { __mode = "k" })
 
 local function state_of(pairs)
     local st = states[pairs]
@@ -110,6 +112,12 @@ end
 -- later check builds it again. Frees all it can before raising the first
 -- error it met.
 function M.release(pairs)
+    local ms = remote_states[pairs]
+    if ms then
+        remote_states[pairs] = nil
+        if ms.g.trainer_sums then ms.g.trainer_sums:free() end
+        for _, v in ipairs(ms.empty_views) do v:free() end
+    end
     local rs = relay_states[pairs]
     if rs then
         relay_states[pairs] = nil
@@ -392,6 +400,71 @@ local function compare_quantized(pairs, st, ctx, where)
     end
 end
 
+-- Server mode (pairs.remote, ws.sync): the engine is another process, which
+-- proves what it holds itself. What it must hold is given as proofs, one
+-- range per parameter: its slice of the engine tensor, with the checksum
+-- the trainer's shards give it there (each element hashed with its index in
+-- the engine tensor: the slice's offset plus its index in the parameter),
+-- summed over the trainer ranks.
+local function remote_state(pairs)
+    local st = remote_states[pairs]
+    if st then return st end
+    st = { g = { srcs = {}, firsts = {} }, frozen = true, empty_views = {} }
+    for i, p in ipairs(pairs) do
+        local e = p.src
+        local src = e.view
+        if not src then
+            src = e.tensor:narrow(1, 1, 0)
+            st.empty_views[#st.empty_views + 1] = src
+        end
+        st.g.srcs[i], st.g.firsts[i] = src, e.first + p.dst_offset
+        if e.trainable then st.frozen = false end
+    end
+    remote_states[pairs] = st
+    return st
+end
+
+-- The proofs' checksums for the trainer as it is now (an i64 tensor that
+-- verification keeps: do not free it). ctx: comm, world, trainer.
+function M.remote_sums(pairs, ctx)
+    local st = remote_state(pairs)
+    return trainer_sums(st, st.g, ctx)
+end
+
+-- After a sync's finish that the engine process proved: what it was proven
+-- against (the trainer's state, and the engine's sleeps since).
+function M.remote_proven(pairs, engine)
+    local st = remote_state(pairs)
+    st.proven = { key = st.g.trainer_key, epoch = engine.epoch or 0 }
+end
+
+-- The engine process proves the plan's ranges (validity_only: that their
+-- tensors are valid, not discarded by a level-2 sleep nor cut short by a
+-- failed sync). Its refusal names the tensor and the trainer parameter.
+local function check_remote(pairs, ctx, validity_only)
+    local r, where = pairs.remote, ctx.note or "rollout"
+    local st = remote_state(pairs)
+    local ok, err = pcall(function()
+        if validity_only then
+            r.engine.sender:verify(r.proofs)
+        else
+            r.engine.sender:verify(r.proofs, trainer_sums(st, st.g, ctx))
+            st.proven = { key = st.g.trainer_key, epoch = r.engine.epoch or 0 }
+        end
+    end)
+    if not ok then error(string.format("verify (%s): %s", where, tostring(err)), 0) end
+    return #pairs
+end
+
+-- Whether the engine process proved this plan against the trainer as it is
+-- now, with no sleep since (a sync's finish this step).
+local function remote_fresh(pairs, ctx)
+    local st = remote_state(pairs)
+    local pr = st.proven
+    return pr ~= nil and pr.epoch == (pairs.remote.engine.epoch or 0) and pr.key ~= nil and
+               pr.key == trainer_key(st, ctx)
+end
+
 -- pairs: list of {src = trainer entry (view, first, name, trainable), dst =
 -- engine view, dst_name, staged}, with `quant` and `sealed` (ws.sync) when
 -- some destinations are quantized. ctx: comm, world, note, trainer
@@ -400,6 +473,10 @@ end
 -- mismatch, to name it, and over the quantized tensors. Raises on the first
 -- mismatch; returns the number of tensors checked.
 function M.check(pairs, ctx)
+    if pairs.remote then
+        if remote_fresh(pairs, ctx) then return #pairs end
+        return check_remote(pairs, ctx, false)
+    end
     if pairs.relay then
         check_relay(pairs, ctx, ctx.note or "rollout")
         return #pairs
@@ -422,6 +499,13 @@ end
 -- checksummed.
 function M.check_unsent(pairs, ctx)
     if pairs.relay then return M.check(pairs, ctx), true end
+    if pairs.remote then
+        local st = remote_state(pairs)
+        if st.proven and st.proven.key == trainer_key(st, ctx) then
+            return check_remote(pairs, ctx, true), false
+        end
+        return check_remote(pairs, ctx, false), true
+    end
     local st = state_of(pairs)
     local key = trainer_key(st, ctx)
     if key == nil or st.proven_key ~= key then return M.check(pairs, ctx), true end
