@@ -38,6 +38,7 @@ typedef struct ReceiverObject {
     PyObject *on_wake, *on_sleep;
     PyObject *callback_error; /* the latest exception of a callback (last_error) */
     int reraise;              /* it is KeyboardInterrupt or SystemExit: stop and raise it */
+    int callback_raised;      /* a callback failed during the running call */
     PyObject *signal_error;   /* what Python's signal handlers raised during a wait */
     int main_thread;          /* the running serve/next is on the main thread */
     int in_callback;
@@ -83,6 +84,7 @@ static ws_status callback_failed(ReceiverObject *o)
                           msg && *msg ? msg : "(no message)");
     Py_XDECREF(text);
     Py_XSETREF(o->callback_error, value);
+    o->callback_raised = 1;
     Py_XDECREF(type);
     Py_XDECREF(tb);
     return rc;
@@ -362,6 +364,7 @@ static void call_begin(ReceiverObject *o)
     o->busy_thread = PyThread_get_thread_ident();
     o->main_thread = _PyOS_IsMainThread();
     o->reraise = 0;
+    o->callback_raised = 0;
     Py_CLEAR(o->signal_error);
 }
 
@@ -425,7 +428,6 @@ static PyObject *receiver_next(ReceiverObject *o, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:next", kwlist, &timeout)) return NULL;
     if (read_timeout(timeout, "next", &ms) != 0 || usable(o, "next") != 0) return NULL;
     call_begin(o);
-    Py_CLEAR(o->callback_error);
     int was_syncing = ws_receiver_state(o->r, NULL) == WS_WEIGHTS_SYNCING;
     ws_receiver_event ev;
     ws_status rc;
@@ -440,7 +442,7 @@ static PyObject *receiver_next(ReceiverObject *o, PyObject *args, PyObject *kw)
         /* A wait that found nothing (no sender, no request) is None; a
          * timeout inside a sync is an error (its tensors are invalid). */
         result = call_failed(o, rc, !was_syncing);
-        if (!result && o->callback_error && PyErr_ExceptionMatches(WsError)) {
+        if (!result && o->callback_raised && o->callback_error && PyErr_ExceptionMatches(WsError)) {
             /* A wake or sleep callback failed (the sender was told): its
              * exception is the cause. */
             PyObject *type, *value, *tb;
