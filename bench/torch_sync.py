@@ -222,6 +222,31 @@ def server_mode(wshost, args, trainer):
                 child.wait()
 
 
+def control_round_trip_us(wshost, buckets=4096):
+    """The protocol's cost per bucket with nothing to copy: tests/c/remote_send
+    (a ws_sender) sends one f32 tensor as `buckets` pieces of 16 elements to a
+    Receiver served by a thread here; the best of three syncs, per bucket.
+    None when remote_send is not built."""
+    exe = os.environ.get("WS_REMOTE_SEND") or os.path.join(ROOT, "build", "tests", "remote_send")
+    if not os.access(exe, os.X_OK):
+        return None
+    name = "wshost-bench-rt-%d" % os.getpid()
+    dest = torch.zeros(16 * buckets)
+    with wshost.Receiver(name) as r:
+        r.add("x", dest)
+        th = threading.Thread(target=r.serve, daemon=True)
+        th.start()
+        out = subprocess.run([exe, name, "-p", "16", "-t", "x:f32:%d" % dest.numel(), "sync:1",
+                              "sync:2", "sync:3", "sync:4", "close"], capture_output=True, text=True)
+        th.join(10)
+    times = [float(line.split()[2]) for line in out.stdout.splitlines()
+             if line.startswith("ok sync:")]
+    if out.returncode != 0 or len(times) != 4:
+        log("control round trip: %s failed: %s" % (exe, out.stdout[-500:]))
+        return None
+    return min(times[1:]) * 1e3 / buckets
+
+
 def per_bucket_wait_ms(rec):
     """The sender's acknowledgement wait per bucket, where the step record gives it."""
     for key in ("remote", "sender", "server"):
@@ -333,6 +358,8 @@ def main():
                            server_buckets_per_sync=buckets, server_per_bucket_ms=rt_ms,
                            server_per_bucket_how=rt_how, server_engine_state=report["state"],
                            server_engine_errors=report["errors"], server_wrong_tensors=bad)
+    rt_us = control_round_trip_us(wshost) if wshost is not None and not args.skip_server else None
+    results.update(control_round_trip_us=rt_us)
     sim_recs, sim_cmd = simulated(args)
     sim_ms = best([send_ms(r) for r in sim_recs])
     sim_bytes = int(sim_recs[-1].get("bytes_sent", 0))
@@ -365,6 +392,9 @@ def main():
               % ("(d) server vs (a) in-process", "ok  " if hit_server else "MISS", vs_inproc))
         results.update(server_vs_inprocess=vs_inproc, server_target_met=hit_server)
     print("#   %-34s       %.2fx" % ("(b) torch peer vs (c) simulated", sim_ms / peer_ms if peer_ms > 0 else 0.0))
+    if rt_us is not None:
+        print("#   %-34s       %.1f us (C sender -> Receiver, 64 B buckets)"
+              % ("control round trip per bucket", rt_us))
     print("#   wrong engine tensors after each sync: %d" % wrong)
     if args.json:
         with open(args.json, "w") as f:

@@ -5,8 +5,8 @@
  *   remote_send NAME [-s SLOT_BYTES] [-p PIECE_ELEMS] [-T TIMEOUT_MS]
  *               -t name:dtype:D0xD1... [-t ...] ACTION...
  *
- * Actions, run in order; each prints "ok ACTION" or "error ACTION: message"
- * on stdout and the next one runs (unless the connection is broken):
+ * Actions, run in order; each prints "ok ACTION <milliseconds> ms" or
+ * "error ACTION: message" on stdout and the next one runs:
  *   wake:TAG  sleep:LEVEL  close
  *   sync:V        a full sync of every tensor at weight version V
  *   partial:V     the same for the first tensor only (WS_MANIFEST_PARTIAL)
@@ -167,8 +167,13 @@ int main(int argc, char **argv)
             printf("ok close\n");
             break;
         }
-        if (run(s, argv[i]) == WS_OK) {
-            printf("ok %s\n", argv[i]);
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        ws_status rc = run(s, argv[i]);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        if (rc == WS_OK) {
+            printf("ok %s %.3f ms\n", argv[i],
+                   (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6);
         } else {
             printf("error %s: %s\n", argv[i], ws_errmsg());
             failed = 1;

@@ -271,7 +271,7 @@ class ReceiverTest(unittest.TestCase):
         out, _ = p.communicate(timeout=10)
         self.assertEqual(p.returncode, 0, out)
         caught = float(out.split()[1])
-        self.assertLess(caught - sent, 0.4)  # one liveness check (200 ms) and some slack
+        self.assertLess(caught - sent, 0.5)  # one liveness check (200 ms) and slack for a busy machine
         self.assertFalse(listening(name))
 
 
