@@ -450,9 +450,11 @@ def trainer_main(args):
             status = status or 1
     try:
         summary = engine.ask({"op": "summary"})
-        print("# server: rank %d: engine weights %s (version %d), %d of %d tensors valid%s"
+        print("# server: rank %d: engine weights %s (version %d), %d of %d tensors valid, "
+              "%d verified syncs%s"
               % (rank, summary["state"], summary["version"], sum(summary["valid"].values()),
-                 len(summary["valid"]), ", all still zero" if summary["untouched"] else ""), flush=True)
+                 len(summary["valid"]), summary["stats"]["syncs"],
+                 ", all still zero" if summary["untouched"] else ""), flush=True)
     except RuntimeError as e:
         print("server: rank %d: %s" % (rank, e), file=sys.stderr, flush=True)
     code = engine.stop()

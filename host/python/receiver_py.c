@@ -600,7 +600,8 @@ static PyMethodDef receiver_methods[] = {
      "returns {'kind', 'weight_version', 'pieces', 'bytes'}; None when nothing came within "
      "timeout outside a sync, or stop() was called."},
     {"stop", (PyCFunction)receiver_stop, METH_NOARGS,
-     "stop(): makes a serve()/next() running in another thread return within 200 ms."},
+     "stop(): makes a serve()/next() running in another thread return within 200 ms (one "
+     "called before serve() starts makes it return at once)."},
     {"valid", (PyCFunction)receiver_valid, METH_VARARGS,
      "valid(name) -> bool: whether the named tensor holds bytes a verified sync wrote."},
     {"close", (PyCFunction)receiver_close, METH_NOARGS,

@@ -16,10 +16,11 @@ if server "$name" 0 "${MPI[@]}" -- --steps 4 --free-cache-engine 1 --sleep-level
     every_step_equal "$name" 4
     log=$(cat "$tmp/$name.log")
     n=$(grep -Ec '^# server: rank [01], engine pid [0-9]+ on wshost-e2e-[0-9]+-[0-9]+-[01]$' <<<"$log")
-    if [ "$n" = 2 ] && [ "$(grep -c '^# server: rank .*engine weights valid' <<<"$log")" = 2 ]; then
-        pass "$name: one engine process per rank, both valid at the end"
+    synced=$(grep -Ec '^# server: rank [01]: engine weights .*, 4 verified syncs' <<<"$log")
+    if [ "$n" = 2 ] && [ "$synced" = 2 ]; then
+        pass "$name: one engine process per rank, each verified 4 syncs"
     else
-        fail "$name: expected two engines (-0 and -1) ending valid"; cat "$tmp/$name.log"
+        fail "$name: expected two engines (-0 and -1) with 4 verified syncs each"; cat "$tmp/$name.log"
     fi
 fi
 name="server,np=2,fce=0,level=1"
