@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # tests/e2e/torch/server_lib.sh: shared by the server-mode e2e tests (sourced
 # after torch_lib.sh, from the repository root). Skips (77) when the wshost
 # being tested has no trainer side of server mode (Session(engine="remote")).
