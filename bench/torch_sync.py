@@ -12,18 +12,26 @@ tensors; no forward pass):
   (b) the PyTorch peer loop: copy_ of every trainer tensor into its rows of the
       engine tensor (bench/peer_torch.py's loop at world 1);
   (c) wshost's simulated sync of the same model: `wshost pipelines/full_sync.lua
-      model=... --json` as a subprocess, the same send time from its records.
-Target: (a) >= 0.9x the bandwidth of (c), i.e. the binding costs nothing
-measurable. --check makes the exit status fail when the target is missed.
-Times are the best of steps 2..N (step 1 builds the plans).
+      model=... --json` as a subprocess, the same send time from its records;
+  (d) server mode: the engine's tensors in a child process (this script with
+      --serve-engine), registered with a wshost.Receiver; the trainer's
+      Session(engine="remote") sends them through the shared-memory slots.
+Targets: (a) >= 0.9x the bandwidth of (c), i.e. the binding costs nothing
+measurable; (d) >= 0.8x the bandwidth of (a). --check makes the exit status
+fail when a target is missed. Times are the best of steps 2..N (step 1
+builds the plans). The server row also reports the control overhead per
+bucket: the sender's acknowledgement waits per bucket when the step record
+has them, else (d)'s extra time over (a) divided by its buckets.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -132,6 +140,122 @@ def in_process(wshost, args, trainer, engine, dest):
     return recs, walls
 
 
+def digests(tensors):
+    """Per tensor, a hash of its bytes (read in place through numpy)."""
+    return {name: hashlib.blake2b(t.view(torch.int16).numpy().data, digest_size=16).hexdigest()
+            for name, t in tensors.items()}
+
+
+def serve_engine(args):
+    """--serve-engine NAME: the engine process of (d). Its tensors (zeros, vLLM's
+    layout) are added to a Receiver on NAME-0 served by a thread; stdin takes
+    'digest' (prints the digests and the receiver's stats as one JSON line)
+    and 'exit'."""
+    wshost = import_wshost()
+    cfg = tq.tiny_config(**MODELS[args.model])
+    shapes, _ = tq.engine_layout(cfg, 0)
+    engine = {name: torch.zeros(shape, dtype=torch.bfloat16) for name, shape in shapes}
+    r = wshost.Receiver(args.serve_engine + "-0")
+    for name, t in engine.items():
+        r.add(name, t)
+    errors = []
+
+    def serve():
+        while True:
+            try:
+                if r.next() is None:
+                    return
+            except wshost.Error as e:
+                errors.append(str(e))
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    print(json.dumps({"ready": os.getpid()}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "digest":
+            print(json.dumps({"digests": digests(engine), "stats": r.stats, "state": list(r.state),
+                              "errors": errors}), flush=True)
+        elif line.strip() == "exit":
+            break
+    r.close()
+    th.join(5)
+    return 0
+
+
+def server_mode(wshost, args, trainer):
+    """(d): returns (records, step walls, the engine's report, engine pid), or raises."""
+    address = "wshost-bench-%d" % os.getpid()
+    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-engine", address,
+                              "--model", args.model], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        hello = child.stdout.readline()
+        if not hello:
+            raise RuntimeError("the engine process exited at start (exit %s)" % child.wait())
+        pid = json.loads(hello)["ready"]
+        s = wshost.Session(os.path.join(ROOT, "pipelines", args.pipeline + ".lua"), model=args.model,
+                           engine="remote", engine_address=address, free_cache_engine=False,
+                           verify="off", steps=args.steps,
+                           **({"lora_rank": 0} if args.pipeline == "verl_lora" else {}))
+        for name, t in trainer.items():
+            s.register("trainer", name, t, global_shape=list(t.shape))
+        for event in ("train", "rollout"):
+            s.on(event, lambda step: None)
+        recs, walls = [], []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            recs.append(dict(s.step()))
+            walls.append((time.perf_counter() - t0) * 1e3)
+        s.close()
+        child.stdin.write("digest\n")
+        child.stdin.flush()
+        report = json.loads(child.stdout.readline())
+        return recs, walls, report, pid
+    finally:
+        if child.poll() is None:
+            try:
+                child.stdin.write("exit\n")
+                child.stdin.flush()
+                child.wait(30)
+            except (OSError, subprocess.TimeoutExpired):
+                child.kill()
+                child.wait()
+
+
+def control_round_trip_us(wshost, buckets=4096):
+    """The protocol's cost per bucket with nothing to copy: tests/c/remote_send
+    (a ws_sender) sends one f32 tensor as `buckets` pieces of 16 elements to a
+    Receiver served by a thread here; the best of three syncs, per bucket.
+    None when remote_send is not built."""
+    exe = os.environ.get("WS_REMOTE_SEND") or os.path.join(ROOT, "build", "tests", "remote_send")
+    if not os.access(exe, os.X_OK):
+        return None
+    name = "wshost-bench-rt-%d" % os.getpid()
+    dest = torch.zeros(16 * buckets)
+    with wshost.Receiver(name) as r:
+        r.add("x", dest)
+        th = threading.Thread(target=r.serve, daemon=True)
+        th.start()
+        out = subprocess.run([exe, name, "-p", "16", "-t", "x:f32:%d" % dest.numel(), "sync:1",
+                              "sync:2", "sync:3", "sync:4", "close"], capture_output=True, text=True)
+        th.join(10)
+    times = [float(line.split()[2]) for line in out.stdout.splitlines()
+             if line.startswith("ok sync:")]
+    if out.returncode != 0 or len(times) != 4:
+        log("control round trip: %s failed: %s" % (exe, out.stdout[-500:]))
+        return None
+    return min(times[1:]) * 1e3 / buckets
+
+
+def per_bucket_wait_ms(rec):
+    """The sender's acknowledgement wait per bucket, where the step record gives it."""
+    for key in ("remote", "sender", "server"):
+        st = rec.get(key)
+        if isinstance(st, dict) and st.get("buckets") and "wait_ms" in st:
+            return float(st["wait_ms"]) / float(st["buckets"])
+    return None
+
+
 def simulated(args):
     wshost_bin = args.wshost or os.environ.get("WSHOST") or os.path.join(ROOT, "build", "wshost")
     with tempfile.TemporaryDirectory() as d:
@@ -164,9 +288,13 @@ def main():
     ap.add_argument("--wshost", help="the wshost binary for (c) (default: $WSHOST, else build/wshost)")
     ap.add_argument("--skip-inprocess", action="store_true",
                     help="only (b) and (c): where the wshost module is not built yet")
+    ap.add_argument("--skip-server", action="store_true", help="no (d): server mode")
+    ap.add_argument("--serve-engine", metavar="ADDRESS", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the results as one JSON object to this file")
     ap.add_argument("--check", action="store_true", help="fail (exit 1) when a target is missed")
     args = ap.parse_args()
+    if args.serve_engine:
+        return serve_engine(args)
     if args.steps < 2:
         ap.error("--steps must be at least 2 (step 1 builds the plans)")
     cfg = tq.tiny_config(**MODELS[args.model])
@@ -189,12 +317,49 @@ def main():
         sent = int(recs[-1].get("bytes_sent", nbytes))
         rows.append(("(a) wshost in-process", sent, inproc_ms, "step wall %.2f ms" % best(walls)))
         results.update(inprocess_send_ms=inproc_ms, inprocess_step_ms=best(walls), inprocess_bytes=sent)
+        want_digests = digests(engine)  # what (d)'s engine process must hold
         for t in engine.values():  # (b) must write the engine itself
             t.zero_()
     peer_times, peer_bytes = peer_loop(trainer, engine, dest, args.steps)
     wrong += check_engine(trainer, engine, dest)
     peer_ms = best(peer_times)
     rows.append(("(b) torch peer loop", peer_bytes, peer_ms, "copy_ per tensor"))
+    server = None
+    if wshost is not None and not args.skip_server:
+        try:
+            srecs, swalls, report, spid = server_mode(wshost, args, trainer)
+        except Exception as e:  # noqa: BLE001 - e.g. a wshost without engine="remote"
+            log("(d) server mode did not run: %s" % e)
+            results.update(server_error=str(e))
+        else:
+            got = report["digests"]
+            bad = sum(1 for n, d in want_digests.items() if got.get(n) != d)
+            wrong += bad
+            server_ms = best([send_ms(r) for r in srecs])
+            if server_ms <= 0:  # no send phase in the record: the step's wall time
+                server_ms = best(swalls)
+            ssent = int(srecs[-1].get("bytes_sent", nbytes))
+            st = report["stats"]
+            syncs = max(1, int(st.get("syncs", 0)))
+            buckets = int(st.get("buckets", 0)) / syncs
+            waits = [w for w in (per_bucket_wait_ms(r) for r in srecs[1:]) if w is not None]
+            if waits:
+                rt_ms, rt_how = min(waits), "sender's ack wait per bucket"
+            elif buckets:
+                rt_ms, rt_how = max(0.0, server_ms - inproc_ms) / buckets, "extra over (a) per bucket"
+            else:
+                rt_ms, rt_how = None, ""
+            note = "engine pid %d, %.0f buckets/sync" % (spid, buckets)
+            if rt_ms is not None:
+                note += ", %.3f ms/bucket (%s)" % (rt_ms, rt_how)
+            rows.append(("(d) wshost server mode", ssent, server_ms, note))
+            server = server_ms
+            results.update(server_send_ms=server_ms, server_step_ms=best(swalls), server_bytes=ssent,
+                           server_buckets_per_sync=buckets, server_per_bucket_ms=rt_ms,
+                           server_per_bucket_how=rt_how, server_engine_state=report["state"],
+                           server_engine_errors=report["errors"], server_wrong_tensors=bad)
+    rt_us = control_round_trip_us(wshost) if wshost is not None and not args.skip_server else None
+    results.update(control_round_trip_us=rt_us)
     sim_recs, sim_cmd = simulated(args)
     sim_ms = best([send_ms(r) for r in sim_recs])
     sim_bytes = int(sim_recs[-1].get("bytes_sent", 0))
@@ -219,7 +384,17 @@ def main():
         print("#   %-34s %s  %.2fx (target >= 0.90x)" % ("(a) vs (c) simulated", "ok  " if hit else "MISS", vs_sim))
         print("#   %-34s       %.2fx" % ("(a) vs (b) torch peer loop", vs_peer))
         results.update(inprocess_vs_simulated=vs_sim, inprocess_vs_peer=vs_peer, target_met=hit)
+    if server is not None:
+        vs_inproc = inproc_ms / server if server > 0 else 0.0
+        hit_server = vs_inproc >= 0.8
+        ok = ok and hit_server
+        print("#   %-34s %s  %.2fx (target >= 0.80x)"
+              % ("(d) server vs (a) in-process", "ok  " if hit_server else "MISS", vs_inproc))
+        results.update(server_vs_inprocess=vs_inproc, server_target_met=hit_server)
     print("#   %-34s       %.2fx" % ("(b) torch peer vs (c) simulated", sim_ms / peer_ms if peer_ms > 0 else 0.0))
+    if rt_us is not None:
+        print("#   %-34s       %.1f us (C sender -> Receiver, 64 B buckets)"
+              % ("control round trip per bucket", rt_us))
     print("#   wrong engine tensors after each sync: %d" % wrong)
     if args.json:
         with open(args.json, "w") as f:

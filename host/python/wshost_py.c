@@ -4,6 +4,7 @@
  *   wshost.from_dlpack  wraps anything with __dlpack__ (or a capsule), zero copy
  *   wshost.Session      a pipeline session: expected, register, alloc, on,
  *                       step, close; a context manager
+ *   wshost.Receiver     the engine side of server mode (receiver_py.c)
  *   wshost.Error        (RuntimeError) every failure of the host, its text
  *                       unchanged
  *
@@ -25,9 +26,9 @@
 #include <string.h>
 
 #include "dlpack.h"
-#include "ws.h"
+#include "wshost_py.h"
 
-static PyObject *WsError;
+PyObject *WsError;
 
 /* ---- dtypes -------------------------------------------------------------------------- */
 
@@ -69,19 +70,6 @@ static const dtype_info *dtype_by_dl(ws_dl_dtype d)
 
 /* ---- Tensor -------------------------------------------------------------------------- */
 
-typedef struct SessionObject SessionObject;
-
-typedef struct TensorObject {
-    PyObject_HEAD
-    ws_host_memory mem;     /* data NULL once freed */
-    PyObject *name;         /* str or None */
-    ws_dl_managed *managed; /* from_dlpack: the producer's tensor, deleted with us */
-    SessionObject *session; /* Session.alloc: the owner (strong reference) */
-    Py_ssize_t exports;     /* DLPack views of us still alive */
-    const char *freed_by;   /* why mem.data is NULL ("Session.close()") */
-} TensorObject;
-
-static PyTypeObject TensorType;
 
 struct SessionObject {
     PyObject_HEAD
@@ -144,7 +132,7 @@ static const char *tensor_label(TensorObject *t, char *buf, size_t n)
     return buf;
 }
 
-static int tensor_check_live(TensorObject *t, const char *what)
+int tensor_check_live(TensorObject *t, const char *what)
 {
     if (t->mem.data || t->mem.nbytes == 0) return 0;
     char label[300];
@@ -343,7 +331,7 @@ static PyGetSetDef tensor_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyTypeObject TensorType = {
+PyTypeObject TensorType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "wshost.Tensor",
     .tp_basicsize = sizeof(TensorObject),
     .tp_dealloc = (destructor)tensor_dealloc,
@@ -461,7 +449,7 @@ static int describe(TensorObject *t, const ws_dl_tensor *d)
     return 0;
 }
 
-static PyObject *py_from_dlpack(PyObject *mod, PyObject *obj)
+PyObject *py_from_dlpack(PyObject *mod, PyObject *obj)
 {
     PyObject *cap = get_capsule(obj);
     if (!cap) return NULL;
@@ -947,7 +935,7 @@ static int sigint_python_during_callback(int enter)
 
 /* torch.cuda.synchronize() when torch is loaded and its CUDA initialized;
  * returns r, or NULL (r dropped) with the exception set. */
-static PyObject *sync_torch_cuda(PyObject *r)
+PyObject *sync_torch_cuda(PyObject *r)
 {
     PyObject *name = PyUnicode_FromString("torch");
     PyObject *torch = name ? PyImport_GetModule(name) : NULL;
@@ -1170,7 +1158,8 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, .m_name = "wshost",
-    .m_doc = "wshost in Python: DLPack tensors and pipeline sessions (docs/python.md).",
+    .m_doc = "wshost in Python: DLPack tensors, pipeline sessions and the server-mode receiver "
+             "(docs/python.md).",
     .m_size = -1, .m_methods = module_methods,
 };
 
@@ -1185,6 +1174,7 @@ PyMODINIT_FUNC PyInit_wshost(void)
     if (!WsError || PyModule_AddObjectRef(m, "Error", WsError) < 0 ||
         PyModule_AddObjectRef(m, "Tensor", (PyObject *)&TensorType) < 0 ||
         PyModule_AddObjectRef(m, "Session", (PyObject *)&SessionType) < 0 ||
+        receiver_py_init(m) < 0 ||
         PyModule_AddStringConstant(m, "__version__", ws_host_version()) < 0) {
         Py_DECREF(m);
         return NULL;
