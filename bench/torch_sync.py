@@ -15,7 +15,7 @@ tensors; no forward pass):
       model=... --json` as a subprocess, the same send time from its records;
   (d) server mode: the engine's tensors in a child process (this script with
       --serve-engine), registered with a wshost.Receiver; the trainer's
-      Session(engine="remote") sends them through the shared-memory slots.
+      Session(engine_address=...) sends them through the shared-memory slots.
 Targets: (a) >= 0.9x the bandwidth of (c), i.e. the binding costs nothing
 measurable; (d) >= 0.8x the bandwidth of (a). --check makes the exit status
 fail when a target is missed. Times are the best of steps 2..N (step 1
@@ -166,6 +166,8 @@ def serve_engine(args):
                 if r.next() is None:
                     return
             except wshost.Error as e:
+                if r.closed:
+                    return
                 errors.append(str(e))
 
     th = threading.Thread(target=serve, daemon=True)
@@ -194,7 +196,7 @@ def server_mode(wshost, args, trainer):
             raise RuntimeError("the engine process exited at start (exit %s)" % child.wait())
         pid = json.loads(hello)["ready"]
         s = wshost.Session(os.path.join(ROOT, "pipelines", args.pipeline + ".lua"), model=args.model,
-                           engine="remote", engine_address=address, free_cache_engine=False,
+                           engine_address=address, free_cache_engine=False,
                            verify="off", steps=args.steps,
                            **({"lora_rank": 0} if args.pipeline == "verl_lora" else {}))
         for name, t in trainer.items():
@@ -328,7 +330,7 @@ def main():
     if wshost is not None and not args.skip_server:
         try:
             srecs, swalls, report, spid = server_mode(wshost, args, trainer)
-        except Exception as e:  # noqa: BLE001 - e.g. a wshost without engine="remote"
+        except Exception as e:  # noqa: BLE001 - e.g. a wshost without server mode
             log("(d) server mode did not run: %s" % e)
             results.update(server_error=str(e))
         else:

@@ -11,7 +11,7 @@ on the CPU), with the engine copy in a second process that this script
 starts (server mode, docs/server-mode.md):
 
   trainer process   tiny_qwen3.TrainerModel (Hugging Face names, this rank's row
-                    shards), an AdamW step per step; wshost.Session(engine="remote")
+                    shards), an AdamW step per step; wshost.Session(engine_address=...)
                     registers the trainer's and the adapter's tensors only, and each
                     step wakes the engine's weights, sends them through shared-memory
                     slots with checksums, wakes its KV cache, runs the rollout
@@ -211,6 +211,8 @@ class Engine:
             try:
                 ev = self.receiver.next()
             except self.wshost.Error as e:
+                if self.receiver.closed:
+                    return  # close() from the main thread
                 # The trainer died, went silent or was refused: the receiver told
                 # it (when it could) and goes on; the weights of a sync cut short
                 # stay marked invalid.
@@ -396,12 +398,12 @@ def trainer_main(args):
     status = 0
     s = None
     try:
-        s = wshost.Session(policy, model=model_dir, engine="remote", engine_address=args.address,
+        s = wshost.Session(policy, model=model_dir, engine_address=args.address,
                            free_cache_engine=bool(args.free_cache_engine),
                            sleep_level=args.sleep_level, lora_rank=args.lora_rank,
                            lora_alpha=args.lora_alpha, steps=args.steps, verify=args.verify)
     except Exception as e:  # noqa: BLE001 - wshost's message names the key or the file
-        print("server: cannot open %s with engine=remote: %s" % (policy, e), file=sys.stderr)
+        print("server: cannot open %s in server mode: %s" % (policy, e), file=sys.stderr)
         status = 2
     if status == 0:
         try:

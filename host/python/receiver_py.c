@@ -43,7 +43,8 @@ typedef struct ReceiverObject {
     int main_thread;          /* the running serve/next is on the main thread */
     int in_callback;
     int cuda;                 /* a CUDA tensor was added */
-    atomic_int stop;          /* stop(): the running serve/next returns */
+    atomic_int stop;          /* stop(): the running (or next) serve/next returns */
+    atomic_int closing;       /* close() waits for a serve/next in another thread */
     atomic_int busy;          /* a serve/next runs (maybe without the GIL) */
     unsigned long busy_thread;
     /* Snapshots taken by the serving thread after every message, so that
@@ -122,7 +123,7 @@ static ws_status on_sleep(void *ctx, int level)
 static int interrupted(void *ctx)
 {
     ReceiverObject *o = ctx;
-    if (atomic_load(&o->stop) || o->reraise) return 1;
+    if (atomic_load(&o->stop) || atomic_load(&o->closing) || o->reraise) return 1;
     if (!o->main_thread) return 0; /* Python runs signal handlers on the main thread only */
     PyGILState_STATE g = PyGILState_Ensure();
     int stop = 0;
@@ -146,6 +147,10 @@ static int usable(ReceiverObject *o, const char *what)
 {
     if (!o->r) {
         PyErr_Format(WsError, "Receiver.%s: the receiver is closed", what);
+        return -1;
+    }
+    if (atomic_load(&o->closing)) {
+        PyErr_Format(WsError, "Receiver.%s: the receiver is closing", what);
         return -1;
     }
     if (atomic_load(&o->busy)) {
@@ -399,7 +404,9 @@ static PyObject *call_failed(ReceiverObject *o, ws_status rc, int quiet_timeout)
         Py_DECREF(v);
         return NULL;
     }
-    if (rc == WS_ERR_INTERRUPTED && atomic_load(&o->stop)) Py_RETURN_NONE;
+    if (rc == WS_ERR_INTERRUPTED && atomic_load(&o->closing)) Py_RETURN_NONE;
+    /* stop() is consumed by the call it stopped. */
+    if (rc == WS_ERR_INTERRUPTED && atomic_exchange(&o->stop, 0)) Py_RETURN_NONE;
     if (rc == WS_ERR_TIMEOUT && quiet_timeout) Py_RETURN_NONE;
     PyErr_SetString(WsError, ws_errmsg());
     return NULL;
@@ -450,7 +457,6 @@ static PyObject *receiver_next(ReceiverObject *o, PyObject *args, PyObject *kw)
                                (unsigned long long)ev.weight_version, "pieces",
                                (Py_ssize_t)ev.pieces, "bytes", (Py_ssize_t)ev.bytes);
     }
-    atomic_store(&o->stop, 0);
     return result;
 }
 
@@ -491,7 +497,6 @@ static PyObject *receiver_serve(ReceiverObject *o, PyObject *args, PyObject *kw)
         Py_DECREF(result);
         result = Py_NewRef(Py_False); /* stopped */
     }
-    atomic_store(&o->stop, 0);
     return result;
 }
 
@@ -507,14 +512,16 @@ static PyObject *receiver_close(ReceiverObject *o, PyObject *unused)
         if (o->busy_thread == PyThread_get_thread_ident())
             return PyErr_Format(WsError, "Receiver.close: called from a wake or sleep callback "
                                 "of this receiver's serve()");
-        /* serve() in another thread: it returns at its next liveness check. */
-        atomic_store(&o->stop, 1);
+        /* serve() in another thread: it returns at its next liveness check,
+         * and no new call starts meanwhile (closing stays set). */
+        atomic_store(&o->closing, 1);
         Py_BEGIN_ALLOW_THREADS
         struct timespec ms = {0, 1000000};
         while (atomic_load(&o->busy)) nanosleep(&ms, NULL);
         Py_END_ALLOW_THREADS
     }
     receiver_free(o);
+    atomic_store(&o->closing, 0);
     Py_RETURN_NONE;
 }
 
@@ -626,7 +633,7 @@ static PyTypeObject ReceiverType = {
     .tp_repr = (reprfunc)receiver_repr,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Receiver(name, timeout_ms=30000): the engine side of server mode, listening on the "
-              "abstract socket `name` for a trainer's Session(engine='remote'); a context manager.",
+              "abstract socket `name` for a trainer's Session(engine_address=...); a context manager.",
     .tp_traverse = (traverseproc)receiver_traverse,
     .tp_clear = (inquiry)receiver_clear,
     .tp_methods = receiver_methods,

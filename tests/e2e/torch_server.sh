@@ -7,7 +7,7 @@
 # mid-sync (the engine reports it, keeps running with its weights invalid,
 # exits cleanly on SIGTERM), an engine shape that disagrees (refused naming
 # the tensor before any byte moves). Skipped (77) without torch, the wshost
-# Python module, or a Session with engine=remote.
+# Python module, or a Session with engine_address.
 cd "$(dirname "$0")" && while [ ! -f pipelines/verl_lora.lua ] && [ "$PWD" != / ]; do cd ..; done
 . tests/e2e/torch/torch_lib.sh
 . tests/e2e/torch/server_lib.sh

@@ -3,7 +3,7 @@
 # across the ranks, one engine process per rank (channels <address>-0 and
 # <address>-1), logits equal after every sync; the verl #3149 bug stops on
 # both ranks. Skipped (77) without MPI, torch, the wshost Python module, or a
-# Session with engine=remote.
+# Session with engine_address.
 cd "$(dirname "$0")" && while [ ! -f pipelines/verl_lora.lua ] && [ "$PWD" != / ]; do cd ..; done
 [ "${WS_HAVE_MPI:-ON}" = "ON" ] || { echo "skip: built without MPI"; exit 77; }
 command -v mpirun >/dev/null || { echo "skip: no mpirun"; exit 77; }

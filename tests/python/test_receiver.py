@@ -248,6 +248,39 @@ class ReceiverTest(unittest.TestCase):
         th.join(5)
         self.assertTrue(r.closed)
 
+    def test_close_while_another_thread_loops_on_next(self):
+        # A call that ends with an event just as close() begins must not let
+        # the loop's next call wait forever.
+        for attempt in range(5):
+            name = chan_name()
+            r = wshost.Receiver(name)
+            p = sender(name, *["wake:w%d" % i for i in range(300)], "close")
+            seen = []
+
+            def loop():
+                while True:
+                    try:
+                        ev = r.next()
+                    except wshost.Error:
+                        if r.closed:
+                            return
+                        raise
+                    if ev is None:
+                        return
+                    seen.append(ev["kind"])
+
+            th = threading.Thread(target=loop)
+            th.start()
+            while len(seen) < 20 * (attempt + 1) and th.is_alive():
+                time.sleep(0.001)
+            t0 = time.monotonic()
+            r.close()
+            self.assertLess(time.monotonic() - t0, 1.0)
+            th.join(5)
+            self.assertFalse(th.is_alive())
+            finish(p)
+            self.assertFalse(listening(name))
+
     def test_ctrl_c_while_waiting_for_a_trainer(self):
         name = chan_name()
         child = textwrap.dedent("""
