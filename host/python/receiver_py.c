@@ -563,7 +563,10 @@ static PyObject *receiver_get_name(ReceiverObject *o, void *c)
     return Py_NewRef(o->name ? o->name : Py_None);
 }
 
-static PyObject *receiver_get_closed(ReceiverObject *o, void *c) { return PyBool_FromLong(!o->r); }
+static PyObject *receiver_get_closed(ReceiverObject *o, void *c)
+{
+    return PyBool_FromLong(!o->r || atomic_load(&o->closing));
+}
 
 static PyObject *receiver_get_last_error(ReceiverObject *o, void *c)
 {
@@ -619,7 +622,7 @@ static PyGetSetDef receiver_getset[] = {
      "weight version", NULL},
     {"peer_pid", (getter)receiver_get_peer_pid, NULL, "the connected trainer's pid, 0 if none", NULL},
     {"name", (getter)receiver_get_name, NULL, "the channel name it listens on", NULL},
-    {"closed", (getter)receiver_get_closed, NULL, "whether close() ran", NULL},
+    {"closed", (getter)receiver_get_closed, NULL, "whether close() ran (or runs)", NULL},
     {"last_error", (getter)receiver_get_last_error, NULL,
      "the exception the latest failed wake or sleep callback raised, or None", NULL},
     {"stats", (getter)receiver_get_stats, NULL, "messages, buckets, bucket_bytes, syncs so far", NULL},
