@@ -614,11 +614,10 @@ static ws_status on_bucket(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
         const ws_tensor *t = &r->params[r->sync_param[ti]].t;
         uint64_t esize = ws_dtype_size(t->dtype);
         uint64_t step = on_host ? LAND_CHUNK_BYTES / esize : count;
-        for (uint64_t done = 0; done < count || (count == 0 && done == 0); done += step) {
+        for (uint64_t done = 0; done < count; done += step) { /* none for an empty piece */
             uint64_t c = count - done < step ? count - done : step;
             ls[k++] = (landing){element_range(t, off + done, c), ti, off + done,
                                 (size_t)(at + done * esize), (size_t)(c * esize), 0};
-            if (count == 0) break;
         }
         bytes += (size_t)(count * esize);
         r->sync_received[ti] += count;
@@ -754,11 +753,11 @@ static ws_status on_finish(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
         /* A well-formed FINISH that fails ends the sync; the sender hears why
          * and the connection lives on. */
         if (rc == WS_ERR_FORMAT) return rc;
-        ws_errprefix("sync of weight version %" PRIu64, version);
         char msg[1024];
         snprintf(msg, sizeof msg, "%s", ws_errmsg());
         fail_sync(r, msg);
-        WS_ERR(rc, "%s; the tensors of that sync are marked invalid", msg);
+        WS_ERR(rc, "sync of weight version %" PRIu64 ": %s; the tensors of that sync are "
+               "marked invalid", version, msg);
         r->refused = 1;
         return rc;
     }

@@ -717,7 +717,7 @@ static void test_checksum_mismatch(void)
     CHECK(ws_receiver_state(r, NULL) == WS_WEIGHTS_INVALID);
     const char *why = NULL;
     CHECK(ws_receiver_tensor_state(r, SPEC[0].name, &why) == 0 && why &&
-          strstr(why, "the sync of weight version 5 failed: sync of weight version 5: tensor "
+          strstr(why, "the sync of weight version 5 failed: tensor "
                  "'model.layers.0.mlp.down_proj.weight'"));
     /* Version 6 arrives whole; then a byte changes here, and VERIFY sees it. */
     while (ev.kind != WS_RECV_SYNCED && (rc = ws_receiver_next(r, 3000, &ev)) == WS_OK) {}
