@@ -948,6 +948,11 @@ static void test_proof_refusals(void)
         CHECK_ERR(ws_sender_finish_proven(s, p, 1), WS_ERR_COMM,
                   "proof 1 names tensor 'model.embed_tokens.weight', which is not in the "
                   "manifest");
+        /* Proofs for a sync announced without them: nothing was summed to check them by. */
+        CHECK_OK(ws_sender_begin(s, w, NT, 10, WS_MANIFEST_UNPROVEN));
+        CHECK_OK(submit_model(s, src, ps));
+        CHECK_ERR(ws_sender_finish_proven(s, ps->p, ps->n), WS_ERR_COMM,
+                  "whose manifest said none would");
         /* Still usable: a sync that proves itself goes through. */
         CHECK_OK(ws_sender_begin(s, w, NT, 10, 0));
         CHECK_OK(submit_model(s, src, ps));
@@ -972,6 +977,8 @@ static void test_proof_refusals(void)
     while ((rc = ws_receiver_next(r, 3000, &ev)) == WS_OK) {}
     CHECK_ERR(rc, WS_ERR_ARG, "not in the manifest");
     CHECK(ws_receiver_tensor_valid(r, SPEC[3].name) == 0);
+    while ((rc = ws_receiver_next(r, 3000, &ev)) == WS_OK) {}
+    CHECK_ERR(rc, WS_ERR_ARG, "(WS_MANIFEST_UNPROVEN)");
     CHECK_OK(ws_receiver_serve(r, 3000));
     uint64_t version;
     CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_VALID && version == 10);
