@@ -21,6 +21,7 @@
 
 #include "chan.h"
 #include "fault.h"
+#include "parallel.h"
 #include "remote.h"
 #include "remote_wire.h"
 #include "shm.h"
@@ -459,58 +460,109 @@ static ws_tensor element_range(const ws_tensor *t, uint64_t off, uint64_t count)
 }
 
 /* One piece of a bucket, or a chunk of one: elements [first, +count) of
- * manifest entry `entry`, at byte `at` of the slot. */
+ * manifest entry `entry`, at byte `at` of the slot; `sum` its checksum once
+ * landed. */
 typedef struct landing {
     ws_tensor view;
     uint32_t entry;
     uint64_t first;
     size_t at, bytes;
+    uint64_t sum;
 } landing;
+
+#define LAND_GROUP 64 /* landings per ws_unpack call */
+
+/* Copies landings [0, k) out of the slot and checksums each right after. */
+static ws_status land_group(const ws_tensor *sl, landing *ls, size_t k, int sum)
+{
+    ws_tensor *dsts[LAND_GROUP] = {0};
+    size_t offsets[LAND_GROUP] = {0};
+    for (size_t i = 0; i < k && i < LAND_GROUP; i++) {
+        dsts[i] = &ls[i].view;
+        offsets[i] = ls[i].at;
+    }
+    WS_TRY(ws_unpack(sl, dsts, k, offsets));
+    for (size_t i = 0; sum && i < k; i++)
+        WS_TRY(ws_tensor_checksum(dsts[i], ls[i].first, dsts[i]->dtype, &ls[i].sum));
+    return WS_OK;
+}
+
+typedef struct land_ctx {
+    const ws_tensor *sl;
+    landing *ls;
+    const size_t *group; /* group g is landings [group[g], group[g + 1]) */
+    int sum;
+    ws_status *rc;
+} land_ctx;
+
+static void land_range(void *ctx, size_t begin, size_t end, int worker)
+{
+    land_ctx *c = ctx;
+    (void)worker;
+    for (size_t g = begin; g < end; g++)
+        c->rc[g] = land_group(c->sl, c->ls + c->group[g], c->group[g + 1] - c->group[g], c->sum);
+}
 
 /* Copies the landings out of slot `sl` into their tensors and, with `sum`,
  * adds each one's checksum to its tensor's landed sum. On the host the
- * landings are chunks of at most LAND_CHUNK_BYTES, copied a cache-sized
- * group at a time and checksummed right after. */
+ * landings are chunks of at most LAND_CHUNK_BYTES, gathered into groups of
+ * about that size; each group is copied and checksummed by one thread while
+ * its bytes are in that core's cache, the groups spread over the threads
+ * (parallel.h). Tensors in pool storage keep the groups on this thread: the
+ * pool's record of what was written is not shared between threads. */
 static ws_status land(ws_receiver *r, const ws_tensor *sl, landing *ls, size_t n, int on_host,
                       int sum)
 {
     ws_status rc = WS_OK;
     if (on_host) {
-        ws_tensor *dsts[64];
-        size_t offsets[64];
-        for (size_t g = 0; rc == WS_OK && g < n;) {
-            size_t k = 0, bytes = 0;
-            while (g + k < n && k < 64 && (k == 0 || bytes + ls[g + k].bytes <= LAND_CHUNK_BYTES)) {
-                dsts[k] = &ls[g + k].view;
-                offsets[k] = ls[g + k].at;
-                bytes += ls[g + k].bytes;
+        size_t *group = ws_malloc((n + 1) * sizeof *group);
+        ws_status *rcs = ws_calloc(n ? n : 1, sizeof *rcs);
+        if (!group || !rcs) rc = WS_ERR(WS_ERR_NOMEM, "out of memory for %zu chunks", n);
+        size_t n_groups = 0;
+        int shared = 1;
+        for (size_t i = 0; rc == WS_OK && i < n; n_groups++) {
+            group[n_groups] = i;
+            size_t bytes = 0, k = 0;
+            while (i < n && k < LAND_GROUP && (k == 0 || bytes + ls[i].bytes <= LAND_CHUNK_BYTES)) {
+                if (ls[i].view.storage->kind == WS_STORAGE_POOL) shared = 0;
+                bytes += ls[i].bytes;
+                i++;
                 k++;
             }
-            rc = ws_unpack(sl, dsts, k, offsets);
-            for (size_t i = 0; rc == WS_OK && sum && i < k; i++) {
-                uint64_t c;
-                rc = ws_tensor_checksum(dsts[i], ls[g + i].first, dsts[i]->dtype, &c);
-                r->sync_landed[ls[g + i].entry] += c;
-            }
-            g += k;
         }
-        return rc;
-    }
-    /* Another device: one copy per piece from a typed view of the slot. A
-     * copy that reads host memory has finished when it returns (device.h),
-     * so the slot may be reused after the ACK. */
-    for (size_t i = 0; rc == WS_OK && i < n; i++) {
-        ws_tensor src = *sl;
-        src.dtype = ls[i].view.dtype;
-        src.offset = sl->offset + ls[i].at;
-        src.layout = ls[i].view.layout;
-        rc = ws_tensor_copy(&ls[i].view, &src);
-        uint64_t c;
-        if (rc == WS_OK && sum) {
-            rc = ws_tensor_checksum(&ls[i].view, ls[i].first, ls[i].view.dtype, &c);
-            r->sync_landed[ls[i].entry] += c;
+        if (rc == WS_OK) {
+            group[n_groups] = n;
+            land_ctx c = {sl, ls, group, sum, rcs};
+            if (shared) ws_parallel_for(n_groups, 1, land_range, &c);
+            else land_range(&c, 0, n_groups, 0);
+        }
+        /* A worker's error message stays on its thread: redo the first
+         * failed group here to say why. */
+        for (size_t g = 0; rc == WS_OK && g < n_groups; g++) {
+            if (rcs[g] == WS_OK) continue;
+            rc = land_group(sl, ls + group[g], group[g + 1] - group[g], sum);
+            if (rc == WS_OK)
+                rc = WS_ERR(rcs[g], "copying elements [%" PRIu64 ", ...) of manifest tensor "
+                            "#%u failed on a worker thread", ls[group[g]].first,
+                            ls[group[g]].entry + 1);
+        }
+        free(group);
+        free(rcs);
+    } else {
+        /* Another device: one copy per piece from a typed view of the slot. A
+         * copy that reads host memory has finished when it returns
+         * (device.h), so the slot may be reused after the ACK. */
+        for (size_t i = 0; rc == WS_OK && i < n; i++) {
+            ws_tensor src = *sl;
+            src.dtype = ls[i].view.dtype;
+            src.offset = sl->offset + ls[i].at;
+            src.layout = ls[i].view.layout;
+            rc = ws_tensor_copy(&ls[i].view, &src);
+            if (rc == WS_OK && sum)
+                rc = ws_tensor_checksum(&ls[i].view, ls[i].first, ls[i].view.dtype, &ls[i].sum);
         }
     }
+    for (size_t i = 0; rc == WS_OK && sum && i < n; i++) r->sync_landed[ls[i].entry] += ls[i].sum;
     return rc;
 }
 
@@ -562,11 +614,10 @@ static ws_status on_bucket(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
         const ws_tensor *t = &r->params[r->sync_param[ti]].t;
         uint64_t esize = ws_dtype_size(t->dtype);
         uint64_t step = on_host ? LAND_CHUNK_BYTES / esize : count;
-        for (uint64_t done = 0; done < count || (count == 0 && done == 0); done += step) {
+        for (uint64_t done = 0; done < count; done += step) { /* none for an empty piece */
             uint64_t c = count - done < step ? count - done : step;
             ls[k++] = (landing){element_range(t, off + done, c), ti, off + done,
-                                (size_t)(at + done * esize), (size_t)(c * esize)};
-            if (count == 0) break;
+                                (size_t)(at + done * esize), (size_t)(c * esize), 0};
         }
         bytes += (size_t)(count * esize);
         r->sync_received[ti] += count;
@@ -702,11 +753,11 @@ static ws_status on_finish(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
         /* A well-formed FINISH that fails ends the sync; the sender hears why
          * and the connection lives on. */
         if (rc == WS_ERR_FORMAT) return rc;
-        ws_errprefix("sync of weight version %" PRIu64, version);
         char msg[1024];
         snprintf(msg, sizeof msg, "%s", ws_errmsg());
         fail_sync(r, msg);
-        WS_ERR(rc, "%s; the tensors of that sync are marked invalid", msg);
+        WS_ERR(rc, "sync of weight version %" PRIu64 ": %s; the tensors of that sync are "
+               "marked invalid", version, msg);
         r->refused = 1;
         return rc;
     }

@@ -717,7 +717,7 @@ static void test_checksum_mismatch(void)
     CHECK(ws_receiver_state(r, NULL) == WS_WEIGHTS_INVALID);
     const char *why = NULL;
     CHECK(ws_receiver_tensor_state(r, SPEC[0].name, &why) == 0 && why &&
-          strstr(why, "the sync of weight version 5 failed: sync of weight version 5: tensor "
+          strstr(why, "the sync of weight version 5 failed: tensor "
                  "'model.layers.0.mlp.down_proj.weight'"));
     /* Version 6 arrives whole; then a byte changes here, and VERIFY sees it. */
     while (ev.kind != WS_RECV_SYNCED && (rc = ws_receiver_next(r, 3000, &ev)) == WS_OK) {}
@@ -948,6 +948,11 @@ static void test_proof_refusals(void)
         CHECK_ERR(ws_sender_finish_proven(s, p, 1), WS_ERR_COMM,
                   "proof 1 names tensor 'model.embed_tokens.weight', which is not in the "
                   "manifest");
+        /* Proofs for a sync announced without them: nothing was summed to check them by. */
+        CHECK_OK(ws_sender_begin(s, w, NT, 10, WS_MANIFEST_UNPROVEN));
+        CHECK_OK(submit_model(s, src, ps));
+        CHECK_ERR(ws_sender_finish_proven(s, ps->p, ps->n), WS_ERR_COMM,
+                  "whose manifest said none would");
         /* Still usable: a sync that proves itself goes through. */
         CHECK_OK(ws_sender_begin(s, w, NT, 10, 0));
         CHECK_OK(submit_model(s, src, ps));
@@ -972,6 +977,8 @@ static void test_proof_refusals(void)
     while ((rc = ws_receiver_next(r, 3000, &ev)) == WS_OK) {}
     CHECK_ERR(rc, WS_ERR_ARG, "not in the manifest");
     CHECK(ws_receiver_tensor_valid(r, SPEC[3].name) == 0);
+    while ((rc = ws_receiver_next(r, 3000, &ev)) == WS_OK) {}
+    CHECK_ERR(rc, WS_ERR_ARG, "(WS_MANIFEST_UNPROVEN)");
     CHECK_OK(ws_receiver_serve(r, 3000));
     uint64_t version;
     CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_VALID && version == 10);
@@ -1141,6 +1148,72 @@ static void test_partial_sync(void)
     free_tensors(want);
 }
 
+/* Pieces of several MiB: the receiver copies and checksums them in chunks
+ * spread over threads, and the landed sums still equal the sender's. */
+static void test_large_pieces(void)
+{
+    const char *name = chan_name();
+    int64_t big_shape[2] = {3, 1 << 19}, small_n = 100;
+    ws_tensor src[2], dst[2];
+    REQUIRE_OK(ws_tensor_empty(&src[0], WS_F32, 2, big_shape, NULL));
+    REQUIRE_OK(ws_tensor_empty(&src[1], WS_BF16, 1, &small_n, NULL));
+    REQUIRE_OK(ws_tensor_empty(&dst[0], WS_F32, 2, big_shape, NULL));
+    REQUIRE_OK(ws_tensor_empty(&dst[1], WS_BF16, 1, &small_n, NULL));
+    for (int i = 0; i < 2; i++) {
+        REQUIRE_OK(ws_tensor_random(&src[i], 11 + (uint64_t)i, 3.0f, 0));
+        REQUIRE_OK(ws_tensor_fill(&dst[i], 0));
+    }
+    const char *names[2] = {"model.layers.0.mlp.experts.w13", "model.norm.bias"};
+    ws_receiver *r;
+    REQUIRE_OK(ws_receiver_create(name, NULL, &r));
+    for (int i = 0; i < 2; i++) REQUIRE_OK(ws_receiver_add(r, names[i], &dst[i]));
+    pid_t child = fork_child();
+    if (child == 0) {
+        ws_sender_opts so = {.slot_bytes = 5 << 20, .timeout_ms = 5000};
+        ws_sender *s;
+        REQUIRE_OK(ws_sender_connect(name, &so, &s));
+        ws_wire_tensor w[2] = {{names[0], WS_F32, 2, {3, 1 << 19}}, {names[1], WS_BF16, 1, {100}}};
+        CHECK_OK(ws_sender_begin(s, w, 2, 1, 0));
+        ws_tensor flat = {0}, a = {0}, b = {0};
+        int64_t all = 3 << 19, cut = 1000003;
+        REQUIRE_OK(ws_tensor_reshape(&flat, &src[0], 1, &all));
+        REQUIRE_OK(ws_tensor_narrow(&a, &flat, 0, 0, cut));
+        REQUIRE_OK(ws_tensor_narrow(&b, &flat, 0, cut, all - cut));
+        ws_sender_piece p1[2] = {{1, 0, &src[1]}, {0, 0, &a}};
+        ws_sender_piece p2 = {0, (uint64_t)cut, &b};
+        CHECK_OK(ws_sender_bucket(s, p1, 2));
+        CHECK_OK(ws_sender_bucket(s, &p2, 1));
+        CHECK_OK(ws_sender_finish(s));
+        /* Ranges that cross the receiver's chunks, proven afresh. */
+        ws_proof pf[3] = {{names[0], "w1", 0, 777777, 0},
+                          {names[0], "w3", 777777, (uint64_t)(all - 777777), 0},
+                          {names[1], NULL, 0, 100, 0}};
+        ws_tensor v = {0};
+        REQUIRE_OK(ws_tensor_narrow(&v, &flat, 0, 0, 777777));
+        CHECK_OK(ws_tensor_checksum(&v, 0, WS_F32, &pf[0].checksum));
+        ws_tensor_free(&v);
+        REQUIRE_OK(ws_tensor_narrow(&v, &flat, 0, 777777, all - 777777));
+        CHECK_OK(ws_tensor_checksum(&v, 777777, WS_F32, &pf[1].checksum));
+        ws_tensor_free(&v);
+        CHECK_OK(ws_tensor_checksum(&src[1], 0, WS_BF16, &pf[2].checksum));
+        CHECK_OK(ws_sender_verify(s, pf, 3, 0));
+        ws_tensor_free(&a);
+        ws_tensor_free(&b);
+        ws_tensor_free(&flat);
+        ws_sender_close(s);
+        CHILD_EXIT();
+    }
+    CHECK_OK(ws_receiver_serve(r, 5000));
+    CHECK(wait_child(child) == 0);
+    CHECK(ws_receiver_state(r, NULL) == WS_WEIGHTS_VALID);
+    for (int i = 0; i < 2; i++) CHECK(same_bytes(&dst[i], &src[i]));
+    ws_receiver_free(r);
+    for (int i = 0; i < 2; i++) {
+        ws_tensor_free(&src[i]);
+        ws_tensor_free(&dst[i]);
+    }
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_DFL); /* a SIGPIPE would kill the test: none may be raised */
@@ -1158,6 +1231,7 @@ int main(void)
     RUN(test_partial_sync);
     RUN(test_submit_and_verify);
     RUN(test_proof_refusals);
+    RUN(test_large_pieces);
     /* Nothing left behind: every descriptor closed, every slot unmapped,
      * nothing named in /dev/shm. */
     check_case_ = "leftovers";
