@@ -136,7 +136,8 @@ static int l_begin(lua_State *L)
         ts[i].dtype = ws_lua_check_dtype(L, -1, "sender:begin");
         lua_pop(L, 1);
         lua_getfield(L, -1, "shape");
-        ts[i].ndim = ws_lua_read_shape(L, lua_gettop(L), "sender:begin", ts[i].shape, 0, NULL);
+        int infer; /* written by ws_lua_read_shape even when it infers nothing */
+        ts[i].ndim = ws_lua_read_shape(L, lua_gettop(L), "sender:begin", ts[i].shape, 0, &infer);
         lua_pop(L, 2);
     }
     if (ws_sender_begin(s, ts, n, (uint64_t)version, partial ? WS_MANIFEST_PARTIAL : 0) != WS_OK)
