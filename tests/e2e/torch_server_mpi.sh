@@ -16,11 +16,13 @@ if server "$name" 0 "${MPI[@]}" -- --steps 4 --free-cache-engine 1 --sleep-level
     every_step_equal "$name" 4
     log=$(cat "$tmp/$name.log")
     n=$(grep -Ec '^# server: rank [01], engine pid [0-9]+ on wshost-e2e-[0-9]+-[0-9]+-[01]$' <<<"$log")
-    synced=$(grep -Ec '^# server: rank [01]: engine weights .*, 4 verified syncs' <<<"$log")
+    # At least one verified sync per step on each engine (LoRA: base and adapter are two).
+    synced=$(sed -n 's/^# server: rank [01]: engine weights .*, \([0-9]*\) verified syncs.*/\1/p' <<<"$log" |
+             awk '$1 >= 4' | wc -l)
     if [ "$n" = 2 ] && [ "$synced" = 2 ]; then
-        pass "$name: one engine process per rank, each verified 4 syncs"
+        pass "$name: one engine process per rank, each verified a sync per step"
     else
-        fail "$name: expected two engines (-0 and -1) with 4 verified syncs each"; cat "$tmp/$name.log"
+        fail "$name: expected two engines (-0 and -1), each with 4 or more verified syncs"; cat "$tmp/$name.log"
     fi
 fi
 name="server,np=2,fce=0,level=1"
