@@ -31,9 +31,12 @@ poisons them without a backup (only a new sync makes them right).
 a level-2 sleep: with --verify all the trainer's step fails before its rollout.
 
 --fault, for the tests (tests/e2e/torch_server.sh):
-  engine-dies    the engine kills itself (SIGKILL) in the middle of sync --fault-step;
+  engine-dies    the engine kills itself (SIGKILL) in the middle of sync --fault-sync
+                 (counted from 1; with LoRA a step that sends the base makes two syncs);
                  the trainer's step raises naming the engine's pid
-  trainer-dies   the engine kills the trainer (its peer) in the middle of that sync;
+  trainer-dies   the engine kills the trainer (its peer) once it accepted that sync's
+                 manifest (the trainer cannot have sent its FINISH: that waits for
+                 the acknowledgement of every bucket);
                  the engine reports it, keeps running with its weights marked invalid,
                  and exits cleanly on SIGTERM (or after --linger seconds)
   wrong-shape    the engine registers model.norm.weight one element longer; the first
@@ -102,8 +105,11 @@ def parse_args(argv):
                     help="the engines' channel names are ADDRESS-<rank> (default: "
                          "wshost-server-<pid of the launcher>)")
     ap.add_argument("--fault", choices=FAULTS, default="none")
-    ap.add_argument("--fault-step", type=int, default=2, help="the sync the fault hits (1-based)")
-    ap.add_argument("--fault-bucket", type=int, default=2, help="after this bucket of that sync")
+    ap.add_argument("--fault-sync", type=int, default=3,
+                    help="the sync the fault hits, counted from 1 (default 3: step 2's base sync "
+                         "with LoRA and a level-2 sleep)")
+    ap.add_argument("--fault-bucket", type=int, default=1,
+                    help="engine-dies: after this bucket of that sync (before its FINISH)")
     ap.add_argument("--linger", type=float, default=None,
                     help="seconds the engine keeps running once the trainer is gone (default: 0, "
                          "or 60 with --fault trainer-dies)")
@@ -187,23 +193,21 @@ class Engine:
         self.model.wake(tags)
 
     def fault(self, ev):
-        """Counts the syncs and buckets; --fault strikes inside sync --fault-step."""
+        """Counts the syncs and buckets; --fault strikes inside sync --fault-sync."""
+        a = self.args
         if ev["kind"] == "manifest":
             self.syncs += 1
             self.buckets = 0
+            if a.fault == "trainer-dies" and self.syncs == a.fault_sync:
+                pid = self.receiver.peer_pid
+                self.log("killing the trainer (pid %d) after the manifest of sync %d" % (pid, self.syncs))
+                os.kill(pid, signal.SIGKILL)
         elif ev["kind"] == "bucket":
             self.buckets += 1
-            a = self.args
-            if self.syncs == a.fault_step and self.buckets == a.fault_bucket:
-                if a.fault == "engine-dies":
-                    self.log("killing myself after bucket %d of sync %d (t=%.6f)"
-                             % (self.buckets, self.syncs, time.monotonic()))
-                    os.kill(os.getpid(), signal.SIGKILL)
-                elif a.fault == "trainer-dies":
-                    pid = self.receiver.peer_pid
-                    self.log("killing the trainer (pid %d) after bucket %d of sync %d"
-                             % (pid, self.buckets, self.syncs))
-                    os.kill(pid, signal.SIGKILL)
+            if a.fault == "engine-dies" and self.syncs == a.fault_sync and self.buckets == a.fault_bucket:
+                self.log("killing myself after bucket %d of sync %d (t=%.6f)"
+                         % (self.buckets, self.syncs, time.monotonic()))
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def serve(self):
         """One message at a time, trainer after trainer, until stop()."""
@@ -301,7 +305,7 @@ class EngineProcess:
         cmd = [sys.executable, os.path.abspath(__file__), "--engine", "--rank", str(rank),
                "--address", args.address, "--lora-rank", str(args.lora_rank),
                "--lora-alpha", str(args.lora_alpha), "--tied", str(args.tied),
-               "--fault", args.fault, "--fault-step", str(args.fault_step),
+               "--fault", args.fault, "--fault-sync", str(args.fault_sync),
                "--fault-bucket", str(args.fault_bucket), "--linger", str(args.linger)]
         env = dict(os.environ)
         env["OMP_NUM_THREADS"] = "1"

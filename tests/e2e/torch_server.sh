@@ -15,10 +15,10 @@ cd "$(dirname "$0")" && while [ ! -f pipelines/verl_lora.lua ] && [ "$PWD" != / 
 run_server_matrix
 run_server_buggy
 
-# --- the engine killed in the middle of sync 2
+# --- the engine killed in the middle of sync 3 (step 2's base)
 shm_before=$(shm_entries)
 name="fault,engine-dies"
-if server "$name" 1 -- --steps 3 --fault engine-dies --fault-step 2; then
+if server "$name" 1 -- --steps 3 --fault engine-dies --fault-sync 3; then
     log=$(cat "$tmp/$name.log")
     epid=$(sed -n 's/^# server: rank 0, engine pid \([0-9]*\) on .*/\1/p' <<<"$log")
     chan=$(sed -n 's/^# server: rank 0, engine pid [0-9]* on \(.*\)/\1/p' <<<"$log")
@@ -38,10 +38,10 @@ if server "$name" 1 -- --steps 3 --fault engine-dies --fault-step 2; then
     else fail "engine-dies: socket [$chan] still listed in /proc/net/unix"; fi
 fi
 
-# --- the trainer killed in the middle of sync 2 (by its engine, so mid-sync for sure)
+# --- the trainer killed in the middle of sync 3 (by its engine, so mid-sync for sure)
 name="fault,trainer-dies"
 "$PY" examples/torch/server.py --address "wshost-e2e-$$-td" --steps 3 --fault trainer-dies \
-    --fault-step 2 --linger 60 >"$tmp/$name.log" 2>&1 &
+    --fault-sync 3 --linger 60 >"$tmp/$name.log" 2>&1 &
 tpid=$!
 rc=0
 wait "$tpid" || rc=$?
