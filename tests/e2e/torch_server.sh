@@ -48,7 +48,8 @@ wait "$tpid" || rc=$?
 check_rc "trainer-dies: the trainer was killed" 137 "$rc"
 log=$(cat "$tmp/$name.log")
 epid=$(sed -n 's/^# server: rank 0, engine pid \([0-9]*\) on .*/\1/p' <<<"$log")
-for _ in $(seq 50); do grep -q "the trainer is gone" "$tmp/$name.log" && break; sleep 0.1; done
+# The engine's serving thread reports the failed sync ("... still serving").
+for _ in $(seq 50); do grep -q "still serving" "$tmp/$name.log" && break; sleep 0.1; done
 log=$(cat "$tmp/$name.log")
 check "trainer-dies: the engine reports it" "engine 0 (pid $epid): error: trainer process (pid $tpid)" "$log"
 check "trainer-dies: that sync's tensors are invalid" "marked invalid" "$log"
