@@ -222,10 +222,11 @@ class Engine:
                 # stay marked invalid.
                 self.errors.append(str(e))
                 state, version = self.receiver.state
-                valid = sum(self.receiver.valid(n) for n in self.model.weights)
+                invalid = [n for n in self.model.weights if not self.receiver.valid(n)]
                 self.log("error: %s" % e)
-                self.log("weights %s (last verified version %d), %d of %d tensors valid; still serving"
-                         % (state, version, valid, len(self.model.weights)))
+                self.log("weights %s (last verified version %d), %d of %d tensors valid%s; still serving"
+                         % (state, version, len(self.model.weights) - len(invalid), len(self.model.weights),
+                            " ('%s': %s)" % (invalid[0], self.receiver.why(invalid[0])) if invalid else ""))
                 continue
             if ev is None:
                 return  # stop()

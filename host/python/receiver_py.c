@@ -537,6 +537,18 @@ static PyObject *receiver_valid(ReceiverObject *o, PyObject *args)
     return PyBool_FromLong(v);
 }
 
+static PyObject *receiver_why(ReceiverObject *o, PyObject *args)
+{
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s:why", &name)) return NULL;
+    if (!o->r) return PyErr_Format(WsError, "Receiver.why: the receiver is closed");
+    const char *why = NULL;
+    int v = ws_receiver_tensor_state(o->r, name, &why);
+    if (v < 0) return PyErr_Format(WsError, "Receiver.why: no tensor '%s' was added", name);
+    if (v) Py_RETURN_NONE;
+    return PyUnicode_FromString(why ? why : "not valid");
+}
+
 static PyObject *receiver_enter(ReceiverObject *o, PyObject *unused) { return Py_NewRef(o); }
 
 static PyObject *receiver_exit(ReceiverObject *o, PyObject *args)
@@ -608,6 +620,9 @@ static PyMethodDef receiver_methods[] = {
      "called before serve() starts makes it return at once)."},
     {"valid", (PyCFunction)receiver_valid, METH_VARARGS,
      "valid(name) -> bool: whether the named tensor holds bytes a verified sync wrote."},
+    {"why", (PyCFunction)receiver_why, METH_VARARGS,
+     "why(name) -> str or None: why the named tensor is not valid (never written, discarded by "
+     "a level-2 sleep, the error that ended its sync), None when it is."},
     {"close", (PyCFunction)receiver_close, METH_NOARGS,
      "close(): stops a serve() in another thread, drops the connection and the socket, and lets "
      "go of the tensors."},

@@ -84,6 +84,7 @@ class ReceiverTest(unittest.TestCase):
             self.assertEqual(events, [("wake", "weights"), ("wake", "kv_cache"), ("sleep", 2),
                                       ("wake", "weights")])
             self.assertEqual(r.state, ("valid", 2))
+            self.assertIsNone(r.why(SPEC[0][0]))
             for i, ((tname, _, shape, dt), t) in enumerate(zip(SPEC, ts)):
                 self.assertTrue(torch.equal(t, expected(i, 2, shape, dt)), tname)
                 self.assertTrue(r.valid(tname))
@@ -114,6 +115,7 @@ class ReceiverTest(unittest.TestCase):
             self.assertEqual(finish(p)[0], 0)
             self.assertTrue(r.valid(SPEC[0][0]))
             self.assertFalse(r.valid(SPEC[1][0]))  # a partial sync wrote the first only
+            self.assertTrue(r.why(SPEC[1][0]))
 
     def test_add_refuses(self):
         with wshost.Receiver(chan_name()) as r:
@@ -191,6 +193,7 @@ class ReceiverTest(unittest.TestCase):
             self.assertLess(took, 5.0)
             self.assertEqual(r.state, ("invalid", 1))
             self.assertFalse(r.valid(SPEC[0][0]))
+            self.assertIn("pid %d" % p.pid, r.why(SPEC[0][0]))
             self.assertEqual(r.peer_pid, 0)
             # The engine lives on: the next trainer makes it whole.
             p2 = sender(name, "sync:3", "close")
