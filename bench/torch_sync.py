@@ -19,9 +19,10 @@ tensors; no forward pass):
 Targets: (a) >= 0.9x the bandwidth of (c), i.e. the binding costs nothing
 measurable; (d) >= 0.8x the bandwidth of (a). --check makes the exit status
 fail when a target is missed. Times are the best of steps 2..N (step 1
-builds the plans). The server row also reports the control overhead per
-bucket: the sender's acknowledgement waits per bucket when the step record
-has them, else (d)'s extra time over (a) divided by its buckets.
+builds the plans). The server row splits its time into packing into the
+shared slots (gather) and waiting for the engine process's copies and
+verdict (copy_out); the control overhead per bucket is measured apart, with
+tests/c/remote_send sending 64-byte buckets to a Receiver in this process.
 """
 
 import argparse
@@ -198,6 +199,7 @@ def server_mode(wshost, args, trainer):
         s = wshost.Session(os.path.join(ROOT, "pipelines", args.pipeline + ".lua"), model=args.model,
                            engine_address=address, free_cache_engine=False,
                            verify="off", steps=args.steps,
+                           **({"bucket_mb": args.server_bucket_mb} if args.server_bucket_mb else {}),
                            **({"lora_rank": 0} if args.pipeline == "verl_lora" else {}))
         for name, t in trainer.items():
             s.register("trainer", name, t, global_shape=list(t.shape))
@@ -291,6 +293,9 @@ def main():
     ap.add_argument("--skip-inprocess", action="store_true",
                     help="only (b) and (c): where the wshost module is not built yet")
     ap.add_argument("--skip-server", action="store_true", help="no (d): server mode")
+    ap.add_argument("--server-bucket-mb", type=int, default=None,
+                    help="(d)'s bucket_mb (each of the two shared slots holds one bucket; "
+                         "default: the pipeline's)")
     ap.add_argument("--serve-engine", metavar="ADDRESS", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the results as one JSON object to this file")
     ap.add_argument("--check", action="store_true", help="fail (exit 1) when a target is missed")
@@ -345,20 +350,22 @@ def main():
             syncs = max(1, int(st.get("syncs", 0)))
             buckets = int(st.get("buckets", 0)) / syncs
             waits = [w for w in (per_bucket_wait_ms(r) for r in srecs[1:]) if w is not None]
-            if waits:
-                rt_ms, rt_how = min(waits), "sender's ack wait per bucket"
-            elif buckets:
-                rt_ms, rt_how = max(0.0, server_ms - inproc_ms) / buckets, "extra over (a) per bucket"
-            else:
-                rt_ms, rt_how = None, ""
-            note = "engine pid %d, %.0f buckets/sync" % (spid, buckets)
+            rt_ms = min(waits) if waits else None
+            rt_how = "sender's ack wait per bucket" if waits else ""
+            # Where the time goes: packing into the slots (gather) and waiting for
+            # the engine process's copies and verdict (copy_out), in the fastest step.
+            fastest = min(srecs[1:] or srecs, key=send_ms)
+            ph = fastest.get("phase_ms") or {}
+            note = "engine pid %d, %.0f buckets/sync, gather %.1f + copy_out %.1f ms" % (
+                spid, buckets, float(ph.get("gather", 0)), float(ph.get("copy_out", 0)))
             if rt_ms is not None:
                 note += ", %.3f ms/bucket (%s)" % (rt_ms, rt_how)
             rows.append(("(d) wshost server mode", ssent, server_ms, note))
             server = server_ms
             results.update(server_send_ms=server_ms, server_step_ms=best(swalls), server_bytes=ssent,
                            server_buckets_per_sync=buckets, server_per_bucket_ms=rt_ms,
-                           server_per_bucket_how=rt_how, server_engine_state=report["state"],
+                           server_per_bucket_how=rt_how, server_phase_ms=ph,
+                           server_engine_state=report["state"],
                            server_engine_errors=report["errors"], server_wrong_tensors=bad)
     rt_us = control_round_trip_us(wshost) if wshost is not None and not args.skip_server else None
     results.update(control_round_trip_us=rt_us)
