@@ -104,7 +104,11 @@ static int l_sender(lua_State *L)
     memset(ls, 0, sizeof *ls);
     luaL_setmetatable(L, WS_SENDER_MT);
     snprintf(ls->name, sizeof ls->name, "%s", name);
-    ls->L = L;
+    /* The main thread: the one an embedding program's interrupt hooks, and
+     * one that outlives any coroutine this call may run in. */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+    ls->L = lua_tothread(L, -1);
+    lua_pop(L, 1);
     o.interrupted = interrupted;
     o.ctx = ls;
     ws_status rc = ws_sender_connect(name, &o, &ls->s);
@@ -112,15 +116,19 @@ static int l_sender(lua_State *L)
     return 1;
 }
 
-/* sender:begin(manifest, weight_version [, partial])
+/* sender:begin(manifest, weight_version [, partial [, unproven]])
  * manifest: list of {name=, dtype=, shape={...}} (the engine's tensors this
- * sync writes, whole). Raises the receiver's refusal (it names the tensor). */
+ * sync writes, whole); partial: not every tensor of the engine; unproven:
+ * the sync finishes without proofs (verify=off), so the engine process does
+ * not checksum what lands. Raises the receiver's refusal (it names the
+ * tensor). */
 static int l_begin(lua_State *L)
 {
     ws_sender *s = check_sender(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_Integer version = luaL_checkinteger(L, 3);
-    int partial = lua_toboolean(L, 4);
+    unsigned flags = (lua_toboolean(L, 4) ? WS_MANIFEST_PARTIAL : 0u) |
+                     (lua_toboolean(L, 5) ? WS_MANIFEST_UNPROVEN : 0u);
     size_t n = (size_t)lua_rawlen(L, 2);
     ws_wire_tensor *ts = lua_newuserdatauv(L, (n ? n : 1) * sizeof *ts, 0); /* freed by the GC */
     for (size_t i = 0; i < n; i++) {
@@ -140,7 +148,7 @@ static int l_begin(lua_State *L)
         ts[i].ndim = ws_lua_read_shape(L, lua_gettop(L), "sender:begin", ts[i].shape, 0, &infer);
         lua_pop(L, 2);
     }
-    if (ws_sender_begin(s, ts, n, (uint64_t)version, partial ? WS_MANIFEST_PARTIAL : 0) != WS_OK)
+    if (ws_sender_begin(s, ts, n, (uint64_t)version, flags) != WS_OK)
         return ws_lua_raise(L, NULL);
     return 0;
 }

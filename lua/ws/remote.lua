@@ -89,10 +89,10 @@ function Engine:manifest_entry(name)
 end
 
 -- Starts a sync of `manifest` (ws.sync builds it per plan); each sync is a
--- new weight version.
-function Engine:begin(manifest)
+-- new weight version. unproven: it finishes without proofs (verify=off).
+function Engine:begin(manifest, unproven)
     self.version = self.version + 1
-    self.sender:begin(manifest, self.version, #manifest < self.total)
+    self.sender:begin(manifest, self.version, #manifest < self.total, unproven)
 end
 
 -- level 1: the engine process backs its weights up, 2: discards them (it

@@ -143,13 +143,13 @@ end
 -- copy_out's.
 local function send_remote(self, kind, plan, plist)
     local t0 = ws.now_ms()
-    self.engine:begin(plist.remote.manifest)
+    self.engine:begin(plist.remote.manifest, self.verify == "off")
     local stats = plan:execute(self:progress_fn(kind))
     local sums, seal_ms = nil, 0
     if self.verify ~= "off" then
         local t1 = ws.now_ms()
         sums = verify.remote_sums(plist, { comm = self.comm, trainer = self.trainer,
-                                           world = self.comm and self.comm:size() or 1 })
+                                           world = self.comm and self.comm.size or 1 })
         seal_ms = ws.now_ms() - t1
     end
     local t2 = ws.now_ms()
