@@ -1175,7 +1175,8 @@ static void shard_span(const plan_entry *e, int r, int64_t a, int64_t b, int64_t
  * for this rank's send to `peer` (send = 1: this rank's shard, the peer's
  * blocks) or its recv from `peer` (the peer's shard, this rank's blocks).
  * With `v`, also appends the pack (send) or copy-out (recv) copies, the
- * part starting at `buf`. */
+ * part starting at `buf`; buf NULL with peer = this rank: copies straight
+ * from its shard into its blocks, which never cross the staging. */
 static ws_status x_part(const ws_plan *p, const plan_piece *pieces, size_t from, size_t to,
                         const ws_plan_block *blocks, int peer, int send, vec *v, size_t floor,
                         char *buf, size_t *bytes)
@@ -1204,6 +1205,10 @@ static ws_status x_part(const ws_plan *p, const plan_piece *pieces, size_t from,
                     WS_TRY(emit_joined(v, floor, buf + run, dt,
                                        side_ptr(&e->src, x - (int64_t)p->rank * e->shard),
                                        e->src.dtype, (size_t)n));
+                else if (!buf)
+                    WS_TRY(emit_joined(v, floor, side_ptr(&e->dst, at), dt,
+                                       side_ptr(&e->src, x - (int64_t)p->rank * e->shard),
+                                       e->src.dtype, (size_t)n));
                 else
                     WS_TRY(emit_joined(v, floor, side_ptr(&e->dst, at), dt, buf + run, dt,
                                        (size_t)n));
@@ -1217,7 +1222,9 @@ static ws_status x_part(const ws_plan *p, const plan_piece *pieces, size_t from,
 }
 
 /* Counts and displacements of every bucket (p->x_counts), and the largest
- * send and recv totals of a bucket. */
+ * send and recv totals of a bucket. A rank's part for itself is copied
+ * directly (count 0) but still counted in `received`: it is what its
+ * blocks take from its own shard, as a gather's own piece is. */
 static ws_status x_count(ws_plan *p, const plan_piece *pieces, const plan_bucket *bk,
                          const ws_plan_block *blocks, size_t *send_max, size_t *recv_max,
                          size_t *received)
@@ -1235,8 +1242,9 @@ static ws_status x_count(ws_plan *p, const plan_piece *pieces, const plan_bucket
                 displs[q] = off;
                 WS_TRY(x_part(p, pieces, bk[k].piece_begin, bk[k].piece_end, blocks, q,
                               side == 0, NULL, 0, NULL, &counts[q]));
-                off += counts[q];
                 if (side == 1) *received += counts[q];
+                if (q == p->rank) counts[q] = 0;
+                off += counts[q];
             }
             size_t *mx = side == 0 ? send_max : recv_max;
             if (off > *mx) *mx = off;
@@ -1257,6 +1265,11 @@ static ws_status x_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *bk,
         WS_TRY(ws_tensor_access(&p->x_recv[k % 2], WS_ACCESS_WRITE, "recv", &recv));
         size_t pack_begin = pack->n, out_begin = out->n, bytes;
         for (int q = 0; q < p->world; q++) {
+            if (q == p->rank) { /* with the packing, before the bucket's collective */
+                WS_TRY(x_part(p, pieces, bk[k].piece_begin, bk[k].piece_end, blocks, q, 0, pack,
+                              pack_begin, NULL, &bytes));
+                continue;
+            }
             WS_TRY(x_part(p, pieces, bk[k].piece_begin, bk[k].piece_end, blocks, q, 1, pack,
                           pack_begin, (char *)send + c[W + (size_t)q], &bytes));
             WS_TRY(x_part(p, pieces, bk[k].piece_begin, bk[k].piece_end, blocks, q, 0, out,
