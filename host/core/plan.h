@@ -32,8 +32,12 @@
  * every peer, its shard's intersection with that peer's block (one copy per
  * row piece where a block is a range of columns), runs one all_to_all per
  * bucket and copies what came into its destinations; double-buffered like
- * the gather, in the gather's buckets. A relay (disaggregated placement)
- * keeps its broadcast. */
+ * the gather, in the gather's buckets. A rank's own part goes straight from
+ * its shard into its blocks. Its staging holds at most what a bucket sends
+ * and receives (each under world x the bucket's segment, so under 2 x 2 x
+ * bucket_bytes; about 2 x 2 x bucket_bytes / T for a TP=T engine); the
+ * gather's staging is allocated for the first execution's planning, then
+ * freed. A relay (disaggregated placement) keeps its broadcast. */
 #ifndef WS_PLAN_H
 #define WS_PLAN_H
 
