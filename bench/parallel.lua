@@ -100,7 +100,7 @@ local function run(name, pcfg)
         local full = max_over(stats.bytes_gathered_full)
         -- The exchange's reference: an all_to_all moving as many bytes to
         -- every rank as the most any rank received.
-        local exchanged = max_over(stats.bytes_gathered < stats.bytes_gathered_full and 1 or 0) > 0
+        local exchanged = max_over(stats.exchanged and 1 or 0) > 0
         local relayed = place and max_over(stats.bytes_relayed) or 0
         -- One raw run of the collectives over the same bytes, in seconds.
         local function raw_once()

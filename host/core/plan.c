@@ -678,6 +678,7 @@ ws_status ws_plan_estimate(ws_plan *p, ws_plan_stats *out)
     out->staging_bytes = staged(p) ? pairs * (seg + seg * (size_t)p->world) : 0;
     /* The exchange's own figures need every rank's blocks: known once planned. */
     if (p->planned && p->x_on) {
+        out->exchanged = 1;
         out->bytes_gathered = p->stats.bytes_gathered;
         out->staging_bytes = p->stats.staging_bytes;
     }
@@ -1067,8 +1068,6 @@ ws_status ws_plan_set_exchange(ws_plan *p, ws_plan_exchange how)
     return WS_OK;
 }
 
-int ws_plan_exchanges(const ws_plan *p) { return p->x_on; }
-
 static void drop_exchange(ws_plan *p)
 {
     free(p->x_counts);
@@ -1079,6 +1078,7 @@ static void drop_exchange(ws_plan *p)
     }
     p->x_pairs = 0;
     p->x_planned = p->x_on = 0;
+    p->stats.exchanged = 0;
 }
 
 /* Only a colocated plan gathering over several ranks, once per planning. */
@@ -1409,6 +1409,7 @@ static ws_status plan_exchange(ws_plan *p)
         }
         p->pairs = 0;
         p->x_on = 1;
+        p->stats.exchanged = 1;
         p->stats.bytes_gathered = received;
         p->stats.staging_bytes = (size_t)p->x_pairs * (send_max + recv_max);
     }

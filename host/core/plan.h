@@ -57,6 +57,7 @@ typedef struct ws_plan_stats {
     size_t bytes_gathered;   /* bytes this rank receives through the collective: the
                               * gather's world * per-rank segments, or the exchange's */
     size_t bytes_gathered_full; /* what the gather of whole tensors would bring this rank */
+    int exchanged;           /* 1: the plan runs the exchange (all_to_all), not the gather */
     size_t bytes_relayed;    /* a relay's broadcast: bytes sent (sender) or received */
     size_t staging_bytes;    /* staging memory held during execution */
     double pack_ms, gather_ms, copy_out_ms, total_ms; /* last execution */
@@ -127,8 +128,6 @@ ws_status ws_plan_add_blocks(ws_plan *p, const ws_tensor *const *srcs,
  * gathers whole tensors. Every rank must set the same. */
 typedef enum ws_plan_exchange { WS_PLAN_EXCHANGE_AUTO = 0, WS_PLAN_EXCHANGE_GATHER } ws_plan_exchange;
 ws_status ws_plan_set_exchange(ws_plan *p, ws_plan_exchange how);
-/* 1 when the plan's last planning chose the exchange. */
-int ws_plan_exchanges(const ws_plan *p);
 
 /* Runs the plan: every rank must call it with the same plan shape. */
 ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx);

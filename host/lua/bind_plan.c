@@ -317,7 +317,7 @@ static void push_stats(lua_State *L, const ws_plan_stats *s)
                                  {"staging_bytes", (lua_Integer)s->staging_bytes},
                                  {"bytes_relayed", (lua_Integer)s->bytes_relayed},
                                  {"bytes_gathered_full", (lua_Integer)s->bytes_gathered_full}};
-    ws_lua_push_int_fields(L, fields, 7, 4);
+    ws_lua_push_int_fields(L, fields, 7, 5);
     lua_pushnumber(L, s->pack_ms);
     lua_setfield(L, -2, "pack_ms");
     lua_pushnumber(L, s->gather_ms);
@@ -326,6 +326,8 @@ static void push_stats(lua_State *L, const ws_plan_stats *s)
     lua_setfield(L, -2, "copy_out_ms");
     lua_pushnumber(L, s->total_ms);
     lua_setfield(L, -2, "total_ms");
+    lua_pushboolean(L, s->exchanged);
+    lua_setfield(L, -2, "exchanged");
 }
 
 typedef struct progress_ctx {

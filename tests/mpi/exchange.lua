@@ -99,6 +99,8 @@ for _, bucket in ipairs({ 1 << 20, 256 * W * 3 }) do
         check(sa.bytes_gathered_full == sg.bytes_gathered_full,
               "%s: the same naive figure (%d, %d)", label, sa.bytes_gathered_full,
               sg.bytes_gathered_full)
+        check(sa.exchanged and not sg.exchanged, "%s: auto exchanges, all_gather does not",
+              label)
         check(sa.bytes_gathered < sa.bytes_gathered_full,
               "%s: the exchange moves less (%d of %d)", label, sa.bytes_gathered,
               sa.bytes_gathered_full)
