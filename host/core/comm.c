@@ -222,6 +222,20 @@ static ws_status same_device(const ws_tensor *a, const ws_tensor *b, const char 
                   ws_tensor_label(b, bb, sizeof bb), ws_tensor_device(b)->name);
 }
 
+/* A collective that reads send while it writes recv needs them apart. */
+static ws_status check_apart(const ws_tensor *send, const ws_tensor *recv, const char *what)
+{
+    if (send->storage != recv->storage) return WS_OK;
+    size_t sb, se, rb, re;
+    ws_tensor_byte_span(send, &sb, &se);
+    ws_tensor_byte_span(recv, &rb, &re);
+    char bs[160], br[160];
+    if (sb < re && rb < se)
+        return WS_ERR(WS_ERR_ARG, "%s: send %s and recv %s overlap; use separate buffers", what,
+                      ws_tensor_label(send, bs, sizeof bs), ws_tensor_label(recv, br, sizeof br));
+    return WS_OK;
+}
+
 static ws_status pick(ws_comm *c, ws_device *d, const ws_comm_ops **ops)
 {
     /* WSHOST_COMM_NCCL=1 sends cuda tensors through NCCL even in a world of
@@ -540,16 +554,7 @@ ws_status ws_comm_reduce_scatter(ws_comm *c, const ws_tensor *send, ws_tensor *r
     WS_TRY(check_per_rank(c, what, send, recv, 0, &sp, &rp));
     WS_TRY(check_op(op, what));
     int64_t n = ws_tensor_numel(recv);
-    if (send->storage == recv->storage && c->size > 1) {
-        size_t sb, se, rb, re;
-        ws_tensor_byte_span(send, &sb, &se);
-        ws_tensor_byte_span(recv, &rb, &re);
-        char bs[160], br[160];
-        if (sb < re && rb < se)
-            return WS_ERR(WS_ERR_ARG, "reduce_scatter: send %s and recv %s overlap; use separate "
-                          "buffers", ws_tensor_label(send, bs, sizeof bs),
-                          ws_tensor_label(recv, br, sizeof br));
-    }
+    if (c->size > 1) WS_TRY(check_apart(send, recv, what));
     int64_t v[N_CHECK] = {K_REDUCE_SCATTER, n, send->dtype, op};
     WS_TRY(agree(c, what, v, "recv size", "op (0 sum, 1 max)"));
     call k;
@@ -614,16 +619,7 @@ ws_status ws_comm_all_to_all(ws_comm *c, const ws_tensor *send, const size_t *se
     WS_TRY(check_t(send, "all_to_all send", WS_ACCESS_READ, &sp));
     WS_TRY(check_t(recv, "all_to_all recv", WS_ACCESS_WRITE, &rp));
     WS_TRY(same_device(send, recv, what));
-    if (send->storage == recv->storage) {
-        size_t sb, se, rb, re;
-        ws_tensor_byte_span(send, &sb, &se);
-        ws_tensor_byte_span(recv, &rb, &re);
-        char bs[160], br[160];
-        if (sb < re && rb < se)
-            return WS_ERR(WS_ERR_ARG, "all_to_all: send %s and recv %s overlap; use separate "
-                          "buffers", ws_tensor_label(send, bs, sizeof bs),
-                          ws_tensor_label(recv, br, sizeof br));
-    }
+    WS_TRY(check_apart(send, recv, what));
     WS_TRY(check_spans(c, send, send_counts, send_displs, "send"));
     WS_TRY(check_spans(c, recv, recv_counts, recv_displs, "recv"));
     int64_t v[N_CHECK] = {K_ALL_TO_ALL, 0, 0, 0};

@@ -483,6 +483,21 @@ static ws_status lay_out(ws_plan *p, size_t cap, size_t align, vec *pieces, vec 
     return WS_OK;
 }
 
+/* One staging pair: send and recv byte buffers of sn and rn bytes on the
+ * plan's device, named for messages ("plan 'base' <kind>send 0"). */
+static ws_status new_pair(ws_plan *p, ws_tensor *send, ws_tensor *recv, int64_t sn, int64_t rn,
+                          const char *kind, int j)
+{
+    char nm[PLAN_NAME_CAP + 48];
+    ws_tensor_opts opts = {.device = p->device, .name = nm};
+    snprintf(nm, sizeof nm, "plan '%s' %ssend %d", p->name, kind, j);
+    WS_TRY(ws_tensor_empty(send, WS_U8, 1, &sn, &opts));
+    snprintf(nm, sizeof nm, "plan '%s' %srecv %d", p->name, kind, j);
+    ws_status rc = ws_tensor_empty(recv, WS_U8, 1, &rn, &opts);
+    if (rc != WS_OK) ws_tensor_free(send);
+    return rc;
+}
+
 /* Staging is sized by the fullest bucket, not the configured bucket, so a
  * small plan (an adapter) does not hold a large plan's staging memory. */
 static ws_status ensure_staging(ws_plan *p, int pairs, size_t seg_bytes)
@@ -496,19 +511,9 @@ static ws_status ensure_staging(ws_plan *p, int pairs, size_t seg_bytes)
         p->stats.staging_bytes = 0;
     }
     if (p->pairs == 0) p->staged_seg = seg_bytes;
-    ws_tensor_opts opts = {.device = p->device};
     for (int j = p->pairs; j < pairs; j++) {
-        char nm[PLAN_NAME_CAP + 32];
         int64_t seg = (int64_t)p->staged_seg, all = seg * p->world;
-        snprintf(nm, sizeof nm, "plan '%s' send %d", p->name, j);
-        opts.name = nm;
-        WS_TRY(ws_tensor_empty(&p->send[j], WS_U8, 1, &seg, &opts));
-        snprintf(nm, sizeof nm, "plan '%s' recv %d", p->name, j);
-        ws_status rc = ws_tensor_empty(&p->recv[j], WS_U8, 1, &all, &opts);
-        if (rc != WS_OK) {
-            ws_tensor_free(&p->send[j]);
-            return rc;
-        }
+        WS_TRY(new_pair(p, &p->send[j], &p->recv[j], seg, all, "", j));
         p->pairs = j + 1;
         p->stats.staging_bytes += (size_t)seg + (size_t)all;
     }
@@ -1286,20 +1291,10 @@ static ws_status x_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *bk,
 static ws_status x_staging(ws_plan *p, size_t send_bytes, size_t recv_bytes)
 {
     int pairs = p->n_buckets > 1 ? 2 : 1;
-    ws_tensor_opts opts = {.device = p->device};
     int64_t sn = (int64_t)(send_bytes ? send_bytes : PLAN_ALIGN);
     int64_t rn = (int64_t)(recv_bytes ? recv_bytes : PLAN_ALIGN);
     for (int j = 0; j < pairs; j++) {
-        char nm[PLAN_NAME_CAP + 32];
-        snprintf(nm, sizeof nm, "plan '%s' exchange send %d", p->name, j);
-        opts.name = nm;
-        WS_TRY(ws_tensor_empty(&p->x_send[j], WS_U8, 1, &sn, &opts));
-        snprintf(nm, sizeof nm, "plan '%s' exchange recv %d", p->name, j);
-        ws_status rc = ws_tensor_empty(&p->x_recv[j], WS_U8, 1, &rn, &opts);
-        if (rc != WS_OK) {
-            ws_tensor_free(&p->x_send[j]);
-            return rc;
-        }
+        WS_TRY(new_pair(p, &p->x_send[j], &p->x_recv[j], sn, rn, "exchange ", j));
         p->x_pairs = j + 1;
     }
     return WS_OK;
@@ -1413,14 +1408,9 @@ static ws_status plan_exchange(ws_plan *p)
         p->stats.bytes_gathered = received;
         p->stats.staging_bytes = (size_t)p->x_pairs * (send_max + recv_max);
     }
-    if (!p->x_on) {
-        free(p->x_counts);
-        p->x_counts = NULL;
-        for (int j = 0; j < p->x_pairs; j++) {
-            ws_tensor_free(&p->x_send[j]);
-            ws_tensor_free(&p->x_recv[j]);
-        }
-        p->x_pairs = 0;
+    if (!p->x_on) { /* the gather stays: nothing of the exchange is kept */
+        drop_exchange(p);
+        p->x_planned = 1;
     }
     free(blocks);
     free(pieces.data);
