@@ -28,7 +28,7 @@
  * together) learns every rank's blocks and counts what an all_to_all would
  * bring each rank: per bucket, from every rank s, the part of s's shard
  * pieces that lies in this rank's blocks. When the largest of those counts
- * is below what the gather brings, the plan exchanges: each rank packs, for
+ * is below 7/8 of what the gather brings, the plan exchanges: each rank packs, for
  * every peer, its shard's intersection with that peer's block (one copy per
  * row piece where a block is a range of columns), runs one all_to_all per
  * bucket and copies what came into its destinations; double-buffered like

@@ -113,5 +113,25 @@ for _, bucket in ipairs({ 1 << 20, 256 * W * 3 }) do
     free(a2a)
     free(gather)
 end
+-- Blocks that save nothing (every rank's block is the whole tensor) keep
+-- the gather.
+do
+    local R, C = 1024, 16
+    local n, shard = R * C, ceil_div(R, W) * C
+    local src = ws.tensor{ shape = { shard }, dtype = "f32", device = cpu }
+    src:random_(5, 1, rank * shard)
+    local dst = ws.tensor{ shape = { n }, dtype = "bf16", device = cpu }
+    local plan = ws.plan{ bucket_bytes = 1 << 20, comm = comm, device = cpu, name = "whole" }
+    plan:add({ src }, { dst }, { n }, { shard }, { { C, 0, R, 0, C } })
+    local st = plan:execute()
+    check(not st.exchanged and st.bytes_gathered == st.bytes_gathered_full,
+          "whole blocks: gathered, %d of %d bytes", st.bytes_gathered, st.bytes_gathered_full)
+    local full = ws.tensor{ shape = { n }, dtype = "f32", device = cpu }
+    full:random_(5, 1, 0)
+    local want = full:to(cpu, "bf16")
+    for i = 1, n, 7 do check(dst:get(i) == want:get(i), "whole blocks: element %d", i) end
+    for _, t in ipairs({ plan, src, dst, full, want }) do t:free() end
+end
+
 comm:barrier()
 print(string.format("rank %d: exchange ok (%d checks)", rank, checks))
