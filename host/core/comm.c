@@ -128,9 +128,9 @@ void ws_comm_free(ws_comm *c)
 
 /* ---- the mismatch check ------------------------------------------------------ */
 
-enum { K_ALL_GATHER = 1, K_BROADCAST, K_ALL_REDUCE, K_REDUCE_SCATTER, K_BARRIER };
+enum { K_ALL_GATHER = 1, K_BROADCAST, K_ALL_REDUCE, K_REDUCE_SCATTER, K_BARRIER, K_ALL_TO_ALL };
 static const char *const kind_names[] = {"?", "all_gather", "broadcast", "all_reduce",
-                                         "reduce_scatter", "barrier"};
+                                         "reduce_scatter", "barrier", "all_to_all"};
 #define N_CHECK 4
 
 /* Ranks agree on v = {kind, numel, dtype, extra}? `size_what` names the
@@ -220,6 +220,20 @@ static ws_status same_device(const ws_tensor *a, const ws_tensor *b, const char 
     return WS_ERR(WS_ERR_ARG, "%s: %s is on %s but %s is on %s; both must be on one device", what,
                   ws_tensor_label(a, ba, sizeof ba), ws_tensor_device(a)->name,
                   ws_tensor_label(b, bb, sizeof bb), ws_tensor_device(b)->name);
+}
+
+/* A collective that reads send while it writes recv needs them apart. */
+static ws_status check_apart(const ws_tensor *send, const ws_tensor *recv, const char *what)
+{
+    if (send->storage != recv->storage) return WS_OK;
+    size_t sb, se, rb, re;
+    ws_tensor_byte_span(send, &sb, &se);
+    ws_tensor_byte_span(recv, &rb, &re);
+    char bs[160], br[160];
+    if (sb < re && rb < se)
+        return WS_ERR(WS_ERR_ARG, "%s: send %s and recv %s overlap; use separate buffers", what,
+                      ws_tensor_label(send, bs, sizeof bs), ws_tensor_label(recv, br, sizeof br));
+    return WS_OK;
 }
 
 static ws_status pick(ws_comm *c, ws_device *d, const ws_comm_ops **ops)
@@ -540,21 +554,81 @@ ws_status ws_comm_reduce_scatter(ws_comm *c, const ws_tensor *send, ws_tensor *r
     WS_TRY(check_per_rank(c, what, send, recv, 0, &sp, &rp));
     WS_TRY(check_op(op, what));
     int64_t n = ws_tensor_numel(recv);
-    if (send->storage == recv->storage && c->size > 1) {
-        size_t sb, se, rb, re;
-        ws_tensor_byte_span(send, &sb, &se);
-        ws_tensor_byte_span(recv, &rb, &re);
-        char bs[160], br[160];
-        if (sb < re && rb < se)
-            return WS_ERR(WS_ERR_ARG, "reduce_scatter: send %s and recv %s overlap; use separate "
-                          "buffers", ws_tensor_label(send, bs, sizeof bs),
-                          ws_tensor_label(recv, br, sizeof br));
-    }
+    if (c->size > 1) WS_TRY(check_apart(send, recv, what));
     int64_t v[N_CHECK] = {K_REDUCE_SCATTER, n, send->dtype, op};
     WS_TRY(agree(c, what, v, "recv size", "op (0 sum, 1 max)"));
     call k;
     WS_TRY(begin(c, req, what, (const ws_tensor *const[]){recv, send}, 2, 1, &k));
     ws_status rc = k.ops->reduce_scatter(c, k.d, sp, rp, (size_t)n, send->dtype, op, k.q);
+    return finish(k.q, req, rc, recv);
+}
+
+/* Every (displacement, count) of one side lies inside its tensor. */
+static ws_status check_spans(ws_comm *c, const ws_tensor *t, const size_t *counts,
+                             const size_t *displs, const char *side)
+{
+    size_t have = ws_tensor_nbytes(t);
+    for (int q = 0; q < c->size; q++)
+        if (displs[q] > have || counts[q] > have - displs[q]) {
+            char b[160];
+            return WS_ERR(WS_ERR_ARG, "all_to_all: %s bytes [%zu, %zu) for rank %d lie outside "
+                          "%s (%zu bytes)", side, displs[q], displs[q] + counts[q], q,
+                          ws_tensor_label(t, b, sizeof b), have);
+        }
+    return WS_OK;
+}
+
+/* Rank s's send_counts[q] must be rank q's recv_counts[s]: the ranks swap
+ * their counts (one small all-to-all) and agree on whether any pair differs,
+ * so every rank fails together instead of some waiting for bytes that never
+ * come. */
+static ws_status agree_counts(ws_comm *c, const size_t *send_counts, const size_t *recv_counts)
+{
+    int64_t *buf = malloc(2 * (size_t)c->size * sizeof *buf);
+    if (!buf) return WS_ERR(WS_ERR_NOMEM, "all_to_all: out of host memory for the count check");
+    int64_t *mine = buf, *theirs = buf + c->size;
+    for (int q = 0; q < c->size; q++) mine[q] = (int64_t)send_counts[q];
+    ws_status rc = c->host->exchange_i64(c, mine, theirs);
+    int64_t bad[1] = {0};
+    int peer = -1;
+    for (int q = 0; rc == WS_OK && q < c->size && peer < 0; q++)
+        if (theirs[q] != (int64_t)recv_counts[q]) peer = q;
+    if (peer >= 0) bad[0] = (int64_t)c->rank * c->size + peer + 1;
+    if (rc == WS_OK) rc = ws_comm_max_i64(c, bad, 1);
+    if (rc == WS_OK && peer >= 0)
+        rc = WS_ERR(WS_ERR_ARG, "all_to_all: rank %d expects %zu bytes from rank %d, which sends "
+                    "it %lld; every rank's send count for a peer must be that peer's recv count "
+                    "for it", c->rank, recv_counts[peer], peer, (long long)theirs[peer]);
+    else if (rc == WS_OK && bad[0] > 0)
+        rc = WS_ERR(WS_ERR_ARG, "all_to_all: rank %lld expects a different byte count from rank "
+                    "%lld than that rank sends it; every rank's send count for a peer must be "
+                    "that peer's recv count for it", (long long)((bad[0] - 1) / c->size),
+                    (long long)((bad[0] - 1) % c->size));
+    free(buf);
+    return rc;
+}
+
+ws_status ws_comm_all_to_all(ws_comm *c, const ws_tensor *send, const size_t *send_counts,
+                             const size_t *send_displs, ws_tensor *recv,
+                             const size_t *recv_counts, const size_t *recv_displs,
+                             ws_comm_request **req)
+{
+    const char *what = "all_to_all";
+    void *sp, *rp;
+    WS_TRY(usable(c, what));
+    WS_TRY(check_t(send, "all_to_all send", WS_ACCESS_READ, &sp));
+    WS_TRY(check_t(recv, "all_to_all recv", WS_ACCESS_WRITE, &rp));
+    WS_TRY(same_device(send, recv, what));
+    WS_TRY(check_apart(send, recv, what));
+    WS_TRY(check_spans(c, send, send_counts, send_displs, "send"));
+    WS_TRY(check_spans(c, recv, recv_counts, recv_displs, "recv"));
+    int64_t v[N_CHECK] = {K_ALL_TO_ALL, 0, 0, 0};
+    WS_TRY(agree(c, what, v, "size", NULL));
+    if (c->check) WS_TRY(agree_counts(c, send_counts, recv_counts));
+    call k;
+    WS_TRY(begin(c, req, what, (const ws_tensor *const[]){recv, send}, 2, 1, &k));
+    ws_status rc = k.ops->all_to_all(c, k.d, sp, send_counts, send_displs, rp, recv_counts,
+                                     recv_displs, k.q);
     return finish(k.q, req, rc, recv);
 }
 

@@ -45,6 +45,16 @@ ws_status ws_comm_all_reduce(ws_comm *c, ws_tensor *t, ws_reduce_op op, ws_comm_
 /* recv: numel(send) / size elements; rank r gets block r of the reduction. */
 ws_status ws_comm_reduce_scatter(ws_comm *c, const ws_tensor *send, ws_tensor *recv,
                                  ws_reduce_op op, ws_comm_request **req);
+/* Each rank sends send_counts[q] bytes at byte send_displs[q] of send to
+ * rank q and receives recv_counts[q] bytes from rank q at byte
+ * recv_displs[q] of recv (MPI_Alltoallv in bytes). Every pair must agree:
+ * rank s's send_counts[q] == rank q's recv_counts[s] (with the check on,
+ * ranks exchange their counts first and a mismatch is an error naming both
+ * ranks). Each array has size entries and may be freed once the call returns. */
+ws_status ws_comm_all_to_all(ws_comm *c, const ws_tensor *send, const size_t *send_counts,
+                             const size_t *send_displs, ws_tensor *recv,
+                             const size_t *recv_counts, const size_t *recv_displs,
+                             ws_comm_request **req);
 ws_status ws_comm_barrier(ws_comm *c);
 ws_status ws_comm_wait(ws_comm_request *req);
 
@@ -63,8 +73,9 @@ ws_status ws_comm_max_i64(ws_comm *c, int64_t *v, int n);
 void ws_comm_set_check(ws_comm *c, int on);
 int ws_comm_get_check(const ws_comm *c);
 /* Seconds per iteration of raw MPI_Allgather ("all_gather", `bytes` = total
- * output) or MPI_Bcast ("broadcast") on malloc'd buffers: the benchmark's
- * reference. WS_ERR_UNSUPPORTED without the MPI backend. */
+ * output), MPI_Bcast ("broadcast") or MPI_Alltoall ("all_to_all", `bytes` =
+ * what each rank receives, an equal part from every rank) on malloc'd
+ * buffers: the benchmark's reference. WS_ERR_UNSUPPORTED without the MPI backend. */
 ws_status ws_comm_reference(ws_comm *c, const char *op, size_t bytes, int iters,
                             double *seconds_per_iter);
 

@@ -44,6 +44,11 @@ typedef struct ws_comm_ops {
     ws_status (*reduce_scatter)(ws_comm *c, ws_device *d, const void *send, void *recv,
                                 size_t count_per_rank, ws_dtype t, ws_reduce_op op,
                                 ws_comm_request *req);
+    /* Byte counts and displacements per rank (size entries each); the
+     * backend copies what it must keep until wait. */
+    ws_status (*all_to_all)(ws_comm *c, ws_device *d, const void *send, const size_t *send_counts,
+                            const size_t *send_displs, void *recv, const size_t *recv_counts,
+                            const size_t *recv_displs, ws_comm_request *req);
     ws_status (*wait)(ws_comm_request *req);
 } ws_comm_ops;
 
@@ -63,9 +68,12 @@ typedef struct ws_comm_host_ops {
     ws_status (*max_i64)(ws_comm *c, int64_t *v, int n);
     /* all[r * n + i] = rank r's mine[i]. */
     ws_status (*gather_i64)(ws_comm *c, const int64_t *mine, int n, int64_t *all);
+    /* recv[q] = what rank q passed as its send[this rank] (one each). */
+    ws_status (*exchange_i64)(ws_comm *c, const int64_t *send, int64_t *recv);
     /* Raw bytes from root to all (the NCCL bootstrap). */
     ws_status (*bcast_bytes)(ws_comm *c, void *buf, size_t bytes, int root);
-    /* Times the backend's own all_gather / broadcast on malloc'd buffers. */
+    /* Times the backend's own all_gather / broadcast / all_to_all on malloc'd
+     * buffers. */
     ws_status (*reference)(ws_comm *c, const char *op, size_t bytes, int iters,
                            double *seconds_per_iter);
     /* Ends every rank of the job; returns when the backend never started. */

@@ -61,6 +61,7 @@ typedef struct mpi_req {
     void *convert_dst;       /* convert scratch_out back into this at completion */
     ws_dtype convert_dtype;
     size_t convert_count;
+    int *counts;             /* an all_to_all's int counts and displacements, kept until done */
 } mpi_req;
 
 static void mpi_req_free(mpi_req *m)
@@ -70,6 +71,7 @@ static void mpi_req_free(mpi_req *m)
     free(m->expect);
     free(m->scratch_in);
     free(m->scratch_out);
+    free(m->counts);
     free(m);
 }
 
@@ -240,6 +242,7 @@ typedef struct p2p_arg {
     void *buf;        /* broadcast, recv */
     const void *src;  /* send */
     int peer;         /* the root of a broadcast */
+    int tag;          /* 0: WS_MPI_TAG */
 } p2p_arg;
 
 static ws_status broadcast_chunk(ws_comm *c, mpi_req *m, const void *arg, size_t off, int len)
@@ -259,8 +262,9 @@ static ws_status send_chunk(ws_comm *c, mpi_req *m, const void *arg, size_t off,
     const char *p = (const char *)a->src + off;
     MPI_Request *r;
     WS_TRY(mpi_req_push(m, -1, &r));
-    CHECK_MPI(c, r ? MPI_Isend(p, len, MPI_BYTE, a->peer, WS_MPI_TAG, comm_of(c), r)
-                   : MPI_Send(p, len, MPI_BYTE, a->peer, WS_MPI_TAG, comm_of(c)), "send");
+    int tag = a->tag ? a->tag : WS_MPI_TAG;
+    CHECK_MPI(c, r ? MPI_Isend(p, len, MPI_BYTE, a->peer, tag, comm_of(c), r)
+                   : MPI_Send(p, len, MPI_BYTE, a->peer, tag, comm_of(c)), "send");
     return WS_OK;
 }
 
@@ -269,14 +273,15 @@ static ws_status recv_chunk(ws_comm *c, mpi_req *m, const void *arg, size_t off,
     const p2p_arg *a = arg;
     char *p = (char *)a->buf + off;
     MPI_Request *r;
+    int tag = a->tag ? a->tag : WS_MPI_TAG;
     WS_TRY(mpi_req_push(m, len, &r));
     if (r) {
         /* mpi_wait checks the size received. */
-        CHECK_MPI(c, MPI_Irecv(p, len, MPI_BYTE, a->peer, WS_MPI_TAG, comm_of(c), r), "recv");
+        CHECK_MPI(c, MPI_Irecv(p, len, MPI_BYTE, a->peer, tag, comm_of(c), r), "recv");
         return WS_OK;
     }
     MPI_Status st;
-    CHECK_MPI(c, MPI_Recv(p, len, MPI_BYTE, a->peer, WS_MPI_TAG, comm_of(c), &st), "recv");
+    CHECK_MPI(c, MPI_Recv(p, len, MPI_BYTE, a->peer, tag, comm_of(c), &st), "recv");
     int got = 0;
     MPI_Get_count(&st, MPI_BYTE, &got);
     if (got != len)
@@ -289,7 +294,7 @@ static ws_status mpi_broadcast(ws_comm *c, ws_device *d, void *buf, size_t bytes
                                ws_comm_request *req)
 {
     (void)d;
-    p2p_arg a = {buf, NULL, root};
+    p2p_arg a = {buf, NULL, root, 0};
     return walk_bytes(c, req, bytes, broadcast_chunk, &a);
 }
 
@@ -297,7 +302,7 @@ static ws_status mpi_send(ws_comm *c, ws_device *d, const void *buf, size_t byte
                           ws_comm_request *req)
 {
     (void)d;
-    p2p_arg a = {NULL, buf, peer};
+    p2p_arg a = {NULL, buf, peer, 0};
     return walk_bytes(c, req, bytes, send_chunk, &a);
 }
 
@@ -305,8 +310,90 @@ static ws_status mpi_recv(ws_comm *c, ws_device *d, void *buf, size_t bytes, int
                           ws_comm_request *req)
 {
     (void)d;
-    p2p_arg a = {buf, NULL, peer};
+    p2p_arg a = {buf, NULL, peer, 0};
     return walk_bytes(c, req, bytes, recv_chunk, &a);
+}
+
+/* ---- all_to_all ------------------------------------------------------------ */
+
+#define WS_MPI_A2A_TAG (WS_MPI_TAG + 1)
+
+/* Counts and displacements that fit MPI's ints: one MPI_(I)alltoallv. */
+static ws_status alltoallv_ints(ws_comm *c, mpi_req *m, const void *send, const size_t *sc,
+                                const size_t *sd, void *recv, const size_t *rcn, const size_t *rd)
+{
+    int n = c->size;
+    int *a = malloc(4 * (size_t)n * sizeof *a);
+    if (!a) return WS_ERR(WS_ERR_NOMEM, "all_to_all: out of host memory for the counts");
+    for (int q = 0; q < n; q++) {
+        a[q] = (int)sc[q];
+        a[n + q] = (int)sd[q];
+        a[2 * n + q] = (int)rcn[q];
+        a[3 * n + q] = (int)rd[q];
+    }
+    MPI_Request *r = NULL;
+    ws_status rc = mpi_req_push(m, -1, &r);
+    int mrc = MPI_SUCCESS;
+    if (rc == WS_OK)
+        mrc = r ? MPI_Ialltoallv(send, a, a + n, MPI_BYTE, recv, a + 2 * n, a + 3 * n, MPI_BYTE,
+                                 comm_of(c), r)
+                : MPI_Alltoallv(send, a, a + n, MPI_BYTE, recv, a + 2 * n, a + 3 * n, MPI_BYTE,
+                                comm_of(c));
+    /* MPI reads the arrays until a nonblocking call completes. */
+    if (r && rc == WS_OK) {
+        free(m->counts);
+        m->counts = a;
+    } else {
+        free(a);
+    }
+    WS_TRY(rc);
+    CHECK_MPI(c, mrc, "all_to_all");
+    return WS_OK;
+}
+
+/* Larger pieces: every pair exchanges theirs in chunks, point to point. */
+static ws_status alltoallv_chunks(ws_comm *c, mpi_req *m, const void *send, const size_t *sc,
+                                  const size_t *sd, void *recv, const size_t *rcn,
+                                  const size_t *rd)
+{
+    for (int q = 0; q < c->size; q++) {
+        if (q == c->rank || rcn[q] == 0) continue;
+        p2p_arg a = {(char *)recv + rd[q], NULL, q, WS_MPI_A2A_TAG};
+        WS_TRY(walk_chunks(c, m, rcn[q], chunk_of(1), recv_chunk, &a));
+    }
+    for (int q = 0; q < c->size; q++) {
+        if (q == c->rank || sc[q] == 0) continue;
+        p2p_arg a = {NULL, (const char *)send + sd[q], q, WS_MPI_A2A_TAG};
+        WS_TRY(walk_chunks(c, m, sc[q], chunk_of(1), send_chunk, &a));
+    }
+    if (sc[c->rank]) memcpy((char *)recv + rd[c->rank], (const char *)send + sd[c->rank],
+                            sc[c->rank]);
+    return WS_OK;
+}
+
+static ws_status mpi_all_to_all(ws_comm *c, ws_device *d, const void *send, const size_t *sc,
+                                const size_t *sd, void *recv, const size_t *rcn, const size_t *rd,
+                                ws_comm_request *req)
+{
+    (void)d;
+    int fits = 1;
+    for (int q = 0; q < c->size; q++)
+        fits &= sc[q] <= g_mpi.chunk_bytes && rcn[q] <= g_mpi.chunk_bytes &&
+                sd[q] <= (size_t)0x7fffffff && rd[q] <= (size_t)0x7fffffff;
+    mpi_req *m;
+    WS_TRY(async_state(req, &m));
+    if (fits) return alltoallv_ints(c, m, send, sc, sd, recv, rcn, rd);
+    if (m) return alltoallv_chunks(c, m, send, sc, sd, recv, rcn, rd);
+    /* Blocking: the point-to-point pieces still run together, then complete. */
+    ws_comm_request local = {.comm = c, .what = "all_to_all"};
+    local.impl = calloc(1, sizeof(mpi_req));
+    if (!local.impl) return WS_ERR(WS_ERR_NOMEM, "all_to_all: out of host memory for a request");
+    ws_status rc = alltoallv_chunks(c, local.impl, send, sc, sd, recv, rcn, rd);
+    char first[512];
+    snprintf(first, sizeof first, "%s", rc == WS_OK ? "" : ws_errmsg());
+    ws_status w = mpi_wait(&local);
+    if (rc != WS_OK) return WS_ERR(rc, "%s", first);
+    return w;
 }
 
 /* ---- reductions ------------------------------------------------------------ */
@@ -534,6 +621,12 @@ static ws_status mpi_gather_i64(ws_comm *c, const int64_t *mine, int n, int64_t 
     return WS_OK;
 }
 
+static ws_status mpi_exchange_i64(ws_comm *c, const int64_t *send, int64_t *recv)
+{
+    CHECK_MPI(c, MPI_Alltoall(send, 1, MPI_INT64_T, recv, 1, MPI_INT64_T, comm_of(c)), "check");
+    return WS_OK;
+}
+
 static ws_status mpi_bcast_bytes(ws_comm *c, void *buf, size_t bytes, int root)
 {
     CHECK_MPI(c, MPI_Bcast(buf, (int)bytes, MPI_BYTE, root, comm_of(c)), "nccl bootstrap");
@@ -550,22 +643,24 @@ static double now_s(void)
 static ws_status mpi_reference(ws_comm *c, const char *op, size_t bytes, int iters,
                            double *seconds_per_iter)
 {
-    int gather = strcmp(op, "all_gather") == 0;
-    if (!gather && strcmp(op, "broadcast") != 0)
-        return WS_ERR(WS_ERR_ARG, "reference: unknown op '%s'; use \"all_gather\" or \"broadcast\"",
-                      op);
-    size_t piece = gather ? bytes / (size_t)c->size : bytes;
-    if (iters < 1 || piece > (size_t)0x7fffffff || (gather && bytes % (size_t)c->size))
+    int gather = strcmp(op, "all_gather") == 0, a2a = strcmp(op, "all_to_all") == 0;
+    if (!gather && !a2a && strcmp(op, "broadcast") != 0)
+        return WS_ERR(WS_ERR_ARG, "reference: unknown op '%s'; use \"all_gather\", "
+                      "\"broadcast\" or \"all_to_all\"", op);
+    size_t piece = gather || a2a ? bytes / (size_t)c->size : bytes;
+    /* An all_to_all sends as much as it receives. */
+    size_t send_bytes = a2a ? bytes : piece;
+    if (iters < 1 || piece > (size_t)0x7fffffff || ((gather || a2a) && bytes % (size_t)c->size))
         return WS_ERR(WS_ERR_ARG, "reference: %s of %zu bytes x %d iterations: bytes must be a "
                       "multiple of the world size and each piece under 2 GiB, iters >= 1", op,
                       bytes, iters);
-    char *send = malloc(piece ? piece : 1), *recv = malloc(bytes ? bytes : 1);
+    char *send = malloc(send_bytes ? send_bytes : 1), *recv = malloc(bytes ? bytes : 1);
     if (!send || !recv) {
         free(send);
         free(recv);
         return WS_ERR(WS_ERR_NOMEM, "reference: out of host memory for %zu bytes", bytes);
     }
-    memset(send, c->rank + 1, piece);
+    memset(send, c->rank + 1, send_bytes);
     memset(recv, 0, bytes);
     MPI_Comm comm = comm_of(c);
     int rc = MPI_SUCCESS;
@@ -577,6 +672,7 @@ static ws_status mpi_reference(ws_comm *c, const char *op, size_t bytes, int ite
         }
         if (rc != MPI_SUCCESS) break;
         rc = gather ? MPI_Allgather(send, (int)piece, MPI_BYTE, recv, (int)piece, MPI_BYTE, comm)
+             : a2a  ? MPI_Alltoall(send, (int)piece, MPI_BYTE, recv, (int)piece, MPI_BYTE, comm)
                     : MPI_Bcast(recv, (int)bytes, MPI_BYTE, 0, comm);
     }
     double t = (now_s() - t0) / iters;
@@ -613,6 +709,7 @@ const ws_comm_host_ops ws_comm_mpi_ops = {
         .recv = mpi_recv,
         .all_reduce = mpi_all_reduce,
         .reduce_scatter = mpi_reduce_scatter,
+        .all_to_all = mpi_all_to_all,
         .wait = mpi_wait,
     },
     .launched = mpi_launched,
@@ -622,6 +719,7 @@ const ws_comm_host_ops ws_comm_mpi_ops = {
     .barrier = mpi_barrier,
     .max_i64 = mpi_max_i64,
     .gather_i64 = mpi_gather_i64,
+    .exchange_i64 = mpi_exchange_i64,
     .bcast_bytes = mpi_bcast_bytes,
     .reference = mpi_reference,
     .abort = mpi_abort,

@@ -347,6 +347,31 @@ static ws_status n_reduce_scatter(ws_comm *c, ws_device *d, const void *send, vo
     return after(c, d, req, "reduce_scatter");
 }
 
+/* Grouped sends and receives: NCCL runs the pairs together, as one
+ * collective (the piece a rank sends itself is a send and a recv too). */
+static ws_status n_all_to_all(ws_comm *c, ws_device *d, const void *send, const size_t *sc,
+                              const size_t *sd, void *recv, const size_t *rcn, const size_t *rd,
+                              ws_comm_request *req)
+{
+    WS_TRY(before(c, d));
+    CHECK_NCCL(c, g_lib.group_start(), "all_to_all");
+    nccl_result r = NCCL_OK;
+    for (int q = 0; q < c->size && (r == NCCL_OK || r == NCCL_IN_PROGRESS); q++) {
+        if (sc[q])
+            r = g_lib.send((const char *)send + sd[q], sc[q], NCCL_UINT8, q, c->nccl->comm,
+                           nccl_stream(c));
+        if (rcn[q] && (r == NCCL_OK || r == NCCL_IN_PROGRESS))
+            r = g_lib.recv((char *)recv + rd[q], rcn[q], NCCL_UINT8, q, c->nccl->comm,
+                           nccl_stream(c));
+    }
+    /* The group is closed even after a failed enqueue, so NCCL is left usable
+     * for the abort. */
+    nccl_result end = g_lib.group_end();
+    CHECK_NCCL(c, r, "all_to_all");
+    CHECK_NCCL(c, end, "all_to_all");
+    return after(c, d, req, "all_to_all");
+}
+
 static const ws_comm_ops g_nccl_ops = {
     .name = "nccl",
     .all_gather = n_all_gather,
@@ -355,6 +380,7 @@ static const ws_comm_ops g_nccl_ops = {
     .recv = n_recv,
     .all_reduce = n_all_reduce,
     .reduce_scatter = n_reduce_scatter,
+    .all_to_all = n_all_to_all,
     .wait = nccl_wait,
 };
 

@@ -44,6 +44,20 @@ static ws_status self_reduce_scatter(ws_comm *c, ws_device *d, const void *send,
     return self_all_gather(c, d, send, recv, count * ws_dtype_size(t), req);
 }
 
+/* The one piece a rank sends itself. */
+static ws_status self_all_to_all(ws_comm *c, ws_device *d, const void *send,
+                                 const size_t *send_counts, const size_t *send_displs, void *recv,
+                                 const size_t *recv_counts, const size_t *recv_displs,
+                                 ws_comm_request *req)
+{
+    if (send_counts[0] != recv_counts[0])
+        return WS_ERR(WS_ERR_ARG, "all_to_all: rank 0 sends itself %zu bytes but expects %zu",
+                      send_counts[0], recv_counts[0]);
+    if (send_counts[0] == 0) return WS_OK;
+    return d->ops->copy(d, (char *)recv + recv_displs[0], (const char *)send + send_displs[0],
+                        send_counts[0]);
+}
+
 static ws_status self_wait(ws_comm_request *req) { return WS_OK; }
 
 static int self_launched(void) { return 1; }
@@ -73,6 +87,12 @@ static ws_status self_gather_i64(ws_comm *c, const int64_t *mine, int n, int64_t
     return WS_OK;
 }
 
+static ws_status self_exchange_i64(ws_comm *c, const int64_t *send, int64_t *recv)
+{
+    recv[0] = send[0];
+    return WS_OK;
+}
+
 static ws_status self_bcast_bytes(ws_comm *c, void *buf, size_t bytes, int root) { return WS_OK; }
 
 static ws_status self_reference(ws_comm *c, const char *op, size_t bytes, int iters,
@@ -94,6 +114,7 @@ static const ws_comm_host_ops g_self_ops = {
         .recv = self_recv,
         .all_reduce = self_all_reduce,
         .reduce_scatter = self_reduce_scatter,
+        .all_to_all = self_all_to_all,
         .wait = self_wait,
     },
     .launched = self_launched,
@@ -103,6 +124,7 @@ static const ws_comm_host_ops g_self_ops = {
     .barrier = self_barrier,
     .max_i64 = self_max_i64,
     .gather_i64 = self_gather_i64,
+    .exchange_i64 = self_exchange_i64,
     .bcast_bytes = self_bcast_bytes,
     .reference = self_reference,
     .abort = self_abort,

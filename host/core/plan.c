@@ -52,11 +52,10 @@ typedef struct plan_entry {
     int64_t target_offset; /* server mode: its element where the parameter starts */
 } plan_entry;
 
-/* Elements of the entry's destination block with a flat index below x (the
- * whole tensor: x itself). */
-static int64_t block_below(const plan_entry *e, int64_t x)
+/* Elements of block b with a flat index below x (no block, cols == 0: x
+ * itself). */
+static int64_t elems_below(const ws_plan_block *b, int64_t x)
 {
-    const ws_plan_block *b = &e->block;
     if (b->cols == 0) return x;
     int64_t i = x / b->cols, j = x % b->cols, w = b->col_end - b->col_begin;
     if (i < b->row_begin) return 0;
@@ -64,6 +63,9 @@ static int64_t block_below(const plan_entry *e, int64_t x)
     int64_t in_row = j < b->col_begin ? 0 : j > b->col_end ? w : j - b->col_begin;
     return (i - b->row_begin) * w + in_row;
 }
+
+/* The same for the entry's destination block. */
+static int64_t block_below(const plan_entry *e, int64_t x) { return elems_below(&e->block, x); }
 
 /* Elements [a, b) of an entry's shard placed at byte `off` of a segment. */
 typedef struct plan_piece {
@@ -114,6 +116,14 @@ struct ws_plan {
     int pairs;
 
     ws_plan_stats stats;
+
+    /* The exchange (see plan.h), planned by plan_exchange on top of the
+     * gather's buckets; x_on: its descriptors replaced the gather's. */
+    ws_plan_exchange exchange;
+    int x_planned, x_on;
+    size_t *x_counts;           /* per bucket 4 x world: send counts, displs, recv counts, displs */
+    ws_tensor x_send[2], x_recv[2];
+    int x_pairs;
 };
 
 static double now_ms(void)
@@ -523,6 +533,21 @@ static ws_status lay_out(ws_plan *p, size_t cap, size_t align, vec *pieces, vec 
     return WS_OK;
 }
 
+/* One staging pair: send and recv byte buffers of sn and rn bytes on the
+ * plan's device, named for messages ("plan 'base' <kind>send 0"). */
+static ws_status new_pair(ws_plan *p, ws_tensor *send, ws_tensor *recv, int64_t sn, int64_t rn,
+                          const char *kind, int j)
+{
+    char nm[PLAN_NAME_CAP + 48];
+    ws_tensor_opts opts = {.device = p->device, .name = nm};
+    snprintf(nm, sizeof nm, "plan '%s' %ssend %d", p->name, kind, j);
+    WS_TRY(ws_tensor_empty(send, WS_U8, 1, &sn, &opts));
+    snprintf(nm, sizeof nm, "plan '%s' %srecv %d", p->name, kind, j);
+    ws_status rc = ws_tensor_empty(recv, WS_U8, 1, &rn, &opts);
+    if (rc != WS_OK) ws_tensor_free(send);
+    return rc;
+}
+
 /* Staging is sized by the fullest bucket, not the configured bucket, so a
  * small plan (an adapter) does not hold a large plan's staging memory. */
 static ws_status ensure_staging(ws_plan *p, int pairs, size_t seg_bytes)
@@ -536,19 +561,9 @@ static ws_status ensure_staging(ws_plan *p, int pairs, size_t seg_bytes)
         p->stats.staging_bytes = 0;
     }
     if (p->pairs == 0) p->staged_seg = seg_bytes;
-    ws_tensor_opts opts = {.device = p->device};
     for (int j = p->pairs; j < pairs; j++) {
-        char nm[PLAN_NAME_CAP + 32];
         int64_t seg = (int64_t)p->staged_seg, all = seg * p->world;
-        snprintf(nm, sizeof nm, "plan '%s' send %d", p->name, j);
-        opts.name = nm;
-        WS_TRY(ws_tensor_empty(&p->send[j], WS_U8, 1, &seg, &opts));
-        snprintf(nm, sizeof nm, "plan '%s' recv %d", p->name, j);
-        ws_status rc = ws_tensor_empty(&p->recv[j], WS_U8, 1, &all, &opts);
-        if (rc != WS_OK) {
-            ws_tensor_free(&p->send[j]);
-            return rc;
-        }
+        WS_TRY(new_pair(p, &p->send[j], &p->recv[j], seg, all, "", j));
         p->pairs = j + 1;
         p->stats.staging_bytes += (size_t)seg + (size_t)all;
     }
@@ -696,8 +711,11 @@ static ws_status build_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *
     return WS_OK;
 }
 
+static void drop_exchange(ws_plan *p);
+
 static void drop_plan(ws_plan *p)
 {
+    drop_exchange(p);
     free(p->buckets);
     free(p->pack);
     free(p->out);
@@ -753,6 +771,7 @@ static ws_status plan_buckets(ws_plan *p)
     relayed += p->wire_bytes;
     p->stats.buckets = p->n_buckets;
     p->stats.bytes_gathered = gathered;
+    p->stats.bytes_gathered_full = gathered;
     p->stats.bytes_relayed = relayed;
     return WS_OK;
 }
@@ -781,8 +800,15 @@ ws_status ws_plan_estimate(ws_plan *p, ws_plan_stats *out)
     size_t pairs = buckets.n > 1 ? 2 : buckets.n;
     out->buckets = buckets.n;
     out->bytes_gathered = gathered;
+    out->bytes_gathered_full = gathered;
     out->bytes_relayed = relayed;
     out->staging_bytes = staged(p) ? pairs * (seg + seg * (size_t)p->world) : 0;
+    /* The exchange's own figures need every rank's blocks: known once planned. */
+    if (p->planned && p->x_on) {
+        out->exchanged = 1;
+        out->bytes_gathered = p->stats.bytes_gathered;
+        out->staging_bytes = p->stats.staging_bytes;
+    }
     free(pieces.data);
     free(buckets.data);
     return WS_OK;
@@ -895,8 +921,11 @@ static ws_status copy_range(ws_plan *p, const ws_copy_desc *d, size_t begin, siz
     return rc;
 }
 
+static ws_status start_exchange(ws_plan *p, size_t k, ws_comm_request **req);
+
 static ws_status start_gather(ws_plan *p, size_t k, ws_comm_request **req)
 {
+    if (p->x_on) return start_exchange(p, k, req);
     const plan_bucket *b = &p->buckets[k];
     ws_tensor send = {0}, recv = {0};
     ws_status rc = ws_tensor_narrow(&send, &p->send[k % 2], 0, 0, (int64_t)b->seg_used);
@@ -984,7 +1013,8 @@ static ws_status run_gathered(ws_plan *p, ws_plan_progress_fn progress, void *ct
             if (rc == WS_OK) rc = start_gather(p, k + 1, &req[(k + 1) % 2]);
             if (rc != WS_OK) break;
         }
-        rc = land_bucket(p, k, req, "all_gather", &marked, progress, ctx);
+        rc = land_bucket(p, k, req, p->x_on ? "all_to_all" : "all_gather", &marked, progress,
+                         ctx);
     }
     return drain(p, req, rc, marked);
 }
@@ -1166,6 +1196,9 @@ static ws_status run_direct(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
     return WS_OK;
 }
 
+static int wants_exchange(const ws_plan *p);
+static ws_status plan_exchange(ws_plan *p);
+
 ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
 {
     double t0 = now_ms();
@@ -1174,6 +1207,7 @@ ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
     if (rc == WS_OK && p->role == WS_PLAN_REMOTE) rc = remote_slots(p);
     if (rc == WS_OK && !p->planned) rc = plan_buckets(p);
     if (p->comm || p->relay) rc = agree(p, rc);
+    if (rc == WS_OK && wants_exchange(p)) rc = plan_exchange(p);
     char holder[PLAN_NAME_CAP + 32];
     snprintf(holder, sizeof holder, "plan '%s' (executing)", p->name);
     for (size_t i = 0; i < p->n_pools; i++) ws_pool_hold(p->pools[i], holder);
@@ -1213,4 +1247,380 @@ void ws_plan_destroy(ws_plan *p)
     free(p->entries);
     free(p->names);
     free(p);
+}
+
+/* ---- the exchange ----------------------------------------------------------------- */
+
+/* A run of a block's packed bytes starts on this boundary within a peer's
+ * part of an exchange, so converting copies read and write aligned. */
+#define X_ALIGN 16
+
+ws_status ws_plan_set_exchange(ws_plan *p, ws_plan_exchange how)
+{
+    if (how != WS_PLAN_EXCHANGE_AUTO && how != WS_PLAN_EXCHANGE_GATHER)
+        return WS_ERR(WS_ERR_ARG, "plan '%s': exchange %d is neither auto nor gather", p->name,
+                      (int)how);
+    if (how != p->exchange) p->planned = 0;
+    p->exchange = how;
+    return WS_OK;
+}
+
+static void drop_exchange(ws_plan *p)
+{
+    free(p->x_counts);
+    p->x_counts = NULL;
+    for (int j = 0; j < p->x_pairs; j++) {
+        ws_tensor_free(&p->x_send[j]);
+        ws_tensor_free(&p->x_recv[j]);
+    }
+    p->x_pairs = 0;
+    p->x_planned = p->x_on = 0;
+    p->stats.exchanged = 0;
+}
+
+/* Only a colocated plan gathering over several ranks, once per planning. */
+static int wants_exchange(const ws_plan *p)
+{
+    return !p->x_planned && p->exchange == WS_PLAN_EXCHANGE_AUTO &&
+           p->role == WS_PLAN_COLOCATED && p->world > 1;
+}
+
+/* The runs of flat elements [lo, hi) that lie in block b, in flat order:
+ * x (first element), n (count), at (its index in the block's packed
+ * order). A block of whole rows, or none, gives at most one run; a range of
+ * columns one per row. */
+typedef struct run_iter {
+    const ws_plan_block *b;
+    int64_t lo, hi, row, row_end;
+    int done;
+} run_iter;
+
+static void runs_begin(run_iter *it, const ws_plan_block *b, int64_t lo, int64_t hi)
+{
+    memset(it, 0, sizeof *it);
+    it->b = b;
+    it->lo = lo;
+    it->hi = hi;
+    it->done = hi <= lo;
+    if (it->done || b->cols == 0) return;
+    int64_t C = b->cols;
+    it->row = lo / C > b->row_begin ? lo / C : b->row_begin;
+    it->row_end = (hi - 1) / C + 1 < b->row_end ? (hi - 1) / C + 1 : b->row_end;
+    it->done = b->col_end == b->col_begin || it->row >= it->row_end;
+}
+
+static int runs_next(run_iter *it, int64_t *x, int64_t *n, int64_t *at)
+{
+    const ws_plan_block *b = it->b;
+    if (it->done) return 0;
+    if (b->cols == 0) { /* the whole tensor */
+        *x = it->lo, *n = it->hi - it->lo, *at = it->lo;
+        it->done = 1;
+        return 1;
+    }
+    int64_t C = b->cols, w = b->col_end - b->col_begin;
+    if (b->col_begin == 0 && b->col_end == C) { /* whole rows: one range */
+        int64_t x0 = it->lo > b->row_begin * C ? it->lo : b->row_begin * C;
+        int64_t x1 = it->hi < b->row_end * C ? it->hi : b->row_end * C;
+        it->done = 1;
+        if (x1 <= x0) return 0;
+        *x = x0, *n = x1 - x0, *at = x0 - b->row_begin * C;
+        return 1;
+    }
+    while (it->row < it->row_end) {
+        int64_t i = it->row++;
+        int64_t x0 = i * C + b->col_begin, x1 = i * C + b->col_end;
+        if (x0 < it->lo) x0 = it->lo;
+        if (x1 > it->hi) x1 = it->hi;
+        if (x1 <= x0) continue;
+        *x = x0, *n = x1 - x0, *at = (i - b->row_begin) * w + x0 - i * C - b->col_begin;
+        return 1;
+    }
+    it->done = 1;
+    return 0;
+}
+
+/* Appends dst <- src, extending the last copy (from index `floor` on) when
+ * this one continues it: a column block's rows land one after another. */
+static ws_status emit_joined(vec *v, size_t floor, void *dst, ws_dtype dt, const void *src,
+                             ws_dtype st, size_t count)
+{
+    if (v->n > floor) {
+        ws_copy_desc *l = (ws_copy_desc *)v->data + v->n - 1;
+        size_t ds = ws_dtype_size(dt), ss = ws_dtype_size(st), es = ds > ss ? ds : ss;
+        if (l->dst_dtype == dt && l->src_dtype == st &&
+            (char *)l->dst + l->count * ds == (char *)dst &&
+            (const char *)l->src + l->count * ss == (const char *)src &&
+            (l->count + count) * es <= PLAN_CHUNK_BYTES) {
+            l->count += count;
+            return WS_OK;
+        }
+    }
+    return emit_copy(v, dst, dt, src, st, count);
+}
+
+/* Flat elements of rank r's real shard slice [a, b): [lo, hi). */
+static void shard_span(const plan_entry *e, int r, int64_t a, int64_t b, int64_t *lo, int64_t *hi)
+{
+    int64_t valid = e->numel - (int64_t)r * e->shard;
+    valid = valid < 0 ? 0 : valid > e->shard ? e->shard : valid;
+    *lo = (int64_t)r * e->shard + a;
+    *hi = (int64_t)r * e->shard + (b < valid ? b : valid);
+}
+
+/* The bytes a part of an exchange carries for pieces [from, to) of bucket k:
+ * for this rank's send to `peer` (send = 1: this rank's shard, the peer's
+ * blocks) or its recv from `peer` (the peer's shard, this rank's blocks).
+ * With `v`, also appends the pack (send) or copy-out (recv) copies, the
+ * part starting at `buf`; buf NULL with peer = this rank: copies straight
+ * from its shard into its blocks, which never cross the staging. */
+static ws_status x_part(const ws_plan *p, const plan_piece *pieces, size_t from, size_t to,
+                        const ws_plan_block *blocks, int peer, int send, vec *v, size_t floor,
+                        char *buf, size_t *bytes)
+{
+    size_t cur = 0;
+    int owner = send ? p->rank : peer, holder = send ? peer : p->rank;
+    for (size_t i = from; i < to; i++) {
+        const plan_piece *pc = &pieces[i];
+        const plan_entry *e = &p->entries[pc->entry];
+        const ws_plan_block *b = &blocks[(size_t)holder * p->n_entries + pc->entry];
+        int64_t lo, hi;
+        shard_span(e, owner, pc->a, pc->b, &lo, &hi);
+        if (hi <= lo) continue;
+        int64_t cnt = elems_below(b, hi) - elems_below(b, lo);
+        if (cnt <= 0) continue;
+        ws_dtype dt = e->dst.dtype;
+        size_t es = ws_dtype_size(dt);
+        cur = align_up(cur, X_ALIGN);
+        if (v) {
+            run_iter it;
+            int64_t x, n, at;
+            size_t run = cur;
+            runs_begin(&it, b, lo, hi);
+            while (runs_next(&it, &x, &n, &at)) {
+                if (send)
+                    WS_TRY(emit_joined(v, floor, buf + run, dt,
+                                       side_ptr(&e->src, x - (int64_t)p->rank * e->shard),
+                                       e->src.dtype, (size_t)n));
+                else if (!buf)
+                    WS_TRY(emit_joined(v, floor, side_ptr(&e->dst, at), dt,
+                                       side_ptr(&e->src, x - (int64_t)p->rank * e->shard),
+                                       e->src.dtype, (size_t)n));
+                else
+                    WS_TRY(emit_joined(v, floor, side_ptr(&e->dst, at), dt, buf + run, dt,
+                                       (size_t)n));
+                run += (size_t)n * es;
+            }
+        }
+        cur += (size_t)cnt * es;
+    }
+    *bytes = cur;
+    return WS_OK;
+}
+
+/* Counts and displacements of every bucket (p->x_counts), and the largest
+ * send and recv totals of a bucket. A rank's part for itself is copied
+ * directly (count 0) but still counted in `received`: it is what its
+ * blocks take from its own shard, as a gather's own piece is. */
+static ws_status x_count(ws_plan *p, const plan_piece *pieces, const plan_bucket *bk,
+                         const ws_plan_block *blocks, size_t *send_max, size_t *recv_max,
+                         size_t *received)
+{
+    size_t W = (size_t)p->world;
+    p->x_counts = ws_calloc(p->n_buckets * 4 * W + 1, sizeof *p->x_counts);
+    if (!p->x_counts) return WS_ERR(WS_ERR_NOMEM, "out of host memory for exchange counts");
+    *send_max = *recv_max = *received = 0;
+    for (size_t k = 0; k < p->n_buckets; k++) {
+        size_t *c = p->x_counts + k * 4 * W;
+        for (int side = 0; side < 2; side++) { /* 0: send, 1: recv */
+            size_t *counts = c + 2 * W * (size_t)side, *displs = counts + W, off = 0;
+            for (int q = 0; q < p->world; q++) {
+                off = align_up(off, PLAN_ALIGN);
+                displs[q] = off;
+                WS_TRY(x_part(p, pieces, bk[k].piece_begin, bk[k].piece_end, blocks, q,
+                              side == 0, NULL, 0, NULL, &counts[q]));
+                if (side == 1) *received += counts[q];
+                if (q == p->rank) counts[q] = 0;
+                off += counts[q];
+            }
+            size_t *mx = side == 0 ? send_max : recv_max;
+            if (off > *mx) *mx = off;
+        }
+    }
+    return WS_OK;
+}
+
+/* The pack and copy-out copies of every bucket, into the exchange staging. */
+static ws_status x_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *bk,
+                         const ws_plan_block *blocks, vec *pack, vec *out)
+{
+    size_t W = (size_t)p->world;
+    for (size_t k = 0; k < p->n_buckets; k++) {
+        const size_t *c = p->x_counts + k * 4 * W;
+        void *send, *recv;
+        WS_TRY(ws_tensor_access(&p->x_send[k % 2], WS_ACCESS_WRITE, "send", &send));
+        WS_TRY(ws_tensor_access(&p->x_recv[k % 2], WS_ACCESS_WRITE, "recv", &recv));
+        size_t pack_begin = pack->n, out_begin = out->n, bytes;
+        for (int q = 0; q < p->world; q++) {
+            if (q == p->rank) { /* with the packing, before the bucket's collective */
+                WS_TRY(x_part(p, pieces, bk[k].piece_begin, bk[k].piece_end, blocks, q, 0, pack,
+                              pack_begin, NULL, &bytes));
+                continue;
+            }
+            WS_TRY(x_part(p, pieces, bk[k].piece_begin, bk[k].piece_end, blocks, q, 1, pack,
+                          pack_begin, (char *)send + c[W + (size_t)q], &bytes));
+            WS_TRY(x_part(p, pieces, bk[k].piece_begin, bk[k].piece_end, blocks, q, 0, out,
+                          out_begin, (char *)recv + c[3 * W + (size_t)q], &bytes));
+        }
+        bk[k].pack_begin = pack_begin;
+        bk[k].pack_end = pack->n;
+        bk[k].out_begin = out_begin;
+        bk[k].out_end = out->n;
+    }
+    return WS_OK;
+}
+
+static ws_status x_staging(ws_plan *p, size_t send_bytes, size_t recv_bytes)
+{
+    int pairs = p->n_buckets > 1 ? 2 : 1;
+    int64_t sn = (int64_t)(send_bytes ? send_bytes : PLAN_ALIGN);
+    int64_t rn = (int64_t)(recv_bytes ? recv_bytes : PLAN_ALIGN);
+    for (int j = 0; j < pairs; j++) {
+        WS_TRY(new_pair(p, &p->x_send[j], &p->x_recv[j], sn, rn, "exchange ", j));
+        p->x_pairs = j + 1;
+    }
+    return WS_OK;
+}
+
+/* Every rank's block of every entry, gathered over the plan's comm:
+ * blocks[r * n_entries + i]. */
+static ws_status x_blocks(ws_plan *p, ws_plan_block **out)
+{
+    size_t n = p->n_entries, W = (size_t)p->world;
+    ws_tensor mine = {0}, all = {0};
+    ws_tensor_opts opts = {.device = ws_device_cpu(), .name = "plan exchange blocks"};
+    int64_t mn = (int64_t)(5 * n), an = (int64_t)(5 * n * W);
+    *out = ws_calloc(n * W + 1, sizeof **out);
+    if (!*out) return WS_ERR(WS_ERR_NOMEM, "out of host memory for %zu blocks", n * W);
+    ws_status rc = ws_tensor_empty(&mine, WS_I64, 1, &mn, &opts);
+    if (rc == WS_OK) rc = ws_tensor_empty(&all, WS_I64, 1, &an, &opts);
+    void *mp = NULL, *ap = NULL;
+    if (rc == WS_OK) rc = ws_tensor_access(&mine, WS_ACCESS_WRITE, "blocks", &mp);
+    if (rc == WS_OK) {
+        int64_t *m = mp;
+        for (size_t i = 0; i < n; i++) {
+            const ws_plan_block *b = &p->entries[i].block;
+            int64_t v[5] = {b->cols, b->row_begin, b->row_end, b->col_begin, b->col_end};
+            memcpy(m + 5 * i, v, sizeof v);
+        }
+        ws_tensor_mark_written(&mine);
+        rc = ws_comm_all_gather(p->comm, &mine, &all, NULL);
+    }
+    if (rc == WS_OK) rc = ws_tensor_access(&all, WS_ACCESS_READ, "blocks", &ap);
+    if (rc == WS_OK) {
+        const int64_t *a = ap;
+        for (size_t j = 0; j < n * W; j++) {
+            ws_plan_block *b = &(*out)[j];
+            b->cols = a[5 * j];
+            b->row_begin = a[5 * j + 1];
+            b->row_end = a[5 * j + 2];
+            b->col_begin = a[5 * j + 3];
+            b->col_end = a[5 * j + 4];
+        }
+    }
+    ws_tensor_free(&mine);
+    ws_tensor_free(&all);
+    return rc;
+}
+
+/* Collective, on every rank after the plan shapes agreed: decides whether
+ * this plan exchanges and, if so, replaces the gather's copies and staging
+ * with the exchange's. Every decision is taken from what all ranks share,
+ * so every rank takes the same one. */
+static ws_status plan_exchange(ws_plan *p)
+{
+    int has_blocks = 0;
+    for (size_t i = 0; i < p->n_entries && !has_blocks; i++) has_blocks = p->entries[i].block.cols != 0;
+    int64_t any[1] = {has_blocks};
+    WS_TRY(ws_comm_max_i64(p->comm, any, 1));
+    p->x_planned = 1;
+    if (!any[0]) return WS_OK;
+    ws_plan_block *blocks = NULL;
+    vec pieces = {0}, buckets = {0}, pack = {0}, out = {0};
+    size_t send_max = 0, recv_max = 0, received = 0;
+    ws_status rc = x_blocks(p, &blocks);
+    /* The gather's layout again: the same buckets, now with their pieces. */
+    if (rc == WS_OK) rc = lay_out(p, p->seg_bytes, PLAN_ALIGN, &pieces, &buckets);
+    if (rc == WS_OK && buckets.n != p->n_buckets)
+        rc = WS_ERR(WS_ERR_ARG, "the layout changed while planning (%zu buckets, then %zu)",
+                    p->n_buckets, buckets.n);
+    if (rc == WS_OK)
+        rc = x_count(p, pieces.data, buckets.data, blocks, &send_max, &recv_max, &received);
+    /* The ranks agree on the largest count and on any failure so far. */
+    int64_t g[2] = {rc != WS_OK, (int64_t)received};
+    ws_status arc = ws_comm_max_i64(p->comm, g, 2);
+    if (rc == WS_OK && arc != WS_OK) rc = arc;
+    if (rc == WS_OK && g[0])
+        rc = WS_ERR(WS_ERR_COMM, "another rank could not plan the exchange (see its message)");
+    /* A near tie keeps the gather: an exchange packs a part for every peer. */
+    int on = rc == WS_OK && (size_t)g[1] / 7 * 8 < p->stats.bytes_gathered_full;
+    if (on) {
+        /* Every rank builds; they agree once more so none exchanges alone. */
+        rc = x_staging(p, send_max, recv_max);
+        if (rc == WS_OK) rc = x_descs(p, pieces.data, buckets.data, blocks, &pack, &out);
+        int64_t f[1] = {rc != WS_OK};
+        arc = ws_comm_max_i64(p->comm, f, 1);
+        if (rc == WS_OK && arc != WS_OK) rc = arc;
+        if (rc == WS_OK && f[0])
+            rc = WS_ERR(WS_ERR_COMM, "another rank could not plan the exchange (see its "
+                        "message)");
+    }
+    if (rc == WS_OK && on) {
+        const plan_bucket *bk = buckets.data;
+        for (size_t k = 0; k < p->n_buckets; k++) {
+            p->buckets[k].pack_begin = bk[k].pack_begin;
+            p->buckets[k].pack_end = bk[k].pack_end;
+            p->buckets[k].out_begin = bk[k].out_begin;
+            p->buckets[k].out_end = bk[k].out_end;
+        }
+        free(p->pack);
+        free(p->out);
+        p->pack = pack.data;
+        p->n_pack = pack.n;
+        p->out = out.data;
+        p->n_out = out.n;
+        pack.data = out.data = NULL;
+        /* The gather's staging is not needed any more. */
+        for (int j = 0; j < p->pairs; j++) {
+            ws_tensor_free(&p->send[j]);
+            ws_tensor_free(&p->recv[j]);
+        }
+        p->pairs = 0;
+        p->x_on = 1;
+        p->stats.exchanged = 1;
+        p->stats.bytes_gathered = received;
+        p->stats.staging_bytes = (size_t)p->x_pairs * (send_max + recv_max);
+    }
+    if (!p->x_on) { /* the gather stays: nothing of the exchange is kept */
+        drop_exchange(p);
+        p->x_planned = 1;
+    }
+    free(blocks);
+    free(pieces.data);
+    free(buckets.data);
+    free(pack.data);
+    free(out.data);
+    if (rc != WS_OK) ws_errprefix("plan '%s': planning the exchange", p->name);
+    return rc;
+}
+
+static ws_status start_exchange(ws_plan *p, size_t k, ws_comm_request **req)
+{
+    size_t W = (size_t)p->world;
+    const size_t *c = p->x_counts + k * 4 * W;
+    ws_status rc = ws_comm_all_to_all(p->comm, &p->x_send[k % 2], c, c + W, &p->x_recv[k % 2],
+                                      c + 2 * W, c + 3 * W, req);
+    if (rc != WS_OK)
+        ws_errprefix("plan '%s': all_to_all of bucket %zu of %zu", p->name, k + 1, p->n_buckets);
+    return rc;
 }

@@ -13,8 +13,8 @@
  *     the tensor seen as [numel / cols, cols], packed row by row into a
  *     contiguous dst of (r1 - r0) * (c1 - c0) elements: a tensor-parallel
  *     engine rank's shard (rows of a column-parallel layer, columns of a
- *     row-parallel one), possibly empty. Every rank still gathers the whole
- *     tensor; only the copy-out is restricted.
+ *     row-parallel one), possibly empty. Such a plan exchanges instead of
+ *     gathering (see the exchange below) when that moves fewer bytes.
  * Execution, per bucket: pack the shards (converted to the destination dtype,
  * so f32 master weights travel as bf16) into a send buffer, all_gather it
  * over the comm, then copy every rank's piece out into the destinations.
@@ -22,7 +22,22 @@
  * of bucket k. A parameter larger than a bucket is streamed in pieces.
  * Staging memory is bounded: 2 x (bucket_bytes + bucket_bytes / world).
  * With a world of one nothing is staged: sources are copied (and converted)
- * straight into the destinations in one batched call per bucket. */
+ * straight into the destinations in one batched call per bucket.
+ *
+ * The exchange: when entries have blocks, the first execution (every rank
+ * together) learns every rank's blocks and counts what an all_to_all would
+ * bring each rank: per bucket, from every rank s, the part of s's shard
+ * pieces that lies in this rank's blocks. When the largest of those counts
+ * is below 7/8 of what the gather brings, the plan exchanges: each rank packs, for
+ * every peer, its shard's intersection with that peer's block (one copy per
+ * row piece where a block is a range of columns), runs one all_to_all per
+ * bucket and copies what came into its destinations; double-buffered like
+ * the gather, in the gather's buckets. A rank's own part goes straight from
+ * its shard into its blocks. Its staging holds at most what a bucket sends
+ * and receives (each under world x the bucket's segment, so under 2 x 2 x
+ * bucket_bytes; about 2 x 2 x bucket_bytes / T for a TP=T engine); the
+ * gather's staging is allocated for the first execution's planning, then
+ * freed. A relay (disaggregated placement) keeps its broadcast. */
 #ifndef WS_PLAN_H
 #define WS_PLAN_H
 
@@ -39,7 +54,10 @@ typedef struct ws_plan_stats {
     size_t entries;
     size_t buckets;          /* buckets per execution */
     size_t bytes_moved;      /* bytes written into destinations (their blocks, dst dtype) */
-    size_t bytes_gathered;   /* bytes through the collective (world * per-rank segments) */
+    size_t bytes_gathered;   /* bytes this rank receives through the collective: the
+                              * gather's world * per-rank segments, or the exchange's */
+    size_t bytes_gathered_full; /* what the gather of whole tensors would bring this rank */
+    int exchanged;           /* 1: the plan runs the exchange (all_to_all), not the gather */
     size_t bytes_relayed;    /* a relay's broadcast: bytes sent (sender) or received */
     size_t staging_bytes;    /* staging memory held during execution */
     double pack_ms, gather_ms, copy_out_ms, total_ms; /* last execution */
@@ -127,6 +145,12 @@ ws_status ws_plan_add_blocks(ws_plan *p, const ws_tensor *const *srcs,
                              const ws_tensor *const *dsts, const int64_t *numel,
                              const int64_t *shard, const ws_plan_block *blocks,
                              const ws_dtype *wire, size_t n);
+/* How a plan with destination blocks moves bytes: AUTO (the default)
+ * exchanges when that moves fewer bytes than the gather; GATHER always
+ * gathers whole tensors. Every rank must set the same. */
+typedef enum ws_plan_exchange { WS_PLAN_EXCHANGE_AUTO = 0, WS_PLAN_EXCHANGE_GATHER } ws_plan_exchange;
+ws_status ws_plan_set_exchange(ws_plan *p, ws_plan_exchange how);
+
 /* Runs the plan: every rank must call it with the same plan shape. */
 ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx);
 void ws_plan_get_stats(const ws_plan *p, ws_plan_stats *out);

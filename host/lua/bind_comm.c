@@ -346,6 +346,43 @@ static int rscatter(lua_State *L, int async)
 static int c_reduce_scatter(lua_State *L) { return rscatter(L, 0); }
 static int c_reduce_scatter_async(lua_State *L) { return rscatter(L, 1); }
 
+/* A list of comm.size byte counts at idx into counts, their running sums
+ * (each part right after the previous one) into displs. */
+static void check_counts(lua_State *L, int idx, int n, size_t *counts, size_t *displs)
+{
+    luaL_checktype(L, idx, LUA_TTABLE);
+    if ((int)luaL_len(L, idx) != n)
+        luaL_argerror(L, idx, lua_pushfstring(L, "needs one byte count per rank (%d), got %d", n,
+                                              (int)luaL_len(L, idx)));
+    size_t at = 0;
+    for (int q = 0; q < n; q++) {
+        lua_geti(L, idx, q + 1);
+        lua_Integer v = lua_tointeger(L, -1);
+        if (!lua_isinteger(L, -1) || v < 0)
+            luaL_argerror(L, idx, lua_pushfstring(L, "count %d must be a byte count >= 0", q + 1));
+        lua_pop(L, 1);
+        counts[q] = (size_t)v;
+        displs[q] = at;
+        at += (size_t)v;
+    }
+}
+
+/* comm:all_to_all(send, send_counts, recv, recv_counts): send_counts[q + 1]
+ * bytes to rank q, the parts one after another in send; recv likewise. */
+static int c_all_to_all(lua_State *L)
+{
+    ws_comm *c = ws_lua_check_comm(L, 1);
+    ws_tensor *send = ws_lua_check_tensor(L, 2);
+    ws_tensor *recv = ws_lua_check_tensor(L, 4);
+    int n = ws_comm_size(c);
+    /* Lua-owned, so a raised error leaks nothing. */
+    size_t *a = (size_t *)lua_newuserdatauv(L, 4 * (size_t)n * sizeof *a, 0);
+    check_counts(L, 3, n, a, a + n);
+    check_counts(L, 5, n, a + 2 * n, a + 3 * n);
+    ws_status rc = ws_comm_all_to_all(c, send, a, a + n, recv, a + 2 * n, a + 3 * n, NULL);
+    return done(L, rc, NULL, NULL, 4);
+}
+
 static int c_barrier(lua_State *L)
 {
     if (ws_comm_barrier(ws_lua_check_comm(L, 1)) != WS_OK) return ws_lua_raise(L, NULL);
@@ -380,6 +417,7 @@ static const luaL_Reg comm_methods[] = {
     {"split", c_split},
     {"all_gather", c_all_gather},
     {"all_gather_async", c_all_gather_async},
+    {"all_to_all", c_all_to_all},
     {"broadcast", c_broadcast},
     {"broadcast_async", c_broadcast_async},
     {"send", c_send},

@@ -42,7 +42,8 @@ static ws_plan *check_plan(lua_State *L, int idx)
 }
 
 static const char *const plan_options[] = {"bucket_mb", "bucket_bytes", "comm", "device", "name",
-                                           "relay", "role", "gather_world", "sender", NULL};
+                                           "relay", "role", "gather_world", "sender", "exchange",
+                                           NULL};
 
 static size_t bucket_option(lua_State *L, int idx)
 {
@@ -165,6 +166,16 @@ static int l_plan(lua_State *L)
     } else {
         lua_pop(L, 1);
     }
+    /* exchange = "auto" (the default: an all_to_all of what each rank's
+     * blocks need, when that moves fewer bytes) or "all_gather" (whole
+     * tensors, always). [.., plan] */
+    if (lua_getfield(L, 1, "exchange") != LUA_TNIL) {
+        static const char *const modes[] = {"auto", "all_gather", NULL};
+        int mode = luaL_checkoption(L, -1, NULL, modes);
+        rc = ws_plan_set_exchange(lp->p, mode == 0 ? WS_PLAN_EXCHANGE_AUTO : WS_PLAN_EXCHANGE_GATHER);
+        if (rc != WS_OK) return ws_lua_raise(L, "ws.plan");
+    }
+    lua_pop(L, 1);
     lp->bucket_bytes = bucket;
     lp->device = dev->name;
     return 1;
@@ -322,8 +333,9 @@ static void push_stats(lua_State *L, const ws_plan_stats *s)
                                  {"bytes_moved", (lua_Integer)s->bytes_moved},
                                  {"bytes_gathered", (lua_Integer)s->bytes_gathered},
                                  {"staging_bytes", (lua_Integer)s->staging_bytes},
-                                 {"bytes_relayed", (lua_Integer)s->bytes_relayed}};
-    ws_lua_push_int_fields(L, fields, 6, 4);
+                                 {"bytes_relayed", (lua_Integer)s->bytes_relayed},
+                                 {"bytes_gathered_full", (lua_Integer)s->bytes_gathered_full}};
+    ws_lua_push_int_fields(L, fields, 7, 5);
     lua_pushnumber(L, s->pack_ms);
     lua_setfield(L, -2, "pack_ms");
     lua_pushnumber(L, s->gather_ms);
@@ -332,6 +344,8 @@ static void push_stats(lua_State *L, const ws_plan_stats *s)
     lua_setfield(L, -2, "copy_out_ms");
     lua_pushnumber(L, s->total_ms);
     lua_setfield(L, -2, "total_ms");
+    lua_pushboolean(L, s->exchanged);
+    lua_setfield(L, -2, "exchanged");
 }
 
 typedef struct progress_ctx {

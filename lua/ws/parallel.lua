@@ -5,10 +5,11 @@
 -- weight (the layout itself is the family's rule, ws.family.decoder
 -- engine_layout). Expert parallelism: groups of engine_ep consecutive ranks;
 -- EP rank r % engine_ep holds a contiguous range of each layer's experts,
--- whole (vLLM's FusedMoE with expert parallelism splits no expert). Every
--- rank still gathers every parameter from the trainer's FSDP shards and
--- copies out only its shard; verification sums the shards' checksums over
--- the group (sub-communicators made here) back to the trainer's.
+-- whole (vLLM's FusedMoE with expert parallelism splits no expert). Each
+-- rank's sync plan receives from the trainer's FSDP shards only what its own
+-- shard needs (an all_to_all; sync_exchange=all_gather gathers every whole
+-- parameter instead); verification sums the shards' checksums over the group
+-- (sub-communicators made here) back to the trainer's.
 local config = require("ws.config")
 
 local M = {}

@@ -70,6 +70,10 @@ M.common = {
     engine_ep = { default = 1, type = "integer", min = 1, max = 65536,
                   help = "engine expert parallelism: each layer's experts placed contiguously " ..
                          "over groups of this many consecutive ranks" },
+    sync_exchange = { default = "auto", type = "enum", values = { "auto", "all_gather" },
+                      help = "engine_tp/engine_ep > 1: auto sends each rank only what its " ..
+                             "shard needs (one all_to_all per bucket) when that moves fewer " ..
+                             "bytes; all_gather gathers whole tensors on every rank" },
     param_offload = { default = false, type = "boolean",
                       help = "trainer params to pinned host memory after training" },
     seed = { default = 0, type = "integer", min = 0, help = "weight seed" },
@@ -228,6 +232,7 @@ function Ctx:send(kind)
     rec.engine_bytes = rec.engine_bytes + s.engine_bytes
     rec.bytes_sent = rec.bytes_sent + s.bytes_moved
     rec.bytes_gathered = rec.bytes_gathered + s.bytes_gathered
+    rec.bytes_gathered_full = rec.bytes_gathered_full + s.bytes_gathered_full
     rec.staging_bytes = math.max(rec.staging_bytes, s.staging_bytes)
     self.sent[kind] = true
     self.state.written[kind] = true
@@ -541,7 +546,7 @@ function M.setup(p, cfg, built, report, env)
     built.sync = sync_mod.new{ trainer = built.trainer, engine = built.engine,
                                comm = sync_comm, device = device,
                                bucket_mb = cfg.bucket_mb, progress = cfg.progress,
-                               verify = cfg.verify,
+                               verify = cfg.verify, exchange = cfg.sync_exchange,
                                rank = env.rank, relay = place and placement.relay_of(place) }
     local trainer, engine, sync = built.trainer, built.engine, built.sync
     local verify_kinds, build_ms = {}, {}
@@ -621,6 +626,9 @@ function M.dry_run_report(p, built, kinds, build_ms, env)
                       (trainer.lora and lora.param_count(spec, trainer.lora) or 0),
                       #trainer.base_params, #trainer.adapter_params, #trainer.params,
                       #engine.order))
+    -- MB_gathered is the gather of whole tensors: an exchange (engine_tp > 1)
+    -- is planned with every rank's blocks at the first sync, so a dry run
+    -- cannot show it.
     log("#plan     entries buckets  MB_per_sync  MB_gathered  staging_MB  build_ms")
     local total_ms = 0
     for _, kind in ipairs(kinds) do

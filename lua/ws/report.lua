@@ -51,6 +51,7 @@ function Report:begin_step(step)
     if self.device.reset_peak then self.device:reset_peak() end
     local rec = { step = step, phase_ms = {}, phases = {}, base_sent = false, adapter_sent = false,
                   bytes_sent = 0, base_bytes = 0, adapter_bytes = 0, bytes_gathered = 0,
+                  bytes_gathered_full = 0,
                   staging_bytes = 0, engine_bytes = 0, quant_ms = 0, seal_ms = 0,
                   verified = false, verify = self.cfg and self.cfg.verify or "all" }
     rec.t0 = ws.now_ms()
@@ -180,6 +181,17 @@ function Report:summary()
     if ea ~= ba then
         line(string.format("  %-16s %12s %14s", "MB into engine", fmt(ea and ea / 1e6, "MB"),
                            fmt(eb and eb / 1e6, "MB")))
+    end
+    -- What this rank received through the collectives, and what a gather of
+    -- whole tensors would have brought it (they differ when a tensor-parallel
+    -- engine's plans exchange only what each rank's shard needs).
+    local ga, gb = mean(r, 1, "bytes_gathered"), mean(r, 2, "bytes_gathered")
+    local fa, fb = mean(r, 1, "bytes_gathered_full"), mean(r, 2, "bytes_gathered_full")
+    if fa and fa > 0 and fa ~= ga then
+        line(string.format("  %-16s %12s %14s", "MB received", fmt(ga / 1e6, "MB"),
+                           fmt(gb and gb / 1e6, "MB")))
+        line(string.format("  %-16s %12s %14s", "MB full gather", fmt(fa / 1e6, "MB"),
+                           fmt(fb and fb / 1e6, "MB")))
     end
     local base_steps, verified, peak_dev, peak_host = 0, 0, 0, 0
     for _, rec in ipairs(r) do

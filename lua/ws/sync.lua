@@ -33,13 +33,17 @@ Sync.__index = Sync
 -- for rank-0 output), relay (disaggregated, ws.placement.relay_of: role
 -- "sender" on trainer ranks, which gather over their own comm (opts.comm)
 -- and, rank 0, broadcast over relay.comm; "receiver" on engine ranks),
--- verify (the key: server mode proves each sync at its finish unless "off").
+-- exchange ("auto": a plan with tensor-parallel blocks sends each rank only
+-- what its blocks need when that moves fewer bytes; "all_gather": whole
+-- tensors to every rank; a relay always broadcasts), verify (the key:
+-- server mode proves each sync at its finish unless "off").
 function M.new(opts)
     local self = setmetatable({}, Sync)
     self.verify = opts.verify or "all"
     self.trainer, self.engine, self.comm = opts.trainer, opts.engine, opts.comm
     self.relay = opts.relay
     self.device, self.bucket_mb = opts.device, opts.bucket_mb
+    self.exchange = opts.exchange or "auto"
     self.progress = opts.progress or "auto"
     self.rank = opts.rank or 0
     self.plans, self.pairs, self.views, self.flats = {}, {}, {}, {}
@@ -212,7 +216,8 @@ function Sync:build(kind)
         plan:add(nil, dsts, numels, shards, blocks)
     else
         plan = must("sync", ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm,
-                                     device = self.device, name = kind })
+                                     device = self.device, name = kind,
+                                     exchange = self.exchange })
         plan:add(srcs, dsts, numels, shards, blocks)
     end
     self.plans[kind], self.pairs[kind] = plan, plist

@@ -163,6 +163,33 @@ static void test_split_and_reference(void)
     CHECK_ERR(ws_comm_reference(c, "all_gather", 1024, 1, &s), WS_ERR_UNSUPPORTED, "mpirun");
 }
 
+/* A world of one sends itself its one piece: bytes at its displacements. */
+static void test_all_to_all(void)
+{
+    ws_comm *c = world();
+    ws_tensor s = {0}, r = {0};
+    make(&s, WS_U8, 600, "send", 4);
+    make(&r, WS_U8, 700, "recv", 5);
+    size_t sc[1] = {300}, sd[1] = {256}, rc[1] = {300}, rd[1] = {16};
+    ws_comm_request *q = NULL;
+    CHECK_OK(ws_comm_all_to_all(c, &s, sc, sd, &r, rc, rd, &q));
+    CHECK(q != NULL);
+    CHECK_OK(ws_comm_wait(q));
+    const uint8_t *sp = ws_tensor_data(&s), *rp = ws_tensor_data(&r);
+    CHECK(memcmp(rp + 16, sp + 256, 300) == 0);
+    size_t empty[1] = {0};
+    CHECK_OK(ws_comm_all_to_all(c, &s, empty, empty, &r, empty, empty, NULL));
+    size_t far[1] = {400};
+    CHECK_ERR(ws_comm_all_to_all(c, &s, sc, far, &r, rc, rd, NULL), WS_ERR_ARG,
+              "send bytes [400, 700) for rank 0 lie outside 'send' (600 bytes)");
+    size_t other[1] = {200};
+    CHECK_ERR(ws_comm_all_to_all(c, &s, sc, sd, &r, other, rd, NULL), WS_ERR_ARG,
+              "sends itself 300 bytes but expects 200");
+    CHECK_ERR(ws_comm_all_to_all(c, &s, sc, sd, &s, rc, rd, NULL), WS_ERR_ARG, "overlap");
+    ws_tensor_free(&s);
+    ws_tensor_free(&r);
+}
+
 int main(void)
 {
     RUN(test_world_of_one);
@@ -173,6 +200,7 @@ int main(void)
     RUN(test_rejects_freed_and_strided);
     RUN(test_bad_op);
     RUN(test_split_and_reference);
+    RUN(test_all_to_all);
     ws_comm_shutdown();
     return check_summary();
 }

@@ -5,7 +5,9 @@
 # Every time the three survivors (both trainer ranks, the other engine rank)
 # must be gone within 2 s of the kill and the job must exit non-zero: the
 # failure machinery of colocated runs (host/core/comm_watch.c) holds when the
-# ranks do different work. Skipped (77) without MPI.
+# ranks do different work. Every other round kills any rank of a colocated
+# engine_tp=2 job instead, whose syncs run as all_to_all exchanges.
+# Skipped (77) without MPI.
 set -u
 cd "$(dirname "$0")/../.." || exit 1
 [ "${WS_HAVE_MPI:-OFF}" = "ON" ] || { echo "skip: built without MPI"; exit 77; }
@@ -35,13 +37,26 @@ alive() {
     [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
 }
 
+# A Qwen3-shaped model that splits over engine_tp=2 (random weights).
+mkdir -p "$tmp/qwenlike"
+echo '{"architectures": ["Qwen3ForCausalLM"], "hidden_size": 256, "num_hidden_layers": 2,
+ "intermediate_size": 768, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
+ "vocab_size": 4099, "tie_word_embeddings": true}' > "$tmp/qwenlike/config.json"
+
 for ((i = 1; i <= ROUNDS; i++)); do
     out="$tmp/round$i.out"
+    if ((i % 2)); then
+        what="engine rank"
+        args=(model=tiny placement=disaggregated trainer_ranks=2)
+        victim=$((2 + RANDOM % 2))
+    else
+        what="engine_tp=2 rank"
+        args=(model="$tmp/qwenlike" engine_tp=2)
+        victim=$((RANDOM % 4))
+    fi
     "$MPIRUN" --allow-run-as-root --oversubscribe -n 4 "$WSHOST" pipelines/verl_lora.lua \
-        model=tiny steps=100000 progress=off lora_rank=0 bucket_mb=0.01 \
-        placement=disaggregated trainer_ranks=2 >"$out" 2>&1 &
+        steps=100000 progress=off lora_rank=0 bucket_mb=0.01 "${args[@]}" >"$out" 2>&1 &
     job=$!
-    victim=$((2 + RANDOM % 2))
     delay_ms=$((1500 + RANDOM % 3000))
     pids=()
     t_start=$(now_ms)
@@ -73,7 +88,7 @@ for ((i = 1; i <= ROUNDS; i++)); do
     for _ in $(seq 200); do kill -0 "$job" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$job" 2>/dev/null
     wait "$job"; rc=$?
-    name="round $i: killed engine rank $victim after ${delay_ms} ms, survivors gone after ${gone_ms} ms, exit $rc"
+    name="round $i: killed $what $victim after ${delay_ms} ms, survivors gone after ${gone_ms} ms, exit $rc"
     if [[ "$gone_ms" == ">"* ]] || [ "$gone_ms" -gt "$LIMIT_MS" ]; then
         fail "$name: a survivor outlived the ${LIMIT_MS} ms limit"; sed 's/^/    /' "$out"
     elif [ "$rc" -eq 0 ]; then

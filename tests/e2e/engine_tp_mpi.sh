@@ -98,6 +98,33 @@ corrupt "replicated KV head on rank 2" "2 model.layers.1.self_attn.qkv_proj.base
 corrupt "expert on EP rank 1" "1 model.layers.0.mlp.experts.w13_weight" moe engine_ep=2 \
     lora_rank=0
 
+# Each rank receives only what its shard needs: at most 1.1x (the model / T
+# plus what every rank holds whole), where a gather of whole tensors brings
+# it T times that. Qwen3's proportions, small: head_dim 64 with more q than
+# hidden columns, 4:1 GQA (KV heads replicated at TP=4), tied embeddings and
+# an odd vocabulary; one bucket, then buckets that split tensors and rows.
+mkdir -p "$tmp/qwenlike"
+cat > "$tmp/qwenlike/config.json" <<'EOF'
+{"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 256,
+ "num_hidden_layers": 2, "intermediate_size": 768, "num_attention_heads": 8,
+ "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 4099, "tie_word_embeddings": true,
+ "rms_norm_eps": 1e-6}
+EOF
+for bucket in 512 0.05; do
+    set +e
+    out=$(mpi4 bench/parallel.lua model="$tmp/qwenlike" device=cpu iters=1 check=bytes \
+          bucket_mb=$bucket 2>&1)
+    rc=$?
+    set -e
+    check_rc "bytes per rank, bucket $bucket MB: bench/parallel.lua check=bytes" 0 "$rc"
+    for tp in 2 4; do
+        check "bytes per rank, bucket $bucket MB: tp=$tp within 1.1x" \
+            "$(printf '#   %-18s %-20s %s' "colocated tp=$tp" "bytes per rank" "ok")" "$out"
+        check "bytes per rank, bucket $bucket MB: tp=$tp exchanged" \
+            "$(printf '  %-18s %-20s' "colocated tp=$tp" "all_to_all")" "$out"
+    done
+done
+
 # The model must split as vLLM splits it.
 set +e
 out=$(mpi4 pipelines/verl_lora.lua progress=off model="$tmp/qwen3" steps=1 engine_tp=3 2>&1)

@@ -174,6 +174,37 @@ do
   comm:set_check(true)
 end
 
+-- all_to_all (bytes): rank r sends rank q (r + q) % 3 * 5 + 1 bytes of value
+-- r * 16 + q, one part after another; every received part is checked. A rank
+-- that expects a different count makes every rank raise, naming the pair.
+do
+  local function bytes(r, q) return (r + q) % 3 * 5 + 1 end
+  local sc, rc, sn, rn = {}, {}, 0, 0
+  for q = 0, size - 1 do
+    sc[q + 1], rc[q + 1] = bytes(rank, q), bytes(q, rank)
+    sn, rn = sn + sc[q + 1], rn + rc[q + 1]
+  end
+  local send, recv = H.tensor(sn, "u8"), H.tensor(rn + 3, "u8")
+  local at = 0
+  for q = 0, size - 1 do
+    for i = 1, sc[q + 1] do send:set(at + i, rank * 16 + q) end
+    at = at + sc[q + 1]
+  end
+  recv:fill(255)
+  H.eq(comm:all_to_all(send, sc, recv, rc), recv, "all_to_all returns recv")
+  at = 0
+  for q = 0, size - 1 do
+    for i = 1, rc[q + 1] do H.eq(recv:get(at + i), q * 16 + rank, "all_to_all from " .. q) end
+    at = at + rc[q + 1]
+  end
+  H.eq(recv:get(rn + 1), 255, "all_to_all writes only its parts")
+  local wrong = {}
+  for q = 1, size do wrong[q] = rc[q] end
+  if rank == size - 1 then wrong[1] = wrong[1] + 1 end
+  H.raises(string.format("rank %d expects", size - 1), comm.all_to_all, comm, send, sc, recv,
+           wrong)
+end
+
 -- A freed tensor raises naming it.
 do
   local t = ws.tensor{shape = {4}, device = "cpu", name = "model.gone.weight"}
