@@ -32,6 +32,14 @@ typedef struct lproofs {
     char *names; /* every tensor and label string, NUL-terminated */
 } lproofs;
 
+/* What the engine process or the connection says: its message as it is,
+ * with no Lua position in front (it is not the caller's misuse). */
+static int raise_remote(lua_State *L)
+{
+    lua_pushstring(L, ws_errmsg());
+    return lua_error(L);
+}
+
 static lsender *check_lsender(lua_State *L, int idx)
 {
     return (lsender *)luaL_checkudata(L, idx, WS_SENDER_MT);
@@ -149,7 +157,7 @@ static int l_begin(lua_State *L)
         lua_pop(L, 2);
     }
     if (ws_sender_begin(s, ts, n, (uint64_t)version, flags) != WS_OK)
-        return ws_lua_raise(L, NULL);
+        return raise_remote(L);
     return 0;
 }
 
@@ -261,7 +269,7 @@ static int l_finish(lua_State *L)
         lproofs *lp = proofs_with_sums(L, 2, "sender:finish");
         rc = ws_sender_finish_proven(s, lp->p, lp->n);
     }
-    if (rc != WS_OK) return ws_lua_raise(L, NULL);
+    if (rc != WS_OK) return raise_remote(L);
     return 0;
 }
 
@@ -278,14 +286,14 @@ static int l_verify(lua_State *L)
     } else {
         lp = proofs_with_sums(L, 2, "sender:verify");
     }
-    if (ws_sender_verify(s, lp->p, lp->n, flags) != WS_OK) return ws_lua_raise(L, NULL);
+    if (ws_sender_verify(s, lp->p, lp->n, flags) != WS_OK) return raise_remote(L);
     return 0;
 }
 
 static int l_wake(lua_State *L)
 {
     ws_sender *s = check_sender(L, 1);
-    if (ws_sender_wake(s, luaL_checkstring(L, 2)) != WS_OK) return ws_lua_raise(L, NULL);
+    if (ws_sender_wake(s, luaL_checkstring(L, 2)) != WS_OK) return raise_remote(L);
     return 0;
 }
 
@@ -294,7 +302,7 @@ static int l_sleep(lua_State *L)
     ws_sender *s = check_sender(L, 1);
     lua_Integer level = luaL_checkinteger(L, 2);
     if (level != 1 && level != 2) return luaL_error(L, "sender:sleep: level must be 1 or 2");
-    if (ws_sender_sleep(s, (int)level) != WS_OK) return ws_lua_raise(L, NULL);
+    if (ws_sender_sleep(s, (int)level) != WS_OK) return raise_remote(L);
     return 0;
 }
 
