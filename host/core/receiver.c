@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "chan.h"
@@ -34,12 +35,27 @@
 #define LAND_CHUNK_BYTES ((size_t)512 << 10)
 #define WHY_BYTES 320
 
+/* Arena chunks are at least this large (a few for a whole model). */
+#define CHUNK_MIN_BYTES ((size_t)256 << 20)
+#define SHARED_ALIGN 256
+
 typedef struct recv_param {
     char *name;
     ws_tensor t; /* a view that keeps the destination alive */
     int valid;
     char why[WHY_BYTES]; /* why not valid */
+    int shared;          /* made by ws_receiver_alloc: in chunk `chunk` at `offset` */
+    uint32_t chunk;
+    uint64_t offset;
 } recv_param;
+
+/* Memory shared with senders: a memfd (kept to announce to each sender) and
+ * its mapping, as a u8 tensor whose views keep it mapped. */
+typedef struct recv_chunk {
+    int fd;
+    size_t nbytes, used;
+    ws_tensor mem;
+} recv_chunk;
 
 struct ws_receiver {
     ws_receiver_opts opts;
@@ -66,6 +82,8 @@ struct ws_receiver {
     int n_slots;
     uint64_t next_seq;
     int refused; /* the last error was told to the sender; the connection lives on */
+    recv_chunk *chunks; /* ws_receiver_alloc's arena */
+    size_t n_chunks, cap_chunks;
 };
 
 const char *ws_weights_state_name(ws_weights_state s)
@@ -83,7 +101,7 @@ const char *ws_remote_msg_name(uint32_t type)
 {
     static const char *const names[] = {"?",      "HELLO", "MANIFEST", "SLOTS", "BUCKET", "ACK",
                                         "FINISH", "WAKE",  "SLEEP",    "ERROR", "CLOSE",
-                                        "VERIFY"};
+                                        "VERIFY", "SHARED"};
     return type < sizeof names / sizeof *names ? names[type] : "?";
 }
 
@@ -171,6 +189,11 @@ void ws_receiver_free(ws_receiver *r)
     if (!r) return;
     drop_connection(r);
     ws_chan_listener_close(r->listener);
+    for (size_t i = 0; i < r->n_chunks; i++) {
+        if (r->chunks[i].fd >= 0) close(r->chunks[i].fd);
+        ws_tensor_free(&r->chunks[i].mem);
+    }
+    free(r->chunks);
     for (size_t i = 0; i < r->n_params; i++) {
         free(r->params[i].name);
         ws_tensor_free(&r->params[i].t);
@@ -228,6 +251,146 @@ ws_status ws_receiver_add(ws_receiver *r, const char *name, const ws_tensor *t)
     ws_strmap_put(&r->index, p->name, r->n_params, NULL);
     r->n_params++;
     return WS_OK;
+}
+
+typedef struct mapping {
+    void *data;
+    size_t nbytes;
+} mapping;
+
+static void unmap(void *ctx)
+{
+    mapping *m = ctx;
+    munmap(m->data, m->nbytes);
+    free(m);
+}
+
+/* A new arena chunk of at least `need` bytes. */
+static ws_status new_chunk(ws_receiver *r, size_t need, const char *what)
+{
+    if (r->n_chunks == r->cap_chunks) {
+        size_t cap = r->cap_chunks ? 2 * r->cap_chunks : 4;
+        recv_chunk *c = ws_realloc(r->chunks, cap * sizeof *c);
+        if (!c) return WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what);
+        r->chunks = c;
+        r->cap_chunks = cap;
+    }
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t bytes = need > CHUNK_MIN_BYTES ? need : CHUNK_MIN_BYTES;
+    bytes = (bytes + page - 1) / page * page;
+    ws_shm shm;
+    WS_TRY(ws_shm_create_lazy(&shm, bytes, what));
+    mapping *m = ws_malloc(sizeof *m);
+    recv_chunk *c = &r->chunks[r->n_chunks];
+    memset(c, 0, sizeof *c);
+    ws_status rc = m ? WS_OK : WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what);
+    if (rc == WS_OK) {
+        *m = (mapping){shm.data, shm.nbytes};
+        ws_external mem = {.data = shm.data, .nbytes = shm.nbytes, .release = unmap,
+                           .release_ctx = m, .source = "memory shared with the trainer"};
+        int64_t n = (int64_t)shm.nbytes;
+        rc = ws_tensor_external(&c->mem, &mem, WS_U8, 1, &n, "shared weights");
+    }
+    if (rc != WS_OK) {
+        free(m);
+        ws_shm_free(&shm);
+        return rc;
+    }
+    c->fd = shm.fd; /* the mapping is the tensor's now */
+    c->nbytes = shm.nbytes;
+    r->n_chunks++;
+    return WS_OK;
+}
+
+ws_status ws_receiver_alloc(ws_receiver *r, const char *name, ws_dtype dtype, int ndim,
+                            const int64_t *shape, ws_tensor *out)
+{
+    memset(out, 0, sizeof *out);
+    char what[300];
+    snprintf(what, sizeof what, "receiver: allocating '%s'", name ? name : "?");
+    if (!name || !*name) return WS_ERR(WS_ERR_ARG, "receiver: a tensor needs a name");
+    if ((unsigned)dtype >= WS_DTYPE_COUNT || ndim < 0 || ndim > WS_MAX_DIMS)
+        return WS_ERR(WS_ERR_ARG, "%s: bad dtype or number of dimensions", what);
+    if (r->chan)
+        return WS_ERR(WS_ERR_ARG, "%s: a trainer is connected; allocate before serving (the "
+                      "shared memory is announced when a trainer connects)", what);
+    size_t found;
+    if (r->n_params && ws_strmap_get(&r->index, name, &found))
+        return WS_ERR(WS_ERR_ARG, "%s: the name is registered already", what);
+    int64_t numel = 1;
+    for (int d = 0; d < ndim; d++) {
+        if (shape[d] < 0 || (shape[d] && numel > INT64_MAX / 16 / shape[d]))
+            return WS_ERR(WS_ERR_ARG, "%s: bad shape", what);
+        numel *= shape[d];
+    }
+    size_t bytes = (size_t)numel * ws_dtype_size(dtype);
+    recv_chunk *c = r->n_chunks ? &r->chunks[r->n_chunks - 1] : NULL;
+    size_t off = c ? (c->used + SHARED_ALIGN - 1) / SHARED_ALIGN * SHARED_ALIGN : 0;
+    if (!c || off + bytes > c->nbytes) {
+        WS_TRY(new_chunk(r, bytes ? bytes : 1, what));
+        c = &r->chunks[r->n_chunks - 1];
+        off = 0;
+    }
+    ws_tensor bytes_view = {0}, typed = {0};
+    ws_status rc = ws_tensor_narrow(&bytes_view, &c->mem, 0, (int64_t)off, (int64_t)bytes);
+    if (rc == WS_OK) rc = ws_tensor_view_dtype(&typed, &bytes_view, dtype);
+    if (rc == WS_OK) rc = ws_tensor_reshape(out, &typed, ndim, shape);
+    if (rc == WS_OK) rc = ws_tensor_set_name(out, name);
+    if (rc == WS_OK) rc = ws_tensor_fill(out, 0);
+    if (rc == WS_OK) rc = ws_receiver_add(r, name, out);
+    ws_tensor_free(&bytes_view);
+    ws_tensor_free(&typed);
+    if (rc != WS_OK) {
+        ws_tensor_free(out);
+        return rc;
+    }
+    recv_param *p = &r->params[r->n_params - 1];
+    p->shared = 1;
+    p->chunk = (uint32_t)(r->n_chunks - 1);
+    p->offset = off;
+    c->used = off + bytes;
+    return WS_OK;
+}
+
+/* SHARED, after the greeting: the arena's chunks (at most WS_CHAN_MAX_FDS
+ * per message) and where each shared tensor is. */
+static ws_status send_shared(ws_receiver *r)
+{
+    size_t per = WS_CHAN_MAX_FDS;
+    size_t msgs = r->n_chunks ? (r->n_chunks + per - 1) / per : 1;
+    ws_status rc = WS_OK;
+    for (size_t k = 0; rc == WS_OK && k < msgs; k++) {
+        size_t first = k * per, n = r->n_chunks - first < per ? r->n_chunks - first : per;
+        if (!r->n_chunks) n = 0;
+        int fds[WS_CHAN_MAX_FDS];
+        ws_wbuf w = {0};
+        ws_wbuf_u32(&w, (uint32_t)first);
+        ws_wbuf_u32(&w, (uint32_t)n);
+        for (size_t i = 0; i < n; i++) {
+            ws_wbuf_u64(&w, r->chunks[first + i].nbytes);
+            fds[i] = r->chunks[first + i].fd;
+        }
+        int last = k + 1 == msgs;
+        ws_wbuf_u8(&w, (uint8_t)last);
+        if (last) {
+            uint32_t m = 0;
+            for (size_t i = 0; i < r->n_params; i++) m += r->params[i].shared != 0;
+            ws_wbuf_u32(&w, m);
+            for (size_t i = 0; i < r->n_params; i++) {
+                const recv_param *p = &r->params[i];
+                if (!p->shared) continue;
+                ws_wbuf_str(&w, p->name);
+                ws_wbuf_u32(&w, p->chunk);
+                ws_wbuf_u64(&w, p->offset);
+                ws_wbuf_u64(&w, ws_tensor_nbytes(&p->t));
+            }
+        }
+        rc = w.oom ? WS_ERR(WS_ERR_NOMEM, "receiver: out of memory")
+                   : ws_chan_send(r->chan, WS_MSG_SHARED, w.data, w.len, fds, (int)n,
+                                  r->opts.timeout_ms, "announcing the shared memory");
+        ws_wbuf_free(&w);
+    }
+    return rc;
 }
 
 ws_weights_state ws_receiver_state(const ws_receiver *r, uint64_t *weight_version)
@@ -313,6 +476,7 @@ static ws_status on_hello(ws_receiver *r, const ws_chan_msg *m)
                          : ws_chan_send(r->chan, WS_MSG_HELLO, w.data, w.len, NULL, 0,
                                         r->opts.timeout_ms, "the greeting");
     ws_wbuf_free(&w);
+    if (rc == WS_OK) rc = send_shared(r);
     return rc;
 }
 
@@ -369,6 +533,10 @@ static ws_status on_manifest(ws_receiver *r, ws_chan_msg *m, ws_receiver_event *
             break;
         }
         rc = check_entry(r, i, name, dtype, ndim, shape, &param[i]);
+        if (rc == WS_OK && (flags & WS_MANIFEST_DIRECT) && !r->params[param[i]].shared)
+            rc = WS_ERR(WS_ERR_ARG, "manifest: tensor '%s' is this %s's own memory, not memory "
+                        "it shares (ws_receiver_alloc); a direct sync writes only shared "
+                        "tensors", name, r->role);
         if (rc == WS_OK && seen[param[i]])
             rc = WS_ERR(WS_ERR_ARG, "manifest: tensor '%s' appears twice", name);
         if (rc == WS_OK) seen[param[i]] = 1;
@@ -574,6 +742,9 @@ static ws_status on_bucket(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
     uint32_t slot = ws_rbuf_u32(&rb), n = ws_rbuf_u32(&rb);
     if (rb.bad || (size_t)n * 28 != m->len - rb.pos)
         return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a malformed BUCKET", peer);
+    if (r->syncing && (r->sync_flags & WS_MANIFEST_DIRECT))
+        return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a BUCKET in a direct sync (its tensors "
+                      "are written in place)", peer);
     if (!r->syncing || !r->n_slots || slot >= WS_REMOTE_SLOTS || seq != r->next_seq)
         return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent bucket %" PRIu64 " for slot %u %s",
                       peer, seq + 1, slot,
@@ -738,7 +909,8 @@ static ws_status on_finish(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
                       "not match its manifest (weight version %" PRIu64 " for %" PRIu64 ")",
                       peer, version, r->version);
     ws_status rc = WS_OK;
-    for (size_t i = 0; rc == WS_OK && i < r->n_sync; i++) {
+    int direct = (r->sync_flags & WS_MANIFEST_DIRECT) != 0;
+    for (size_t i = 0; rc == WS_OK && !direct && i < r->n_sync; i++) {
         const recv_param *p = &r->params[r->sync_param[i]];
         uint64_t numel = (uint64_t)ws_tensor_numel(&p->t);
         if (r->sync_received[i] != numel)
@@ -748,6 +920,12 @@ static ws_status on_finish(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
     if (rc == WS_OK && n && (r->sync_flags & WS_MANIFEST_UNPROVEN))
         rc = WS_ERR(WS_ERR_ARG, "%u proofs came for a sync whose manifest said none would "
                     "(WS_MANIFEST_UNPROVEN): nothing was checksummed as it landed", n);
+    /* Written in place by the sender: what each tensor holds now is what
+     * landed (one read of it, as the checksums of what lands cost). */
+    for (size_t i = 0; rc == WS_OK && direct && n && i < r->n_sync; i++) {
+        const recv_param *p = &r->params[r->sync_param[i]];
+        rc = ws_tensor_checksum(&p->t, 0, p->t.dtype, &r->sync_landed[i]);
+    }
     if (rc == WS_OK && n) rc = check_proofs(r, &rb, n);
     if (rc != WS_OK) {
         /* A well-formed FINISH that fails ends the sync; the sender hears why

@@ -59,6 +59,16 @@
  *   ERROR    the message text (no NUL)            receiver -> sender
  *   CLOSE    empty: the sender leaves on purpose  sender -> receiver
  *
+ *   SHARED   u32 first, u32 n (<= 8), u64 bytes[n], u8 last;
+ *            last: u32 m, m x {str name, u32 chunk, u64 offset, u64 bytes}
+ *            n fds (memfds, size sealed)             receiver -> sender
+ *            Right after the receiver's HELLO, one or more (the last has
+ *            last = 1; with no shared memory: n = 0, m = 0): the chunks of
+ *            memory its tensors made by ws_receiver_alloc live in, and where
+ *            each tensor is. The sender maps them read-write, so a sync with
+ *            WS_MANIFEST_DIRECT writes those tensors in place, without slots:
+ *            MANIFEST, FINISH (the receiver checksums the tensors then).
+ *
  * A sync is MANIFEST, [SLOTS], BUCKET..., FINISH. From an accepted manifest
  * until the FINISH is verified, the tensors it names are invalid on the
  * receiver: if the sender dies, stops answering or sends anything wrong in
@@ -74,7 +84,7 @@
 #include "status.h"
 #include "tensor.h"
 
-#define WS_REMOTE_PROTOCOL 2u
+#define WS_REMOTE_PROTOCOL 3u
 #define WS_REMOTE_SLOTS 2
 #define WS_REMOTE_ALIGN 64 /* byte offset of every piece in a slot */
 #define WS_ACK_NO_SLOT 0xFFFFFFFFu
@@ -90,7 +100,8 @@ enum ws_remote_msg {
     WS_MSG_SLEEP,
     WS_MSG_ERROR,
     WS_MSG_CLOSE,
-    WS_MSG_VERIFY
+    WS_MSG_VERIFY,
+    WS_MSG_SHARED
 };
 const char *ws_remote_msg_name(uint32_t type); /* "BUCKET" */
 
@@ -98,7 +109,11 @@ enum {
     WS_MANIFEST_PARTIAL = 1u, /* a sync of some tensors (adapters only) */
     /* The sync ends with ws_sender_finish_proven(s, NULL, 0): the receiver
      * skips checksumming what lands, and refuses proofs at FINISH. */
-    WS_MANIFEST_UNPROVEN = 2u
+    WS_MANIFEST_UNPROVEN = 2u,
+    /* The sender wrote the tensors in place, in the memory the receiver
+     * shares (ws_receiver_alloc): no buckets come; at FINISH the receiver
+     * checksums each tensor whole for the proofs (or, unproven, trusts it). */
+    WS_MANIFEST_DIRECT = 4u
 };
 
 /* One tensor of a manifest: the receiver's tensor, whole. */
@@ -177,6 +192,13 @@ typedef struct ws_receiver_event {
 ws_status ws_receiver_create(const char *name, const ws_receiver_opts *opts, ws_receiver **out);
 /* Unmaps, closes and forgets everything; NULL is fine. */
 void ws_receiver_free(ws_receiver *r);
+/* Allocates a tensor in memory this receiver shares with its senders
+ * (memfd arenas, host memory) and registers it as `name`: a sender writes
+ * it in place (WS_MANIFEST_DIRECT), one copy instead of two. *out is a view
+ * that keeps the memory mapped (also after ws_receiver_free). Call before a
+ * sender connects: the memory is announced at the greeting. */
+ws_status ws_receiver_alloc(ws_receiver *r, const char *name, ws_dtype dtype, int ndim,
+                            const int64_t *shape, ws_tensor *out);
 /* Registers a destination: a contiguous tensor on any device, kept alive by
  * a view until ws_receiver_free. Names are unique. */
 ws_status ws_receiver_add(ws_receiver *r, const char *name, const ws_tensor *t);
@@ -279,6 +301,13 @@ ws_status ws_sender_finish_proven(ws_sender *s, const ws_proof *proofs, size_t n
 ws_status ws_sender_verify(ws_sender *s, const ws_proof *proofs, size_t n, unsigned flags);
 ws_status ws_sender_wake(ws_sender *s, const char *tag);
 ws_status ws_sender_sleep(ws_sender *s, int level);
+/* The receiver's tensor `name` made by ws_receiver_alloc, mapped here
+ * read-write: *out is a view of dtype and shape (checked against its bytes)
+ * that keeps the mapping alive (also after ws_sender_close). WS_ERR_ARG when
+ * the receiver shares no tensor of that name. */
+ws_status ws_sender_shared(ws_sender *s, const char *name, ws_dtype dtype, int ndim,
+                           const int64_t *shape, ws_tensor *out);
+size_t ws_sender_shared_count(const ws_sender *s); /* tensors the receiver shares */
 pid_t ws_sender_peer_pid(const ws_sender *s);
 size_t ws_sender_slot_bytes(const ws_sender *s);
 ws_sender_stats ws_sender_get_stats(const ws_sender *s);

@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "chan.h"
@@ -54,7 +55,155 @@ struct ws_sender {
     uint64_t *sums;
     int submitted; /* a bucket of this sync came through ws_sender_submit: sums incomplete */
     ws_sender_stats stats;
+    /* The receiver's shared memory (SHARED), mapped read-write: per chunk a
+     * u8 tensor whose views keep it mapped, and per tensor where it is. */
+    ws_tensor *chunks;
+    size_t n_chunks;
+    struct shared_tensor {
+        char *name;
+        uint32_t chunk;
+        uint64_t offset, nbytes;
+    } *shared;
+    size_t n_shared;
 };
+
+typedef struct mapping {
+    void *data;
+    size_t nbytes;
+} mapping;
+
+static void unmap(void *ctx)
+{
+    mapping *m = ctx;
+    munmap(m->data, m->nbytes);
+    free(m);
+}
+
+static void free_shared(ws_sender *s)
+{
+    for (size_t i = 0; i < s->n_chunks; i++) ws_tensor_free(&s->chunks[i]);
+    for (size_t i = 0; i < s->n_shared; i++) free(s->shared[i].name);
+    free(s->chunks);
+    free(s->shared);
+    s->chunks = NULL;
+    s->shared = NULL;
+    s->n_chunks = s->n_shared = 0;
+}
+
+/* One SHARED message: maps its chunks; the last one lists the tensors.
+ * Returns 1 in *last when it was the last. */
+static ws_status on_shared(ws_sender *s, ws_chan_msg *m, int *last)
+{
+    const char *peer = ws_chan_peer_label(s->chan);
+    ws_rbuf rb = {m->payload, m->len, 0, 0};
+    uint32_t first = ws_rbuf_u32(&rb), n = ws_rbuf_u32(&rb);
+    if (rb.bad || n > WS_CHAN_MAX_FDS || (int)n != m->nfds || first != s->n_chunks)
+        return WS_ERR(WS_ERR_FORMAT, "sender: %s sent a malformed SHARED", peer);
+    ws_tensor *c = ws_realloc(s->chunks, (s->n_chunks + n + 1) * sizeof *c);
+    if (!c) return WS_ERR(WS_ERR_NOMEM, "sender: out of memory");
+    s->chunks = c;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t bytes = ws_rbuf_u64(&rb);
+        int fd = m->fds[i];
+        m->fds[i] = -1; /* ws_shm_map_rw closes it */
+        if (rb.bad) {
+            close(fd);
+            return WS_ERR(WS_ERR_FORMAT, "sender: %s sent a malformed SHARED", peer);
+        }
+        ws_shm shm;
+        WS_TRY(ws_shm_map_rw(&shm, fd, (size_t)bytes, "the engine's shared weights"));
+        mapping *mp = ws_malloc(sizeof *mp);
+        ws_status rc = mp ? WS_OK : WS_ERR(WS_ERR_NOMEM, "sender: out of memory");
+        if (rc == WS_OK) {
+            *mp = (mapping){shm.data, shm.nbytes};
+            ws_external mem = {.data = shm.data, .nbytes = shm.nbytes, .release = unmap,
+                               .release_ctx = mp, .source = "the engine's shared weights"};
+            int64_t len = (int64_t)shm.nbytes;
+            memset(&s->chunks[s->n_chunks], 0, sizeof *s->chunks);
+            rc = ws_tensor_external(&s->chunks[s->n_chunks], &mem, WS_U8, 1, &len,
+                                    "engine's shared weights");
+        }
+        if (rc != WS_OK) {
+            free(mp);
+            ws_shm_free(&shm);
+            return rc;
+        }
+        s->n_chunks++;
+    }
+    *last = ws_rbuf_u8(&rb) != 0;
+    if (!*last) return rb.bad ? WS_ERR(WS_ERR_FORMAT, "sender: %s sent a malformed SHARED", peer)
+                              : WS_OK;
+    uint32_t k = ws_rbuf_u32(&rb);
+    if (rb.bad || k > m->len)
+        return WS_ERR(WS_ERR_FORMAT, "sender: %s sent a malformed SHARED", peer);
+    s->shared = ws_calloc(k ? k : 1, sizeof *s->shared);
+    if (!s->shared) return WS_ERR(WS_ERR_NOMEM, "sender: out of memory");
+    for (uint32_t i = 0; i < k; i++) {
+        const char *name = ws_rbuf_str(&rb);
+        uint32_t chunk = ws_rbuf_u32(&rb);
+        uint64_t off = ws_rbuf_u64(&rb), bytes = ws_rbuf_u64(&rb);
+        if (rb.bad || chunk >= s->n_chunks ||
+            off > (uint64_t)ws_tensor_nbytes(&s->chunks[chunk]) ||
+            bytes > (uint64_t)ws_tensor_nbytes(&s->chunks[chunk]) - off)
+            return WS_ERR(WS_ERR_FORMAT, "sender: %s sent a SHARED whose tensor %u lies outside "
+                          "its memory", peer, i + 1);
+        if (!(s->shared[i].name = ws_strdup(name)))
+            return WS_ERR(WS_ERR_NOMEM, "sender: out of memory");
+        s->shared[i].chunk = chunk;
+        s->shared[i].offset = off;
+        s->shared[i].nbytes = bytes;
+        s->n_shared = i + 1;
+    }
+    return WS_OK;
+}
+
+/* Reads the SHARED messages that follow the receiver's greeting. */
+static ws_status recv_shared(ws_sender *s)
+{
+    for (int last = 0; !last;) {
+        ws_chan_msg m;
+        WS_TRY(ws_chan_recv(s->chan, s->opts.timeout_ms, &m, "the shared memory"));
+        ws_status rc = m.type == WS_MSG_SHARED
+                           ? on_shared(s, &m, &last)
+                           : WS_ERR(WS_ERR_FORMAT, "sender: %s sent %s instead of SHARED",
+                                    ws_chan_peer_label(s->chan), ws_remote_msg_name(m.type));
+        ws_chan_msg_free(&m);
+        WS_TRY(rc);
+    }
+    return WS_OK;
+}
+
+size_t ws_sender_shared_count(const ws_sender *s) { return s->n_shared; }
+
+ws_status ws_sender_shared(ws_sender *s, const char *name, ws_dtype dtype, int ndim,
+                           const int64_t *shape, ws_tensor *out)
+{
+    memset(out, 0, sizeof *out);
+    const struct shared_tensor *t = NULL;
+    for (size_t i = 0; i < s->n_shared && !t; i++)
+        if (strcmp(s->shared[i].name, name) == 0) t = &s->shared[i];
+    if (!t)
+        return WS_ERR(WS_ERR_ARG, "sender: %s shares no tensor '%s' (it was not made by "
+                      "ws_receiver_alloc)", ws_chan_peer_label(s->chan), name);
+    if ((unsigned)dtype >= WS_DTYPE_COUNT || ndim < 0 || ndim > WS_MAX_DIMS)
+        return WS_ERR(WS_ERR_ARG, "sender: shared tensor '%s': bad dtype or dimensions", name);
+    uint64_t numel = 1;
+    for (int d = 0; d < ndim; d++) numel *= (uint64_t)(shape[d] > 0 ? shape[d] : 0);
+    if (numel * ws_dtype_size(dtype) != t->nbytes)
+        return WS_ERR(WS_ERR_ARG, "sender: shared tensor '%s' has %" PRIu64 " bytes in %s, not "
+                      "the %" PRIu64 " of the shape asked for", name, t->nbytes,
+                      ws_chan_peer_label(s->chan), numel * ws_dtype_size(dtype));
+    ws_tensor bytes = {0}, typed = {0};
+    ws_status rc = ws_tensor_narrow(&bytes, &s->chunks[t->chunk], 0, (int64_t)t->offset,
+                                    (int64_t)t->nbytes);
+    if (rc == WS_OK) rc = ws_tensor_view_dtype(&typed, &bytes, dtype);
+    if (rc == WS_OK) rc = ws_tensor_reshape(out, &typed, ndim, shape);
+    if (rc == WS_OK) rc = ws_tensor_set_name(out, name);
+    ws_tensor_free(&bytes);
+    ws_tensor_free(&typed);
+    if (rc != WS_OK) ws_tensor_free(out);
+    return rc;
+}
 
 static ws_status check_usable(ws_sender *s, const char *what)
 {
@@ -167,9 +316,11 @@ ws_status ws_sender_connect(const char *name, const ws_sender_opts *opts, ws_sen
     }
     ws_chan_msg_free(&m);
     ws_wbuf_free(&w);
+    if (rc == WS_OK) rc = recv_shared(s);
     if (rc != WS_OK) {
         ws_errprefix("sender: connecting to '%s'", name);
         ws_chan_close(s->chan);
+        free_shared(s);
         free(s);
         return rc;
     }
@@ -195,6 +346,7 @@ void ws_sender_close(ws_sender *s)
         ws_shm_free(&s->shm[i]);
     }
     free_sync(s);
+    free_shared(s);
     free(s);
 }
 
@@ -302,7 +454,9 @@ ws_status ws_sender_begin(ws_sender *s, const ws_wire_tensor *tensors, size_t n,
     }
     /* The receiver accepted the manifest and waits for this sync: from here
      * any failure leaves the two sides out of step. */
-    if (rc == WS_OK && !s->slots_sent) rc = fail(s, create_slots(s, what));
+    /* A direct sync writes the receiver's shared memory in place: no slots. */
+    if (rc == WS_OK && !s->slots_sent && !(flags & WS_MANIFEST_DIRECT))
+        rc = fail(s, create_slots(s, what));
     if (rc != WS_OK) {
         free_sync(s);
         return rc;

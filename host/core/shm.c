@@ -12,7 +12,7 @@
 
 static const int size_seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
 
-ws_status ws_shm_create(ws_shm *s, size_t nbytes, const char *what)
+static ws_status create(ws_shm *s, size_t nbytes, const char *what, int populate)
 {
     *s = (ws_shm)WS_SHM_INIT;
     if (nbytes == 0) return WS_ERR(WS_ERR_ARG, "%s: a slot needs at least one byte", what);
@@ -29,8 +29,8 @@ ws_status ws_shm_create(ws_shm *s, size_t nbytes, const char *what)
         return WS_ERR(WS_ERR_NOMEM, "%s: sizing a shared slot of %s: %s", what,
                       ws_format_bytes(size, sizeof size, nbytes), strerror(e));
     }
-    /* Populated now: the first sync should not pay a page fault per 4 KiB. */
-    void *p = mmap(NULL, nbytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+    void *p = mmap(NULL, nbytes, PROT_READ | PROT_WRITE, MAP_SHARED | (populate ? MAP_POPULATE : 0),
+                   fd, 0);
     if (p == MAP_FAILED) {
         int e = errno;
         close(fd);
@@ -41,7 +41,19 @@ ws_status ws_shm_create(ws_shm *s, size_t nbytes, const char *what)
     return WS_OK;
 }
 
-ws_status ws_shm_map(ws_shm *s, int fd, size_t nbytes, const char *what)
+/* Populated now: the first sync should not pay a page fault per 4 KiB. */
+ws_status ws_shm_create(ws_shm *s, size_t nbytes, const char *what)
+{
+    return create(s, nbytes, what, 1);
+}
+
+/* An arena is written as it is carved up; pages never touched cost nothing. */
+ws_status ws_shm_create_lazy(ws_shm *s, size_t nbytes, const char *what)
+{
+    return create(s, nbytes, what, 0);
+}
+
+static ws_status map_fd(ws_shm *s, int fd, size_t nbytes, const char *what, int writable)
 {
     *s = (ws_shm)WS_SHM_INIT;
     struct stat st;
@@ -57,15 +69,28 @@ ws_status ws_shm_map(ws_shm *s, int fd, size_t nbytes, const char *what)
         rc = WS_ERR(WS_ERR_FORMAT, "%s: the slot's size is not sealed, so it could shrink "
                     "under this process", what);
     if (rc == WS_OK) {
-        void *p = mmap(NULL, nbytes, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0);
+        /* A slot is read whole at every sync; shared weights may be an arena
+         * partly unused, whose untouched pages should stay uncommitted. */
+        void *p = mmap(NULL, nbytes, writable ? PROT_READ | PROT_WRITE : PROT_READ,
+                       MAP_SHARED | (writable ? 0 : MAP_POPULATE), fd, 0);
         if (p == MAP_FAILED)
             rc = WS_ERR(WS_ERR_NOMEM, "%s: mapping a shared slot of %zu bytes: %s", what, nbytes,
                         strerror(errno));
         else
-            *s = (ws_shm){-1, p, nbytes, 0};
+            *s = (ws_shm){-1, p, nbytes, writable};
     }
     close(fd);
     return rc;
+}
+
+ws_status ws_shm_map(ws_shm *s, int fd, size_t nbytes, const char *what)
+{
+    return map_fd(s, fd, nbytes, what, 0);
+}
+
+ws_status ws_shm_map_rw(ws_shm *s, int fd, size_t nbytes, const char *what)
+{
+    return map_fd(s, fd, nbytes, what, 1);
 }
 
 void ws_shm_close_fd(ws_shm *s)

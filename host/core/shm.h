@@ -28,6 +28,11 @@ ws_status ws_shm_create(ws_shm *s, size_t nbytes, const char *what);
  * closed on success and on failure. The fd must hold at least nbytes and
  * its size must be sealed. */
 ws_status ws_shm_map(ws_shm *s, int fd, size_t nbytes, const char *what);
+/* The same, unpopulated: an arena that is filled as it is carved up. */
+ws_status ws_shm_create_lazy(ws_shm *s, size_t nbytes, const char *what);
+/* The same read-write: memory another process shares to be written (an
+ * engine's weights, ws_receiver_alloc). */
+ws_status ws_shm_map_rw(ws_shm *s, int fd, size_t nbytes, const char *what);
 /* Closes the fd (once passed on, the mapping is all that is needed). */
 void ws_shm_close_fd(ws_shm *s);
 /* Unmaps and closes; idempotent. */

@@ -1024,6 +1024,7 @@ static void fake_sender(const char *name, int sealed)
     ws_wbuf_str(&w, "trainer");
     CHECK_OK(fake_send(c, WS_MSG_HELLO, &w, NULL, 0));
     CHECK_OK(fake_reply(c, WS_MSG_HELLO, NULL));
+    CHECK_OK(fake_reply(c, WS_MSG_SHARED, NULL)); /* none: this receiver shares nothing */
     ws_wire_tensor t[NT];
     wire_spec(t);
     ws_wbuf_u64(&w, 9);

@@ -8,7 +8,9 @@
  * and finishes with proofs computed from its own sources. The child checks
  * that every byte equals the conversion of the parent's values. A wrong
  * proof is refused naming the tensor and the parameter; a bucket larger
- * than a slot is refused before anything is sent. */
+ * than a slot is refused before anything is sent. With the engine's tensors
+ * in memory it shares (ws_receiver_alloc), a plain plan writes them in place
+ * (WS_MANIFEST_DIRECT) and the engine process proves them the same way. */
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
@@ -96,14 +98,22 @@ static ws_status make_engine(ws_tensor *e)
 /* The engine process: serves one trainer until it closes, then checks that
  * its tensors hold the parameters converted to bf16. Exit status: 0 when
  * they do and the last sync was proven. */
-static int engine_main(void)
+static int engine_main(int shared)
 {
     ws_tensor p[NP], e[NE];
     ws_receiver *r = NULL;
-    if (make_params(p) != WS_OK || make_engine(e) != WS_OK) return 2;
+    if (make_params(p) != WS_OK) return 2;
     if (ws_receiver_create(chan_name_, NULL, &r) != WS_OK) return 3;
-    for (int i = 0; i < NE; i++)
-        if (ws_receiver_add(r, ENGINE[i].name, &e[i]) != WS_OK) return 4;
+    if (shared) {
+        for (int i = 0; i < NE; i++) {
+            int64_t shape[2] = {ENGINE[i].rows, ENGINE[i].cols};
+            if (ws_receiver_alloc(r, ENGINE[i].name, WS_BF16, 2, shape, &e[i]) != WS_OK) return 4;
+        }
+    } else {
+        if (make_engine(e) != WS_OK) return 2;
+        for (int i = 0; i < NE; i++)
+            if (ws_receiver_add(r, ENGINE[i].name, &e[i]) != WS_OK) return 4;
+    }
     ws_status rc = ws_receiver_serve(r, 10000);
     if (rc != WS_OK) {
         fprintf(stderr, "engine: %s\n", ws_errmsg());
@@ -156,7 +166,7 @@ static void test_sync_into_engine_process(void)
 {
     snprintf(chan_name_, sizeof chan_name_, "wshost-test-plan-remote-%d", (int)getpid());
     pid_t child = fork_child();
-    if (child == 0) _exit(engine_main());
+    if (child == 0) _exit(engine_main(0));
 
     ws_tensor p[NP];
     ws_sender *s = NULL;
@@ -194,6 +204,9 @@ static void test_sync_into_engine_process(void)
         CHECK_EQ_U64(st.bytes_relayed, (96 * 33 + 1000 * 64 + 64) * 2);
         CHECK_OK(ws_sender_finish_proven(s, pr, NP));
     }
+    /* Its own memory cannot be written in place. */
+    CHECK_ERR(ws_sender_begin(s, man, NE, 9, WS_MANIFEST_DIRECT), WS_ERR_COMM,
+              "own memory, not memory it shares");
     /* A proof the engine's bytes do not satisfy: refused, naming both. */
     ws_proof wrong[NP];
     memcpy(wrong, pr, sizeof wrong);
@@ -227,6 +240,81 @@ static void test_sync_into_engine_process(void)
     for (int i = 0; i < NP; i++) ws_tensor_free(&p[i]);
 }
 
+/* The engine's weights in memory it shares: a colocated plan writes them in
+ * place, FINISH proves them; a manifest of the engine's own memory cannot
+ * be direct. */
+static void test_direct_into_shared_memory(void)
+{
+    snprintf(chan_name_, sizeof chan_name_, "wshost-test-plan-direct-%d", (int)getpid());
+    pid_t child = fork_child();
+    if (child == 0) _exit(engine_main(1));
+
+    ws_tensor p[NP], dst[NE], views[NP];
+    memset(dst, 0, sizeof dst);
+    memset(views, 0, sizeof views);
+    ws_sender *s = NULL;
+    ws_plan *plan = NULL;
+    CHECK_OK(make_params(p));
+    CHECK_OK(ws_sender_connect(chan_name_, NULL, &s));
+    CHECK(ws_sender_shared_count(s) == NE);
+    int64_t bad_shape[2] = {7, 7};
+    CHECK_ERR(ws_sender_shared(s, ENGINE[0].name, WS_BF16, 2, bad_shape, &dst[0]), WS_ERR_ARG,
+              "bytes");
+    CHECK_ERR(ws_sender_shared(s, "model.nothing", WS_BF16, 2, bad_shape, &dst[0]), WS_ERR_ARG,
+              "model.nothing");
+    for (int i = 0; i < NE; i++) {
+        int64_t shape[2] = {ENGINE[i].rows, ENGINE[i].cols};
+        CHECK_OK(ws_sender_shared(s, ENGINE[i].name, WS_BF16, 2, shape, &dst[i]));
+    }
+    const ws_tensor *srcs[NP], *dsts[NP];
+    int64_t numel[NP];
+    for (int i = 0; i < NP; i++) {
+        int64_t n = PARAM[i].rows * PARAM[i].cols, all = ENGINE[PARAM[i].engine].rows *
+                                                         ENGINE[PARAM[i].engine].cols;
+        ws_tensor flat = {0};
+        CHECK_OK(ws_tensor_reshape(&flat, &dst[PARAM[i].engine], 1, &all));
+        CHECK_OK(ws_tensor_narrow(&views[i], &flat, 0, PARAM[i].offset, n));
+        ws_tensor_free(&flat);
+        srcs[i] = &p[i];
+        dsts[i] = &views[i];
+        numel[i] = n;
+    }
+    CHECK_OK(ws_plan_create(NULL, ws_device_cpu(), 16384, "direct", &plan));
+    CHECK_OK(ws_plan_add(plan, srcs, dsts, numel, NP));
+    ws_wire_tensor man[NE];
+    for (int i = 0; i < NE; i++) man[i] = (ws_wire_tensor){ENGINE[i].name, WS_BF16, 2,
+                                                           {ENGINE[i].rows, ENGINE[i].cols}};
+    ws_proof pr[NP], wrong[NP];
+    CHECK_OK(make_proofs(p, pr));
+    memcpy(wrong, pr, sizeof wrong);
+    wrong[3].checksum ^= 1;
+    CHECK_OK(ws_sender_begin(s, man, NE, 1, WS_MANIFEST_DIRECT));
+    CHECK_OK(ws_plan_execute(plan, NULL, NULL));
+    CHECK_OK(ws_sender_finish_proven(s, pr, NP));
+    CHECK_OK(ws_sender_begin(s, man, NE, 2, WS_MANIFEST_DIRECT));
+    CHECK_OK(ws_plan_execute(plan, NULL, NULL));
+    CHECK_ERR(ws_sender_finish_proven(s, wrong, NP), WS_ERR_COMM, "model.embed_tokens.weight");
+    CHECK_ERR(ws_sender_verify(s, pr, NP, WS_VERIFY_VALIDITY), WS_ERR_COMM, "not valid");
+    CHECK_OK(ws_sender_begin(s, man, NE, 3, WS_MANIFEST_DIRECT | WS_MANIFEST_UNPROVEN));
+    CHECK_OK(ws_plan_execute(plan, NULL, NULL));
+    CHECK_OK(ws_sender_finish_proven(s, NULL, 0));
+    CHECK_OK(ws_sender_begin(s, man, NE, 4, WS_MANIFEST_DIRECT));
+    CHECK_OK(ws_plan_execute(plan, NULL, NULL));
+    CHECK_OK(ws_sender_finish_proven(s, pr, NP));
+    CHECK_OK(ws_sender_verify(s, pr, NP, 0));
+    ws_plan_destroy(plan);
+    ws_sender_close(s);
+    /* The views outlive the sender: its mapping goes with the last of them. */
+    CHECK(((uint16_t *)ws_tensor_data(&views[3]))[5] != 0 ||
+          ((uint16_t *)ws_tensor_data(&views[3]))[6] != 0);
+    CHECK(wait_child(child) == 0);
+    for (int i = 0; i < NP; i++) {
+        ws_tensor_free(&p[i]);
+        ws_tensor_free(&views[i]);
+    }
+    for (int i = 0; i < NE; i++) ws_tensor_free(&dst[i]);
+}
+
 static void test_refusals(void)
 {
     ws_plan *plan = NULL;
@@ -243,5 +331,6 @@ int main(void)
     signal(SIGPIPE, SIG_IGN);
     RUN(test_refusals);
     RUN(test_sync_into_engine_process);
+    RUN(test_direct_into_shared_memory);
     return check_summary();
 }
