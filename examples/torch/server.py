@@ -104,6 +104,10 @@ def parse_args(argv):
     ap.add_argument("--address", default=None,
                     help="the engines' channel names are ADDRESS-<rank> (default: "
                          "wshost-server-<pid of the launcher>)")
+    ap.add_argument("--engine-memory", choices=("own", "shared"), default="own",
+                    help="own: the engine's weights are its own tensors, each sync lands through "
+                         "wshost's shared-memory slots (two copies); shared: they are allocated "
+                         "with Receiver.alloc in memory the trainer maps, and written in place")
     ap.add_argument("--fault", choices=FAULTS, default="none")
     ap.add_argument("--fault-sync", type=int, default=3,
                     help="the sync the fault hits, counted from 1 (default 3: step 2's base sync "
@@ -174,8 +178,14 @@ class Engine:
             self.model.weights[WRONG_SHAPE_TENSOR] = torch.zeros(shape, dtype=tq.DTYPE)
         self.eval_tokens = tq.fixed_tokens(self.cfg, seed=7)
         self.receiver = wshost.Receiver(self.name)
-        for name, t in self.model.weights.items():
-            self.receiver.add(name, t)
+        if args.engine_memory == "shared":
+            # The model computes on the receiver's shared tensors themselves.
+            for name, t in list(self.model.weights.items()):
+                shared = torch.from_dlpack(self.receiver.alloc(name, list(t.shape), "bf16"))
+                self.model.weights[name] = shared
+        else:
+            for name, t in self.model.weights.items():
+                self.receiver.add(name, t)
         self.receiver.on("sleep", self.on_sleep)
         self.receiver.on("wake", self.on_wake)
         self.syncs = 0
@@ -307,7 +317,8 @@ class EngineProcess:
                "--address", args.address, "--lora-rank", str(args.lora_rank),
                "--lora-alpha", str(args.lora_alpha), "--tied", str(args.tied),
                "--fault", args.fault, "--fault-sync", str(args.fault_sync),
-               "--fault-bucket", str(args.fault_bucket), "--linger", str(args.linger)]
+               "--fault-bucket", str(args.fault_bucket), "--linger", str(args.linger),
+               "--engine-memory", args.engine_memory]
         env = dict(os.environ)
         env["OMP_NUM_THREADS"] = "1"
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)

@@ -124,19 +124,21 @@ static int l_sender(lua_State *L)
     return 1;
 }
 
-/* sender:begin(manifest, weight_version [, partial [, unproven]])
+/* sender:begin(manifest, weight_version [, partial [, unproven [, direct]]])
  * manifest: list of {name=, dtype=, shape={...}} (the engine's tensors this
  * sync writes, whole); partial: not every tensor of the engine; unproven:
  * the sync finishes without proofs (verify=off), so the engine process does
- * not checksum what lands. Raises the receiver's refusal (it names the
- * tensor). */
+ * not checksum what lands; direct: the tensors were written in place, in
+ * memory the engine process shares. Raises the receiver's refusal (it names
+ * the tensor). */
 static int l_begin(lua_State *L)
 {
     ws_sender *s = check_sender(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_Integer version = luaL_checkinteger(L, 3);
     unsigned flags = (lua_toboolean(L, 4) ? WS_MANIFEST_PARTIAL : 0u) |
-                     (lua_toboolean(L, 5) ? WS_MANIFEST_UNPROVEN : 0u);
+                     (lua_toboolean(L, 5) ? WS_MANIFEST_UNPROVEN : 0u) |
+                     (lua_toboolean(L, 6) ? WS_MANIFEST_DIRECT : 0u);
     size_t n = (size_t)lua_rawlen(L, 2);
     ws_wire_tensor *ts = lua_newuserdatauv(L, (n ? n : 1) * sizeof *ts, 0); /* freed by the GC */
     for (size_t i = 0; i < n; i++) {
@@ -306,6 +308,34 @@ static int l_sleep(lua_State *L)
     return 0;
 }
 
+/* sender:shared(name, dtype, shape) -> ws.Tensor | nil: the engine
+ * process's tensor `name` when it lives in memory that process shares
+ * (wshost.Receiver.alloc), mapped here to be written in place. */
+static int l_shared(lua_State *L)
+{
+    ws_sender *s = check_sender(L, 1);
+    const char *name = luaL_checkstring(L, 2);
+    ws_dtype dtype = ws_lua_check_dtype(L, 3, "sender:shared");
+    int64_t shape[WS_MAX_DIMS];
+    int infer;
+    int ndim = ws_lua_read_shape(L, 4, "sender:shared", shape, 0, &infer);
+    ws_ltensor *lt = ws_lua_new_tensor(L);
+    if (ws_sender_shared(s, name, dtype, ndim, shape, &lt->t) != WS_OK) {
+        if (ws_errcode() == WS_ERR_ARG && strstr(ws_errmsg(), "shares no tensor")) {
+            lua_pushnil(L);
+            return 1;
+        }
+        return raise_remote(L);
+    }
+    return 1;
+}
+
+static int l_shared_count(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)ws_sender_shared_count(check_sender(L, 1)));
+    return 1;
+}
+
 static int l_peer_pid(lua_State *L)
 {
     lua_pushinteger(L, (lua_Integer)ws_sender_peer_pid(check_sender(L, 1)));
@@ -356,7 +386,8 @@ static int l_tostring(lua_State *L)
 static const luaL_Reg sender_methods[] = {
     {"begin", l_begin},       {"finish", l_finish},     {"verify", l_verify},
     {"wake", l_wake},         {"sleep", l_sleep},       {"peer_pid", l_peer_pid},
-    {"slot_bytes", l_slot_bytes}, {"stats", l_stats},   {NULL, NULL},
+    {"slot_bytes", l_slot_bytes}, {"stats", l_stats},   {"shared", l_shared},
+    {"shared_count", l_shared_count}, {NULL, NULL},
 };
 
 static const luaL_Reg no_functions[] = {{NULL, NULL}};

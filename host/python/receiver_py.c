@@ -330,6 +330,87 @@ static PyObject *receiver_add(ReceiverObject *o, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* A Receiver.alloc tensor keeps the core's view of the shared memory (and
+ * so the mapping) until the Python tensor goes. */
+static void free_core_view(ws_dl_managed *m)
+{
+    ws_tensor *v = m->manager_ctx;
+    ws_tensor_free(v);
+    PyMem_RawFree(v);
+    PyMem_RawFree(m);
+}
+
+static PyObject *receiver_alloc(ReceiverObject *o, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"name", "shape", "dtype", NULL};
+    const char *name, *dtype = "bf16";
+    PyObject *shape_obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sO|s:alloc", kwlist, &name, &shape_obj, &dtype))
+        return NULL;
+    if (usable(o, "alloc") != 0) return NULL;
+    ws_dtype dt;
+    if (ws_dtype_parse(dtype, &dt) != 0)
+        return PyErr_Format(PyExc_ValueError, "Receiver.alloc: tensor '%s': unknown dtype '%s'",
+                            name, dtype);
+    PyObject *seq = PySequence_Fast(shape_obj, "Receiver.alloc: shape must be a sequence of ints");
+    if (!seq) return NULL;
+    Py_ssize_t ndim = PySequence_Fast_GET_SIZE(seq);
+    int64_t shape[WS_MAX_DIMS];
+    if (ndim > WS_MAX_DIMS) {
+        Py_DECREF(seq);
+        return PyErr_Format(PyExc_ValueError, "Receiver.alloc: tensor '%s': at most %d "
+                            "dimensions", name, WS_MAX_DIMS);
+    }
+    for (Py_ssize_t k = 0; k < ndim; k++) {
+        long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, k));
+        if (v == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (v < 0) {
+            Py_DECREF(seq);
+            return PyErr_Format(PyExc_ValueError, "Receiver.alloc: tensor '%s': negative "
+                                "dimension %lld", name, v);
+        }
+        shape[k] = (int64_t)v;
+    }
+    Py_DECREF(seq);
+    ws_tensor *v = PyMem_RawCalloc(1, sizeof *v);
+    ws_dl_managed *m = PyMem_RawCalloc(1, sizeof *m);
+    TensorObject *t = (TensorObject *)tensor_new_raw();
+    PyObject *pyname = PyUnicode_FromString(name);
+    if (!v || !m || !t || !pyname) {
+        PyMem_RawFree(v);
+        PyMem_RawFree(m);
+        Py_XDECREF(t);
+        Py_XDECREF(pyname);
+        return PyErr_NoMemory();
+    }
+    void *data = NULL;
+    ws_status rc = ws_receiver_alloc(o->r, name, dt, (int)ndim, shape, v);
+    if (rc == WS_OK) rc = ws_tensor_access(v, WS_ACCESS_WRITE, "Receiver.alloc", &data);
+    if (rc != WS_OK) {
+        PyErr_Format(WsError, "Receiver.alloc: %s", ws_errmsg());
+        ws_tensor_free(v);
+        PyMem_RawFree(v);
+        PyMem_RawFree(m);
+        Py_DECREF(t);
+        Py_DECREF(pyname);
+        return NULL;
+    }
+    t->mem.data = data;
+    t->mem.nbytes = ws_tensor_nbytes(v);
+    t->mem.device_type = WS_HOST_CPU;
+    t->mem.dtype = ws_dtype_name(dt);
+    t->mem.ndim = (int)ndim;
+    for (Py_ssize_t k = 0; k < ndim; k++) t->mem.shape[k] = shape[k];
+    m->manager_ctx = v;
+    m->deleter = free_core_view;
+    t->managed = m;
+    Py_SETREF(t->name, pyname);
+    return (PyObject *)t;
+}
+
 static PyObject *receiver_on(ReceiverObject *o, PyObject *args)
 {
     const char *event;
@@ -603,6 +684,10 @@ static PyMethodDef receiver_methods[] = {
     {"add", (PyCFunction)receiver_add, METH_VARARGS,
      "add(name, tensor): registers an engine parameter (a contiguous torch tensor or any DLPack "
      "producer, or a wshost.Tensor; any dtype wshost knows, cpu or cuda); kept alive until close."},
+    {"alloc", (PyCFunction)(void (*)(void))receiver_alloc, METH_VARARGS | METH_KEYWORDS,
+     "alloc(name, shape, dtype='bf16') -> wshost.Tensor: a tensor in memory this receiver "
+     "shares with the trainer, registered as `name`; the trainer writes it in place (one copy "
+     "instead of two). Call before serve(). torch.from_dlpack(t) views it."},
     {"on", (PyCFunction)receiver_on, METH_VARARGS,
      "on(event, fn): fn(tag) on 'wake', fn(level) on 'sleep', run inside serve()/next() with the "
      "GIL. An exception is sent to the trainer as an ERROR (its step raises) and kept as "

@@ -86,7 +86,7 @@ struct SessionObject {
 
 static PyTypeObject SessionType;
 
-static PyObject *tensor_new_raw(void)
+PyObject *tensor_new_raw(void)
 {
     TensorObject *t = PyObject_New(TensorObject, &TensorType);
     if (!t) return NULL;

@@ -27,6 +27,8 @@ typedef struct TensorObject {
 extern PyObject *WsError;      /* wshost.Error */
 extern PyTypeObject TensorType; /* wshost.Tensor */
 
+/* A new Tensor with nothing in it (the caller fills mem, name, managed). */
+PyObject *tensor_new_raw(void);
 /* wshost.from_dlpack(obj): a new Tensor viewing obj's memory, or NULL with
  * the exception set (a non-contiguous tensor is refused by shape and strides). */
 PyObject *py_from_dlpack(PyObject *mod, PyObject *obj);

@@ -565,6 +565,7 @@ function M.setup(p, cfg, built, report, env)
                       world, tostring(device)))
     log("# config: " .. config.describe(cfg))
     if place then log("# placement " .. placement.describe(place, world)) end
+    if engine.remote then log(engine:describe()) end
     if built.parallel and not place then
         log(string.format("# engine: %s; rank 0 holds %.1f MB of engine weights",
                           parallel.describe(built.parallel), engine.weight_bytes / 1e6))

@@ -68,9 +68,32 @@ function M.engine(args, opts)
                             self.address, tostring(msg)), 0)
     end
     self.sender = s
+    -- Weights the engine process allocated in memory it shares
+    -- (Receiver.alloc): written in place, one copy instead of two. Only
+    -- when all of them are; otherwise every tensor goes through the slots.
+    if s:shared_count() > 0 then
+        local views = {}
+        for _, name in ipairs(self.order) do
+            views[name] = s:shared(name, "bf16", self.shapes[name])
+            if not views[name] then views = nil break end
+        end
+        if views then
+            self.tensors, self.direct = views, true
+            self.dtypes = {}
+            for _, name in ipairs(self.order) do self.dtypes[name] = "bf16" end
+        end
+    end
     self.version = 0
     self.own_memory = false
     return self
+end
+
+-- One line for the run's header.
+function Engine:describe()
+    local how = self.direct and "its weights in memory it shares, written in place"
+        or string.format("through two shared-memory slots of %.1f MB", self.sender:slot_bytes() / 1e6)
+    return string.format("# engine: process %d on '%s', %s", self.sender:peer_pid(), self.address,
+                         how)
 end
 
 function Engine:is_staged() return false end
@@ -79,8 +102,12 @@ function Engine:stage_end() end
 function Engine:quantize_staged() end
 
 function Engine:destination(param_name)
-    error("engine: the engine's tensors are in the engine process (" .. self.address ..
-          "); '" .. tostring(param_name) .. "' has no destination here", 2)
+    local d = self.dest[param_name]
+    if not (self.direct and d) then
+        error("engine: the engine's tensors are in the engine process (" .. self.address ..
+              "); '" .. tostring(param_name) .. "' has no destination here", 2)
+    end
+    return self.tensors[d.name], d
 end
 
 -- The manifest entry of an engine tensor.
@@ -90,9 +117,10 @@ end
 
 -- Starts a sync of `manifest` (ws.sync builds it per plan); each sync is a
 -- new weight version. unproven: it finishes without proofs (verify=off).
+-- With shared weights the plan then writes them in place (direct).
 function Engine:begin(manifest, unproven)
     self.version = self.version + 1
-    self.sender:begin(manifest, self.version, #manifest < self.total, unproven)
+    self.sender:begin(manifest, self.version, #manifest < self.total, unproven, self.direct)
 end
 
 -- level 1: the engine process backs its weights up, 2: discards them (it
@@ -136,6 +164,8 @@ function Engine:rollout(step)
 end
 
 function Engine:free()
+    for _, t in pairs(self.direct and self.tensors or {}) do t:free() end
+    self.tensors = {}
     if self.sender then
         local s = self.sender
         self.sender = nil

@@ -108,29 +108,42 @@ local function build_sender(self, kind)
     return plan
 end
 
+-- Server mode: what a sync of these pairs tells the engine process: the
+-- manifest (the engine tensors they land in, in order) and the proofs (one
+-- range per parameter: its slice of a fused tensor).
+local function remote_of(engine, plist)
+    local manifest, index, proofs = {}, {}, {}
+    for i, p in ipairs(plist) do
+        local e = p.src
+        local d = engine.dest[e.name]
+        if not index[d.name] then
+            manifest[#manifest + 1] = engine:manifest_entry(d.name)
+            index[d.name] = #manifest
+        end
+        proofs[i] = { tensor = d.name, label = e.name, offset = d.offset, count = e.numel }
+    end
+    return { manifest = manifest, proofs = ws.proofs(proofs), engine = engine, index = index }
+end
+
 -- Server mode: the plan of one kind packs into the engine process's slots;
 -- its manifest is the engine tensors its entries land in, in entry order,
 -- and its proofs one range per parameter (its slice of a fused tensor).
 local function build_remote(self, kind)
     local engine = self.engine
     local srcs, numels, shards, wire, plist = {}, {}, {}, {}, {}
-    local tensors, offsets, manifest, index, proofs = {}, {}, {}, {}, {}
     local bytes = 0
     for i, e in ipairs(entries_of(self, kind)) do
         local d = engine.dest[e.name]
-        local k = index[d.name]
-        if not k then
-            manifest[#manifest + 1] = engine:manifest_entry(d.name)
-            k = #manifest
-            index[d.name] = k
-        end
         srcs[i], numels[i], shards[i], wire[i] = e.tensor, e.numel, e.shard_numel, "bf16"
-        tensors[i], offsets[i] = k - 1, d.offset
         plist[i] = { src = e, dst_name = d.label, dst_tensor = d.name, dst_offset = d.offset }
-        proofs[i] = { tensor = d.name, label = e.name, offset = d.offset, count = e.numel }
         bytes = bytes + 2 * e.numel
     end
-    plist.remote = { manifest = manifest, proofs = ws.proofs(proofs), engine = engine }
+    plist.remote = remote_of(engine, plist)
+    local tensors, offsets = {}, {}
+    for i, e in ipairs(entries_of(self, kind)) do
+        local d = engine.dest[e.name]
+        tensors[i], offsets[i] = plist.remote.index[d.name] - 1, d.offset
+    end
     local plan = must("sync", ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm,
                                        device = self.device, name = kind, role = "remote",
                                        sender = engine.sender })
@@ -167,7 +180,8 @@ local function send_remote(self, kind, plan, plist)
     stats.quant_ms, stats.seal_ms = 0, seal_ms
     stats.wall_ms = ws.now_ms() - t0 - seal_ms
     stats.engine_bytes = self.engine_bytes[kind]
-    stats.bytes_moved = stats.bytes_relayed
+    -- Through the slots, what the plan handed over is what landed.
+    if not self.engine.direct then stats.bytes_moved = stats.bytes_relayed end
     return stats
 end
 
@@ -175,7 +189,7 @@ end
 function Sync:build(kind)
     if self.plans[kind] then return self.plans[kind] end
     if self.relay and self.relay.role == "sender" then return build_sender(self, kind) end
-    if self.engine.remote then return build_remote(self, kind) end
+    if self.engine.remote and not self.engine.direct then return build_remote(self, kind) end
     local srcs, dsts, numels, shards, blocks, plist = {}, {}, {}, {}, {}, {}
     local engine, touched, engine_bytes, padded_set = self.engine, {}, 0, {}
     for i, e in ipairs(entries_of(self, kind)) do
@@ -219,6 +233,15 @@ function Sync:build(kind)
                                      device = self.device, name = kind,
                                      exchange = self.exchange })
         plan:add(srcs, dsts, numels, shards, blocks)
+    end
+    if engine.remote then
+        -- Server mode with shared weights: the plan above writes them in
+        -- place; each send is still a sync the engine process proves.
+        plist.remote = remote_of(engine, plist)
+        for i, p in ipairs(plist) do
+            local d = engine.dest[p.src.name]
+            p.dst_tensor, p.dst_offset = d.name, d.offset
+        end
     end
     self.plans[kind], self.pairs[kind] = plan, plist
     return plan

@@ -6,7 +6,8 @@
 # naming its pid, nothing left in /dev/shm, no socket), the trainer killed
 # mid-sync (the engine reports it, keeps running with its weights invalid,
 # exits cleanly on SIGTERM), an engine shape that disagrees (refused naming
-# the tensor before any byte moves). Skipped (77) without torch, the wshost
+# the tensor before any byte moves); and the engine's weights in memory it
+# shares (Receiver.alloc), written in place. Skipped (77) without torch, the wshost
 # Python module, or a Session with engine_address.
 cd "$(dirname "$0")" && while [ ! -f pipelines/verl_lora.lua ] && [ "$PWD" != / ]; do cd ..; done
 . tests/e2e/torch/torch_lib.sh
@@ -14,6 +15,25 @@ cd "$(dirname "$0")" && while [ ! -f pipelines/verl_lora.lua ] && [ "$PWD" != / 
 
 run_server_matrix
 run_server_buggy
+
+# --- the engine's weights in memory it shares (Receiver.alloc): written in
+# place, proven by the engine process; the same logits, the same bug caught
+for level in 1 2; do
+    name="shared,level=$level"
+    if server "$name" 0 -- --steps 3 --sleep-level "$level" --engine-memory shared; then
+        every_step_equal "$name" 3
+        check "$name: written in place" "its weights in memory it shares, written in place" \
+            "$(cat "$tmp/$name.log")"
+    fi
+done
+name="shared,buggy"
+if server "$name" 1 -- --steps 3 --policy buggy --sleep-level 2 --engine-memory shared; then
+    log=$(cat "$tmp/$name.log")
+    check "shared,buggy: step 2 failed" "step 2 failed" "$log"
+    check "shared,buggy: names the discarded tensor" \
+        "engine tensor 'model.embed_tokens.weight' (from 'model.embed_tokens.weight') is not valid: discarded" "$log"
+    if grep -q '^step 2 ' <<<"$log"; then fail "shared,buggy: step 2 reached its rollout"; fi
+fi
 
 # --- the engine killed in the middle of sync 3 (step 2's base)
 shm_before=$(shm_entries)
