@@ -2,7 +2,8 @@
 # examples/torch/server.py under mpirun -n 2: the trainer's row shards split
 # across the ranks, one engine process per rank (channels <address>-0 and
 # <address>-1), logits equal after every sync; the verl #3149 bug stops on
-# both ranks. Skipped (77) without MPI, torch, the wshost Python module, or a
+# both ranks; each engine's weights also in memory it shares with its rank
+# (Receiver.alloc). Skipped (77) without MPI, torch, the wshost Python module, or a
 # Session with engine_address.
 cd "$(dirname "$0")" && while [ ! -f pipelines/verl_lora.lua ] && [ "$PWD" != / ]; do cd ..; done
 [ "${WS_HAVE_MPI:-ON}" = "ON" ] || { echo "skip: built without MPI"; exit 77; }
@@ -29,6 +30,9 @@ name="server,np=2,fce=0,level=1"
 server "$name" 0 "${MPI[@]}" -- --steps 3 --free-cache-engine 0 --sleep-level 1 && every_step_equal "$name" 3
 name="server,np=2,lora=0"
 server "$name" 0 "${MPI[@]}" -- --steps 3 --lora-rank 0 --tied 1 && every_step_equal "$name" 3
+name="server,np=2,shared"
+server "$name" 0 "${MPI[@]}" -- --steps 3 --sleep-level 2 --engine-memory shared &&
+    every_step_equal "$name" 3
 name="server,np=2,buggy"
 if server "$name" 1 "${MPI[@]}" -- --steps 3 --policy buggy --sleep-level 2 --verify all; then
     check "np=2 buggy: step 2 failed" "step 2 failed" "$(cat "$tmp/$name.log")"

@@ -95,6 +95,30 @@ class ReceiverTest(unittest.TestCase):
         self.assertTrue(r.closed)
         self.assertFalse(listening(name))
 
+    def test_alloc_shared_tensors(self):
+        """Receiver.alloc: tensors in memory the receiver shares, zeroed, viewed by torch
+        through DLPack, written by syncs like any other, alive after close()."""
+        name = chan_name()
+        with wshost.Receiver(name) as r:
+            ts = [torch.from_dlpack(r.alloc(tname, list(shape), dtype))
+                  for tname, dtype, shape, _ in SPEC]
+            for (tname, _, shape, dt), t in zip(SPEC, ts):
+                self.assertEqual((tuple(t.shape), t.dtype), (shape, dt), tname)
+                self.assertTrue(bool((t == 0).all()), tname)
+            with self.assertRaisesRegex(wshost.Error, "registered already"):
+                r.alloc(SPEC[0][0], [5, 7], "bf16")
+            with self.assertRaisesRegex(ValueError, "unknown dtype 'f9'"):
+                r.alloc("x", [3], "f9")
+            with self.assertRaisesRegex(ValueError, "negative"):
+                r.alloc("x", [3, -1])
+            p = sender(name, "sync:3", "close")
+            self.assertIs(r.serve(timeout=20), True)
+            rc, out = finish(p)
+            self.assertEqual(rc, 0, out)
+            self.assertEqual(r.state, ("valid", 3))
+        for i, ((tname, _, shape, dt), t) in enumerate(zip(SPEC, ts)):
+            self.assertTrue(torch.equal(t, expected(i, 3, shape, dt)), tname)
+
     def test_next_one_message_at_a_time(self):
         name, ts = chan_name(), engine_tensors()
         with open_receiver(name, ts) as r:
