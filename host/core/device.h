@@ -126,7 +126,20 @@ typedef struct ws_device_ops {
      * enqueued behind it. NULL: comm uses the legacy default stream and
      * synchronizes the device around each collective. */
     void *(*native_stream)(ws_device *d);
+
+    /* Optional (NULL: the device cannot share memory with another process):
+     * memory another process maps through an opaque handle of
+     * WS_IPC_HANDLE_BYTES (cuda: cudaMalloc'ed, never the virtual memory
+     * API's or a stream-ordered pool's, with cudaIpcGetMemHandle), its
+     * release, and the mapping of such a handle here (cudaIpcOpenMemHandle)
+     * and its release. Server mode's slots on a GPU (remote.h). */
+    ws_status (*ipc_alloc)(ws_device *d, size_t bytes, void **out, unsigned char *handle);
+    void (*ipc_free)(ws_device *d, void *ptr, size_t bytes);
+    ws_status (*ipc_open)(ws_device *d, const unsigned char *handle, size_t bytes, void **out);
+    void (*ipc_close)(ws_device *d, void *ptr);
 } ws_device_ops;
+
+#define WS_IPC_HANDLE_BYTES 64
 
 struct ws_device {
     const ws_device_ops *ops;

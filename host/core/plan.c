@@ -215,12 +215,11 @@ ws_status ws_plan_set_remote(ws_plan *p, ws_sender *sender)
         return WS_ERR(WS_ERR_ARG, "plan '%s': set the engine process before adding entries",
                       p->name);
     if (!sender) return WS_ERR(WS_ERR_ARG, "plan '%s': no sender given", p->name);
-    if (p->device->kind != WS_DEVICE_CPU)
+    if (ws_sender_slot_device(sender) != p->device)
         return WS_ERR(WS_ERR_ARG,
-                      "plan '%s': server mode moves buckets through host shared memory, so the "
-                      "plan runs on the cpu, not %s (slots in GPU memory, CUDA IPC, are not "
-                      "built)",
-                      p->name, p->device->name);
+                      "plan '%s': the plan runs on %s but the sender's slots are on %s; give "
+                      "the sender slot_device = the plan's device",
+                      p->name, p->device->name, ws_sender_slot_device(sender)->name);
     p->role = WS_PLAN_REMOTE;
     p->sender = sender;
     return WS_OK;
@@ -1163,8 +1162,13 @@ static ws_status run_remote(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
                 return rc;
             }
         }
+        /* The engine process reads the slot as soon as it hears of it: the
+         * device's queued copies into it must be done. */
+        if (p->device->kind != WS_DEVICE_CPU) rc = ws_device_synchronize(p->device);
         p->stats.gather_ms += now_ms() - t;
-        rc = ws_sender_submit(p->sender, j, p->wire + b->wire_begin, b->wire_end - b->wire_begin);
+        if (rc == WS_OK)
+            rc = ws_sender_submit(p->sender, j, p->wire + b->wire_begin,
+                                  b->wire_end - b->wire_begin);
         if (rc != WS_OK) {
             ws_errprefix("plan '%s': bucket %zu of %zu", p->name, k + 1, K);
             return rc;

@@ -121,8 +121,9 @@ ws_status ws_plan_set_relay(ws_plan *p, ws_plan_role role, ws_comm *relay, int g
  * slots and handed over with ws_sender_submit, so the engine process copies
  * bucket k out while bucket k+1 is packed into the other slot. Every
  * execution must run inside a sync of the plan's manifest (between
- * ws_sender_begin and ws_sender_finish*); the plan runs on the host (the
- * slots are host memory) and each bucket (world x its segment) must fit a
+ * ws_sender_begin and ws_sender_finish*); the plan runs where the slots are
+ * (the host's memfds, or a GPU's memory shared through CUDA IPC: the
+ * sender's slot_device) and each bucket (world x its segment) must fit a
  * slot. Call before any add. */
 typedef struct ws_sender ws_sender;
 ws_status ws_plan_set_remote(ws_plan *p, ws_sender *sender);

@@ -82,6 +82,7 @@ struct ws_receiver {
     int n_slots;
     uint64_t next_seq;
     int refused; /* the last error was told to the sender; the connection lives on */
+    ws_device *slot_dev; /* the GPU the sender's slots are mapped on; NULL: host memfds */
     recv_chunk *chunks; /* ws_receiver_alloc's arena */
     size_t n_chunks, cap_chunks;
 };
@@ -135,6 +136,7 @@ static void unmap_slots(ws_receiver *r)
         ws_shm_free(&r->shm[i]);
     }
     r->n_slots = 0;
+    r->slot_dev = NULL;
 }
 
 static void set_why(recv_param *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -582,13 +584,76 @@ static ws_status on_manifest(ws_receiver *r, ws_chan_msg *m, ws_receiver_event *
     return send_ack(r, WS_MSG_MANIFEST, WS_ACK_NO_SLOT, 0, "acknowledging the manifest");
 }
 
+typedef struct ipc_map {
+    ws_device *dev;
+    void *ptr;
+} ipc_map;
+
+static void close_ipc_map(void *ctx)
+{
+    ipc_map *im = ctx;
+    im->dev->ops->ipc_close(im->dev, im->ptr);
+    free(im);
+}
+
+/* Slots in the sender's GPU memory (CUDA IPC handles), mapped on the GPU
+ * this receiver's tensors are on. */
+static ws_status map_gpu_slots(ws_receiver *r, ws_rbuf *rb, const uint64_t *bytes)
+{
+    const char *peer = ws_chan_peer_label(r->chan);
+    ws_device *dev = NULL;
+    for (size_t i = 0; i < r->n_params && !dev; i++) {
+        ws_device *d = ws_tensor_device(&r->params[i].t);
+        if (d->kind != WS_DEVICE_CPU) dev = d;
+    }
+    if (!dev || !dev->ops->ipc_open)
+        return WS_ERR(WS_ERR_ARG, "receiver: %s sent slots in GPU memory, but this %s's tensors "
+                      "are in host memory; give the sender host slots", peer, r->role);
+    unsigned char handle[WS_REMOTE_SLOTS][WS_IPC_HANDLE_BYTES];
+    for (int i = 0; i < WS_REMOTE_SLOTS; i++) ws_rbuf_get(rb, handle[i], WS_IPC_HANDLE_BYTES);
+    if (rb->bad || rb->pos != rb->len)
+        return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a malformed SLOTS message", peer);
+    for (int i = 0; i < WS_REMOTE_SLOTS; i++) {
+        ipc_map *im = ws_calloc(1, sizeof *im);
+        ws_status rc = im ? WS_OK : WS_ERR(WS_ERR_NOMEM, "receiver: out of memory");
+        if (rc == WS_OK) rc = dev->ops->ipc_open(dev, handle[i], (size_t)bytes[i], &im->ptr);
+        if (rc == WS_OK) {
+            im->dev = dev;
+            ws_external mem = {.data = im->ptr, .nbytes = (size_t)bytes[i], .device = dev,
+                               .read_only = 1, .source = "a shared slot of the sender",
+                               .release = close_ipc_map, .release_ctx = im};
+            int64_t len = (int64_t)bytes[i];
+            char what[32];
+            snprintf(what, sizeof what, "slot %d", i);
+            rc = ws_tensor_external(&r->slot[i], &mem, WS_U8, 1, &len, what);
+            if (rc != WS_OK) close_ipc_map(im);
+        } else {
+            free(im);
+        }
+        if (rc != WS_OK) {
+            unmap_slots(r);
+            return rc;
+        }
+    }
+    r->slot_dev = dev;
+    return WS_OK;
+}
+
 static ws_status on_slots(ws_receiver *r, ws_chan_msg *m, ws_receiver_event *ev)
 {
     ws_rbuf rb = {m->payload, m->len, 0, 0};
     uint32_t n = ws_rbuf_u32(&rb);
     uint64_t bytes[WS_REMOTE_SLOTS] = {0};
     for (uint32_t i = 0; i < n && i < WS_REMOTE_SLOTS; i++) bytes[i] = ws_rbuf_u64(&rb);
-    if (rb.bad || n != WS_REMOTE_SLOTS || m->nfds != (int)n || r->n_slots)
+    uint8_t kind = ws_rbuf_u8(&rb);
+    if (!rb.bad && kind == WS_SLOTS_GPU && n == WS_REMOTE_SLOTS && m->nfds == 0 && !r->n_slots) {
+        WS_TRY(map_gpu_slots(r, &rb, bytes));
+        r->n_slots = WS_REMOTE_SLOTS;
+        ev->kind = WS_RECV_SLOTS;
+        return send_ack(r, WS_MSG_SLOTS, WS_ACK_NO_SLOT, 0, "acknowledging the slots");
+    }
+    if (rb.bad || kind != WS_SLOTS_HOST || n != WS_REMOTE_SLOTS || m->nfds != (int)n ||
+        r->n_slots)
         return WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a malformed SLOTS message (%u slots, "
                       "%d fds%s)", ws_chan_peer_label(r->chan), n, m->nfds,
                       r->n_slots ? ", slots already mapped" : "");
@@ -795,6 +860,9 @@ static ws_status on_bucket(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
     }
     ws_status rc = land(r, sl, ls, k, on_host, sum);
     free(ls);
+    /* A slot in the sender's GPU memory is free again only once the copies
+     * out of it are done, not merely queued. */
+    if (rc == WS_OK && r->slot_dev) rc = ws_device_synchronize(r->slot_dev);
     if (rc != WS_OK) {
         ws_errprefix("receiver: bucket %" PRIu64, seq + 1);
         return rc;

@@ -19,7 +19,9 @@
  *            and answers ACK, or ERROR naming the first tensor that it lacks,
  *            that differs in dtype or shape, that appears twice, or (unless
  *            flags has WS_MANIFEST_PARTIAL) that the manifest leaves out.
- *   SLOTS    u32 n (2), u64 bytes[n]; n fds (memfds, size sealed)
+ *   SLOTS    u32 n (2), u64 bytes[n], u8 kind; kind WS_SLOTS_HOST: n fds
+ *            (memfds, size sealed); WS_SLOTS_GPU: n x 64-byte CUDA IPC
+ *            handles (the receiver maps them on the GPU its tensors are on)
  *            sender -> receiver, once per connection after the first
  *            manifest; the receiver maps them read-only and answers ACK.
  *   BUCKET   u64 seq, u32 slot, u32 n,
@@ -142,6 +144,7 @@ typedef struct ws_proof {
     uint64_t elem_offset, elem_count, checksum;
 } ws_proof;
 
+enum { WS_SLOTS_HOST = 0, WS_SLOTS_GPU = 1 }; /* SLOTS: memfds, or CUDA IPC handles */
 enum { WS_VERIFY_VALIDITY = 1u }; /* ws_sender_verify: only that the tensors are valid, no checksums */
 
 /* ---- receiver (engine side) ------------------------------------------------------- */
@@ -241,6 +244,10 @@ typedef struct ws_sender_opts {
     size_t slot_bytes;      /* each of the two slots; 0: 64 MiB */
     int (*interrupted)(void *ctx); /* as in ws_receiver_opts; NULL: never */
     void *ctx;
+    /* Where the slots live: NULL or the cpu, host memfds; a GPU, memory
+     * shared through CUDA IPC (cudaMalloc'ed, never the virtual memory
+     * API's), for a receiver whose tensors are on a GPU. */
+    ws_device *slot_device;
 } ws_sender_opts;
 
 /* One piece of a bucket: src (contiguous, the manifest tensor's dtype, any
@@ -310,6 +317,7 @@ ws_status ws_sender_shared(ws_sender *s, const char *name, ws_dtype dtype, int n
 size_t ws_sender_shared_count(const ws_sender *s); /* tensors the receiver shares */
 pid_t ws_sender_peer_pid(const ws_sender *s);
 size_t ws_sender_slot_bytes(const ws_sender *s);
+ws_device *ws_sender_slot_device(const ws_sender *s); /* the cpu unless opts.slot_device */
 ws_sender_stats ws_sender_get_stats(const ws_sender *s);
 
 #endif

@@ -244,6 +244,11 @@ pid_t ws_sender_peer_pid(const ws_sender *s) { return ws_chan_peer_pid(s->chan);
 
 size_t ws_sender_slot_bytes(const ws_sender *s) { return s->opts.slot_bytes; }
 
+ws_device *ws_sender_slot_device(const ws_sender *s)
+{
+    return s->opts.slot_device ? s->opts.slot_device : ws_device_cpu();
+}
+
 ws_sender_stats ws_sender_get_stats(const ws_sender *s) { return s->stats; }
 
 /* Waits for the reply to a request of `type`: ACK of that type, or ERROR
@@ -350,8 +355,70 @@ void ws_sender_close(ws_sender *s)
     free(s);
 }
 
+typedef struct ipc_slot {
+    ws_device *dev;
+    void *ptr;
+    size_t bytes;
+} ipc_slot;
+
+static void free_ipc_slot(void *ctx)
+{
+    ipc_slot *sl = ctx;
+    sl->dev->ops->ipc_free(sl->dev, sl->ptr, sl->bytes);
+    free(sl);
+}
+
+/* Slots in GPU memory (opts.slot_device): cudaMalloc'ed, their CUDA IPC
+ * handles sent in SLOTS instead of memfds. */
+static ws_status create_gpu_slots(ws_sender *s, const char *what)
+{
+    ws_device *dev = s->opts.slot_device;
+    if (!dev->ops->ipc_alloc)
+        return WS_ERR(WS_ERR_ARG, "%s: %s cannot share memory with another process", what,
+                      dev->name);
+    unsigned char handles[WS_REMOTE_SLOTS][WS_IPC_HANDLE_BYTES];
+    ws_status rc = WS_OK;
+    for (int i = 0; rc == WS_OK && i < WS_REMOTE_SLOTS; i++) {
+        ipc_slot *sl = ws_calloc(1, sizeof *sl);
+        if (!sl) rc = WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what);
+        if (rc == WS_OK) rc = dev->ops->ipc_alloc(dev, s->opts.slot_bytes, &sl->ptr, handles[i]);
+        if (rc != WS_OK) {
+            free(sl);
+            break;
+        }
+        *sl = (ipc_slot){dev, sl->ptr, s->opts.slot_bytes};
+        ws_external mem = {.data = sl->ptr, .nbytes = sl->bytes, .device = dev,
+                           .release = free_ipc_slot, .release_ctx = sl};
+        int64_t len = (int64_t)sl->bytes;
+        char name[32];
+        snprintf(name, sizeof name, "slot %d", i);
+        rc = ws_tensor_external(&s->slot[i], &mem, WS_U8, 1, &len, name);
+        if (rc != WS_OK) free_ipc_slot(sl);
+    }
+    ws_wbuf w = {0};
+    if (rc == WS_OK) {
+        ws_wbuf_u32(&w, WS_REMOTE_SLOTS);
+        for (int i = 0; i < WS_REMOTE_SLOTS; i++) ws_wbuf_u64(&w, s->opts.slot_bytes);
+        ws_wbuf_u8(&w, WS_SLOTS_GPU);
+        for (int i = 0; i < WS_REMOTE_SLOTS; i++) ws_wbuf_put(&w, handles[i], WS_IPC_HANDLE_BYTES);
+        rc = w.oom ? WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what)
+                   : fail(s, ws_chan_send(s->chan, WS_MSG_SLOTS, w.data, w.len, NULL, 0,
+                                          s->opts.timeout_ms, what));
+    }
+    ws_wbuf_free(&w);
+    if (rc == WS_OK) rc = fail(s, wait_reply(s, WS_MSG_SLOTS, what, NULL, NULL));
+    if (rc != WS_OK) {
+        for (int i = 0; i < WS_REMOTE_SLOTS; i++) ws_tensor_free(&s->slot[i]);
+        return rc;
+    }
+    s->slots_sent = 1;
+    return WS_OK;
+}
+
 static ws_status create_slots(ws_sender *s, const char *what)
 {
+    if (s->opts.slot_device && s->opts.slot_device->kind != WS_DEVICE_CPU)
+        return create_gpu_slots(s, what);
     ws_status rc = WS_OK;
     for (int i = 0; rc == WS_OK && i < WS_REMOTE_SLOTS; i++) {
         rc = ws_shm_create(&s->shm[i], s->opts.slot_bytes, what);
@@ -371,6 +438,7 @@ static ws_status create_slots(ws_sender *s, const char *what)
             ws_wbuf_u64(&w, s->shm[i].nbytes);
             fds[i] = s->shm[i].fd;
         }
+        ws_wbuf_u8(&w, WS_SLOTS_HOST);
         rc = w.oom ? WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what)
                    : fail(s, ws_chan_send(s->chan, WS_MSG_SLOTS, w.data, w.len, fds,
                                           WS_REMOTE_SLOTS, s->opts.timeout_ms, what));

@@ -85,10 +85,12 @@ static int int_field(lua_State *L, int idx, const char *key, lua_Integer dflt, l
 }
 
 static const char *const sender_options[] = {"slot_bytes", "timeout_ms", "connect_timeout_ms",
-                                             NULL};
+                                             "slot_device", NULL};
 
-/* ws.sender(name [, {slot_bytes=, timeout_ms=, connect_timeout_ms=}])
- * -> sender | nil, msg, code (no engine process listening, it died, ...) */
+/* ws.sender(name [, {slot_bytes=, timeout_ms=, connect_timeout_ms=, slot_device=}])
+ * -> sender | nil, msg, code (no engine process listening, it died, ...)
+ * slot_device: a ws.Device or name; a GPU puts the slots in its memory,
+ * shared through CUDA IPC (for an engine whose tensors are on a GPU). */
 static int l_sender(lua_State *L)
 {
     const char *name = luaL_checkstring(L, 1);
@@ -106,6 +108,11 @@ static int l_sender(lua_State *L)
         }
         lua_pop(L, 1);
         o.timeout_ms = int_field(L, 2, "timeout_ms", 0, 1, INT32_MAX);
+        if (lua_getfield(L, 2, "slot_device") != LUA_TNIL) {
+            ws_status drc = ws_lua_to_device(L, lua_gettop(L), &o.slot_device);
+            if (drc != WS_OK) return ws_lua_fail(L, drc, "ws.sender");
+        }
+        lua_pop(L, 1);
         o.connect_timeout_ms = int_field(L, 2, "connect_timeout_ms", 0, 1, INT32_MAX);
     }
     lsender *ls = (lsender *)lua_newuserdatauv(L, sizeof *ls, 0);

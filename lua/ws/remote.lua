@@ -62,7 +62,10 @@ function M.engine(args, opts)
     -- Both slots hold one gathered bucket; pages never touched cost nothing.
     local bucket = args.bucket_mb and math.floor(args.bucket_mb * 1048576) or ws.DEFAULT_BUCKET_BYTES
     self.address = M.address(opts.address, opts.rank or 0)
-    local s, msg = ws.sender(self.address, { slot_bytes = bucket, timeout_ms = opts.timeout_ms })
+    -- A trainer on a GPU packs into slots in its GPU memory (CUDA IPC).
+    local slot_device = self.device and self.device.kind ~= "cpu" and self.device or nil
+    local s, msg = ws.sender(self.address, { slot_bytes = bucket, timeout_ms = opts.timeout_ms,
+                                             slot_device = slot_device })
     if not s then
         error(string.format("engine process: cannot connect to the wshost.Receiver on '%s': %s",
                             self.address, tostring(msg)), 0)

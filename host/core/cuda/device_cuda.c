@@ -916,6 +916,79 @@ static void cuda_event_destroy(ws_device *d, ws_event *e)
     free(e);
 }
 
+/* ---- memory shared with another process (CUDA IPC) ----------------------------------- */
+
+/* Plain cudaMalloc: neither the stream-ordered pool's memory nor the virtual
+ * memory API's can be exported with cudaIpcGetMemHandle. */
+static ws_status cuda_ipc_alloc(ws_device *d, size_t bytes, void **out, unsigned char *handle)
+{
+    cuda_dev *c;
+    *out = NULL;
+    WS_TRY(ws_cuda_prep(d, &c));
+    void *p = NULL;
+    cudaError_t e = cudaMalloc(&p, bytes ? bytes : 1);
+    if (e == cudaErrorMemoryAllocation) {
+        cudaGetLastError();
+        return ws_cuda_out_of_memory(d, bytes, "allocating shared slots of");
+    }
+    CU_TRY(d, e, "allocating %zu bytes to share", bytes);
+    cudaIpcMemHandle_t h;
+    e = cudaIpcGetMemHandle(&h, p);
+    if (e != cudaSuccess) {
+        cudaFree(p);
+        return ws_cuda_fail(d, e, __FILE__, __LINE__, "exporting %zu bytes (cudaIpcGetMemHandle)",
+                            bytes);
+    }
+    if (ws_cuda_ranges_add(p, bytes ? bytes : 1, LOC_DEVICE) != 0) {
+        cudaFree(p);
+        return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory recording an allocation", d->name);
+    }
+    memcpy(handle, &h, sizeof h < WS_IPC_HANDLE_BYTES ? sizeof h : WS_IPC_HANDLE_BYTES);
+    ws_device_account(d, (ptrdiff_t)bytes);
+    *out = p;
+    return WS_OK;
+}
+
+static void cuda_ipc_free(ws_device *d, void *ptr, size_t bytes)
+{
+    cuda_dev *c;
+    if (!ptr) return;
+    ws_cuda_ranges_remove(ptr);
+    if (ws_cuda_prep(d, &c) != WS_OK) return;
+    cudaFree(ptr);
+    cudaGetLastError();
+    ws_device_account(d, -(ptrdiff_t)bytes);
+}
+
+static ws_status cuda_ipc_open(ws_device *d, const unsigned char *handle, size_t bytes, void **out)
+{
+    cuda_dev *c;
+    *out = NULL;
+    WS_TRY(ws_cuda_prep(d, &c));
+    cudaIpcMemHandle_t h;
+    memset(&h, 0, sizeof h);
+    memcpy(&h, handle, sizeof h < WS_IPC_HANDLE_BYTES ? sizeof h : WS_IPC_HANDLE_BYTES);
+    void *p = NULL;
+    CU_TRY(d, cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess),
+           "mapping another process's GPU memory (cudaIpcOpenMemHandle)");
+    if (ws_cuda_ranges_add(p, bytes ? bytes : 1, LOC_DEVICE) != 0) {
+        cudaIpcCloseMemHandle(p);
+        return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory recording a mapping", d->name);
+    }
+    *out = p;
+    return WS_OK;
+}
+
+static void cuda_ipc_close(ws_device *d, void *ptr)
+{
+    cuda_dev *c;
+    if (!ptr) return;
+    ws_cuda_ranges_remove(ptr);
+    if (ws_cuda_prep(d, &c) != WS_OK) return;
+    cudaIpcCloseMemHandle(ptr);
+    cudaGetLastError();
+}
+
 /* ---- the vtable and the probe ---------------------------------------------------- */
 
 static const ws_device_ops cuda_ops = {
@@ -945,6 +1018,10 @@ static const ws_device_ops cuda_ops = {
     .vm_unmap = ws_cuda_vm_unmap,
     .vm_release = ws_cuda_vm_release,
     .native_stream = cuda_native_stream,
+    .ipc_alloc = cuda_ipc_alloc,
+    .ipc_free = cuda_ipc_free,
+    .ipc_open = cuda_ipc_open,
+    .ipc_close = cuda_ipc_close,
 };
 
 static void explain_no_gpu(cudaError_t e)
