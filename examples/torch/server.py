@@ -68,7 +68,7 @@ import torch  # noqa: E402
 import tiny_qwen3 as tq  # noqa: E402
 from inprocess import POLICIES, fmt_diff, init_gloo, world_and_rank, write_model_dir  # noqa: E402
 
-FAULTS = ("none", "engine-dies", "trainer-dies", "wrong-shape")
+FAULTS = ("none", "engine-dies", "trainer-dies", "wrong-shape", "stray-write")
 WRONG_SHAPE_TENSOR = "model.norm.weight"
 
 
@@ -191,6 +191,10 @@ class Engine:
 
     def on_wake(self, tags):
         self.model.wake(tags)
+        # review fault: waking the KV cache clobbers a weight (after the sync's FINISH)
+        if self.args.fault == "stray-write" and "kv_cache" in str(tags):
+            self.model.weights["model.norm.weight"].add_(1.0)
+            self.log("stray write: model.norm.weight += 1 at wake(kv_cache)")
 
     def fault(self, ev):
         """Counts the syncs and buckets; --fault strikes inside sync --fault-sync."""
