@@ -55,11 +55,16 @@ ws_sender *ws_lua_sender_live(lua_State *L, int idx)
 void ws_lua_sender_hold(lua_State *L, int idx, int delta) { check_lsender(L, idx)->busy += delta; }
 
 /* Ctrl-C: the wshost binary's handler, or an embedding program's interrupt
- * (host/api: a hook set on the state). */
+ * (host/api), or lua.c's: each sets a hook on every call, return and line
+ * with a count of 1 that raises "interrupted!". Any other hook (a profiler's
+ * count hook, a coverage tool's line hook, a debugger) is not an interrupt. */
 static int interrupted(void *ctx)
 {
     lsender *ls = ctx;
-    return ws_lua_is_interrupted() || (ls->L && lua_gethook(ls->L) != NULL);
+    if (ws_lua_is_interrupted()) return 1;
+    if (!ls->L || lua_gethook(ls->L) == NULL) return 0;
+    return lua_gethookmask(ls->L) == (LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT) &&
+           lua_gethookcount(ls->L) == 1;
 }
 
 static int int_field(lua_State *L, int idx, const char *key, lua_Integer dflt, lua_Integer lo,

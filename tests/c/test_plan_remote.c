@@ -299,11 +299,49 @@ static void test_overlapping_pieces_refused(void)
     CHECK(wait_child(child) == 0);
 }
 
+/* Review: every element lands once, but the proofs name [0, N) twice (the
+ * second with the checksum of [N, 2N)): counts and sums agree, the proofs
+ * do not cover the tensor exactly; refused. */
+static void test_overlapping_proofs_refused(void)
+{
+    snprintf(chan_name_, sizeof chan_name_, "wshost-test-plan-remote-op-%d", (int)getpid());
+    pid_t child = fork_child();
+    if (child == 0) _exit(overlap_engine_main());
+    ws_sender *s = NULL;
+    ws_sender_opts so = {.slot_bytes = OV_N * 2};
+    CHECK_OK(ws_sender_connect(chan_name_, &so, &s));
+    ws_wire_tensor man = {"w", WS_BF16, 1, {2 * OV_N}};
+    CHECK_OK(ws_sender_begin(s, &man, 1, 1, 0));
+    ws_proof pr[2];
+    const char *labels[2] = {"a", "b"};
+    for (int k = 0; k < 2; k++) {
+        ws_tensor v = {0};
+        int64_t n = OV_N;
+        ws_tensor_opts o = {.name = labels[k]};
+        CHECK_OK(ws_tensor_empty(&v, WS_BF16, 1, &n, &o));
+        CHECK_OK(ws_tensor_random(&v, 21 + (uint64_t)k, 3.0f, 0));
+        uint64_t sum = 0;
+        CHECK_OK(ws_tensor_checksum(&v, (uint64_t)k * OV_N, WS_BF16, &sum));
+        pr[k] = (ws_proof){"w", labels[k], 0, OV_N, sum}; /* both claim [0, N) */
+        void *base = NULL;
+        size_t bytes = 0;
+        CHECK_OK(ws_sender_slot(s, k, &base, &bytes));
+        memcpy(base, ws_tensor_data(&v), OV_N * 2);
+        ws_wire_piece piece = {0, (uint64_t)k * OV_N, OV_N, 0};
+        CHECK_OK(ws_sender_submit(s, k, &piece, 1));
+        ws_tensor_free(&v);
+    }
+    CHECK_ERR(ws_sender_finish_proven(s, pr, 2), WS_ERR_COMM, "more than once");
+    ws_sender_close(s);
+    CHECK(wait_child(child) == 0);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
     RUN(test_refusals);
     RUN(test_sync_into_engine_process);
     RUN(test_overlapping_pieces_refused);
+    RUN(test_overlapping_proofs_refused);
     return check_summary();
 }
