@@ -68,7 +68,7 @@ import torch  # noqa: E402
 import tiny_qwen3 as tq  # noqa: E402
 from inprocess import POLICIES, fmt_diff, init_gloo, world_and_rank, write_model_dir  # noqa: E402
 
-FAULTS = ("none", "engine-dies", "trainer-dies", "wrong-shape")
+FAULTS = ("none", "engine-dies", "trainer-dies", "wrong-shape", "stray-write")
 WRONG_SHAPE_TENSOR = "model.norm.weight"
 
 
@@ -201,6 +201,10 @@ class Engine:
 
     def on_wake(self, tags):
         self.model.wake(tags)
+        # review fault: waking the KV cache clobbers a weight (after the sync's FINISH)
+        if self.args.fault == "stray-write" and "kv_cache" in str(tags):
+            self.model.weights["model.norm.weight"].add_(1.0)
+            self.log("stray write: model.norm.weight += 1 at wake(kv_cache)")
 
     def fault(self, ev):
         """Counts the syncs and buckets; --fault strikes inside sync --fault-sync."""
@@ -214,7 +218,8 @@ class Engine:
                 os.kill(pid, signal.SIGKILL)
         elif ev["kind"] == "bucket":
             self.buckets += 1
-            if a.fault == "engine-dies" and self.syncs == a.fault_sync and self.buckets == a.fault_bucket:
+            if a.fault == "engine-dies" and self.syncs == a.fault_sync and self.buckets == a.fault_bucket \
+                    and (os.environ.get("WS_REVIEW_DIE_RANK") in (None, str(a.rank))):
                 self.log("killing myself after bucket %d of sync %d (t=%.6f)"
                          % (self.buckets, self.syncs, time.monotonic()))
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -39,6 +39,30 @@
 #define CHUNK_MIN_BYTES ((size_t)256 << 20)
 #define SHARED_ALIGN 256
 
+/* Elements [off, off + count) of manifest entry `entry`. */
+typedef struct recv_range {
+    size_t entry;
+    uint64_t off, count;
+} recv_range;
+
+static int range_cmp(const void *a, const void *b)
+{
+    const recv_range *x = a, *y = b;
+    if (x->entry != y->entry) return x->entry < y->entry ? -1 : 1;
+    return x->off < y->off ? -1 : x->off > y->off;
+}
+
+/* Sorts the ranges; returns the first one that overlaps the range before
+ * it (same entry), or NULL when none does. */
+static const recv_range *first_overlap(recv_range *rs, size_t n)
+{
+    if (n > 1) qsort(rs, n, sizeof *rs, range_cmp);
+    for (size_t i = 1; i < n; i++)
+        if (rs[i].entry == rs[i - 1].entry && rs[i - 1].off + rs[i - 1].count > rs[i].off)
+            return &rs[i];
+    return NULL;
+}
+
 typedef struct recv_param {
     char *name;
     ws_tensor t; /* a view that keeps the destination alive */
@@ -76,6 +100,11 @@ struct ws_receiver {
     size_t *sync_param;
     uint64_t *sync_received; /* elements written per manifest entry */
     uint64_t *sync_landed;   /* checksum of the elements written, per manifest entry */
+    /* Every non-empty piece that landed, so FINISH can check that no element
+     * came twice: counts alone add up when one range lands twice and
+     * another never does. */
+    struct recv_range *sync_ranges;
+    size_t n_ranges, cap_ranges;
     /* The sender's slots, mapped read-only. */
     ws_shm shm[WS_REMOTE_SLOTS];
     ws_tensor slot[WS_REMOTE_SLOTS];
@@ -165,6 +194,9 @@ static void end_sync(ws_receiver *r, int ok)
     r->sync_param = NULL;
     r->sync_received = NULL;
     r->sync_landed = NULL;
+    free(r->sync_ranges);
+    r->sync_ranges = NULL;
+    r->n_ranges = r->cap_ranges = 0;
 }
 
 /* Ends the sync under way with its tensors invalid, saying why (`why` is
@@ -841,6 +873,15 @@ static ws_status on_bucket(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
         n_land += (size_t)(count * esize / LAND_CHUNK_BYTES) + 1;
     }
     if (!on_host) n_land = n;
+    if (r->n_ranges + n > r->cap_ranges) {
+        size_t cap = r->cap_ranges ? r->cap_ranges : 64;
+        while (cap < r->n_ranges + n) cap *= 2;
+        recv_range *grown = ws_realloc(r->sync_ranges, cap * sizeof *grown);
+        if (!grown)
+            return WS_ERR(WS_ERR_NOMEM, "receiver: out of memory for a bucket of %u pieces", n);
+        r->sync_ranges = grown;
+        r->cap_ranges = cap;
+    }
     landing *ls = ws_calloc(n_land ? n_land : 1, sizeof *ls);
     if (!ls) return WS_ERR(WS_ERR_NOMEM, "receiver: out of memory for a bucket of %u pieces", n);
     size_t k = 0;
@@ -857,6 +898,7 @@ static ws_status on_bucket(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
         }
         bytes += (size_t)(count * esize);
         r->sync_received[ti] += count;
+        if (count) r->sync_ranges[r->n_ranges++] = (recv_range){ti, off, count};
     }
     ws_status rc = land(r, sl, ls, k, on_host, sum);
     free(ls);
@@ -928,6 +970,19 @@ static ws_status check_proofs(ws_receiver *r, ws_rbuf *rb, uint32_t n)
     if (rc == WS_OK && rb->pos != rb->len)
         rc = WS_ERR(WS_ERR_FORMAT, "receiver: %s sent a FINISH with %zu bytes after its proofs",
                     peer, rb->len - rb->pos);
+    /* Counts that add up are not enough: no element may be proven twice. */
+    recv_range *pr = rc == WS_OK ? ws_calloc(n ? n : 1, sizeof *pr) : NULL;
+    if (rc == WS_OK && !pr) rc = WS_ERR(WS_ERR_NOMEM, "receiver: out of memory for %u proofs", n);
+    size_t n_pr = 0;
+    for (uint32_t i = 0; rc == WS_OK && i < n; i++)
+        if (proofs[i].elem_count)
+            pr[n_pr++] = (recv_range){entries[i], proofs[i].elem_offset, proofs[i].elem_count};
+    const recv_range *twice = rc == WS_OK ? first_overlap(pr, n_pr) : NULL;
+    if (twice)
+        rc = WS_ERR(WS_ERR_ARG, "the proofs of tensor '%s' cover elements [%" PRIu64 ", +%" PRIu64
+                    ") more than once; they must cover each tensor exactly once",
+                    r->params[r->sync_param[twice->entry]].name, twice->off, twice->count);
+    free(pr);
     for (size_t e = 0; rc == WS_OK && e < r->n_sync; e++) {
         const recv_param *p = &r->params[r->sync_param[e]];
         uint64_t numel = (uint64_t)ws_tensor_numel(&p->t);
@@ -985,6 +1040,11 @@ static ws_status on_finish(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
             rc = WS_ERR(WS_ERR_ARG, "tensor '%s' received %" PRIu64 " of its %" PRIu64
                         " elements", p->name, r->sync_received[i], numel);
     }
+    const recv_range *twice = rc == WS_OK ? first_overlap(r->sync_ranges, r->n_ranges) : NULL;
+    if (twice)
+        rc = WS_ERR(WS_ERR_ARG, "tensor '%s': elements [%" PRIu64 ", +%" PRIu64 ") arrived "
+                    "more than once (pieces overlap), so some of its elements never did",
+                    r->params[r->sync_param[twice->entry]].name, twice->off, twice->count);
     if (rc == WS_OK && n && (r->sync_flags & WS_MANIFEST_UNPROVEN))
         rc = WS_ERR(WS_ERR_ARG, "%u proofs came for a sync whose manifest said none would "
                     "(WS_MANIFEST_UNPROVEN): nothing was checksummed as it landed", n);

@@ -63,11 +63,16 @@ ws_sender *ws_lua_sender_live(lua_State *L, int idx)
 void ws_lua_sender_hold(lua_State *L, int idx, int delta) { check_lsender(L, idx)->busy += delta; }
 
 /* Ctrl-C: the wshost binary's handler, or an embedding program's interrupt
- * (host/api: a hook set on the state). */
+ * (host/api), or lua.c's: each sets a hook on every call, return and line
+ * with a count of 1 that raises "interrupted!". Any other hook (a profiler's
+ * count hook, a coverage tool's line hook, a debugger) is not an interrupt. */
 static int interrupted(void *ctx)
 {
     lsender *ls = ctx;
-    return ws_lua_is_interrupted() || (ls->L && lua_gethook(ls->L) != NULL);
+    if (ws_lua_is_interrupted()) return 1;
+    if (!ls->L || lua_gethook(ls->L) == NULL) return 0;
+    return lua_gethookmask(ls->L) == (LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT) &&
+           lua_gethookcount(ls->L) == 1;
 }
 
 static int int_field(lua_State *L, int idx, const char *key, lua_Integer dflt, lua_Integer lo,
@@ -148,6 +153,10 @@ static int l_begin(lua_State *L)
                      (lua_toboolean(L, 6) ? WS_MANIFEST_DIRECT : 0u);
     size_t n = (size_t)lua_rawlen(L, 2);
     ws_wire_tensor *ts = lua_newuserdatauv(L, (n ? n : 1) * sizeof *ts, 0); /* freed by the GC */
+    /* The names, kept alive until the manifest is sent: an entry's __index
+     * may hand out a string nothing else holds. */
+    lua_createtable(L, (int)(n < INT32_MAX ? n : 0), 0);
+    int names = lua_gettop(L);
     for (size_t i = 0; i < n; i++) {
         lua_rawgeti(L, 2, (lua_Integer)i + 1); /* [.., entry] */
         if (!lua_istable(L, -1))
@@ -155,8 +164,8 @@ static int l_begin(lua_State *L)
         lua_getfield(L, -1, "name");
         if (lua_type(L, -1) != LUA_TSTRING)
             luaL_error(L, "sender:begin: manifest entry %d has no name", (int)i + 1);
-        ts[i].name = lua_tostring(L, -1); /* the manifest table keeps the string */
-        lua_pop(L, 1);
+        ts[i].name = lua_tostring(L, -1);
+        lua_rawseti(L, names, (lua_Integer)i + 1);
         lua_getfield(L, -1, "dtype");
         ts[i].dtype = ws_lua_check_dtype(L, -1, "sender:begin");
         lua_pop(L, 1);
@@ -221,8 +230,13 @@ static int l_proofs(lua_State *L)
         const char *str[2];
         for (int f = 0; f < 2; f++) {
             lua_getfield(L, -1, f ? "label" : "tensor");
-            size_t len;
-            const char *v = lua_tolstring(L, -1, &len);
+            size_t len = 0;
+            /* An __index may answer differently from the first pass: the
+             * sizes counted then are the room there is. */
+            const char *v = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
+            if (!v || len + 1 > bytes - used)
+                luaL_error(L, "ws.proofs: entry %d: %s changed while it was read", (int)i + 1,
+                           f ? "label" : "tensor");
             memcpy(lp->names + used, v, len + 1);
             str[f] = lp->names + used;
             used += len + 1;

@@ -326,11 +326,111 @@ static void test_refusals(void)
     ws_plan_destroy(plan);
 }
 
+
+/* Review: two pieces that land on the same elements, in two buckets, with a
+ * proof each, while the rest of the tensor is never written. The element
+ * count (2 x N = the tensor's 2N) and the landed sums (each taken as its
+ * piece landed) both agree with the proofs, so FINISH must look at which
+ * elements arrived and which the proofs cover, not only how many. */
+#define OV_N 2048
+static int overlap_engine_main(void)
+{
+    ws_tensor w = {0};
+    ws_receiver *r = NULL;
+    int64_t n = 2 * OV_N;
+    ws_tensor_opts o = {.name = "w"};
+    if (ws_tensor_empty(&w, WS_BF16, 1, &n, &o) != WS_OK || ws_tensor_fill(&w, -7) != WS_OK)
+        return 2;
+    if (ws_receiver_create(chan_name_, NULL, &r) != WS_OK) return 3;
+    if (ws_receiver_add(r, "w", &w) != WS_OK) return 4;
+    ws_status rc = ws_receiver_serve(r, 10000);
+    int valid = ws_receiver_tensor_valid(r, "w");
+    ws_receiver_free(r);
+    ws_tensor_free(&w);
+    if (rc != WS_OK) return 5;
+    return valid == 1 ? 10 : 0; /* 10: the half-written tensor is trusted */
+}
+
+static void test_overlapping_pieces_refused(void)
+{
+    snprintf(chan_name_, sizeof chan_name_, "wshost-test-plan-remote-ov-%d", (int)getpid());
+    pid_t child = fork_child();
+    if (child == 0) _exit(overlap_engine_main());
+    ws_sender *s = NULL;
+    ws_sender_opts so = {.slot_bytes = OV_N * 2};
+    CHECK_OK(ws_sender_connect(chan_name_, &so, &s));
+    ws_wire_tensor man = {"w", WS_BF16, 1, {2 * OV_N}};
+    CHECK_OK(ws_sender_begin(s, &man, 1, 1, 0));
+    ws_proof pr[2];
+    const char *labels[2] = {"a", "b"};
+    for (int k = 0; k < 2; k++) {
+        ws_tensor v = {0};
+        int64_t n = OV_N;
+        ws_tensor_opts o = {.name = labels[k]};
+        CHECK_OK(ws_tensor_empty(&v, WS_BF16, 1, &n, &o));
+        CHECK_OK(ws_tensor_random(&v, 11 + (uint64_t)k, 3.0f, 0));
+        uint64_t sum = 0;
+        CHECK_OK(ws_tensor_checksum(&v, 0, WS_BF16, &sum));
+        pr[k] = (ws_proof){"w", labels[k], 0, OV_N, sum};
+        void *base = NULL;
+        size_t bytes = 0;
+        CHECK_OK(ws_sender_slot(s, k, &base, &bytes));
+        memcpy(base, ws_tensor_data(&v), OV_N * 2);
+        ws_wire_piece piece = {0, 0, OV_N, 0}; /* both at elements [0, N) */
+        CHECK_OK(ws_sender_submit(s, k, &piece, 1));
+        ws_tensor_free(&v);
+    }
+    ws_status rc = ws_sender_finish_proven(s, pr, 2);
+    CHECK(rc != WS_OK); /* elements [N, 2N) never arrived */
+    if (rc == WS_OK) fprintf(stderr, "  FINISH accepted a tensor half of which was never written\n");
+    ws_sender_close(s);
+    CHECK(wait_child(child) == 0);
+}
+
+/* Review: every element lands once, but the proofs name [0, N) twice (the
+ * second with the checksum of [N, 2N)): counts and sums agree, the proofs
+ * do not cover the tensor exactly; refused. */
+static void test_overlapping_proofs_refused(void)
+{
+    snprintf(chan_name_, sizeof chan_name_, "wshost-test-plan-remote-op-%d", (int)getpid());
+    pid_t child = fork_child();
+    if (child == 0) _exit(overlap_engine_main());
+    ws_sender *s = NULL;
+    ws_sender_opts so = {.slot_bytes = OV_N * 2};
+    CHECK_OK(ws_sender_connect(chan_name_, &so, &s));
+    ws_wire_tensor man = {"w", WS_BF16, 1, {2 * OV_N}};
+    CHECK_OK(ws_sender_begin(s, &man, 1, 1, 0));
+    ws_proof pr[2];
+    const char *labels[2] = {"a", "b"};
+    for (int k = 0; k < 2; k++) {
+        ws_tensor v = {0};
+        int64_t n = OV_N;
+        ws_tensor_opts o = {.name = labels[k]};
+        CHECK_OK(ws_tensor_empty(&v, WS_BF16, 1, &n, &o));
+        CHECK_OK(ws_tensor_random(&v, 21 + (uint64_t)k, 3.0f, 0));
+        uint64_t sum = 0;
+        CHECK_OK(ws_tensor_checksum(&v, (uint64_t)k * OV_N, WS_BF16, &sum));
+        pr[k] = (ws_proof){"w", labels[k], 0, OV_N, sum}; /* both claim [0, N) */
+        void *base = NULL;
+        size_t bytes = 0;
+        CHECK_OK(ws_sender_slot(s, k, &base, &bytes));
+        memcpy(base, ws_tensor_data(&v), OV_N * 2);
+        ws_wire_piece piece = {0, (uint64_t)k * OV_N, OV_N, 0};
+        CHECK_OK(ws_sender_submit(s, k, &piece, 1));
+        ws_tensor_free(&v);
+    }
+    CHECK_ERR(ws_sender_finish_proven(s, pr, 2), WS_ERR_COMM, "more than once");
+    ws_sender_close(s);
+    CHECK(wait_child(child) == 0);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
     RUN(test_refusals);
     RUN(test_sync_into_engine_process);
     RUN(test_direct_into_shared_memory);
+    RUN(test_overlapping_pieces_refused);
+    RUN(test_overlapping_proofs_refused);
     return check_summary();
 }

@@ -618,3 +618,30 @@ describe("<close> with an error in flight", function()
     collectgarbage()
   end)
 end)
+
+describe("ws.proofs (server mode)", function()
+  -- Review: an entry whose fields come from __index may answer differently
+  -- on ws.proofs's second pass (sizes counted, then strings copied).
+  it("an entry whose strings change between reads raises, never overflows", function()
+    for _, later in ipairs{string.rep("X", 1 << 20), false, 7} do
+      local n = 0
+      local e = setmetatable({}, {__index = function(_, k)
+        if k == "tensor" or k == "label" then
+          n = n + 1
+          if n <= 2 then return "w" end
+          return later or nil
+        end
+        return 0
+      end})
+      local ok, err = pcall(ws.proofs, {e})
+      assert.is_false(ok)
+      assert.matches("ws.proofs", tostring(err), 1, true)
+      collectgarbage()
+    end
+  end)
+
+  it("plain entries still make proofs", function()
+    local p = ws.proofs{{tensor = "w", label = "a", offset = 0, count = 4}}
+    assert.equals("userdata", type(p))
+  end)
+end)
