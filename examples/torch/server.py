@@ -109,6 +109,8 @@ def parse_args(argv):
                          "wshost's shared-memory slots (two copies); shared: they are allocated "
                          "with Receiver.alloc in memory the trainer maps, and written in place")
     ap.add_argument("--fault", choices=FAULTS, default="none")
+    ap.add_argument("--fault-rank", type=int, default=-1,
+                    help="--fault engine-dies: only the engine of this rank (-1: every rank's)")
     ap.add_argument("--fault-sync", type=int, default=3,
                     help="the sync the fault hits, counted from 1 (default 3: step 2's base sync "
                          "with LoRA and a level-2 sleep)")
@@ -219,7 +221,7 @@ class Engine:
         elif ev["kind"] == "bucket":
             self.buckets += 1
             if a.fault == "engine-dies" and self.syncs == a.fault_sync and self.buckets == a.fault_bucket \
-                    and (os.environ.get("WS_REVIEW_DIE_RANK") in (None, str(a.rank))):
+                    and a.fault_rank in (-1, a.rank):
                 self.log("killing myself after bucket %d of sync %d (t=%.6f)"
                          % (self.buckets, self.syncs, time.monotonic()))
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -322,7 +324,8 @@ class EngineProcess:
                "--address", args.address, "--lora-rank", str(args.lora_rank),
                "--lora-alpha", str(args.lora_alpha), "--tied", str(args.tied),
                "--fault", args.fault, "--fault-sync", str(args.fault_sync),
-               "--fault-bucket", str(args.fault_bucket), "--linger", str(args.linger),
+               "--fault-bucket", str(args.fault_bucket), "--fault-rank", str(args.fault_rank),
+               "--linger", str(args.linger),
                "--engine-memory", args.engine_memory]
         env = dict(os.environ)
         env["OMP_NUM_THREADS"] = "1"
@@ -484,10 +487,13 @@ def trainer_main(args):
     if code not in (0, None) and args.fault != "engine-dies":
         print("server: rank %d: the engine process exited with %s" % (rank, code), file=sys.stderr)
         status = status or 1
-    if world > 1:
+    if world > 1 and status == 0:
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
+    # After a failure the other ranks may wait in a collective of wshost's
+    # that this rank will not join: no barrier then; at exit wshost ends the
+    # whole job (MPI_Abort) instead of finalizing.
     if rank == 0:
         shutil.rmtree(os.path.dirname(model_dir), ignore_errors=True)
     if status == 0 and rank == 0:

@@ -75,7 +75,18 @@ static void mpi_symbols_global(void)
 #endif
 }
 
-static void shutdown_comm(void) { ws_comm_shutdown(); }
+/* A step that failed on one rank of an mpirun job leaves the other ranks
+ * waiting in a collective this one will never join (in server mode each
+ * rank's engine process can fail alone). MPI_Finalize at exit would wait
+ * for them too, so the job is ended instead, as the wshost program does
+ * after an error. */
+static volatile int failed_multi;
+
+static void shutdown_comm(void)
+{
+    if (failed_multi) ws_comm_abort(EXIT_FAILURE);
+    ws_comm_shutdown();
+}
 
 static void process_setup(void)
 {
@@ -630,7 +641,9 @@ int ws_host_step(ws_host *h, char **record)
 {
     if (record) *record = NULL;
     if (enter(h, "step", 1) != 0) return -1;
-    return call_json(h, "step", record);
+    int rc = call_json(h, "step", record);
+    if (rc != 0 && ws_comm_is_multi()) failed_multi = 1;
+    return rc;
 }
 
 int ws_host_close(ws_host *h, char **summary)

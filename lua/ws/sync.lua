@@ -160,6 +160,7 @@ end
 -- copy_out's.
 local function send_remote(self, kind, plan, plist)
     local t0 = ws.now_ms()
+    verify.remote_begin(plist)
     self.engine:begin(plist.remote.manifest, self.verify == "off")
     local stats = plan:execute(self:progress_fn(kind))
     local sums, seal_ms = nil, 0
@@ -175,7 +176,7 @@ local function send_remote(self, kind, plan, plist)
     else
         self.engine.sender:finish()
     end
-    verify.remote_proven(plist, self.engine)
+    if sums then verify.remote_proven(plist, self.engine) end
     stats.copy_out_ms = stats.copy_out_ms + ws.now_ms() - t2
     stats.quant_ms, stats.seal_ms = 0, seal_ms
     stats.wall_ms = ws.now_ms() - t0 - seal_ms

@@ -438,6 +438,11 @@ function M.remote_proven(pairs, engine)
     st.proven = { key = st.g.trainer_key, epoch = engine.epoch or 0 }
 end
 
+-- Before a sync of these pairs: until its FINISH is proven, nothing is.
+function M.remote_begin(pairs)
+    remote_state(pairs).proven = nil
+end
+
 -- The engine process proves the plan's ranges (validity_only: that their
 -- tensors are valid, not discarded by a level-2 sleep nor cut short by a
 -- failed sync). Its refusal names the tensor and the trainer parameter.
@@ -456,15 +461,6 @@ local function check_remote(pairs, ctx, validity_only)
     return #pairs
 end
 
--- Whether the engine process proved this plan against the trainer as it is
--- now, with no sleep since (a sync's finish this step).
-local function remote_fresh(pairs, ctx)
-    local st = remote_state(pairs)
-    local pr = st.proven
-    return pr ~= nil and pr.epoch == (pairs.remote.engine.epoch or 0) and pr.key ~= nil and
-               pr.key == trainer_key(st, ctx)
-end
-
 -- pairs: list of {src = trainer entry (view, first, name, trainable), dst =
 -- engine view, dst_name, staged}, with `quant` and `sealed` (ws.sync) when
 -- some destinations are quantized. ctx: comm, world, note, trainer
@@ -473,10 +469,10 @@ end
 -- mismatch, to name it, and over the quantized tensors. Raises on the first
 -- mismatch; returns the number of tensors checked.
 function M.check(pairs, ctx)
-    if pairs.remote then
-        if remote_fresh(pairs, ctx) then return #pairs end
-        return check_remote(pairs, ctx, false)
-    end
+    -- Server mode: the engine process proves the plan now, whatever its
+    -- last sync's FINISH proved (something may have written it since, as a
+    -- stray write during the KV cache's wake would).
+    if pairs.remote then return check_remote(pairs, ctx, false) end
     if pairs.relay then
         check_relay(pairs, ctx, ctx.note or "rollout")
         return #pairs

@@ -35,6 +35,17 @@ if server "$name" 1 -- --steps 3 --policy buggy --sleep-level 2 --engine-memory 
     if grep -q '^step 2 ' <<<"$log"; then fail "shared,buggy: step 2 reached its rollout"; fi
 fi
 
+# --- a stray write into the engine's weights after a sync's FINISH (during
+# the KV cache's wake): verify=all proves the weights again at the rollout
+name="fault,stray-write"
+# (step 1 starts awake: the first wake, and so the write, is step 2's)
+if server "$name" 1 -- --steps 3 --fault stray-write --verify all; then
+    log=$(cat "$tmp/$name.log")
+    check "stray-write: step 2 failed" "step 2 failed" "$log"
+    check "stray-write: names the tensor" "engine tensor 'model.norm.weight'" "$log"
+    if grep -q '^step 2 ' <<<"$log"; then fail "stray-write: step 2 reached its rollout"; fi
+fi
+
 # --- the engine killed in the middle of sync 3 (step 2's base)
 shm_before=$(shm_entries)
 name="fault,engine-dies"

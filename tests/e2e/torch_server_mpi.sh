@@ -3,7 +3,8 @@
 # across the ranks, one engine process per rank (channels <address>-0 and
 # <address>-1), logits equal after every sync; the verl #3149 bug stops on
 # both ranks; each engine's weights also in memory it shares with its rank
-# (Receiver.alloc). Skipped (77) without MPI, torch, the wshost Python module, or a
+# (Receiver.alloc); one rank's engine killed ends the whole job, no hang.
+# Skipped (77) without MPI, torch, the wshost Python module, or a
 # Session with engine_address.
 cd "$(dirname "$0")" && while [ ! -f pipelines/verl_lora.lua ] && [ "$PWD" != / ]; do cd ..; done
 [ "${WS_HAVE_MPI:-ON}" = "ON" ] || { echo "skip: built without MPI"; exit 77; }
@@ -37,5 +38,24 @@ name="server,np=2,buggy"
 if server "$name" 1 "${MPI[@]}" -- --steps 3 --policy buggy --sleep-level 2 --verify all; then
     check "np=2 buggy: step 2 failed" "step 2 failed" "$(cat "$tmp/$name.log")"
     if grep -q '^step 2 ' "$tmp/$name.log"; then fail "np=2 buggy: step 2 reached its rollout"; fi
+fi
+# One rank's engine dies (rank 0's, in sync 3): that rank's step fails naming
+# the engine, and the whole job ends (the other rank waits in a collective
+# that rank 0 will not join: wshost ends the job at exit), nothing left.
+name="server,np=2,one-engine-dies"
+start=$(date +%s)
+if server "$name" 1 "${MPI[@]}" -- --steps 4 --fault engine-dies --fault-rank 0 --fault-sync 3; then
+    log=$(cat "$tmp/$name.log")
+    check "np=2 one engine dies: rank 0's step failed naming its engine" \
+        "failed: engine process (pid" "$log"
+    took=$(( $(date +%s) - start ))
+    if [ "$took" -lt 60 ]; then pass "np=2 one engine dies: the job ended in ${took} s"
+    else fail "np=2 one engine dies: the job took ${took} s to end"; fi
+    sleep 1
+    if pgrep -f "wshost-e2e-$$-$n_server" >/dev/null; then
+        fail "np=2 one engine dies: processes left: $(pgrep -af "wshost-e2e-$$-$n_server")"
+    else
+        pass "np=2 one engine dies: no process left"
+    fi
 fi
 finish

@@ -1,10 +1,9 @@
--- Review: server mode's ws.verify (pairs.remote) against a stand-in engine
--- process that records what it is asked. docs/pipelines.md: verify=all
--- proves every plan by checksum at every rollout, and sees a stray write
--- into an unsent tensor that verify=sent does not; in-process, M.check
--- checksums the engine's tensors every time. In server mode a plan once
--- proven is taken as fresh (remote_fresh) until the trainer's key or the
--- engine's sleep count changes, so the engine process is never asked again.
+-- Server mode's ws.verify (pairs.remote) against a stand-in engine process
+-- that records what it is asked. docs/pipelines.md: verify=all proves every
+-- plan by checksum at every rollout, and so sees a stray write into a tensor
+-- after its sync's FINISH; in-process, M.check checksums the engine's
+-- tensors every time, and in server mode the engine process is asked every
+-- time too, also after a FINISH it refused.
 local ws = require("ws")
 local verify = require("ws.verify")
 
