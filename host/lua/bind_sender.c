@@ -148,6 +148,7 @@ static int l_begin(lua_State *L)
     ws_sender *s = check_sender(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_Integer version = luaL_checkinteger(L, 3);
+    luaL_argcheck(L, version >= 0, 3, "the weight version must not be negative");
     unsigned flags = (lua_toboolean(L, 4) ? WS_MANIFEST_PARTIAL : 0u) |
                      (lua_toboolean(L, 5) ? WS_MANIFEST_UNPROVEN : 0u) |
                      (lua_toboolean(L, 6) ? WS_MANIFEST_DIRECT : 0u);

@@ -111,11 +111,18 @@ end
 -- Server mode: what a sync of these pairs tells the engine process: the
 -- manifest (the engine tensors they land in, in order) and the proofs (one
 -- range per parameter: its slice of a fused tensor).
+-- The engine destination of a trainer parameter, or an error naming it.
+local function dest_of(engine, name)
+    local d = engine.dest[name]
+    if not d then error("sync: the engine's layout has no destination for parameter '" .. name .. "'", 3) end
+    return d
+end
+
 local function remote_of(engine, plist)
     local manifest, index, proofs = {}, {}, {}
     for i, p in ipairs(plist) do
         local e = p.src
-        local d = engine.dest[e.name]
+        local d = dest_of(engine, e.name)
         if not index[d.name] then
             manifest[#manifest + 1] = engine:manifest_entry(d.name)
             index[d.name] = #manifest
@@ -133,7 +140,7 @@ local function build_remote(self, kind)
     local srcs, numels, shards, wire, plist = {}, {}, {}, {}, {}
     local bytes = 0
     for i, e in ipairs(entries_of(self, kind)) do
-        local d = engine.dest[e.name]
+        local d = dest_of(engine, e.name)
         srcs[i], numels[i], shards[i], wire[i] = e.tensor, e.numel, e.shard_numel, "bf16"
         plist[i] = { src = e, dst_name = d.label, dst_tensor = d.name, dst_offset = d.offset }
         bytes = bytes + 2 * e.numel

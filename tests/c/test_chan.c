@@ -943,8 +943,8 @@ static void test_proof_refusals(void)
         CHECK_OK(ws_sender_slot(s, 1, &base, &bytes));
         memcpy(base, ws_tensor_data(&src[3]), 64 * 4);
         CHECK_OK(ws_sender_submit(s, 1, &piece, 1));
-        ws_proof p[2];
-        CHECK_OK(whole_proofs(src, p)); /* tensors 0 and 1: only 3 is in this sync */
+        ws_proof p[NT];
+        CHECK_OK(whole_proofs(src, p)); /* the first names tensor 0: only 3 is in this sync */
         CHECK_ERR(ws_sender_finish_proven(s, p, 1), WS_ERR_COMM,
                   "proof 1 names tensor 'model.embed_tokens.weight', which is not in the "
                   "manifest");
@@ -1053,6 +1053,7 @@ static void fake_sender(const char *name, int sealed)
     ws_wbuf_u32(&w, 2);
     ws_wbuf_u64(&w, 4096);
     ws_wbuf_u64(&w, 4096);
+    ws_wbuf_u8(&w, WS_SLOTS_HOST);
     CHECK_OK(fake_send(c, WS_MSG_SLOTS, &w, fds, 2));
     if (!sealed) {
         CHECK_OK(fake_reply(c, WS_MSG_ERROR, "not sealed"));
