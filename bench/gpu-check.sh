@@ -194,6 +194,16 @@ if [ "$configure_rc" -eq 0 ] && ls "$build"/python/wshost*.so >/dev/null 2>&1 &&
     step example-cuda-buggy 120 bash -c "! PYTHONPATH='$build/python' python3 \
         examples/torch/inprocess.py --device cuda --policy buggy --steps 3 --sleep-level 2"
     [ "$step_rc" -ne 0 ] && python_rc=$step_rc
+    # Server mode on the GPU: the slots are cudaMalloc'ed and shared through
+    # CUDA IPC with the engine process, whose weights are on the same GPU.
+    for level in 1 2; do
+        step "server-cuda-level$level" 120 env PYTHONPATH="$build/python" python3 \
+            examples/torch/server.py --device cuda --steps 4 --sleep-level "$level"
+        [ "$step_rc" -ne 0 ] && python_rc=$step_rc
+    done
+    step server-cuda-buggy 120 bash -c "! PYTHONPATH='$build/python' python3 \
+        examples/torch/server.py --device cuda --policy buggy --steps 3 --sleep-level 2"
+    [ "$step_rc" -ne 0 ] && python_rc=$step_rc
 else
     note "python skipped: no wshost module in $build/python or no python3 with torch"
 fi

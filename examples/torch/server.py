@@ -104,6 +104,9 @@ def parse_args(argv):
     ap.add_argument("--address", default=None,
                     help="the engines' channel names are ADDRESS-<rank> (default: "
                          "wshost-server-<pid of the launcher>)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: trainer and engine on GPU rank %% count; the slots are then GPU "
+                         "memory shared through CUDA IPC")
     ap.add_argument("--engine-memory", choices=("own", "shared"), default="own",
                     help="own: the engine's weights are its own tensors, each sync lands through "
                          "wshost's shared-memory slots (two copies); shared: they are allocated "
@@ -126,6 +129,9 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be at least 1")
+    if args.device == "cuda" and args.engine_memory == "shared":
+        ap.error("--engine-memory shared is host memory (memfd); on a GPU the slots are shared "
+                 "through CUDA IPC instead")
     if args.lora_rank < 0:
         ap.error("--lora-rank must be >= 0")
     if args.linger is None:
@@ -152,9 +158,20 @@ def recv_msg(f):
     return pickle.loads(data)
 
 
+def device_of(args, rank):
+    """The torch device of this rank's trainer and engine: the cpu, or GPU rank % count."""
+    if args.device == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise SystemExit("server: --device cuda, but torch sees no GPU")
+    index = rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return "cuda:%d" % index
+
+
 def tensor_bytes(t):
     buf = io.BytesIO()
-    torch.save(t, buf)
+    torch.save(t.cpu(), buf)
     return buf.getvalue()
 
 
@@ -171,14 +188,15 @@ class Engine:
         self.args, self.wshost = args, wshost
         self.name = "%s-%d" % (args.address, args.rank)
         self.cfg = tq.tiny_config(tied=bool(args.tied))
-        self.model = tq.EngineModel(self.cfg, args.lora_rank, args.lora_alpha)
+        self.device = device_of(args, args.rank)
+        self.model = tq.EngineModel(self.cfg, args.lora_rank, args.lora_alpha, device=self.device)
         for t in self.model.weights.values():
             t.zero_()
         if args.fault == "wrong-shape":
             shape = list(self.model.weights[WRONG_SHAPE_TENSOR].shape)
             shape[0] += 1
             self.model.weights[WRONG_SHAPE_TENSOR] = torch.zeros(shape, dtype=tq.DTYPE)
-        self.eval_tokens = tq.fixed_tokens(self.cfg, seed=7)
+        self.eval_tokens = tq.fixed_tokens(self.cfg, seed=7).to(self.device)
         self.receiver = wshost.Receiver(self.name)
         if args.engine_memory == "shared":
             # The model computes on the receiver's shared tensors themselves.
@@ -326,7 +344,7 @@ class EngineProcess:
                "--fault", args.fault, "--fault-sync", str(args.fault_sync),
                "--fault-bucket", str(args.fault_bucket), "--fault-rank", str(args.fault_rank),
                "--linger", str(args.linger),
-               "--engine-memory", args.engine_memory]
+               "--engine-memory", args.engine_memory, "--device", args.device]
         env = dict(os.environ)
         env["OMP_NUM_THREADS"] = "1"
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
@@ -371,10 +389,11 @@ class Run:
     def __init__(self, args, world, rank, engine):
         self.args, self.world, self.rank, self.engine = args, world, rank, engine
         self.cfg = tq.tiny_config(tied=bool(args.tied))
+        self.device = device_of(args, rank)
         self.trainer = tq.TrainerModel(self.cfg, args.lora_rank, args.lora_alpha, seed=0,
-                                       world=world, rank=rank)
-        self.train_tokens = tq.fixed_tokens(self.cfg, seed=100 + rank)
-        self.eval_tokens = tq.fixed_tokens(self.cfg, seed=7)
+                                       world=world, rank=rank, device=self.device)
+        self.train_tokens = tq.fixed_tokens(self.cfg, seed=100 + rank).to(self.device)
+        self.eval_tokens = tq.fixed_tokens(self.cfg, seed=7).to(self.device)
         self.want = None
         self.loss = None
         self.checked = {}
@@ -387,7 +406,7 @@ class Run:
 
     def on_rollout(self, step):
         reply = self.engine.ask({"op": "rollout", "step": int(step)})
-        got = tensor_from(reply["logits"])
+        got = tensor_from(reply["logits"]).to(self.device)
         self.states[int(step)] = reply["state"]
         diff = tq.max_abs_diff(got, self.want)
         self.checked[int(step)] = diff
@@ -425,7 +444,8 @@ def trainer_main(args):
         s = wshost.Session(policy, model=model_dir, engine_address=args.address,
                            free_cache_engine=bool(args.free_cache_engine),
                            sleep_level=args.sleep_level, lora_rank=args.lora_rank,
-                           lora_alpha=args.lora_alpha, steps=args.steps, verify=args.verify)
+                           lora_alpha=args.lora_alpha, steps=args.steps, verify=args.verify,
+                           device=run.device)
     except Exception as e:  # noqa: BLE001 - wshost's message names the key or the file
         print("server: cannot open %s in server mode: %s" % (policy, e), file=sys.stderr)
         status = 2
