@@ -287,18 +287,6 @@ ws_status ws_receiver_add(ws_receiver *r, const char *name, const ws_tensor *t)
     return WS_OK;
 }
 
-typedef struct mapping {
-    void *data;
-    size_t nbytes;
-} mapping;
-
-static void unmap(void *ctx)
-{
-    mapping *m = ctx;
-    munmap(m->data, m->nbytes);
-    free(m);
-}
-
 /* A new arena chunk of at least `need` bytes. */
 static ws_status new_chunk(ws_receiver *r, size_t need, const char *what)
 {
@@ -314,24 +302,16 @@ static ws_status new_chunk(ws_receiver *r, size_t need, const char *what)
     bytes = (bytes + page - 1) / page * page;
     ws_shm shm;
     WS_TRY(ws_shm_create_lazy(&shm, bytes, what));
-    mapping *m = ws_malloc(sizeof *m);
     recv_chunk *c = &r->chunks[r->n_chunks];
     memset(c, 0, sizeof *c);
-    ws_status rc = m ? WS_OK : WS_ERR(WS_ERR_NOMEM, "%s: out of memory", what);
-    if (rc == WS_OK) {
-        *m = (mapping){shm.data, shm.nbytes};
-        ws_external mem = {.data = shm.data, .nbytes = shm.nbytes, .release = unmap,
-                           .release_ctx = m, .source = "memory shared with the trainer"};
-        int64_t n = (int64_t)shm.nbytes;
-        rc = ws_tensor_external(&c->mem, &mem, WS_U8, 1, &n, "shared weights");
-    }
+    c->nbytes = shm.nbytes;
+    ws_status rc = ws_shm_to_tensor(&shm, "memory shared with the trainer", "shared weights",
+                                    &c->mem);
     if (rc != WS_OK) {
-        free(m);
         ws_shm_free(&shm);
         return rc;
     }
     c->fd = shm.fd; /* the mapping is the tensor's now */
-    c->nbytes = shm.nbytes;
     r->n_chunks++;
     return WS_OK;
 }

@@ -67,18 +67,6 @@ struct ws_sender {
     size_t n_shared;
 };
 
-typedef struct mapping {
-    void *data;
-    size_t nbytes;
-} mapping;
-
-static void unmap(void *ctx)
-{
-    mapping *m = ctx;
-    munmap(m->data, m->nbytes);
-    free(m);
-}
-
 static void free_shared(ws_sender *s)
 {
     for (size_t i = 0; i < s->n_chunks; i++) ws_tensor_free(&s->chunks[i]);
@@ -112,19 +100,9 @@ static ws_status on_shared(ws_sender *s, ws_chan_msg *m, int *last)
         }
         ws_shm shm;
         WS_TRY(ws_shm_map_rw(&shm, fd, (size_t)bytes, "the engine's shared weights"));
-        mapping *mp = ws_malloc(sizeof *mp);
-        ws_status rc = mp ? WS_OK : WS_ERR(WS_ERR_NOMEM, "sender: out of memory");
-        if (rc == WS_OK) {
-            *mp = (mapping){shm.data, shm.nbytes};
-            ws_external mem = {.data = shm.data, .nbytes = shm.nbytes, .release = unmap,
-                               .release_ctx = mp, .source = "the engine's shared weights"};
-            int64_t len = (int64_t)shm.nbytes;
-            memset(&s->chunks[s->n_chunks], 0, sizeof *s->chunks);
-            rc = ws_tensor_external(&s->chunks[s->n_chunks], &mem, WS_U8, 1, &len,
-                                    "engine's shared weights");
-        }
+        ws_status rc = ws_shm_to_tensor(&shm, "the engine's shared weights",
+                                        "engine's shared weights", &s->chunks[s->n_chunks]);
         if (rc != WS_OK) {
-            free(mp);
             ws_shm_free(&shm);
             return rc;
         }

@@ -106,3 +106,34 @@ void ws_shm_free(ws_shm *s)
     s->data = NULL;
     s->nbytes = 0;
 }
+
+typedef struct shm_mapping {
+    void *data;
+    size_t nbytes;
+} shm_mapping;
+
+static void unmap_released(void *ctx)
+{
+    shm_mapping *m = ctx;
+    munmap(m->data, m->nbytes);
+    free(m);
+}
+
+ws_status ws_shm_to_tensor(ws_shm *s, const char *source, const char *name, ws_tensor *out)
+{
+    memset(out, 0, sizeof *out);
+    shm_mapping *m = ws_malloc(sizeof *m);
+    if (!m) return WS_ERR(WS_ERR_NOMEM, "%s: out of memory", name);
+    *m = (shm_mapping){s->data, s->nbytes};
+    ws_external mem = {.data = s->data, .nbytes = s->nbytes, .read_only = !s->writable,
+                       .source = source, .release = unmap_released, .release_ctx = m};
+    int64_t n = (int64_t)s->nbytes;
+    ws_status rc = ws_tensor_external(out, &mem, WS_U8, 1, &n, name);
+    if (rc != WS_OK) {
+        free(m);
+        return rc;
+    }
+    s->data = NULL; /* the tensor's now */
+    s->nbytes = 0;
+    return WS_OK;
+}

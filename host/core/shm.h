@@ -12,6 +12,7 @@
 #include <stddef.h>
 
 #include "status.h"
+#include "tensor.h"
 
 typedef struct ws_shm {
     int fd;          /* -1 once closed or passed on */
@@ -33,6 +34,10 @@ ws_status ws_shm_create_lazy(ws_shm *s, size_t nbytes, const char *what);
 /* The same read-write: memory another process shares to be written (an
  * engine's weights, ws_receiver_alloc). */
 ws_status ws_shm_map_rw(ws_shm *s, int fd, size_t nbytes, const char *what);
+/* Hands s's mapping to a new u8 tensor `name` over all of it: the mapping
+ * then lives as long as that tensor or any view of it (released with the
+ * last one) and *s keeps only its fd. On failure *s is unchanged. */
+ws_status ws_shm_to_tensor(ws_shm *s, const char *source, const char *name, ws_tensor *out);
 /* Closes the fd (once passed on, the mapping is all that is needed). */
 void ws_shm_close_fd(ws_shm *s);
 /* Unmaps and closes; idempotent. */

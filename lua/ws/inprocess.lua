@@ -320,17 +320,25 @@ function Engine:sleep(level, note)
     self.asleep.weights, self.asleep.kv_cache = true, true
 end
 
-function Engine:wake_up(tags)
+-- Wakes each of `tags` (nil or empty: both) that sleeps, through
+-- wake(tag): the engines whose memory is not (only) wshost's pools share it.
+function M.wake_each(self, tags, wake)
     for _, tag in ipairs(tags and #tags > 0 and tags or { "weights", "kv_cache" }) do
         if tag ~= "weights" and tag ~= "kv_cache" then
-            error("engine:wake_up: unknown tag '" .. tostring(tag) .. "' (weights, kv_cache)", 2)
+            error("engine:wake_up: unknown tag '" .. tostring(tag) .. "' (weights, kv_cache)", 3)
         end
         if self.asleep[tag] then
-            if tag == "weights" and self.pool then must("engine", self.pool:wake()) end
-            call(self, "wake", tag)
+            wake(tag)
             self.asleep[tag] = false
         end
     end
+end
+
+function Engine:wake_up(tags)
+    M.wake_each(self, tags, function(tag)
+        if tag == "weights" and self.pool then must("engine", self.pool:wake()) end
+        call(self, "wake", tag)
+    end)
 end
 
 function Engine:is_asleep(tag) return self.asleep[tag] == true end

@@ -139,15 +139,7 @@ function Engine:sleep(level, _)
 end
 
 function Engine:wake_up(tags)
-    for _, tag in ipairs(tags and #tags > 0 and tags or { "weights", "kv_cache" }) do
-        if tag ~= "weights" and tag ~= "kv_cache" then
-            error("engine:wake_up: unknown tag '" .. tostring(tag) .. "' (weights, kv_cache)", 2)
-        end
-        if self.asleep[tag] then
-            self.sender:wake(tag)
-            self.asleep[tag] = false
-        end
-    end
+    inprocess.wake_each(self, tags, function(tag) self.sender:wake(tag) end)
 end
 
 function Engine:is_asleep(tag) return self.asleep[tag] == true end
