@@ -399,7 +399,9 @@ static ws_status create_slots(ws_sender *s, const char *what)
         return create_gpu_slots(s, what);
     ws_status rc = WS_OK;
     for (int i = 0; rc == WS_OK && i < WS_REMOTE_SLOTS; i++) {
-        rc = ws_shm_create(&s->shm[i], s->opts.slot_bytes, what);
+        /* Pages are committed as buckets first reach them: slots sized for
+         * bucket_mb cost only what the model's buckets use. */
+        rc = ws_shm_create_lazy(&s->shm[i], s->opts.slot_bytes, what);
         if (rc == WS_OK) {
             ws_external mem = {.data = s->shm[i].data, .nbytes = s->shm[i].nbytes};
             int64_t len = (int64_t)s->shm[i].nbytes;

@@ -69,10 +69,11 @@ static ws_status map_fd(ws_shm *s, int fd, size_t nbytes, const char *what, int 
         rc = WS_ERR(WS_ERR_FORMAT, "%s: the slot's size is not sealed, so it could shrink "
                     "under this process", what);
     if (rc == WS_OK) {
-        /* A slot is read whole at every sync; shared weights may be an arena
-         * partly unused, whose untouched pages should stay uncommitted. */
-        void *p = mmap(NULL, nbytes, writable ? PROT_READ | PROT_WRITE : PROT_READ,
-                       MAP_SHARED | (writable ? 0 : MAP_POPULATE), fd, 0);
+        /* Not populated: a slot sized for the largest bucket may be used in
+         * part (a small model), and populating would commit all of it; an
+         * arena of shared weights is filled as it is carved up. */
+        void *p = mmap(NULL, nbytes, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED,
+                       fd, 0);
         if (p == MAP_FAILED)
             rc = WS_ERR(WS_ERR_NOMEM, "%s: mapping a shared slot of %zu bytes: %s", what, nbytes,
                         strerror(errno));

@@ -23,14 +23,17 @@ typedef struct ws_shm {
 
 #define WS_SHM_INIT {-1, NULL, 0, 0}
 
-/* Creates and maps a slot of nbytes (> 0). `what` names it for messages. */
+/* Creates and maps a slot of nbytes (> 0), every page committed now.
+ * `what` names it for messages. */
 ws_status ws_shm_create(ws_shm *s, size_t nbytes, const char *what);
-/* Maps a slot received from another process, read-only. Takes fd: it is
- * closed on success and on failure. The fd must hold at least nbytes and
- * its size must be sealed. */
-ws_status ws_shm_map(ws_shm *s, int fd, size_t nbytes, const char *what);
-/* The same, unpopulated: an arena that is filled as it is carved up. */
+/* The same with pages committed as they are first written: a slot sized
+ * for the largest bucket that a small model uses in part, an arena filled
+ * as it is carved up. */
 ws_status ws_shm_create_lazy(ws_shm *s, size_t nbytes, const char *what);
+/* Maps a slot received from another process, read-only (pages are not
+ * populated). Takes fd: it is closed on success and on failure. The fd must
+ * hold at least nbytes and its size must be sealed. */
+ws_status ws_shm_map(ws_shm *s, int fd, size_t nbytes, const char *what);
 /* The same read-write: memory another process shares to be written (an
  * engine's weights, ws_receiver_alloc). */
 ws_status ws_shm_map_rw(ws_shm *s, int fd, size_t nbytes, const char *what);
