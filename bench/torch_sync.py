@@ -125,23 +125,29 @@ def check_engine(trainer, engine, dest):
     return wrong
 
 
-def in_process(wshost, args, trainer, engine, dest):
-    s = wshost.Session(os.path.join(ROOT, "pipelines", args.pipeline + ".lua"), model=args.model,
-                       free_cache_engine=False, verify="off", steps=args.steps,
-                       **({"lora_rank": 0} if args.pipeline == "verl_lora" else {}))
+def run_session(s, trainer, steps):
+    """Registers the trainer's tensors with session s, runs `steps` steps with no-op train
+    and rollout callbacks and closes it: (step records, step walls in ms)."""
     for name, t in trainer.items():
         s.register("trainer", name, t, global_shape=list(t.shape))
-    for name, t in engine.items():
-        s.register("engine", name, t)
     for event in ("train", "rollout"):
         s.on(event, lambda step: None)
     recs, walls = [], []
-    for _ in range(args.steps):
+    for _ in range(steps):
         t0 = time.perf_counter()
         recs.append(dict(s.step()))
         walls.append((time.perf_counter() - t0) * 1e3)
     s.close()
     return recs, walls
+
+
+def in_process(wshost, args, trainer, engine, dest):
+    s = wshost.Session(os.path.join(ROOT, "pipelines", args.pipeline + ".lua"), model=args.model,
+                       free_cache_engine=False, verify="off", steps=args.steps,
+                       **({"lora_rank": 0} if args.pipeline == "verl_lora" else {}))
+    for name, t in engine.items():
+        s.register("engine", name, t)
+    return run_session(s, trainer, args.steps)
 
 
 def digests(tensors):
@@ -209,16 +215,7 @@ def server_mode(wshost, args, trainer, memory="own"):
                            verify="off", steps=args.steps,
                            **({"bucket_mb": args.server_bucket_mb} if args.server_bucket_mb else {}),
                            **({"lora_rank": 0} if args.pipeline == "verl_lora" else {}))
-        for name, t in trainer.items():
-            s.register("trainer", name, t, global_shape=list(t.shape))
-        for event in ("train", "rollout"):
-            s.on(event, lambda step: None)
-        recs, walls = [], []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            recs.append(dict(s.step()))
-            walls.append((time.perf_counter() - t0) * 1e3)
-        s.close()
+        recs, walls = run_session(s, trainer, args.steps)
         child.stdin.write("digest\n")
         child.stdin.flush()
         report = json.loads(child.stdout.readline())

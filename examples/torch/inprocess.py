@@ -133,24 +133,13 @@ def init_gloo(world, rank, port, backend="gloo"):
     dist.init_process_group(backend, rank=rank, world_size=world)
 
 
-def device_of(args, rank):
-    """The torch device of this rank: the cpu, or GPU rank % count."""
-    if args.device == "cpu":
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise SystemExit("inprocess: --device cuda, but torch sees no GPU")
-    index = rank % torch.cuda.device_count()
-    torch.cuda.set_device(index)
-    return "cuda:%d" % index
-
-
 class Run:
     """The trainer, the engine and what the events need to compare them."""
 
     def __init__(self, args, world, rank):
         self.args, self.world, self.rank = args, world, rank
         self.cfg = tq.tiny_config(tied=bool(args.tied))
-        self.device = device_of(args, rank)
+        self.device = tq.device_of(args.device, rank, "inprocess")
         self.fsdp2 = args.trainer == "fsdp2"
         if self.fsdp2:
             # Whole parameters, then torch shards them (Shard(0) DTensors over

@@ -158,17 +158,6 @@ def recv_msg(f):
     return pickle.loads(data)
 
 
-def device_of(args, rank):
-    """The torch device of this rank's trainer and engine: the cpu, or GPU rank % count."""
-    if args.device == "cpu":
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise SystemExit("server: --device cuda, but torch sees no GPU")
-    index = rank % torch.cuda.device_count()
-    torch.cuda.set_device(index)
-    return "cuda:%d" % index
-
-
 def tensor_bytes(t):
     buf = io.BytesIO()
     torch.save(t.cpu(), buf)
@@ -188,7 +177,7 @@ class Engine:
         self.args, self.wshost = args, wshost
         self.name = "%s-%d" % (args.address, args.rank)
         self.cfg = tq.tiny_config(tied=bool(args.tied))
-        self.device = device_of(args, args.rank)
+        self.device = tq.device_of(args.device, args.rank, "server")
         self.model = tq.EngineModel(self.cfg, args.lora_rank, args.lora_alpha, device=self.device)
         for t in self.model.weights.values():
             t.zero_()
@@ -389,7 +378,7 @@ class Run:
     def __init__(self, args, world, rank, engine):
         self.args, self.world, self.rank, self.engine = args, world, rank, engine
         self.cfg = tq.tiny_config(tied=bool(args.tied))
-        self.device = device_of(args, rank)
+        self.device = tq.device_of(args.device, rank, "server")
         self.trainer = tq.TrainerModel(self.cfg, args.lora_rank, args.lora_alpha, seed=0,
                                        world=world, rank=rank, device=self.device)
         self.train_tokens = tq.fixed_tokens(self.cfg, seed=100 + rank).to(self.device)

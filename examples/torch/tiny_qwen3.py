@@ -530,3 +530,15 @@ def max_abs_diff(a, b):
     if torch.isnan(d).any():
         return float("nan")
     return float(d.max())
+
+
+def device_of(kind, rank, who):
+    """The torch device of a rank: "cpu", or GPU rank % count for "cuda" (made current).
+    `who` names the script in the error when torch sees no GPU."""
+    if kind == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise SystemExit("%s: --device cuda, but torch sees no GPU" % who)
+    index = rank % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return "cuda:%d" % index

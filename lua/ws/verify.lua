@@ -45,6 +45,15 @@ local relay_states = setmetatable({}, { __mode = "k" })
 -- The same for server mode's lists (pairs.remote).
 local remote_states = setmetatable({}, { __mode = "k" })
 
+-- A trainer entry's real shard elements, or (a rank whose shard is all
+-- padding) an empty view that st.empty_views keeps until release.
+local function trainer_view(e, st)
+    if e.view then return e.view end
+    local v = e.tensor:narrow(1, 1, 0)
+    st.empty_views[#st.empty_views + 1] = v
+    return v
+end
+
 local function state_of(pairs)
     local st = states[pairs]
     if st then return st end
@@ -55,11 +64,7 @@ local function state_of(pairs)
     st = { live = group(), staged = group(), frozen = true, empty_views = {}, split = false }
     for i, p in ipairs(pairs) do
         local e = p.src
-        local src = e.view
-        if not src then
-            src = e.tensor:narrow(1, 1, 0)
-            st.empty_views[#st.empty_views + 1] = src
-        end
+        local src = trainer_view(e, st)
         local g = p.staged and st.staged or st.live
         local k = #g.srcs + 1
         g.srcs[k], g.firsts[k], g.dsts[k], g.idx[k] = src, e.first, p.dst, i
@@ -278,11 +283,7 @@ local function check_relay(pairs, ctx, where)
         for i, p in ipairs(pairs) do
             if r.role == "sender" then
                 local e = p.src
-                local src = e.view
-                if not src then
-                    src = e.tensor:narrow(1, 1, 0)
-                    st.empty_views[#st.empty_views + 1] = src
-                end
+                local src = trainer_view(e, st)
                 st.srcs[i], st.firsts[i] = src, e.first
             else
                 local b = p.block
@@ -412,11 +413,7 @@ local function remote_state(pairs)
     st = { g = { srcs = {}, firsts = {} }, frozen = true, empty_views = {} }
     for i, p in ipairs(pairs) do
         local e = p.src
-        local src = e.view
-        if not src then
-            src = e.tensor:narrow(1, 1, 0)
-            st.empty_views[#st.empty_views + 1] = src
-        end
+        local src = trainer_view(e, st)
         st.g.srcs[i], st.g.firsts[i] = src, e.first + p.dst_offset
         if e.trainable then st.frozen = false end
     end
