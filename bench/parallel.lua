@@ -6,22 +6,27 @@
 --                                         [--json FILE]
 --
 -- Rows: colocated engines with engine_tp = 1, 2, 4 (each that divides the world
--- and the model), and disaggregated N+N (N = world / 2: trainer ranks gather,
--- trainer rank 0 broadcasts each bucket to the engine ranks). Per row: the
--- best of `iters` base syncs (time, algorithm bandwidth over the bytes the
--- collective carries), the best of as many runs of the raw collective over
--- the same bytes, each right after a sync
--- (comm:reference: MPI_Allgather, or MPI_Alltoall where the plans exchange
--- each rank's blocks (engine_tp > 1); disaggregated: MPI_Allgather over
--- the trainer ranks then MPI_Bcast over rank 0 and the engine ranks), their
+-- and the model), and disaggregated N+N (N = world / 2). Each row runs the
+-- path the sync takes by default (exchange=auto): direct where MPI sends the
+-- memory point to point and no dtype converts (messages straight from each
+-- shard into the engine tensors; disaggregated: every trainer rank sends
+-- its own shard to the engine ranks), staged otherwise (pack, collective,
+-- copy-out); a "path" line names it. Per row: the best of `iters` base
+-- syncs (time, algorithm bandwidth over the bytes the collective carries),
+-- the best of as many runs of the raw collective over the same bytes, each
+-- right after a sync (comm:reference: MPI_Allgather, or MPI_Alltoall where
+-- each rank receives only its blocks' parts (engine_tp > 1);
+-- disaggregated: MPI_Bcast of the model over rank 0 and the engine ranks,
+-- after an MPI_Allgather over the trainer ranks where they gather), their
 -- ratio (target >= 0.8), the bytes received per rank against what the
 -- rank's shard needs (the model / T plus what every rank holds whole;
 -- target <= 1.1x) and what a gather of whole tensors would bring it, and
 -- the count of wrong tensors after the last sync (ws.verify, 0 expected).
--- exchange=all_gather runs the tensor-parallel rows with whole-tensor
--- gathers, for comparison. check=true makes the exit status fail on a
--- miss; check=bytes only on a miss of the bytes or verification targets
--- (the time target needs a quiet machine).
+-- exchange=staged runs every row through staging buffers and
+-- exchange=all_gather the tensor-parallel rows with whole-tensor gathers,
+-- for comparison. check=true makes the exit status fail on a miss;
+-- check=bytes only on a miss of the bytes or verification targets (the
+-- time target needs a quiet machine).
 local ws = require("ws")
 local config = require("ws.config")
 local models = require("ws.models")
@@ -40,7 +45,7 @@ local schema = {
     iters = { default = 3, type = "integer", min = 1 },
     bucket_mb = { default = ws.DEFAULT_BUCKET_BYTES // (1 << 20), type = "number", min = 0.001 },
     check = { default = "false", type = "enum", values = { "false", "true", "bytes" } },
-    exchange = { default = "auto", type = "enum", values = { "auto", "all_gather" } },
+    exchange = { default = "auto", type = "enum", values = { "auto", "staged", "all_gather" } },
 }
 local ok, cfg, opts = pcall(config.parse, schema, arg)
 if not ok then
@@ -101,6 +106,9 @@ local function run(name, pcfg)
         -- The exchange's reference: an all_to_all moving as many bytes to
         -- every rank as the most any rank received.
         local exchanged = max_over(stats.exchanged and 1 or 0) > 0
+        -- Direct: messages straight between shards and engine tensors; the
+        -- slowest path of any rank names the row.
+        local direct = -max_over(stats.direct and -1 or 0) > 0
         local relayed = place and max_over(stats.bytes_relayed) or 0
         -- One raw run of the collectives over the same bytes, in seconds.
         local function raw_once()
@@ -139,6 +147,9 @@ local function run(name, pcfg)
                             note = name })
         if not okv then wrong = 1 end
         wrong = max_over(wrong)
+        -- Trainer ranks that send their shards themselves gather nothing:
+        -- the reference is then the broadcast of the model alone.
+        local trainers_gather = gathered > 0
         if place then
             got = relayed
             gathered = gathered + relayed
@@ -152,8 +163,10 @@ local function run(name, pcfg)
         rows[#rows + 1] = { name = name, tp = pcfg.engine_tp, sync_ms = max_over(best),
                             raw_ms = raw_ms, bytes = gathered, need = need, got = got,
                             full = place and got or full,
-                            collective = place and "all_gather+broadcast"
+                            collective = place and (trainers_gather and "all_gather+broadcast"
+                                                    or "broadcast")
                                 or exchanged and "all_to_all" or "all_gather",
+                            path = direct and "direct" or "staged",
                             wrong = wrong }
     end)
     if sy then pcall(sy.free, sy) end
@@ -192,6 +205,11 @@ for _, r in ipairs(rows) do
         r.bytes / (r.sync_ms * 1e6), r.wrong)
 end
 out("#")
+for _, r in ipairs(rows) do
+    out("#   %-18s %-20s %s", r.name, "path", r.path == "direct" and
+        "direct: messages straight from the shards into the engine tensors, no staging" or
+        "staged: pack, collective, copy-out")
+end
 for _, r in ipairs(rows) do
     local function target(what, okv, fmt, ...)
         out("#   %-18s %-20s %s  %s", r.name, what, okv and "ok  " or "MISS", string.format(fmt, ...))

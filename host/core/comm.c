@@ -128,9 +128,17 @@ void ws_comm_free(ws_comm *c)
 
 /* ---- the mismatch check ------------------------------------------------------ */
 
-enum { K_ALL_GATHER = 1, K_BROADCAST, K_ALL_REDUCE, K_REDUCE_SCATTER, K_BARRIER, K_ALL_TO_ALL };
-static const char *const kind_names[] = {"?", "all_gather", "broadcast", "all_reduce",
-                                         "reduce_scatter", "barrier", "all_to_all"};
+enum {
+    K_ALL_GATHER = 1,
+    K_BROADCAST,
+    K_ALL_REDUCE,
+    K_REDUCE_SCATTER,
+    K_BARRIER,
+    K_ALL_TO_ALL,
+    K_TRANSFER
+};
+static const char *const kind_names[] = {"?",       "all_gather", "broadcast", "all_reduce",
+                                         "reduce_scatter", "barrier", "all_to_all", "transfer"};
 #define N_CHECK 4
 
 /* Ranks agree on v = {kind, numel, dtype, extra}? `size_what` names the
@@ -582,10 +590,11 @@ static ws_status check_spans(ws_comm *c, const ws_tensor *t, const size_t *count
  * their counts (one small all-to-all) and agree on whether any pair differs,
  * so every rank fails together instead of some waiting for bytes that never
  * come. */
-static ws_status agree_counts(ws_comm *c, const size_t *send_counts, const size_t *recv_counts)
+static ws_status agree_counts(ws_comm *c, const char *what, const size_t *send_counts,
+                              const size_t *recv_counts)
 {
     int64_t *buf = malloc(2 * (size_t)c->size * sizeof *buf);
-    if (!buf) return WS_ERR(WS_ERR_NOMEM, "all_to_all: out of host memory for the count check");
+    if (!buf) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory for the count check", what);
     int64_t *mine = buf, *theirs = buf + c->size;
     for (int q = 0; q < c->size; q++) mine[q] = (int64_t)send_counts[q];
     ws_status rc = c->host->exchange_i64(c, mine, theirs);
@@ -596,13 +605,13 @@ static ws_status agree_counts(ws_comm *c, const size_t *send_counts, const size_
     if (peer >= 0) bad[0] = (int64_t)c->rank * c->size + peer + 1;
     if (rc == WS_OK) rc = ws_comm_max_i64(c, bad, 1);
     if (rc == WS_OK && peer >= 0)
-        rc = WS_ERR(WS_ERR_ARG, "all_to_all: rank %d expects %zu bytes from rank %d, which sends "
-                    "it %lld; every rank's send count for a peer must be that peer's recv count "
-                    "for it", c->rank, recv_counts[peer], peer, (long long)theirs[peer]);
+        rc = WS_ERR(WS_ERR_ARG, "%s: rank %d expects %zu bytes from rank %d, which sends it "
+                    "%lld; every rank's send count for a peer must be that peer's recv count "
+                    "for it", what, c->rank, recv_counts[peer], peer, (long long)theirs[peer]);
     else if (rc == WS_OK && bad[0] > 0)
-        rc = WS_ERR(WS_ERR_ARG, "all_to_all: rank %lld expects a different byte count from rank "
-                    "%lld than that rank sends it; every rank's send count for a peer must be "
-                    "that peer's recv count for it", (long long)((bad[0] - 1) / c->size),
+        rc = WS_ERR(WS_ERR_ARG, "%s: rank %lld expects a different byte count from rank %lld "
+                    "than that rank sends it; every rank's send count for a peer must be that "
+                    "peer's recv count for it", what, (long long)((bad[0] - 1) / c->size),
                     (long long)((bad[0] - 1) % c->size));
     free(buf);
     return rc;
@@ -624,12 +633,69 @@ ws_status ws_comm_all_to_all(ws_comm *c, const ws_tensor *send, const size_t *se
     WS_TRY(check_spans(c, recv, recv_counts, recv_displs, "recv"));
     int64_t v[N_CHECK] = {K_ALL_TO_ALL, 0, 0, 0};
     WS_TRY(agree(c, what, v, "size", NULL));
-    if (c->check) WS_TRY(agree_counts(c, send_counts, recv_counts));
+    if (c->check) WS_TRY(agree_counts(c, what, send_counts, recv_counts));
     call k;
     WS_TRY(begin(c, req, what, (const ws_tensor *const[]){recv, send}, 2, 1, &k));
     ws_status rc = k.ops->all_to_all(c, k.d, sp, send_counts, send_displs, rp, recv_counts,
                                      recv_displs, k.q);
     return finish(k.q, req, rc, recv);
+}
+
+int ws_comm_can_transfer(const ws_comm *c, const ws_device *d)
+{
+    return c->size > 1 && d->kind == WS_DEVICE_CPU && c->host->data.transfer != NULL;
+}
+
+/* A message's runs add up to its bytes, its peer is another rank, and
+ * scattered runs stay within what one MPI message can carry. */
+static ws_status check_msg(const ws_comm *c, const ws_comm_msg *g, size_t i, size_t *per_peer)
+{
+    const char *what = "transfer";
+    if (g->peer < 0 || g->peer >= c->size || g->peer == c->rank)
+        return WS_ERR(WS_ERR_ARG, "%s: message %zu names rank %d; a message goes to another "
+                      "rank of %d", what, i + 1, g->peer, c->size);
+    if (g->n_runs == 0 || !g->runs)
+        return WS_ERR(WS_ERR_ARG, "%s: message %zu has no runs", what, i + 1);
+    size_t sum = 0;
+    for (size_t j = 0; j < g->n_runs; j++) {
+        if (!g->runs[j].ptr && g->runs[j].bytes)
+            return WS_ERR(WS_ERR_ARG, "%s: run %zu of message %zu has no memory", what, j + 1,
+                          i + 1);
+        sum += g->runs[j].bytes;
+    }
+    if (sum != g->bytes)
+        return WS_ERR(WS_ERR_ARG, "%s: message %zu's runs hold %zu bytes, not its %zu", what,
+                      i + 1, sum, g->bytes);
+    if (g->n_runs > 1 && g->bytes > (size_t)0x7fffffff)
+        return WS_ERR(WS_ERR_ARG, "%s: message %zu of %zu bytes over %zu runs; scattered runs "
+                      "must hold under 2 GiB", what, i + 1, g->bytes, g->n_runs);
+    per_peer[g->peer] += g->bytes;
+    return WS_OK;
+}
+
+ws_status ws_comm_transfer(ws_comm *c, ws_device *d, const ws_comm_msg *msgs, size_t n,
+                           ws_comm_request **req)
+{
+    const char *what = "transfer";
+    WS_TRY(usable(c, what));
+    if (!ws_comm_can_transfer(c, d))
+        return WS_ERR(WS_ERR_UNSUPPORTED, "%s: %s cannot send %s memory point to point in a "
+                      "world of %d", what, c->backend, d->name, c->size);
+    size_t *tot = ws_calloc(2 * (size_t)c->size, sizeof *tot);
+    if (!tot) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory for the byte counts", what);
+    ws_status rc = WS_OK;
+    for (size_t i = 0; i < n && rc == WS_OK; i++)
+        rc = check_msg(c, &msgs[i], i, tot + (msgs[i].send ? 0 : (size_t)c->size));
+    int64_t v[N_CHECK] = {K_TRANSFER, 0, 0, 0};
+    if (rc == WS_OK) rc = agree(c, what, v, "size", NULL);
+    if (rc == WS_OK && c->check) rc = agree_counts(c, what, tot, tot + c->size);
+    free(tot);
+    WS_TRY(rc);
+    call k = {.d = d, .ops = &c->host->data};
+    WS_TRY(req_new(c, req, what, NULL, 0, 0, &k.q));
+    if (k.q) k.q->ops = k.ops;
+    rc = k.ops->transfer(c, d, msgs, n, k.q);
+    return finish(k.q, req, rc, NULL);
 }
 
 ws_status ws_comm_barrier(ws_comm *c)

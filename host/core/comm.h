@@ -55,6 +55,31 @@ ws_status ws_comm_all_to_all(ws_comm *c, const ws_tensor *send, const size_t *se
                              const size_t *send_displs, ws_tensor *recv,
                              const size_t *recv_counts, const size_t *recv_displs,
                              ws_comm_request **req);
+/* Point-to-point messages straight between memory the caller owns, with no
+ * staging: each message carries `bytes` to (send = 1) or from `peer`, laid
+ * over its runs in order. Every rank must post the messages it exchanges
+ * with a peer in the order that peer posts the matching ones, each of the
+ * same byte count (with the check on, ranks compare their per-peer totals
+ * first and a mismatch is an error naming both ranks). Raw pointers: the
+ * caller keeps the memory alive, and does not touch what is received or
+ * change what is sent, until ws_comm_wait. A message of several runs must
+ * hold under 2 GiB; one run may be any size. The messages and their runs
+ * may be freed once the call returns. WS_ERR_UNSUPPORTED where
+ * ws_comm_can_transfer says no. */
+typedef struct ws_comm_run {
+    void *ptr;
+    size_t bytes;
+} ws_comm_run;
+typedef struct ws_comm_msg {
+    int peer, send;
+    const ws_comm_run *runs;
+    size_t n_runs, bytes;
+} ws_comm_msg;
+ws_status ws_comm_transfer(ws_comm *c, ws_device *d, const ws_comm_msg *msgs, size_t n,
+                           ws_comm_request **req);
+/* 1 when ws_comm_transfer can move memory of device d over c (several
+ * ranks, and a backend that sends scattered memory: MPI for cpu memory). */
+int ws_comm_can_transfer(const ws_comm *c, const ws_device *d);
 ws_status ws_comm_barrier(ws_comm *c);
 ws_status ws_comm_wait(ws_comm_request *req);
 

@@ -49,6 +49,10 @@ typedef struct ws_comm_ops {
     ws_status (*all_to_all)(ws_comm *c, ws_device *d, const void *send, const size_t *send_counts,
                             const size_t *send_displs, void *recv, const size_t *recv_counts,
                             const size_t *recv_displs, ws_comm_request *req);
+    /* Point-to-point messages over scattered runs (see ws_comm_transfer);
+     * NULL where the backend has none. */
+    ws_status (*transfer)(ws_comm *c, ws_device *d, const ws_comm_msg *msgs, size_t n,
+                          ws_comm_request *req);
     ws_status (*wait)(ws_comm_request *req);
 } ws_comm_ops;
 

@@ -396,6 +396,83 @@ static ws_status mpi_all_to_all(ws_comm *c, ws_device *d, const void *send, cons
     return w;
 }
 
+/* ---- transfer: point to point over scattered memory ------------------------ */
+
+#define WS_MPI_XFER_TAG (WS_MPI_TAG + 2)
+
+/* A message of several runs: one MPI message whose datatype lists their
+ * absolute addresses, so MPI reads or writes them in place. */
+static ws_status xfer_scattered(ws_comm *c, mpi_req *m, const ws_comm_msg *g)
+{
+    if (g->n_runs > (size_t)0x7fffffff)
+        return WS_ERR(WS_ERR_ARG, "transfer: a message of %zu runs; at most 2^31 - 1", g->n_runs);
+    int n = (int)g->n_runs;
+    int *len = malloc((size_t)n * sizeof *len);
+    MPI_Aint *at = malloc((size_t)n * sizeof *at);
+    if (!len || !at) {
+        free(len);
+        free(at);
+        return WS_ERR(WS_ERR_NOMEM, "transfer: out of host memory for a message of %d runs", n);
+    }
+    int mrc = MPI_SUCCESS;
+    for (int i = 0; i < n && mrc == MPI_SUCCESS; i++) {
+        len[i] = (int)g->runs[i].bytes;
+        mrc = MPI_Get_address(g->runs[i].ptr, &at[i]);
+    }
+    MPI_Datatype t = MPI_DATATYPE_NULL;
+    if (mrc == MPI_SUCCESS) mrc = MPI_Type_create_hindexed(n, len, at, MPI_BYTE, &t);
+    free(len);
+    free(at);
+    CHECK_MPI(c, mrc, "transfer");
+    mrc = MPI_Type_commit(&t);
+    MPI_Request *r = NULL;
+    ws_status rc = WS_OK;
+    if (mrc == MPI_SUCCESS) rc = mpi_req_push(m, g->send ? -1 : (int)g->bytes, &r);
+    if (mrc == MPI_SUCCESS && rc == WS_OK)
+        mrc = g->send ? MPI_Isend(MPI_BOTTOM, 1, t, g->peer, WS_MPI_XFER_TAG, comm_of(c), r)
+                      : MPI_Irecv(MPI_BOTTOM, 1, t, g->peer, WS_MPI_XFER_TAG, comm_of(c), r);
+    /* MPI keeps what a pending message needs; the handle can go now. */
+    MPI_Type_free(&t);
+    WS_TRY(rc);
+    CHECK_MPI(c, mrc, "transfer");
+    return WS_OK;
+}
+
+static ws_status xfer_post(ws_comm *c, mpi_req *m, const ws_comm_msg *msgs, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        const ws_comm_msg *g = &msgs[i];
+        if (g->n_runs > 1) {
+            WS_TRY(xfer_scattered(c, m, g));
+            continue;
+        }
+        /* One run: contiguous on this side, so MPI may copy it once, process
+         * to process; chunked identically on both sides. */
+        p2p_arg a = {g->runs[0].ptr, g->runs[0].ptr, g->peer, WS_MPI_XFER_TAG};
+        WS_TRY(walk_chunks(c, m, g->bytes, chunk_of(1), g->send ? send_chunk : recv_chunk, &a));
+    }
+    return WS_OK;
+}
+
+static ws_status mpi_transfer(ws_comm *c, ws_device *d, const ws_comm_msg *msgs, size_t n,
+                              ws_comm_request *req)
+{
+    (void)d;
+    mpi_req *m;
+    WS_TRY(async_state(req, &m));
+    if (m) return xfer_post(c, m, msgs, n);
+    /* Blocking: every message is posted, then all complete together. */
+    ws_comm_request local = {.comm = c, .what = "transfer"};
+    local.impl = calloc(1, sizeof(mpi_req));
+    if (!local.impl) return WS_ERR(WS_ERR_NOMEM, "transfer: out of host memory for a request");
+    ws_status rc = xfer_post(c, local.impl, msgs, n);
+    char first[512];
+    snprintf(first, sizeof first, "%s", rc == WS_OK ? "" : ws_errmsg());
+    ws_status w = mpi_wait(&local);
+    if (rc != WS_OK) return WS_ERR(rc, "%s", first);
+    return w;
+}
+
 /* ---- reductions ------------------------------------------------------------ */
 
 /* MPI type for a reduction, or MPI_DATATYPE_NULL when it goes through f32. */
@@ -711,6 +788,7 @@ const ws_comm_host_ops ws_comm_mpi_ops = {
         .reduce_scatter = mpi_reduce_scatter,
         .all_to_all = mpi_all_to_all,
         .wait = mpi_wait,
+        .transfer = mpi_transfer,
     },
     .launched = mpi_launched,
     .init_world = mpi_init_world,

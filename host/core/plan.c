@@ -79,6 +79,7 @@ typedef struct plan_bucket {
     size_t pack_begin, pack_end;   /* into p->pack */
     size_t out_begin, out_end;     /* into p->out: unpack, or direct copies */
     size_t wire_begin, wire_end;   /* into p->wire: server mode's pieces */
+    size_t msg_begin, msg_end;     /* into p->msgs: a direct plan's messages */
     size_t seg_used;               /* bytes per rank gathered for this bucket */
     size_t entries_done;           /* entries complete once this bucket is out */
     size_t bytes_done;             /* destination bytes written up to this bucket */
@@ -90,6 +91,7 @@ struct ws_plan {
     int world, rank;
     ws_plan_role role;
     ws_comm *relay; /* the broadcast to engine ranks (disaggregated); NULL: none here */
+    ws_comm *peers; /* disaggregated: every trainer and engine rank (ws_plan_set_peers) */
     ws_device *device;
     size_t bucket_bytes, seg_bytes;
 
@@ -124,6 +126,14 @@ struct ws_plan {
     size_t *x_counts;           /* per bucket 4 x world: send counts, displs, recv counts, displs */
     ws_tensor x_send[2], x_recv[2];
     int x_pairs;
+    /* Direct: the exchange's parts (x_on too) or the relay's buckets as
+     * messages over x_comm, no staging; x_shards: a relay's trainer ranks
+     * send their shards themselves (no gather). */
+    int x_direct, x_shards;
+    ws_comm *x_comm;
+    ws_comm_msg *msgs;
+    size_t n_msgs;
+    ws_comm_run *runs;
 };
 
 static double now_ms(void)
@@ -206,6 +216,23 @@ ws_status ws_plan_set_relay(ws_plan *p, ws_plan_role role, ws_comm *relay, int g
         p->rank = -1; /* holds no shard */
     }
     p->seg_bytes = p->bucket_bytes / (size_t)p->world / PLAN_ALIGN * PLAN_ALIGN;
+    return WS_OK;
+}
+
+ws_status ws_plan_set_peers(ws_plan *p, ws_comm *all)
+{
+    if (p->role != WS_PLAN_SENDER && p->role != WS_PLAN_RECEIVER)
+        return WS_ERR(WS_ERR_ARG, "plan '%s': peers are for a relay's sender or receiver (set "
+                                  "the relay first)", p->name);
+    int r = ws_comm_rank(all), n = ws_comm_size(all);
+    if (p->role == WS_PLAN_SENDER && r != p->rank)
+        return WS_ERR(WS_ERR_ARG, "plan '%s': trainer rank %d is rank %d of the peers' comm; "
+                                  "the trainer ranks come first, in order", p->name, p->rank, r);
+    if (p->role == WS_PLAN_RECEIVER && (r < p->world || n <= p->world))
+        return WS_ERR(WS_ERR_ARG, "plan '%s': an engine rank is rank %d of the peers' comm of "
+                                  "%d; the %d trainer ranks come first", p->name, r, n, p->world);
+    if (p->n_entries) p->planned = 0;
+    p->peers = all;
     return WS_OK;
 }
 
@@ -804,7 +831,8 @@ ws_status ws_plan_estimate(ws_plan *p, ws_plan_stats *out)
     out->staging_bytes = staged(p) ? pairs * (seg + seg * (size_t)p->world) : 0;
     /* The exchange's own figures need every rank's blocks: known once planned. */
     if (p->planned && p->x_on) {
-        out->exchanged = 1;
+        out->exchanged = p->stats.exchanged;
+        out->direct = p->stats.direct;
         out->bytes_gathered = p->stats.bytes_gathered;
         out->staging_bytes = p->stats.staging_bytes;
     }
@@ -894,6 +922,7 @@ static ws_status agree_over(ws_plan *p, ws_comm *comm, ws_status local)
  * any engine rank finds reaches every trainer rank before its gather. */
 static ws_status agree(ws_plan *p, ws_status local)
 {
+    if (p->peers) return agree_over(p, p->peers, local); /* every rank at once */
     ws_status rc = local;
     if (p->relay) rc = agree_over(p, p->relay, rc);
     if (p->comm) rc = agree_over(p, p->comm, rc);
@@ -1012,8 +1041,9 @@ static ws_status run_gathered(ws_plan *p, ws_plan_progress_fn progress, void *ct
             if (rc == WS_OK) rc = start_gather(p, k + 1, &req[(k + 1) % 2]);
             if (rc != WS_OK) break;
         }
-        rc = land_bucket(p, k, req, p->x_on ? "all_to_all" : "all_gather", &marked, progress,
-                         ctx);
+        rc = land_bucket(p, k, req,
+                         p->x_direct ? "transfer" : p->x_on ? "all_to_all" : "all_gather",
+                         &marked, progress, ctx);
     }
     return drain(p, req, rc, marked);
 }
@@ -1022,6 +1052,14 @@ static ws_status run_gathered(ws_plan *p, ws_plan_progress_fn progress, void *ct
 static ws_status start_relay(ws_plan *p, size_t k, ws_comm_request **req)
 {
     const plan_bucket *b = &p->buckets[k];
+    if (p->x_direct) {
+        ws_status rc = ws_comm_transfer(p->x_comm, p->device, p->msgs + b->msg_begin,
+                                        b->msg_end - b->msg_begin, req);
+        if (rc != WS_OK)
+            ws_errprefix("plan '%s': relay of bucket %zu of %zu to the engine ranks", p->name,
+                         k + 1, p->n_buckets);
+        return rc;
+    }
     ws_tensor all = {0};
     ws_status rc = ws_tensor_narrow(&all, &p->recv[k % 2], 0, 0,
                                     (int64_t)(b->seg_used * (size_t)p->world));
@@ -1090,7 +1128,9 @@ static ws_status run_sender(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
 }
 
 /* A relay's receiver: each bucket arrives by broadcast into one pair while
- * the previous one is copied out of the other. */
+ * the previous one is copied out of the other; or, direct, as messages
+ * straight into the destinations, two buckets in flight. A trainer rank
+ * sending its shards itself (x_shards) runs the same loop. */
 static ws_status run_receiver(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
 {
     ws_comm_request *req[2] = {NULL, NULL};
@@ -1202,6 +1242,7 @@ static ws_status run_direct(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
 
 static int wants_exchange(const ws_plan *p);
 static ws_status plan_exchange(ws_plan *p);
+static ws_status plan_relay(ws_plan *p);
 
 ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
 {
@@ -1212,15 +1253,16 @@ ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
     if (rc == WS_OK && !p->planned) rc = plan_buckets(p);
     if (p->comm || p->relay) rc = agree(p, rc);
     if (rc == WS_OK && wants_exchange(p)) rc = plan_exchange(p);
+    if (rc == WS_OK && (p->relay || p->peers) && !p->x_planned) rc = plan_relay(p);
     char holder[PLAN_NAME_CAP + 32];
     snprintf(holder, sizeof holder, "plan '%s' (executing)", p->name);
     for (size_t i = 0; i < p->n_pools; i++) ws_pool_hold(p->pools[i], holder);
     if (rc == WS_OK)
-        rc = p->role == WS_PLAN_SENDER     ? run_sender(p, progress, ctx)
-             : p->role == WS_PLAN_RECEIVER ? run_receiver(p, progress, ctx)
-             : p->role == WS_PLAN_REMOTE   ? run_remote(p, progress, ctx)
-             : p->world > 1                ? run_gathered(p, progress, ctx)
-                                           : run_direct(p, progress, ctx);
+        rc = p->role == WS_PLAN_RECEIVER || p->x_shards ? run_receiver(p, progress, ctx)
+             : p->role == WS_PLAN_SENDER                 ? run_sender(p, progress, ctx)
+             : p->role == WS_PLAN_REMOTE                 ? run_remote(p, progress, ctx)
+             : p->world > 1                              ? run_gathered(p, progress, ctx)
+                                                         : run_direct(p, progress, ctx);
     /* Device-side copies may still be queued; the stats and the caller's
      * next read both need them finished, and the pools stay held until then. */
     ws_status sync = ws_device_synchronize(p->device);
@@ -1261,9 +1303,10 @@ void ws_plan_destroy(ws_plan *p)
 
 ws_status ws_plan_set_exchange(ws_plan *p, ws_plan_exchange how)
 {
-    if (how != WS_PLAN_EXCHANGE_AUTO && how != WS_PLAN_EXCHANGE_GATHER)
-        return WS_ERR(WS_ERR_ARG, "plan '%s': exchange %d is neither auto nor gather", p->name,
-                      (int)how);
+    if (how != WS_PLAN_EXCHANGE_AUTO && how != WS_PLAN_EXCHANGE_GATHER &&
+        how != WS_PLAN_EXCHANGE_STAGED)
+        return WS_ERR(WS_ERR_ARG, "plan '%s': exchange %d is not auto, gather or staged",
+                      p->name, (int)how);
     if (how != p->exchange) p->planned = 0;
     p->exchange = how;
     return WS_OK;
@@ -1278,14 +1321,20 @@ static void drop_exchange(ws_plan *p)
         ws_tensor_free(&p->x_recv[j]);
     }
     p->x_pairs = 0;
-    p->x_planned = p->x_on = 0;
-    p->stats.exchanged = 0;
+    p->x_planned = p->x_on = p->x_direct = p->x_shards = 0;
+    p->x_comm = NULL;
+    free(p->msgs);
+    free(p->runs);
+    p->msgs = NULL;
+    p->runs = NULL;
+    p->n_msgs = 0;
+    p->stats.exchanged = p->stats.direct = 0;
 }
 
 /* Only a colocated plan gathering over several ranks, once per planning. */
 static int wants_exchange(const ws_plan *p)
 {
-    return !p->x_planned && p->exchange == WS_PLAN_EXCHANGE_AUTO &&
+    return !p->x_planned && p->exchange != WS_PLAN_EXCHANGE_GATHER &&
            p->role == WS_PLAN_COLOCATED && p->world > 1;
 }
 
@@ -1484,6 +1533,140 @@ static ws_status x_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *bk,
     return WS_OK;
 }
 
+/* Direct messages: a run this large is a message of its own; smaller ones
+ * share one, up to D_MSG_MAX bytes (under MPI's int counts). */
+#define D_RUN_MIN ((size_t)64 << 10)
+#define D_MSG_MAX ((size_t)1 << 30)
+
+/* The messages one rank exchanges with one peer in one bucket, under
+ * construction: each message's first run is an index into `runs` until
+ * d_fix turns it into a pointer. Every decision depends only on the sizes of
+ * the runs added, in order, so the two ends of a message, adding the same
+ * runs' sizes in the same order, build messages of equal bytes. */
+typedef struct d_build {
+    vec *msgs, *runs;
+    vec small; /* runs under D_RUN_MIN, sent together by d_flush */
+    int peer, send;
+} d_build;
+
+static ws_status d_open(d_build *b)
+{
+    ws_comm_msg g = {b->peer, b->send, NULL, 0, 0};
+    g.runs = (const ws_comm_run *)(uintptr_t)b->runs->n;
+    return vec_push(b->msgs, &g, sizeof g);
+}
+
+static ws_status d_add(d_build *b, void *ptr, size_t bytes)
+{
+    ws_comm_run r = {ptr, bytes};
+    if (bytes < D_RUN_MIN) return vec_push(&b->small, &r, sizeof r);
+    WS_TRY(d_open(b));
+    WS_TRY(vec_push(b->runs, &r, sizeof r));
+    ws_comm_msg *g = (ws_comm_msg *)b->msgs->data + b->msgs->n - 1;
+    g->n_runs = 1;
+    g->bytes = bytes;
+    return WS_OK;
+}
+
+/* The small runs, in order: a new message when the next would pass
+ * D_MSG_MAX; a run that continues the last one in memory joins it. Frees
+ * the builder's list, also on error. */
+static ws_status d_flush(d_build *b)
+{
+    const ws_comm_run *sr = b->small.data;
+    ws_comm_msg *g = NULL;
+    ws_status rc = WS_OK;
+    for (size_t i = 0; i < b->small.n && rc == WS_OK; i++) {
+        if (!g || g->bytes + sr[i].bytes > D_MSG_MAX) {
+            rc = d_open(b);
+            if (rc != WS_OK) break;
+            g = (ws_comm_msg *)b->msgs->data + b->msgs->n - 1;
+        }
+        ws_comm_run *last = g->n_runs ? (ws_comm_run *)b->runs->data + b->runs->n - 1 : NULL;
+        if (last && (char *)last->ptr + last->bytes == (char *)sr[i].ptr) {
+            last->bytes += sr[i].bytes;
+        } else {
+            rc = vec_push(b->runs, &sr[i], sizeof sr[i]);
+            if (rc == WS_OK) g->n_runs++;
+        }
+        g->bytes += sr[i].bytes;
+    }
+    free(b->small.data);
+    memset(&b->small, 0, sizeof b->small);
+    return rc;
+}
+
+/* The finished messages become the plan's (runs now pointers); on error
+ * both lists are freed. */
+static ws_status d_fix(ws_plan *p, vec *msgs, vec *runs, ws_status rc)
+{
+    if (rc != WS_OK) {
+        free(msgs->data);
+        free(runs->data);
+        return rc;
+    }
+    ws_comm_msg *g = msgs->data;
+    for (size_t i = 0; i < msgs->n; i++)
+        g[i].runs = (ws_comm_run *)runs->data + (uintptr_t)g[i].runs;
+    p->msgs = msgs->data;
+    p->n_msgs = msgs->n;
+    p->runs = runs->data;
+    return WS_OK;
+}
+
+/* The messages of one part of an exchange (as x_part: this rank's send to
+ * `peer`, or its recv from `peer`, for pieces [from, to)). Both ends walk
+ * the same runs in the same order. */
+static ws_status d_part(const ws_plan *p, const plan_piece *pieces, size_t from, size_t to,
+                        const ws_plan_block *blocks, int peer, int send, vec *msgs, vec *runs)
+{
+    int owner = send ? p->rank : peer, holder = send ? peer : p->rank;
+    d_build bd = {msgs, runs, {0}, peer, send};
+    ws_status rc = WS_OK;
+    for (size_t i = from; i < to && rc == WS_OK; i++) {
+        const plan_piece *pc = &pieces[i];
+        const plan_entry *e = &p->entries[pc->entry];
+        const ws_plan_block *b = &blocks[(size_t)holder * p->n_entries + pc->entry];
+        int64_t lo, hi, x, n, at;
+        shard_span(e, owner, pc->a, pc->b, &lo, &hi);
+        size_t es = ws_dtype_size(e->dst.dtype);
+        run_iter it;
+        runs_begin(&it, b, lo, hi);
+        while (rc == WS_OK && runs_next(&it, &x, &n, &at))
+            rc = d_add(&bd, send ? side_ptr(&e->src, x - (int64_t)p->rank * e->shard)
+                                 : side_ptr(&e->dst, at),
+                       (size_t)n * es);
+    }
+    ws_status f = d_flush(&bd);
+    return rc != WS_OK ? rc : f;
+}
+
+/* Every bucket's direct messages (p->msgs, p->runs) and the copies of each
+ * rank's own part, straight from its shard into its blocks (as pack). */
+static ws_status d_msgs(ws_plan *p, const plan_piece *pieces, plan_bucket *bk,
+                        const ws_plan_block *blocks, vec *pack)
+{
+    vec msgs = {0}, runs = {0};
+    ws_status rc = WS_OK;
+    for (size_t k = 0; k < p->n_buckets && rc == WS_OK; k++) {
+        size_t bytes;
+        bk[k].pack_begin = pack->n;
+        bk[k].msg_begin = msgs.n;
+        for (int q = 0; q < p->world && rc == WS_OK; q++) {
+            if (q == p->rank)
+                rc = x_part(p, pieces, bk[k].piece_begin, bk[k].piece_end, blocks, q, 0, pack,
+                            bk[k].pack_begin, NULL, &bytes);
+            for (int send = 1; send >= 0 && q != p->rank && rc == WS_OK; send--)
+                rc = d_part(p, pieces, bk[k].piece_begin, bk[k].piece_end, blocks, q, send,
+                            &msgs, &runs);
+        }
+        bk[k].pack_end = pack->n;
+        bk[k].out_begin = bk[k].out_end = 0;
+        bk[k].msg_end = msgs.n;
+    }
+    return d_fix(p, &msgs, &runs, rc);
+}
+
 static ws_status x_staging(ws_plan *p, size_t send_bytes, size_t recv_bytes)
 {
     int pairs = p->n_buckets > 1 ? 2 : 1;
@@ -1543,12 +1726,18 @@ static ws_status x_blocks(ws_plan *p, ws_plan_block **out)
  * so every rank takes the same one. */
 static ws_status plan_exchange(ws_plan *p)
 {
-    int has_blocks = 0;
-    for (size_t i = 0; i < p->n_entries && !has_blocks; i++) has_blocks = p->entries[i].block.cols != 0;
-    int64_t any[1] = {has_blocks};
-    WS_TRY(ws_comm_max_i64(p->comm, any, 1));
+    int has_blocks = 0, converts = 0;
+    for (size_t i = 0; i < p->n_entries; i++) {
+        has_blocks |= p->entries[i].block.cols != 0;
+        converts |= p->entries[i].src.dtype != p->entries[i].dst.dtype;
+    }
+    int direct_ok = p->exchange == WS_PLAN_EXCHANGE_AUTO && !converts &&
+                    ws_comm_can_transfer(p->comm, p->device);
+    int64_t any[2] = {has_blocks, !direct_ok};
+    WS_TRY(ws_comm_max_i64(p->comm, any, 2));
     p->x_planned = 1;
-    if (!any[0]) return WS_OK;
+    int direct = any[1] == 0;
+    if (!any[0] && !direct) return WS_OK;
     ws_plan_block *blocks = NULL;
     vec pieces = {0}, buckets = {0}, pack = {0}, out = {0};
     size_t send_max = 0, recv_max = 0, received = 0;
@@ -1566,12 +1755,18 @@ static ws_status plan_exchange(ws_plan *p)
     if (rc == WS_OK && arc != WS_OK) rc = arc;
     if (rc == WS_OK && g[0])
         rc = WS_ERR(WS_ERR_COMM, "another rank could not plan the exchange (see its message)");
-    /* A near tie keeps the gather: an exchange packs a part for every peer. */
-    int on = rc == WS_OK && (size_t)g[1] / 7 * 8 < p->stats.bytes_gathered_full;
+    /* A near tie keeps the staged gather: a staged exchange packs a part
+     * for every peer. Direct messages cost nothing to pack. */
+    int fewer = (size_t)g[1] / 7 * 8 < p->stats.bytes_gathered_full;
+    int on = rc == WS_OK && (direct || fewer);
     if (on) {
         /* Every rank builds; they agree once more so none exchanges alone. */
-        rc = x_staging(p, send_max, recv_max);
-        if (rc == WS_OK) rc = x_descs(p, pieces.data, buckets.data, blocks, &pack, &out);
+        if (direct) {
+            rc = d_msgs(p, pieces.data, buckets.data, blocks, &pack);
+        } else {
+            rc = x_staging(p, send_max, recv_max);
+            if (rc == WS_OK) rc = x_descs(p, pieces.data, buckets.data, blocks, &pack, &out);
+        }
         int64_t f[1] = {rc != WS_OK};
         arc = ws_comm_max_i64(p->comm, f, 1);
         if (rc == WS_OK && arc != WS_OK) rc = arc;
@@ -1586,6 +1781,8 @@ static ws_status plan_exchange(ws_plan *p)
             p->buckets[k].pack_end = bk[k].pack_end;
             p->buckets[k].out_begin = bk[k].out_begin;
             p->buckets[k].out_end = bk[k].out_end;
+            p->buckets[k].msg_begin = bk[k].msg_begin;
+            p->buckets[k].msg_end = bk[k].msg_end;
         }
         free(p->pack);
         free(p->out);
@@ -1601,7 +1798,9 @@ static ws_status plan_exchange(ws_plan *p)
         }
         p->pairs = 0;
         p->x_on = 1;
-        p->stats.exchanged = 1;
+        p->x_direct = direct;
+        p->stats.exchanged = fewer;
+        p->stats.direct = direct;
         p->stats.bytes_gathered = received;
         p->stats.staging_bytes = (size_t)p->x_pairs * (send_max + recv_max);
     }
@@ -1618,8 +1817,138 @@ static ws_status plan_exchange(ws_plan *p)
     return rc;
 }
 
+/* The messages of every bucket of a direct relay over `comm`. shards = 1:
+ * trainer ranks send their shard pieces to every engine rank (ranks from
+ * p->world on), each engine rank receives every trainer rank's; shards = 0:
+ * the relay's sender sends its gathered segment to every engine rank (relay
+ * ranks from 1 on). Both ends walk the bucket's pieces, and each trainer
+ * rank's part of each, in the same order. */
+static ws_status relay_msgs(ws_plan *p, ws_comm *comm, int shards, vec *msgs, vec *runs)
+{
+    vec pieces = {0}, buckets = {0};
+    ws_status rc = lay_out(p, p->seg_bytes, PLAN_ALIGN, &pieces, &buckets);
+    if (rc == WS_OK && buckets.n != p->n_buckets)
+        rc = WS_ERR(WS_ERR_ARG, "the layout changed while planning (%zu buckets, then %zu)",
+                    p->n_buckets, buckets.n);
+    const plan_piece *pcs = pieces.data;
+    const plan_bucket *bk = buckets.data;
+    int sender = p->role == WS_PLAN_SENDER, n = ws_comm_size(comm);
+    /* This rank's peers, [q0, q1), and the trainer ranks whose parts it
+     * walks, [r0, r1). */
+    int q0 = sender ? (shards ? p->world : 1) : 0, q1 = sender ? n : shards ? p->world : 1;
+    int r0 = shards && sender ? p->rank : 0, r1 = shards && sender ? p->rank + 1 : p->world;
+    for (size_t k = 0; k < p->n_buckets && rc == WS_OK; k++) {
+        plan_bucket *b = &p->buckets[k];
+        void *recv = NULL;
+        b->msg_begin = msgs->n;
+        if (sender && !shards)
+            rc = ws_tensor_access(&p->recv[k % 2], WS_ACCESS_WRITE, "recv", &recv);
+        for (int q = q0; q < q1 && rc == WS_OK; q++) {
+            d_build bd = {msgs, runs, {0}, q, sender};
+            int from = shards && !sender ? q : r0, to = shards && !sender ? q + 1 : r1;
+            for (size_t i = bk[k].piece_begin; i < bk[k].piece_end && rc == WS_OK; i++) {
+                const plan_entry *e = &p->entries[pcs[i].entry];
+                size_t es = ws_dtype_size(e->dst.dtype);
+                for (int r = from; r < to && rc == WS_OK; r++) {
+                    int64_t lo, hi;
+                    shard_span(e, r, pcs[i].a, pcs[i].b, &lo, &hi);
+                    if (hi <= lo) continue;
+                    void *at = !sender ? side_ptr(&e->dst, lo)
+                               : shards ? side_ptr(&e->src, pcs[i].a)
+                                        : (char *)recv + (size_t)r * b->seg_used + pcs[i].off;
+                    rc = d_add(&bd, at, (size_t)(hi - lo) * es);
+                }
+            }
+            ws_status f = d_flush(&bd);
+            if (rc == WS_OK) rc = f;
+        }
+        b->msg_end = msgs->n;
+    }
+    free(pieces.data);
+    free(buckets.data);
+    return rc;
+}
+
+/* Collective, once per planning, over the peers (every rank) and then the
+ * relay (its sender and the engine ranks). With peers, where their comm
+ * sends host memory point to point, no dtype converts and no engine rank's
+ * destinations are blocks, the trainer ranks send their shards straight to
+ * the engine ranks. Else, where the relay's comm can and there are no
+ * blocks, the relay's sender sends each gathered bucket straight into the
+ * engine ranks' destinations instead of broadcasting it into their staging.
+ * Else the broadcast stays. */
+static ws_status plan_relay(ws_plan *p)
+{
+    int blocks = 0, converts = 0, sender = p->role == WS_PLAN_SENDER;
+    for (size_t i = 0; i < p->n_entries; i++) {
+        blocks |= p->entries[i].block.cols != 0;
+        converts |= sender && p->entries[i].src.dtype != p->entries[i].dst.dtype;
+    }
+    int auto_ = p->exchange == WS_PLAN_EXCHANGE_AUTO;
+    p->x_planned = 1;
+    ws_comm *comm = NULL;
+    int shards = 0;
+    if (p->peers) {
+        int64_t g[1] = {!(auto_ && !converts && !blocks &&
+                          ws_comm_can_transfer(p->peers, p->device))};
+        WS_TRY(ws_comm_max_i64(p->peers, g, 1));
+        if (!g[0]) comm = p->peers, shards = 1;
+    }
+    if (!comm && p->relay) {
+        int64_t g[1] = {!(auto_ && !blocks && ws_comm_can_transfer(p->relay, p->device))};
+        WS_TRY(ws_comm_max_i64(p->relay, g, 1));
+        if (!g[0]) comm = p->relay;
+    }
+    if (!comm) return WS_OK;
+    vec msgs = {0}, runs = {0};
+    ws_status rc = relay_msgs(p, comm, shards, &msgs, &runs);
+    /* Every rank builds; none sends directly alone. */
+    int64_t f[1] = {rc != WS_OK};
+    ws_status arc = ws_comm_max_i64(comm, f, 1);
+    if (rc == WS_OK && arc != WS_OK) rc = arc;
+    if (rc == WS_OK && f[0])
+        rc = WS_ERR(WS_ERR_COMM, "another rank could not plan the relay (see its message)");
+    rc = d_fix(p, &msgs, &runs, rc);
+    if (rc != WS_OK) {
+        ws_errprefix("plan '%s': planning the relay", p->name);
+        return rc;
+    }
+    p->x_direct = 1;
+    p->x_shards = shards && sender;
+    p->x_comm = comm;
+    p->stats.direct = 1;
+    if (!sender || shards) { /* nothing is staged here any more */
+        for (size_t k = 0; k < p->n_buckets; k++) {
+            plan_bucket *b = &p->buckets[k];
+            b->out_begin = b->out_end = b->pack_begin = b->pack_end = 0;
+        }
+        for (int j = 0; j < p->pairs; j++) {
+            ws_tensor_free(&p->send[j]);
+            ws_tensor_free(&p->recv[j]);
+        }
+        p->pairs = 0;
+        p->stats.staging_bytes = 0;
+    }
+    if (shards) { /* what each rank sends or receives, gathered by no one */
+        size_t moved = 0;
+        for (size_t i = 0; i < p->n_msgs; i++) moved += p->msgs[i].bytes;
+        p->stats.bytes_gathered = p->stats.bytes_gathered_full = 0;
+        p->stats.bytes_relayed = moved;
+    }
+    return WS_OK;
+}
+
 static ws_status start_exchange(ws_plan *p, size_t k, ws_comm_request **req)
 {
+    if (p->x_direct) {
+        const plan_bucket *b = &p->buckets[k];
+        ws_status rc = ws_comm_transfer(p->comm, p->device, p->msgs + b->msg_begin,
+                                        b->msg_end - b->msg_begin, req);
+        if (rc != WS_OK)
+            ws_errprefix("plan '%s': transfer of bucket %zu of %zu", p->name, k + 1,
+                         p->n_buckets);
+        return rc;
+    }
     size_t W = (size_t)p->world;
     const size_t *c = p->x_counts + k * 4 * W;
     ws_status rc = ws_comm_all_to_all(p->comm, &p->x_send[k % 2], c, c + W, &p->x_recv[k % 2],

@@ -37,7 +37,18 @@
  * and receives (each under world x the bucket's segment, so under 2 x 2 x
  * bucket_bytes; about 2 x 2 x bucket_bytes / T for a TP=T engine); the
  * gather's staging is allocated for the first execution's planning, then
- * freed. A relay (disaggregated placement) keeps its broadcast. */
+ * freed. A relay (disaggregated placement) keeps its broadcast.
+ *
+ * Direct: where the comm sends host memory point to point (MPI) and every
+ * entry's source and destination share a dtype, the same parts (with or
+ * without blocks: without, a part is the peer's whole shard piece) travel
+ * as messages straight from this rank's shard into the peer's destinations
+ * (ws_comm_transfer), with no staging, no pack and no copy-out. A part of a
+ * bucket that is one contiguous run of at least 64 KiB on both sides is a
+ * message of its own, which MPI can copy once from process to process; the
+ * smaller runs a rank exchanges with a peer in a bucket travel together as
+ * one message over their scattered addresses. Buckets still bound what is
+ * in flight (two at a time) and when progress is reported. */
 #ifndef WS_PLAN_H
 #define WS_PLAN_H
 
@@ -57,7 +68,10 @@ typedef struct ws_plan_stats {
     size_t bytes_gathered;   /* bytes this rank receives through the collective: the
                               * gather's world * per-rank segments, or the exchange's */
     size_t bytes_gathered_full; /* what the gather of whole tensors would bring this rank */
-    int exchanged;           /* 1: the plan runs the exchange (all_to_all), not the gather */
+    int exchanged;           /* 1: each rank receives only what its blocks need (the
+                              * exchange), not whole tensors (the gather) */
+    int direct;              /* 1: point-to-point messages straight between the shards
+                              * and the destinations, with no staging */
     size_t bytes_relayed;    /* a relay's broadcast: bytes sent (sender) or received */
     size_t staging_bytes;    /* staging memory held during execution */
     double pack_ms, gather_ms, copy_out_ms, total_ms; /* last execution */
@@ -111,6 +125,15 @@ typedef enum ws_plan_role {
     WS_PLAN_REMOTE /* ws_plan_set_remote */
 } ws_plan_role;
 ws_status ws_plan_set_relay(ws_plan *p, ws_plan_role role, ws_comm *relay, int gather_world);
+/* Disaggregated, optional, on every trainer and engine rank alike (after
+ * ws_plan_set_relay): `all` is a comm of every rank, the trainer ranks first
+ * (ranks [0, gather_world), in their trainer order), then the engine ranks.
+ * Where it can send host memory point to point and no dtype converts, each
+ * trainer rank sends its shard straight into every engine rank's
+ * destinations (no gather, no broadcast, no staging on either side); else
+ * the relay runs as without it. The ranks also agree over `all` before each
+ * execution, so a failure anywhere stops every rank before a byte moves. */
+ws_status ws_plan_set_peers(ws_plan *p, ws_comm *all);
 
 /* Server mode: the engine is another process (remote.h). Entries have srcs
  * and no dsts, and give their wire dtype; ws_plan_set_targets then says
@@ -146,10 +169,17 @@ ws_status ws_plan_add_blocks(ws_plan *p, const ws_tensor *const *srcs,
                              const ws_tensor *const *dsts, const int64_t *numel,
                              const int64_t *shard, const ws_plan_block *blocks,
                              const ws_dtype *wire, size_t n);
-/* How a plan with destination blocks moves bytes: AUTO (the default)
- * exchanges when that moves fewer bytes than the gather; GATHER always
- * gathers whole tensors. Every rank must set the same. */
-typedef enum ws_plan_exchange { WS_PLAN_EXCHANGE_AUTO = 0, WS_PLAN_EXCHANGE_GATHER } ws_plan_exchange;
+/* How a colocated plan over several ranks moves bytes. AUTO (the default):
+ * direct where the comm can send the plan's memory point to point and no
+ * entry converts its dtype, else as STAGED. STAGED: through staging
+ * buffers, exchanging when entries have blocks and that moves fewer bytes
+ * than the gather. GATHER: always the staged gather of whole tensors.
+ * Every rank must set the same. */
+typedef enum ws_plan_exchange {
+    WS_PLAN_EXCHANGE_AUTO = 0,
+    WS_PLAN_EXCHANGE_GATHER,
+    WS_PLAN_EXCHANGE_STAGED
+} ws_plan_exchange;
 ws_status ws_plan_set_exchange(ws_plan *p, ws_plan_exchange how);
 
 /* Runs the plan: every rank must call it with the same plan shape. */

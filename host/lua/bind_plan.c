@@ -43,7 +43,7 @@ static ws_plan *check_plan(lua_State *L, int idx)
 
 static const char *const plan_options[] = {"bucket_mb", "bucket_bytes", "comm", "device", "name",
                                            "relay", "role", "gather_world", "sender", "exchange",
-                                           NULL};
+                                           "peers", NULL};
 
 static size_t bucket_option(lua_State *L, int idx)
 {
@@ -112,7 +112,7 @@ static int l_plan(lua_State *L)
     }
 
     /* Released first, then acquired: a failure leaves a consistent object. */
-    ws_lplan *lp = (ws_lplan *)lua_newuserdatauv(L, sizeof *lp, 3); /* [..., plan] */
+    ws_lplan *lp = (ws_lplan *)lua_newuserdatauv(L, sizeof *lp, 4); /* [..., plan] */
     int plan_idx = lua_gettop(L);
     memset(lp, 0, sizeof *lp);
     luaL_setmetatable(L, WS_PLAN_MT);
@@ -161,18 +161,35 @@ static int l_plan(lua_State *L)
         lua_pop(L, 2); /* [.., plan] */
         rc = ws_plan_set_relay(lp->p, role == 0 ? WS_PLAN_SENDER : WS_PLAN_RECEIVER, relay, gw);
         if (rc != WS_OK) return ws_lua_raise(L, "ws.plan");
+        /* peers = a comm of every rank, trainer ranks first: each trainer
+         * rank may then send its shard to the engine ranks itself. */
+        if (lua_getfield(L, 1, "peers") != LUA_TNIL) { /* [.., plan, peers] */
+            if (!luaL_testudata(L, -1, WS_COMM_MT))
+                luaL_error(L, "ws.plan: peers must be a ws.Comm, got %s", luaL_typename(L, -1));
+            ws_comm *all = ws_lua_comm_live(L, lua_gettop(L));
+            if (!all) luaL_error(L, "ws.plan: option peers: the comm was freed");
+            rc = ws_plan_set_peers(lp->p, all);
+            if (rc != WS_OK) return ws_lua_raise(L, "ws.plan");
+            lua_pushvalue(L, -1);
+            lua_setiuservalue(L, plan_idx, 4); /* kept alive with the plan */
+        }
+        lua_pop(L, 1); /* [.., plan] */
         lp->world = gw;
         lp->role = role == 0 ? WS_PLAN_SENDER : WS_PLAN_RECEIVER;
     } else {
         lua_pop(L, 1);
     }
-    /* exchange = "auto" (the default: an all_to_all of what each rank's
-     * blocks need, when that moves fewer bytes) or "all_gather" (whole
-     * tensors, always). [.., plan] */
+    /* exchange = "auto" (the default: point-to-point messages straight
+     * between shards and destinations where the comm can, else as
+     * "staged"), "staged" (through staging buffers: an all_to_all of what
+     * each rank's blocks need, when that moves fewer bytes) or "all_gather"
+     * (whole tensors through staging, always). [.., plan] */
     if (lua_getfield(L, 1, "exchange") != LUA_TNIL) {
-        static const char *const modes[] = {"auto", "all_gather", NULL};
+        static const char *const modes[] = {"auto", "all_gather", "staged", NULL};
+        static const ws_plan_exchange how[] = {WS_PLAN_EXCHANGE_AUTO, WS_PLAN_EXCHANGE_GATHER,
+                                               WS_PLAN_EXCHANGE_STAGED};
         int mode = luaL_checkoption(L, -1, NULL, modes);
-        rc = ws_plan_set_exchange(lp->p, mode == 0 ? WS_PLAN_EXCHANGE_AUTO : WS_PLAN_EXCHANGE_GATHER);
+        rc = ws_plan_set_exchange(lp->p, how[mode]);
         if (rc != WS_OK) return ws_lua_raise(L, "ws.plan");
     }
     lua_pop(L, 1);
@@ -346,6 +363,8 @@ static void push_stats(lua_State *L, const ws_plan_stats *s)
     lua_setfield(L, -2, "total_ms");
     lua_pushboolean(L, s->exchanged);
     lua_setfield(L, -2, "exchanged");
+    lua_pushboolean(L, s->direct);
+    lua_setfield(L, -2, "direct");
 }
 
 typedef struct progress_ctx {
@@ -403,8 +422,15 @@ static int l_execute(lua_State *L)
         return luaL_error(L, "plan:execute: plan '%s': its sender was closed; keep it open "
                              "while the plan lives",
                           lp->name);
+    lua_settop(L, 4);
+    int has_peers = lua_getiuservalue(L, 1, 4) != LUA_TNIL; /* [plan, fn, comm, relay, peers] */
+    if (has_peers && !ws_lua_comm_live(L, 5))
+        return luaL_error(L, "plan:execute: plan '%s': its peers' comm was freed; keep it open "
+                             "while the plan lives",
+                          lp->name);
     if (has_comm) ws_lua_comm_hold(L, 3, 1);
     if (has_relay) ws_lua_comm_hold(L, 4, 1);
+    if (has_peers) ws_lua_comm_hold(L, 5, 1);
     if (remote) ws_lua_sender_hold(L, 4, 1);
     lp->executing = 1;
     progress_ctx pc = {L, 0};
@@ -412,6 +438,7 @@ static int l_execute(lua_State *L)
     lp->executing = 0;
     if (has_comm) ws_lua_comm_hold(L, 3, -1);
     if (has_relay) ws_lua_comm_hold(L, 4, -1);
+    if (has_peers) ws_lua_comm_hold(L, 5, -1);
     if (remote) ws_lua_sender_hold(L, 4, -1);
     if (pc.failed) return lua_error(L); /* the callback's own error */
     if (rc != WS_OK) return ws_lua_raise(L, NULL);

@@ -70,10 +70,14 @@ M.common = {
     engine_ep = { default = 1, type = "integer", min = 1, max = 65536,
                   help = "engine expert parallelism: each layer's experts placed contiguously " ..
                          "over groups of this many consecutive ranks" },
-    sync_exchange = { default = "auto", type = "enum", values = { "auto", "all_gather" },
-                      help = "engine_tp/engine_ep > 1: auto sends each rank only what its " ..
-                             "shard needs (one all_to_all per bucket) when that moves fewer " ..
-                             "bytes; all_gather gathers whole tensors on every rank" },
+    sync_exchange = { default = "auto", type = "enum",
+                      values = { "auto", "staged", "all_gather" },
+                      help = "several ranks: auto sends point to point straight from each " ..
+                             "shard into the engine tensors, each rank only what its shard " ..
+                             "needs (cpu, no dtype conversion; else as staged); staged goes " ..
+                             "through staging buffers (one all_to_all per bucket when engine " ..
+                             "blocks make that move fewer bytes); all_gather gathers whole " ..
+                             "tensors on every rank" },
     param_offload = { default = false, type = "boolean",
                       help = "trainer params to pinned host memory after training" },
     seed = { default = 0, type = "integer", min = 0, help = "weight seed" },

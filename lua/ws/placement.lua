@@ -3,10 +3,14 @@
 --
 -- colocated (the default): every rank holds a trainer shard and an engine.
 -- disaggregated: ranks [0, N) train (FSDP over N: their own comm), ranks
--- [N, world) hold the engine (TP and EP groups among themselves). Each
--- bucket the trainer ranks gather goes from trainer rank 0 to every engine
--- rank by one broadcast over a comm of rank 0 and the engine ranks (a relay
--- plan: ws.plan role=sender/receiver), double-buffered. The policy runs on
+-- [N, world) hold the engine (TP and EP groups among themselves). Where
+-- the comm sends cpu memory point to point and no dtype converts, each
+-- trainer rank sends its shard of every bucket straight into every engine
+-- rank's tensors (no gather, no staging); otherwise each bucket the trainer
+-- ranks gather goes from trainer rank 0 to every engine rank, by messages
+-- straight into their tensors or by one broadcast (engine tensors with
+-- tensor-parallel blocks) over a comm of rank 0 and the engine ranks (a
+-- relay plan: ws.plan role=sender/receiver), double-buffered. The policy runs on
 -- every rank with the same decisions; on a trainer rank the engine is a
 -- stand-in that holds nothing (its sleeps and wakes are the engine ranks'),
 -- on an engine rank the trainer is one that holds no shard (it knows the
@@ -58,12 +62,14 @@ end
 -- This rank's place: {n (trainer ranks), trainer (true on them), index (of
 -- this rank among the trainer or the engine ranks), trainer_comm (the
 -- trainer ranks'; nil on engine ranks and for one trainer rank), relay (rank
--- 0 and the engine ranks; nil elsewhere)}, or nil when colocated. Every rank
--- must call it (comm:split).
+-- 0 and the engine ranks; nil elsewhere), peers (`comm` itself, not owned:
+-- every rank, trainer ranks first)}, or nil when colocated. Every rank must
+-- call it (comm:split).
 function M.new(cfg, comm, rank, world)
     if not M.is_disaggregated(cfg) then return nil end
     local n = M.trainer_ranks(cfg, world)
-    local place = { n = n, trainer = rank < n, index = rank < n and rank or rank - n }
+    local place = { n = n, trainer = rank < n, index = rank < n and rank or rank - n,
+                    peers = comm }
     local tc = comm:split(place.trainer and 0 or 1, rank)
     if place.trainer and n > 1 then place.trainer_comm = tc else tc:free() end
     place.relay = comm:split((rank == 0 or not place.trainer) and 0 or -1, rank)
@@ -123,7 +129,7 @@ end
 -- The sync's relay settings for this rank.
 function M.relay_of(place)
     return { role = place.trainer and "sender" or "receiver", comm = place.relay,
-             trainer_comm = place.trainer_comm, n = place.n }
+             trainer_comm = place.trainer_comm, n = place.n, peers = place.peers }
 end
 
 -- One line for the run's header: "disaggregated: 2 trainer + 2 engine ranks (...)".

@@ -33,9 +33,14 @@ Sync.__index = Sync
 -- for rank-0 output), relay (disaggregated, ws.placement.relay_of: role
 -- "sender" on trainer ranks, which gather over their own comm (opts.comm)
 -- and, rank 0, broadcast over relay.comm; "receiver" on engine ranks),
--- exchange ("auto": a plan with tensor-parallel blocks sends each rank only
--- what its blocks need when that moves fewer bytes; "all_gather": whole
--- tensors to every rank; a relay always broadcasts), verify (the key:
+-- exchange ("auto": point-to-point messages straight from each shard into
+-- the engine tensors (and only what each tensor-parallel block needs) where
+-- the comm can and no dtype converts, else as "staged"; "staged": through
+-- staging buffers, with tensor-parallel blocks an all_to_all of what each
+-- rank's blocks need when that moves fewer bytes; "all_gather": whole
+-- tensors to every rank; a relay: "auto" sends each trainer rank's shard
+-- straight into the engine ranks' tensors where it can, the others keep
+-- the gather and the broadcast), verify (the key:
 -- server mode proves each sync at its finish unless "off").
 function M.new(opts)
     local self = setmetatable({}, Sync)
@@ -101,7 +106,8 @@ local function build_sender(self, kind)
     plist.relay = r
     local plan = must("sync", ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm,
                                        device = self.device, name = kind, role = "sender",
-                                       relay = r.comm, gather_world = r.n })
+                                       relay = r.comm, gather_world = r.n,
+                                       peers = r.peers, exchange = self.exchange })
     plan:add(srcs, nil, numels, shards, nil, wire)
     self.engine_bytes[kind] = 0
     self.plans[kind], self.pairs[kind] = plan, plist
@@ -230,11 +236,14 @@ function Sync:build(kind)
     self.engine_bytes[kind] = engine_bytes
     local plan
     if self.relay then
-        -- An engine rank: every bucket comes by the relay's broadcast.
+        -- An engine rank: every bucket comes from the trainer ranks
+        -- (straight into its tensors where the comm can) or by the relay's
+        -- broadcast.
         plist.relay = self.relay
         plan = must("sync", ws.plan{ bucket_mb = self.bucket_mb, device = self.device,
                                      name = kind, role = "receiver", relay = self.relay.comm,
-                                     gather_world = self.relay.n })
+                                     gather_world = self.relay.n,
+                                     peers = self.relay.peers, exchange = self.exchange })
         plan:add(nil, dsts, numels, shards, blocks)
     else
         plan = must("sync", ws.plan{ bucket_mb = self.bucket_mb, comm = self.comm,

@@ -2,7 +2,8 @@
 # mpi_large.sh: messages that do not fit MPI's int counts. First the multi-rank
 # scripts again with WSHOST_COMM_CHUNK_BYTES=4093, so every chunked code path
 # (resized datatypes for all_gather, per-root reduces for reduce_scatter, chunk
-# loops everywhere else) runs on small tensors; then real tensors of more than
+# loops everywhere else, the direct messages of exchange and relay plans) runs
+# on small tensors; then real tensors of more than
 # 2^31 elements when the machine has the memory (about 8 GiB for 2 ranks).
 set -u
 [ "${WS_HAVE_MPI:-OFF}" = "ON" ] || { echo "skip: built without MPI"; exit 77; }
@@ -12,7 +13,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 export WSHOST_DEVICE=cpu
 fail=0
 
-for script in "$here"/../mpi/comm_*.lua; do
+for script in "$here"/../mpi/comm_*.lua "$here"/../mpi/exchange.lua "$here"/../mpi/relay.lua; do
     for np in 2 4; do
         if WSHOST_COMM_CHUNK_BYTES=4093 timeout 300 "$MPIRUN" --allow-run-as-root --oversubscribe \
                 -x WSHOST_COMM_CHUNK_BYTES -n "$np" "$WSHOST" "$script"; then

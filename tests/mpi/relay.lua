@@ -1,9 +1,16 @@
 -- tests/mpi/relay.lua: disaggregated sync plans (CTest runs it under mpirun
--- -n 2 and -n 4): the first half of the ranks hold FSDP shards and gather, the
--- first of them broadcasts each bucket to the other half, which copy out
--- their blocks (tensor-parallel shards of their own group). Every engine rank
--- checks its blocks against the full tensors built here from the formula,
--- element by element, with buckets small enough to split tensors and rows.
+-- -n 2 and -n 4): the first half of the ranks hold FSDP shards, the other
+-- half the engine. Four ways, each checked by its stats:
+--   - engine blocks (tensor-parallel shards of their own group): the trainer
+--     ranks gather, the first broadcasts each bucket, engine ranks copy out;
+--   - whole tensors, f32 shards into bf16: gathered, then sent by the first
+--     trainer rank straight into the engine ranks' tensors (direct);
+--   - whole tensors, bf16 shards, with peers: every trainer rank sends its
+--     shard straight into the engine ranks' tensors (direct, no gather);
+--   - the same with exchange = "staged": gather and broadcast.
+-- Every engine rank checks its blocks against the full tensors built here
+-- from the formula, element by element, with buckets small enough to split
+-- tensors and rows.
 local ws = require "ws"
 
 local comm = ws.comm()
@@ -29,14 +36,25 @@ local specs = { { 37, 8 * E }, { 12 * E, 29 }, { 5, 3 }, { 40, 11 } }
 local tcomm = comm:split(trainer and 0 or 1, rank)
 local relay = comm:split((rank == 0 or not trainer) and 0 or -1, rank)
 
+local ways = {
+    { name = "blocks", blocks = true, src = "f32", peers = true, exchange = "auto" },
+    { name = "gathered direct", src = "f32", peers = true, exchange = "auto", direct = true },
+    { name = "shards direct", src = "bf16", peers = true, exchange = "auto", direct = true,
+      shards = true },
+    { name = "staged", src = "bf16", peers = true, exchange = "staged" },
+}
 for _, bucket in ipairs({ 1 << 20, 256 * N * 3 }) do
+for _, way in ipairs(ways) do
     local plan
+    local peers = way.peers and comm or nil
     if trainer then
         plan = ws.plan{ bucket_bytes = bucket, comm = N > 1 and tcomm or nil, device = cpu,
-                        name = "relay", role = "sender", relay = relay, gather_world = N }
+                        name = "relay", role = "sender", relay = relay, gather_world = N,
+                        peers = peers, exchange = way.exchange }
     else
         plan = ws.plan{ bucket_bytes = bucket, device = cpu, name = "relay", role = "receiver",
-                        relay = relay, gather_world = N }
+                        relay = relay, gather_world = N, peers = peers,
+                        exchange = way.exchange }
     end
     local srcs, dsts, numels, blocks, wire, wants = {}, {}, {}, {}, {}, {}
     local e = rank - N
@@ -48,14 +66,16 @@ for _, bucket in ipairs({ 1 << 20, 256 * N * 3 }) do
             local shard = ceil_div(n, N)
             local t = ws.tensor{ shape = { shard }, dtype = "f32", device = cpu }
             t:random_(70 + i, 1, rank * shard)
-            srcs[i] = t
+            srcs[i] = way.src == "bf16" and t:to(cpu, "bf16") or t
+            if way.src == "bf16" then t:free() end
         else
             local b
-            if i == 1 then b = { C, 0, R, e * C // E, (e + 1) * C // E }
+            if not way.blocks then b = { C, 0, R, 0, C }
+            elseif i == 1 then b = { C, 0, R, e * C // E, (e + 1) * C // E }
             elseif i == 2 then b = { C, e * R // E, (e + 1) * R // E, 0, C }
             elseif i == 3 then b = { C, 0, R, 0, C }
             else b = e == 0 and { C, 0, R, 0, C } or { C, 0, 0, 0, C } end
-            blocks[i] = b
+            blocks[i] = way.blocks and b or false
             local m = (b[3] - b[2]) * (b[5] - b[4])
             dsts[i] = ws.tensor{ shape = { m }, dtype = "bf16", device = cpu }
             if m > 0 then dsts[i]:fill(-7) end
@@ -72,10 +92,23 @@ for _, bucket in ipairs({ 1 << 20, 256 * N * 3 }) do
     end
     for round = 1, 2 do
         local st = plan:execute()
+        -- Gathered direct: the trainer ranks but the first only gather.
+        local direct = way.direct and (way.shards or not trainer or rank == 0) or false
+        check(st.direct == direct, "%s: direct %s", way.name, tostring(st.direct))
         if trainer then
             check(st.bytes_moved == 0, "a sender writes nothing, got %d", st.bytes_moved)
-            check((rank == 0) == (st.bytes_relayed > 0), "only the first trainer rank relays")
+            if way.shards then
+                check(st.bytes_relayed > 0 and st.bytes_gathered == 0 and st.staging_bytes == 0,
+                      "%s: every trainer rank sends its shard (%d bytes), gathers nothing (%d) "
+                      .. "and stages nothing (%d)", way.name, st.bytes_relayed,
+                      st.bytes_gathered, st.staging_bytes)
+            else
+                check((rank == 0) == (st.bytes_relayed > 0),
+                      "%s: only the first trainer rank relays", way.name)
+            end
         else
+            check(not way.direct or st.staging_bytes == 0, "%s: an engine rank stages %d bytes",
+                  way.name, st.staging_bytes)
             check(st.bytes_relayed > 0, "received nothing")
             for i, w in ipairs(wants) do
                 local b, d = w.b, dsts[i]
@@ -84,8 +117,8 @@ for _, bucket in ipairs({ 1 << 20, 256 * N * 3 }) do
                     for c = b[4], b[5] - 1 do
                         at = at + 1
                         local got, want = d:get(at), w.full:get(r * C + c + 1)
-                        check(got == want, "round %d bucket %d tensor %d [%d,%d]: %s, want %s",
-                              round, bucket, i, r, c, tostring(got), tostring(want))
+                        check(got == want, "%s round %d bucket %d tensor %d [%d,%d]: %s, want %s",
+                              way.name, round, bucket, i, r, c, tostring(got), tostring(want))
                     end
                 end
                 if at > 0 then d:fill(-7) end
@@ -96,6 +129,7 @@ for _, bucket in ipairs({ 1 << 20, 256 * N * 3 }) do
     for _, t in pairs(srcs) do t:free() end
     for _, t in pairs(dsts) do t:free() end
     for _, w in pairs(wants) do w.full:free() end
+end
 end
 if relay then relay:free() end
 tcomm:free()
