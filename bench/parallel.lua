@@ -8,7 +8,7 @@
 -- Rows: colocated engines with engine_tp = 1, 2, 4 (each that divides the world
 -- and the model), and disaggregated N+N (N = world / 2). Each row runs the
 -- path the sync takes by default (exchange=auto): direct where MPI sends the
--- memory point to point and no dtype converts (messages straight from each
+-- memory point to point (messages straight from each
 -- shard into the engine tensors; disaggregated: every trainer rank sends
 -- its own shard to the engine ranks), staged otherwise (pack, collective,
 -- copy-out); a "path" line names it. Per row: the best of `iters` base

@@ -656,6 +656,9 @@ static ws_status check_msg(const ws_comm *c, const ws_comm_msg *g, size_t i, siz
                       "rank of %d", what, i + 1, g->peer, c->size);
     if (g->n_runs == 0 || !g->runs)
         return WS_ERR(WS_ERR_ARG, "%s: message %zu has no runs", what, i + 1);
+    if (!g->scattered && g->n_runs != 1)
+        return WS_ERR(WS_ERR_ARG, "%s: message %zu has %zu runs but is not scattered", what,
+                      i + 1, g->n_runs);
     size_t sum = 0;
     for (size_t j = 0; j < g->n_runs; j++) {
         if (!g->runs[j].ptr && g->runs[j].bytes)
@@ -666,7 +669,7 @@ static ws_status check_msg(const ws_comm *c, const ws_comm_msg *g, size_t i, siz
     if (sum != g->bytes)
         return WS_ERR(WS_ERR_ARG, "%s: message %zu's runs hold %zu bytes, not its %zu", what,
                       i + 1, sum, g->bytes);
-    if (g->n_runs > 1 && g->bytes > (size_t)0x7fffffff)
+    if (g->scattered && g->bytes > (size_t)0x7fffffff)
         return WS_ERR(WS_ERR_ARG, "%s: message %zu of %zu bytes over %zu runs; scattered runs "
                       "must hold under 2 GiB", what, i + 1, g->bytes, g->n_runs);
     per_peer[g->peer] += g->bytes;
@@ -686,6 +689,16 @@ ws_status ws_comm_transfer(ws_comm *c, ws_device *d, const ws_comm_msg *msgs, si
     ws_status rc = WS_OK;
     for (size_t i = 0; i < n && rc == WS_OK; i++)
         rc = check_msg(c, &msgs[i], i, tot + (msgs[i].send ? 0 : (size_t)c->size));
+    /* With the check on, a rank whose messages are wrong still takes part,
+     * so the others fail with it instead of waiting. */
+    if (c->check) {
+        int64_t bad[1] = {rc != WS_OK};
+        ws_status arc = ws_comm_max_i64(c, bad, 1);
+        if (rc == WS_OK && arc != WS_OK) rc = arc;
+        if (rc == WS_OK && bad[0])
+            rc = WS_ERR(WS_ERR_ARG, "%s: another rank's messages are wrong (see its message); "
+                        "nothing was sent", what);
+    }
     int64_t v[N_CHECK] = {K_TRANSFER, 0, 0, 0};
     if (rc == WS_OK) rc = agree(c, what, v, "size", NULL);
     if (rc == WS_OK && c->check) rc = agree_counts(c, what, tot, tot + c->size);

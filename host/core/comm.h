@@ -57,21 +57,24 @@ ws_status ws_comm_all_to_all(ws_comm *c, const ws_tensor *send, const size_t *se
                              ws_comm_request **req);
 /* Point-to-point messages straight between memory the caller owns, with no
  * staging: each message carries `bytes` to (send = 1) or from `peer`, laid
- * over its runs in order. Every rank must post the messages it exchanges
- * with a peer in the order that peer posts the matching ones, each of the
- * same byte count (with the check on, ranks compare their per-peer totals
- * first and a mismatch is an error naming both ranks). Raw pointers: the
- * caller keeps the memory alive, and does not touch what is received or
- * change what is sent, until ws_comm_wait. A message of several runs must
- * hold under 2 GiB; one run may be any size. The messages and their runs
- * may be freed once the call returns. WS_ERR_UNSUPPORTED where
- * ws_comm_can_transfer says no. */
+ * over its runs in order. A scattered message travels as one message over
+ * its runs' addresses (any number of runs, under 2 GiB in all); any other
+ * has exactly one run, of any size, which travels in chunks (MPI may copy a
+ * contiguous one once, process to process). Every rank must post the
+ * messages it exchanges with a peer in the order that peer posts the
+ * matching ones, each of the same byte count and both scattered or both
+ * not (the runs themselves may differ); with the check on, ranks compare
+ * their per-peer totals first and a mismatch is an error naming both
+ * ranks. Raw pointers: the caller keeps the memory alive, and does not
+ * touch what is received or change what is sent, until ws_comm_wait. The
+ * messages and their runs may be freed once the call returns.
+ * WS_ERR_UNSUPPORTED where ws_comm_can_transfer says no. */
 typedef struct ws_comm_run {
     void *ptr;
     size_t bytes;
 } ws_comm_run;
 typedef struct ws_comm_msg {
-    int peer, send;
+    int peer, send, scattered;
     const ws_comm_run *runs;
     size_t n_runs, bytes;
 } ws_comm_msg;

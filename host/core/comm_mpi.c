@@ -400,8 +400,10 @@ static ws_status mpi_all_to_all(ws_comm *c, ws_device *d, const void *send, cons
 
 #define WS_MPI_XFER_TAG (WS_MPI_TAG + 2)
 
-/* A message of several runs: one MPI message whose datatype lists their
- * absolute addresses, so MPI reads or writes them in place. */
+/* A scattered message: one MPI message whose datatype lists its runs'
+ * absolute addresses, so MPI reads or writes them in place. Its size is
+ * checked at completion as every recv's is (MPI_Get_count in bytes, which
+ * Open MPI and MPICH give for a receive of any datatype built of bytes). */
 static ws_status xfer_scattered(ws_comm *c, mpi_req *m, const ws_comm_msg *g)
 {
     if (g->n_runs > (size_t)0x7fffffff)
@@ -442,7 +444,7 @@ static ws_status xfer_post(ws_comm *c, mpi_req *m, const ws_comm_msg *msgs, size
 {
     for (size_t i = 0; i < n; i++) {
         const ws_comm_msg *g = &msgs[i];
-        if (g->n_runs > 1) {
+        if (g->scattered) {
             WS_TRY(xfer_scattered(c, m, g));
             continue;
         }

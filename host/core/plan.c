@@ -574,18 +574,33 @@ static ws_status new_pair(ws_plan *p, ws_tensor *send, ws_tensor *recv, int64_t 
     return rc;
 }
 
+/* The staging tensor the gather's pack writes bucket k into: the send side
+ * or, on a rank with no one to gather with, the recv side (build_descs). */
+static ws_tensor *pack_side(ws_plan *p, size_t k)
+{
+    return p->world == 1 ? &p->recv[k % 2] : &p->send[k % 2];
+}
+
+/* Frees the staging pairs, or (keep_pack) all but the sides the pack writes
+ * (pack_side); staging_bytes then counts what is left. */
+static void drop_staging(ws_plan *p, int keep_pack)
+{
+    for (int j = 0; j < p->pairs; j++) {
+        if (!keep_pack || p->world > 1) ws_tensor_free(&p->recv[j]);
+        if (!keep_pack || p->world == 1) ws_tensor_free(&p->send[j]);
+    }
+    p->stats.staging_bytes = keep_pack ? (size_t)p->pairs * p->staged_seg : 0;
+    if (!keep_pack) p->pairs = 0;
+}
+
 /* Staging is sized by the fullest bucket, not the configured bucket, so a
  * small plan (an adapter) does not hold a large plan's staging memory. */
 static ws_status ensure_staging(ws_plan *p, int pairs, size_t seg_bytes)
 {
-    if (p->pairs > 0 && p->staged_seg < seg_bytes) {
-        for (int j = 0; j < p->pairs; j++) {
-            ws_tensor_free(&p->send[j]);
-            ws_tensor_free(&p->recv[j]);
-        }
-        p->pairs = 0;
-        p->stats.staging_bytes = 0;
-    }
+    /* Too small, or a direct plan kept only the pack's sides (drop_staging). */
+    if (p->pairs > 0 && (p->staged_seg < seg_bytes || ws_tensor_is_released(&p->recv[0]) ||
+                         ws_tensor_is_released(&p->send[0])))
+        drop_staging(p, 0);
     if (p->pairs == 0) p->staged_seg = seg_bytes;
     for (int j = p->pairs; j < pairs; j++) {
         int64_t seg = (int64_t)p->staged_seg, all = seg * p->world;
@@ -829,11 +844,14 @@ ws_status ws_plan_estimate(ws_plan *p, ws_plan_stats *out)
     out->bytes_gathered_full = gathered;
     out->bytes_relayed = relayed;
     out->staging_bytes = staged(p) ? pairs * (seg + seg * (size_t)p->world) : 0;
-    /* The exchange's own figures need every rank's blocks: known once planned. */
-    if (p->planned && p->x_on) {
+    /* The exchange's and the direct paths' own figures need every rank's
+     * blocks and comm: known once planned. */
+    if (p->planned && (p->x_on || p->x_direct)) {
         out->exchanged = p->stats.exchanged;
         out->direct = p->stats.direct;
         out->bytes_gathered = p->stats.bytes_gathered;
+        out->bytes_gathered_full = p->stats.bytes_gathered_full;
+        out->bytes_relayed = p->stats.bytes_relayed;
         out->staging_bytes = p->stats.staging_bytes;
     }
     free(pieces.data);
@@ -873,16 +891,18 @@ static ws_status check_ready(ws_plan *p)
     return WS_OK;
 }
 
-/* Fingerprint of every entry's numel and wire dtype: equal entry and bucket
- * counts can hide entries that differ in size or dtype, which would gather
- * bytes into the wrong destinations. Kept positive (it is negated for the
+/* Fingerprint of every entry's numel, wire dtype and shard: equal entry and
+ * bucket counts can hide entries that differ in size, dtype or sharding,
+ * which would gather bytes into the wrong destinations (or leave direct
+ * messages that no peer matches). Kept positive (it is negated for the
  * min). */
 static int64_t layout_of(const ws_plan *p)
 {
     uint64_t h = 14695981039346656037u; /* FNV-1a */
     for (size_t i = 0; i < p->n_entries; i++) {
-        const uint64_t words[2] = {(uint64_t)p->entries[i].numel, (uint64_t)p->entries[i].dst.dtype};
-        for (int w = 0; w < 2; w++)
+        const uint64_t words[3] = {(uint64_t)p->entries[i].numel, (uint64_t)p->entries[i].dst.dtype,
+                                   (uint64_t)p->entries[i].shard};
+        for (int w = 0; w < 3; w++)
             for (int b = 0; b < 64; b += 8) h = (h ^ ((words[w] >> b) & 0xff)) * 1099511628211u;
     }
     return (int64_t)(h >> 2);
@@ -890,12 +910,20 @@ static int64_t layout_of(const ws_plan *p)
 
 /* All ranks learn whether every rank is ready and has the same plan shape,
  * so a local failure ends the sync everywhere instead of hanging a gather.
- * One round trip of the comm's host backend: max of v and of -v. */
-static ws_status agree_over(ws_plan *p, ws_comm *comm, ws_status local)
+ * One round trip of the comm's host backend: max of v and of -v. Also
+ * whether every rank has peers (ws_plan_set_peers) or none: *peers_differ. */
+static ws_status agree_over(ws_plan *p, ws_comm *comm, ws_status local, int *peers_differ)
 {
     int64_t k = (int64_t)p->n_buckets, n = (int64_t)p->n_entries, fp = layout_of(p);
-    int64_t g[7] = {local != WS_OK, k, -k, n, -n, fp, -fp};
-    WS_TRY(ws_comm_max_i64(comm, g, 7));
+    int64_t pe = p->peers != NULL;
+    int64_t g[9] = {local != WS_OK, k, -k, n, -n, fp, -fp, pe, -pe};
+    WS_TRY(ws_comm_max_i64(comm, g, 9));
+    if (g[7] != -g[8]) {
+        *peers_differ = 1;
+        if (local == WS_OK)
+            return WS_ERR(WS_ERR_ARG, "plan '%s': some ranks' plans have peers and some do "
+                          "not; give every trainer and engine rank's plan the same peers", p->name);
+    }
     if (local != WS_OK) return local;
     if (g[0] > 0)
         return WS_ERR(WS_ERR_COMM,
@@ -911,9 +939,9 @@ static ws_status agree_over(ws_plan *p, ws_comm *comm, ws_status local)
                       (long long)-g[2], (long long)g[1]);
     if (g[5] != fp || -g[6] != fp)
         return WS_ERR(WS_ERR_ARG,
-                      "plan '%s': ranks disagree on the sizes or dtypes of the entries (all have "
-                      "%lld entries, but split differently); every rank must add the same "
-                      "entries in the same order",
+                      "plan '%s': ranks disagree on the sizes, shards or dtypes of the entries "
+                      "(all have %lld entries, but split differently); every rank must add the "
+                      "same entries in the same order",
                       p->name, (long long)n);
     return WS_OK;
 }
@@ -922,10 +950,13 @@ static ws_status agree_over(ws_plan *p, ws_comm *comm, ws_status local)
  * any engine rank finds reaches every trainer rank before its gather. */
 static ws_status agree(ws_plan *p, ws_status local)
 {
-    if (p->peers) return agree_over(p, p->peers, local); /* every rank at once */
     ws_status rc = local;
-    if (p->relay) rc = agree_over(p, p->relay, rc);
-    if (p->comm) rc = agree_over(p, p->comm, rc);
+    int differ = 0;
+    if (p->relay) rc = agree_over(p, p->relay, rc, &differ);
+    if (p->comm) rc = agree_over(p, p->comm, rc, &differ);
+    /* With peers, once more over every rank, so a failure on any trainer
+     * rank reaches the engine ranks before they wait for its messages. */
+    if (p->peers && !differ) rc = agree_over(p, p->peers, rc, &differ);
     return rc;
 }
 
@@ -1131,14 +1162,25 @@ static ws_status run_sender(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
  * the previous one is copied out of the other; or, direct, as messages
  * straight into the destinations, two buckets in flight. A trainer rank
  * sending its shards itself (x_shards) runs the same loop. */
+/* Packs bucket k where the relay has packing to do (a trainer rank sending
+ * its converted shard), then starts its relay. */
+static ws_status pack_relay(ws_plan *p, size_t k, ws_comm_request **req)
+{
+    double t = now_ms();
+    ws_status rc = copy_range(p, p->pack, p->buckets[k].pack_begin, p->buckets[k].pack_end,
+                              "pack", k);
+    p->stats.pack_ms += now_ms() - t;
+    return rc == WS_OK ? start_relay(p, k, req) : rc;
+}
+
 static ws_status run_receiver(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
 {
     ws_comm_request *req[2] = {NULL, NULL};
     size_t K = p->n_buckets, marked = 0;
-    ws_status rc = K ? start_relay(p, 0, &req[0]) : WS_OK;
+    ws_status rc = K ? pack_relay(p, 0, &req[0]) : WS_OK;
     for (size_t k = 0; k < K && rc == WS_OK; k++) {
         if (k + 1 < K) {
-            rc = start_relay(p, k + 1, &req[(k + 1) % 2]);
+            rc = pack_relay(p, k + 1, &req[(k + 1) % 2]);
             if (rc != WS_OK) break;
         }
         rc = land_bucket(p, k, req, "relay", &marked, progress, ctx);
@@ -1251,7 +1293,7 @@ ws_status ws_plan_execute(ws_plan *p, ws_plan_progress_fn progress, void *ctx)
     ws_status rc = check_ready(p);
     if (rc == WS_OK && p->role == WS_PLAN_REMOTE) rc = remote_slots(p);
     if (rc == WS_OK && !p->planned) rc = plan_buckets(p);
-    if (p->comm || p->relay) rc = agree(p, rc);
+    if (p->comm || p->relay || p->peers) rc = agree(p, rc);
     if (rc == WS_OK && wants_exchange(p)) rc = plan_exchange(p);
     if (rc == WS_OK && (p->relay || p->peers) && !p->x_planned) rc = plan_relay(p);
     char holder[PLAN_NAME_CAP + 32];
@@ -1540,18 +1582,21 @@ static ws_status x_descs(ws_plan *p, const plan_piece *pieces, plan_bucket *bk,
 
 /* The messages one rank exchanges with one peer in one bucket, under
  * construction: each message's first run is an index into `runs` until
- * d_fix turns it into a pointer. Every decision depends only on the sizes of
- * the runs added, in order, so the two ends of a message, adding the same
- * runs' sizes in the same order, build messages of equal bytes. */
+ * d_fix turns it into a pointer. Where messages begin and end, and whether
+ * each is scattered, depends only on the sizes of the runs added, in order,
+ * so the two ends of a message, adding the same runs' sizes in the same
+ * order, build messages of equal bytes that travel the same way. Only the
+ * runs a message is laid over may differ (d_flush joins runs adjacent in
+ * this rank's memory). */
 typedef struct d_build {
     vec *msgs, *runs;
     vec small; /* runs under D_RUN_MIN, sent together by d_flush */
     int peer, send;
 } d_build;
 
-static ws_status d_open(d_build *b)
+static ws_status d_open(d_build *b, int scattered)
 {
-    ws_comm_msg g = {b->peer, b->send, NULL, 0, 0};
+    ws_comm_msg g = {b->peer, b->send, scattered, NULL, 0, 0};
     g.runs = (const ws_comm_run *)(uintptr_t)b->runs->n;
     return vec_push(b->msgs, &g, sizeof g);
 }
@@ -1560,7 +1605,7 @@ static ws_status d_add(d_build *b, void *ptr, size_t bytes)
 {
     ws_comm_run r = {ptr, bytes};
     if (bytes < D_RUN_MIN) return vec_push(&b->small, &r, sizeof r);
-    WS_TRY(d_open(b));
+    WS_TRY(d_open(b, 0));
     WS_TRY(vec_push(b->runs, &r, sizeof r));
     ws_comm_msg *g = (ws_comm_msg *)b->msgs->data + b->msgs->n - 1;
     g->n_runs = 1;
@@ -1578,7 +1623,7 @@ static ws_status d_flush(d_build *b)
     ws_status rc = WS_OK;
     for (size_t i = 0; i < b->small.n && rc == WS_OK; i++) {
         if (!g || g->bytes + sr[i].bytes > D_MSG_MAX) {
-            rc = d_open(b);
+            rc = d_open(b, 1);
             if (rc != WS_OK) break;
             g = (ws_comm_msg *)b->msgs->data + b->msgs->n - 1;
         }
@@ -1614,11 +1659,23 @@ static ws_status d_fix(ws_plan *p, vec *msgs, vec *runs, ws_status rc)
     return WS_OK;
 }
 
+/* Where a sender's run of flat elements starting at x lies: in its shard,
+ * or (sendbuf: a converting plan packed the bucket there, the gather's
+ * layout) in the packed piece. */
+static void *d_src(const ws_plan *p, const plan_piece *pc, int64_t x, char *sendbuf)
+{
+    const plan_entry *e = &p->entries[pc->entry];
+    int64_t in_shard = x - (int64_t)p->rank * e->shard;
+    if (!sendbuf) return side_ptr(&e->src, in_shard);
+    return sendbuf + pc->off + (size_t)(in_shard - pc->a) * ws_dtype_size(e->dst.dtype);
+}
+
 /* The messages of one part of an exchange (as x_part: this rank's send to
  * `peer`, or its recv from `peer`, for pieces [from, to)). Both ends walk
  * the same runs in the same order. */
 static ws_status d_part(const ws_plan *p, const plan_piece *pieces, size_t from, size_t to,
-                        const ws_plan_block *blocks, int peer, int send, vec *msgs, vec *runs)
+                        const ws_plan_block *blocks, int peer, int send, char *sendbuf,
+                        vec *msgs, vec *runs)
 {
     int owner = send ? p->rank : peer, holder = send ? peer : p->rank;
     d_build bd = {msgs, runs, {0}, peer, send};
@@ -1633,8 +1690,7 @@ static ws_status d_part(const ws_plan *p, const plan_piece *pieces, size_t from,
         run_iter it;
         runs_begin(&it, b, lo, hi);
         while (rc == WS_OK && runs_next(&it, &x, &n, &at))
-            rc = d_add(&bd, send ? side_ptr(&e->src, x - (int64_t)p->rank * e->shard)
-                                 : side_ptr(&e->dst, at),
+            rc = d_add(&bd, send ? d_src(p, pc, x, sendbuf) : side_ptr(&e->dst, at),
                        (size_t)n * es);
     }
     ws_status f = d_flush(&bd);
@@ -1642,28 +1698,48 @@ static ws_status d_part(const ws_plan *p, const plan_piece *pieces, size_t from,
 }
 
 /* Every bucket's direct messages (p->msgs, p->runs) and the copies of each
- * rank's own part, straight from its shard into its blocks (as pack). */
+ * rank's own part, straight from its shard into its blocks (as pack). A
+ * rank whose entries convert (converts) first packs each bucket, converted,
+ * into its send segment, as the gather does, and sends from there.
+ * *received: the bytes its destinations take per execution, its own part's
+ * included. */
 static ws_status d_msgs(ws_plan *p, const plan_piece *pieces, plan_bucket *bk,
-                        const ws_plan_block *blocks, vec *pack)
+                        const ws_plan_block *blocks, int converts, vec *pack, size_t *received)
 {
     vec msgs = {0}, runs = {0};
     ws_status rc = WS_OK;
+    *received = 0;
     for (size_t k = 0; k < p->n_buckets && rc == WS_OK; k++) {
         size_t bytes;
+        void *sendbuf = NULL;
         bk[k].pack_begin = pack->n;
         bk[k].msg_begin = msgs.n;
+        if (converts) {
+            const plan_bucket *g = &p->buckets[k];
+            rc = ws_tensor_access(pack_side(p, k), WS_ACCESS_WRITE, "send", &sendbuf);
+            for (size_t i = g->pack_begin; i < g->pack_end && rc == WS_OK; i++)
+                rc = vec_push(pack, &p->pack[i], sizeof p->pack[i]);
+        }
         for (int q = 0; q < p->world && rc == WS_OK; q++) {
+            size_t own = pack->n;
             if (q == p->rank)
                 rc = x_part(p, pieces, bk[k].piece_begin, bk[k].piece_end, blocks, q, 0, pack,
-                            bk[k].pack_begin, NULL, &bytes);
+                            own, NULL, &bytes);
+            for (size_t i = own; i < pack->n && rc == WS_OK; i++) {
+                const ws_copy_desc *d = (const ws_copy_desc *)pack->data + i;
+                *received += d->count * ws_dtype_size(d->dst_dtype);
+            }
             for (int send = 1; send >= 0 && q != p->rank && rc == WS_OK; send--)
                 rc = d_part(p, pieces, bk[k].piece_begin, bk[k].piece_end, blocks, q, send,
-                            &msgs, &runs);
+                            sendbuf, &msgs, &runs);
         }
         bk[k].pack_end = pack->n;
         bk[k].out_begin = bk[k].out_end = 0;
         bk[k].msg_end = msgs.n;
     }
+    const ws_comm_msg *g = msgs.data;
+    for (size_t i = 0; i < msgs.n && rc == WS_OK; i++)
+        if (!g[i].send) *received += g[i].bytes;
     return d_fix(p, &msgs, &runs, rc);
 }
 
@@ -1731,7 +1807,7 @@ static ws_status plan_exchange(ws_plan *p)
         has_blocks |= p->entries[i].block.cols != 0;
         converts |= p->entries[i].src.dtype != p->entries[i].dst.dtype;
     }
-    int direct_ok = p->exchange == WS_PLAN_EXCHANGE_AUTO && !converts &&
+    int direct_ok = p->exchange == WS_PLAN_EXCHANGE_AUTO &&
                     ws_comm_can_transfer(p->comm, p->device);
     int64_t any[2] = {has_blocks, !direct_ok};
     WS_TRY(ws_comm_max_i64(p->comm, any, 2));
@@ -1762,7 +1838,7 @@ static ws_status plan_exchange(ws_plan *p)
     if (on) {
         /* Every rank builds; they agree once more so none exchanges alone. */
         if (direct) {
-            rc = d_msgs(p, pieces.data, buckets.data, blocks, &pack);
+            rc = d_msgs(p, pieces.data, buckets.data, blocks, converts, &pack, &received);
         } else {
             rc = x_staging(p, send_max, recv_max);
             if (rc == WS_OK) rc = x_descs(p, pieces.data, buckets.data, blocks, &pack, &out);
@@ -1791,18 +1867,16 @@ static ws_status plan_exchange(ws_plan *p)
         p->out = out.data;
         p->n_out = out.n;
         pack.data = out.data = NULL;
-        /* The gather's staging is not needed any more. */
-        for (int j = 0; j < p->pairs; j++) {
-            ws_tensor_free(&p->send[j]);
-            ws_tensor_free(&p->recv[j]);
-        }
-        p->pairs = 0;
+        /* The gather's staging is not needed any more (but a converting
+         * direct plan's send segments). */
+        drop_staging(p, direct && converts);
         p->x_on = 1;
         p->x_direct = direct;
-        p->stats.exchanged = fewer;
+        p->stats.exchanged = any[0] && fewer;
         p->stats.direct = direct;
         p->stats.bytes_gathered = received;
-        p->stats.staging_bytes = (size_t)p->x_pairs * (send_max + recv_max);
+        p->stats.staging_bytes = direct ? p->stats.staging_bytes
+                                        : (size_t)p->x_pairs * (send_max + recv_max);
     }
     if (!p->x_on) { /* the gather stays: nothing of the exchange is kept */
         drop_exchange(p);
@@ -1823,7 +1897,8 @@ static ws_status plan_exchange(ws_plan *p)
  * the relay's sender sends its gathered segment to every engine rank (relay
  * ranks from 1 on). Both ends walk the bucket's pieces, and each trainer
  * rank's part of each, in the same order. */
-static ws_status relay_msgs(ws_plan *p, ws_comm *comm, int shards, vec *msgs, vec *runs)
+static ws_status relay_msgs(ws_plan *p, ws_comm *comm, int shards, int converts, vec *msgs,
+                            vec *runs)
 {
     vec pieces = {0}, buckets = {0};
     ws_status rc = lay_out(p, p->seg_bytes, PLAN_ALIGN, &pieces, &buckets);
@@ -1839,10 +1914,12 @@ static ws_status relay_msgs(ws_plan *p, ws_comm *comm, int shards, vec *msgs, ve
     int r0 = shards && sender ? p->rank : 0, r1 = shards && sender ? p->rank + 1 : p->world;
     for (size_t k = 0; k < p->n_buckets && rc == WS_OK; k++) {
         plan_bucket *b = &p->buckets[k];
-        void *recv = NULL;
+        void *recv = NULL, *sendbuf = NULL;
         b->msg_begin = msgs->n;
         if (sender && !shards)
             rc = ws_tensor_access(&p->recv[k % 2], WS_ACCESS_WRITE, "recv", &recv);
+        if (sender && shards && converts)
+            rc = ws_tensor_access(pack_side(p, k), WS_ACCESS_WRITE, "send", &sendbuf);
         for (int q = q0; q < q1 && rc == WS_OK; q++) {
             d_build bd = {msgs, runs, {0}, q, sender};
             int from = shards && !sender ? q : r0, to = shards && !sender ? q + 1 : r1;
@@ -1854,7 +1931,7 @@ static ws_status relay_msgs(ws_plan *p, ws_comm *comm, int shards, vec *msgs, ve
                     shard_span(e, r, pcs[i].a, pcs[i].b, &lo, &hi);
                     if (hi <= lo) continue;
                     void *at = !sender ? side_ptr(&e->dst, lo)
-                               : shards ? side_ptr(&e->src, pcs[i].a)
+                               : shards ? d_src(p, &pcs[i], lo, sendbuf)
                                         : (char *)recv + (size_t)r * b->seg_used + pcs[i].off;
                     rc = d_add(&bd, at, (size_t)(hi - lo) * es);
                 }
@@ -1889,8 +1966,7 @@ static ws_status plan_relay(ws_plan *p)
     ws_comm *comm = NULL;
     int shards = 0;
     if (p->peers) {
-        int64_t g[1] = {!(auto_ && !converts && !blocks &&
-                          ws_comm_can_transfer(p->peers, p->device))};
+        int64_t g[1] = {!(auto_ && !blocks && ws_comm_can_transfer(p->peers, p->device))};
         WS_TRY(ws_comm_max_i64(p->peers, g, 1));
         if (!g[0]) comm = p->peers, shards = 1;
     }
@@ -1901,7 +1977,7 @@ static ws_status plan_relay(ws_plan *p)
     }
     if (!comm) return WS_OK;
     vec msgs = {0}, runs = {0};
-    ws_status rc = relay_msgs(p, comm, shards, &msgs, &runs);
+    ws_status rc = relay_msgs(p, comm, shards, converts, &msgs, &runs);
     /* Every rank builds; none sends directly alone. */
     int64_t f[1] = {rc != WS_OK};
     ws_status arc = ws_comm_max_i64(comm, f, 1);
@@ -1917,24 +1993,22 @@ static ws_status plan_relay(ws_plan *p)
     p->x_shards = shards && sender;
     p->x_comm = comm;
     p->stats.direct = 1;
-    if (!sender || shards) { /* nothing is staged here any more */
+    /* An engine rank stages nothing any more, nor does a trainer rank that
+     * sends its own shard, unless it packs converted values to send. */
+    int keep_pack = sender && shards && converts;
+    if (!sender || shards) {
         for (size_t k = 0; k < p->n_buckets; k++) {
             plan_bucket *b = &p->buckets[k];
-            b->out_begin = b->out_end = b->pack_begin = b->pack_end = 0;
+            b->out_begin = b->out_end = 0;
+            if (!keep_pack) b->pack_begin = b->pack_end = 0;
         }
-        for (int j = 0; j < p->pairs; j++) {
-            ws_tensor_free(&p->send[j]);
-            ws_tensor_free(&p->recv[j]);
-        }
-        p->pairs = 0;
-        p->stats.staging_bytes = 0;
+        drop_staging(p, keep_pack);
     }
-    if (shards) { /* what each rank sends or receives, gathered by no one */
-        size_t moved = 0;
-        for (size_t i = 0; i < p->n_msgs; i++) moved += p->msgs[i].bytes;
-        p->stats.bytes_gathered = p->stats.bytes_gathered_full = 0;
-        p->stats.bytes_relayed = moved;
-    }
+    /* What this rank sends (the sender) or receives (an engine rank). */
+    size_t moved = 0;
+    for (size_t i = 0; i < p->n_msgs; i++) moved += p->msgs[i].bytes;
+    p->stats.bytes_relayed = moved;
+    if (shards) p->stats.bytes_gathered = p->stats.bytes_gathered_full = 0; /* no gather */
     return WS_OK;
 }
 

@@ -39,11 +39,13 @@
  * gather's staging is allocated for the first execution's planning, then
  * freed. A relay (disaggregated placement) keeps its broadcast.
  *
- * Direct: where the comm sends host memory point to point (MPI) and every
- * entry's source and destination share a dtype, the same parts (with or
- * without blocks: without, a part is the peer's whole shard piece) travel
- * as messages straight from this rank's shard into the peer's destinations
- * (ws_comm_transfer), with no staging, no pack and no copy-out. A part of a
+ * Direct: where the comm sends host memory point to point (MPI), the same
+ * parts (with or without blocks: without, a part is the peer's whole shard
+ * piece) travel as messages straight from this rank's shard into the peer's
+ * destinations (ws_comm_transfer), with no staging, no pack and no
+ * copy-out; a rank whose sources convert (f32 into bf16) packs each bucket,
+ * converted, into a send segment first (2 x bucket / world of staging) and
+ * sends from there. A part of a
  * bucket that is one contiguous run of at least 64 KiB on both sides is a
  * message of its own, which MPI can copy once from process to process; the
  * smaller runs a rank exchanges with a peer in a bucket travel together as
@@ -128,11 +130,14 @@ ws_status ws_plan_set_relay(ws_plan *p, ws_plan_role role, ws_comm *relay, int g
 /* Disaggregated, optional, on every trainer and engine rank alike (after
  * ws_plan_set_relay): `all` is a comm of every rank, the trainer ranks first
  * (ranks [0, gather_world), in their trainer order), then the engine ranks.
- * Where it can send host memory point to point and no dtype converts, each
- * trainer rank sends its shard straight into every engine rank's
- * destinations (no gather, no broadcast, no staging on either side); else
- * the relay runs as without it. The ranks also agree over `all` before each
- * execution, so a failure anywhere stops every rank before a byte moves. */
+ * Where it can send host memory point to point and no engine rank's
+ * destinations are blocks, each trainer rank sends its shard straight into
+ * every engine rank's destinations (no gather, no broadcast, no staging; a
+ * converting one packs each bucket first and sends from there); else the
+ * relay runs as without it. Every rank must give its plan the same peers
+ * (all or none; ranks that differ raise, every one that can tell). The
+ * ranks also agree over `all` before each execution, so a failure anywhere
+ * stops every rank before a byte moves. */
 ws_status ws_plan_set_peers(ws_plan *p, ws_comm *all);
 
 /* Server mode: the engine is another process (remote.h). Entries have srcs
@@ -170,8 +175,8 @@ ws_status ws_plan_add_blocks(ws_plan *p, const ws_tensor *const *srcs,
                              const int64_t *shard, const ws_plan_block *blocks,
                              const ws_dtype *wire, size_t n);
 /* How a colocated plan over several ranks moves bytes. AUTO (the default):
- * direct where the comm can send the plan's memory point to point and no
- * entry converts its dtype, else as STAGED. STAGED: through staging
+ * direct where the comm can send the plan's memory point to point, else as
+ * STAGED. STAGED: through staging
  * buffers, exchanging when entries have blocks and that moves fewer bytes
  * than the gather. GATHER: always the staged gather of whole tensors.
  * Every rank must set the same. */

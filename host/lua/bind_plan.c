@@ -178,6 +178,9 @@ static int l_plan(lua_State *L)
         lp->role = role == 0 ? WS_PLAN_SENDER : WS_PLAN_RECEIVER;
     } else {
         lua_pop(L, 1);
+        if (lua_getfield(L, 1, "peers") != LUA_TNIL)
+            luaL_error(L, "ws.plan: peers is for a relay (role = \"sender\" or \"receiver\")");
+        lua_pop(L, 1);
     }
     /* exchange = "auto" (the default: point-to-point messages straight
      * between shards and destinations where the comm can, else as

@@ -74,7 +74,7 @@ M.common = {
                       values = { "auto", "staged", "all_gather" },
                       help = "several ranks: auto sends point to point straight from each " ..
                              "shard into the engine tensors, each rank only what its shard " ..
-                             "needs (cpu, no dtype conversion; else as staged); staged goes " ..
+                             "needs (cpu over MPI; else as staged); staged goes " ..
                              "through staging buffers (one all_to_all per bucket when engine " ..
                              "blocks make that move fewer bytes); all_gather gathers whole " ..
                              "tensors on every rank" },

@@ -4,7 +4,7 @@
 -- colocated (the default): every rank holds a trainer shard and an engine.
 -- disaggregated: ranks [0, N) train (FSDP over N: their own comm), ranks
 -- [N, world) hold the engine (TP and EP groups among themselves). Where
--- the comm sends cpu memory point to point and no dtype converts, each
+-- the comm sends cpu memory point to point and no engine rank holds blocks, each
 -- trainer rank sends its shard of every bucket straight into every engine
 -- rank's tensors (no gather, no staging); otherwise each bucket the trainer
 -- ranks gather goes from trainer rank 0 to every engine rank, by messages

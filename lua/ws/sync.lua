@@ -35,7 +35,7 @@ Sync.__index = Sync
 -- and, rank 0, broadcast over relay.comm; "receiver" on engine ranks),
 -- exchange ("auto": point-to-point messages straight from each shard into
 -- the engine tensors (and only what each tensor-parallel block needs) where
--- the comm can and no dtype converts, else as "staged"; "staged": through
+-- the comm can (cpu over MPI), else as "staged"; "staged": through
 -- staging buffers, with tensor-parallel blocks an all_to_all of what each
 -- rank's blocks need when that moves fewer bytes; "all_gather": whole
 -- tensors to every rank; a relay: "auto" sends each trainer rank's shard

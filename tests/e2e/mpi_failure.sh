@@ -2,7 +2,8 @@
 # mpi_failure.sh: a failing rank ends the whole job quickly. A Lua error on one
 # rank while the others wait in a collective, and a rank that exits early with
 # os.exit(3), must both make every rank exit non-zero within 10 s (no hang),
-# with the failing rank's message printed once.
+# with the failing rank's message printed once; ranks that disagree (sizes,
+# a relay plan's peers) end it with a message saying so.
 set -u
 [ "${WS_HAVE_MPI:-OFF}" = "ON" ] || { echo "skip: built without MPI"; exit 77; }
 : "${WSHOST:?WSHOST must name the wshost binary}"
@@ -82,6 +83,31 @@ check "mismatch_np2" "" 0
 if ! grep -q "all_gather: ranks disagree on the send size: rank 0 has 1024 elements, rank 1 has 1000" \
         "$tmp/mismatch_np2.out"; then
     echo "FAIL mismatch_np2: no mismatch message"; sed 's/^/    /' "$tmp/mismatch_np2.out"; fail=1
+fi
+
+# A disaggregated plan with peers on some ranks only: the ranks would call
+# different agreements (and the direct messages would find no peer); every
+# rank that can tell says so, and the job ends.
+cat >"$tmp/peers.lua" <<'LUA'
+local ws = require "ws"
+local comm = ws.comm()
+local rank, N = comm.rank, comm.size // 2
+local trainer = rank < N
+local tcomm = comm:split(trainer and 0 or 1, rank)
+local relay = comm:split((rank == 0 or not trainer) and 0 or -1, rank)
+local peers = rank ~= 1 and comm or nil
+local plan = ws.plan{ bucket_bytes = 1 << 20, comm = trainer and tcomm or nil, device = "cpu",
+                      name = "p", role = trainer and "sender" or "receiver", relay = relay,
+                      gather_world = N, peers = peers }
+local t = ws.tensor{ shape = { trainer and 50 or 100 }, dtype = "bf16", device = "cpu" }
+if trainer then plan:add({ t }, nil, { 100 }, nil, nil, { "bf16" })
+else plan:add(nil, { t }, { 100 }) end
+plan:execute()
+LUA
+run "peers_np4" 4 "$tmp/peers.lua"
+check "peers_np4" "" 0
+if ! grep -q "plan 'p': some ranks' plans have peers and some do not" "$tmp/peers_np4.out"; then
+    echo "FAIL peers_np4: no peers message"; sed 's/^/    /' "$tmp/peers_np4.out"; fail=1
 fi
 
 # A clean run exits 0 (the exit handler finalizes instead of aborting).

@@ -30,14 +30,14 @@ end
 do
   local a, b = {4 * size, "f32"}, {8 * size, "f32"}
   local plan <close> = plan_of(odd and {b, a} or {a, b})
-  H.raises("plan 'agree': ranks disagree on the sizes or dtypes of the entries", plan.execute,
+  H.raises("plan 'agree': ranks disagree on the sizes, shards or dtypes of the entries", plan.execute,
            plan)
 end
 
 -- Same sizes; a later entry's dtype differs.
 do
   local plan <close> = plan_of{{3 * size, "f32"}, {5 * size, odd and "f16" or "bf16"}}
-  H.raises("plan 'agree': ranks disagree on the sizes or dtypes of the entries", plan.execute,
+  H.raises("plan 'agree': ranks disagree on the sizes, shards or dtypes of the entries", plan.execute,
            plan)
 end
 
