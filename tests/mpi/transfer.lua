@@ -102,65 +102,82 @@ end
 
 -- Buckets: the smallest allowed (256 bytes per rank: every parameter above
 -- 128 bf16 elements per rank is split), small, and one bucket for everything.
-for _, bucket in ipairs{ W * 256, W * 1024 + 256, 64 << 20 } do
-    local plan <close> = ws.plan{ bucket_bytes = bucket, comm = comm, device = cpu, name = "base" }
-    check(tostring(plan):find("ws.Plan('base'", 1, true), "tostring: %s", tostring(plan))
-    -- Two adds: entries and layout continue across calls.
-    local half = 5
-    plan:add(table.move(srcs, 1, half, 1, {}), table.move(dsts, 1, half, 1, {}),
-             table.move(numels, 1, half, 1, {}))
-    plan:add(table.move(srcs, half + 1, #srcs, 1, {}), table.move(dsts, half + 1, #dsts, 1, {}),
-             table.move(numels, half + 1, #numels, 1, {}))
-    for round = 1, 2 do
+-- Each way: direct (the default over MPI) and through staging.
+for _, how in ipairs{ "auto", "staged" } do
+    for _, bucket in ipairs{ W * 256, W * 1024 + 256, 64 << 20 } do
+        local plan <close> = ws.plan{ bucket_bytes = bucket, comm = comm, device = cpu,
+                                      name = "base", exchange = how }
+        check(tostring(plan):find("ws.Plan('base'", 1, true), "tostring: %s", tostring(plan))
+        -- Two adds: entries and layout continue across calls.
+        local half = 5
+        plan:add(table.move(srcs, 1, half, 1, {}), table.move(dsts, 1, half, 1, {}),
+                 table.move(numels, 1, half, 1, {}))
+        plan:add(table.move(srcs, half + 1, #srcs, 1, {}), table.move(dsts, half + 1, #dsts, 1, {}),
+                 table.move(numels, half + 1, #numels, 1, {}))
+        for round = 1, 2 do
+            clear()
+            local calls, last_done, last_total = 0, -1, -1
+            local st = plan:execute(function(b, nb, done, total)
+                calls = calls + 1
+                check(b == calls and b <= nb and done >= last_done and done <= total,
+                      "progress(%d, %d, %d, %d) out of order", b, nb, done, total)
+                last_done, last_total = done, total
+            end)
+            local label = string.format("%s bucket %d round %d", how, bucket, round)
+            verify(label)
+            check(st.direct == (W > 1 and how == "auto"), "%s: direct %s", label,
+                  tostring(st.direct))
+            check(st.entries == #srcs, "%s: entries %d", label, st.entries)
+            check(st.bytes_moved == bytes_moved, "%s: bytes_moved %d, expected %d", label,
+                  st.bytes_moved, bytes_moved)
+            check(calls == st.buckets and last_done == bytes_moved and last_total == bytes_moved,
+                  "%s: %d progress calls for %d buckets, done %d of %d", label, calls, st.buckets,
+                  last_done, last_total)
+            if W > 1 and st.direct then
+                -- Direct (cpu over MPI): messages from the shards into the
+                -- destinations; these f32 shards are first packed as bf16 into
+                -- two send segments of bucket / world.
+                check(st.staging_bytes > 0 and st.staging_bytes <= 2 * (bucket // W),
+                      "%s: direct staging %d bytes, more than 2 x bucket / world", label,
+                      st.staging_bytes)
+                check(st.bytes_gathered == bytes_moved,
+                      "%s: direct bytes_gathered %d, expected exactly what lands, %d", label,
+                      st.bytes_gathered, bytes_moved)
+            elseif W > 1 then
+                check(st.staging_bytes > 0 and st.staging_bytes <= 2 * (bucket + bucket // W),
+                      "%s: staging %d bytes exceeds 2 x (bucket + bucket / world)", label,
+                      st.staging_bytes)
+                check(st.bytes_gathered >= bytes_moved and st.bytes_gathered % (256 * W) == 0,
+                      "%s: bytes_gathered %d", label, st.bytes_gathered)
+            else
+                check(st.staging_bytes == 0 and st.bytes_gathered == 0,
+                      "%s: a world of one stages nothing", label)
+            end
+            if bucket == 64 << 20 then
+                check(st.buckets == 1, "%s: %d buckets, expected 1", label, st.buckets)
+            else
+                -- The 5000-element parameter alone needs several buckets.
+                check(st.buckets > ceil_div(ceil_div(5000, W) * 2, bucket // W),
+                      "%s: only %d buckets", label, st.buckets)
+            end
+            check(st.total_ms >= st.copy_out_ms and st.pack_ms >= 0 and st.gather_ms >= 0,
+                  "%s: timings", label)
+            local again = plan:stats()
+            check(again.buckets == st.buckets and again.total_ms == st.total_ms, "%s: stats()",
+                  label)
+        end
+        -- Stopping early (every rank decides the same) raises and leaves the
+        -- last parameters unwritten.
         clear()
-        local calls, last_done, last_total = 0, -1, -1
-        local st = plan:execute(function(b, nb, done, total)
-            calls = calls + 1
-            check(b == calls and b <= nb and done >= last_done and done <= total,
-                  "progress(%d, %d, %d, %d) out of order", b, nb, done, total)
-            last_done, last_total = done, total
-        end)
-        local label = string.format("bucket %d round %d", bucket, round)
-        verify(label)
-        check(st.entries == #srcs, "%s: entries %d", label, st.entries)
-        check(st.bytes_moved == bytes_moved, "%s: bytes_moved %d, expected %d", label,
-              st.bytes_moved, bytes_moved)
-        check(calls == st.buckets and last_done == bytes_moved and last_total == bytes_moved,
-              "%s: %d progress calls for %d buckets, done %d of %d", label, calls, st.buckets,
-              last_done, last_total)
-        if W > 1 then
-            check(st.staging_bytes > 0 and st.staging_bytes <= 2 * (bucket + bucket // W),
-                  "%s: staging %d bytes exceeds 2 x (bucket + bucket / world)", label,
-                  st.staging_bytes)
-            check(st.bytes_gathered >= bytes_moved and st.bytes_gathered % (256 * W) == 0,
-                  "%s: bytes_gathered %d", label, st.bytes_gathered)
-        else
-            check(st.staging_bytes == 0 and st.bytes_gathered == 0,
-                  "%s: a world of one stages nothing", label)
-        end
+        local ok, err = pcall(plan.execute, plan, function(b) return b < 2 end)
         if bucket == 64 << 20 then
-            check(st.buckets == 1, "%s: %d buckets, expected 1", label, st.buckets)
+            check(ok, "a single bucket never reaches the stop: %s", tostring(err))
+            verify("single bucket, stop after 2")
         else
-            -- The 5000-element parameter alone needs several buckets.
-            check(st.buckets > ceil_div(ceil_div(5000, W) * 2, bucket // W),
-                  "%s: only %d buckets", label, st.buckets)
+            check(not ok and err:find("stopped by the progress callback after bucket 2", 1, true),
+                  "stop: %s", tostring(err))
+            check(dsts[#dsts]:get(1) == 0, "stop: last entry written although stopped")
         end
-        check(st.total_ms >= st.copy_out_ms and st.pack_ms >= 0 and st.gather_ms >= 0,
-              "%s: timings", label)
-        local again = plan:stats()
-        check(again.buckets == st.buckets and again.total_ms == st.total_ms, "%s: stats()", label)
-    end
-    -- Stopping early (every rank decides the same) raises and leaves the
-    -- last parameters unwritten.
-    clear()
-    local ok, err = pcall(plan.execute, plan, function(b) return b < 2 end)
-    if bucket == 64 << 20 then
-        check(ok, "a single bucket never reaches the stop: %s", tostring(err))
-        verify("single bucket, stop after 2")
-    else
-        check(not ok and err:find("stopped by the progress callback after bucket 2", 1, true),
-              "stop: %s", tostring(err))
-        check(dsts[#dsts]:get(1) == 0, "stop: last entry written although stopped")
     end
 end
 
