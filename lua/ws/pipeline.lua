@@ -237,6 +237,7 @@ function Ctx:send(kind)
     rec.bytes_sent = rec.bytes_sent + s.bytes_moved
     rec.bytes_gathered = rec.bytes_gathered + s.bytes_gathered
     rec.bytes_gathered_full = rec.bytes_gathered_full + s.bytes_gathered_full
+    rec.exchanged = rec.exchanged or s.exchanged == true
     rec.staging_bytes = math.max(rec.staging_bytes, s.staging_bytes)
     self.sent[kind] = true
     self.state.written[kind] = true

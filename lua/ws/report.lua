@@ -51,7 +51,7 @@ function Report:begin_step(step)
     if self.device.reset_peak then self.device:reset_peak() end
     local rec = { step = step, phase_ms = {}, phases = {}, base_sent = false, adapter_sent = false,
                   bytes_sent = 0, base_bytes = 0, adapter_bytes = 0, bytes_gathered = 0,
-                  bytes_gathered_full = 0,
+                  bytes_gathered_full = 0, exchanged = false,
                   staging_bytes = 0, engine_bytes = 0, quant_ms = 0, seal_ms = 0,
                   verified = false, verify = self.cfg and self.cfg.verify or "all" }
     rec.t0 = ws.now_ms()
@@ -187,7 +187,9 @@ function Report:summary()
     -- engine's plans exchange only what each rank's shard needs).
     local ga, gb = mean(r, 1, "bytes_gathered"), mean(r, 2, "bytes_gathered")
     local fa, fb = mean(r, 1, "bytes_gathered_full"), mean(r, 2, "bytes_gathered_full")
-    if fa and fa > 0 and fa ~= ga then
+    local exchanged = false
+    for _, rec in ipairs(r) do exchanged = exchanged or rec.exchanged end
+    if exchanged and fa and fa > 0 and fa ~= ga then
         line(string.format("  %-16s %12s %14s", "MB received", fmt(ga / 1e6, "MB"),
                            fmt(gb and gb / 1e6, "MB")))
         line(string.format("  %-16s %12s %14s", "MB full gather", fmt(fa / 1e6, "MB"),
