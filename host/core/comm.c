@@ -689,18 +689,19 @@ ws_status ws_comm_transfer(ws_comm *c, ws_device *d, const ws_comm_msg *msgs, si
     ws_status rc = WS_OK;
     for (size_t i = 0; i < n && rc == WS_OK; i++)
         rc = check_msg(c, &msgs[i], i, tot + (msgs[i].send ? 0 : (size_t)c->size));
-    /* With the check on, a rank whose messages are wrong still takes part,
-     * so the others fail with it instead of waiting. */
-    if (c->check) {
-        int64_t bad[1] = {rc != WS_OK};
-        ws_status arc = ws_comm_max_i64(c, bad, 1);
-        if (rc == WS_OK && arc != WS_OK) rc = arc;
-        if (rc == WS_OK && bad[0])
-            rc = WS_ERR(WS_ERR_ARG, "%s: another rank's messages are wrong (see its message); "
-                        "nothing was sent", what);
+    /* With the check on, a rank whose messages are wrong still takes part in
+     * the agreement (the one every checked collective runs), so the others
+     * fail with it instead of waiting; it keeps its own message. */
+    int64_t v[N_CHECK] = {K_TRANSFER, 0, 0, rc != WS_OK};
+    if (rc != WS_OK) {
+        char own[512];
+        snprintf(own, sizeof own, "%s", ws_errmsg());
+        (void)agree(c, what, v, "size", NULL);
+        free(tot);
+        return WS_ERR(rc, "%s", own);
     }
-    int64_t v[N_CHECK] = {K_TRANSFER, 0, 0, 0};
-    if (rc == WS_OK) rc = agree(c, what, v, "size", NULL);
+    rc = agree(c, what, v, "size",
+               "validity of their messages (1: wrong, see that rank's message)");
     if (rc == WS_OK && c->check) rc = agree_counts(c, what, tot, tot + c->size);
     free(tot);
     WS_TRY(rc);

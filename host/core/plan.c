@@ -911,14 +911,15 @@ static int64_t layout_of(const ws_plan *p)
 /* All ranks learn whether every rank is ready and has the same plan shape,
  * so a local failure ends the sync everywhere instead of hanging a gather.
  * One round trip of the comm's host backend: max of v and of -v. Also
- * whether every rank has peers (ws_plan_set_peers) or none: *peers_differ. */
+ * whether every rank has peers (ws_plan_set_peers) or none: *peers_differ
+ * is sticky, carried in and out, so agreements in a row spread it. */
 static ws_status agree_over(ws_plan *p, ws_comm *comm, ws_status local, int *peers_differ)
 {
     int64_t k = (int64_t)p->n_buckets, n = (int64_t)p->n_entries, fp = layout_of(p);
     int64_t pe = p->peers != NULL;
-    int64_t g[9] = {local != WS_OK, k, -k, n, -n, fp, -fp, pe, -pe};
-    WS_TRY(ws_comm_max_i64(comm, g, 9));
-    if (g[7] != -g[8]) {
+    int64_t g[10] = {local != WS_OK, k, -k, n, -n, fp, -fp, pe, -pe, *peers_differ};
+    WS_TRY(ws_comm_max_i64(comm, g, 10));
+    if (g[7] != -g[8] || g[9]) {
         *peers_differ = 1;
         if (local == WS_OK)
             return WS_ERR(WS_ERR_ARG, "plan '%s': some ranks' plans have peers and some do "
@@ -946,16 +947,18 @@ static ws_status agree_over(ws_plan *p, ws_comm *comm, ws_status local, int *pee
     return WS_OK;
 }
 
-/* Over the gather's comm; a relay's sender first over the relay, so what
- * any engine rank finds reaches every trainer rank before its gather. */
+/* Over the gather's comm; for a relay, the trainer ranks' comm, then the
+ * relay (its sender and the engine ranks), then the trainer ranks' comm
+ * again, so what any rank finds reaches every other before a byte moves,
+ * whether the peers differ included. Then, with peers (every rank has them,
+ * which every rank now knows alike), once more over every rank. */
 static ws_status agree(ws_plan *p, ws_status local)
 {
     ws_status rc = local;
     int differ = 0;
-    if (p->relay) rc = agree_over(p, p->relay, rc, &differ);
     if (p->comm) rc = agree_over(p, p->comm, rc, &differ);
-    /* With peers, once more over every rank, so a failure on any trainer
-     * rank reaches the engine ranks before they wait for its messages. */
+    if (p->relay) rc = agree_over(p, p->relay, rc, &differ);
+    if (p->comm && p->role == WS_PLAN_SENDER) rc = agree_over(p, p->comm, rc, &differ);
     if (p->peers && !differ) rc = agree_over(p, p->peers, rc, &differ);
     return rc;
 }
@@ -1660,13 +1663,13 @@ static ws_status d_fix(ws_plan *p, vec *msgs, vec *runs, ws_status rc)
 }
 
 /* Where a sender's run of flat elements starting at x lies: in its shard,
- * or (sendbuf: a converting plan packed the bucket there, the gather's
- * layout) in the packed piece. */
+ * or, for an entry that converts, in its piece packed (converted) into
+ * sendbuf, the gather's layout (NULL: no entry of this rank converts). */
 static void *d_src(const ws_plan *p, const plan_piece *pc, int64_t x, char *sendbuf)
 {
     const plan_entry *e = &p->entries[pc->entry];
     int64_t in_shard = x - (int64_t)p->rank * e->shard;
-    if (!sendbuf) return side_ptr(&e->src, in_shard);
+    if (!sendbuf || e->src.dtype == e->dst.dtype) return side_ptr(&e->src, in_shard);
     return sendbuf + pc->off + (size_t)(in_shard - pc->a) * ws_dtype_size(e->dst.dtype);
 }
 
@@ -1699,8 +1702,9 @@ static ws_status d_part(const ws_plan *p, const plan_piece *pieces, size_t from,
 
 /* Every bucket's direct messages (p->msgs, p->runs) and the copies of each
  * rank's own part, straight from its shard into its blocks (as pack). A
- * rank whose entries convert (converts) first packs each bucket, converted,
- * into its send segment, as the gather does, and sends from there.
+ * rank whose entries convert (converts) first packs those entries' pieces of
+ * each bucket, converted, into its send segment, as the gather does, and
+ * sends them from there; the others still go straight from the shard.
  * *received: the bytes its destinations take per execution, its own part's
  * included. */
 static ws_status d_msgs(ws_plan *p, const plan_piece *pieces, plan_bucket *bk,
@@ -1718,7 +1722,8 @@ static ws_status d_msgs(ws_plan *p, const plan_piece *pieces, plan_bucket *bk,
             const plan_bucket *g = &p->buckets[k];
             rc = ws_tensor_access(pack_side(p, k), WS_ACCESS_WRITE, "send", &sendbuf);
             for (size_t i = g->pack_begin; i < g->pack_end && rc == WS_OK; i++)
-                rc = vec_push(pack, &p->pack[i], sizeof p->pack[i]);
+                if (p->pack[i].src_dtype != p->pack[i].dst_dtype)
+                    rc = vec_push(pack, &p->pack[i], sizeof p->pack[i]);
         }
         for (int q = 0; q < p->world && rc == WS_OK; q++) {
             size_t own = pack->n;
@@ -1995,13 +2000,21 @@ static ws_status plan_relay(ws_plan *p)
     p->stats.direct = 1;
     /* An engine rank stages nothing any more, nor does a trainer rank that
      * sends its own shard, unless it packs converted values to send. */
+    /* Only converting entries are still packed (keep_pack); in place, as
+     * the buckets' ranges only shrink. */
     int keep_pack = sender && shards && converts;
+    size_t kept = 0;
     if (!sender || shards) {
         for (size_t k = 0; k < p->n_buckets; k++) {
             plan_bucket *b = &p->buckets[k];
+            size_t from = kept;
+            for (size_t i = b->pack_begin; i < b->pack_end && keep_pack; i++)
+                if (p->pack[i].src_dtype != p->pack[i].dst_dtype) p->pack[kept++] = p->pack[i];
             b->out_begin = b->out_end = 0;
-            if (!keep_pack) b->pack_begin = b->pack_end = 0;
+            b->pack_begin = from;
+            b->pack_end = kept;
         }
+        p->n_pack = kept;
         drop_staging(p, keep_pack);
     }
     /* What this rank sends (the sender) or receives (an engine rank). */

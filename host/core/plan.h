@@ -73,8 +73,11 @@ typedef struct ws_plan_stats {
     int exchanged;           /* 1: each rank receives only what its blocks need (the
                               * exchange), not whole tensors (the gather) */
     int direct;              /* 1: point-to-point messages straight between the shards
-                              * and the destinations, with no staging */
-    size_t bytes_relayed;    /* a relay's broadcast: bytes sent (sender) or received */
+                              * and the destinations (staging only for converted
+                              * sources' send segments) */
+    size_t bytes_relayed;    /* a relay: bytes sent (the sender: once for a broadcast,
+                              * once per engine rank for direct messages) or received;
+                              * known once planned */
     size_t staging_bytes;    /* staging memory held during execution */
     double pack_ms, gather_ms, copy_out_ms, total_ms; /* last execution */
 } ws_plan_stats;

@@ -66,6 +66,25 @@ do
   H.eq(f[3]:get(1), 0, "u8 numel 1")
 end
 
+-- One rank stops a direct plan early (its progress callback) and calls a
+-- barrier while the others send the next bucket: both raise, naming the
+-- calls, instead of a truncated message or a hang.
+do
+  local plan <close> = ws.plan{bucket_bytes = 256 * size, comm = comm, device = "cpu",
+                               name = "stop"}
+  local s, d = H.tensor(1000, "f32"):fill(rank), H.tensor(1000 * size, "f32")
+  plan:add({s}, {d}, {1000 * size})
+  local ok, err = pcall(plan.execute, plan, function(b) return not (rank == 0 and b == 1) end)
+  if rank == 0 then
+    assert(not ok and err:find("stopped by the progress callback after bucket 1", 1, true), err)
+    H.raises("ranks called different collectives: rank 0 called barrier, rank 1 called "
+             .. "transfer", comm.barrier, comm)
+  else
+    assert(not ok and err:find("ranks called different collectives: rank 0 called barrier, "
+                               .. "rank 1 called transfer", 1, true), tostring(err))
+  end
+end
+
 -- still in step
 local x = H.tensor(1):fill(1)
 comm:all_reduce(x)

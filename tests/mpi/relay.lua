@@ -147,6 +147,30 @@ for _, way in ipairs(ways) do
     for _, w in pairs(wants) do w.full:free() end
 end
 end
+-- Peers on every rank but one (an engine rank; a trainer rank other than
+-- the first): every rank raises, naming the peers, and none waits.
+for _, nopeer in ipairs({ W - 1, N > 1 and 1 or nil }) do
+    local peers = rank ~= nopeer and comm or nil
+    local plan, t
+    if trainer then
+        plan = ws.plan{ bucket_bytes = 1 << 16, comm = N > 1 and tcomm or nil, device = cpu,
+                        name = "p", role = "sender", relay = relay, gather_world = N,
+                        peers = peers }
+        t = ws.tensor{ shape = { ceil_div(100, N) }, dtype = "bf16", device = cpu }
+        plan:add({ t }, nil, { 100 }, nil, nil, { "bf16" })
+    else
+        plan = ws.plan{ bucket_bytes = 1 << 16, device = cpu, name = "p", role = "receiver",
+                        relay = relay, gather_world = N, peers = peers }
+        t = ws.tensor{ shape = { 100 }, dtype = "bf16", device = cpu }
+        plan:add(nil, { t }, { 100 })
+    end
+    local ok, err = pcall(plan.execute, plan)
+    check(not ok and tostring(err):find("plan 'p': some ranks' plans have peers and some do not",
+                                        1, true),
+          "peers missing on rank %d: %s", nopeer, tostring(err))
+    plan:free()
+    t:free()
+end
 if relay then relay:free() end
 tcomm:free()
 comm:barrier()
