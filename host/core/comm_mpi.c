@@ -157,6 +157,25 @@ static ws_status mpi_wait(ws_comm_request *req)
     return rc;
 }
 
+/* A blocking call made of nonblocking parts posts them into a local request
+ * (local_req), then completes them together (finish_local: the parts'
+ * completion, or the posting's first error with its own message). */
+static ws_status local_req(ws_comm *c, const char *what, ws_comm_request *local)
+{
+    *local = (ws_comm_request){.comm = c, .what = what};
+    local->impl = calloc(1, sizeof(mpi_req));
+    if (!local->impl) return WS_ERR(WS_ERR_NOMEM, "%s: out of host memory for a request", what);
+    return WS_OK;
+}
+
+static ws_status finish_local(ws_comm_request *local, ws_status posted)
+{
+    char first[512];
+    snprintf(first, sizeof first, "%s", posted == WS_OK ? "" : ws_errmsg());
+    ws_status w = mpi_wait(local);
+    return posted != WS_OK ? WS_ERR(posted, "%s", first) : w;
+}
+
 /* ---- data movement ------------------------------------------------------- */
 
 static size_t chunk_of(size_t elem)
@@ -385,15 +404,9 @@ static ws_status mpi_all_to_all(ws_comm *c, ws_device *d, const void *send, cons
     if (fits) return alltoallv_ints(c, m, send, sc, sd, recv, rcn, rd);
     if (m) return alltoallv_chunks(c, m, send, sc, sd, recv, rcn, rd);
     /* Blocking: the point-to-point pieces still run together, then complete. */
-    ws_comm_request local = {.comm = c, .what = "all_to_all"};
-    local.impl = calloc(1, sizeof(mpi_req));
-    if (!local.impl) return WS_ERR(WS_ERR_NOMEM, "all_to_all: out of host memory for a request");
-    ws_status rc = alltoallv_chunks(c, local.impl, send, sc, sd, recv, rcn, rd);
-    char first[512];
-    snprintf(first, sizeof first, "%s", rc == WS_OK ? "" : ws_errmsg());
-    ws_status w = mpi_wait(&local);
-    if (rc != WS_OK) return WS_ERR(rc, "%s", first);
-    return w;
+    ws_comm_request local;
+    WS_TRY(local_req(c, "all_to_all", &local));
+    return finish_local(&local, alltoallv_chunks(c, local.impl, send, sc, sd, recv, rcn, rd));
 }
 
 /* ---- transfer: point to point over scattered memory ------------------------ */
@@ -464,15 +477,9 @@ static ws_status mpi_transfer(ws_comm *c, ws_device *d, const ws_comm_msg *msgs,
     WS_TRY(async_state(req, &m));
     if (m) return xfer_post(c, m, msgs, n);
     /* Blocking: every message is posted, then all complete together. */
-    ws_comm_request local = {.comm = c, .what = "transfer"};
-    local.impl = calloc(1, sizeof(mpi_req));
-    if (!local.impl) return WS_ERR(WS_ERR_NOMEM, "transfer: out of host memory for a request");
-    ws_status rc = xfer_post(c, local.impl, msgs, n);
-    char first[512];
-    snprintf(first, sizeof first, "%s", rc == WS_OK ? "" : ws_errmsg());
-    ws_status w = mpi_wait(&local);
-    if (rc != WS_OK) return WS_ERR(rc, "%s", first);
-    return w;
+    ws_comm_request local;
+    WS_TRY(local_req(c, "transfer", &local));
+    return finish_local(&local, xfer_post(c, local.impl, msgs, n));
 }
 
 /* ---- reductions ------------------------------------------------------------ */

@@ -618,12 +618,7 @@ static void release_slot(void *ctx) { (void)ctx; }
  * process copies out of it); the send side exists only to gather from. */
 static ws_status remote_staging(ws_plan *p, int pairs, size_t seg_bytes)
 {
-    for (int j = 0; j < p->pairs; j++) {
-        ws_tensor_free(&p->send[j]);
-        ws_tensor_free(&p->recv[j]);
-    }
-    p->pairs = 0;
-    p->stats.staging_bytes = 0;
+    drop_staging(p, 0);
     size_t all = seg_bytes * (size_t)p->world;
     if (all > p->slot_bytes)
         return WS_ERR(WS_ERR_ARG,
@@ -1329,10 +1324,7 @@ void ws_plan_destroy(ws_plan *p)
         if (p->entries[i].src.storage) ws_storage_release(p->entries[i].src.storage);
         if (p->entries[i].dst.storage) ws_storage_release(p->entries[i].dst.storage);
     }
-    for (int j = 0; j < p->pairs; j++) {
-        ws_tensor_free(&p->send[j]);
-        ws_tensor_free(&p->recv[j]);
-    }
+    drop_staging(p, 0);
     drop_plan(p);
     free(p->pools);
     free(p->entries);

@@ -351,9 +351,14 @@ static int overlap_engine_main(void)
     return valid == 1 ? 10 : 0; /* 10: the half-written tensor is trusted */
 }
 
-static void test_overlapping_pieces_refused(void)
+/* Sends two N-element halves of "w" to an overlap engine, each in its own
+ * slot with a proof of [0, N): apart = 0 lands both on elements [0, N) (the
+ * second half never arrives); apart = 1 lands them on [0, N) and [N, 2N),
+ * the second proof carrying the checksum of [N, 2N). Returns FINISH's
+ * status. */
+static ws_status send_overlapping(const char *tag, uint64_t seed, int apart)
 {
-    snprintf(chan_name_, sizeof chan_name_, "wshost-test-plan-remote-ov-%d", (int)getpid());
+    snprintf(chan_name_, sizeof chan_name_, "wshost-test-plan-remote-%s-%d", tag, (int)getpid());
     pid_t child = fork_child();
     if (child == 0) _exit(overlap_engine_main());
     ws_sender *s = NULL;
@@ -366,25 +371,34 @@ static void test_overlapping_pieces_refused(void)
     for (int k = 0; k < 2; k++) {
         ws_tensor v = {0};
         int64_t n = OV_N;
+        uint64_t at = apart ? (uint64_t)k * OV_N : 0;
         ws_tensor_opts o = {.name = labels[k]};
         CHECK_OK(ws_tensor_empty(&v, WS_BF16, 1, &n, &o));
-        CHECK_OK(ws_tensor_random(&v, 11 + (uint64_t)k, 3.0f, 0));
+        CHECK_OK(ws_tensor_random(&v, seed + (uint64_t)k, 3.0f, 0));
         uint64_t sum = 0;
-        CHECK_OK(ws_tensor_checksum(&v, 0, WS_BF16, &sum));
-        pr[k] = (ws_proof){"w", labels[k], 0, OV_N, sum};
+        CHECK_OK(ws_tensor_checksum(&v, at, WS_BF16, &sum));
+        pr[k] = (ws_proof){"w", labels[k], 0, OV_N, sum}; /* both claim [0, N) */
         void *base = NULL;
         size_t bytes = 0;
         CHECK_OK(ws_sender_slot(s, k, &base, &bytes));
         memcpy(base, ws_tensor_data(&v), OV_N * 2);
-        ws_wire_piece piece = {0, 0, OV_N, 0}; /* both at elements [0, N) */
+        ws_wire_piece piece = {0, at, OV_N, 0};
         CHECK_OK(ws_sender_submit(s, k, &piece, 1));
         ws_tensor_free(&v);
     }
     ws_status rc = ws_sender_finish_proven(s, pr, 2);
-    CHECK(rc != WS_OK); /* elements [N, 2N) never arrived */
-    if (rc == WS_OK) fprintf(stderr, "  FINISH accepted a tensor half of which was never written\n");
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s", ws_errmsg());
     ws_sender_close(s);
     CHECK(wait_child(child) == 0);
+    return rc == WS_OK ? rc : WS_ERR(rc, "%s", msg); /* FINISH's own message */
+}
+
+static void test_overlapping_pieces_refused(void)
+{
+    ws_status rc = send_overlapping("ov", 11, 0); /* elements [N, 2N) never arrive */
+    CHECK(rc != WS_OK);
+    if (rc == WS_OK) fprintf(stderr, "  FINISH accepted a tensor half of which was never written\n");
 }
 
 /* Review: every element lands once, but the proofs name [0, N) twice (the
@@ -392,36 +406,7 @@ static void test_overlapping_pieces_refused(void)
  * do not cover the tensor exactly; refused. */
 static void test_overlapping_proofs_refused(void)
 {
-    snprintf(chan_name_, sizeof chan_name_, "wshost-test-plan-remote-op-%d", (int)getpid());
-    pid_t child = fork_child();
-    if (child == 0) _exit(overlap_engine_main());
-    ws_sender *s = NULL;
-    ws_sender_opts so = {.slot_bytes = OV_N * 2};
-    CHECK_OK(ws_sender_connect(chan_name_, &so, &s));
-    ws_wire_tensor man = {"w", WS_BF16, 1, {2 * OV_N}};
-    CHECK_OK(ws_sender_begin(s, &man, 1, 1, 0));
-    ws_proof pr[2];
-    const char *labels[2] = {"a", "b"};
-    for (int k = 0; k < 2; k++) {
-        ws_tensor v = {0};
-        int64_t n = OV_N;
-        ws_tensor_opts o = {.name = labels[k]};
-        CHECK_OK(ws_tensor_empty(&v, WS_BF16, 1, &n, &o));
-        CHECK_OK(ws_tensor_random(&v, 21 + (uint64_t)k, 3.0f, 0));
-        uint64_t sum = 0;
-        CHECK_OK(ws_tensor_checksum(&v, (uint64_t)k * OV_N, WS_BF16, &sum));
-        pr[k] = (ws_proof){"w", labels[k], 0, OV_N, sum}; /* both claim [0, N) */
-        void *base = NULL;
-        size_t bytes = 0;
-        CHECK_OK(ws_sender_slot(s, k, &base, &bytes));
-        memcpy(base, ws_tensor_data(&v), OV_N * 2);
-        ws_wire_piece piece = {0, (uint64_t)k * OV_N, OV_N, 0};
-        CHECK_OK(ws_sender_submit(s, k, &piece, 1));
-        ws_tensor_free(&v);
-    }
-    CHECK_ERR(ws_sender_finish_proven(s, pr, 2), WS_ERR_COMM, "more than once");
-    ws_sender_close(s);
-    CHECK(wait_child(child) == 0);
+    CHECK_ERR(send_overlapping("op", 21, 1), WS_ERR_COMM, "more than once");
 }
 
 int main(void)

@@ -22,14 +22,9 @@ local W, rank = comm.size, comm.rank
 local cpu = ws.device("cpu")
 local T = 2                      -- ranks per tensor-parallel group
 local t = rank % T
-local checks = 0
-
-local function check(cond, fmt, ...)
-    checks = checks + 1
-    if not cond then error(string.format("rank %d: " .. fmt, rank, ...), 2) end
-end
-
-local function ceil_div(a, b) return (a + b - 1) // b end
+local H = dofile((arg[0]:match("^(.*)/") or ".") .. "/lib/comm_helpers.lua")
+local check, counted = H.checker(rank)
+local ceil_div = H.ceil_div
 
 -- {rows, cols, block(rows, cols) or nil for the whole tensor}
 local specs = {
@@ -170,4 +165,4 @@ do
 end
 
 comm:barrier()
-print(string.format("rank %d: exchange ok (%d checks)", rank, checks))
+print(string.format("rank %d: exchange ok (%d checks)", rank, counted.n))

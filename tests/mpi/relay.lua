@@ -20,14 +20,9 @@ local cpu = ws.device("cpu")
 local N = W // 2                -- trainer ranks
 local E = W - N                 -- engine ranks
 local trainer = rank < N
-local checks = 0
-
-local function check(cond, fmt, ...)
-    checks = checks + 1
-    if not cond then error(string.format("rank %d: " .. fmt, rank, ...), 2) end
-end
-
-local function ceil_div(a, b) return (a + b - 1) // b end
+local H = dofile((arg[0]:match("^(.*)/") or ".") .. "/lib/comm_helpers.lua")
+local check, counted = H.checker(rank)
+local ceil_div = H.ceil_div
 
 -- [rows, cols] tensors; engine rank e of E holds columns [e*cols/E, ...) of
 -- the first, rows of the second, the whole third, and nothing of the fourth
@@ -174,4 +169,4 @@ end
 if relay then relay:free() end
 tcomm:free()
 comm:barrier()
-print(string.format("rank %d: relay ok (%d checks)", rank, checks))
+print(string.format("rank %d: relay ok (%d checks)", rank, counted.n))

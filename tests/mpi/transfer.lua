@@ -9,14 +9,9 @@ local ws = require "ws"
 local comm = ws.comm()
 local W, rank = comm.size, comm.rank
 local cpu = ws.device("cpu")
-local checks = 0
-
-local function check(cond, fmt, ...)
-    checks = checks + 1
-    if not cond then error(string.format("rank %d: " .. fmt, rank, ...), 2) end
-end
-
-local function ceil_div(a, b) return (a + b - 1) // b end
+local H = dofile((arg[0]:match("^(.*)/") or ".") .. "/lib/comm_helpers.lua")
+local check, counted = H.checker(rank)
+local ceil_div = H.ceil_div
 
 local DSIZE = { f32 = 4, bf16 = 2 }
 
@@ -285,4 +280,4 @@ do
 end
 
 comm:barrier()
-ws.log("transfer: %d checks passed on rank %d of %d", checks, rank, W)
+ws.log("transfer: %d checks passed on rank %d of %d", counted.n, rank, W)

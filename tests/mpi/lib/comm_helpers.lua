@@ -4,6 +4,19 @@ local ws = require "ws"
 
 local H = {}
 
+-- check(cond, fmt, ...): raises "rank R: <message>" at the caller when cond is
+-- false; counted.n is how many checks ran.
+function H.checker(rank)
+  local counted = {n = 0}
+  local function check(cond, fmt, ...)
+    counted.n = counted.n + 1
+    if not cond then error(string.format("rank %d: " .. fmt, rank, ...), 2) end
+  end
+  return check, counted
+end
+
+function H.ceil_div(a, b) return (a + b - 1) // b end
+
 function H.tensor(n, dtype, name)
   return ws.tensor{shape = {n}, dtype = dtype or "f32", device = "cpu", name = name}
 end
