@@ -13,6 +13,7 @@
  * the sums of the sender's proofs. Only a mismatch reads tensors again, to
  * name the range that differs. */
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -114,7 +115,14 @@ struct ws_receiver {
     ws_device *slot_dev; /* the GPU the sender's slots are mapped on; NULL: host memfds */
     recv_chunk *chunks; /* ws_receiver_alloc's arena */
     size_t n_chunks, cap_chunks;
+    /* What another thread may read while this one serves: every tensor's
+     * valid and why, syncing, ever_synced and valid_version. The serving
+     * thread changes them under it; the state queries read under it. */
+    pthread_mutex_t lock;
 };
+
+static void lock(const ws_receiver *r) { pthread_mutex_lock((pthread_mutex_t *)&r->lock); }
+static void unlock(const ws_receiver *r) { pthread_mutex_unlock((pthread_mutex_t *)&r->lock); }
 
 const char *ws_weights_state_name(ws_weights_state s)
 {
@@ -143,12 +151,14 @@ ws_status ws_receiver_create(const char *name, const ws_receiver_opts *opts, ws_
     ws_receiver *r = ws_calloc(1, sizeof *r);
     if (!r) return WS_ERR(WS_ERR_NOMEM, "receiver: out of memory");
     if (opts) r->opts = *opts;
+    pthread_mutex_init(&r->lock, NULL);
     if (r->opts.timeout_ms <= 0) r->opts.timeout_ms = DEFAULT_TIMEOUT_MS;
     snprintf(r->role, sizeof r->role, "%s", r->opts.role ? r->opts.role : "engine");
     r->opts.role = r->role;
     for (int i = 0; i < WS_REMOTE_SLOTS; i++) r->shm[i] = (ws_shm)WS_SHM_INIT;
     ws_status rc = ws_chan_listen(name, &r->listener);
     if (rc != WS_OK) {
+        pthread_mutex_destroy(&r->lock);
         free(r);
         ws_errprefix("receiver");
         return rc;
@@ -168,23 +178,30 @@ static void unmap_slots(ws_receiver *r)
     r->slot_dev = NULL;
 }
 
-static void set_why(recv_param *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void set_why(recv_param *p, const char *fmt, ...)
+/* Marks a tensor invalid, saying why. */
+static void invalidate(ws_receiver *r, recv_param *p, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void invalidate(ws_receiver *r, recv_param *p, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
+    lock(r);
+    p->valid = 0;
     vsnprintf(p->why, sizeof p->why, fmt, ap);
+    unlock(r);
     va_end(ap);
 }
 
 /* Ends the sync under way; `ok` marks its tensors valid, else they stay invalid. */
 static void end_sync(ws_receiver *r, int ok)
 {
+    lock(r);
     if (r->syncing && ok) {
         for (size_t i = 0; i < r->n_sync; i++) r->params[r->sync_param[i]].valid = 1;
         r->valid_version = r->version;
     }
     r->syncing = 0;
+    unlock(r);
     r->n_sync = 0;
     r->next_seq = 0;
     ws_chan_msg_free(&r->manifest);
@@ -204,8 +221,8 @@ static void end_sync(ws_receiver *r, int ok)
 static void fail_sync(ws_receiver *r, const char *why)
 {
     for (size_t i = 0; r->syncing && i < r->n_sync; i++) {
-        set_why(&r->params[r->sync_param[i]], "the sync of weight version %" PRIu64
-                " failed: %s", r->version, why);
+        invalidate(r, &r->params[r->sync_param[i]], "the sync of weight version %" PRIu64
+                   " failed: %s", r->version, why);
     }
     end_sync(r, 0);
 }
@@ -234,6 +251,7 @@ void ws_receiver_free(ws_receiver *r)
     }
     free(r->params);
     ws_strmap_free(&r->index);
+    pthread_mutex_destroy(&r->lock);
     free(r);
 }
 
@@ -273,7 +291,7 @@ ws_status ws_receiver_add(ws_receiver *r, const char *name, const ws_tensor *t)
     }
     recv_param *p = &r->params[r->n_params];
     memset(p, 0, sizeof *p);
-    set_why(p, "not written by any sync yet");
+    invalidate(r, p, "not written by any sync yet");
     ws_status rc = ws_tensor_reshape(&p->t, t, t->layout.ndim, t->layout.shape);
     if (rc == WS_OK) rc = ws_tensor_set_name(&p->t, name);
     if (rc == WS_OK && !(p->name = ws_strdup(name)))
@@ -409,26 +427,32 @@ static ws_status send_shared(ws_receiver *r)
 
 ws_weights_state ws_receiver_state(const ws_receiver *r, uint64_t *weight_version)
 {
+    ws_weights_state st = WS_WEIGHTS_VALID;
+    lock(r);
     if (weight_version) *weight_version = r->valid_version;
-    if (r->syncing) return WS_WEIGHTS_SYNCING;
-    if (!r->ever_synced) return WS_WEIGHTS_NONE;
-    for (size_t i = 0; i < r->n_params; i++)
-        if (!r->params[i].valid) return WS_WEIGHTS_INVALID;
-    return WS_WEIGHTS_VALID;
+    if (r->syncing) st = WS_WEIGHTS_SYNCING;
+    else if (!r->ever_synced) st = WS_WEIGHTS_NONE;
+    for (size_t i = 0; st == WS_WEIGHTS_VALID && i < r->n_params; i++)
+        if (!r->params[i].valid) st = WS_WEIGHTS_INVALID;
+    unlock(r);
+    return st;
 }
 
 int ws_receiver_tensor_valid(const ws_receiver *r, const char *name)
 {
-    return ws_receiver_tensor_state(r, name, NULL);
+    return ws_receiver_tensor_state(r, name, NULL, 0);
 }
 
-int ws_receiver_tensor_state(const ws_receiver *r, const char *name, const char **why)
+int ws_receiver_tensor_state(const ws_receiver *r, const char *name, char *why, size_t why_len)
 {
     size_t i;
-    if (why) *why = NULL;
+    if (why && why_len) why[0] = 0;
     if (!name || !r->n_params || !ws_strmap_get(&r->index, name, &i)) return -1;
-    if (!r->params[i].valid && why) *why = r->params[i].why;
-    return r->params[i].valid;
+    lock(r);
+    int valid = r->params[i].valid;
+    if (!valid && why && why_len) snprintf(why, why_len, "%s", r->params[i].why);
+    unlock(r);
+    return valid;
 }
 
 size_t ws_receiver_count(const ws_receiver *r) { return r->n_params; }
@@ -577,9 +601,8 @@ static ws_status on_manifest(ws_receiver *r, ws_chan_msg *m, ws_receiver_event *
     }
     /* From here the named tensors are not to be trusted until FINISH. */
     for (uint32_t i = 0; i < n; i++) {
-        r->params[param[i]].valid = 0;
-        set_why(&r->params[param[i]], "the sync of weight version %" PRIu64 " is under way",
-                version);
+        invalidate(r, &r->params[param[i]], "the sync of weight version %" PRIu64
+                   " is under way", version);
     }
     r->manifest = *m;
     *m = (ws_chan_msg){0};
@@ -588,9 +611,11 @@ static ws_status on_manifest(ws_receiver *r, ws_chan_msg *m, ws_receiver_event *
     r->sync_landed = landed;
     r->sync_flags = flags;
     r->n_sync = n;
+    r->version = version;
+    lock(r);
     r->syncing = 1;
     r->ever_synced = 1;
-    r->version = version;
+    unlock(r);
     ev->kind = WS_RECV_MANIFEST;
     ev->weight_version = version;
     return send_ack(r, WS_MSG_MANIFEST, WS_ACK_NO_SLOT, 0, "acknowledging the manifest");
@@ -1128,12 +1153,11 @@ static ws_status on_verify(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
         recv_param *p = &r->params[params[i]];
         if (differs == n) differs = i;
         if (!p->valid) continue; /* named by an earlier range already */
-        p->valid = 0;
-        set_why(p, "elements [%" PRIu64 ", +%" PRIu64 ")%s held checksum 0x%016" PRIx64
-                ", not 0x%016" PRIx64 ", when verified after weight version %" PRIu64,
-                proofs[i].elem_offset, proofs[i].elem_count,
-                label_part(lb, sizeof lb, proofs[i].label), got[i], proofs[i].checksum,
-                r->valid_version);
+        invalidate(r, p, "elements [%" PRIu64 ", +%" PRIu64 ")%s held checksum 0x%016" PRIx64
+                   ", not 0x%016" PRIx64 ", when verified after weight version %" PRIu64,
+                   proofs[i].elem_offset, proofs[i].elem_count,
+                   label_part(lb, sizeof lb, proofs[i].label), got[i], proofs[i].checksum,
+                   r->valid_version);
     }
     if (rc == WS_OK && differs < n) {
         const ws_proof *pf = &proofs[differs];
@@ -1176,9 +1200,8 @@ static ws_status on_wake_sleep(ws_receiver *r, const ws_chan_msg *m, ws_receiver
         if (rc != WS_OK) ws_errprefix("sleep(level=%d) in the %s", (int)level, r->role);
         /* Level 2 discards the weights: none holds verified bytes until written again. */
         for (size_t i = 0; rc == WS_OK && level >= 2 && i < r->n_params; i++) {
-            r->params[i].valid = 0;
-            set_why(&r->params[i], "discarded by the level-%d sleep after weight version %"
-                    PRIu64, (int)level, r->valid_version);
+            invalidate(r, &r->params[i], "discarded by the level-%d sleep after weight version %"
+                       PRIu64, (int)level, r->valid_version);
         }
         ev->kind = WS_RECV_SLEEP;
     }

@@ -223,11 +223,13 @@ ws_status ws_receiver_serve(ws_receiver *r, int timeout_ms);
 ws_weights_state ws_receiver_state(const ws_receiver *r, uint64_t *weight_version);
 /* 1 when the named tensor holds verified bytes, 0 when not, -1 unknown name. */
 int ws_receiver_tensor_valid(const ws_receiver *r, const char *name);
-/* The same, and when 0 *why (may be NULL) says why it is not valid ("not
+/* The same, and when 0 copies into why (why_len bytes, cut short if
+ * longer; "" when valid; NULL: not wanted) why it is not valid ("not
  * written by any sync yet", "discarded by the level-2 sleep after weight
- * version 3", the error that ended its sync); the text lives until the
- * tensor's state changes. */
-int ws_receiver_tensor_state(const ws_receiver *r, const char *name, const char **why);
+ * version 3", the error that ended its sync). These queries and
+ * ws_receiver_state may run on other threads while one serves: they read
+ * under the receiver's lock. */
+int ws_receiver_tensor_state(const ws_receiver *r, const char *name, char *why, size_t why_len);
 /* The registered tensors, in the order of ws_receiver_add. */
 size_t ws_receiver_count(const ws_receiver *r);
 const char *ws_receiver_name(const ws_receiver *r, size_t i); /* NULL past the end */

@@ -611,8 +611,8 @@ static PyObject *receiver_valid(ReceiverObject *o, PyObject *args)
     const char *name;
     if (!PyArg_ParseTuple(args, "s:valid", &name)) return NULL;
     if (!o->r) return PyErr_Format(WsError, "Receiver.valid: the receiver is closed");
-    /* Read while another thread may serve: a flag per tensor, never moved
-     * once added (add is refused while serving). */
+    /* Read while another thread may serve, under the receiver's lock; the
+     * tensors never move once added (add is refused while serving). */
     int v = ws_receiver_tensor_valid(o->r, name);
     if (v < 0) return PyErr_Format(WsError, "Receiver.valid: no tensor '%s' was added", name);
     return PyBool_FromLong(v);
@@ -623,11 +623,11 @@ static PyObject *receiver_why(ReceiverObject *o, PyObject *args)
     const char *name;
     if (!PyArg_ParseTuple(args, "s:why", &name)) return NULL;
     if (!o->r) return PyErr_Format(WsError, "Receiver.why: the receiver is closed");
-    const char *why = NULL;
-    int v = ws_receiver_tensor_state(o->r, name, &why);
+    char why[512];
+    int v = ws_receiver_tensor_state(o->r, name, why, sizeof why);
     if (v < 0) return PyErr_Format(WsError, "Receiver.why: no tensor '%s' was added", name);
     if (v) Py_RETURN_NONE;
-    return PyUnicode_FromString(why ? why : "not valid");
+    return PyUnicode_FromString(why[0] ? why : "not valid");
 }
 
 static PyObject *receiver_enter(ReceiverObject *o, PyObject *unused) { return Py_NewRef(o); }

@@ -10,10 +10,12 @@
  * caller packing slots in place (ws_sender_slot, ws_sender_submit) proves
  * what it sent with labelled proofs (more than one channel frame of them),
  * and that VERIFY and the level-2 sleep say which tensor is not to be
- * trusted and why; and that no descriptor or /dev/shm entry is left behind.
+ * trusted and why; that another thread may ask for the state while one
+ * serves (ThreadSanitizer runs it); and that no descriptor or /dev/shm entry is left behind.
  * A child's checks end up in its exit status. */
 #include <dirent.h>
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <sys/mman.h>
@@ -381,8 +383,8 @@ static void test_round_trip(void)
         /* The level-2 sleep at the end discarded what version 2 wrote. */
         uint64_t version = 0;
         CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_INVALID && version == 2);
-        const char *why = NULL;
-        CHECK(ws_receiver_tensor_state(r, SPEC[1].name, &why) == 0 && why &&
+        char why[512];
+        CHECK(ws_receiver_tensor_state(r, SPEC[1].name, why, sizeof why) == 0 &&
               strcmp(why, "discarded by the level-2 sleep after weight version 2") == 0);
         REQUIRE_OK(make_tensors(want, 2));
         for (int i = 0; i < NT; i++) CHECK(same_bytes(&dst[i], &want[i]));
@@ -618,8 +620,8 @@ static void test_sender_killed(void)
     /* Half-written, not trusted: the version stays the last verified one. */
     CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_INVALID && version == 1);
     CHECK(ws_receiver_tensor_valid(r, SPEC[0].name) == 0);
-    const char *why = NULL;
-    CHECK(ws_receiver_tensor_state(r, SPEC[0].name, &why) == 0 && why &&
+    char why[512];
+    CHECK(ws_receiver_tensor_state(r, SPEC[0].name, why, sizeof why) == 0 &&
           strstr(why, "the sync of weight version 2 failed: ") && strstr(why, want_pid));
     CHECK(ws_receiver_tensor_valid(r, "no.such.tensor") == -1);
     CHECK(ws_receiver_peer_pid(r) == 0);
@@ -630,6 +632,67 @@ static void test_sender_killed(void)
     CHECK(wait_child(child) == 0);
     CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_VALID && version == 3);
     REQUIRE_OK(make_tensors(want, 3));
+    for (int i = 0; i < NT; i++) CHECK(same_bytes(&dst[i], &want[i]));
+    ws_receiver_free(r);
+    free_tensors(dst);
+    free_tensors(want);
+}
+
+/* Another thread asks for the state while this one serves, as an engine's
+ * rollout thread does (wshost.Receiver.valid and why): every answer is
+ * whole, and ThreadSanitizer sees no race. */
+typedef struct watcher {
+    ws_receiver *r;
+    volatile int stop; /* written before the join only; read as a hint */
+    int asks, syncing, bad;
+} watcher;
+
+static void *watch_state(void *ctx)
+{
+    watcher *w = ctx;
+    char why[512];
+    while (!__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE)) {
+        ws_weights_state st = ws_receiver_state(w->r, NULL);
+        w->syncing += st == WS_WEIGHTS_SYNCING;
+        int v = ws_receiver_tensor_state(w->r, SPEC[0].name, why, sizeof why);
+        /* Invalid always comes with its reason, valid with none. */
+        if (v < 0 || (v == 0 && !strstr(why, "weight version")) || (v == 1 && why[0]))
+            w->bad++;
+        w->asks++;
+    }
+    return NULL;
+}
+
+static void test_state_while_serving(void)
+{
+    const char *name = chan_name();
+    ws_tensor dst[NT], want[NT];
+    REQUIRE_OK(make_tensors(dst, 0));
+    ws_receiver *r;
+    REQUIRE_OK(ws_receiver_create(name, NULL, &r));
+    REQUIRE_OK(add_all(r, dst));
+    pid_t child = fork_child();
+    if (child == 0) run_sender_child(name, 1, 0);
+    CHECK_OK(ws_receiver_serve(r, 3000)); /* version 1 first: the reason has a version */
+    CHECK(wait_child(child) == 0);
+    child = fork_child();
+    if (child == 0) run_sender_child(name, 2, 0);
+    watcher w = {.r = r};
+    pthread_t th;
+    if (pthread_create(&th, NULL, watch_state, &w) != 0) {
+        CHECK(!"pthread_create");
+        return;
+    }
+    CHECK_OK(ws_receiver_serve(r, 3000));
+    __atomic_store_n(&w.stop, 1, __ATOMIC_RELEASE);
+    pthread_join(th, NULL);
+    CHECK(wait_child(child) == 0);
+    printf("    %d state queries from another thread during a sync, %d while syncing\n", w.asks,
+           w.syncing);
+    CHECK(w.asks > 0 && w.bad == 0);
+    uint64_t version = 0;
+    CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_VALID && version == 2);
+    REQUIRE_OK(make_tensors(want, 2));
     for (int i = 0; i < NT; i++) CHECK(same_bytes(&dst[i], &want[i]));
     ws_receiver_free(r);
     free_tensors(dst);
@@ -715,8 +778,8 @@ static void test_checksum_mismatch(void)
               "checksum 0x");
     CHECK(strstr(ws_errmsg(), "the tensors of that sync are marked invalid"));
     CHECK(ws_receiver_state(r, NULL) == WS_WEIGHTS_INVALID);
-    const char *why = NULL;
-    CHECK(ws_receiver_tensor_state(r, SPEC[0].name, &why) == 0 && why &&
+    char why[512];
+    CHECK(ws_receiver_tensor_state(r, SPEC[0].name, why, sizeof why) == 0 &&
           strstr(why, "the sync of weight version 5 failed: tensor "
                  "'model.layers.0.mlp.down_proj.weight'"));
     /* Version 6 arrives whole; then a byte changes here, and VERIFY sees it. */
@@ -818,10 +881,10 @@ static void test_submit_and_verify(void)
         REQUIRE_OK(add_all(r, dst));
         CHECK(ws_receiver_count(r) == NT && strcmp(ws_receiver_name(r, 2), SPEC[2].name) == 0 &&
               ws_receiver_name(r, NT) == NULL);
-        const char *why = NULL;
-        CHECK(ws_receiver_tensor_state(r, SPEC[0].name, &why) == 0 && why &&
+        char why[512];
+        CHECK(ws_receiver_tensor_state(r, SPEC[0].name, why, sizeof why) == 0 &&
               strcmp(why, "not written by any sync yet") == 0);
-        CHECK(ws_receiver_tensor_state(r, "no.such.tensor", &why) == -1 && why == NULL);
+        CHECK(ws_receiver_tensor_state(r, "no.such.tensor", why, sizeof why) == -1 && why[0] == 0);
         CHECK_OK(ws_receiver_serve(r, 5000));
         /* Version 2 came without proofs; a level-2 sleep discarded it. */
         REQUIRE_OK(make_tensors(want, 2));
@@ -967,8 +1030,8 @@ static void test_proof_refusals(void)
     while ((rc = ws_receiver_next(r, 3000, &ev)) == WS_OK) {}
     CHECK_ERR(rc, WS_ERR_ARG, "(from 'trainer.layers.0.some_rather_long_parameter_name.weight"
               "[2560:2624]'), elements [2560, +64), holds checksum 0x");
-    const char *why = NULL;
-    CHECK(ws_receiver_tensor_state(r, SPEC[0].name, &why) == 0 && why &&
+    char why[512];
+    CHECK(ws_receiver_tensor_state(r, SPEC[0].name, why, sizeof why) == 0 &&
           strstr(why, "the sync of weight version 7 failed: "));
     CHECK(ws_receiver_state(r, NULL) == WS_WEIGHTS_INVALID);
     CHECK(ws_receiver_peer_pid(r) == child); /* the connection lives on */
@@ -1228,6 +1291,7 @@ int main(void)
     RUN(test_receiver_killed);
     RUN(test_receiver_killed_socket_held);
     RUN(test_sender_killed);
+    RUN(test_state_while_serving);
     RUN(test_checksum_mismatch);
     RUN(test_protocol_errors);
     RUN(test_partial_sync);
