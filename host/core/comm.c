@@ -53,6 +53,37 @@ static void at_exit(int status, void *arg)
     ws_comm_abort(status);
 }
 
+/* The mismatch check is a protocol every rank must speak alike: a rank that
+ * checks waits in an agreement that a rank which does not never joins. So
+ * the world's ranks agree on WSHOST_COMM_CHECK once, at its creation, and a
+ * difference is an error on every rank (kept: each later call repeats it). */
+static ws_status g_check_rc = WS_OK;
+static char g_check_msg[256];
+
+static ws_status agree_check(ws_comm *w, int check)
+{
+    if (w->size == 1) return WS_OK;
+    int64_t mm[2] = {check != 0, -(int64_t)(check != 0)};
+    ws_status rc = w->host->max_i64(w, mm, 2);
+    if (rc != WS_OK || mm[0] == -mm[1]) return rc;
+    int64_t *all = malloc((size_t)w->size * sizeof *all), mine = check != 0;
+    int differs = -1;
+    if (all && w->host->gather_i64(w, &mine, 1, all) == WS_OK)
+        for (int r = 1; r < w->size && differs < 0; r++)
+            if (all[r] != all[0]) differs = r;
+    const char *why = "every rank must set it alike (a rank that checks would wait for the "
+                      "others forever)";
+    if (differs > 0)
+        snprintf(g_check_msg, sizeof g_check_msg, "comm: ranks disagree on WSHOST_COMM_CHECK: "
+                 "rank 0 has the check %s, rank %d has it %s; %s", all[0] ? "on" : "off",
+                 differs, all[differs] ? "on" : "off", why);
+    else
+        snprintf(g_check_msg, sizeof g_check_msg, "comm: ranks disagree on WSHOST_COMM_CHECK "
+                 "(on at some, off at others); %s", why);
+    free(all);
+    return WS_ERR(WS_ERR_ARG, "%s", g_check_msg);
+}
+
 ws_status ws_comm_world(ws_comm **out)
 {
     if (g_shut)
@@ -85,7 +116,9 @@ ws_status ws_comm_world(ws_comm **out)
         w.check = check && w.size > 1;
         g_world = w;
         g_world_ready = 1;
+        g_check_rc = agree_check(&g_world, check);
     }
+    if (g_check_rc != WS_OK) return WS_ERR(g_check_rc, "%s", g_check_msg);
     *out = &g_world;
     return WS_OK;
 }

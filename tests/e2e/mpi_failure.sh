@@ -3,7 +3,7 @@
 # rank while the others wait in a collective, and a rank that exits early with
 # os.exit(3), must both make every rank exit non-zero within 10 s (no hang),
 # with the failing rank's message printed once; ranks that disagree (sizes,
-# a relay plan's peers) end it with a message saying so.
+# a relay plan's peers, WSHOST_COMM_CHECK) end it with a message saying so.
 set -u
 [ "${WS_HAVE_MPI:-OFF}" = "ON" ] || { echo "skip: built without MPI"; exit 77; }
 : "${WSHOST:?WSHOST must name the wshost binary}"
@@ -110,7 +110,6 @@ if ! grep -q "plan 'p': some ranks' plans have peers and some do not" "$tmp/peer
     echo "FAIL peers_np4: no peers message"; sed 's/^/    /' "$tmp/peers_np4.out"; fail=1
 fi
 
-# A clean run exits 0 (the exit handler finalizes instead of aborting).
 cat >"$tmp/ok.lua" <<'LUA'
 local ws = require "ws"
 local comm = ws.comm()
@@ -118,6 +117,21 @@ local t = ws.tensor{shape = {8}, device = "cpu"}:fill(1)
 comm:all_reduce(t)
 assert(t:get(1) == comm.size)
 LUA
+# WSHOST_COMM_CHECK on at one rank and off at another: the checking rank
+# would wait in an agreement the other never joins. Both say so at ws.comm().
+t0=$(date +%s%N)
+timeout 30 "$MPIRUN" --allow-run-as-root --oversubscribe -n 1 -x WSHOST_COMM_CHECK=1 \
+    "$WSHOST" "$tmp/ok.lua" : -n 1 -x WSHOST_COMM_CHECK=0 "$WSHOST" "$tmp/ok.lua" \
+    >"$tmp/check_differs.out" 2>&1
+rc=$?
+ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+check "check_differs" "" 0
+if ! grep -q "ranks disagree on WSHOST_COMM_CHECK: rank 0 has the check on, rank 1 has it off" \
+    "$tmp/check_differs.out"; then
+    echo "FAIL check_differs: no message"; sed 's/^/    /' "$tmp/check_differs.out"; fail=1
+fi
+
+# A clean run exits 0 (the exit handler finalizes instead of aborting).
 run "clean_np2" 2 "$tmp/ok.lua"
 if [ "$rc" -ne 0 ]; then echo "FAIL clean_np2: exit $rc"; sed 's/^/    /' "$tmp/clean_np2.out"; fail=1; fi
 echo "clean_np2: exit $rc"
