@@ -288,19 +288,33 @@ function M.csv_columns(axis_names, rows)
     return cols
 end
 
+-- An io result that failed (a full disk, a closed file) raises, naming the
+-- file: a sweep must not run on while its results go nowhere.
+local function written(path, ok, err)
+    if not ok then error(string.format("sweep: cannot write %s: %s", path, tostring(err)), 0) end
+    return ok
+end
+
 function M.write_csv(path, axis_names, rows)
     local cols = M.csv_columns(axis_names, rows)
-    local f = assert(io.open(path .. ".tmp", "w"))
+    local tmp = path .. ".tmp"
+    local f = written(tmp, io.open(tmp, "w"))
     local head = {}
     for i, c in ipairs(cols) do head[i] = c[1] end
-    f:write(table.concat(head, ","), "\n")
+    local ok, err = f:write(table.concat(head, ","), "\n")
     for _, r in ipairs(rows) do
+        if not ok then break end
         local cells = {}
         for i, c in ipairs(cols) do cells[i] = csv_cell(c[2](r)) end
-        f:write(table.concat(cells, ","), "\n")
+        ok, err = f:write(table.concat(cells, ","), "\n")
     end
-    f:close()
-    assert(os.rename(path .. ".tmp", path))
+    -- A buffered write fails at the latest when the file is closed.
+    local closed, cerr = f:close()
+    if not ok or not closed then
+        os.remove(tmp)
+        written(tmp, nil, err or cerr)
+    end
+    written(path, os.rename(tmp, path))
 end
 
 -- ---------------------------------------------------------------- progress
@@ -365,7 +379,8 @@ function M.charts(rows, axes, out, opts)
     for _, a in ipairs(axes) do
         if #a[2] == 1 then fixed[#fixed + 1] = a[1] .. "=" .. tostring(a[2][1]) end
     end
-    local f = assert(io.open(out .. ".dat", "w"))
+    local dat = out .. ".dat"
+    local f = written(dat, io.open(dat, "w"))
     f:write("# label step_ms_median step_ms_min step_ms_max step_ms_q1 step_ms_q3 ",
             "first_step_ms peak_device_MB peak_host_MB MB_per_step\n")
     local n = 0
@@ -380,7 +395,7 @@ function M.charts(rows, axes, out, opts)
             n = n + 1
         end
     end
-    f:close()
+    written(dat, f:close())
     if n == 0 then return nil, "no successful points to draw" end
     local script = M.plot_script()
     local title = opts.title or "sweep"
@@ -504,7 +519,7 @@ function M.run(opts)
     local rows_by_key = {}
     for k, r in pairs(done) do rows_by_key[k] = r end
     local ran, failed, leaked = 0, 0, 0
-    local jsonl = writer and assert(io.open(files.jsonl, "a+"))
+    local jsonl = writer and written(files.jsonl, io.open(files.jsonl, "a+"))
     if jsonl then
         -- A row cut short by a kill has no newline: start on a fresh line.
         local size = jsonl:seek("end")
@@ -576,8 +591,13 @@ function M.run(opts)
         rows_by_key[key] = row
         ran = ran + 1
         if writer then
-            jsonl:write(json.encode(row), "\n")
-            jsonl:flush()
+            local ok, err = jsonl:write(json.encode(row), "\n")
+            if ok then ok, err = jsonl:flush() end
+            if not ok then
+                jsonl:close()
+                if show then io.stderr:write("\n") end
+                written(files.jsonl, nil, err)
+            end
             M.write_csv(files.csv, names, ordered_rows())
         end
         if opts.on_row then opts.on_row(row) end

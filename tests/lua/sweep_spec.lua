@@ -308,6 +308,25 @@ describe("ws.sweep.run", function()
         assert.are.equal(0, res.rows[2].leaked_bytes)
     end)
 
+    it("raises naming the file when the CSV cannot be written (a full disk)", function()
+        local f = io.open("/dev/full", "w")
+        if not f then
+            pending("no /dev/full")
+            return
+        end
+        f:close()
+        local dir = tmpdir()
+        -- The CSV goes through a temporary, renamed only when whole: on a
+        -- full disk the write fails, names the file, and no CSV appears.
+        assert(os.execute("ln -s /dev/full '" .. dir .. "/t.csv.tmp'"))
+        local ok, err = pcall(sweep.write_csv, dir .. "/t.csv", { "level", "rank" },
+                        { { level = 1, rank = 8, status = "ok" } })
+        assert.is_false(ok)
+        assert.truthy(tostring(err):find("sweep: cannot write " .. dir .. "/t.csv.tmp: ", 1, true))
+        assert.is_nil(io.open(dir .. "/t.csv"))
+        os.execute("rm -rf '" .. dir .. "'")
+    end)
+
     it("validates its options", function()
         assert.has_error(function() sweep.run{ axes = axes, run_point = print, colour = 1 } end)
         assert.has_error(function() sweep.run{ axes = axes, run_point = print, repeats = 0 } end,
