@@ -192,8 +192,10 @@ function Session:step()
     end
     local ok, rec = pcall(self.run.step, self.run)
     if not ok then
-        -- The run freed itself; the session can only be closed now.
+        -- The run freed itself; the session can only be closed now. Its
+        -- report keeps the steps that completed, for the summary.
         self.failed = rec
+        self.failed_report = self.run.report
         self.run = false
         error(rec, 0)
     end
@@ -237,7 +239,15 @@ function Session:close()
         self.pool = nil
     end
     if not ok then error(err, 0) end
-    self.summary = summary or { steps = 0 }
+    -- After a failed step: the steps that completed, and why the next did not.
+    if not summary and self.failed_report then
+        local oks, s = pcall(self.failed_report.summary, self.failed_report)
+        if oks then summary = s end
+    end
+    summary = summary or { steps = 0 }
+    if self.failed then summary.failed = tostring(self.failed) end
+    self.failed_report = nil
+    self.summary = summary
     return self.summary
 end
 

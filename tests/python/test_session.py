@@ -77,6 +77,26 @@ class SessionTest(unittest.TestCase):
         self.assertIn("ValueError: optimizer diverged at step 1", text)
         self.assertIsInstance(cm.exception.__cause__, ValueError)
 
+    def test_summary_after_a_failed_step_counts_the_steps_done(self):
+        keep = []
+        s = open_session()
+        register_all(s, keep)
+        calls = []
+
+        def train(step):
+            calls.append(step)
+            if step == 3:
+                raise ValueError("optimizer diverged at step %d" % step)
+
+        s.on("train", train)
+        s.step()
+        s.step()
+        with self.assertRaises(wshost.Error):
+            s.step()
+        summary = s.close()
+        self.assertEqual(summary["steps"], 2)
+        self.assertIn("ValueError: optimizer diverged at step 3", summary["failed"])
+
     def test_close_refused_while_a_view_lives(self):
         keep = []
         s = open_session()
