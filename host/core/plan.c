@@ -1967,7 +1967,11 @@ static ws_status plan_relay(ws_plan *p)
         WS_TRY(ws_comm_max_i64(p->peers, g, 1));
         if (!g[0]) comm = p->peers, shards = 1;
     }
-    if (!comm && p->relay) {
+    /* Without peers the first trainer rank is the only sender. It sends
+     * straight into one engine rank's tensors; to several it broadcasts,
+     * whose tree sends each bucket about once instead of once per engine
+     * rank. (The relay's size is the same on every rank of it.) */
+    if (!comm && p->relay && ws_comm_size(p->relay) == 2) {
         int64_t g[1] = {!(auto_ && !blocks && ws_comm_can_transfer(p->relay, p->device))};
         WS_TRY(ws_comm_max_i64(p->relay, g, 1));
         if (!g[0]) comm = p->relay;

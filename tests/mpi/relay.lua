@@ -4,7 +4,8 @@
 --   - engine blocks (tensor-parallel shards of their own group): the trainer
 --     ranks gather, the first broadcasts each bucket, engine ranks copy out;
 --   - whole tensors without peers: gathered, then sent by the first trainer
---     rank straight into the engine ranks' tensors (direct);
+--     rank straight into the engine rank's tensors (direct) when there is one,
+--     else broadcast (one tree rather than a copy per engine rank);
 --   - whole tensors, bf16 or f32 shards (packed, converted, first), with
 --     peers: every trainer rank sends its shard straight into the engine
 --     ranks' tensors (direct, no gather);
@@ -36,7 +37,8 @@ local relay = comm:split((rank == 0 or not trainer) and 0 or -1, rank)
 
 local ways = {
     { name = "blocks", blocks = true, src = "f32", peers = true, exchange = "auto" },
-    { name = "gathered direct", src = "f32", exchange = "auto", direct = true },
+    { name = E == 1 and "gathered direct" or "gathered broadcast", src = "f32", exchange = "auto",
+      direct = E == 1 },
     { name = "shards direct", src = "bf16", peers = true, exchange = "auto", direct = true,
       shards = true },
     { name = "converted shards direct", src = "f32", peers = true, exchange = "auto",
