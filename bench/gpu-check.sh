@@ -74,6 +74,15 @@ note "gpu: $gpu_name, driver $driver"
 
 # ---- configure and build ------------------------------------------------------------
 cfg=(-S "$root" -B "$build" -G Ninja -DWS_WITH_MPI=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo)
+# The Python module is built for the python3 the steps below run (a conda or
+# venv one with torch, not necessarily /usr/bin/python3).
+py3=$(command -v python3 || true)
+if [ -n "$py3" ]; then
+    cfg+=(-DPython3_EXECUTABLE="$py3")
+    "$py3" -c 'import sys; print("python:", sys.executable, sys.version.split()[0])' >>"$log" 2>&1
+    "$py3" -c 'import torch; print("torch:", torch.__version__, "cuda", torch.version.cuda)' \
+        >>"$log" 2>&1 || note "python3 ($py3) has no torch"
+fi
 if [ -z "$(command -v nvcc)" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
     cfg+=(-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc)
 fi
@@ -191,8 +200,11 @@ if [ "$configure_rc" -eq 0 ] && ls "$build"/python/wshost*.so >/dev/null 2>&1 &&
     else
         note "example-cuda-fsdp2 skipped: this torch has no fully_shard"
     fi
+    # The buggy policies must fail for the right reason: the discarded tensor named.
+    bug="model.embed_tokens.weight.*discarded"
     step example-cuda-buggy 120 bash -c "! PYTHONPATH='$build/python' python3 \
-        examples/torch/inprocess.py --device cuda --policy buggy --steps 3 --sleep-level 2"
+        examples/torch/inprocess.py --device cuda --policy buggy --steps 3 --sleep-level 2 \
+        >'$out/example-cuda-buggy.txt' 2>&1 && grep -q '$bug' '$out/example-cuda-buggy.txt'"
     [ "$step_rc" -ne 0 ] && python_rc=$step_rc
     # Server mode on the GPU: the slots are cudaMalloc'ed and shared through
     # CUDA IPC with the engine process, whose weights are on the same GPU.
@@ -202,7 +214,8 @@ if [ "$configure_rc" -eq 0 ] && ls "$build"/python/wshost*.so >/dev/null 2>&1 &&
         [ "$step_rc" -ne 0 ] && python_rc=$step_rc
     done
     step server-cuda-buggy 120 bash -c "! PYTHONPATH='$build/python' python3 \
-        examples/torch/server.py --device cuda --policy buggy --steps 3 --sleep-level 2"
+        examples/torch/server.py --device cuda --policy buggy --steps 3 --sleep-level 2 \
+        >'$out/server-cuda-buggy.txt' 2>&1 && grep -q '$bug' '$out/server-cuda-buggy.txt'"
     [ "$step_rc" -ne 0 ] && python_rc=$step_rc
 else
     note "python skipped: no wshost module in $build/python or no python3 with torch"

@@ -143,6 +143,11 @@ void ws_chan_close(ws_chan *c)
     free(c);
 }
 
+void ws_chan_shutdown_write(ws_chan *c)
+{
+    if (c && c->fd >= 0) (void)shutdown(c->fd, SHUT_WR);
+}
+
 /* ---- waiting ---------------------------------------------------------------------- */
 
 /* Waits until fd is ready for `events` (or hung up: the next call then reports

@@ -66,6 +66,9 @@ const char *ws_chan_listener_name(const ws_chan_listener *l);
 ws_status ws_chan_connect(const char *name, int timeout_ms, int (*interrupted)(void *ctx),
                           void *ctx, ws_chan **out);
 void ws_chan_close(ws_chan *c); /* NULL is fine */
+/* Ends this side's sending: the peer's next receive reports the connection
+ * closed, while this side can still receive until the peer closes too. */
+void ws_chan_shutdown_write(ws_chan *c);
 
 /* The peer's pid (SO_PEERCRED) and how messages name it. The role defaults
  * to "peer" and is set once the peer said who it is ("engine"). */

@@ -831,6 +831,20 @@ static ws_status land(ws_receiver *r, const ws_tensor *sl, landing *ls, size_t n
             if (rc == WS_OK && sum)
                 rc = ws_tensor_checksum(&ls[i].view, ls[i].first, ls[i].view.dtype, &ls[i].sum);
         }
+        /* A copy between two GPUs runs on the destination's: before the
+         * acknowledgement frees the slot, every GPU that read it must be
+         * done (the slot's own GPU is synchronized by the caller). */
+        ws_device *synced[8];
+        size_t n_synced = 0;
+        for (size_t i = 0; rc == WS_OK && i < n; i++) {
+            ws_device *d = ws_tensor_device(&ls[i].view);
+            if (d->kind == WS_DEVICE_CPU || d == r->slot_dev) continue;
+            size_t j = 0;
+            while (j < n_synced && synced[j] != d) j++;
+            if (j < n_synced) continue;
+            rc = ws_device_synchronize(d);
+            if (n_synced < sizeof synced / sizeof *synced) synced[n_synced++] = d;
+        }
     }
     for (size_t i = 0; rc == WS_OK && sum && i < n; i++) r->sync_landed[ls[i].entry] += ls[i].sum;
     return rc;
@@ -853,7 +867,7 @@ static ws_status on_bucket(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
                       !r->syncing ? "outside a sync" : !r->n_slots ? "before its slots"
                       : slot >= WS_REMOTE_SLOTS ? "(no such slot)" : "out of order");
     const ws_tensor *sl = &r->slot[slot];
-    size_t slot_bytes = r->shm[slot].nbytes, bytes = 0;
+    size_t slot_bytes = ws_tensor_nbytes(sl), bytes = 0; /* a memfd or a GPU's IPC slot */
     int on_host = 1, sum = !(r->sync_flags & WS_MANIFEST_UNPROVEN);
     /* Check every piece before a byte is copied; count the chunks. */
     size_t n_land = 0;

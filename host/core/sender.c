@@ -31,6 +31,7 @@
 #define DEFAULT_CONNECT_MS 10000
 #define DEFAULT_SLOT_BYTES ((size_t)64 << 20)
 #define CLOSE_SEND_MS 1000
+#define CLOSE_WAIT_MS 2000 /* for a receiver to let go of GPU slots */
 
 struct ws_sender {
     ws_sender_opts opts;
@@ -39,8 +40,9 @@ struct ws_sender {
     int broken;
     char broken_why[512];
     ws_shm shm[WS_REMOTE_SLOTS];
-    ws_tensor slot[WS_REMOTE_SLOTS];
+    ws_tensor slot[WS_REMOTE_SLOTS]; /* host memfds or GPU memory alike: what the slots are */
     int slots_sent;
+    int gpu_slots; /* the slots are GPU memory shared through CUDA IPC */
     int busy[WS_REMOTE_SLOTS];
     uint64_t busy_seq[WS_REMOTE_SLOTS];
     int next_slot;
@@ -66,6 +68,15 @@ struct ws_sender {
     } *shared;
     size_t n_shared;
 };
+
+/* A slot's memory, whichever kind: its tensor's data (a host mapping or a
+ * device pointer) and size. */
+static void slot_mem(const ws_sender *s, int slot, void **base, size_t *bytes)
+{
+    const ws_tensor *t = &s->slot[slot];
+    *base = t->storage ? (char *)t->storage->data + t->offset : NULL;
+    *bytes = t->storage ? ws_tensor_nbytes(t) : 0;
+}
 
 static void free_shared(ws_sender *s)
 {
@@ -311,6 +322,35 @@ ws_status ws_sender_connect(const char *name, const ws_sender_opts *opts, ws_sen
     return WS_OK;
 }
 
+/* Freeing CUDA IPC memory that another process still has open is undefined
+ * behaviour (cudaIpcOpenMemHandle). A receiver closes its mappings of the
+ * slots before it closes the connection, on CLOSE or on seeing the
+ * connection end, so the sender ends its writing side and waits (up to
+ * CLOSE_WAIT_MS) for that. 1: the slots may be freed (the receiver let go,
+ * or its process is gone); 0: it still holds them, and they are left
+ * allocated (two slots of GPU memory) rather than freed under it. */
+static int released_by_peer(ws_sender *s)
+{
+    if (!s->chan || !ws_chan_peer_alive(s->chan)) return 1;
+    ws_status code = ws_errcode();
+    char msg[1024], loc[128];
+    snprintf(msg, sizeof msg, "%s", ws_errmsg());
+    snprintf(loc, sizeof loc, "%s", ws_errloc());
+    ws_chan_shutdown_write(s->chan);
+    double until = ws_chan_now_ms() + CLOSE_WAIT_MS;
+    ws_status rc = WS_OK;
+    while (rc == WS_OK) { /* late replies are dropped: only the end counts */
+        double left = until - ws_chan_now_ms();
+        ws_chan_msg m;
+        rc = left > 0 ? ws_chan_recv(s->chan, (int)left + 1, &m, "leaving") : WS_ERR_TIMEOUT;
+        if (rc == WS_OK) ws_chan_msg_free(&m);
+    }
+    int released = rc != WS_ERR_TIMEOUT || !ws_chan_peer_alive(s->chan);
+    if (code != WS_OK) ws_seterr(code, loc[0] ? loc : NULL, 0, "%s", msg);
+    else ws_errclear();
+    return released;
+}
+
 void ws_sender_close(ws_sender *s)
 {
     if (!s) return;
@@ -323,9 +363,10 @@ void ws_sender_close(ws_sender *s)
         (void)ws_chan_send(s->chan, WS_MSG_CLOSE, NULL, 0, NULL, 0, CLOSE_SEND_MS, "leaving");
         if (code != WS_OK) WS_ERR(code, "%s", msg);
     }
+    int keep_gpu_slots = s->gpu_slots && !released_by_peer(s);
     ws_chan_close(s->chan);
     for (int i = 0; i < WS_REMOTE_SLOTS; i++) {
-        ws_tensor_free(&s->slot[i]);
+        if (!keep_gpu_slots) ws_tensor_free(&s->slot[i]);
         ws_shm_free(&s->shm[i]);
     }
     free_sync(s);
@@ -390,6 +431,7 @@ static ws_status create_gpu_slots(ws_sender *s, const char *what)
         return rc;
     }
     s->slots_sent = 1;
+    s->gpu_slots = 1;
     return WS_OK;
 }
 
@@ -625,7 +667,8 @@ ws_status ws_sender_bucket(ws_sender *s, const ws_sender_piece *pieces, size_t n
     double t0 = ws_chan_now_ms();
     if (rc == WS_OK) {
         ws_tensor *sl = &s->slot[slot];
-        if (all_on_host) {
+        ws_device *sdev = ws_tensor_device(sl);
+        if (all_on_host && sdev->kind == WS_DEVICE_CPU) {
             rc = ws_pack(sl, srcs, n, offsets);
         } else {
             for (size_t i = 0; rc == WS_OK && i < n; i++) {
@@ -641,6 +684,9 @@ ws_status ws_sender_bucket(ws_sender *s, const ws_sender_piece *pieces, size_t n
             rc = ws_tensor_checksum(srcs[i], pieces[i].elem_offset, srcs[i]->dtype, &sum);
             s->sums[pieces[i].tensor] += sum;
         }
+        /* The engine process reads the slot as soon as it hears of it: copies
+         * into GPU memory must be done, not merely queued. */
+        if (rc == WS_OK && sdev->kind != WS_DEVICE_CPU) rc = ws_device_synchronize(sdev);
         if (rc != WS_OK) ws_errprefix("%s: packing", what);
     }
     s->stats.pack_ms += ws_chan_now_ms() - t0;
@@ -677,8 +723,7 @@ ws_status ws_sender_slot(ws_sender *s, int slot, void **base, size_t *bytes)
     if (slot < 0 || slot >= WS_REMOTE_SLOTS)
         return WS_ERR(WS_ERR_ARG, "%s: the slots are 0 to %d", what, WS_REMOTE_SLOTS - 1);
     WS_TRY(await_slot(s, slot, what));
-    *base = s->shm[slot].data;
-    *bytes = s->shm[slot].nbytes;
+    slot_mem(s, slot, base, bytes);
     return WS_OK;
 }
 
@@ -696,7 +741,9 @@ ws_status ws_sender_submit(ws_sender *s, int slot, const ws_wire_piece *pieces, 
                       "acknowledged; take it with ws_sender_slot before writing into it",
                       what, s->busy_seq[slot] + 1);
     if (n > UINT32_MAX / 2) return WS_ERR(WS_ERR_ARG, "%s: too many pieces", what);
-    size_t slot_bytes = s->shm[slot].nbytes;
+    void *slot_base;
+    size_t slot_bytes;
+    slot_mem(s, slot, &slot_base, &slot_bytes);
     uint64_t bytes = 0;
     ws_wbuf w = {0};
     ws_wbuf_u64(&w, s->next_seq);

@@ -312,6 +312,15 @@ static PyObject *receiver_add(ReceiverObject *o, PyObject *args)
             return PyErr_Format(WsError, "Receiver.add: tensor '%s': %s", name, ws_errmsg());
         }
         o->cuda = 1;
+        /* The receiver writes on its own copy of wshost's streams, which
+         * DLPack's handshake (made with the library's) did not order after
+         * torch's work: what torch queued on this tensor is done first. */
+        PyObject *done = sync_torch_cuda(Py_NewRef(Py_None));
+        if (!done) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        Py_DECREF(done);
     }
     int64_t shape[WS_MAX_DIMS];
     for (int k = 0; k < t->mem.ndim; k++) shape[k] = t->mem.shape[k];

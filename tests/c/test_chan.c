@@ -1279,6 +1279,85 @@ static void test_large_pieces(void)
     }
 }
 
+/* ---- GPU slots (CUDA IPC) --------------------------------------------------------- */
+
+/* The slots in GPU memory, shared through CUDA IPC with an engine process
+ * whose tensors are on that GPU: host sources (copied into the slot across
+ * devices) and GPU sources (copied on the GPU) arrive equal, and the sender
+ * leaves only after the receiver let go of the slots. Both processes start
+ * CUDA after the fork (CUDA does not survive one). Skipped without a GPU. */
+static ws_status to_gpu(ws_device *dev, ws_tensor *host, ws_tensor *gpu)
+{
+    memset(gpu, 0, NT * sizeof *gpu);
+    ws_status rc = WS_OK;
+    for (int i = 0; i < NT && rc == WS_OK; i++) {
+        ws_tensor_opts o = {.name = SPEC[i].name, .device = dev};
+        rc = ws_tensor_empty(&gpu[i], SPEC[i].dtype, SPEC[i].ndim, SPEC[i].shape, &o);
+        if (rc == WS_OK) rc = ws_tensor_copy(&gpu[i], &host[i]);
+    }
+    if (rc == WS_OK) rc = ws_device_synchronize(dev);
+    return rc;
+}
+
+static void test_gpu_slots(void)
+{
+    const char *name = chan_name();
+    pid_t child = fork_child();
+    if (child == 0) {
+        ws_device *dev;
+        if (ws_device_get("cuda", &dev) != WS_OK) _exit(77);
+        ws_tensor zero[NT], dst[NT], got[NT], want[NT];
+        REQUIRE_OK(make_tensors(zero, 0));
+        REQUIRE_OK(to_gpu(dev, zero, dst));
+        ws_receiver *r;
+        REQUIRE_OK(ws_receiver_create(name, NULL, &r));
+        REQUIRE_OK(add_all(r, dst));
+        CHECK_OK(ws_receiver_serve(r, 10000));
+        uint64_t version = 0;
+        CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_VALID && version == 2);
+        REQUIRE_OK(make_tensors(want, 2));
+        REQUIRE_OK(make_tensors(got, 0));
+        for (int i = 0; i < NT; i++) {
+            CHECK_OK(ws_tensor_copy(&got[i], &dst[i]));
+            CHECK(same_bytes(&got[i], &want[i]));
+        }
+        ws_receiver_free(r);
+        free_tensors(zero);
+        free_tensors(dst);
+        free_tensors(got);
+        free_tensors(want);
+        CHILD_EXIT();
+    }
+    ws_device *dev;
+    if (ws_device_get("cuda", &dev) != WS_OK) {
+        kill(child, SIGKILL);
+        (void)wait_child(child);
+        SKIP(ws_device_cuda_unavailable_reason());
+    }
+    ws_sender_opts so = {.slot_bytes = 16384, .connect_timeout_ms = 10000, .timeout_ms = 10000,
+                         .slot_device = dev};
+    ws_sender *s = NULL;
+    REQUIRE_OK(ws_sender_connect(name, &so, &s));
+    CHECK(ws_sender_slot_device(s) == dev);
+    ws_tensor src[NT], gsrc[NT];
+    int buckets = 0;
+    /* Version 1 from host memory, version 2 from the GPU. */
+    REQUIRE_OK(make_tensors(src, 1));
+    CHECK_OK(sync_model(s, src, 1, &buckets));
+    free_tensors(src);
+    REQUIRE_OK(make_tensors(src, 2));
+    REQUIRE_OK(to_gpu(dev, src, gsrc));
+    CHECK_OK(sync_model(s, gsrc, 2, &buckets));
+    CHECK(buckets > 4);
+    double t0 = ws_chan_now_ms();
+    ws_sender_close(s);
+    printf("    closed after the engine let go of the GPU slots: %.1f ms\n",
+           ws_chan_now_ms() - t0);
+    free_tensors(src);
+    free_tensors(gsrc);
+    CHECK(wait_child(child) == 0);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_DFL); /* a SIGPIPE would kill the test: none may be raised */
@@ -1308,5 +1387,8 @@ int main(void)
                 "%d wshost entries in /dev/shm\n", fds, fds_after, maps, shm);
         check_failed_++;
     }
+    /* Last, after the count: the only case that starts CUDA in this process
+     * (whose driver keeps descriptors of its own open). */
+    RUN(test_gpu_slots);
     return check_summary();
 }
