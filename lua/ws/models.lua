@@ -3,8 +3,8 @@
 -- `model=` is a preset name or a Hugging Face model directory. Both become a
 -- spec through the same path: a preset is the config.json of the published
 -- model (shapes only, the trainer starts from seeded random values), a
--- directory's config.json is read as written. The family named by the
--- config's model_type (lua/ws/family/<model_type>.lua) turns it into a spec
+-- directory's config.json is read as written. The family of the config's
+-- first `architectures` entry (lua/ws/family/*.lua) turns it into a spec
 -- and lists the parameters; `models.params(spec)` is the one list the
 -- trainer, the engine layout and the sync plans are derived from. The `tiny`
 -- presets keep the structure at a few MB, with odd sizes so FSDP shards are
@@ -60,8 +60,9 @@ function M.names()
     return names
 end
 
--- The family module of a config.json table: by model_type, else by the
--- first of `architectures`. Raises listing the known architectures.
+-- The family module of a config.json table: by the first of
+-- `architectures`, else (none given) by model_type. Raises listing the known
+-- architectures.
 function M.family_of(cfg, where)
     local arch = type(cfg.architectures) == "table" and cfg.architectures[1] or nil
     local known = {}

@@ -7,8 +7,10 @@
 -- EP rank r % engine_ep holds a contiguous range of each layer's experts,
 -- whole (vLLM's FusedMoE with expert parallelism splits no expert). Each
 -- rank's sync plan receives from the trainer's FSDP shards only what its own
--- shard needs (an all_to_all; sync_exchange=all_gather gathers every whole
--- parameter instead); verification sums the shards' checksums over the group
+-- shard needs (point-to-point messages straight into its blocks where the
+-- comm can, cpu over MPI; else an all_to_all when that moves fewer bytes
+-- than a gather; sync_exchange=all_gather gathers every whole parameter
+-- instead); verification sums the shards' checksums over the group
 -- (sub-communicators made here) back to the trainer's.
 local config = require("ws.config")
 
