@@ -757,20 +757,25 @@ static ws_status land_group(const ws_tensor *sl, landing *ls, size_t k, int sum)
     return WS_OK;
 }
 
+#define LAND_WHY_BYTES 256
+
 typedef struct land_ctx {
     const ws_tensor *sl;
     landing *ls;
     const size_t *group; /* group g is landings [group[g], group[g + 1]) */
     int sum;
     ws_status *rc;
+    char (*why)[LAND_WHY_BYTES]; /* a failed group's message, taken on its thread */
 } land_ctx;
 
 static void land_range(void *ctx, size_t begin, size_t end, int worker)
 {
     land_ctx *c = ctx;
     (void)worker;
-    for (size_t g = begin; g < end; g++)
+    for (size_t g = begin; g < end; g++) {
         c->rc[g] = land_group(c->sl, c->ls + c->group[g], c->group[g + 1] - c->group[g], c->sum);
+        if (c->rc[g] != WS_OK) snprintf(c->why[g], LAND_WHY_BYTES, "%s", ws_errmsg());
+    }
 }
 
 /* Copies the landings out of slot `sl` into their tensors and, with `sum`,
@@ -787,7 +792,8 @@ static ws_status land(ws_receiver *r, const ws_tensor *sl, landing *ls, size_t n
     if (on_host) {
         size_t *group = ws_malloc((n + 1) * sizeof *group);
         ws_status *rcs = ws_calloc(n ? n : 1, sizeof *rcs);
-        if (!group || !rcs) rc = WS_ERR(WS_ERR_NOMEM, "out of memory for %zu chunks", n);
+        char(*why)[LAND_WHY_BYTES] = ws_calloc(n ? n : 1, sizeof *why);
+        if (!group || !rcs || !why) rc = WS_ERR(WS_ERR_NOMEM, "out of memory for %zu chunks", n);
         size_t n_groups = 0;
         int shared = 1;
         for (size_t i = 0; rc == WS_OK && i < n; n_groups++) {
@@ -802,22 +808,20 @@ static ws_status land(ws_receiver *r, const ws_tensor *sl, landing *ls, size_t n
         }
         if (rc == WS_OK) {
             group[n_groups] = n;
-            land_ctx c = {sl, ls, group, sum, rcs};
+            land_ctx c = {sl, ls, group, sum, rcs, why};
             if (shared) ws_parallel_for(n_groups, 1, land_range, &c);
             else land_range(&c, 0, n_groups, 0);
         }
-        /* A worker's error message stays on its thread: redo the first
-         * failed group here to say why. */
+        /* A worker's error is on its thread: the first failed group's
+         * message, taken there, says why. */
         for (size_t g = 0; rc == WS_OK && g < n_groups; g++) {
             if (rcs[g] == WS_OK) continue;
-            rc = land_group(sl, ls + group[g], group[g + 1] - group[g], sum);
-            if (rc == WS_OK)
-                rc = WS_ERR(rcs[g], "copying elements [%" PRIu64 ", ...) of manifest tensor "
-                            "#%u failed on a worker thread", ls[group[g]].first,
-                            ls[group[g]].entry + 1);
+            rc = WS_ERR(rcs[g], "copying elements [%" PRIu64 ", ...) of manifest tensor #%u: %s",
+                        ls[group[g]].first, ls[group[g]].entry + 1, why[g]);
         }
         free(group);
         free(rcs);
+        free(why);
     } else {
         /* Another device: one copy per piece from a typed view of the slot. A
          * copy that reads host memory has finished when it returns

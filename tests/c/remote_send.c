@@ -2,7 +2,7 @@
  * from other languages (tests/python/test_receiver.py drives wshost.Receiver
  * with it). Not a test by itself.
  *
- *   remote_send NAME [-s SLOT_BYTES] [-p PIECE_ELEMS] [-T TIMEOUT_MS]
+ *   remote_send NAME [-s SLOT_BYTES] [-p PIECE_ELEMS] [-T TIMEOUT_MS] [-C CONNECT_MS]
  *               -t name:dtype:D0xD1... [-t ...] ACTION...
  *
  * Actions, run in order; each prints "ok ACTION <milliseconds> ms" or
@@ -14,8 +14,8 @@
  *   die:V         begins a sync, sends one bucket, then kills itself (SIGKILL)
  *   hang:MS       sleeps (a silent peer)
  *
- * Element k of tensor i at version V holds ((7k + 13i + 3V) mod 64) / 8 - 4,
- * exact in every float dtype, so the receiver's side can recompute it.
+ * Element k of tensor i at version V holds ((7k + 13i + 3V) mod 64) / 8 - 4
+ * (remote_script.h), so the receiver's side can recompute it.
  * Exit status: 0 when every action succeeded, 1 otherwise, 2 on bad usage. */
 #include <signal.h>
 #include <stdio.h>
@@ -26,6 +26,7 @@
 
 #include "dtype.h"
 #include "remote.h"
+#include "remote_script.h"
 #include "status.h"
 #include "tensor.h"
 
@@ -39,25 +40,13 @@ static int64_t piece_elems = 1 << 20;
 static int usage(const char *why)
 {
     fprintf(stderr, "remote_send: %s\nusage: remote_send NAME [-s SLOT_BYTES] [-p PIECE_ELEMS] "
-            "[-T TIMEOUT_MS] -t name:dtype:D0xD1 ... ACTION...\n", why);
+            "[-T TIMEOUT_MS] [-C CONNECT_MS] -t name:dtype:D0xD1 ... ACTION...\n", why);
     return 2;
 }
 
 static int parse_tensor(char *arg)
 {
-    if (n_tensors == MAX_TENSORS) return -1;
-    char *c1 = strchr(arg, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
-    if (!c2) return -1;
-    *c1 = *c2 = '\0';
-    ws_wire_tensor *w = &spec[n_tensors];
-    w->name = arg;
-    if (ws_dtype_parse(c1 + 1, &w->dtype) != 0) return -1;
-    w->ndim = 0;
-    for (char *p = c2 + 1; *p && w->ndim < WS_MAX_DIMS;) {
-        w->shape[w->ndim++] = strtoll(p, &p, 10);
-        if (*p == 'x') p++;
-        else if (*p) return -1;
-    }
+    if (n_tensors == MAX_TENSORS || script_parse_tensor(arg, &spec[n_tensors]) != 0) return -1;
     n_tensors++;
     return 0;
 }
@@ -74,8 +63,7 @@ static ws_status fill(uint64_t version)
         size_t es = ws_dtype_size(spec[i].dtype);
         int64_t n = ws_tensor_numel(&src[i]);
         for (int64_t k = 0; k < n; k++)
-            ws_store_scalar((char *)p + (size_t)k * es, spec[i].dtype,
-                            (double)((7 * k + 13 * i + 3 * (int64_t)version) % 64) / 8.0 - 4.0);
+            ws_store_scalar((char *)p + (size_t)k * es, spec[i].dtype, script_value(k, i, version));
         ws_tensor_mark_written(&src[i]);
     }
     return WS_OK;
@@ -150,6 +138,7 @@ int main(int argc, char **argv)
         if (opt == 's') so.slot_bytes = (size_t)strtoull(argv[i + 1], NULL, 10);
         else if (opt == 'p') piece_elems = strtoll(argv[i + 1], NULL, 10);
         else if (opt == 'T') so.timeout_ms = atoi(argv[i + 1]);
+        else if (opt == 'C') so.connect_timeout_ms = atoi(argv[i + 1]);
         else if (opt != 't' || parse_tensor(argv[i + 1]) != 0) return usage(argv[i + 1]);
     }
     if (piece_elems < 1) return usage("-p must be positive");
