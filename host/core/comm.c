@@ -65,6 +65,7 @@ static ws_status agree_check(ws_comm *w, int check)
     if (w->size == 1) return WS_OK;
     int64_t mm[2] = {check != 0, -(int64_t)(check != 0)};
     ws_status rc = w->host->max_i64(w, mm, 2);
+    if (rc != WS_OK) snprintf(g_check_msg, sizeof g_check_msg, "%s", ws_errmsg());
     if (rc != WS_OK || mm[0] == -mm[1]) return rc;
     int64_t *all = malloc((size_t)w->size * sizeof *all), mine = check != 0;
     int differs = -1;

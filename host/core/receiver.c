@@ -836,17 +836,19 @@ static ws_status land(ws_receiver *r, const ws_tensor *sl, landing *ls, size_t n
                 rc = ws_tensor_checksum(&ls[i].view, ls[i].first, ls[i].view.dtype, &ls[i].sum);
         }
         /* A copy between two GPUs runs on the destination's: before the
-         * acknowledgement frees the slot, every GPU that read it must be
-         * done (the slot's own GPU is synchronized by the caller). */
+         * acknowledgement frees the slot, or a failure unmaps it, every GPU
+         * that read it must be done (the slot's own GPU is synchronized by
+         * the caller). The first error stays the answer. */
         ws_device *synced[8];
         size_t n_synced = 0;
-        for (size_t i = 0; rc == WS_OK && i < n; i++) {
+        for (size_t i = 0; i < n; i++) {
             ws_device *d = ws_tensor_device(&ls[i].view);
             if (d->kind == WS_DEVICE_CPU || d == r->slot_dev) continue;
             size_t j = 0;
             while (j < n_synced && synced[j] != d) j++;
             if (j < n_synced) continue;
-            rc = ws_device_synchronize(d);
+            ws_status s = ws_device_synchronize(d);
+            if (rc == WS_OK) rc = s;
             if (n_synced < sizeof synced / sizeof *synced) synced[n_synced++] = d;
         }
     }
@@ -872,7 +874,8 @@ static ws_status on_bucket(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
                       : slot >= WS_REMOTE_SLOTS ? "(no such slot)" : "out of order");
     const ws_tensor *sl = &r->slot[slot];
     size_t slot_bytes = ws_tensor_nbytes(sl), bytes = 0; /* a memfd or a GPU's IPC slot */
-    int on_host = 1, sum = !(r->sync_flags & WS_MANIFEST_UNPROVEN);
+    /* Batched host copies need the slot and every tensor in host memory. */
+    int on_host = !r->slot_dev, sum = !(r->sync_flags & WS_MANIFEST_UNPROVEN);
     /* Check every piece before a byte is copied; count the chunks. */
     size_t n_land = 0;
     ws_rbuf check = rb;
@@ -925,9 +928,12 @@ static ws_status on_bucket(ws_receiver *r, const ws_chan_msg *m, ws_receiver_eve
     }
     ws_status rc = land(r, sl, ls, k, on_host, sum);
     free(ls);
-    /* A slot in the sender's GPU memory is free again only once the copies
-     * out of it are done, not merely queued. */
-    if (rc == WS_OK && r->slot_dev) rc = ws_device_synchronize(r->slot_dev);
+    /* A slot in the sender's GPU memory is free again (or, after a failure,
+     * unmapped) only once the copies out of it are done, not merely queued. */
+    if (r->slot_dev) {
+        ws_status s = ws_device_synchronize(r->slot_dev);
+        if (rc == WS_OK) rc = s;
+    }
     if (rc != WS_OK) {
         ws_errprefix("receiver: bucket %" PRIu64, seq + 1);
         return rc;
@@ -1246,6 +1252,30 @@ ws_status ws_receiver_accept(ws_receiver *r, int timeout_ms)
     return rc;
 }
 
+/* A sender leaving (CLOSE) frees its slots once told: a receiver that
+ * mapped them from a GPU (CUDA IPC) unmaps them first and answers
+ * ACK(CLOSE), since freeing memory another process still has open is
+ * undefined. Best effort: the sender may be gone. */
+static void let_go(ws_receiver *r)
+{
+    if (!r->slot_dev || !r->chan) return;
+    ws_status code = ws_errcode();
+    char msg[1024], loc[128];
+    snprintf(msg, sizeof msg, "%s", ws_errmsg());
+    snprintf(loc, sizeof loc, "%s", ws_errloc());
+    unmap_slots(r);
+    unsigned char buf[16];
+    uint32_t type = WS_MSG_CLOSE, slot = WS_ACK_NO_SLOT;
+    uint64_t seq = 0;
+    memcpy(buf, &type, 4);
+    memcpy(buf + 4, &slot, 4);
+    memcpy(buf + 8, &seq, 8);
+    (void)ws_chan_send(r->chan, WS_MSG_ACK, buf, sizeof buf, NULL, 0, ERROR_SEND_MS,
+                       "acknowledging the close");
+    if (code != WS_OK) ws_seterr(code, loc[0] ? loc : NULL, 0, "%s", msg);
+    else ws_errclear();
+}
+
 ws_status ws_receiver_next(ws_receiver *r, int timeout_ms, ws_receiver_event *ev)
 {
     memset(ev, 0, sizeof *ev);
@@ -1266,7 +1296,7 @@ ws_status ws_receiver_next(ws_receiver *r, int timeout_ms, ws_receiver_event *ev
         snprintf(what, sizeof what, "a wait for the next request");
     ws_chan_msg m;
     ws_status rc = ws_chan_recv(r->chan, timeout_ms, &m, what);
-    int fatal = rc != WS_OK && (rc != WS_ERR_TIMEOUT || syncing);
+    int fatal = rc != WS_OK && (rc != WS_ERR_TIMEOUT || syncing), closing = 0;
     if (rc == WS_OK) {
         switch (m.type) {
         case WS_MSG_MANIFEST: rc = on_manifest(r, &m, ev); break;
@@ -1277,6 +1307,7 @@ ws_status ws_receiver_next(ws_receiver *r, int timeout_ms, ws_receiver_event *ev
         case WS_MSG_WAKE:
         case WS_MSG_SLEEP: rc = on_wake_sleep(r, &m, ev); break;
         case WS_MSG_CLOSE:
+            closing = 1;
             if (syncing)
                 rc = WS_ERR(WS_ERR_COMM, "%s left in the middle of the sync of weight version "
                             "%" PRIu64, ws_chan_peer_label(r->chan), version);
@@ -1293,6 +1324,7 @@ ws_status ws_receiver_next(ws_receiver *r, int timeout_ms, ws_receiver_event *ev
         if (rc != WS_OK && r->refused) send_error(r);
     }
     ws_chan_msg_free(&m);
+    if (closing) let_go(r);
     if (rc != WS_OK && fatal) {
         if (r->syncing) {
             send_error(r);
@@ -1300,7 +1332,7 @@ ws_status ws_receiver_next(ws_receiver *r, int timeout_ms, ws_receiver_event *ev
             snprintf(msg, sizeof msg, "%s", ws_errmsg());
             fail_sync(r, msg);
             WS_ERR(rc, "%s; the tensors of that sync are marked invalid", msg);
-        } else if (m.type != WS_MSG_CLOSE) {
+        } else if (!closing) {
             send_error(r);
         }
         drop_connection(r);

@@ -60,6 +60,12 @@
  *   ACK      u32 type acknowledged, u32 slot (WS_ACK_NO_SLOT), u64 seq
  *   ERROR    the message text (no NUL)            receiver -> sender
  *   CLOSE    empty: the sender leaves on purpose  sender -> receiver
+ *            No answer, except from a receiver that mapped GPU slots: it
+ *            unmaps them, then answers ACK(CLOSE), and only then does the
+ *            sender free them (CUDA IPC memory must not be freed while
+ *            another process has it open). A sender with GPU slots says
+ *            CLOSE also in the middle of a sync (that sync's tensors stay
+ *            invalid, as when the connection ends).
  *
  *   SHARED   u32 first, u32 n (<= 8), u64 bytes[n], u8 last;
  *            last: u32 m, m x {str name, u32 chunk, u64 offset, u64 bytes}

@@ -323,12 +323,14 @@ ws_status ws_sender_connect(const char *name, const ws_sender_opts *opts, ws_sen
 }
 
 /* Freeing CUDA IPC memory that another process still has open is undefined
- * behaviour (cudaIpcOpenMemHandle). A receiver closes its mappings of the
- * slots before it closes the connection, on CLOSE or on seeing the
- * connection end, so the sender ends its writing side and waits (up to
- * CLOSE_WAIT_MS) for that. 1: the slots may be freed (the receiver let go,
- * or its process is gone); 0: it still holds them, and they are left
- * allocated (two slots of GPU memory) rather than freed under it. */
+ * behaviour (cudaIpcOpenMemHandle). So with GPU slots the sender says CLOSE
+ * (also in the middle of a sync: the receiver then keeps that sync's
+ * tensors invalid) and waits, up to CLOSE_WAIT_MS and deaf to interrupts,
+ * for the receiver's ACK(CLOSE), which it sends once it has unmapped them.
+ * Over a broken connection it ends its writing side and waits for the
+ * receiver to drop the connection (which unmaps first). 1: the slots may be
+ * freed (released, or the receiver's process is gone); 0: the receiver
+ * still holds them, and they stay allocated rather than be freed under it. */
 static int released_by_peer(ws_sender *s)
 {
     if (!s->chan || !ws_chan_peer_alive(s->chan)) return 1;
@@ -336,16 +338,25 @@ static int released_by_peer(ws_sender *s)
     char msg[1024], loc[128];
     snprintf(msg, sizeof msg, "%s", ws_errmsg());
     snprintf(loc, sizeof loc, "%s", ws_errloc());
-    ws_chan_shutdown_write(s->chan);
+    ws_chan_set_interrupt(s->chan, NULL, NULL);
+    int told = !s->broken && ws_chan_send(s->chan, WS_MSG_CLOSE, NULL, 0, NULL, 0, CLOSE_SEND_MS,
+                                          "leaving") == WS_OK;
+    if (!told) ws_chan_shutdown_write(s->chan);
     double until = ws_chan_now_ms() + CLOSE_WAIT_MS;
+    int released = 0;
     ws_status rc = WS_OK;
-    while (rc == WS_OK) { /* late replies are dropped: only the end counts */
+    while (!released && rc == WS_OK) { /* other late replies are dropped */
         double left = until - ws_chan_now_ms();
         ws_chan_msg m;
         rc = left > 0 ? ws_chan_recv(s->chan, (int)left + 1, &m, "leaving") : WS_ERR_TIMEOUT;
-        if (rc == WS_OK) ws_chan_msg_free(&m);
+        if (rc != WS_OK) break;
+        uint32_t acked = 0;
+        if (m.type == WS_MSG_ACK && m.len >= 4) memcpy(&acked, m.payload, 4);
+        released = told && acked == WS_MSG_CLOSE;
+        ws_chan_msg_free(&m);
     }
-    int released = rc != WS_ERR_TIMEOUT || !ws_chan_peer_alive(s->chan);
+    /* The connection ended: the receiver dropped it, and unmapped first. */
+    if (!released) released = rc == WS_ERR_COMM || !ws_chan_peer_alive(s->chan);
     if (code != WS_OK) ws_seterr(code, loc[0] ? loc : NULL, 0, "%s", msg);
     else ws_errclear();
     return released;
@@ -354,16 +365,18 @@ static int released_by_peer(ws_sender *s)
 void ws_sender_close(ws_sender *s)
 {
     if (!s) return;
-    /* Leaving in the middle of a sync is not a clean CLOSE: the receiver sees
-     * the connection end and keeps that sync's tensors invalid. */
-    if (s->chan && !s->broken && !s->syncing) {
+    int keep_gpu_slots = 0;
+    if (s->gpu_slots) {
+        keep_gpu_slots = !released_by_peer(s);
+    } else if (s->chan && !s->broken && !s->syncing) {
+        /* Leaving in the middle of a sync is not a clean CLOSE: the receiver
+         * sees the connection end and keeps that sync's tensors invalid. */
         char msg[1024];
         ws_status code = ws_errcode();
         snprintf(msg, sizeof msg, "%s", ws_errmsg());
         (void)ws_chan_send(s->chan, WS_MSG_CLOSE, NULL, 0, NULL, 0, CLOSE_SEND_MS, "leaving");
         if (code != WS_OK) WS_ERR(code, "%s", msg);
     }
-    int keep_gpu_slots = s->gpu_slots && !released_by_peer(s);
     ws_chan_close(s->chan);
     for (int i = 0; i < WS_REMOTE_SLOTS; i++) {
         if (!keep_gpu_slots) ws_tensor_free(&s->slot[i]);

@@ -315,7 +315,7 @@ static PyObject *receiver_add(ReceiverObject *o, PyObject *args)
         /* The receiver writes on its own copy of wshost's streams, which
          * DLPack's handshake (made with the library's) did not order after
          * torch's work: what torch queued on this tensor is done first. */
-        PyObject *done = sync_torch_cuda(Py_NewRef(Py_None));
+        PyObject *done = sync_torch_cuda_device(Py_NewRef(Py_None), t->mem.device_index);
         if (!done) {
             Py_DECREF(t);
             return NULL;

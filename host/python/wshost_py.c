@@ -935,7 +935,9 @@ static int sigint_python_during_callback(int enter)
 
 /* torch.cuda.synchronize() when torch is loaded and its CUDA initialized;
  * returns r, or NULL (r dropped) with the exception set. */
-PyObject *sync_torch_cuda(PyObject *r)
+PyObject *sync_torch_cuda(PyObject *r) { return sync_torch_cuda_device(r, -1); }
+
+PyObject *sync_torch_cuda_device(PyObject *r, int device)
 {
     PyObject *name = PyUnicode_FromString("torch");
     PyObject *torch = name ? PyImport_GetModule(name) : NULL;
@@ -949,7 +951,9 @@ PyObject *sync_torch_cuda(PyObject *r)
     PyObject *ready = cuda ? PyObject_CallMethod(cuda, "is_initialized", NULL) : NULL;
     if (!ready) PyErr_Clear(); /* no torch.cuda: nothing of torch's runs on a GPU */
     PyObject *done = ready && PyObject_IsTrue(ready) == 1
-                         ? PyObject_CallMethod(cuda, "synchronize", NULL) : Py_NewRef(Py_None);
+                         ? (device < 0 ? PyObject_CallMethod(cuda, "synchronize", NULL)
+                                       : PyObject_CallMethod(cuda, "synchronize", "i", device))
+                         : Py_NewRef(Py_None);
     Py_XDECREF(ready);
     Py_XDECREF(cuda);
     if (!done) {

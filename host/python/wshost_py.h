@@ -37,6 +37,8 @@ int tensor_check_live(TensorObject *t, const char *what);
 /* torch.cuda.synchronize() when torch has initialized CUDA; returns r, or
  * NULL (r dropped) with the exception set. */
 PyObject *sync_torch_cuda(PyObject *r);
+/* The same for one GPU (torch's index; -1: torch's current one). */
+PyObject *sync_torch_cuda_device(PyObject *r, int device);
 
 /* Adds wshost.Receiver to the module; -1 with the exception set. */
 int receiver_py_init(PyObject *module);

@@ -578,23 +578,58 @@ static void run_sender_child(const char *name, uint64_t version, int stop_after)
     CHILD_EXIT();
 }
 
+/* A trainer child sends version `version` whole; this side serves it. */
+static void serve_version(ws_receiver *r, const char *name, uint64_t version)
+{
+    pid_t child = fork_child();
+    if (child == 0) run_sender_child(name, version, 0);
+    CHECK_OK(ws_receiver_serve(r, 3000));
+    CHECK(wait_child(child) == 0);
+}
+
+/* An engine in this process over zeroed tensors dst, served version 1 whole.
+ * NULL when it could not be made. */
+static ws_receiver *engine_at_version1(const char *name, ws_tensor *dst)
+{
+    ws_receiver *r = NULL;
+    if (make_tensors(dst, 0) != WS_OK) return NULL;
+    ws_status rc = ws_receiver_create(name, NULL, &r);
+    if (rc == WS_OK) rc = add_all(r, dst);
+    if (rc != WS_OK) {
+        CHECK_OK(rc);
+        ws_receiver_free(r);
+        free_tensors(dst);
+        return NULL;
+    }
+    serve_version(r, name, 1);
+    uint64_t version = 0;
+    CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_VALID && version == 1);
+    return r;
+}
+
+/* The engine holds version `version`, valid and byte for byte; then it is freed. */
+static void holds_then_free(ws_receiver *r, ws_tensor *dst, uint64_t version)
+{
+    uint64_t got = 0;
+    ws_tensor want[NT];
+    CHECK(ws_receiver_state(r, &got) == WS_WEIGHTS_VALID && got == version);
+    if (make_tensors(want, version) == WS_OK) {
+        for (int i = 0; i < NT; i++) CHECK(same_bytes(&dst[i], &want[i]));
+        free_tensors(want);
+    }
+    ws_receiver_free(r);
+    free_tensors(dst);
+}
+
 static void test_sender_killed(void)
 {
     const char *name = chan_name();
-    ws_tensor dst[NT], want[NT];
-    REQUIRE_OK(make_tensors(dst, 0));
-    ws_receiver *r;
-    REQUIRE_OK(ws_receiver_create(name, NULL, &r));
-    REQUIRE_OK(add_all(r, dst));
-    /* Version 1 arrives whole. */
-    pid_t child = fork_child();
-    if (child == 0) run_sender_child(name, 1, 0);
-    CHECK_OK(ws_receiver_serve(r, 3000));
-    CHECK(wait_child(child) == 0);
+    ws_tensor dst[NT];
+    ws_receiver *r = engine_at_version1(name, dst);
+    if (!r) return;
     uint64_t version;
-    CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_VALID && version == 1);
     /* Version 2's sender dies after 4 buckets. */
-    child = fork_child();
+    pid_t child = fork_child();
     if (child == 0) run_sender_child(name, 2, 4);
     ws_receiver_event ev;
     int buckets = 0;
@@ -626,16 +661,8 @@ static void test_sender_killed(void)
     CHECK(ws_receiver_tensor_valid(r, "no.such.tensor") == -1);
     CHECK(ws_receiver_peer_pid(r) == 0);
     /* The engine keeps running: the next trainer makes it whole again. */
-    child = fork_child();
-    if (child == 0) run_sender_child(name, 3, 0);
-    CHECK_OK(ws_receiver_serve(r, 3000));
-    CHECK(wait_child(child) == 0);
-    CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_VALID && version == 3);
-    REQUIRE_OK(make_tensors(want, 3));
-    for (int i = 0; i < NT; i++) CHECK(same_bytes(&dst[i], &want[i]));
-    ws_receiver_free(r);
-    free_tensors(dst);
-    free_tensors(want);
+    serve_version(r, name, 3);
+    holds_then_free(r, dst, 3);
 }
 
 /* Another thread asks for the state while this one serves, as an engine's
@@ -666,37 +693,22 @@ static void *watch_state(void *ctx)
 static void test_state_while_serving(void)
 {
     const char *name = chan_name();
-    ws_tensor dst[NT], want[NT];
-    REQUIRE_OK(make_tensors(dst, 0));
-    ws_receiver *r;
-    REQUIRE_OK(ws_receiver_create(name, NULL, &r));
-    REQUIRE_OK(add_all(r, dst));
-    pid_t child = fork_child();
-    if (child == 0) run_sender_child(name, 1, 0);
-    CHECK_OK(ws_receiver_serve(r, 3000)); /* version 1 first: the reason has a version */
-    CHECK(wait_child(child) == 0);
-    child = fork_child();
-    if (child == 0) run_sender_child(name, 2, 0);
+    ws_tensor dst[NT];
+    ws_receiver *r = engine_at_version1(name, dst); /* every reason then names a version */
+    if (!r) return;
     watcher w = {.r = r};
     pthread_t th;
     if (pthread_create(&th, NULL, watch_state, &w) != 0) {
         CHECK(!"pthread_create");
         return;
     }
-    CHECK_OK(ws_receiver_serve(r, 3000));
+    serve_version(r, name, 2);
     __atomic_store_n(&w.stop, 1, __ATOMIC_RELEASE);
     pthread_join(th, NULL);
-    CHECK(wait_child(child) == 0);
     printf("    %d state queries from another thread during a sync, %d while syncing\n", w.asks,
            w.syncing);
     CHECK(w.asks > 0 && w.bad == 0);
-    uint64_t version = 0;
-    CHECK(ws_receiver_state(r, &version) == WS_WEIGHTS_VALID && version == 2);
-    REQUIRE_OK(make_tensors(want, 2));
-    for (int i = 0; i < NT; i++) CHECK(same_bytes(&dst[i], &want[i]));
-    ws_receiver_free(r);
-    free_tensors(dst);
-    free_tensors(want);
+    holds_then_free(r, dst, 2);
 }
 
 /* One proof per tensor: its whole checksum, no label. */

@@ -38,8 +38,10 @@ run() {
     local renv=(env) senv=(env)
     [ "$side" = recv ] && renv+=(WSHOST_FAIL_ALLOC="host:$n")
     [ "$side" = send ] && senv+=(WSHOST_FAIL_ALLOC="host:$n")
-    : >"$tmp/s.out"
-    : >"$tmp/s.err"
+    # Every output starts empty: the last run's "ok listen" must not start
+    # this run's trainer.
+    local f
+    for f in r.out r.err s.out s.err; do : >"$tmp/$f"; done
     "${renv[@]}" timeout -k 5 "$LIMIT" "$recv" "$name" -T 5000 -v 2 "${tensors[@]}" \
         >"$tmp/r.out" 2>"$tmp/r.err" &
     rpid=$!
