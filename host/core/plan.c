@@ -770,10 +770,13 @@ static ws_status plan_buckets(ws_plan *p)
     ws_status rc = staged(p) ? lay_out(p, p->seg_bytes, PLAN_ALIGN, &pieces, &buckets)
                              : lay_out(p, p->bucket_bytes, 1, &pieces, &buckets);
     if (rc == WS_OK && staged(p)) {
-        size_t seg = 0;
+        /* Each rank's segment starts on PLAN_ALIGN. Server mode with one
+         * rank has one segment, in a slot, whose end needs no rounding: a
+         * bucket of any size fits a slot of that size (bucket_mb as given). */
+        size_t seg = 0, round = p->world == 1 && p->role == WS_PLAN_REMOTE ? 1 : PLAN_ALIGN;
         const plan_bucket *bk = buckets.data;
         for (size_t k = 0; k < buckets.n; k++)
-            if (align_up(bk[k].seg_used, PLAN_ALIGN) > seg) seg = align_up(bk[k].seg_used, PLAN_ALIGN);
+            if (align_up(bk[k].seg_used, round) > seg) seg = align_up(bk[k].seg_used, round);
         int pairs = buckets.n > 1 ? 2 : buckets.n ? 1 : 0;
         rc = p->role == WS_PLAN_REMOTE ? remote_staging(p, pairs, seg)
                                        : ensure_staging(p, pairs, seg);

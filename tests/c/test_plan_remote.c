@@ -172,10 +172,12 @@ static void test_sync_into_engine_process(void)
     ws_sender *s = NULL;
     ws_plan *plan = NULL;
     CHECK_OK(make_params(p));
-    ws_sender_opts so = {.slot_bytes = 16384};
+    /* Small buckets: the embedding streams through many slots. Of a size
+     * that is no multiple of the plan's alignment (as bucket_mb=0.02 gives):
+     * the bucket still fits a slot of that size. */
+    ws_sender_opts so = {.slot_bytes = 16383};
     CHECK_OK(ws_sender_connect(chan_name_, &so, &s));
-    /* Small buckets: the embedding streams through many slots. */
-    CHECK_OK(ws_plan_create(NULL, ws_device_cpu(), 16384, "base", &plan));
+    CHECK_OK(ws_plan_create(NULL, ws_device_cpu(), 16383, "base", &plan));
     CHECK_OK(ws_plan_set_remote(plan, s));
     const ws_tensor *srcs[NP];
     int64_t numel[NP], offset[NP];
