@@ -466,14 +466,20 @@ pid_t ws_receiver_peer_pid(const ws_receiver *r) { return r->chan ? ws_chan_peer
 
 /* ---- replies ---------------------------------------------------------------------- */
 
-static ws_status send_ack(ws_receiver *r, uint32_t type, uint32_t slot, uint64_t seq,
-                          const char *what)
+static ws_status ack_within(ws_receiver *r, uint32_t type, uint32_t slot, uint64_t seq,
+                            int timeout_ms, const char *what)
 {
     unsigned char buf[16];
     memcpy(buf, &type, 4);
     memcpy(buf + 4, &slot, 4);
     memcpy(buf + 8, &seq, 8);
-    return ws_chan_send(r->chan, WS_MSG_ACK, buf, sizeof buf, NULL, 0, r->opts.timeout_ms, what);
+    return ws_chan_send(r->chan, WS_MSG_ACK, buf, sizeof buf, NULL, 0, timeout_ms, what);
+}
+
+static ws_status send_ack(ws_receiver *r, uint32_t type, uint32_t slot, uint64_t seq,
+                          const char *what)
+{
+    return ack_within(r, type, slot, seq, r->opts.timeout_ms, what);
 }
 
 /* Tells the sender why (best effort: it may be the one that died), keeping
@@ -481,13 +487,11 @@ static ws_status send_ack(ws_receiver *r, uint32_t type, uint32_t slot, uint64_t
 static void send_error(ws_receiver *r)
 {
     if (!r->chan || !ws_chan_peer_alive(r->chan)) return;
-    char msg[1024], loc[128];
-    ws_status code = ws_errcode();
-    snprintf(msg, sizeof msg, "%s", ws_errmsg());
-    snprintf(loc, sizeof loc, "%s", ws_errloc());
-    (void)ws_chan_send(r->chan, WS_MSG_ERROR, msg, strlen(msg), NULL, 0, ERROR_SEND_MS,
+    ws_err_saved e;
+    ws_err_save(&e);
+    (void)ws_chan_send(r->chan, WS_MSG_ERROR, e.msg, strlen(e.msg), NULL, 0, ERROR_SEND_MS,
                        "reporting an error");
-    ws_seterr(code, loc[0] ? loc : NULL, 0, "%s", msg);
+    ws_err_restore(&e);
 }
 
 /* ---- messages --------------------------------------------------------------------- */
@@ -1259,21 +1263,11 @@ ws_status ws_receiver_accept(ws_receiver *r, int timeout_ms)
 static void let_go(ws_receiver *r)
 {
     if (!r->slot_dev || !r->chan) return;
-    ws_status code = ws_errcode();
-    char msg[1024], loc[128];
-    snprintf(msg, sizeof msg, "%s", ws_errmsg());
-    snprintf(loc, sizeof loc, "%s", ws_errloc());
+    ws_err_saved e;
+    ws_err_save(&e);
     unmap_slots(r);
-    unsigned char buf[16];
-    uint32_t type = WS_MSG_CLOSE, slot = WS_ACK_NO_SLOT;
-    uint64_t seq = 0;
-    memcpy(buf, &type, 4);
-    memcpy(buf + 4, &slot, 4);
-    memcpy(buf + 8, &seq, 8);
-    (void)ws_chan_send(r->chan, WS_MSG_ACK, buf, sizeof buf, NULL, 0, ERROR_SEND_MS,
-                       "acknowledging the close");
-    if (code != WS_OK) ws_seterr(code, loc[0] ? loc : NULL, 0, "%s", msg);
-    else ws_errclear();
+    (void)ack_within(r, WS_MSG_CLOSE, WS_ACK_NO_SLOT, 0, ERROR_SEND_MS, "acknowledging the close");
+    ws_err_restore(&e);
 }
 
 ws_status ws_receiver_next(ws_receiver *r, int timeout_ms, ws_receiver_event *ev)

@@ -334,10 +334,8 @@ ws_status ws_sender_connect(const char *name, const ws_sender_opts *opts, ws_sen
 static int released_by_peer(ws_sender *s)
 {
     if (!s->chan || !ws_chan_peer_alive(s->chan)) return 1;
-    ws_status code = ws_errcode();
-    char msg[1024], loc[128];
-    snprintf(msg, sizeof msg, "%s", ws_errmsg());
-    snprintf(loc, sizeof loc, "%s", ws_errloc());
+    ws_err_saved e;
+    ws_err_save(&e);
     ws_chan_set_interrupt(s->chan, NULL, NULL);
     int told = !s->broken && ws_chan_send(s->chan, WS_MSG_CLOSE, NULL, 0, NULL, 0, CLOSE_SEND_MS,
                                           "leaving") == WS_OK;
@@ -357,8 +355,7 @@ static int released_by_peer(ws_sender *s)
     }
     /* The connection ended: the receiver dropped it, and unmapped first. */
     if (!released) released = rc == WS_ERR_COMM || !ws_chan_peer_alive(s->chan);
-    if (code != WS_OK) ws_seterr(code, loc[0] ? loc : NULL, 0, "%s", msg);
-    else ws_errclear();
+    ws_err_restore(&e);
     return released;
 }
 
@@ -371,11 +368,10 @@ void ws_sender_close(ws_sender *s)
     } else if (s->chan && !s->broken && !s->syncing) {
         /* Leaving in the middle of a sync is not a clean CLOSE: the receiver
          * sees the connection end and keeps that sync's tensors invalid. */
-        char msg[1024];
-        ws_status code = ws_errcode();
-        snprintf(msg, sizeof msg, "%s", ws_errmsg());
+        ws_err_saved e;
+        ws_err_save(&e);
         (void)ws_chan_send(s->chan, WS_MSG_CLOSE, NULL, 0, NULL, 0, CLOSE_SEND_MS, "leaving");
-        if (code != WS_OK) WS_ERR(code, "%s", msg);
+        ws_err_restore(&e);
     }
     ws_chan_close(s->chan);
     for (int i = 0; i < WS_REMOTE_SLOTS; i++) {

@@ -55,6 +55,20 @@ const char *ws_errloc(void) { return tl_loc; }
 
 ws_status ws_errcode(void) { return tl_code; }
 
+void ws_err_save(ws_err_saved *s)
+{
+    s->code = tl_code;
+    snprintf(s->msg, sizeof s->msg, "%s", tl_msg);
+    snprintf(s->loc, sizeof s->loc, "%s", tl_loc);
+}
+
+void ws_err_restore(const ws_err_saved *s)
+{
+    tl_code = s->code;
+    snprintf(tl_msg, sizeof tl_msg, "%s", s->msg);
+    snprintf(tl_loc, sizeof tl_loc, "%s", s->loc);
+}
+
 void ws_errclear(void)
 {
     tl_msg[0] = '\0';

@@ -38,6 +38,16 @@ ws_status ws_errcode(void);
 const char *ws_status_name(ws_status s); /* "ERR_ARG", ... */
 void ws_errclear(void);
 
+/* This thread's error, kept across work that may overwrite it (telling a
+ * peer about it, cleaning up) and put back as it was. */
+typedef struct ws_err_saved {
+    ws_status code;
+    char msg[1024];
+    char loc[128];
+} ws_err_saved;
+void ws_err_save(ws_err_saved *s);
+void ws_err_restore(const ws_err_saved *s);
+
 /* Writes a byte count for a message, "1.5 GiB" (binary units, one decimal;
  * plain "512 B" below 1 KiB), into buf[n] and returns buf. */
 const char *ws_format_bytes(char *buf, size_t n, size_t bytes);
